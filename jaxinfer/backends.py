@@ -1,0 +1,105 @@
+"""Backend registry and the ``"auto"`` choice.
+
+A backend serves the one batch attention op of jaxinfer: ``plan(spec, capacity)`` on the host
+turns a :class:`~jaxinfer.batch.BatchSpec` into a plan pytree of device arrays (static shapes
+fixed by the :class:`~jaxinfer.batch.PlanCapacity`), and ``run(plan, q, k, v, kv_layout=...,
+return_lse=...)`` is jit-compatible and returns ``(o [nnz_q, Hq, D], lse [nnz_q, Hq] or None)``.
+A backend that cannot serve a spec says why in ``unsupported(spec)``; asking for it explicitly
+then raises ``NotImplementedError`` with that reason, and ``"auto"`` moves on to the next one.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Protocol
+
+import jax
+
+from jaxinfer.batch import BatchSpec, PlanCapacity
+
+BACKEND_NAMES = ("auto", "pallas", "fa2", "fa3", "xla")
+
+# Module that implements each backend, imported on first use so that a missing optional part
+# (a CUDA toolchain for the FFI kernels, say) never breaks ``import jaxinfer``.
+_MODULES = {
+    "xla": "jaxinfer.reference",
+    "pallas": "jaxinfer.pallas.backend",
+    "fa2": "jaxinfer.ffi.backend",
+    "fa3": "jaxinfer.ffi.backend",
+}
+
+
+class Backend(Protocol):
+    name: str
+
+    def unsupported(self, spec: BatchSpec) -> str | None: ...
+
+    def plan(self, spec: BatchSpec, capacity: PlanCapacity) -> Any: ...
+
+    def run(self, plan: Any, q, k, v, *, kv_layout: str, return_lse: bool): ...
+
+
+def get_backend(name: str) -> Backend:
+    """The backend object of ``name`` (not ``"auto"``).
+
+    Raises:
+      ValueError: unknown name.
+      NotImplementedError: the backend's module is not part of this installation.
+    """
+    if name not in _MODULES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+    try:
+        module = importlib.import_module(_MODULES[name])
+    except ModuleNotFoundError as e:
+        raise NotImplementedError(f"backend {name!r} is not available: {e}") from e
+    return module.get_backend(name)
+
+
+def _gpu_arch() -> int | None:
+    """Compute capability of the default device as ``major*10+minor``, ``None`` off GPU."""
+    dev = jax.devices()[0]
+    if dev.platform != "gpu":
+        return None
+    cc = getattr(dev, "compute_capability", None)
+    if cc is None:
+        return None
+    major, minor = (int(x) for x in str(cc).split("."))
+    return major * 10 + minor
+
+
+def auto_order() -> tuple[str, ...]:
+    """Backends ``"auto"`` tries, fastest first, for the current default device."""
+    arch = _gpu_arch()
+    if arch is None:
+        return ("xla",)
+    if arch >= 90:
+        return ("fa3", "pallas", "xla")
+    if arch >= 80:
+        return ("fa2", "pallas", "xla")
+    return ("pallas", "xla")
+
+
+def resolve(name: str, spec: BatchSpec, *, order: tuple[str, ...] | None = None) -> Backend:
+    """The backend that serves ``spec``: ``name`` itself, or for ``"auto"`` the first that can.
+
+    ``order`` restricts ``"auto"`` to an op's own preference (e.g. decode skips prefill-only
+    backends).
+
+    Raises:
+      ValueError: unknown backend name.
+      NotImplementedError: an explicitly named backend cannot serve the spec (says why).
+    """
+    if name != "auto":
+        backend = get_backend(name)
+        reason = backend.unsupported(spec)
+        if reason is not None:
+            raise NotImplementedError(f"backend {name!r} cannot serve this call: {reason}")
+        return backend
+    for candidate in order or auto_order():
+        try:
+            backend = get_backend(candidate)
+        except NotImplementedError:
+            continue
+        if backend.unsupported(spec) is None:
+            return backend
+    return get_backend("xla")

@@ -1,0 +1,211 @@
+"""Host-side description of one batch of attention work: the input of every backend's planner.
+
+Every batch op of jaxinfer (decode, paged or ragged prefill, append, a cascade level,
+block-sparse) is described by one :class:`BatchSpec`: ragged queries (``qo_indptr``), ragged KV
+given either as a BSR page table (``kv_indptr`` over pages, ``kv_indices``, ``kv_last_page_len``)
+or as token ranges of a ragged KV tensor (``kv_indptr`` over tokens), the head geometry and the
+:class:`~jaxinfer.variants.AttentionVariant`. A backend turns a spec into a plan pytree of device
+arrays (``backend.plan(spec, capacity)``) and runs it (``backend.run(plan, q, k, v, ...)``).
+
+:class:`PlanCapacity` fixes the static shapes of plans: two batches planned with the same capacity
+give plans of identical shapes, so a jitted step that takes the plan never recompiles. Left unset,
+a capacity is the actual size rounded up to a power of two (a few compilations at most).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.page import check_indptr, check_page_table, seq_lens_host
+from jaxinfer.variants import AttentionVariant
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanCapacity:
+    """Static maxima of a plan; ``None`` means "actual size rounded up to a power of two".
+
+    Attributes:
+      max_batch_size: requests per batch.
+      max_qo_len: queries of one request.
+      max_kv_len: keys of one request (tokens).
+      max_work_tiles: work tiles of the Pallas planner (split-KV chunks included).
+    """
+
+    max_batch_size: int | None = None
+    max_qo_len: int | None = None
+    max_kv_len: int | None = None
+    max_work_tiles: int | None = None
+
+    def resolve(self, field: str, actual: int) -> int:
+        """The capacity of ``field`` for a batch whose actual maximum is ``actual``.
+
+        Raises:
+          ValueError: the batch is larger than a fixed capacity.
+        """
+        cap = getattr(self, field)
+        if cap is None:
+            return next_pow2(max(int(actual), 1))
+        if actual > cap:
+            raise ValueError(f"{field}={cap} of the wrapper's capacity is smaller than the batch's {actual}")
+        return int(cap)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BatchSpec:
+    """A validated batch on the host (numpy int32 arrays).
+
+    Attributes:
+      qo_indptr: ``[B+1]`` query row pointer (tokens).
+      kv_indptr: ``[B+1]`` over pages when ``paged``, over tokens of the ragged KV otherwise.
+      kv_indices: ``[nnz_pages]`` page ids (paged) or ``None``.
+      kv_last_page_len: ``[B]`` (paged) or ``None``.
+      kv_lens: ``[B]`` keys per request (tokens).
+      page_size: tokens per page (1 for ragged KV).
+      num_qo_heads, num_kv_heads, head_dim: head geometry (``num_qo_heads % num_kv_heads == 0``).
+      variant: the attention variant.
+      custom_mask: flat bool, the concatenation of each request's row-major ``[qo_len, kv_len]``
+        mask, or ``None``.
+      q_dtype, kv_dtype: the dtypes ``run`` will receive.
+    """
+
+    qo_indptr: np.ndarray
+    kv_indptr: np.ndarray
+    kv_indices: np.ndarray | None
+    kv_last_page_len: np.ndarray | None
+    kv_lens: np.ndarray
+    page_size: int
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim: int
+    variant: AttentionVariant
+    custom_mask: np.ndarray | None = None
+    q_dtype: jnp.dtype = jnp.bfloat16
+    kv_dtype: jnp.dtype = jnp.bfloat16
+
+    @property
+    def paged(self) -> bool:
+        return self.kv_indices is not None
+
+    @property
+    def batch_size(self) -> int:
+        return self.kv_lens.size
+
+    @property
+    def qo_lens(self) -> np.ndarray:
+        return np.diff(self.qo_indptr)
+
+    @property
+    def group_size(self) -> int:
+        return self.num_qo_heads // self.num_kv_heads
+
+    @property
+    def mask_indptr(self) -> np.ndarray:
+        """``[B+1]`` offsets of each request's mask in the flat ``custom_mask``."""
+        return np.concatenate([[0], np.cumsum(self.qo_lens.astype(np.int64) * self.kv_lens)]).astype(np.int64)
+
+    @classmethod
+    def create(
+        cls,
+        qo_indptr,
+        kv_indptr,
+        kv_indices,
+        kv_last_page_len,
+        *,
+        page_size: int,
+        num_qo_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        variant: AttentionVariant,
+        custom_mask=None,
+        q_dtype=jnp.bfloat16,
+        kv_dtype=None,
+    ) -> BatchSpec:
+        """Validate and build a spec; ``kv_indices is None`` means ragged KV (``kv_indptr`` in tokens).
+
+        Raises:
+          ValueError: on any rule of shared/DESIGN.md section 5 (the message names the argument).
+        """
+        for name, val in (("num_qo_heads", num_qo_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            if int(val) != val or val < 1:
+                raise ValueError(f"{name} must be a positive integer, got {val}")
+        if num_qo_heads % num_kv_heads:
+            raise ValueError(
+                f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
+            )
+        if not isinstance(variant, AttentionVariant):
+            raise ValueError(f"variant must be an AttentionVariant, got {type(variant).__name__}")
+        if variant.pos_encoding_mode == "ROPE_LLAMA" and head_dim % 2:
+            raise ValueError(f"head_dim must be even for ROPE_LLAMA, got {head_dim}")
+        if kv_indices is None:
+            kv_indptr = check_indptr("kv_indptr", kv_indptr)
+            kv_lens = np.diff(kv_indptr).astype(np.int32)
+            page_size, last = 1, None
+        else:
+            kv_indptr, kv_indices, last = check_page_table(kv_indptr, kv_indices, kv_last_page_len, page_size)
+            kv_lens = seq_lens_host(kv_indptr, last, page_size)
+        qo_indptr = check_indptr("qo_indptr", qo_indptr, batch_size=kv_lens.size)
+        spec = cls(
+            qo_indptr=qo_indptr,
+            kv_indptr=kv_indptr,
+            kv_indices=kv_indices,
+            kv_last_page_len=last,
+            kv_lens=kv_lens,
+            page_size=int(page_size),
+            num_qo_heads=int(num_qo_heads),
+            num_kv_heads=int(num_kv_heads),
+            head_dim=int(head_dim),
+            variant=variant,
+            q_dtype=jnp.dtype(q_dtype),
+            kv_dtype=jnp.dtype(kv_dtype if kv_dtype is not None else q_dtype),
+        )
+        if custom_mask is not None:
+            mask = np.asarray(custom_mask)
+            if mask.dtype != np.bool_ or mask.ndim != 1 or mask.size != spec.mask_indptr[-1]:
+                raise ValueError(
+                    "custom_mask must be a flat bool array of sum(qo_len * kv_len) = "
+                    f"{spec.mask_indptr[-1]} elements, got {mask.dtype}{mask.shape}"
+                )
+            spec = dataclasses.replace(spec, custom_mask=mask)
+        return spec
+
+    def check_run_args(self, q, k, v, kv_layout: str) -> None:
+        """Trace-time checks of ``run``'s arrays against the plan (shapes and dtypes are static).
+
+        ``k``/``v`` are caches ``[num_pages, page_size, Hkv, D]`` (NHD) / ``[num_pages, Hkv,
+        page_size, D]`` (HND) when paged, ragged ``[nnz_kv, Hkv, D]`` otherwise.
+
+        Raises:
+          ValueError: naming the argument whose shape or dtype disagrees with the plan.
+        """
+        nnz_q = int(self.qo_indptr[-1])
+        want_q = (self.num_qo_heads, self.head_dim)
+        if q.ndim != 3 or tuple(q.shape[1:]) != want_q or q.shape[0] < nnz_q:
+            raise ValueError(f"q must be [>= {nnz_q}, {want_q[0]}, {want_q[1]}], got {tuple(q.shape)}")
+        if k.shape != v.shape or k.dtype != v.dtype:
+            raise ValueError(f"k and v must agree in shape and dtype, got {k.shape}{k.dtype} and {v.shape}{v.dtype}")
+        if self.paged:
+            if kv_layout == "NHD":
+                want = (self.page_size, self.num_kv_heads, self.head_dim)
+            else:
+                want = (self.num_kv_heads, self.page_size, self.head_dim)
+            if k.ndim != 4 or tuple(k.shape[1:]) != want:
+                raise ValueError(f"paged_kv_cache must be [num_pages, {', '.join(map(str, want))}] ({kv_layout}), got {tuple(k.shape)}")
+            used = self.kv_indices[: self.kv_indptr[-1]]
+            if used.size and used.max() >= k.shape[0]:
+                raise ValueError(f"kv_indices must be < num_pages = {k.shape[0]} (pages in the cache), got {used.max()}")
+        else:
+            nnz_kv = int(self.kv_indptr[-1])
+            want = (self.num_kv_heads, self.head_dim)
+            if k.ndim != 3 or tuple(k.shape[1:]) != want or k.shape[0] < nnz_kv:
+                raise ValueError(f"k must be [>= {nnz_kv}, {want[0]}, {want[1]}], got {tuple(k.shape)}")
+        if q.dtype != self.q_dtype:
+            raise ValueError(f"q has dtype {q.dtype} but the plan was made for q_data_type {self.q_dtype}")
+        if k.dtype != self.kv_dtype:
+            raise ValueError(f"the KV has dtype {k.dtype} but the plan was made for kv_data_type {self.kv_dtype}")

@@ -1,0 +1,151 @@
+"""Attention states and cascade attention (FlashInfer paper, arXiv 2501.01005, sec. 2.2 and 3.1).
+
+An attention state is ``(v, s)``: the softmax-normalised output over a subset of keys and its
+base-2 log-sum-exp. States over disjoint key subsets merge exactly (``merge_state``), which is how
+split-KV partials fold and how cascade levels combine: each level is a batch prefill/decode over
+its own page table with ``return_lse``, and the levels' states merge into the output.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxinfer.batch import PlanCapacity
+from jaxinfer.page import unpack_paged_kv_cache
+from jaxinfer.prefill import _prefill_spec
+from jaxinfer.reference import merge_states_reference
+from jaxinfer.variants import AttentionVariant
+from jaxinfer.wrapper import BatchWrapper, Plan, make_plan, run_plan
+
+
+def _merge_impl(backend: str):
+    """Merge implementation: the Pallas kernel on GPU for "auto"/"pallas", jnp otherwise."""
+    on_gpu = jax.devices()[0].platform == "gpu"
+    if backend == "pallas" or (backend == "auto" and on_gpu):
+        try:
+            from jaxinfer.pallas import merge
+        except ImportError:
+            if backend == "pallas":
+                raise NotImplementedError("backend 'pallas' has no merge kernel in this installation") from None
+        else:
+            return merge.merge_states
+    return merge_states_reference
+
+
+def merge_states(v, s, *, backend: str = "auto"):
+    """Merge ``N`` attention states per row.
+
+    Args:
+      v: ``[L, N, H, D]`` states' outputs; s: ``[L, N, H]`` float32 base-2 lse.
+      backend: ``"auto"`` (Pallas kernel on GPU, jnp elsewhere), ``"pallas"`` or ``"xla"``.
+
+    Returns:
+      ``(v [L, H, D] in v.dtype, s [L, H] float32)``; rows whose states are all ``-inf`` give
+      ``v = 0, s = -inf``.
+
+    Raises:
+      ValueError: shapes that disagree.
+    """
+    if v.ndim != 4 or s.shape != v.shape[:3]:
+        raise ValueError(f"merge_states needs v [L, N, H, D] and s [L, N, H], got {v.shape} and {s.shape}")
+    return _merge_impl(backend)(v, s)
+
+
+def merge_state(v_a, s_a, v_b, s_b, *, backend: str = "auto"):
+    """Merge two attention states: ``v_a, v_b [L, H, D]``, ``s_a, s_b [L, H]`` -> ``(v, s)``.
+
+    Raises:
+      ValueError: shapes that disagree.
+    """
+    if v_a.shape != v_b.shape or s_a.shape != s_b.shape or s_a.shape != v_a.shape[:2]:
+        raise ValueError(
+            f"merge_state needs v_a, v_b [L, H, D] and s_a, s_b [L, H], got {v_a.shape}, {s_a.shape}, "
+            f"{v_b.shape}, {s_b.shape}"
+        )
+    return merge_states(jnp.stack([v_a, v_b], axis=1), jnp.stack([s_a, s_b], axis=1), backend=backend)
+
+
+def merge_state_in_place(v, s, v_other, s_other, mask=None, *, backend: str = "auto"):
+    """FlashInfer's in-place merge, functional: returns the merged ``(v, s)``.
+
+    JAX arrays are immutable, so the result is returned; under ``jax.jit`` with donated ``v``
+    and ``s`` XLA reuses their buffers. ``mask [L]`` bool selects the rows to merge; other rows
+    keep ``(v, s)``.
+    """
+    v_new, s_new = merge_state(v, s, v_other, s_other, backend=backend)
+    if mask is None:
+        return v_new, s_new
+    if mask.shape != v.shape[:1]:
+        raise ValueError(f"mask must be [L] = [{v.shape[0]}] bool, got {mask.shape}")
+    return jnp.where(mask[:, None, None], v_new, v), jnp.where(mask[:, None], s_new, s)
+
+
+class MultiLevelCascadeAttentionWrapper(BatchWrapper):
+    """Cascade attention over ``num_levels`` page tables, level 0 the most shared.
+
+    Each level is a batch prefill with ``return_lse`` whose ``qo_indptr`` groups the queries
+    that share that level's KV (a shared prefix is one request holding all its queries, so its
+    KV is read once per query tile, not once per request); the levels' states then merge.
+    ``causal`` applies to the last level only: a shared prefix precedes every query of the
+    requests that share it, so the result equals flat attention over the concatenated KV.
+    """
+
+    def __init__(self, num_levels: int, kv_layout: str = "NHD", backend: str = "auto", *,
+                 capacity: PlanCapacity | None = None):
+        if int(num_levels) != num_levels or num_levels < 1:
+            raise ValueError(f"num_levels must be a positive integer, got {num_levels}")
+        super().__init__(kv_layout, backend, capacity=capacity)
+        self._num_levels = int(num_levels)
+        self._plans: list[Plan] | None = None
+        self._specs = None
+
+    def plan(
+        self, qo_indptr_arr, paged_kv_indptr_arr, paged_kv_indices_arr, paged_kv_last_page_len_arr,
+        num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int, *, causal: bool = False,
+        pos_encoding_mode: str = "NONE", window_left: int = -1, logits_soft_cap: float | None = None,
+        sm_scale: float | None = None, rope_scale: float = 1.0, rope_theta: float = 1e4,
+        q_data_type=jnp.bfloat16, kv_data_type=None, variant: AttentionVariant | None = None,
+    ) -> list[Plan]:
+        """Plan every level: each ``*_arr`` is a list of one array per level (level 0 first).
+
+        Returns:
+          The list of per-level plans (also kept for ``run``).
+
+        Raises:
+          ValueError: wrong number of levels, levels whose queries disagree, or any batch error.
+          NotImplementedError: the wrapper's named backend cannot serve a level.
+        """
+        arrs = (qo_indptr_arr, paged_kv_indptr_arr, paged_kv_indices_arr, paged_kv_last_page_len_arr)
+        if any(len(a) != self._num_levels for a in arrs):
+            raise ValueError(f"each *_arr argument must have num_levels = {self._num_levels} entries")
+        specs = []
+        for level, (qo, kv_ptr, kv_idx, last) in enumerate(zip(*arrs)):
+            specs.append(_prefill_spec(
+                qo, kv_ptr, kv_idx, last, num_qo_heads, num_kv_heads, head_dim, page_size, None,
+                q_data_type, kv_data_type, variant, causal=causal and level == self._num_levels - 1,
+                window_left=window_left, logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
+                pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale, rope_theta=rope_theta,
+            ))
+        nnz = {int(s.qo_indptr[-1]) for s in specs}
+        if len(nnz) != 1:
+            raise ValueError(f"qo_indptr_arr levels must cover the same queries, got totals {sorted(nnz)}")
+        self._specs = specs
+        self._plans = [make_plan(s, self._backend, self._kv_layout, self._capacity) for s in specs]
+        return self._plans
+
+    def run(self, q, paged_kv_cache, *, return_lse: bool = False):
+        """``q [nnz_q, Hq, D]`` -> ``o [nnz_q, Hq, D]`` (, ``lse [nnz_q, Hq]``), jit-compatible."""
+        if self._plans is None:
+            raise ValueError("MultiLevelCascadeAttentionWrapper.run called before plan")
+        k, v = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
+        states = []
+        for spec, plan in zip(self._specs, self._plans):
+            spec.check_run_args(q, k, v, self._kv_layout)
+            states.append(run_plan(plan, q, k, v, return_lse=True))
+        if len(states) == 1:
+            o, lse = states[0]
+        else:
+            o, lse = merge_states(jnp.stack([o for o, _ in states], 1), jnp.stack([s for _, s in states], 1),
+                                  backend=self._plans[0].backend if self._plans[0].backend == "pallas" else "xla")
+        return (o, lse) if return_lse else o

@@ -1,0 +1,130 @@
+"""Decode attention: one query token per request against its paged KV (FlashInfer's decode API).
+
+Decode is batch prefill with ``qo_len = 1``: the same plan/kernel path (shared/DESIGN.md sec. 1),
+with GQA head-group packing making the ``Hq / Hkv`` query heads of one KV head the rows of a tile.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.batch import BatchSpec, PlanCapacity
+from jaxinfer.variants import AttentionVariant, make_variant
+from jaxinfer.wrapper import BatchWrapper, Plan, as_host_int, check_kv_layout, make_plan, run_paged_plan, run_plan
+
+
+def _single_kv(k, v, kv_layout: str):
+    """Single-request ``k``/``v`` as ragged NHD ``[L, Hkv, D]``."""
+    check_kv_layout(kv_layout)
+    if k.ndim != 3 or k.shape != v.shape:
+        raise ValueError(f"k and v must be 3-D of equal shape, got {k.shape} and {v.shape}")
+    if kv_layout == "HND":
+        k, v = jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1)
+    return k, v
+
+
+def run_single(q, k, v, variant: AttentionVariant, backend: str, *, decode: bool, return_lse: bool, custom_mask=None):
+    """Attention of one request ``q [Lq, Hq, D]``, ``k/v [Lk, Hkv, D]`` as a batch of one."""
+    lq, hq, d = q.shape
+    lk, hkv = k.shape[0], k.shape[1]
+    if d != k.shape[2]:
+        raise ValueError(f"q head_dim {d} differs from k head_dim {k.shape[2]}")
+    if custom_mask is not None:
+        if tuple(custom_mask.shape) != (lq, lk):
+            raise ValueError(f"custom_mask must be [qo_len={lq}, kv_len={lk}] bool, got {tuple(custom_mask.shape)}")
+        custom_mask = as_host_int("custom_mask", custom_mask).astype(bool).reshape(-1)
+    spec = BatchSpec.create(
+        np.array([0, lq]), np.array([0, lk]), None, None,
+        page_size=1, num_qo_heads=hq, num_kv_heads=hkv, head_dim=d, variant=variant,
+        custom_mask=custom_mask, q_dtype=q.dtype, kv_dtype=k.dtype,
+    )
+    spec.check_run_args(q, k, v, "NHD")
+    capacity = PlanCapacity(max_batch_size=1, max_qo_len=max(lq, 1), max_kv_len=max(lk, 1))
+    plan = make_plan(spec, backend, "NHD", capacity, decode=decode)
+    return run_plan(plan, q, k, v, return_lse=return_lse)
+
+
+def single_decode_with_kv_cache(
+    q, k, v, *, kv_layout: str = "NHD", pos_encoding_mode: str = "NONE", window_left: int = -1,
+    logits_soft_cap: float | None = None, sm_scale: float | None = None, rope_scale: float = 1.0,
+    rope_theta: float = 1e4, return_lse: bool = False, backend: str = "auto",
+    variant: AttentionVariant | None = None,
+):
+    """Decode attention of one request.
+
+    Args:
+      q: ``[Hq, D]`` query (bf16, fp16 or float32).
+      k, v: ``[L, Hkv, D]`` (NHD) or ``[Hkv, L, D]`` (HND), same dtype as each other.
+      kv_layout, pos_encoding_mode, window_left, logits_soft_cap, sm_scale, rope_scale,
+        rope_theta: see :class:`~jaxinfer.variants.AttentionVariant`.
+      return_lse: also return ``lse [Hq]`` float32 (base 2).
+      backend: ``"auto"``, ``"pallas"``, ``"fa2"``, ``"fa3"`` or ``"xla"``.
+      variant: optional user variant (callables); keyword options override its fields.
+
+    Returns:
+      ``o [Hq, D]`` in q's dtype, or ``(o, lse)``. With no keys (``L = 0``): ``o = 0``, ``lse = -inf``.
+
+    Raises:
+      ValueError: shapes, dtypes or options that break shared/DESIGN.md section 5.
+      NotImplementedError: the named backend cannot serve the call.
+    """
+    if q.ndim != 2:
+        raise ValueError(f"q must be [num_qo_heads, head_dim], got shape {q.shape}")
+    variant = make_variant(variant, window_left=window_left, logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
+                           pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale, rope_theta=rope_theta)
+    k, v = _single_kv(k, v, kv_layout)
+    out = run_single(q[None], k, v, variant, backend, decode=True, return_lse=return_lse)
+    return (out[0][0], out[1][0]) if return_lse else out[0]
+
+
+class BatchDecodeWithPagedKVCacheWrapper(BatchWrapper):
+    """Batch decode over a paged KV cache (FlashInfer's wrapper of the same name).
+
+    ``plan`` once per batch composition on the host, then ``run`` per layer; ``run`` is
+    jit-compatible, and :func:`batch_decode` runs the returned plan inside a jitted step.
+    """
+
+    _decode = True
+
+    def plan(
+        self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int, head_dim: int,
+        page_size: int, *, pos_encoding_mode: str = "NONE", window_left: int = -1,
+        logits_soft_cap: float | None = None, q_data_type=jnp.bfloat16, kv_data_type=None,
+        sm_scale: float | None = None, rope_scale: float = 1.0, rope_theta: float = 1e4,
+        variant: AttentionVariant | None = None,
+    ) -> Plan:
+        """Plan a batch on the host.
+
+        Args:
+          indptr: ``[B+1]`` page row pointer; indices ``[nnz_pages]`` page ids; last_page_len
+            ``[B]`` (shared/DESIGN.md section 3).
+          num_qo_heads, num_kv_heads, head_dim, page_size: geometry.
+          q_data_type, kv_data_type: dtypes ``run`` will receive (kv defaults to q's).
+          Other options: see :class:`~jaxinfer.variants.AttentionVariant`.
+
+        Returns:
+          The plan pytree (also kept for ``run``).
+
+        Raises:
+          ValueError: invalid page table or options (message names the argument).
+          NotImplementedError: the wrapper's named backend cannot serve the batch.
+        """
+        last = as_host_int("last_page_len", last_page_len)
+        variant = make_variant(variant, window_left=window_left, logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
+                               pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale, rope_theta=rope_theta)
+        spec = BatchSpec.create(
+            np.arange(np.size(last) + 1), as_host_int("indptr", indptr), as_host_int("indices", indices), last,
+            page_size=page_size, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+            variant=variant, q_dtype=q_data_type, kv_dtype=kv_data_type,
+        )
+        return self._set_plan(spec)
+
+    def run(self, q, paged_kv_cache, *, return_lse: bool = False):
+        """Decode ``q [B, Hq, D]`` against ``paged_kv_cache`` -> ``o [B, Hq, D]`` (, ``lse [B, Hq]``)."""
+        return self._run_paged(q, paged_kv_cache, return_lse)
+
+
+def batch_decode(q, paged_kv_cache, plan: Plan, *, return_lse: bool = False):
+    """Run a decode plan inside jit: ``q [B, Hq, D]`` -> ``o [B, Hq, D]`` (, ``lse [B, Hq]``)."""
+    return run_paged_plan(plan, q, paged_kv_cache, return_lse=return_lse)

@@ -1,0 +1,284 @@
+"""Reference XLA attention: pure ``jnp`` attention for every op, and the ``"xla"`` backend.
+
+Every op of jaxinfer reduces to :func:`attention_dense` over a padded batch: queries
+``[B, Lq, Hq, D]`` and keys ``[B, Lk, Hkv, D]`` with per-request lengths, the variant's pipeline
+(jaxinfer/variants.py) applied in float32, and a numerically safe softmax (row max subtracted, a
+row with no visible key giving ``o = 0, lse = -inf``). The ``"xla"`` backend gathers a batch's
+ragged queries and paged or ragged KV into that padded form with index arrays planned on the host,
+so it is jit-compatible with static shapes fixed by a :class:`~jaxinfer.batch.PlanCapacity`.
+It is the "reference XLA attention" of the benchmarks: simple and exact, not fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+from jaxinfer.batch import BatchSpec, PlanCapacity
+from jaxinfer.variants import LOG2E, AttentionVariant, alibi_slopes, rope_inv_freq
+
+
+def apply_rope_rotate_half(x: Float[Array, "... L H D"], pos: Int[Array, "... L"], variant: AttentionVariant):
+    """Rotate-half (LLaMA/GPT-NeoX) RoPE of ``x`` at positions ``pos`` in float32 (RoFormer, Su et al.
+    2021, eq. 34): pairs ``(d, d + D/2)`` rotate by ``pos * inv_freq[d]``."""
+    d = x.shape[-1]
+    angle = pos[..., None, None].astype(jnp.float32) * rope_inv_freq(d, variant.rope_scale, variant.rope_theta)
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _matmul_dtype(x):
+    # bf16/fp16 operands go to the matrix units with float32 accumulation, as FlashAttention does;
+    # float32 operands keep full float32 products (no TF32) so the reference stays exact.
+    return jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+
+
+def attention_dense(
+    q: Float[Array, "B Lq Hq D"],
+    k: Float[Array, "B Lk Hkv D"],
+    v: Float[Array, "B Lk Hkv D"],
+    qo_lens: Int[Array, "B"],
+    kv_lens: Int[Array, "B"],
+    variant: AttentionVariant,
+    custom_mask: Bool[Array, "B Lq Lk"] | None = None,
+) -> tuple[Float[Array, "B Lq Hq D"], Float[Array, "B Lq Hq"] | None]:
+    """Attention of a padded batch, the variant pipeline of jaxinfer/variants.py.
+
+    Args:
+      q: queries; rows ``i >= qo_lens[b]`` are padding (their output is unspecified).
+      k, v: keys and values; rows ``j >= kv_lens[b]`` are masked out.
+      qo_lens, kv_lens: ``[B]`` int32 lengths.
+      variant: the attention variant (static).
+      custom_mask: optional ``[B, Lq, Lk]`` bool, True keeps a key.
+
+    Returns:
+      ``(o [B, Lq, Hq, D] float32, lse [B, Lq, Hq] float32 base 2)``; ``lse`` is ``None`` without
+      softmax. Rows with no visible key give ``o = 0`` and ``lse = -inf``.
+    """
+    B, Lq, Hq, D = q.shape
+    Lk, Hkv = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    q_pos = jnp.arange(Lq)[None, :] + (kv_lens - qo_lens)[:, None]  # [B, Lq]
+    kv_pos = jnp.arange(Lk)
+    if variant.query_transform or variant.key_transform or variant.pos_encoding_mode == "ROPE_LLAMA":
+        q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+        if variant.query_transform:
+            q = variant.query_transform(q)
+        if variant.key_transform:
+            k = variant.key_transform(k)
+        if variant.pos_encoding_mode == "ROPE_LLAMA":
+            q = apply_rope_rotate_half(q, q_pos, variant)
+            k = apply_rope_rotate_half(k, jnp.broadcast_to(kv_pos, (B, Lk)), variant)
+    qg = q.reshape(B, Lq, Hkv, group, D)
+    x = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, precision=_matmul_dtype(q), preferred_element_type=jnp.float32)
+    x = x * variant.scale(D)
+    if variant.has_soft_cap:
+        c = variant.logits_soft_cap
+        x = c * jnp.tanh(x / c)
+    # Index grids broadcast against x [B, Hkv, G, Lq, Lk].
+    qp = q_pos[:, None, None, :, None]
+    kp = kv_pos[None, None, None, None, :]
+    qo_head = (jnp.arange(Hkv)[:, None] * group + jnp.arange(group)[None, :])[None, :, :, None, None]
+    kv_head = jnp.arange(Hkv)[None, :, None, None, None]
+    if variant.pos_encoding_mode == "ALIBI":
+        slopes = jnp.asarray(alibi_slopes(Hq)).reshape(Hkv, group)[None, :, :, None, None]
+        x = x + slopes * (kp - qp).astype(jnp.float32)
+    if variant.logits_transform:
+        x = variant.logits_transform(x, qp, kp, qo_head, kv_head)
+    visible = kp < kv_lens[:, None, None, None, None]
+    if variant.causal:
+        visible &= kp <= qp
+    if variant.window_left >= 0:
+        visible &= kp >= qp - variant.window_left
+    if custom_mask is not None:
+        visible &= custom_mask[:, None, None, :, :]
+    if variant.logits_mask:
+        visible &= variant.logits_mask(qp, kp, qo_head, kv_head)
+    vdt = v.dtype if v.dtype != jnp.float32 else jnp.float32
+    if variant.use_softmax:
+        x = jnp.where(visible, x, -jnp.inf)
+        m = jnp.max(x, axis=-1, keepdims=True)
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        p = jnp.exp(x - m)
+        denom = jnp.sum(p, axis=-1, keepdims=True)
+        o = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(vdt), v, precision=_matmul_dtype(v), preferred_element_type=jnp.float32)
+        inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)[..., 0]  # [B,Hkv,G,Lq]
+        o = o * jnp.transpose(inv, (0, 3, 1, 2))[..., None]
+        lse = jnp.where(denom[..., 0] > 0, (m[..., 0] + jnp.log(jnp.where(denom[..., 0] > 0, denom[..., 0], 1.0))) * LOG2E, -jnp.inf)
+        lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(B, Lq, Hq)
+    else:
+        p = jnp.where(visible, x, 0.0)
+        o = jnp.einsum("bhgqk,bkhd->bqhgd", p, v.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+        lse = None
+    o = o.reshape(B, Lq, Hq, D)
+    if variant.output_transform:
+        o = variant.output_transform(o, lse, q_pos[:, :, None], jnp.arange(Hq)[None, None, :])
+    return o, lse
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RefPlan:
+    """Index arrays that turn a ragged batch into the padded form of :func:`attention_dense`.
+
+    Array fields (int32 unless noted; ``Bc``, ``Lq``, ``Lk`` are capacities):
+      qo_indptr ``[Bc+1]``; qo_lens, kv_lens ``[Bc]``;
+      q_rows ``[Bc, Lq]`` row of ``q`` for each padded query (clamped for padding);
+      kv_page, kv_slot ``[Bc, Lk]`` page and slot of each padded key (ragged KV: row and 0);
+      custom_mask ``[Bc, Lq, Lk]`` bool or ``None``.
+    """
+
+    qo_indptr: jax.Array
+    qo_lens: jax.Array
+    kv_lens: jax.Array
+    q_rows: jax.Array
+    kv_page: jax.Array
+    kv_slot: jax.Array
+    custom_mask: jax.Array | None
+    variant: AttentionVariant = dataclasses.field(metadata=dict(static=True))
+    paged: bool = dataclasses.field(metadata=dict(static=True))
+    num_qo_heads: int = dataclasses.field(metadata=dict(static=True))
+    num_kv_heads: int = dataclasses.field(metadata=dict(static=True))
+    head_dim: int = dataclasses.field(metadata=dict(static=True))
+    backend: str = dataclasses.field(default="xla", metadata=dict(static=True))
+
+
+def _padded_rows(starts: np.ndarray, lens: np.ndarray, width: int) -> np.ndarray:
+    """``[B, width]`` of ``starts[b] + j``, clamped to the request's last row (or its start)."""
+    j = np.arange(width)[None, :]
+    return (starts[:, None] + np.minimum(j, np.maximum(lens[:, None] - 1, 0))).astype(np.int32)
+
+
+def plan_reference(spec: BatchSpec, capacity: PlanCapacity) -> RefPlan:
+    """Host planning of the ``"xla"`` backend (numpy; see :class:`RefPlan`).
+
+    Raises:
+      ValueError: the batch exceeds a fixed capacity.
+    """
+    B = spec.batch_size
+    Bc = capacity.resolve("max_batch_size", B)
+    Lq = capacity.resolve("max_qo_len", int(spec.qo_lens.max(initial=0)))
+    Lk = capacity.resolve("max_kv_len", int(spec.kv_lens.max(initial=0)))
+    pad = Bc - B
+    qo_lens = np.pad(spec.qo_lens, (0, pad)).astype(np.int32)
+    kv_lens = np.pad(spec.kv_lens, (0, pad)).astype(np.int32)
+    qo_indptr = np.concatenate([spec.qo_indptr, np.full(pad, spec.qo_indptr[-1])]).astype(np.int32)
+    q_rows = _padded_rows(qo_indptr[:-1], qo_lens, Lq)
+    if spec.paged:
+        tok = _padded_rows(np.zeros(Bc, np.int64), kv_lens, Lk)
+        page_ptr = np.pad(spec.kv_indptr[:-1], (0, pad))[:, None] + tok // spec.page_size
+        kv_page = spec.kv_indices[np.minimum(page_ptr, max(spec.kv_indices.size - 1, 0))] if spec.kv_indices.size else np.zeros_like(page_ptr)
+        kv_slot = tok % spec.page_size
+    else:
+        kv_page = _padded_rows(np.pad(spec.kv_indptr[:-1], (0, pad)), kv_lens, Lk)
+        kv_slot = np.zeros_like(kv_page)
+    mask = None
+    if spec.custom_mask is not None:
+        mask = np.zeros((Bc, Lq, Lk), dtype=bool)
+        offs = spec.mask_indptr
+        for b in range(B):
+            ql, kl = spec.qo_lens[b], spec.kv_lens[b]
+            mask[b, :ql, :kl] = spec.custom_mask[offs[b] : offs[b + 1]].reshape(ql, kl)
+        mask = jnp.asarray(mask)
+    return RefPlan(
+        qo_indptr=jnp.asarray(qo_indptr),
+        qo_lens=jnp.asarray(qo_lens),
+        kv_lens=jnp.asarray(kv_lens),
+        q_rows=jnp.asarray(q_rows),
+        kv_page=jnp.asarray(kv_page.astype(np.int32)),
+        kv_slot=jnp.asarray(kv_slot.astype(np.int32)),
+        custom_mask=mask,
+        variant=spec.variant,
+        paged=spec.paged,
+        num_qo_heads=spec.num_qo_heads,
+        num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim,
+    )
+
+
+def run_reference(plan: RefPlan, q, k, v, *, kv_layout: str = "NHD", return_lse: bool = False):
+    """Run a :class:`RefPlan` (jit-compatible).
+
+    Args:
+      q: ``[nnz_q, Hq, D]`` ragged queries.
+      k, v: paged caches (``[P, page_size, Hkv, D]`` NHD, ``[P, Hkv, page_size, D]`` HND) for a
+        paged plan, ragged ``[nnz_kv, Hkv, D]`` otherwise. Out-of-range page ids are clamped,
+        never read outside the arrays.
+      kv_layout: ``"NHD"`` or ``"HND"`` (paged only).
+      return_lse: also return ``lse [nnz_q, Hq]`` float32, base 2.
+
+    Returns:
+      ``(o [nnz_q, Hq, D] in q.dtype, lse or None)``; rows past ``qo_indptr[-1]`` are zero.
+    """
+    qp = q[plan.q_rows]  # [Bc, Lq, Hq, D]
+    if plan.paged and kv_layout == "HND":
+        kp, vp = (c[plan.kv_page, :, plan.kv_slot] for c in (k, v))
+    elif plan.paged:
+        kp, vp = (c[plan.kv_page, plan.kv_slot] for c in (k, v))
+    else:
+        kp, vp = k[plan.kv_page], v[plan.kv_page]
+    o, lse = attention_dense(qp, kp, vp, plan.qo_lens, plan.kv_lens, plan.variant, plan.custom_mask)
+    # Scatter back: token t of the ragged q is query t - qo_indptr[b] of request b.
+    t = jnp.arange(q.shape[0])
+    b = jnp.clip(jnp.searchsorted(plan.qo_indptr, t, side="right") - 1, 0, plan.qo_lens.shape[0] - 1)
+    i = jnp.clip(t - plan.qo_indptr[b], 0, qp.shape[1] - 1)
+    valid = (t < plan.qo_indptr[-1])[:, None]
+    o_flat = jnp.where(valid[..., None], o[b, i], 0.0).astype(q.dtype)
+    if not return_lse:
+        return o_flat, None
+    if lse is None:
+        raise ValueError("return_lse=True needs a softmax variant (use_softmax=False has no lse)")
+    return o_flat, jnp.where(valid, lse[b, i], -jnp.inf)
+
+
+class ReferenceBackend:
+    """The ``"xla"`` backend: serves every spec, on any device."""
+
+    name = "xla"
+
+    def unsupported(self, spec: BatchSpec) -> str | None:
+        return None
+
+    def plan(self, spec: BatchSpec, capacity: PlanCapacity) -> RefPlan:
+        return plan_reference(spec, capacity)
+
+    def run(self, plan: RefPlan, q, k, v, *, kv_layout: str = "NHD", return_lse: bool = False):
+        return run_reference(plan, q, k, v, kv_layout=kv_layout, return_lse=return_lse)
+
+
+def get_backend(name: str) -> ReferenceBackend:
+    return ReferenceBackend()
+
+
+def merge_states_reference(v: Float[Array, "L N H D"], s: Float[Array, "L N H"]):
+    """Merge ``N`` attention states per row (FlashInfer paper, sec. 2.2, eq. 3; lse base 2).
+
+    ``s = log2(sum_n 2^s_n)``, ``v = sum_n 2^(s_n - s) v_n``; states with ``s_n = -inf``
+    contribute nothing and a row of only ``-inf`` states gives ``v = 0, s = -inf``.
+    Returns ``(v [L, H, D] in v.dtype, s [L, H] float32)``.
+    """
+    s = s.astype(jnp.float32)
+    m = jnp.max(s, axis=1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.exp2(s - m)  # [L, N, H]
+    total = jnp.sum(w, axis=1)
+    safe = jnp.where(total > 0, total, 1.0)
+    out = jnp.einsum("lnh,lnhd->lhd", w, v.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST) / safe[..., None]
+    lse = jnp.where(total > 0, m[:, 0] + jnp.log2(safe), -jnp.inf)
+    return out.astype(v.dtype), lse
+
+
+__all__ = [
+    "attention_dense",
+    "apply_rope_rotate_half",
+    "RefPlan",
+    "plan_reference",
+    "run_reference",
+    "merge_states_reference",
+    "get_backend",
+]

@@ -1,0 +1,156 @@
+"""Block-sparse and vector-sparse attention over a BSR mask (FlashInfer paper, sec. 3.1).
+
+A BSR matrix with blocks ``(R, C)`` over ``[M, N]`` (rows = queries, columns = keys) is a paged
+KV cache whose pages are the ``C``-column blocks of ``k``/``v``: block row ``r`` is a request with
+``R`` queries and pages ``indices[indptr[r]:indptr[r+1]]`` of size ``C``. ``C = 1`` is
+vector-sparse attention. Causality and per-element masks are in matrix coordinates, so they reach
+the kernel as the batch's custom mask; positions inside a block row are compact, which is why
+RoPE and ALiBi (defined by absolute positions) are not offered here.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.batch import BatchSpec, PlanCapacity
+from jaxinfer.page import check_indptr
+from jaxinfer.variants import AttentionVariant, make_variant
+from jaxinfer.wrapper import BatchWrapper, Plan, as_host_int, run_plan
+
+
+def dense_to_bsr(mask: np.ndarray, R: int, C: int):
+    """BSR of a dense bool mask ``[M, N]`` (``N % C == 0``).
+
+    Returns:
+      ``(indptr [MB+1], indices [nnz_blocks], block_mask [nnz_blocks, R, C] bool)`` with
+      ``MB = ceil(M / R)``; a block is kept when any of its elements is True.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    M, N = mask.shape
+    if N % C:
+        raise ValueError(f"N = {N} must be a multiple of C = {C}")
+    MB = -(-M // R)
+    padded = np.zeros((MB * R, N), dtype=bool)
+    padded[:M] = mask
+    blocks = padded.reshape(MB, R, N // C, C).transpose(0, 2, 1, 3)  # [MB, NB, R, C]
+    keep = blocks.any(axis=(2, 3))
+    rows, cols = np.nonzero(keep)
+    indptr = np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int32)
+    return indptr, cols.astype(np.int32), blocks[rows, cols]
+
+
+def bsr_to_dense(indptr, indices, M: int, N: int, R: int, C: int, block_mask=None) -> np.ndarray:
+    """Dense bool mask ``[M, N]`` of a BSR pattern (``block_mask [nnz_blocks, R, C]`` optional)."""
+    indptr, indices = np.asarray(indptr), np.asarray(indices)
+    MB = -(-M // R)
+    dense = np.zeros((MB * R, N), dtype=bool)
+    rows = np.repeat(np.arange(MB), np.diff(indptr))
+    blocks = np.ones((indices.size, R, C), bool) if block_mask is None else np.asarray(block_mask, bool)
+    for r, c, blk in zip(rows, indices[: indptr[-1]], blocks):
+        dense[r * R : (r + 1) * R, c * C : (c + 1) * C] = blk
+    return dense[:M]
+
+
+def bsr_custom_mask(indptr, indices, M: int, N: int, R: int, C: int, block_mask, causal: bool) -> np.ndarray | None:
+    """The flat custom mask of the BSR batch (request = block row; DESIGN.md sec. 4 format).
+
+    Key ``t`` of block row ``r`` is column ``indices[indptr[r] + t // C] * C + t % C``; causal
+    keeps column ``j`` for row ``i`` iff ``j <= i + N - M`` (bottom-right, in matrix coordinates).
+    Returns ``None`` when nothing is masked inside the blocks.
+    """
+    if block_mask is None and not causal:
+        return None
+    MB = indptr.size - 1
+    nblk = np.diff(indptr)
+    parts = []
+    for r in range(MB):
+        rows = np.arange(r * R, min((r + 1) * R, M))
+        blk = indices[indptr[r] : indptr[r + 1]]
+        cols = (blk[:, None] * C + np.arange(C)[None, :]).reshape(-1)  # [nblk*C]
+        m = np.ones((rows.size, cols.size), dtype=bool)
+        if block_mask is not None:
+            bm = block_mask[indptr[r] : indptr[r + 1], : rows.size]  # [nblk, rows, C]
+            m &= bm.transpose(1, 0, 2).reshape(rows.size, nblk[r] * C)
+        if causal:
+            m &= cols[None, :] <= rows[:, None] + N - M
+        parts.append(m.reshape(-1))
+    return np.concatenate(parts) if parts else np.zeros(0, bool)
+
+
+class BlockSparseAttentionWrapper(BatchWrapper):
+    """Attention of ``q [M, Hq, D]`` over ``k/v [N, Hkv, D]`` under a BSR mask (FlashInfer's wrapper).
+
+    Args:
+      backend: ``"auto"``, ``"pallas"``, ``"fa2"``, ``"fa3"`` or ``"xla"``.
+      capacity: static maxima of plans (see :class:`~jaxinfer.batch.PlanCapacity`).
+    """
+
+    def __init__(self, backend: str = "auto", *, capacity: PlanCapacity | None = None):
+        super().__init__("NHD", backend, capacity=capacity)
+        self._shape = None
+
+    def plan(
+        self, indptr, indices, M: int, N: int, R: int, C: int, num_qo_heads: int, num_kv_heads: int,
+        head_dim: int, *, mask=None, causal: bool = False, pos_encoding_mode: str = "NONE",
+        logits_soft_cap: float | None = None, sm_scale: float | None = None, rope_scale: float = 1.0,
+        rope_theta: float = 1e4, q_data_type=jnp.bfloat16, kv_data_type=None,
+        variant: AttentionVariant | None = None,
+    ) -> Plan:
+        """Plan a BSR pattern on the host.
+
+        Args:
+          indptr: ``[MB+1]`` block-row pointer, ``MB = ceil(M / R)``.
+          indices: ``[nnz_blocks]`` column-block ids in ``[0, N / C)``.
+          M, N, R, C: matrix and block shape; ``N % C == 0``.
+          mask: optional ``[nnz_blocks, R, C]`` bool, True keeps an element.
+          causal: bottom-right causal mask in matrix coordinates.
+          Other options: see :class:`~jaxinfer.variants.AttentionVariant`.
+
+        Raises:
+          ValueError: inconsistent BSR arrays or shapes (message names the argument).
+          NotImplementedError: ``pos_encoding_mode`` other than ``"NONE"``, or a named backend
+            that cannot serve the pattern.
+        """
+        for name, val in (("M", M), ("N", N), ("R", R), ("C", C)):
+            if int(val) != val or val < 1:
+                raise ValueError(f"{name} must be a positive integer, got {val}")
+        if N % C:
+            raise ValueError(f"N = {N} must be a multiple of C = {C}")
+        if pos_encoding_mode != "NONE":
+            raise NotImplementedError(
+                "block-sparse attention has no absolute key positions inside a block row; apply RoPE "
+                "with jaxinfer.apply_rope_pos_ids before attention"
+            )
+        MB = -(-M // R)
+        indptr = check_indptr("indptr", as_host_int("indptr", indptr), batch_size=MB)
+        indices = as_host_int("indices", indices).astype(np.int32)
+        if indices.size < indptr[-1] or (indices.size and (indices.min() < 0 or indices.max() >= N // C)):
+            raise ValueError(f"indices must hold indptr[-1] = {indptr[-1]} column blocks in [0, N/C = {N // C})")
+        block_mask = None
+        if mask is not None:
+            block_mask = np.asarray(mask)
+            if block_mask.dtype != np.bool_ or block_mask.shape != (indptr[-1], R, C):
+                raise ValueError(f"mask must be bool [nnz_blocks={indptr[-1]}, R={R}, C={C}], got {block_mask.dtype}{block_mask.shape}")
+        variant = make_variant(variant, logits_soft_cap=logits_soft_cap, sm_scale=sm_scale)
+        qo_indptr = np.minimum(np.arange(MB + 1) * R, M)
+        last = np.where(np.diff(indptr) > 0, C, 0)
+        spec = BatchSpec.create(
+            qo_indptr, indptr, indices, last, page_size=C, num_qo_heads=num_qo_heads,
+            num_kv_heads=num_kv_heads, head_dim=head_dim, variant=variant,
+            custom_mask=bsr_custom_mask(indptr, indices, M, N, R, C, block_mask, causal),
+            q_dtype=q_data_type, kv_dtype=kv_data_type,
+        )
+        self._shape = (M, N, C)
+        return self._set_plan(spec)
+
+    def run(self, q, k, v, *, return_lse: bool = False):
+        """``q [M, Hq, D]``, ``k/v [N, Hkv, D]`` -> ``o [M, Hq, D]`` (, ``lse [M, Hq]``)."""
+        spec, plan = self._require_plan()
+        M, N, C = self._shape
+        if q.shape[0] != M or k.shape[0] != N:
+            raise ValueError(f"q must have M = {M} rows and k, v N = {N} rows, got {q.shape[0]} and {k.shape[0]}")
+        k_pages = k.reshape(N // C, C, *k.shape[1:])
+        v_pages = v.reshape(N // C, C, *v.shape[1:])
+        spec.check_run_args(q, k_pages, v_pages, "NHD")
+        return run_plan(plan, q, k_pages, v_pages, return_lse=return_lse)

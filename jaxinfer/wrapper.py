@@ -1,0 +1,130 @@
+"""Plan/run machinery shared by every batch wrapper (decode, prefill, cascade, block-sparse).
+
+``plan`` validates a batch on the host (:class:`~jaxinfer.batch.BatchSpec`), picks a backend and
+lets it plan; the result is a :class:`Plan` pytree that a jitted step takes as an argument.
+``run_plan`` is the one jit-compatible entry that every module-level run function calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxinfer import backends
+from jaxinfer.batch import BatchSpec, PlanCapacity
+from jaxinfer.page import unpack_paged_kv_cache
+
+KV_LAYOUTS = ("NHD", "HND")
+DECODE_ORDER_GPU = ("pallas", "xla")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A backend's plan (pytree of int32 device arrays) with the static facts ``run`` needs."""
+
+    inner: Any
+    backend: str = dataclasses.field(metadata=dict(static=True))
+    kv_layout: str = dataclasses.field(metadata=dict(static=True))
+
+
+def check_kv_layout(kv_layout: str) -> str:
+    if kv_layout not in KV_LAYOUTS:
+        raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
+    return kv_layout
+
+
+def make_plan(
+    spec: BatchSpec,
+    backend: str,
+    kv_layout: str,
+    capacity: PlanCapacity,
+    *,
+    decode: bool = False,
+) -> Plan:
+    """Resolve the backend for ``spec`` and plan on the host.
+
+    Raises:
+      ValueError: unknown backend, or a capacity smaller than the batch.
+      NotImplementedError: an explicitly named backend cannot serve the spec.
+    """
+    order = None
+    if decode and backends.auto_order() != ("xla",):
+        order = DECODE_ORDER_GPU
+    impl = backends.resolve(backend, spec, order=order)
+    return Plan(inner=impl.plan(spec, capacity), backend=impl.name, kv_layout=kv_layout)
+
+
+def run_plan(plan: Plan, q, k, v, *, return_lse: bool = False):
+    """Run a plan (jit-compatible); ``k``/``v`` are caches (paged) or ragged tensors."""
+    impl = backends.get_backend(plan.backend)
+    o, lse = impl.run(plan.inner, q, k, v, kv_layout=plan.kv_layout, return_lse=return_lse)
+    return (o, lse) if return_lse else o
+
+
+def run_paged_plan(plan: Plan, q, paged_kv_cache, *, return_lse: bool = False):
+    """Run a plan over a paged cache (tuple or single array, in the plan's layout) inside jit.
+
+    Page ids outside the cache are clamped (never read out of bounds); validation happens in the
+    wrapper's ``plan``.
+    """
+    k, v = unpack_paged_kv_cache(paged_kv_cache, plan.kv_layout)
+    return run_plan(plan, q, k, v, return_lse=return_lse)
+
+
+class BatchWrapper:
+    """Base of the FlashInfer-style wrappers: keeps the host spec and the plan between calls.
+
+    Args:
+      kv_layout: ``"NHD"`` or ``"HND"`` layout of paged caches.
+      backend: ``"auto"``, ``"pallas"``, ``"fa2"``, ``"fa3"`` or ``"xla"``.
+      capacity: static maxima of plans; fix it to make every batch's plan the same shape (a
+        jitted step taking the plan then never recompiles). Default: sizes rounded up to powers
+        of two.
+
+    Raises:
+      ValueError: bad ``kv_layout`` or ``backend``.
+    """
+
+    _decode = False
+
+    def __init__(self, kv_layout: str = "NHD", backend: str = "auto", *, capacity: PlanCapacity | None = None):
+        if backend not in backends.BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {backends.BACKEND_NAMES}, got {backend!r}")
+        self._kv_layout = check_kv_layout(kv_layout)
+        self._backend = backend
+        self._capacity = capacity or PlanCapacity()
+        self._spec: BatchSpec | None = None
+        self._plan: Plan | None = None
+
+    @property
+    def backend(self) -> str | None:
+        """The backend the last plan resolved to (``None`` before ``plan``)."""
+        return None if self._plan is None else self._plan.backend
+
+    def _set_plan(self, spec: BatchSpec) -> Plan:
+        self._plan = make_plan(spec, self._backend, self._kv_layout, self._capacity, decode=self._decode)
+        self._spec = spec
+        return self._plan
+
+    def _require_plan(self) -> tuple[BatchSpec, Plan]:
+        if self._plan is None:
+            raise ValueError(f"{type(self).__name__}.run called before plan")
+        return self._spec, self._plan
+
+    def _run_paged(self, q, paged_kv_cache, return_lse: bool):
+        spec, plan = self._require_plan()
+        k, v = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
+        spec.check_run_args(q, k, v, self._kv_layout)
+        return run_plan(plan, q, k, v, return_lse=return_lse)
+
+
+def as_host_int(name: str, x) -> np.ndarray:
+    """A host int array from a numpy/JAX array or list (plan inputs live on the host)."""
+    try:
+        return np.asarray(x)
+    except jax.errors.TracerArrayConversionError as e:
+        raise ValueError(f"{name} must be a concrete host array at plan time, not a traced value") from e
