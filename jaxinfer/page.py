@@ -1,0 +1,339 @@
+"""Paged KV cache as a block-sparse-row (BSR) matrix: page-table checks and utilities.
+
+A page table is CSR over pages (shared/DESIGN.md section 3): request ``b`` owns pages
+``kv_indices[kv_indptr[b]:kv_indptr[b+1]]`` and holds
+``page_size * (num_pages_b - 1) + kv_last_page_len[b]`` tokens (0 for a request with no pages).
+Token ``pos`` of request ``b`` lives in page ``kv_indices[kv_indptr[b] + pos // page_size]``,
+slot ``pos % page_size`` (PagedAttention, Kwon et al. 2023; FlashInfer paper, arXiv 2501.01005,
+sec. 3.1).
+
+The host-side checks (numpy) validate a page table before planning; the device-side functions
+are ``jax.jit``-compatible and never read or write outside the cache when given bad values.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+KV_LAYOUTS = ("NHD", "HND")
+
+
+def check_indptr(name: str, indptr, *, batch_size: int | None = None) -> np.ndarray:
+    """Validate a CSR row pointer on the host.
+
+    Args:
+      name: argument name used in error messages.
+      indptr: ``[B+1]`` integer array-like.
+      batch_size: expected ``B`` when known.
+
+    Returns:
+      ``indptr`` as an int32 numpy array.
+
+    Raises:
+      ValueError: not 1-D, empty, non-integer, ``indptr[0] != 0``, decreasing, over int32, or
+        of the wrong length.
+    """
+    arr = np.asarray(indptr)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"{name} must be a 1-D array of length batch_size + 1, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
+    if batch_size is not None and arr.size != batch_size + 1:
+        raise ValueError(f"{name} must have length batch_size + 1 = {batch_size + 1}, got {arr.size}")
+    if arr[0] != 0:
+        raise ValueError(f"{name}[0] must be 0, got {arr[0]}")
+    if np.any(np.diff(arr) < 0):
+        raise ValueError(f"{name} must be non-decreasing (sorted), got {arr.tolist()[:16]}...")
+    if arr[-1] > np.iinfo(np.int32).max:
+        raise ValueError(f"{name} exceeds the int32 range")
+    return arr.astype(np.int32)
+
+
+def check_page_table(
+    kv_indptr, kv_indices, kv_last_page_len, page_size: int, num_pages: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate a BSR page table on the host.
+
+    Args:
+      kv_indptr: ``[B+1]`` page row pointer.
+      kv_indices: ``[nnz_pages]`` page ids, ``nnz_pages >= kv_indptr[-1]``.
+      kv_last_page_len: ``[B]`` tokens in each request's last page: ``1..page_size``, or ``0``
+        for a request with no pages.
+      page_size: tokens per page, ``>= 1``.
+      num_pages: pages in the cache when known; page ids must lie in ``[0, num_pages)``.
+
+    Returns:
+      ``(kv_indptr, kv_indices, kv_last_page_len)`` as int32 numpy arrays.
+
+    Raises:
+      ValueError: naming the argument and the rule it broke.
+    """
+    if int(page_size) != page_size or page_size < 1:
+        raise ValueError(f"page_size must be a positive integer, got {page_size}")
+    last = np.asarray(kv_last_page_len)
+    if last.ndim != 1:
+        raise ValueError(f"kv_last_page_len must be 1-D [batch_size], got shape {last.shape}")
+    indptr = check_indptr("kv_indptr", kv_indptr, batch_size=last.size)
+    indices = np.asarray(kv_indices)
+    if indices.ndim != 1 or (indices.size and not np.issubdtype(indices.dtype, np.integer)):
+        raise ValueError(f"kv_indices must be a 1-D integer array, got {indices.dtype}{indices.shape}")
+    if indices.size < indptr[-1]:
+        raise ValueError(
+            f"kv_indices has {indices.size} entries but kv_indptr[-1] = {indptr[-1]} pages"
+        )
+    used = indices[: indptr[-1]]
+    if used.size and used.min() < 0:
+        raise ValueError(f"kv_indices must be >= 0, got {used.min()}")
+    if num_pages is not None and used.size and used.max() >= num_pages:
+        raise ValueError(
+            f"kv_indices must be < num_pages = {num_pages} (pages in the cache), got {used.max()}"
+        )
+    has_pages = np.diff(indptr) > 0
+    if last.size and not np.issubdtype(last.dtype, np.integer):
+        raise ValueError(f"kv_last_page_len must hold integers, got dtype {last.dtype}")
+    bad = (has_pages & ((last < 1) | (last > page_size))) | (~has_pages & (last != 0))
+    if np.any(bad):
+        b = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"kv_last_page_len[{b}] = {last[b]} must be in 1..page_size={page_size} for a request "
+            f"with pages, and 0 for a request with none"
+        )
+    return indptr, indices.astype(np.int32), last.astype(np.int32)
+
+
+def seq_lens_host(kv_indptr: np.ndarray, kv_last_page_len: np.ndarray, page_size: int) -> np.ndarray:
+    """``[B]`` int32 tokens per request of a validated page table (numpy twin of get_seq_lens)."""
+    num_pages = np.diff(kv_indptr)
+    return np.where(num_pages > 0, (num_pages - 1) * page_size + kv_last_page_len, 0).astype(np.int32)
+
+
+@functools.partial(jax.jit, static_argnames="page_size")
+def get_seq_lens(kv_indptr: jax.Array, kv_last_page_len: jax.Array, page_size: int) -> jax.Array:
+    """Tokens per request of a page table, jit-compatible (FlashInfer's ``get_seq_lens``).
+
+    Args:
+      kv_indptr: ``[B+1]`` integer page row pointer.
+      kv_last_page_len: ``[B]`` integer tokens in each request's last page.
+      page_size: tokens per page (static).
+
+    Returns:
+      ``[B]`` int32: ``page_size * (num_pages_b - 1) + kv_last_page_len[b]``, or 0 for a request
+      with no pages.
+    """
+    kv_indptr = jnp.asarray(kv_indptr, jnp.int32)
+    num_pages = kv_indptr[1:] - kv_indptr[:-1]
+    last = jnp.asarray(kv_last_page_len, jnp.int32)
+    return jnp.where(num_pages > 0, (num_pages - 1) * page_size + last, 0).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames="nnz")
+def get_batch_indices_positions(
+    append_indptr: jax.Array, seq_lens: jax.Array, nnz: int
+) -> tuple[jax.Array, jax.Array]:
+    """Request and position of each appended token (FlashInfer's ``get_batch_indices_positions``).
+
+    Row ``i`` with ``append_indptr[b] <= i < append_indptr[b+1]`` gets batch index ``b`` and
+    position ``seq_lens[b] - (append_indptr[b+1] - append_indptr[b]) + (i - append_indptr[b])``:
+    ``seq_lens`` are the lengths *after* the append, so the appended tokens are each request's
+    last ones.
+
+    Rows ``i >= append_indptr[-1]`` are padding (``nnz`` is static, so a jitted step can take
+    batches of any total length up to ``nnz``). FlashInfer leaves them undefined; here they get
+    batch index ``-1`` and position ``-1``, which :func:`append_paged_kv_cache` never writes.
+
+    Args:
+      append_indptr: ``[B+1]`` integer row pointer of the appended tokens.
+      seq_lens: ``[B]`` integer lengths after the append (e.g. :func:`get_seq_lens`).
+      nnz: number of rows to produce (static), usually ``append_indptr[-1]`` or a capacity.
+
+    Returns:
+      ``(batch_indices [nnz] int32, positions [nnz] int32)``.
+    """
+    append_indptr = jnp.asarray(append_indptr, jnp.int32)
+    seq_lens = jnp.asarray(seq_lens, jnp.int32)
+    rows = jnp.arange(nnz, dtype=jnp.int32)
+    if seq_lens.shape[0] == 0:
+        return jnp.full_like(rows, -1), jnp.full_like(rows, -1)
+    # Last b with append_indptr[b] <= row: skips requests that append nothing.
+    batch = jnp.searchsorted(append_indptr, rows, side="right").astype(jnp.int32) - 1
+    batch = jnp.clip(batch, 0, seq_lens.shape[0] - 1)
+    valid = rows < append_indptr[-1]
+    positions = seq_lens[batch] - (append_indptr[batch + 1] - rows)
+    return jnp.where(valid, batch, -1), jnp.where(valid, positions, -1)
+
+
+def unpack_paged_kv_cache(paged_kv_cache, kv_layout: str = "NHD") -> tuple[jax.Array, jax.Array]:
+    """Split a paged KV cache into ``(k_cache, v_cache)``.
+
+    Args:
+      paged_kv_cache: a tuple ``(k_cache, v_cache)``, each ``[num_pages, page_size, Hkv, D]``
+        (NHD) or ``[num_pages, Hkv, page_size, D]`` (HND), or a single array
+        ``[num_pages, 2, page_size, Hkv, D]`` / ``[num_pages, 2, Hkv, page_size, D]``.
+      kv_layout: ``"NHD"`` or ``"HND"``.
+
+    Returns:
+      ``(k_cache, v_cache)`` in ``kv_layout``.
+
+    Raises:
+      ValueError: on an unknown ``kv_layout``, or a ``paged_kv_cache`` of the wrong structure,
+        rank, shape or dtype (k and v must agree).
+    """
+    _check_layout(kv_layout)
+    if isinstance(paged_kv_cache, (tuple, list)):
+        if len(paged_kv_cache) != 2:
+            raise ValueError(
+                f"paged_kv_cache must be a pair (k_cache, v_cache), got {len(paged_kv_cache)} arrays"
+            )
+        k_cache, v_cache = paged_kv_cache
+        if k_cache.ndim != 4:
+            raise ValueError(
+                f"paged_kv_cache[0] (k_cache) must be 4-D ({_layout_dims(kv_layout)}), got shape {k_cache.shape}"
+            )
+        if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
+            raise ValueError(
+                "paged_kv_cache: k_cache and v_cache must agree in shape and dtype, got "
+                f"{k_cache.dtype}{k_cache.shape} and {v_cache.dtype}{v_cache.shape}"
+            )
+        return k_cache, v_cache
+    _check_single_cache(paged_kv_cache, kv_layout)
+    return paged_kv_cache[:, 0], paged_kv_cache[:, 1]
+
+
+@functools.partial(jax.jit, static_argnames="kv_layout")
+def append_paged_kv_cache(
+    append_key: jax.Array,
+    append_value: jax.Array,
+    batch_indices: jax.Array,
+    positions: jax.Array,
+    paged_kv_cache,
+    kv_indices: jax.Array,
+    kv_indptr: jax.Array,
+    kv_last_page_len: jax.Array,
+    kv_layout: str = "NHD",
+):
+    """Write appended keys and values into a paged KV cache (FlashInfer's ``append_paged_kv_cache``).
+
+    Row ``i`` goes to page ``kv_indices[kv_indptr[b] + positions[i] // page_size]``, slot
+    ``positions[i] % page_size``, with ``b = batch_indices[i]``. The page table describes the cache
+    *after* the append (as in FlashInfer). A row writes nothing when it is padding or invalid:
+    ``b`` outside ``[0, B)``, ``positions[i]`` outside ``[0, seq_len_b)`` (``seq_len_b`` from
+    ``kv_indptr`` and ``kv_last_page_len``, so a row never lands in another request's pages), or a
+    page id outside ``[0, num_pages)``. Two valid rows aimed at one slot leave either value.
+
+    Pure: returns new arrays. The whole update is one scatter per cache array, so under
+    ``jax.jit(..., donate_argnums=...)`` donating ``paged_kv_cache`` updates it in place.
+
+    Args:
+      append_key: ``[nnz, Hkv, D]`` in the cache's dtype.
+      append_value: ``[nnz, Hkv, D]`` in the cache's dtype.
+      batch_indices: ``[nnz]`` integer request of each row (:func:`get_batch_indices_positions`).
+      positions: ``[nnz]`` integer token position of each row within its request.
+      paged_kv_cache: ``(k_cache, v_cache)`` or a single array, see :func:`unpack_paged_kv_cache`.
+      kv_indices: ``[nnz_pages]`` integer page ids.
+      kv_indptr: ``[B+1]`` integer page row pointer.
+      kv_last_page_len: ``[B]`` integer tokens in each request's last page (after the append).
+      kv_layout: ``"NHD"`` or ``"HND"`` (static).
+
+    Returns:
+      The updated cache, of the same structure, shapes and dtype as ``paged_kv_cache``.
+
+    Raises:
+      ValueError: at trace time, naming the argument whose rank, shape or dtype is wrong.
+    """
+    k_cache, _ = unpack_paged_kv_cache(paged_kv_cache, kv_layout)
+    single = not isinstance(paged_kv_cache, (tuple, list))
+    page_axis_size = k_cache.shape[0]
+    page_size, num_kv_heads, head_dim = _cache_dims(k_cache.shape, kv_layout)
+    _check_append_args(
+        append_key, append_value, batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len,
+        want=(num_kv_heads, head_dim), dtype=k_cache.dtype,
+    )
+    if kv_indices.shape[0] == 0 or kv_last_page_len.shape[0] == 0:
+        return paged_kv_cache  # no page to write to
+    page, slot = _page_and_slot(
+        batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len, page_size, page_axis_size
+    )
+    # Advanced indices on the page and slot axes: the indexed view is [nnz, rest...] in every
+    # layout ([nnz, Hkv, D] per cache, [nnz, 2, Hkv, D] for the single array).
+    slot_axis = (1 if kv_layout == "NHD" else 2) + single
+    index = (page,) + (slice(None),) * (slot_axis - 1) + (slot,)
+
+    def scatter(cache, rows):
+        return cache.at[index].set(rows, mode="drop")
+
+    if single:
+        return scatter(paged_kv_cache, jnp.stack([append_key, append_value], axis=1))
+    return type(paged_kv_cache)((scatter(paged_kv_cache[0], append_key), scatter(paged_kv_cache[1], append_value)))
+
+
+def _page_and_slot(batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len, page_size, num_pages):
+    """``[nnz]`` page id and slot of each row; invalid rows get page ``num_pages`` (dropped)."""
+    batch_size = kv_last_page_len.shape[0]
+    kv_indptr = kv_indptr.astype(jnp.int32)
+    kv_indices = kv_indices.astype(jnp.int32)
+    b = batch_indices.astype(jnp.int32)
+    pos = positions.astype(jnp.int32)
+    b_safe = jnp.clip(b, 0, batch_size - 1)
+    seq_lens = get_seq_lens(kv_indptr, kv_last_page_len, page_size)
+    valid = (b >= 0) & (b < batch_size) & (pos >= 0) & (pos < seq_lens[b_safe])
+    flat = kv_indptr[b_safe] + pos // page_size
+    # jnp.take wraps negative indices, so invalid entries are sent past the end instead.
+    flat = jnp.where(valid & (flat >= 0), flat, kv_indices.shape[0])
+    page = jnp.take(kv_indices, flat, mode="fill", fill_value=-1)
+    valid &= (page >= 0) & (page < num_pages)
+    # scatter's mode="drop" drops an update only for a positive out-of-bounds index.
+    return jnp.where(valid, page, num_pages), jnp.where(valid, pos % page_size, 0)
+
+
+def _check_layout(kv_layout) -> None:
+    if kv_layout not in KV_LAYOUTS:
+        raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
+
+
+def _layout_dims(kv_layout: str) -> str:
+    return "num_pages, page_size, Hkv, D" if kv_layout == "NHD" else "num_pages, Hkv, page_size, D"
+
+
+def _cache_dims(shape, kv_layout: str) -> tuple[int, int, int]:
+    """``(page_size, Hkv, D)`` of a 4-D cache array of ``kv_layout``."""
+    _, a, b, d = shape
+    return (a, b, d) if kv_layout == "NHD" else (b, a, d)
+
+
+def _check_single_cache(cache, kv_layout: str) -> None:
+    shape = getattr(cache, "shape", None)
+    if shape is None or len(shape) != 5 or shape[1] != 2:
+        dims = _layout_dims(kv_layout).replace("num_pages, ", "num_pages, 2, ")
+        raise ValueError(
+            f"paged_kv_cache must be a pair (k_cache, v_cache) or one array [{dims}], got "
+            f"{type(cache).__name__} of shape {shape}"
+        )
+
+
+def _check_append_args(
+    append_key, append_value, batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len, *, want, dtype
+) -> None:
+    """Trace-time shape and dtype checks of :func:`append_paged_kv_cache`'s arguments."""
+    for name, x in (("append_key", append_key), ("append_value", append_value)):
+        if x.ndim != 3 or tuple(x.shape[1:]) != want:
+            raise ValueError(f"{name} must be [nnz, {want[0]}, {want[1]}] to match the cache, got {tuple(x.shape)}")
+        if x.dtype != dtype:
+            raise ValueError(f"{name} has dtype {x.dtype} but the cache holds {dtype}")
+    nnz = append_key.shape[0]
+    if append_value.shape[0] != nnz:
+        raise ValueError(f"append_value has {append_value.shape[0]} rows but append_key has {nnz}")
+    batch_size = kv_last_page_len.shape[0] if kv_last_page_len.ndim == 1 else None
+    for name, x, n in (
+        ("batch_indices", batch_indices, nnz),
+        ("positions", positions, nnz),
+        ("kv_indices", kv_indices, None),
+        ("kv_indptr", kv_indptr, None if batch_size is None else batch_size + 1),
+        ("kv_last_page_len", kv_last_page_len, batch_size),
+    ):
+        if x.ndim != 1 or not jnp.issubdtype(x.dtype, jnp.integer) or (n is not None and x.shape[0] != n):
+            size = "" if n is None else f" of length {n}"
+            raise ValueError(f"{name} must be a 1-D integer array{size}, got {x.dtype}{tuple(x.shape)}")
