@@ -2,7 +2,13 @@
 FlashInfer's API as jit-compatible JAX functions (shared/DESIGN.md is the contract)."""
 
 from jaxinfer.batch import BatchSpec, PlanCapacity
-from jaxinfer.cascade import MultiLevelCascadeAttentionWrapper, merge_state, merge_state_in_place, merge_states
+from jaxinfer.cascade import (
+    MultiLevelCascadeAttentionWrapper,
+    cascade_levels_from_prefix_tree,
+    merge_state,
+    merge_state_in_place,
+    merge_states,
+)
 from jaxinfer.decode import BatchDecodeWithPagedKVCacheWrapper, batch_decode, single_decode_with_kv_cache
 from jaxinfer.page import append_paged_kv_cache, get_batch_indices_positions, get_seq_lens
 from jaxinfer.prefill import (
@@ -39,6 +45,7 @@ __all__ = [
     "batch_prefill_paged",
     "batch_prefill_ragged",
     "bsr_to_dense",
+    "cascade_levels_from_prefix_tree",
     "dense_to_bsr",
     "get_batch_indices_positions",
     "get_seq_lens",

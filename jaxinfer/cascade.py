@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxinfer.batch import PlanCapacity
 from jaxinfer.page import unpack_paged_kv_cache
@@ -149,3 +150,86 @@ class MultiLevelCascadeAttentionWrapper(BatchWrapper):
             o, lse = merge_states(jnp.stack([o for o, _ in states], 1), jnp.stack([s for _, s in states], 1),
                                   backend=self._plans[0].backend if self._plans[0].backend == "pallas" else "xla")
         return (o, lse) if return_lse else o
+
+
+def cascade_levels_from_prefix_tree(page_lists, kv_last_page_len, qo_lens, page_size: int):
+    """Cascade levels of a batch whose requests share prefix pages (radix-tree style).
+
+    Requests that hold the same page ids at the start of their page lists share that prefix
+    physically (a radix KV cache). The shared prefixes form a compressed trie; a trie node that
+    two or more requests pass through is one shared segment, and the ``d``-th shared segment on
+    a request's path is its entry at level ``d``. The last level holds each request's own pages
+    after its deepest shared segment. A request's last page is never shared (it is still being
+    written). Requests that share a segment and stand next to each other in the batch form one
+    group, so the segment's KV is read once per group; order requests depth-first by prefix
+    (as a radix cache lists them) to get one group per segment.
+
+    Args:
+      page_lists: per request, its page ids in order (``list[list[int]]``).
+      kv_last_page_len: ``[B]`` tokens in each request's last page.
+      qo_lens: ``[B]`` queries per request (1 for decode).
+      page_size: tokens per page.
+
+    Returns:
+      ``(qo_indptr_arr, kv_indptr_arr, kv_indices_arr, kv_last_page_len_arr)``: lists with one
+      int32 array per level, level 0 the most shared, ready for
+      :meth:`MultiLevelCascadeAttentionWrapper.plan`. Queries of a request without a segment at
+      some level sit in a group with no pages there (it contributes nothing to the merge).
+
+    Raises:
+      ValueError: lengths that disagree.
+    """
+    B = len(page_lists)
+    last = np.asarray(kv_last_page_len)
+    qo_lens = np.asarray(qo_lens)
+    if last.shape != (B,) or qo_lens.shape != (B,):
+        raise ValueError(f"kv_last_page_len and qo_lens must be [B = {B}], got {last.shape} and {qo_lens.shape}")
+    shareable = [tuple(p[:-1]) for p in page_lists]
+
+    def segments(members: list[int], depth: int) -> dict[int, list[tuple]]:
+        """Shared segments (start, end) per request below a trie node at page ``depth``."""
+        out = {r: [] for r in members}
+        by_page: dict[int, list[int]] = {}
+        for r in members:
+            if len(shareable[r]) > depth:
+                by_page.setdefault(shareable[r][depth], []).append(r)
+        for group in by_page.values():
+            if len(group) < 2:
+                continue
+            end = depth + 1  # extend the edge while every member agrees (radix compression)
+            while all(len(shareable[r]) > end for r in group) and len({shareable[r][end] for r in group}) == 1:
+                end += 1
+            below = segments(group, end)
+            for r in group:
+                out[r] = [(depth, end)] + below[r]
+        return out
+
+    paths = segments(list(range(B)), 0)
+    num_levels = 1 + max((len(p) for p in paths.values()), default=0)
+    qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
+    levels = []
+    for level in range(num_levels - 1):
+        groups = []  # (segment pages or (), query start, query end)
+        for r in range(B):
+            pages = ()
+            if level < len(paths[r]):
+                s, e = paths[r][level]
+                pages = tuple(page_lists[r][s:e])
+            if groups and pages and groups[-1][0] == pages:
+                groups[-1][2] = qo_indptr[r + 1]
+            else:
+                groups.append([pages, qo_indptr[r], qo_indptr[r + 1]])
+        levels.append((
+            np.array([0] + [g[2] for g in groups], np.int32),
+            [list(g[0]) for g in groups],
+            [page_size if g[0] else 0 for g in groups],
+        ))
+    own = [list(page_lists[r][paths[r][-1][1] if paths[r] else 0 :]) for r in range(B)]
+    levels.append((qo_indptr, own, [int(x) if own[r] else 0 for r, x in enumerate(last)]))
+    qo_arr, indptr_arr, indices_arr, last_arr = [], [], [], []
+    for qo, pages, lpl in levels:
+        qo_arr.append(qo)
+        indptr_arr.append(np.concatenate([[0], np.cumsum([len(p) for p in pages])]).astype(np.int32))
+        indices_arr.append(np.array([x for p in pages for x in p], np.int32))
+        last_arr.append(np.array(lpl, np.int32))
+    return qo_arr, indptr_arr, indices_arr, last_arr
