@@ -4,6 +4,7 @@ FlashInfer's API as jit-compatible JAX functions (shared/DESIGN.md is the contra
 from jaxinfer.batch import BatchSpec, PlanCapacity
 from jaxinfer.cascade import (
     MultiLevelCascadeAttentionWrapper,
+    batch_cascade,
     cascade_levels_from_prefix_tree,
     merge_state,
     merge_state_in_place,
@@ -19,7 +20,7 @@ from jaxinfer.prefill import (
     single_prefill_with_kv_cache,
 )
 from jaxinfer.rope import apply_llama31_rope, apply_llama31_rope_pos_ids, apply_rope, apply_rope_pos_ids
-from jaxinfer.sparse import BlockSparseAttentionWrapper, bsr_to_dense, dense_to_bsr
+from jaxinfer.sparse import BlockSparseAttentionWrapper, batch_block_sparse, bsr_to_dense, dense_to_bsr
 from jaxinfer.variants import AttentionVariant, alibi_slopes
 from jaxinfer.wrapper import Plan
 
@@ -41,6 +42,8 @@ __all__ = [
     "apply_llama31_rope_pos_ids",
     "apply_rope",
     "apply_rope_pos_ids",
+    "batch_block_sparse",
+    "batch_cascade",
     "batch_decode",
     "batch_prefill_paged",
     "batch_prefill_ragged",

@@ -17,7 +17,7 @@ from jaxinfer.page import unpack_paged_kv_cache
 from jaxinfer.prefill import _prefill_spec
 from jaxinfer.reference import merge_states_reference
 from jaxinfer.variants import AttentionVariant
-from jaxinfer.wrapper import BatchWrapper, Plan, make_plan, run_plan
+from jaxinfer.wrapper import BatchWrapper, Plan, make_plan, run_paged_plan
 
 
 def _merge_impl(backend: str):
@@ -89,7 +89,8 @@ class MultiLevelCascadeAttentionWrapper(BatchWrapper):
     that share that level's KV (a shared prefix is one request holding all its queries, so its
     KV is read once per query tile, not once per request); the levels' states then merge.
     ``causal`` applies to the last level only: a shared prefix precedes every query of the
-    requests that share it, so the result equals flat attention over the concatenated KV.
+    requests that share it, so the result equals flat attention over the concatenated KV (the
+    plan checks that each request's queries lie in its own last-level KV).
     """
 
     def __init__(self, num_levels: int, kv_layout: str = "NHD", backend: str = "auto", *,
@@ -128,6 +129,11 @@ class MultiLevelCascadeAttentionWrapper(BatchWrapper):
                 window_left=window_left, logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
                 pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale, rope_theta=rope_theta,
             ))
+        if causal and np.any(specs[-1].qo_lens > specs[-1].kv_lens):
+            raise ValueError(
+                "causal cascade needs each request's queries inside its own last-level KV "
+                "(qo_len <= kv_len of the last level): shared levels are visible to every query"
+            )
         nnz = {int(s.qo_indptr[-1]) for s in specs}
         if len(nnz) != 1:
             raise ValueError(f"qo_indptr_arr levels must cover the same queries, got totals {sorted(nnz)}")
@@ -140,17 +146,29 @@ class MultiLevelCascadeAttentionWrapper(BatchWrapper):
         if self._plans is None:
             raise ValueError("MultiLevelCascadeAttentionWrapper.run called before plan")
         k, v = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
-        states = []
-        for spec, plan in zip(self._specs, self._plans):
+        for spec in self._specs:
             spec.check_run_args(q, k, v, self._kv_layout)
-            states.append(run_plan(plan, q, k, v, return_lse=True))
-        if len(states) == 1:
-            o, lse = states[0]
-        else:
-            o, lse = merge_states(jnp.stack([o for o, _ in states], 1), jnp.stack([s for _, s in states], 1),
-                                  backend=self._plans[0].backend if self._plans[0].backend == "pallas" else "xla")
-        return (o, lse) if return_lse else o
+        return batch_cascade(q, paged_kv_cache, self._plans, return_lse=return_lse)
 
+
+def batch_cascade(q, paged_kv_cache, plans: list[Plan], *, return_lse: bool = False):
+    """Run cascade level plans inside jit: each level's state, merged over levels.
+
+    Args:
+      q: ``[nnz_q, Hq, D]``; paged_kv_cache: the cache every level's page table indexes.
+      plans: the list returned by :meth:`MultiLevelCascadeAttentionWrapper.plan`.
+
+    Returns:
+      ``o [nnz_q, Hq, D]`` (, ``lse [nnz_q, Hq]``).
+    """
+    states = [run_paged_plan(plan, q, paged_kv_cache, return_lse=True) for plan in plans]
+    if len(states) == 1:
+        o, lse = states[0]
+    else:
+        merge_backend = "pallas" if plans[0].backend == "pallas" else "xla"
+        o, lse = merge_states(jnp.stack([o for o, _ in states], 1), jnp.stack([s for _, s in states], 1),
+                              backend=merge_backend)
+    return (o, lse) if return_lse else o
 
 def cascade_levels_from_prefix_tree(page_lists, kv_last_page_len, qo_lens, page_size: int):
     """Cascade levels of a batch whose requests share prefix pages (radix-tree style).

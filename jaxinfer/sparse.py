@@ -150,7 +150,19 @@ class BlockSparseAttentionWrapper(BatchWrapper):
         M, N, C = self._shape
         if q.shape[0] != M or k.shape[0] != N:
             raise ValueError(f"q must have M = {M} rows and k, v N = {N} rows, got {q.shape[0]} and {k.shape[0]}")
-        k_pages = k.reshape(N // C, C, *k.shape[1:])
-        v_pages = v.reshape(N // C, C, *v.shape[1:])
-        spec.check_run_args(q, k_pages, v_pages, "NHD")
-        return run_plan(plan, q, k_pages, v_pages, return_lse=return_lse)
+        spec.check_run_args(q, *(_as_pages(x, C) for x in (k, v)), "NHD")
+        return batch_block_sparse(q, k, v, plan, return_lse=return_lse)
+
+
+def _as_pages(x, C: int):
+    """``[N, Hkv, D]`` as ``[N / C, C, Hkv, D]``: the column blocks are the pages (a free reshape)."""
+    return x.reshape(x.shape[0] // C, C, *x.shape[1:])
+
+
+def batch_block_sparse(q, k, v, plan: Plan, *, return_lse: bool = False):
+    """Run a block-sparse plan inside jit: ``q [M, Hq, D]``, ``k/v [N, Hkv, D]`` -> ``o [M, Hq, D]``.
+
+    The plan (from :meth:`BlockSparseAttentionWrapper.plan`) knows the block width ``C``.
+    """
+    C = plan.page_size
+    return run_plan(plan, q, _as_pages(k, C), _as_pages(v, C), return_lse=return_lse)

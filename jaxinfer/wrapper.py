@@ -29,6 +29,7 @@ class Plan:
     inner: Any
     backend: str = dataclasses.field(metadata=dict(static=True))
     kv_layout: str = dataclasses.field(metadata=dict(static=True))
+    page_size: int = dataclasses.field(metadata=dict(static=True))
 
 
 def check_kv_layout(kv_layout: str) -> str:
@@ -55,7 +56,7 @@ def make_plan(
     if decode and backends.auto_order() != ("xla",):
         order = DECODE_ORDER_GPU
     impl = backends.resolve(backend, spec, order=order)
-    return Plan(inner=impl.plan(spec, capacity), backend=impl.name, kv_layout=kv_layout)
+    return Plan(inner=impl.plan(spec, capacity), backend=impl.name, kv_layout=kv_layout, page_size=spec.page_size)
 
 
 def run_plan(plan: Plan, q, k, v, *, return_lse: bool = False):

@@ -21,6 +21,8 @@ def _random_radix_batch(rng, page_size: int):
             branch = trunk + [next(next_page) for _ in range(rng.integers(0, 3))]
             for _ in range(rng.integers(1, 3)):
                 page_lists.append(branch + [next(next_page) for _ in range(rng.integers(1, 3))])
+    # A sibling of request 0 guarantees at least one shared prefix (request 0 has >= 2 pages).
+    page_lists.insert(1, page_lists[0][:-1] + [next(next_page)])
     page_lists.append([next(next_page)])  # a request that shares nothing
     last = rng.integers(1, page_size + 1, size=len(page_lists))
     return page_lists, last
@@ -32,7 +34,10 @@ def test_levels_from_prefix_tree_match_flat_attention(rng, backend, causal):
     page_size, Hq, Hkv, D, dtype = 4, 4, 2, 32, jnp.float32
     page_lists, last = _random_radix_batch(rng, page_size)
     B = len(page_lists)
-    qo_lens = rng.integers(1, 4, size=B)
+    # Queries are each request's newest tokens, so they lie in its own (last-level) pages.
+    _, own_indptr, _, own_last = (x[-1] for x in jaxinfer.cascade_levels_from_prefix_tree(page_lists, last, np.ones(B), page_size))
+    own_len = (np.diff(own_indptr) - 1) * page_size + own_last
+    qo_lens = rng.integers(1, np.minimum(own_len, 3) + 1)
     k_cache = rand(rng, (400, page_size, Hkv, D), dtype)
     v_cache = rand(rng, (400, page_size, Hkv, D), dtype)
     q = rand(rng, (int(qo_lens.sum()), Hq, D), dtype)

@@ -1,0 +1,76 @@
+"""``python -m jaxinfer.bench`` / ``jaxinfer-bench``: the benchmark CLI (see benchmarks/README.md)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from jaxinfer.bench import harness, report
+from jaxinfer.bench.workloads import SIZE_FACTORS, WORKLOADS, select
+
+GPU_REPEATS, CPU_REPEATS = 20, 3
+GPU_WARMUP = 3  # calls before timing on GPU (the first compiles); 1 on CPU
+GPU_MIN_REPEAT_S = 5e-3  # back-to-back calls per timed repeat on GPU (amortizes dispatch)
+
+
+def _names(text: str | None) -> list[str] | None:
+    return None if text is None else [n.strip() for n in text.split(",") if n.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="jaxinfer-bench", description="Benchmark jaxinfer's attention backends.")
+    p.add_argument("--workloads", help=f"comma-separated, default all: {','.join(WORKLOADS)}")
+    p.add_argument("--backends", help=f"comma-separated from {','.join(harness.BACKENDS)}; "
+                   "default: those that can run here (xla only on CPU)")
+    p.add_argument("--repeats", type=int, help=f"timed repeats (default {GPU_REPEATS} on GPU, {CPU_REPEATS} on CPU)")
+    p.add_argument("--size", choices=tuple(SIZE_FACTORS), help="full, cpu (1/8 of the sizes) or tiny (1/64, "
+                   "for tests); default full on GPU, cpu otherwise")
+    p.add_argument("--out", type=Path, default=Path("bench_out"), help="directory of records.jsonl and "
+                   "throughput.png (default bench_out/)")
+    p.add_argument("--ceilings", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure copy bandwidth and bf16 matmul rate and report each workload's floor "
+                   "(default on GPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    args = p.parse_args(argv)
+    args.backends = _names(args.backends)
+    unknown = [b for b in args.backends or () if b not in harness.BACKENDS]
+    if unknown:
+        p.error(f"unknown backends {unknown}; choose from {', '.join(harness.BACKENDS)}")
+    try:
+        args.workloads = select(_names(args.workloads), args.size or ("full" if harness.on_gpu() else "cpu"))
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; returns 1 when a backend errored or disagreed with the reference."""
+    args = parse_args(argv)
+    gpu = harness.on_gpu()
+    env = harness.environment()
+    if not gpu:
+        print(report.cpu_notice(env["device"]))
+    timer = harness.Timer(args.repeats or (GPU_REPEATS if gpu else CPU_REPEATS), warmup=GPU_WARMUP if gpu else 1,
+                          min_repeat_s=GPU_MIN_REPEAT_S if gpu else 0.0)
+    ceilings = None
+    if args.ceilings if args.ceilings is not None else gpu:
+        ceilings = harness.measure_ceilings(timer, full=gpu)
+    records = harness.run_benchmark(
+        args.workloads, args.backends or harness.default_backends(), timer, ceilings=ceilings, seed=args.seed,
+        plan_repeats=5 if gpu else 2, progress=args.progress,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    paths = [report.write_records(records, args.out), report.plot(records, ceilings, args.out / report.CHART_FILE)]
+    print(report.table(records, ceilings))
+    for line in report.notes(records, ceilings):
+        print(line)
+    print("wrote " + ", ".join(map(str, paths)))
+    if not gpu:
+        print(report.cpu_notice(env["device"]))
+    return int(any(r["status"] in ("error", "mismatch") for r in records))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,391 @@
+"""Measurement of ``jaxinfer-bench``: run every (workload, backend), time it, check it, stamp it.
+
+For each workload the inputs are built once; the reference is the ``"xla"`` backend run on float32
+copies of the same inputs, and off GPU (scaled-down sizes) also a float64 numpy evaluation of the
+dense equivalent. Each backend then gets: ``plan()`` time on the host, the median latency of timed
+repeats after warm-up (``jax.block_until_ready``), and the max relative error
+``max|o - ref| / max|ref|`` against both references. ``"cudnn"`` is the peer
+``jax.nn.dot_product_attention(implementation="cudnn")`` on the padded dense equivalent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+import jaxinfer
+from jaxinfer import backends as backend_registry
+from jaxinfer.bench.workloads import Dense, Problem, Workload
+
+REFERENCE_BACKEND = "xla"
+# Backends served through jaxinfer's wrappers, the reference first (it is the table's baseline).
+WRAPPER_BACKENDS = (REFERENCE_BACKEND, *(n for n in backend_registry.BACKEND_NAMES if n not in ("auto", REFERENCE_BACKEND)))
+BACKENDS = (*WRAPPER_BACKENDS, "cudnn")
+# L2 of the H100 and H200 (50 MB): inputs smaller than twice this would be timed from cache.
+L2_BYTES = 50 * 2**20
+# The float64 numpy check runs off GPU when the dense equivalent costs at most this (about 1 s).
+F64_CHECK_MAX_FLOPS = 5e9
+# The cuDNN peer materializes the padded dense K/V; beyond this it is reported unsupported.
+DENSE_MAX_BYTES = 24 * 2**30
+# Error above which a result is reported as "mismatch" (bf16 inputs and output).
+BF16_TOLERANCE = 2e-2
+
+
+def on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def default_backends() -> tuple[str, ...]:
+    """Backends that can run here: ``("xla",)`` off GPU; on GPU every importable one plus cuDNN."""
+    if not on_gpu():
+        return (REFERENCE_BACKEND,)
+    available = []
+    for name in WRAPPER_BACKENDS:
+        try:
+            backend_registry.get_backend(name)
+        except NotImplementedError:
+            continue
+        available.append(name)
+    return (*available, "cudnn")
+
+
+def environment() -> dict:
+    """Device, versions, git commit and UTC date stamped on every record."""
+    dev = jax.devices()[0]
+    try:
+        commit = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=Path(jaxinfer.__file__).parent,
+            capture_output=True, text=True, timeout=10,
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "device": dev.device_kind,
+        "platform": dev.platform,
+        "jax_version": jax.__version__,
+        "git_commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Timer:
+    """Median wall time of ``repeats`` timed repeats after ``warmup`` calls (the first compiles).
+
+    With ``min_repeat_s > 0`` a repeat makes back-to-back calls until it lasts that long and then
+    blocks on the last output, so asynchronous dispatch overlaps and the per-call latency is the
+    kernel time plus amortized launch cost; latency = repeat time / calls.
+    """
+
+    repeats: int
+    warmup: int = 1
+    min_repeat_s: float = 0.0
+
+    def __call__(self, fn: Callable, args_list: Sequence[tuple]):
+        """``(latency in ms of fn(*args) rotating over args_list, the first call's output)``."""
+        first = jax.block_until_ready(fn(*args_list[0]))
+        for i in range(1, self.warmup):
+            jax.block_until_ready(fn(*args_list[i % len(args_list)]))
+        calls = 1
+        if self.min_repeat_s > 0:
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args_list[0]))
+            calls = max(1, math.ceil(self.min_repeat_s / max(time.perf_counter() - start, 1e-9)))
+        samples = []
+        for _ in range(self.repeats):
+            start = time.perf_counter()
+            for c in range(calls):
+                out = fn(*args_list[c % len(args_list)])
+            jax.block_until_ready(out)
+            samples.append((time.perf_counter() - start) / calls)
+        return statistics.median(samples) * 1e3, first
+
+
+def input_copies(args: tuple, nbytes: int) -> list[tuple]:
+    """``args`` and copies of it to rotate through, so that timing does not read warm L2.
+
+    Only on GPU and only when the inputs fit in twice the L2; none of the full-size workloads
+    does (the smallest, append, moves about 180 MB), so this guards custom sizes only.
+    """
+    if not on_gpu() or nbytes >= 2 * L2_BYTES:
+        return [args]
+    n = min(16, 1 + math.ceil(2 * L2_BYTES / max(nbytes, 1)))
+    return [args] + [jax.tree.map(jnp.copy, args) for _ in range(n - 1)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Ceilings:
+    """Measured device ceilings: copy bandwidth (bytes read + written) and bf16 matmul rate."""
+
+    copy_tb_s: float
+    matmul_tflop_s: float
+    copy_bytes: int
+    matmul_n: int
+
+    def floor_ms(self, nbytes: int, flops: int) -> float:
+        """Roofline floor of a workload: the larger of bytes/bandwidth and FLOPs/matmul rate."""
+        return max(nbytes / (self.copy_tb_s * 1e12), flops / (self.matmul_tflop_s * 1e12)) * 1e3
+
+
+def measure_ceilings(timer: Timer, *, full: bool) -> Ceilings:
+    """Copy ``-x`` over 1 GiB (64 MiB when not ``full``) and an ``n^3`` bf16 matmul, n = 8192 (1024)."""
+    nbytes, n = (2**30, 8192) if full else (2**26, 1024)
+    kx, ka, kb = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (nbytes // 2,), jnp.bfloat16)
+    copy_ms, _ = timer(jax.jit(jnp.negative), [(x,)])
+    del x
+    a, b = (jax.random.normal(k, (n, n), jnp.bfloat16) for k in (ka, kb))
+    matmul_ms, _ = timer(jax.jit(jnp.matmul), [(a, b)])
+    return Ceilings(
+        copy_tb_s=2 * nbytes / (copy_ms * 1e-3) / 1e12,
+        matmul_tflop_s=2 * n**3 / (matmul_ms * 1e-3) / 1e12,
+        copy_bytes=2 * nbytes,
+        matmul_n=n,
+    )
+
+
+def rel_error(o, ref) -> float:
+    """``max|o - ref| / max|ref|`` in float32 (float64 if ``ref`` is numpy float64)."""
+    if isinstance(ref, np.ndarray):
+        o = np.asarray(jnp.asarray(o, jnp.float32), np.float64)
+        return float(np.max(np.abs(o - ref)) / np.max(np.abs(ref)))
+    o = jnp.asarray(o, jnp.float32)
+    return float(jnp.max(jnp.abs(o - ref)) / jnp.max(jnp.abs(ref)))
+
+
+def reference_output(problem: Problem) -> jax.Array:
+    """``o`` of the ``"xla"`` backend on float32 copies of the inputs ``[nnz_q, Hq, D]`` (through
+    ``problem.reference`` when the problem names a cheaper form of its batch)."""
+    problem = problem.reference or problem
+    wrapper = problem.make_wrapper(backend=REFERENCE_BACKEND)
+    plan = wrapper.plan(*problem.plan_args, q_data_type=jnp.float32, **problem.plan_kwargs)
+    kv32 = tuple(x.astype(jnp.float32) for x in problem.kv)
+    return jax.jit(problem.step)(plan, problem.q.astype(jnp.float32), kv32)
+
+
+def _attention64(q: np.ndarray, k: np.ndarray, v: np.ndarray, visible: np.ndarray) -> np.ndarray:
+    """Softmax attention of one request in float64: ``q [T, Hq, D]``, ``k/v [S, Hkv, D]``,
+    ``visible [T, S]``; GQA by repeating KV heads; a row with no visible key gives 0."""
+    group = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    s = np.einsum("thd,shd->hts", q, k) / math.sqrt(q.shape[2])
+    s = np.where(visible[None], s, -np.inf)
+    m = s.max(axis=-1, keepdims=True)
+    p = np.exp(s - np.where(np.isfinite(m), m, 0.0))
+    l = p.sum(axis=-1, keepdims=True)
+    return np.einsum("hts,shd->thd", p / np.where(l > 0, l, 1.0), v)
+
+
+def f64_output(problem: Problem) -> np.ndarray:
+    """``o [nnz_q, Hq, D]`` float64 by numpy on the dense equivalent (per request)."""
+    d = problem.dense
+    q = np.asarray(problem.q, np.float64)
+    k, v = (np.asarray(x, np.float64) for x in problem.kv_flat)
+    visible = d.visible()
+    out = np.zeros_like(q)
+    for b, (t, s) in enumerate(zip(d.qo_lens, d.kv_lens)):
+        rows, keys = d.q_index[b, :t], d.kv_index[b, :s]
+        out[rows] = _attention64(q[rows], k[keys], v[keys], visible[b, :t, :s])
+    return out
+
+
+def wants_f64_check(problem: Problem) -> bool:
+    """Off GPU, on sizes whose dense equivalent costs at most ``F64_CHECK_MAX_FLOPS`` (the full
+    sizes would move gigabytes to the host for it)."""
+    d = problem.dense
+    dense_flops = 4 * float(np.dot(d.qo_lens, d.kv_lens)) * problem.q.shape[1] * problem.q.shape[2]
+    return not on_gpu() and dense_flops <= F64_CHECK_MAX_FLOPS
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A backend ready to time: ``fn(*args)`` gives ``o``; ``rows(o)`` are the rows matching
+    ``q_rows`` of the ragged reference."""
+
+    plan_ms: float | None
+    fn: Callable
+    args: tuple
+    rows: Callable
+    q_rows: np.ndarray
+
+
+def _time_plan(problem: Problem, wrapper, repeats: int):
+    """Plan ``repeats`` times on the host; returns the plan and the median ms (until on device)."""
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        plan = wrapper.plan(*problem.plan_args, q_data_type=problem.q.dtype, **problem.plan_kwargs)
+        jax.block_until_ready(plan)
+        samples.append(time.perf_counter() - start)
+    return plan, statistics.median(samples) * 1e3
+
+
+def prepare_wrapper(problem: Problem, backend: str, plan_repeats: int) -> Prepared:
+    """Plan with the public wrapper of ``backend``; the jitted step takes the plan as an argument.
+
+    Raises:
+      NotImplementedError: the backend cannot serve the workload.
+    """
+    plan, plan_ms = _time_plan(problem, problem.make_wrapper(backend=backend), plan_repeats)
+    nnz_q = problem.q.shape[0]
+    return Prepared(plan_ms, jax.jit(problem.step), (plan, problem.q, problem.kv), lambda o: o, np.arange(nnz_q))
+
+
+def prepare_dense_peer(problem: Problem, implementation: str) -> Prepared:
+    """``jax.nn.dot_product_attention(implementation=...)`` on the padded dense equivalent
+    ``[B, T, H, D]`` of the batch (gathered outside the timing).
+
+    Per-request lengths become ``query_seq_lengths``/``key_value_seq_lengths``; a causal batch of
+    square requests uses the built-in causal mask; any other mask (bottom-right causal with
+    ``qo_len != kv_len``, block-sparse) is passed as a dense bool mask.
+
+    Raises:
+      NotImplementedError: a dense equivalent over ``DENSE_MAX_BYTES``.
+    """
+    d: Dense = problem.dense
+    k_flat, v_flat = problem.kv_flat
+    dense_bytes = 2 * d.kv_index.size * k_flat.shape[1] * k_flat.shape[2] * k_flat.dtype.itemsize
+    if dense_bytes > DENSE_MAX_BYTES:
+        raise NotImplementedError(f"the dense equivalent needs {dense_bytes / 2**30:.1f} GiB of K/V")
+    square_causal = d.causal and d.mask is None and bool((d.qo_lens == d.kv_lens).all())
+    extra = {}
+    if d.mask is not None or (d.causal and not square_causal):
+        extra["mask"] = jnp.asarray(d.visible()[:, None])
+    elif not d.uniform:
+        extra["query_seq_lengths"] = jnp.asarray(d.qo_lens, jnp.int32)
+        extra["key_value_seq_lengths"] = jnp.asarray(d.kv_lens, jnp.int32)
+
+    def fn(q, k, v, extra):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=square_causal, implementation=implementation, **extra)
+
+    args = (problem.q[d.q_index], k_flat[d.kv_index], v_flat[d.kv_index], extra)
+    b, i = np.nonzero(np.arange(d.q_index.shape[1])[None] < d.qo_lens[:, None])
+    return Prepared(None, jax.jit(fn), args, lambda o: o[b, i], d.q_index[b, i])
+
+
+def prepare_cudnn(problem: Problem) -> Prepared:
+    """The cuDNN peer (:func:`prepare_dense_peer` with ``implementation="cudnn"``).
+
+    Raises:
+      NotImplementedError: no GPU, or a dense equivalent over ``DENSE_MAX_BYTES``.
+    """
+    if not on_gpu():
+        raise NotImplementedError("cuDNN attention needs a GPU")
+    return prepare_dense_peer(problem, "cudnn")
+
+
+def measure(problem: Problem, backend: str, timer: Timer, ref, ref64, plan_repeats: int) -> dict:
+    """Time and check one backend against ``ref`` (and ``ref64``; ``None`` = not available).
+
+    Never raises: status ``"ok"``, ``"mismatch"`` (error over ``BF16_TOLERANCE``),
+    ``"unchecked"`` (no reference), ``"unsupported"`` or ``"error"``, with the reason.
+    """
+    try:
+        if backend == "cudnn":
+            prep = prepare_cudnn(problem)
+        else:
+            prep = prepare_wrapper(problem, backend, plan_repeats)
+        copies = input_copies(prep.args, problem.bytes)
+        latency_ms, o = timer(prep.fn, copies)
+        o = prep.rows(o)
+        err = None if ref is None else rel_error(o, ref[prep.q_rows])
+        err64 = None if ref64 is None else rel_error(o, ref64[prep.q_rows])
+    except NotImplementedError as e:
+        return {"status": "unsupported", "reason": str(e)}
+    except Exception as e:  # a failing backend must not stop the other measurements
+        return {"status": "error", "reason": f"{type(e).__name__}: {e}"[:500]}
+    errors = [e for e in (err, err64) if e is not None]
+    if not errors:
+        status = "unchecked"
+    else:
+        status = "ok" if all(e <= BF16_TOLERANCE for e in errors) else "mismatch"  # NaN: mismatch
+    return {
+        "status": status,
+        "latency_ms": latency_ms,
+        "input_copies": len(copies),
+        "plan_ms": prep.plan_ms,
+        "max_error": err,
+        "max_error_f64": err64,
+    }
+
+
+def make_record(workload: Workload, problem: Problem, backend: str, result: dict, reference: dict | None,
+                ceilings: Ceilings | None, env: dict) -> dict:
+    """One JSON record (FlashInfer-Bench trace fields plus throughput, floor and environment)."""
+    latency = result.get("latency_ms")
+    ref_latency = reference.get("latency_ms") if reference else None
+    work = problem.flops if workload.unit == "TFLOP/s" else problem.bytes
+    floor = ceilings.floor_ms(problem.bytes, problem.flops) if ceilings else None
+    return {
+        "definition": workload.definition,
+        "workload": workload.name,
+        "axes": workload.axes(),
+        "backend": backend,
+        "status": result["status"],
+        "reason": result.get("reason"),
+        "max_error": result.get("max_error"),
+        "max_error_f64": result.get("max_error_f64"),
+        "latency_ms": latency,
+        "reference_latency_ms": ref_latency,
+        "speedup": ref_latency / latency if latency and ref_latency else None,
+        "plan_ms": result.get("plan_ms"),
+        "input_copies": result.get("input_copies"),
+        "throughput": work / (latency * 1e-3) / 1e12 if latency else None,
+        "unit": workload.unit,
+        "bytes": problem.bytes,
+        "flops": problem.flops,
+        "floor_ms": floor,
+        "of_floor": latency / floor if latency and floor else None,
+        **env,
+    }
+
+
+def run_benchmark(
+    workloads: Sequence[Workload],
+    backends: Sequence[str],
+    timer: Timer,
+    *,
+    ceilings: Ceilings | None = None,
+    seed: int = 0,
+    plan_repeats: int = 5,
+    progress: bool = True,
+) -> list[dict]:
+    """Measure every (workload, backend); returns one record per pair (see :func:`make_record`).
+
+    The reference latency of a record is that of the ``"xla"`` backend in the same run (``None``
+    when ``"xla"`` is not among ``backends``).
+    """
+    env = environment()
+    records = []
+    with tqdm(total=len(workloads) * len(backends), unit="run", disable=not progress) as bar:
+        for workload in workloads:
+            bar.set_description(f"{workload.name}: inputs and reference")
+            problem = workload.build(seed)
+            ref, ref_failure = None, None
+            try:
+                ref = reference_output(problem)
+            except Exception as e:  # e.g. out of memory: time the backends anyway, unchecked
+                ref_failure = f"float32 reference failed: {type(e).__name__}: {e}"[:500]
+            ref64 = f64_output(problem) if wants_f64_check(problem) else None
+            results = {}
+            for backend in backends:
+                bar.set_description(f"{workload.name} / {backend}")
+                results[backend] = measure(problem, backend, timer, ref, ref64, plan_repeats)
+                if results[backend]["status"] == "unchecked":
+                    results[backend]["reason"] = ref_failure
+                bar.update()
+            reference = results.get(REFERENCE_BACKEND)
+            records += [make_record(workload, problem, b, r, reference, ceilings, env) for b, r in results.items()]
+            del problem, ref, ref64  # free the device before the next workload's inputs
+    return records
