@@ -1,0 +1,292 @@
+"""GPU check and timing of the Pallas backend (run on the H100: ``PYTHONPATH=. python3 benchmarks/pallas_gpu.py``).
+
+For each workload: builds a random bf16 paged cache (shuffled pages) or ragged KV on the device,
+checks the kernel against a float32 reference on sampled requests (``||o - ref|| / ||ref||``),
+then times the Pallas backend with and without split-KV and cuDNN / XLA
+``jax.nn.dot_product_attention`` on the dense equivalent. Also measures the two ceilings
+(device-to-device copy bandwidth, bf16 matmul rate) and the host planner. Prints a table last;
+writes ``$OUT/pallas_gpu.json`` when ``OUT`` is set.
+
+Timing: a jitted step dispatched ``iters`` times back to back, synchronised once, median over
+``reps`` repeats (JAX's dispatch is asynchronous, so launches overlap the previous step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import timeit
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.batch import BatchSpec, PlanCapacity
+from jaxinfer.pallas.backend import PallasBackend
+from jaxinfer.pallas.config import TileConfig
+from jaxinfer.planner import plan_work
+from jaxinfer.variants import AttentionVariant
+
+HQ, HKV, D, PAGE = 32, 8, 128, 16
+DT = jnp.bfloat16
+
+
+def bench(f, *args, iters=20, reps=7):
+    """Median seconds per call of ``f(*args)`` (see module doc)."""
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = f(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / iters)
+    return statistics.median(times)
+
+
+def copy_bandwidth():
+    x = jax.random.normal(jax.random.key(0), (1 << 30,), DT)  # 2 GiB
+    f = jax.jit(lambda a: a * 2)
+    t = bench(f, x, iters=10)
+    return 2 * x.nbytes / t
+
+
+def matmul_rate():
+    a = jax.random.normal(jax.random.key(1), (8192, 8192), DT)
+    b = jax.random.normal(jax.random.key(2), (8192, 8192), DT)
+    t = bench(jax.jit(lambda a, b: a @ b), a, b, iters=10)
+    return 2 * 8192**3 / t
+
+
+def decode_batch(kv_lens, rng):
+    kv_lens = np.asarray(kv_lens, np.int64)
+    n_pages = -(-kv_lens // PAGE)
+    kv_indptr = np.concatenate([[0], np.cumsum(n_pages)]).astype(np.int32)
+    num_pages = int(n_pages.sum()) + 8
+    kv_indices = rng.permutation(num_pages)[: kv_indptr[-1]].astype(np.int32)
+    last = (kv_lens - PAGE * (n_pages - 1)).astype(np.int32)
+    b = kv_lens.size
+    spec = BatchSpec.create(np.arange(b + 1), kv_indptr, kv_indices, last, page_size=PAGE, num_qo_heads=HQ,
+                            num_kv_heads=HKV, head_dim=D, variant=AttentionVariant(), q_dtype=DT)
+    keys = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 3)
+    q = jax.random.normal(keys[0], (b, HQ, D), DT)
+    k = jax.random.normal(keys[1], (num_pages, PAGE, HKV, D), DT)
+    v = jax.random.normal(keys[2], (num_pages, PAGE, HKV, D), DT)
+    return spec, q, k, v
+
+
+def _ref_one(q, k, v, causal):
+    """float32 attention of one request: q [Lq,Hq,D], k/v [Lk,Hkv,D] -> (o, lse base 2)."""
+    g = q.shape[1] // k.shape[1]
+    k = jnp.repeat(k.astype(jnp.float32), g, axis=1)
+    v = jnp.repeat(v.astype(jnp.float32), g, axis=1)
+    s = jnp.einsum("qhd,khd->hqk", q.astype(jnp.float32), k, precision="highest") / np.sqrt(q.shape[-1])
+    if causal:
+        lq, lk = q.shape[0], k.shape[0]
+        s = jnp.where(jnp.arange(lk)[None, :] <= jnp.arange(lq)[:, None] + lk - lq, s, -jnp.inf)
+    lse = jax.nn.logsumexp(s, axis=-1)
+    o = jnp.einsum("hqk,khd->qhd", jnp.exp(s - lse[..., None]), v, precision="highest")
+    return o, (lse / np.log(2)).T
+
+
+def check_decode(spec, q, k, v, o, lse, sample):
+    errs = []
+    for b in sample:
+        pages = spec.kv_indices[spec.kv_indptr[b] : spec.kv_indptr[b + 1]]
+        n = int(spec.kv_lens[b])
+        kb = k[pages].reshape(-1, HKV, D)[:n]
+        vb = v[pages].reshape(-1, HKV, D)[:n]
+        o_ref, lse_ref = _ref_one(q[b : b + 1], kb, vb, False)
+        errs.append(_errs(o[b : b + 1], lse[b : b + 1], o_ref, lse_ref))
+    return max(e[0] for e in errs), max(e[1] for e in errs)
+
+
+def _errs(o, lse, o_ref, lse_ref):
+    o = np.asarray(o, np.float32)
+    o_ref = np.asarray(o_ref)
+    rel = float(np.linalg.norm(o - o_ref) / np.linalg.norm(o_ref))
+    assert not np.isnan(o).any()
+    return rel, float(np.abs(np.asarray(lse) - np.asarray(lse_ref)).max())
+
+
+def cudnn_decode(spec, q, k, impl):
+    """``jax.nn.dot_product_attention`` on the dense equivalent (uniform lengths only)."""
+    b, n = spec.batch_size, int(spec.kv_lens.max())
+    kd = jax.random.normal(jax.random.key(5), (b, n, HKV, D), DT)
+    vd = jax.random.normal(jax.random.key(6), (b, n, HKV, D), DT)
+    f = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q[:, None], k, v, implementation=impl))
+    return bench(f, q, kd, vd)
+
+
+def run_decode(name, kv_lens, rng, rows, bw):
+    spec, q, k, v = decode_batch(kv_lens, rng)
+    kv_bytes = 2 * int(spec.kv_lens.sum()) * HKV * D * 2
+    res = {"workload": name, "B": spec.batch_size, "kv_tokens": int(spec.kv_lens.sum()), "kv_bytes": kv_bytes}
+    for label, be in (("split", PallasBackend()), ("nosplit", PallasBackend(split_factor=0))):
+        plan = be.plan(spec, PlanCapacity())
+        f = jax.jit(lambda p, q, k, v, be=be: be.run(p, q, k, v, kv_layout="NHD", return_lse=True))
+        o, lse = f(plan, q, k, v)
+        sample = sorted({0, spec.batch_size // 2, spec.batch_size - 1, int(np.argmax(spec.kv_lens))})
+        res[f"{label}_rel_err"], res[f"{label}_lse_err"] = check_decode(spec, q, k, v, o, lse, sample)
+        t = bench(f, plan, q, k, v)
+        res[f"{label}_us"] = t * 1e6
+        res[f"{label}_TBps"] = kv_bytes / t / 1e12
+        res[f"{label}_tiles"] = int(plan.unpack()["cta_indptr"][-1])
+    res["floor_us"] = kv_bytes / bw * 1e6
+    if len(set(spec.kv_lens.tolist())) == 1:
+        for impl in ("cudnn", "xla"):
+            try:
+                t = cudnn_decode(spec, q, k, impl)
+                res[f"{impl}_us"], res[f"{impl}_TBps"] = t * 1e6, kv_bytes / t / 1e12
+            except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+                res[f"{impl}_error"] = f"{type(e).__name__}: {str(e)[:120]}"
+    rows.append(res)
+    print(json.dumps(res), flush=True)
+
+
+def run_prefill(rows, mm_rate, B=4, S=4096, H=32):
+    keys = jax.random.split(jax.random.key(7), 3)
+    q = jax.random.normal(keys[0], (B * S, H, D), DT)
+    k = jax.random.normal(keys[1], (B * S, H, D), DT)
+    v = jax.random.normal(keys[2], (B * S, H, D), DT)
+    indptr = np.arange(B + 1) * S
+    spec = BatchSpec.create(indptr, indptr, None, None, page_size=1, num_qo_heads=H, num_kv_heads=H, head_dim=D,
+                            variant=AttentionVariant(causal=True), q_dtype=DT)
+    flops = 4 * B * H * D * S * S / 2
+    res = {"workload": "prefill_causal", "B": B, "S": S, "flops": flops, "floor_us": flops / mm_rate * 1e6}
+    for label, be in (("split", PallasBackend()), ("nosplit", PallasBackend(split_factor=0))):
+        plan = be.plan(spec, PlanCapacity())
+        f = jax.jit(lambda p, q, k, v, be=be: be.run(p, q, k, v, kv_layout="NHD", return_lse=True))
+        o, lse = f(plan, q, k, v)
+        o_ref, lse_ref = _ref_one(q[:S], k[:S], v[:S], True)
+        res[f"{label}_rel_err"], res[f"{label}_lse_err"] = _errs(o[:S], lse[:S], o_ref, lse_ref)
+        t = bench(f, plan, q, k, v, iters=5)
+        res[f"{label}_us"], res[f"{label}_TFLOPs"] = t * 1e6, flops / t / 1e12
+        res[f"{label}_config"] = str(plan.config)
+    qd, kd, vd = (x.reshape(B, S, H, D) for x in (q, k, v))
+    for impl in ("cudnn", "xla"):
+        try:
+            f = jax.jit(lambda q, k, v, impl=impl: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl))
+            t = bench(f, qd, kd, vd, iters=5)
+            res[f"{impl}_us"], res[f"{impl}_TFLOPs"] = t * 1e6, flops / t / 1e12
+        except Exception as e:  # noqa: BLE001
+            res[f"{impl}_error"] = f"{type(e).__name__}: {str(e)[:120]}"
+    rows.append(res)
+    print(json.dumps(res), flush=True)
+
+
+def sweep(name, spec, q, k, v, variants, unit_amount, unit, sweeps):
+    """Time the Pallas backend over ``variants`` (label -> PallasBackend) on one batch."""
+    for label, be in variants.items():
+        try:
+            plan = be.plan(spec, PlanCapacity())
+            f = jax.jit(lambda p, q, k, v, be=be: be.run(p, q, k, v, kv_layout="NHD", return_lse=True))
+            t = bench(f, plan, q, k, v, iters=5 if unit == "TFLOPs" else 20)
+            row = {"workload": name, "variant": label, "config": str(plan.config), "num_ctas": plan.kernel.num_ctas,
+                   "us": t * 1e6, unit: unit_amount / t / 1e12}
+        except Exception as e:  # noqa: BLE001 - a config that does not compile is reported
+            row = {"workload": name, "variant": label, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+        sweeps.append(row)
+        print(json.dumps(row), flush=True)
+
+
+DECODE_SWEEP = {
+    "default": PallasBackend(),
+    "bm16_bn128_w4_s2_c396": PallasBackend(config=TileConfig(16, 128, 4, 2, ctas_per_sm=3)),
+}
+# num_ctas >= the 4096 tiles of this batch: one tile per program, in LPT (longest-first) order,
+# i.e. a non-persistent grid scheduled by the hardware.
+PREFILL_SWEEP = {
+    "bm128_bn64_w8_s3_c264": PallasBackend(split_factor=0),
+    "bm128_bn64_w8_s2_c264": PallasBackend(split_factor=0, config=TileConfig(128, 64, 8, 2)),
+    "bm128_bn64_w8_s3_grid": PallasBackend(split_factor=0, num_ctas=4096),
+    "bm128_bn64_w8_s2_grid": PallasBackend(split_factor=0, num_ctas=4096, config=TileConfig(128, 64, 8, 2)),
+    "bm128_bn128_w8_s3_grid": PallasBackend(split_factor=0, num_ctas=4096, config=TileConfig(128, 128, 8, 3)),
+}
+
+
+def run_sweeps(sweeps):
+    rng = np.random.default_rng(1)
+    for name, lens in (("decode_zipf", np.clip(np.random.default_rng(0).zipf(1.5, 64) * 256, 16, 32768)),):
+        spec, q, k, v = decode_batch(lens, rng)
+        sweep(name, spec, q, k, v, DECODE_SWEEP, 2 * int(spec.kv_lens.sum()) * HKV * D * 2, "TBps", sweeps)
+    B, S, H = 4, 4096, 32
+    keys = jax.random.split(jax.random.key(9), 3)
+    q, k, v = (jax.random.normal(kk, (B * S, H, D), DT) for kk in keys)
+    indptr = np.arange(B + 1) * S
+    spec = BatchSpec.create(indptr, indptr, None, None, page_size=1, num_qo_heads=H, num_kv_heads=H, head_dim=D,
+                            variant=AttentionVariant(causal=True), q_dtype=DT)
+    sweep("prefill_causal", spec, q, k, v, PREFILL_SWEEP, 4 * B * H * D * S * S / 2, "TFLOPs", sweeps)
+
+
+def planner_time():
+    """Host time of plan_work and of the full backend.plan (with host-to-device copies), B=256 decode."""
+    rng = np.random.default_rng(0)
+    spec, *_ = decode_batch(np.full(256, 1024), rng)
+    be = PallasBackend()
+    cfg = be.tile_config(spec)
+    kw = be._plan_kwargs(spec, cfg, 4096)
+    base = spec.kv_indptr[:-1]
+    t_core = min(timeit.repeat(lambda: plan_work(spec.qo_indptr, spec.kv_lens, base, **kw), number=200, repeat=5)) / 200
+    zipf = np.clip(rng.zipf(1.5, 256) * 256, 16, 32768)
+    t_zipf = min(timeit.repeat(lambda: plan_work(spec.qo_indptr, zipf, base, **kw), number=200, repeat=5)) / 200
+    t_full = min(timeit.repeat(lambda: jax.block_until_ready(be.plan(spec, PlanCapacity())), number=50, repeat=5)) / 50
+    t_async = min(timeit.repeat(lambda: be.plan(spec, PlanCapacity()), number=50, repeat=5)) / 50
+    buf = np.zeros(40000, np.int32)
+    t_put = min(timeit.repeat(lambda: jax.block_until_ready(jnp.asarray(buf)), number=50, repeat=5)) / 50
+    return {"plan_work_B256_decode_us": t_core * 1e6, "plan_work_B256_zipf_us": t_zipf * 1e6,
+            "backend_plan_B256_us": t_full * 1e6, "backend_plan_B256_noblock_us": t_async * 1e6, "device_put_160KB_us": t_put * 1e6}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="", help="comma-separated workload names")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the tile-config / CTA-count sweeps")
+    args = ap.parse_args()
+    print(jax.devices()[0].device_kind, jax.__version__, flush=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    bw, mm = copy_bandwidth(), matmul_rate()
+    info = {"copy_TBps": bw / 1e12, "matmul_TFLOPs": mm / 1e12, **planner_time()}
+    print(json.dumps(info), flush=True)
+    wl = {
+        "decode_uniform": lambda: run_decode("decode_uniform", np.full(64, 4096), rng, rows, bw),
+        "decode_zipf": lambda: run_decode("decode_zipf", np.clip(np.random.default_rng(0).zipf(1.5, 64) * 256, 16, 32768), rng, rows, bw),
+        "decode_long": lambda: run_decode("decode_long", np.full(8, 32768), rng, rows, bw),
+        "decode_wide": lambda: run_decode("decode_wide", np.full(256, 1024), rng, rows, bw),
+        "prefill_causal": lambda: run_prefill(rows, mm),
+    }
+    sweeps = []
+    only = [w for w in args.only.split(",") if w]
+    for name, fn in wl.items():
+        if not only or name in only:
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - keep timing the other workloads
+                print(f"{name} FAILED: {type(e).__name__}: {e}"[:2000], file=sys.stderr, flush=True)
+    if not args.no_sweep:
+        run_sweeps(sweeps)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "pallas_gpu.json"), "w") as fh:
+            json.dump({"info": info, "rows": rows, "sweeps": sweeps}, fh, indent=1)
+    for r in sweeps:
+        rate = r.get("TBps", r.get("TFLOPs", float("nan")))
+        print(f"sweep {r['workload']:15s} {r['variant']:24s} {r.get('us', float('nan')):9.1f} us {rate:7.2f} {r.get('error', '')[:60]}")
+    print(f"\ncopy {info['copy_TBps']:.2f} TB/s, matmul {info['matmul_TFLOPs']:.0f} TFLOP/s, "
+          f"plan_work B=256 {info['plan_work_B256_decode_us']:.0f} us (zipf {info['plan_work_B256_zipf_us']:.0f}), "
+          f"backend.plan {info['backend_plan_B256_us']:.0f} us (not blocking {info['backend_plan_B256_noblock_us']:.0f}), "
+          f"device_put 160 KB {info['device_put_160KB_us']:.0f} us")
+    print(f"{'workload':16s} {'split us':>9s} {'rate':>7s} {'nosplit':>9s} {'rate':>7s} {'cudnn':>9s} {'xla':>9s} {'floor':>8s} {'err':>8s}")
+    for r in rows:
+        unit = "TFLOPs" if "split_TFLOPs" in r else "TBps"
+        print(f"{r['workload']:16s} {r['split_us']:9.1f} {r['split_' + unit]:7.2f} {r['nosplit_us']:9.1f} {r['nosplit_' + unit]:7.2f} "
+              f"{r.get('cudnn_us', float('nan')):9.1f} {r.get('xla_us', float('nan')):9.1f} {r['floor_us']:8.1f} "
+              f"{max(r['split_rel_err'], r['nosplit_rel_err']):8.1e}")
+
+
+if __name__ == "__main__":
+    main()

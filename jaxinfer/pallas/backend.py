@@ -1,0 +1,251 @@
+"""The ``"pallas"`` backend: host planner + Pallas attention and merge kernels.
+
+``plan`` runs :func:`jaxinfer.planner.plan_work` on the spec's numpy arrays and returns a
+:class:`PallasPlan` pytree of int32 device arrays whose shapes depend only on the
+:class:`~jaxinfer.batch.PlanCapacity` and the backend's CTA budget; ``run`` is jit-compatible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.batch import BatchSpec, PlanCapacity
+from jaxinfer.pallas.attention import KernelSpec, attention
+from jaxinfer.pallas.config import TileConfig, heuristic_config
+from jaxinfer.planner import MERGE_FIELDS, WORK_FIELDS, plan_work, plan_work_in_jit
+
+H100_SMS = 132
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasPlan:
+    """A plan of the Pallas backend (pytree: ``buffer`` is the child, the rest static metadata).
+
+    Attributes:
+      buffer: ``[kernel.buffer_size]`` int32 on the device: the work tiles, per-CTA ranges, merge
+        groups and page ids packed into one array (one host-to-device copy; layout in
+        :class:`~jaxinfer.pallas.attention.KernelSpec`).
+      kernel: static :class:`~jaxinfer.pallas.attention.KernelSpec`.
+      config: static :class:`~jaxinfer.pallas.config.TileConfig`.
+    """
+
+    buffer: jax.Array
+    kernel: KernelSpec
+    config: TileConfig
+
+    def unpack(self) -> dict[str, np.ndarray]:
+        """The plan's buffers as named numpy arrays (for tests and debugging)."""
+        ks, buf = self.kernel, np.asarray(self.buffer)
+        return {
+            "work": buf[: ks.off_cta].reshape(ks.max_tiles, len(WORK_FIELDS)),
+            "cta_indptr": buf[ks.off_cta : ks.off_merge_indptr],
+            "merge_indptr": buf[ks.off_merge_indptr : ks.off_merge_dest],
+            "merge_dest": buf[ks.off_merge_dest : ks.off_kv_indices].reshape(ks.num_groups, len(MERGE_FIELDS)),
+            "kv_indices": buf[ks.off_kv_indices :],
+        }
+
+
+jax.tree_util.register_dataclass(PallasPlan, data_fields=["buffer"], meta_fields=["kernel", "config"])
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasBackend:
+    """Pallas backend object.
+
+    Attributes:
+      name: ``"pallas"``.
+      num_sms: SMs of the target GPU (H100: 132); the grid is ``num_sms * config.ctas_per_sm``
+        persistent CTAs.
+      num_ctas: overrides that grid size when set.
+      split_factor: split-KV plans may have up to ``split_factor * num_ctas`` tiles (also the
+        partial-slot capacity); ``0`` disables split-KV.
+      config: a fixed :class:`TileConfig`, or ``None`` for :func:`heuristic_config`.
+      min_chunk: smallest KV chunk of a split (tokens).
+    """
+
+    name: str = "pallas"
+    num_sms: int = H100_SMS
+    num_ctas: int | None = None
+    split_factor: int = 4
+    config: TileConfig | None = None
+    min_chunk: int = 256
+
+    def unsupported(self, spec: BatchSpec) -> str | None:
+        """Why this backend cannot serve ``spec`` (``None`` if it can)."""
+        v = spec.variant
+        d = spec.head_dim
+        if d < 16 or d > 256 or d & (d - 1):
+            return f"head_dim={d} (the pallas backend needs a power of 2 in 16..256)"
+        if spec.group_size > 128:
+            return f"num_qo_heads / num_kv_heads = {spec.group_size} > 128"
+        if v.pos_encoding_mode != "NONE":
+            return f"pos_encoding_mode={v.pos_encoding_mode!r} (pallas supports 'NONE' only for now)"
+        if spec.custom_mask is not None:
+            return "custom_mask"
+        if v.has_user_callables:
+            return "user callables in the variant (logits/query/key/output transforms, logits_mask)"
+        if not v.use_softmax:
+            return "use_softmax=False"
+        for name, dt in (("q", spec.q_dtype), ("kv", spec.kv_dtype)):
+            if jnp.dtype(dt) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+                return f"{name} dtype {jnp.dtype(dt).name} (pallas needs bfloat16 or float16)"
+        if jnp.dtype(spec.q_dtype) != jnp.dtype(spec.kv_dtype):
+            return "q and kv dtypes differ"
+        return None
+
+    def tile_config(self, spec: BatchSpec) -> TileConfig:
+        if self.config is not None:
+            return self.config
+        avg_qo = spec.qo_indptr[-1] / max(spec.batch_size, 1)
+        return heuristic_config(spec.head_dim, spec.page_size, spec.group_size, avg_qo)
+
+    def grid_size(self, cfg: TileConfig) -> int:
+        """Persistent CTAs of the attention kernel for tile config ``cfg``."""
+        return self.num_ctas if self.num_ctas is not None else self.num_sms * cfg.ctas_per_sm
+
+    def _kernel_spec(self, spec: BatchSpec, cfg: TileConfig, max_tiles: int, page_capacity: int) -> KernelSpec:
+        v = spec.variant
+        slots = self.split_factor * self.grid_size(cfg)
+        return KernelSpec(
+            paged=spec.paged,
+            kv_layout="NHD",
+            page_size=spec.page_size,
+            num_qo_heads=spec.num_qo_heads,
+            num_kv_heads=spec.num_kv_heads,
+            head_dim=spec.head_dim,
+            sm_scale=float(v.scale(spec.head_dim)),
+            causal=v.causal,
+            window_left=v.window_left,
+            logits_soft_cap=v.logits_soft_cap,
+            num_ctas=self.grid_size(cfg),
+            num_slots=slots,
+            num_groups=self._split_budget(cfg, max_tiles) // 2,
+            max_tiles=max_tiles,
+            page_capacity=page_capacity,
+        )
+
+    def _split_budget(self, cfg: TileConfig, max_tiles: int) -> int:
+        return max(2, min(self.split_factor * self.grid_size(cfg), max_tiles))
+
+    def _plan_kwargs(self, spec: BatchSpec, cfg: TileConfig, max_work_tiles: int) -> dict:
+        return dict(
+            num_kv_heads=spec.num_kv_heads,
+            group_size=spec.group_size,
+            block_m=cfg.block_m,
+            block_n=cfg.block_n,
+            causal=spec.variant.causal,
+            window_left=spec.variant.window_left,
+            num_ctas=self.grid_size(cfg),
+            split_budget=self._split_budget(cfg, max_work_tiles),
+            max_work_tiles=max_work_tiles,
+            split_kv=self.split_factor > 0,
+            min_chunk=self.min_chunk,
+        )
+
+    def _page_capacity(self, spec: BatchSpec, capacity: PlanCapacity) -> int:
+        if not spec.paged:
+            return 1
+        batch = capacity.resolve("max_batch_size", spec.batch_size)
+        kv = capacity.resolve("max_kv_len", int(spec.kv_lens.max(initial=0)))
+        return max(1, batch * -(-kv // spec.page_size))
+
+    def plan(self, spec: BatchSpec, capacity: PlanCapacity) -> PallasPlan:
+        """Plan ``spec`` on the host (numpy planner) into static-capacity device buffers.
+
+        Raises:
+          ValueError: the batch exceeds a fixed field of ``capacity``.
+        """
+        cfg = self.tile_config(spec)
+        tpt = cfg.tokens_per_tile(spec.group_size)
+        q_tiles = int((-(-spec.qo_lens // tpt)).sum())
+        unsplit = q_tiles * spec.num_kv_heads
+        # Unset, the capacity leaves room for a full split plan; fixed, it caps the split instead.
+        wanted = unsplit if capacity.max_work_tiles is not None else max(unsplit, self.split_factor * self.grid_size(cfg))
+        max_tiles = capacity.resolve("max_work_tiles", wanted)
+        base = spec.kv_indptr[:-1]
+        wb = plan_work(spec.qo_indptr, spec.kv_lens, base, **self._plan_kwargs(spec, cfg, max_tiles))
+        kv_indices = np.zeros(self._page_capacity(spec, capacity), np.int32)
+        if spec.paged:
+            n = int(spec.kv_indptr[-1])
+            kv_indices[:n] = spec.kv_indices[:n]
+        ks = self._kernel_spec(spec, cfg, max_tiles, kv_indices.size)
+        buffer = ks.pack(wb.work, wb.cta_indptr, wb.merge_indptr, wb.merge_dest, kv_indices)
+        return PallasPlan(buffer=jnp.asarray(buffer), kernel=ks, config=cfg)
+
+    def plan_in_jit(self, spec: BatchSpec, capacity: PlanCapacity, qo_indptr, kv_indptr, kv_indices, kv_last_page_len) -> PallasPlan:
+        """Plan inside ``jit`` from traced index arrays (``jax.pure_callback``; one host round trip).
+
+        ``spec`` is a template batch giving the static geometry, variant and tile config; the
+        traced arrays give this step's batch (``kv_indices`` padded to a static length). ``capacity``
+        must fix ``max_work_tiles``; a batch needing more tiles fails in the callback at run time.
+
+        Raises:
+          ValueError: ``capacity.max_work_tiles`` is unset.
+        """
+        if capacity.max_work_tiles is None:
+            raise ValueError("plan_in_jit needs capacity.max_work_tiles (a static shape)")
+        cfg = self.tile_config(spec)
+        if spec.paged:
+            n_pages = jnp.diff(kv_indptr)
+            kv_lens = jnp.where(n_pages > 0, (n_pages - 1) * spec.page_size + kv_last_page_len, 0)
+        else:
+            kv_lens = jnp.diff(kv_indptr)
+        work, cta, mi, md = plan_work_in_jit(
+            qo_indptr, kv_lens.astype(jnp.int32), kv_indptr[:-1], **self._plan_kwargs(spec, cfg, capacity.max_work_tiles)
+        )
+        pages = kv_indices if spec.paged else jnp.zeros((1,), jnp.int32)
+        ks = self._kernel_spec(spec, cfg, capacity.max_work_tiles, pages.shape[0])
+        return PallasPlan(ks.pack(work, cta, mi, md, pages), ks, cfg)
+
+    def run(self, plan: PallasPlan, q, k, v, *, kv_layout: str = "NHD", return_lse: bool = False):
+        """Attention of a plan (jit-compatible).
+
+        Args:
+          q: ``[nnz_q, Hq, D]`` bf16/fp16.
+          k, v: paged caches (``kv_layout`` NHD ``[num_pages, page_size, Hkv, D]`` or HND
+            ``[num_pages, Hkv, page_size, D]``) or ragged ``[nnz_kv, Hkv, D]``.
+
+        Returns:
+          ``(o [nnz_q, Hq, D] q.dtype, lse [nnz_q, Hq] float32 base 2 or None)``.
+
+        Raises:
+          ValueError: ``kv_layout`` is not NHD/HND, or an array's shape or dtype disagrees with
+            the plan (trace time).
+        """
+        ks = dataclasses.replace(plan.kernel, kv_layout=kv_layout)
+        _check_run_args(ks, q, k, v)
+        o, lse = attention(plan.buffer, q, k, v, ks=ks, cfg=plan.config)
+        return o, (lse if return_lse else None)
+
+
+def _check_run_args(ks: KernelSpec, q, k, v) -> None:
+    """Trace-time shape/dtype checks of ``run``'s arrays against the plan."""
+    if ks.kv_layout not in ("NHD", "HND"):
+        raise ValueError(f"kv_layout must be 'NHD' or 'HND', got {ks.kv_layout!r}")
+    if q.ndim != 3 or tuple(q.shape[1:]) != (ks.num_qo_heads, ks.head_dim):
+        raise ValueError(f"q must be [nnz_q, {ks.num_qo_heads}, {ks.head_dim}], got {tuple(q.shape)}")
+    if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"q must be bfloat16 or float16 for the pallas backend, got {q.dtype}")
+    if k.shape != v.shape or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"k and v must share a shape and q's dtype {q.dtype}, got {k.shape}{k.dtype}, {v.shape}{v.dtype}")
+    if ks.paged:
+        tail = (ks.page_size, ks.num_kv_heads, ks.head_dim)
+        if ks.kv_layout == "HND":
+            tail = (ks.num_kv_heads, ks.page_size, ks.head_dim)
+        want = f"[num_pages, {', '.join(map(str, tail))}] ({ks.kv_layout})"
+    else:
+        tail = (ks.num_kv_heads, ks.head_dim)
+        want = f"[nnz_kv, {ks.num_kv_heads}, {ks.head_dim}]"
+    if k.ndim != len(tail) + 1 or tuple(k.shape[1:]) != tail:
+        raise ValueError(f"k and v must be {want}, got {tuple(k.shape)}")
+
+
+def get_backend(name: str = "pallas") -> PallasBackend:
+    """The default Pallas backend (H100 CTA budget)."""
+    if name != "pallas":
+        raise ValueError(f"jaxinfer.pallas.backend serves 'pallas', not {name!r}")
+    return PallasBackend()

@@ -1,0 +1,92 @@
+"""Static tile configuration of the Pallas attention kernel and the heuristic that picks it.
+
+A :class:`TileConfig` is frozen and hashable: it is static metadata of a plan, so two plans with
+equal configs share one compiled kernel. Block shapes are powers of two (Triton's tensors must be;
+``tl.dot`` needs at least 16 rows and columns), and query rows that a tile does not fill are
+masked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxinfer.batch import next_pow2
+
+MIN_DOT = 16  # smallest M/N/K of tl.dot
+MAX_BLOCK_M = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """Tile shapes and Triton launch parameters of one attention kernel instance.
+
+    Attributes:
+      block_m: query rows of a work tile (query tokens x the GQA group's heads), power of 2 >= 16.
+      block_n: keys loaded per inner-loop step, power of 2 >= 16.
+      num_warps: warps per program.
+      num_stages: software-pipelining depth of the inner loop (Triton's ``num_stages``).
+      ctas_per_sm: persistent CTAs per SM the planner budgets for (the grid is SMs x this).
+    """
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    ctas_per_sm: int = 2
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            val = getattr(self, name)
+            if val < MIN_DOT or val & (val - 1):
+                raise ValueError(f"{name} must be a power of 2 >= {MIN_DOT}, got {val}")
+
+    def tokens_per_tile(self, group_size: int) -> int:
+        """Query tokens per work tile when the ``group_size`` heads of a KV head are its rows."""
+        return max(1, self.block_m // group_size)
+
+
+def heuristic_config(head_dim: int, page_size: int, group_size: int, avg_qo_len: float) -> TileConfig:
+    """Pick the tile config for a batch (FlashInfer paper sec. 3.2.2: tile size by query length).
+
+    Decode-like batches (few rows per KV head: ``group_size * avg_qo_len <= 32``) take the
+    smallest row tile that holds the GQA group and a long key step, since they are bound by
+    memory; prefill-like batches take 64/128-row tiles, bound by the tensor cores. Key steps
+    shrink with ``head_dim`` so that ``num_stages`` K/V buffers fit the shared memory.
+    ``page_size`` does not change the choice: the kernel gathers keys row by row through the page
+    table, so a key step may span pages of any size (it is an argument so that a measured
+    dependence can be added without changing callers).
+
+    Raises:
+      ValueError: ``head_dim`` is not a power of 2 in 16..256 or ``group_size > 128``.
+    """
+    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of 2 in 16..256 for the pallas backend, got {head_dim}")
+    if group_size > MAX_BLOCK_M:
+        raise ValueError(f"num_qo_heads / num_kv_heads must be <= {MAX_BLOCK_M}, got {group_size}")
+    rows = group_size * max(float(avg_qo_len), 1.0)
+    block_m = min(MAX_BLOCK_M, max(MIN_DOT, next_pow2(int(rows + 0.999)), next_pow2(group_size)))
+    if block_m <= 32:
+        block_n = 128 if head_dim <= 64 else 64 if head_dim <= 128 else 32
+        # Measured on an H100 (benchmarks/NOTES-pallas.md): 3 CTAs per SM beat 2 on skewed
+        # batches (decode_zipf 2.78 vs 2.65 TB/s) and tie on uniform ones.
+        return TileConfig(block_m=block_m, block_n=block_n, num_warps=4, num_stages=3, ctas_per_sm=3)
+    if block_m == 64:
+        return TileConfig(block_m=64, block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=3)
+    return TileConfig(
+        block_m=128,
+        block_n=64 if head_dim <= 128 else 32,
+        num_warps=8 if head_dim >= 64 else 4,
+        num_stages=3 if head_dim <= 128 else 2,
+    )
+
+
+def candidate_configs() -> list[tuple[TileConfig, int]]:
+    """Every ``(config, head_dim)`` pair :func:`heuristic_config` can return (for lowering tests)."""
+    seen = {}
+    for head_dim in (16, 32, 64, 128, 256):
+        for page_size in (1, 16, 64, 128):
+            for group_size in (1, 2, 4, 8, 16, 32, 64, 128):
+                for qo in (1, 2, 4, 16, 64, 512):
+                    cfg = heuristic_config(head_dim, page_size, group_size, qo)
+                    seen.setdefault((cfg, head_dim), None)
+    return sorted(seen, key=lambda c: (c[1], c[0].block_m, c[0].block_n))

@@ -1,0 +1,144 @@
+"""The Pallas attention kernel (interpret mode here) against the float64 reference (tests/ref64.py).
+
+Small shapes; the backend is called directly. Plans are forced to split requests several times
+with a small CTA budget, a 16-key step and a 16-token minimum chunk.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_close, rand
+from ref64 import gather_paged_kv, random_page_table, ref_batch
+
+from jaxinfer.batch import BatchSpec, PlanCapacity
+from jaxinfer.pallas.backend import PallasBackend, get_backend
+from jaxinfer.pallas.config import TileConfig
+from jaxinfer.planner import F
+from jaxinfer.variants import AttentionVariant
+
+SPLIT = PallasBackend(num_ctas=4, split_factor=16, config=TileConfig(16, 16, 4, 1), min_chunk=16)
+NO_SPLIT = PallasBackend(num_ctas=3, split_factor=0)
+
+
+def _run_case(rng, qo_lens, kv_lens, *, backend, page_size=None, hq=4, hkv=2, d=32, dtype=jnp.bfloat16, layout="NHD", **options):
+    """Plan and run one batch (paged when ``page_size`` is set, ragged KV otherwise); compare."""
+    qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
+    q = rand(rng, (int(qo_indptr[-1]), hq, d), dtype)
+    variant = AttentionVariant(**options)
+    if page_size is None:
+        kv_indptr = np.concatenate([[0], np.cumsum(kv_lens)]).astype(np.int32)
+        k = rand(rng, (int(kv_indptr[-1]) + 3, hkv, d), dtype)
+        v = rand(rng, k.shape, dtype)
+        spec = BatchSpec.create(qo_indptr, kv_indptr, None, None, page_size=1, num_qo_heads=hq, num_kv_heads=hkv, head_dim=d, variant=variant, q_dtype=dtype)
+        k_list = [np.asarray(k[a:b], np.float64) for a, b in zip(kv_indptr[:-1], kv_indptr[1:])]
+        v_list = [np.asarray(v[a:b], np.float64) for a, b in zip(kv_indptr[:-1], kv_indptr[1:])]
+    else:
+        kv_indptr, kv_indices, last, num_pages = random_page_table(rng, kv_lens, page_size)
+        shape = (num_pages, page_size, hkv, d) if layout == "NHD" else (num_pages, hkv, page_size, d)
+        k, v = rand(rng, shape, dtype), rand(rng, shape, dtype)
+        spec = BatchSpec.create(qo_indptr, kv_indptr, kv_indices, last, page_size=page_size, num_qo_heads=hq, num_kv_heads=hkv, head_dim=d, variant=variant, q_dtype=dtype)
+        k_list, v_list = gather_paged_kv(k, v, kv_indptr, kv_indices, last, layout)
+    assert backend.unsupported(spec) is None
+    plan = backend.plan(spec, PlanCapacity())
+    run = jax.jit(lambda p, q, k, v: backend.run(p, q, k, v, kv_layout=layout, return_lse=True))
+    o, lse = run(plan, q, k, v)
+    o_ref, lse_ref = ref_batch(q, k_list, v_list, qo_indptr, **options)
+    assert o.dtype == dtype and lse.dtype == jnp.float32
+    assert_close(o, o_ref, dtype, "o")
+    assert_close(lse, lse_ref, dtype, "lse")
+    return plan
+
+
+def _chunks_per_group(plan) -> int:
+    """Most chunks any split (query tile, KV head) got."""
+    mi = plan.unpack()["merge_indptr"]
+    return int(np.diff(mi).max(initial=1))
+
+
+@pytest.mark.parametrize(
+    "page_size,hq,hkv,layout,dtype",
+    [(1, 4, 4, "NHD", jnp.bfloat16), (5, 8, 2, "HND", jnp.float16), (16, 8, 1, "NHD", jnp.bfloat16)],
+)
+def test_decode_split(rng, page_size, hq, hkv, layout, dtype):
+    kv_lens = np.array([70, 0, 33, 5, 120])
+    plan = _run_case(rng, np.ones(5, np.int64), kv_lens, backend=SPLIT, page_size=page_size, hq=hq, hkv=hkv, layout=layout, dtype=dtype)
+    assert _chunks_per_group(plan) >= 3
+
+
+def test_decode_default_backend_soft_cap(rng):
+    kv_lens = rng.integers(1, 60, size=6)
+    _run_case(rng, np.ones(6, np.int64), kv_lens, backend=get_backend("pallas"), page_size=16, hq=8, hkv=2, d=64, logits_soft_cap=5.0, sm_scale=0.3)
+
+
+def test_paged_prefill_causal_split(rng):
+    qo_lens = np.array([9, 1, 17, 4])
+    kv_lens = np.array([40, 0, 17, 64])
+    plan = _run_case(rng, qo_lens, kv_lens, backend=SPLIT, page_size=5, hq=4, hkv=1, causal=True)
+    assert _chunks_per_group(plan) >= 3
+
+
+def test_ragged_prefill_window_soft_cap(rng):
+    qo_lens = np.array([20, 7, 33])
+    kv_lens = np.array([20, 7, 33])
+    _run_case(rng, qo_lens, kv_lens, backend=SPLIT, hq=4, hkv=4, causal=True, window_left=6, logits_soft_cap=3.0, dtype=jnp.float16)
+
+
+def test_ragged_prefill_non_causal_no_split(rng):
+    qo_lens = np.array([3, 12, 0, 25])
+    kv_lens = np.array([50, 12, 9, 31])
+    plan = _run_case(rng, qo_lens, kv_lens, backend=NO_SPLIT, hq=8, hkv=2)
+    assert int(plan.unpack()["work"][:, F["out_slot"]].max()) == -1
+
+
+def test_append_paged(rng):
+    qo_lens = np.array([3, 5, 1])
+    kv_lens = np.array([60, 5, 33])
+    _run_case(rng, qo_lens, kv_lens, backend=SPLIT, page_size=16, hq=8, hkv=1, causal=True, layout="HND")
+
+
+def test_qo_longer_than_kv_and_empty(rng):
+    # Rows whose causal window holds no key, and a request with no keys: o = 0, lse = -inf.
+    qo_lens = np.array([12, 4, 2])
+    kv_lens = np.array([5, 0, 30])
+    _run_case(rng, qo_lens, kv_lens, backend=SPLIT, page_size=5, hq=4, hkv=2, causal=True)
+
+
+def test_window_non_causal_gqa8(rng):
+    qo_lens = np.array([2, 6])
+    kv_lens = np.array([45, 38])
+    _run_case(rng, qo_lens, kv_lens, backend=SPLIT, page_size=16, hq=8, hkv=1, window_left=10, dtype=jnp.float16)
+
+
+def test_run_rejects_mismatched_arrays(rng):
+    spec = BatchSpec.create(np.array([0, 1]), np.array([0, 2]), np.array([0, 1]), np.array([3]), page_size=4,
+                            num_qo_heads=4, num_kv_heads=2, head_dim=16, variant=AttentionVariant(), q_dtype=jnp.bfloat16)
+    plan = NO_SPLIT.plan(spec, PlanCapacity())
+    q = rand(rng, (1, 4, 16), jnp.bfloat16)
+    k = rand(rng, (2, 4, 2, 16), jnp.bfloat16)
+    with pytest.raises(ValueError, match="kv_layout"):
+        NO_SPLIT.run(plan, q, k, k, kv_layout="NDH", return_lse=False)
+    with pytest.raises(ValueError, match="q must be"):
+        NO_SPLIT.run(plan, q[:, :2], k, k, kv_layout="NHD", return_lse=False)
+    with pytest.raises(ValueError, match=r"\(HND\)"):
+        NO_SPLIT.run(plan, q, k, k, kv_layout="HND", return_lse=False)
+    with pytest.raises(ValueError, match="dtype"):
+        NO_SPLIT.run(plan, q, k.astype(jnp.float16), k.astype(jnp.float16), kv_layout="NHD", return_lse=False)
+
+
+def test_unsupported_reasons():
+    def spec(**kw):
+        args = dict(page_size=1, num_qo_heads=2, num_kv_heads=1, head_dim=64, variant=AttentionVariant(), q_dtype=jnp.bfloat16)
+        args.update(kw)
+        return BatchSpec.create(np.array([0, 1]), np.array([0, 1]), None, None, **args)
+
+    be = get_backend("pallas")
+    assert be.unsupported(spec()) is None
+    assert "head_dim" in be.unsupported(spec(head_dim=96))
+    assert "ALIBI" in be.unsupported(spec(variant=AttentionVariant(pos_encoding_mode="ALIBI")))
+    assert "ROPE_LLAMA" in be.unsupported(spec(variant=AttentionVariant(pos_encoding_mode="ROPE_LLAMA")))
+    assert "use_softmax" in be.unsupported(spec(variant=AttentionVariant(use_softmax=False)))
+    assert "callables" in be.unsupported(spec(variant=AttentionVariant(logits_transform=lambda x, *a: x)))
+    assert "float32" in be.unsupported(spec(q_dtype=jnp.float32))

@@ -1,0 +1,62 @@
+"""Deviceless Triton lowering of the Pallas kernels under an abstract H100 (shared/DESIGN.md sec. 6).
+
+Interpret mode does not check what Triton needs (power-of-2 tensors, supported primitives,
+pointer layouts); exporting for ``cuda`` runs the real Pallas-to-Triton lowering without a GPU.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.experimental.pallas import triton as pltriton
+from jax.export import DisabledSafetyCheck
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+
+from jaxinfer.pallas.attention import KernelSpec, attention
+from jaxinfer.pallas.config import candidate_configs
+from jaxinfer.pallas.merge import force_triton_lowering, merge_state, merge_states
+
+S = jax.ShapeDtypeStruct
+
+
+def _export_cuda(f, *args):
+    mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=AbstractDevice("NVIDIA H100", 1, "cuda"))
+    with force_triton_lowering(), jax.sharding.use_abstract_mesh(mesh):
+        exp = jax.export.export(
+            jax.jit(f), platforms=["cuda"], disabled_checks=[DisabledSafetyCheck.custom_call(pltriton.CUSTOM_CALL_TARGET_NAME)]
+        )(*args)
+    text = exp.mlir_module()
+    assert pltriton.CUSTOM_CALL_TARGET_NAME in text
+    return text
+
+
+def _kv_shapes(mode, hkv, d, dtype):
+    if mode == "ragged":
+        return S((1000, hkv, d), dtype)
+    return S((300, 16, hkv, d), dtype) if mode == "NHD" else S((300, hkv, 16, d), dtype)
+
+
+# Each (config, head_dim) the heuristic can pick, with a mask/soft-cap combination that varies.
+CASES = [(cfg, d, ("NHD", "HND", "ragged")[i % 3], i % 2 == 0) for i, (cfg, d) in enumerate(candidate_configs())]
+
+
+@pytest.mark.parametrize("cfg,d,mode,masks", CASES, ids=[f"{c.block_m}x{c.block_n}-d{d}-{m}" for c, d, m, _ in CASES])
+def test_attention_lowers(cfg, d, mode, masks):
+    hkv, group = 2, max(1, min(cfg.block_m // 2, 8))
+    ks = KernelSpec(
+        paged=mode != "ragged", kv_layout="HND" if mode == "HND" else "NHD", page_size=16 if mode != "ragged" else 1,
+        num_qo_heads=hkv * group, num_kv_heads=hkv, head_dim=d, sm_scale=0.1, causal=masks,
+        window_left=64 if masks else -1, logits_soft_cap=30.0 if masks else None,
+        num_ctas=264, num_slots=1056 if masks else 0, num_groups=528, max_tiles=2048, page_capacity=4096,
+    )
+    dtype = jnp.bfloat16 if masks else jnp.float16
+    kv = _kv_shapes(mode, hkv, d, dtype)
+    args = (S((ks.buffer_size,), jnp.int32), S((77, hkv * group, d), dtype), kv, kv)
+    text = _export_cuda(lambda *a: attention(*a, ks=ks, cfg=cfg), *args)
+    assert text.count(pltriton.CUSTOM_CALL_TARGET_NAME) == (2 if masks else 1)
+
+
+def test_merge_kernels_lower():
+    _export_cuda(merge_states, S((100, 3, 5, 96), jnp.bfloat16), S((100, 3, 5), jnp.float32))
+    _export_cuda(merge_state, S((70, 4, 128), jnp.float16), S((70, 4), jnp.float32), S((70, 4, 128), jnp.float16), S((70, 4), jnp.float32))
