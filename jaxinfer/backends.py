@@ -19,6 +19,14 @@ from jaxinfer.batch import BatchSpec, PlanCapacity
 
 BACKEND_NAMES = ("auto", "pallas", "fa2", "fa3", "xla")
 
+
+class BackendUnsupportedError(NotImplementedError, ValueError):
+    """A named backend cannot serve a call (an unsupported head_dim, variant, device...).
+
+    shared/DESIGN.md asks for ``NotImplementedError`` naming what is missing (sec. 4) and for a
+    ``ValueError`` on a head_dim the chosen backend does not support (sec. 5): this is both.
+    """
+
 # Module that implements each backend, imported on first use so that a missing optional part
 # (a CUDA toolchain for the FFI kernels, say) never breaks ``import jaxinfer``.
 _MODULES = {
@@ -87,13 +95,14 @@ def resolve(name: str, spec: BatchSpec, *, order: tuple[str, ...] | None = None)
 
     Raises:
       ValueError: unknown backend name.
-      NotImplementedError: an explicitly named backend cannot serve the spec (says why).
+      BackendUnsupportedError: an explicitly named backend cannot serve the spec (says why); it
+        is both a ``NotImplementedError`` and a ``ValueError``.
     """
     if name != "auto":
         backend = get_backend(name)
         reason = backend.unsupported(spec)
         if reason is not None:
-            raise NotImplementedError(f"backend {name!r} cannot serve this call: {reason}")
+            raise BackendUnsupportedError(f"backend {name!r} cannot serve this call: {reason}")
         return backend
     for candidate in order or auto_order():
         try:

@@ -129,7 +129,7 @@ class MultiLevelCascadeAttentionWrapper(BatchWrapper):
                 window_left=window_left, logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
                 pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale, rope_theta=rope_theta,
             ))
-        if causal and np.any(specs[-1].qo_lens > specs[-1].kv_lens):
+        if causal and self._num_levels > 1 and np.any(specs[-1].qo_lens > specs[-1].kv_lens):
             raise ValueError(
                 "causal cascade needs each request's queries inside its own last-level KV "
                 "(qo_len <= kv_len of the last level): shared levels are visible to every query"

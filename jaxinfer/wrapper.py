@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import backends
@@ -61,6 +62,10 @@ def make_plan(
 
 def run_plan(plan: Plan, q, k, v, *, return_lse: bool = False):
     """Run a plan (jit-compatible); ``k``/``v`` are caches (paged) or ragged tensors."""
+    if k.shape[0] == 0:
+        # A batch with no keys at all: give the kernels one row to gather from (nothing is
+        # visible, every output row is o = 0, lse = -inf).
+        k = v = jnp.zeros((1, *k.shape[1:]), k.dtype)
     impl = backends.get_backend(plan.backend)
     o, lse = impl.run(plan.inner, q, k, v, kv_layout=plan.kv_layout, return_lse=return_lse)
     return (o, lse) if return_lse else o

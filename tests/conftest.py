@@ -1,0 +1,135 @@
+"""Shared pytest fixtures: per-test random generator, tolerances by dtype, backends under test.
+
+API tests are parametrized by ``backend`` over :data:`BACKENDS`; a kernel backend that declines a
+case (NotImplementedError) skips it, so adding a backend name to the list is all a backend needs.
+
+Set ``JAXINFER_TEST_SEED=<int>`` to replay a failing test with the seed it printed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ref64 import gather_paged_kv, random_page_table
+
+# Backends every API test runs on; adding a name here is all a new backend needs.
+BACKENDS = ["xla"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a GPU; skipped when jax's default device is not a GPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    if jax.devices()[0].platform == "gpu":
+        return
+    skip = pytest.mark.skip(reason="needs a GPU (jax.devices()[0].platform != 'gpu')")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """A test parametrized by ``backend`` is skipped when a kernel backend declines the call with
+    NotImplementedError (DESIGN.md sec. 4: a backend that cannot serve a call says so); the "xla"
+    reference serves every call, so there it stays a failure."""
+    try:
+        return (yield)
+    except NotImplementedError as e:
+        callspec = getattr(pyfuncitem, "callspec", None)
+        backend = callspec.params.get("backend") if callspec else None
+        if backend is None or backend == "xla":
+            raise
+        pytest.skip(f"backend {backend!r} does not serve this case: {e}")
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    """A fresh generator per test; its seed is printed (shown by pytest when the test fails)."""
+    env = os.environ.get("JAXINFER_TEST_SEED")
+    seed = int(env) if env else np.random.SeedSequence().entropy
+    print(f"rng seed: JAXINFER_TEST_SEED={seed}")
+    return np.random.default_rng(seed)
+
+
+_TOL = {
+    np.dtype(jnp.float32): dict(rtol=2e-5, atol=2e-5),
+    np.dtype(jnp.bfloat16): dict(rtol=2e-2, atol=2e-2),
+    np.dtype(jnp.float16): dict(rtol=5e-3, atol=5e-3),
+}
+
+
+def tol(dtype) -> dict:
+    """``rtol``/``atol`` for comparing O(1) attention outputs of ``dtype`` with the float64 reference."""
+    return dict(_TOL[np.dtype(dtype)])
+
+
+def rand(rng: np.random.Generator, shape, dtype, scale: float = 1.0) -> jax.Array:
+    """Standard-normal values times ``scale``, rounded to ``dtype`` (never zeros)."""
+    return jnp.asarray((rng.standard_normal(shape) * scale).astype(np.float32), dtype=dtype)
+
+
+def assert_close(got, want, dtype, what: str = "o") -> None:
+    """Compare with the float64 reference; ``-inf`` entries must match exactly (no NaN anywhere)."""
+    got = np.asarray(got).astype(np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    assert not np.isnan(got).any(), f"{what}: NaN at {np.argwhere(np.isnan(got))[:5].tolist()}"
+    np.testing.assert_allclose(got, want, err_msg=what, **tol(dtype))
+
+
+@dataclasses.dataclass
+class PagedKV:
+    """A random paged KV cache with its page table and the per-request KV it holds (float64)."""
+
+    cache: object  # (k_cache, v_cache) or one [num_pages, 2, ...] array
+    kv_indptr: np.ndarray
+    kv_indices: np.ndarray
+    kv_last_page_len: np.ndarray
+    k_list: list
+    v_list: list
+
+
+def make_paged_kv(rng, kv_lens, page_size, num_kv_heads, head_dim, dtype, kv_layout="NHD", single_array=False):
+    """Random caches (unused slots random too, so stray reads show) under a shuffled page table."""
+    kv_indptr, kv_indices, last, num_pages = random_page_table(rng, kv_lens, page_size)
+    if kv_layout == "NHD":
+        shape = (num_pages, page_size, num_kv_heads, head_dim)
+    else:
+        shape = (num_pages, num_kv_heads, page_size, head_dim)
+    k_cache, v_cache = rand(rng, shape, dtype), rand(rng, shape, dtype)
+    k_list, v_list = gather_paged_kv(k_cache, v_cache, kv_indptr, kv_indices, last, kv_layout)
+    cache = jnp.stack([k_cache, v_cache], axis=1) if single_array else (k_cache, v_cache)
+    return PagedKV(cache, kv_indptr, kv_indices, last, k_list, v_list)
+
+
+def indptr_of(lens) -> np.ndarray:
+    """``[B+1]`` int32 row pointer of per-request lengths."""
+    return np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+
+
+def jit_call(fn, *arrays, **options):
+    """``fn(*arrays, **options)`` under ``jax.jit`` (options static): the public entry points are
+    jit-compatible, and one compiled program is much faster here than eager op-by-op dispatch."""
+    return jax.jit(lambda *a: fn(*a, **options))(*arrays)
+
+
+def case_grid(geoms, options, lengths, per_option: int = 3):
+    """A small covering grid: each options dict meets ``per_option`` geometries (rotating, so that
+    every geometry meets several options) and the lengths cycle over the cases."""
+    cases = []
+    for oi, opt in enumerate(options):
+        for t in range(per_option):
+            g = geoms[(oi + t) % len(geoms)]
+            n = lengths[len(cases) % len(lengths)]
+            name = "-".join(str(getattr(v, "__name__", v)) for v in g)
+            cases.append(pytest.param(g, n, opt, id=f"{name}-{n}-{opt}"))
+    return cases
+
