@@ -8,6 +8,7 @@ lets it plan; the result is a :class:`Plan` pytree that a jitted step takes as a
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -60,8 +61,13 @@ def make_plan(
     return Plan(inner=impl.plan(spec, capacity), backend=impl.name, kv_layout=kv_layout, page_size=spec.page_size)
 
 
+@functools.partial(jax.jit, static_argnames="return_lse")
 def run_plan(plan: Plan, q, k, v, *, return_lse: bool = False):
-    """Run a plan (jit-compatible); ``k``/``v`` are caches (paged) or ragged tensors."""
+    """Run a plan; ``k``/``v`` are caches (paged) or ragged tensors.
+
+    Jitted so that an eager ``wrapper.run`` is one compiled program, not op-by-op dispatch;
+    inside a caller's jit it inlines.
+    """
     if k.shape[0] == 0:
         # A batch with no keys at all: give the kernels one row to gather from (nothing is
         # visible, every output row is o = 0, lse = -inf).

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from jaxinfer.bench import harness, report
+from jaxinfer.bench import e2e, harness, report
 from jaxinfer.bench.workloads import SIZE_FACTORS, WORKLOADS, select
 
 GPU_REPEATS, CPU_REPEATS = 20, 3
@@ -20,7 +20,7 @@ def _names(text: str | None) -> list[str] | None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="jaxinfer-bench", description="Benchmark jaxinfer's attention backends.")
-    p.add_argument("--workloads", help=f"comma-separated, default all: {','.join(WORKLOADS)}")
+    p.add_argument("--workloads", help=f"comma-separated, default all: {','.join(WORKLOADS)},e2e")
     p.add_argument("--backends", help=f"comma-separated from {','.join(harness.BACKENDS)}; "
                    "default: those that can run here (xla only on CPU)")
     p.add_argument("--repeats", type=int, help=f"timed repeats (default {GPU_REPEATS} on GPU, {CPU_REPEATS} on CPU)")
@@ -38,8 +38,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [b for b in args.backends or () if b not in harness.BACKENDS]
     if unknown:
         p.error(f"unknown backends {unknown}; choose from {', '.join(harness.BACKENDS)}")
+    names = _names(args.workloads)
+    size = args.size or ("full" if harness.on_gpu() else "cpu")
+    args.e2e = e2e.E2EWorkload().scaled(SIZE_FACTORS[size]) if names is None or "e2e" in names else None
     try:
-        args.workloads = select(_names(args.workloads), args.size or ("full" if harness.on_gpu() else "cpu"))
+        args.workloads = select(None if names is None else [n for n in names if n != "e2e"], size)
     except ValueError as e:
         p.error(str(e))
     return args
@@ -61,10 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         args.workloads, args.backends or harness.default_backends(), timer, ceilings=ceilings, seed=args.seed,
         plan_repeats=5 if gpu else 2, progress=args.progress,
     )
+    if args.e2e is not None:
+        records += e2e.run_e2e(args.e2e, args.backends or harness.default_backends(), timer)
     args.out.mkdir(parents=True, exist_ok=True)
     paths = [report.write_records(records, args.out), report.plot(records, ceilings, args.out / report.CHART_FILE)]
     print(report.table(records, ceilings))
-    for line in report.notes(records, ceilings):
+    for line in report.notes(records, ceilings) + e2e.latency_lines(records):
         print(line)
     print("wrote " + ", ".join(map(str, paths)))
     if not gpu:
