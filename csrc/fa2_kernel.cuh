@@ -1,0 +1,439 @@
+// FlashAttention-2 forward for ragged queries over ragged or paged (BSR) KV, sm80+.
+//
+// Method: Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work
+// Partitioning" (arXiv 2307.08691), sec. 3: one CTA per (query tile, qo head), KV streamed in
+// tiles through a kStages-deep shared-memory ring filled by cp.async (one barrier per tile),
+// S = Q K^T and O += P V on mma.sync m16n8k16 tensor cores (CuTe's SM80 MMA, ldmatrix and
+// cp.async atoms), online softmax in base 2 (ex2) with the division by the row sum deferred to
+// the end. Each warp owns 16*kMT query rows.
+//
+// Measured on an H100 (benchmarks/NOTES-ffi.md): about a third of cuDNN's speed. ncu shows the
+// issue slots, not the tensor pipe, as the limit: about 10 instructions per HMMA; the KV-load
+// address code is about half of the loop's SASS, and the 2-CTA/SM register bound spills.
+//
+// Semantics follow shared/DESIGN.md sec. 2-3: bottom-right causal / window masks, soft cap
+// c*tanh(x/c), GQA (qo head h reads kv head h / group_size), lse base 2, a row with no visible
+// key gives o = 0 and lse = -inf.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include <cute/arch/copy_sm75.hpp>
+#include <cute/arch/copy_sm80.hpp>
+#include <cute/arch/mma_sm80.hpp>
+
+namespace jaxinfer {
+
+// Everything the kernel reads; strides are in elements.
+struct Fa2Params {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* o;
+  float* lse;
+  const int32_t* qo_indptr;   // [B+1]
+  const int32_t* kv_indptr;   // [B+1], pages when paged, tokens otherwise
+  const int32_t* kv_indices;  // [nnz_pages] (paged only)
+  const int32_t* kv_lens;     // [B] tokens
+  const int32_t* tile_batch;  // [T] request of each query tile, -1 = padding
+  const int32_t* tile_qstart; // [T] first query row of the tile inside its request
+  int64_t q_tok_stride, q_head_stride;
+  int64_t kv_page_stride, kv_tok_stride, kv_head_stride;
+  int num_qo_heads, group_size, page_size;
+  int page_shift;   // log2(page_size) when a power of 2, else -1
+  int window_left;  // -1: no window
+  bool paged, causal, soft_cap_on;
+  float logit_scale;  // sm_scale*log2(e) without soft cap, sm_scale/c with it
+  float cap_log2;     // c*log2(e) (soft cap only)
+};
+
+// Tile shapes per head_dim: kMT m16 tiles per warp, kWarps warps, kBN keys per KV tile.
+// Each field is overridable at build time (-DJAXINFER_FA2_BN_D128=64, ...) for tuning runs;
+// 16 * kMT * kWarps must stay BLOCK_M of jaxinfer/ffi/backend.py. kMinBlocks is the CTAs per SM
+// the register allocation must allow (__launch_bounds__); kStages is the depth of the K/V
+// shared-memory ring (tiles loaded ahead = kStages - 1). Defaults: the fastest of the variants
+// timed on an H100 (benchmarks/NOTES-ffi.md).
+#ifndef JAXINFER_FA2_MT_D64
+#define JAXINFER_FA2_MT_D64 1
+#endif
+#ifndef JAXINFER_FA2_WARPS_D64
+#define JAXINFER_FA2_WARPS_D64 8
+#endif
+#ifndef JAXINFER_FA2_BN_D64
+#define JAXINFER_FA2_BN_D64 64
+#endif
+#ifndef JAXINFER_FA2_MINB_D64
+#define JAXINFER_FA2_MINB_D64 2
+#endif
+#ifndef JAXINFER_FA2_STAGES_D64
+#define JAXINFER_FA2_STAGES_D64 2
+#endif
+#ifndef JAXINFER_FA2_MT_D128
+#define JAXINFER_FA2_MT_D128 1
+#endif
+#ifndef JAXINFER_FA2_WARPS_D128
+#define JAXINFER_FA2_WARPS_D128 8
+#endif
+#ifndef JAXINFER_FA2_BN_D128
+#define JAXINFER_FA2_BN_D128 64
+#endif
+#ifndef JAXINFER_FA2_MINB_D128
+#define JAXINFER_FA2_MINB_D128 2
+#endif
+#ifndef JAXINFER_FA2_STAGES_D128
+#define JAXINFER_FA2_STAGES_D128 2
+#endif
+#ifndef JAXINFER_FA2_MT_D256
+#define JAXINFER_FA2_MT_D256 1
+#endif
+#ifndef JAXINFER_FA2_WARPS_D256
+#define JAXINFER_FA2_WARPS_D256 4
+#endif
+#ifndef JAXINFER_FA2_BN_D256
+#define JAXINFER_FA2_BN_D256 32
+#endif
+#ifndef JAXINFER_FA2_MINB_D256
+#define JAXINFER_FA2_MINB_D256 2
+#endif
+#ifndef JAXINFER_FA2_STAGES_D256
+#define JAXINFER_FA2_STAGES_D256 2
+#endif
+template <int D> struct Fa2Traits;
+#define JAXINFER_FA2_TRAITS(D)                                                                     \
+  template <> struct Fa2Traits<D> {                                                               \
+    static constexpr int kMT = JAXINFER_FA2_MT_D##D, kWarps = JAXINFER_FA2_WARPS_D##D,             \
+                         kBN = JAXINFER_FA2_BN_D##D, kMinBlocks = JAXINFER_FA2_MINB_D##D;          \
+    static constexpr int kStages = JAXINFER_FA2_STAGES_D##D;                                      \
+  };
+JAXINFER_FA2_TRAITS(64)
+JAXINFER_FA2_TRAITS(128)
+JAXINFER_FA2_TRAITS(256)
+#undef JAXINFER_FA2_TRAITS
+
+template <int D> constexpr int fa2_block_m() { return 16 * Fa2Traits<D>::kMT * Fa2Traits<D>::kWarps; }
+
+template <int D> constexpr int fa2_smem_bytes() {
+  return (fa2_block_m<D>() + 2 * Fa2Traits<D>::kStages * Fa2Traits<D>::kBN) * D * 2;
+}
+
+template <typename T> struct MmaAtom;
+template <> struct MmaAtom<__nv_bfloat16> { using type = cute::SM80_16x8x16_F32BF16BF16F32_TN; };
+template <> struct MmaAtom<__half> { using type = cute::SM80_16x8x16_F32F16F16F32_TN; };
+
+template <typename T> __device__ __forceinline__ uint32_t pack2(float a, float b);
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
+  __half2 h = __floats2half2_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// Shared-memory rows of D elements in 16-byte chunks, chunk index XOR (row % 8): the 8 rows an
+// ldmatrix phase reads (or a cp.async phase writes) then hit 8 different bank groups.
+template <int D> __device__ __forceinline__ int swz(int row, int col) {
+  return row * D + ((((col >> 3) ^ (row & 7))) << 3);
+}
+
+__device__ __forceinline__ float tanh_approx(float x) {
+  float y;
+  asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// 2^x on the SFU; -inf gives 0 (flush-to-zero is harmless: probabilities below 2^-126 vanish).
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+template <typename T> __device__ __forceinline__ void cp_async_16(const T* src, T* dst, bool pred) {
+  cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
+      *reinterpret_cast<const cute::uint128_t*>(src), *reinterpret_cast<cute::uint128_t*>(dst), pred);
+}
+
+// Offset (elements) of token t of a request's KV for one kv head. The KV loads sit in the inner
+// loop, so a power-of-2 page_size (page_shift >= 0) takes a shift instead of an integer division.
+__host__ __device__ __forceinline__ int64_t kv_offset(const Fa2Params& p, int64_t kv_start, int t, int kv_head) {
+  if (p.paged) {
+    const int page_idx = p.page_shift >= 0 ? t >> p.page_shift : t / p.page_size;
+    const int page = p.kv_indices[kv_start + page_idx];
+    return page * p.kv_page_stride + (t - page_idx * p.page_size) * p.kv_tok_stride + kv_head * p.kv_head_stride;
+  }
+  return (kv_start + t) * p.kv_tok_stride + kv_head * p.kv_head_stride;
+}
+
+// Loads kv rows [t0, t0 + BN) of one head into a swizzled smem tile; rows past kv_len read zeros
+// (never garbage: P is 0 there, but 0 * NaN would still poison O).
+template <typename T, int D, int kThreads, int kRows>
+__device__ __forceinline__ void load_kv_tile(const Fa2Params& p, const T* base, T* smem, int64_t kv_start,
+                                             int kv_len, int t0, int kv_head, int tid) {
+  constexpr int kChunks = D / 8;
+  constexpr int kRowStep = kThreads / kChunks;
+  const int ch = tid % kChunks;
+#pragma unroll
+  for (int r = tid / kChunks; r < kRows; r += kRowStep) {
+    const int t = t0 + r;
+    const bool ok = t < kv_len;
+    const T* src = ok ? base + kv_offset(p, kv_start, t, kv_head) + ch * 8 : base;
+    cp_async_16(src, smem + swz<D>(r, ch * 8), ok);
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinBlocks) fa2_forward_kernel(const Fa2Params p) {
+  using Tr = Fa2Traits<D>;
+  using Mma = typename MmaAtom<T>::type;
+  constexpr int kMT = Tr::kMT, kBN = Tr::kBN, kWarps = Tr::kWarps, kStages = Tr::kStages;
+  static_assert(kStages >= 2, "the KV ring needs at least two stages");
+  constexpr int kThreads = 32 * kWarps;
+  constexpr int kBM = fa2_block_m<D>();
+  constexpr int kNT = kBN / 8;  // n8 tiles of S
+  constexpr int kDT = D / 8;    // n8 tiles of O
+  constexpr float kNegInf = -INFINITY;
+
+  // Tiles vary fastest: the CTAs resident at once share few heads, so the K/V they stream stay in L2.
+  const int tile = blockIdx.x;
+  const int head = blockIdx.y;
+  const int batch = p.tile_batch[tile];
+  if (batch < 0) return;
+  const int kv_head = head / p.group_size;
+  const int q_start = p.qo_indptr[batch];
+  const int qo_len = p.qo_indptr[batch + 1] - q_start;
+  const int kv_len = p.kv_lens[batch];
+  const int64_t kv_start = p.kv_indptr[batch];
+  const int qs = p.tile_qstart[tile];
+  const int rows_valid = min(kBM, qo_len - qs);
+  const int delta = kv_len - qo_len;  // q_pos = row + delta
+  const int qpos_min = qs + delta;
+  const int qpos_max = qs + rows_valid - 1 + delta;
+
+  // KV range any row of this tile can see.
+  int n_hi = kv_len;
+  if (p.causal) n_hi = min(n_hi, qpos_max + 1);
+  int n_lo = 0;
+  if (p.window_left >= 0) n_lo = max(0, qpos_min - p.window_left);
+  const int t_first = (n_lo / kBN) * kBN;
+  const int num_kv_tiles = n_hi > t_first ? (n_hi - t_first + kBN - 1) / kBN : 0;
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + kBM * D;             // kStages K tiles
+  T* sV = sK + kStages * kBN * D;  // kStages V tiles
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t4 = lane % 4;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+
+  {
+    constexpr int kChunks = D / 8;
+    const int ch = tid % kChunks;
+#pragma unroll
+    for (int r = tid / kChunks; r < kBM; r += kThreads / kChunks) {
+      const bool ok = r < rows_valid;
+      const T* src = ok ? q + (q_start + qs + r) * p.q_tok_stride + head * p.q_head_stride + ch * 8 : q;
+      cp_async_16(src, sQ + swz<D>(r, ch * 8), ok);
+    }
+  }
+  // KV ring of kStages (K, V) tile pairs: tile i lives in slot i % kStages; one cp.async group
+  // per tile (Q joins tile 0's), kStages - 1 tiles in flight ahead of the one computed.
+  auto load_stage = [&](int i) {
+    if (i < num_kv_tiles) {
+      const int t0 = t_first + i * kBN, slot = i % kStages;
+      load_kv_tile<T, D, kThreads, kBN>(p, k, sK + slot * kBN * D, kv_start, kv_len, t0, kv_head, tid);
+      load_kv_tile<T, D, kThreads, kBN>(p, v, sV + slot * kBN * D, kv_start, kv_len, t0, kv_head, tid);
+    }
+  };
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) {
+    load_stage(i);
+    cute::cp_async_fence();
+  }
+
+  float o_acc[kMT][kDT][4];
+  float row_max[kMT][2], row_sum[kMT][2];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int dt = 0; dt < kDT; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o_acc[mt][dt][e] = 0.f;
+    row_max[mt][0] = row_max[mt][1] = kNegInf;
+    row_sum[mt][0] = row_sum[mt][1] = 0.f;
+  }
+  const int warp_row0 = warp * 16 * kMT;
+  auto load_q_frag = [&](int mt, int kk, uint32_t (&a)[4]) {
+    const T* src = sQ + swz<D>(warp_row0 + mt * 16 + (lane % 16), kk * 16 + (lane / 16) * 8);
+    cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(src), a[0], a[1], a[2], a[3]);
+  };
+
+  for (int i = 0; i < num_kv_tiles; ++i) {
+    cute::cp_async_wait<kStages - 2>();
+    // Tile i is in smem for every thread, and every warp is done with tile i - 1, whose slot
+    // the next load reuses.
+    __syncthreads();
+    load_stage(i + kStages - 1);
+    cute::cp_async_fence();
+    const int t0 = t_first + i * kBN;
+    const T* sKi = sK + (i % kStages) * kBN * D;
+    const T* sVi = sV + (i % kStages) * kBN * D;
+
+    float s[kMT][kNT][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) load_q_frag(mt, kk, a[mt]);
+#pragma unroll
+      for (int np = 0; np < kNT / 2; ++np) {
+        uint32_t b[4];
+        const T* src = sKi + swz<D>(np * 16 + (lane % 8) + (lane / 16) * 8, kk * 16 + ((lane / 8) % 2) * 8);
+        cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(src), b[0], b[1], b[2], b[3]);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            float* c = s[mt][2 * np + h];
+            Mma::fma(c[0], c[1], c[2], c[3], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b[2 * h], b[2 * h + 1], c[0],
+                     c[1], c[2], c[3]);
+          }
+        }
+      }
+    }
+    // Online softmax (base 2). Without soft cap the max is taken on raw q.k (sm_scale > 0 keeps
+    // the order) and scaling folds into one FFMA per element: p = 2^(s*scale - max*scale).
+    const bool need_mask = (t0 + kBN > kv_len) || (p.causal && t0 + kBN - 1 > qpos_min) ||
+                           (p.window_left >= 0 && t0 < qpos_max - p.window_left);
+    const float scale = p.soft_cap_on ? 1.f : p.logit_scale;
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int qpos = qs + warp_row0 + mt * 16 + g + hr * 8 + delta;
+        float mx = kNegInf;
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float x = s[mt][nt][2 * hr + e];
+            if (p.soft_cap_on) x = tanh_approx(x * p.logit_scale) * p.cap_log2;
+            if (need_mask) {
+              const int j = t0 + nt * 8 + 2 * t4 + e;
+              const bool vis = j < kv_len && (!p.causal || j <= qpos) &&
+                               (p.window_left < 0 || j >= qpos - p.window_left);
+              x = vis ? x : kNegInf;
+            }
+            s[mt][nt][2 * hr + e] = x;
+            mx = fmaxf(mx, x);
+          }
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+        const float m_new = fmaxf(row_max[mt][hr], mx * scale);
+        // A row with nothing visible yet keeps max -inf; subtract 0 instead so 2^x gives 0, not NaN.
+        const float m_use = m_new == kNegInf ? 0.f : m_new;
+        const float rescale = exp2_approx(row_max[mt][hr] - m_use);
+        row_max[mt][hr] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float pe = exp2_approx(fmaf(s[mt][nt][2 * hr + e], scale, -m_use));
+            s[mt][nt][2 * hr + e] = pe;
+            sum += pe;
+          }
+        }
+        row_sum[mt][hr] = row_sum[mt][hr] * rescale + sum;
+#pragma unroll
+        for (int dt = 0; dt < kDT; ++dt) {
+          o_acc[mt][dt][2 * hr] *= rescale;
+          o_acc[mt][dt][2 * hr + 1] *= rescale;
+        }
+      }
+    }
+
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      uint32_t a[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        a[mt][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        a[mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        a[mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        a[mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int dp = 0; dp < kDT / 2; ++dp) {
+        uint32_t b[4];
+        const T* src = sVi + swz<D>(kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8, dp * 16 + (lane / 16) * 8);
+        cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(src), b[0], b[1], b[2], b[3]);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            float* c = o_acc[mt][2 * dp + h];
+            Mma::fma(c[0], c[1], c[2], c[3], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b[2 * h], b[2 * h + 1], c[0],
+                     c[1], c[2], c[3]);
+          }
+        }
+      }
+    }
+  }
+  cute::cp_async_wait<0>();
+
+  T* o = static_cast<T*>(p.o);
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      float l = row_sum[mt][hr];
+      l += __shfl_xor_sync(0xffffffff, l, 1);
+      l += __shfl_xor_sync(0xffffffff, l, 2);
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const int r = warp_row0 + mt * 16 + g + hr * 8;
+      if (r >= rows_valid) continue;
+      const int64_t tok = q_start + qs + r;
+      T* dst = o + tok * p.q_tok_stride + head * p.q_head_stride + 2 * t4;
+#pragma unroll
+      for (int dt = 0; dt < kDT; ++dt) {
+        *reinterpret_cast<uint32_t*>(dst + dt * 8) =
+            pack2<T>(o_acc[mt][dt][2 * hr] * inv, o_acc[mt][dt][2 * hr + 1] * inv);
+      }
+      if (t4 == 0) p.lse[tok * p.num_qo_heads + head] = l > 0.f ? row_max[mt][hr] + __log2f(l) : kNegInf;
+    }
+  }
+}
+
+// Rows [qo_indptr[num_batch], num_rows) belong to no request (q may be longer than the batch):
+// they get o = 0 and lse = -inf so the output is fully defined.
+template <typename T>
+__global__ void fa2_fill_tail_kernel(T* o, float* lse, const int32_t* qo_indptr, int num_batch, int64_t num_rows,
+                                     int64_t row_elems, int num_qo_heads) {
+  const int64_t first = qo_indptr[num_batch];
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = first * row_elems + blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < num_rows * row_elems;
+       i += stride)
+    o[i] = T(0.f);
+  for (int64_t i = first * num_qo_heads + blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+       i < num_rows * num_qo_heads; i += stride)
+    lse[i] = -INFINITY;
+}
+
+}  // namespace jaxinfer

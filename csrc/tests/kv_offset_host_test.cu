@@ -1,0 +1,52 @@
+// Host test of the kernel's KV addressing (kv_offset of fa2_kernel.cuh) against the page-table
+// definition of shared/DESIGN.md sec. 3, for ragged KV and for paged NHD/HND caches of every page
+// size 1..64 (power-of-2 sizes take the shift path, the others the division path).
+// Built and run by tests/test_ffi.py; prints the number of mismatches and exits non-zero on any.
+#include <algorithm>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "../fa2_kernel.cuh"
+
+int main() {
+  using jaxinfer::Fa2Params;
+  std::mt19937 rng(1234);
+  const int heads = 3, head_dim = 64;
+  long bad = 0, checked = 0;
+  for (int page_size = 1; page_size <= 64; ++page_size) {
+    for (int hnd = 0; hnd < 2; ++hnd) {
+      const int num_pages = 300;
+      std::vector<int32_t> pages(num_pages);
+      for (int i = 0; i < num_pages; ++i) pages[i] = i;
+      std::shuffle(pages.begin(), pages.end(), rng);
+      Fa2Params p{};
+      p.paged = true;
+      p.page_size = page_size;
+      p.page_shift = (page_size & (page_size - 1)) == 0 ? __builtin_ctz(unsigned(page_size)) : -1;
+      p.kv_indices = pages.data();
+      p.kv_tok_stride = hnd ? head_dim : int64_t(heads) * head_dim;
+      p.kv_head_stride = hnd ? int64_t(page_size) * head_dim : head_dim;
+      p.kv_page_stride = int64_t(page_size) * heads * head_dim;
+      const int64_t first_page = rng() % 50;  // kv_indptr[b]
+      const int max_tokens = (num_pages - int(first_page)) * page_size;
+      for (int t = 0; t < max_tokens; t += 1 + int(rng() % 3)) {
+        for (int h = 0; h < heads; ++h) {
+          // Element (page, slot, head) of [P, page_size, H, D] (NHD) or [P, H, page_size, D] (HND).
+          const int64_t page = pages[first_page + t / page_size], slot = t % page_size;
+          const int64_t want = hnd ? ((page * heads + h) * page_size + slot) * head_dim
+                                   : ((page * page_size + slot) * heads + h) * head_dim;
+          bad += jaxinfer::kv_offset(p, first_page, t, h) != want;
+          ++checked;
+        }
+      }
+    }
+  }
+  Fa2Params r{};  // ragged: token kv_indptr[b] + t of [nnz_kv, H, D]
+  r.kv_tok_stride = int64_t(heads) * head_dim;
+  r.kv_head_stride = head_dim;
+  for (int t = 0; t < 1000; ++t)
+    for (int h = 0; h < heads; ++h, ++checked) bad += jaxinfer::kv_offset(r, 77, t, h) != ((77 + t) * heads + h) * head_dim;
+  std::printf("%ld mismatches of %ld offsets\n", bad, checked);
+  return bad != 0;
+}

@@ -1,0 +1,203 @@
+"""Build the CUDA sources of ``csrc/`` into a shared library of XLA FFI handlers, on first use.
+
+Like FlashInfer's JIT, a library is compiled once per (source hash, GPU arch, jaxlib version,
+extra defines) into a cache directory (``$JAXINFER_CACHE_DIR`` or ``~/.cache/jaxinfer``) and
+reused afterwards. Build ahead of time with::
+
+    python -m jaxinfer.ffi.build --kernel fa2 --arch sm_90
+
+The headers are jaxlib's XLA FFI API (``jax.ffi.include_dir()``; build against the oldest
+supported jaxlib, 0.11.2: a library built on newer headers breaks backend start-up on older
+ones) and CUTLASS/CuTe from the ``nvidia-cutlass`` wheel (``cutlass_library/source/include``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+
+# Translation unit and default target of each kernel family. FA2 runs on any sm80+ GPU, compiled
+# for the device's own arch (SASS of sm_80 does not run on sm_90); FA3 needs sm_90a's wgmma.
+KERNELS = {"fa2": "fa2_ffi.cu"}
+ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a", "sm_100", "sm_120")
+
+NVCC_FLAGS = (
+    "-O3",
+    "-std=c++17",
+    "-shared",
+    "-Xcompiler",
+    "-fPIC",
+    "--expt-relaxed-constexpr",
+    "-lineinfo",
+    # Warnings inside jaxlib's FFI headers, not ours.
+    "-diag-suppress",
+    "940,2473",
+)
+
+
+class BuildError(RuntimeError):
+    """The CUDA toolchain or CUTLASS is missing, or nvcc failed (the message says which and how to fix it)."""
+
+
+def find_nvcc() -> str:
+    """Path of ``nvcc`` (``$CUDA_HOME/bin`` first, then ``PATH``).
+
+    Raises:
+      BuildError: no nvcc; install the CUDA toolkit (12.x or 13.x) or set ``CUDA_HOME``.
+    """
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and (Path(home) / "bin" / "nvcc").is_file():
+        return str(Path(home) / "bin" / "nvcc")
+    found = shutil.which("nvcc")
+    if found is None:
+        raise BuildError(
+            "nvcc not found: install the CUDA toolkit (12.x or 13.x) and put its bin/ on PATH or set CUDA_HOME "
+            "to build jaxinfer's fa2/fa3 kernels"
+        )
+    return found
+
+
+def cutlass_include_dir() -> Path:
+    """CUTLASS/CuTe headers of the ``nvidia-cutlass`` wheel (found without importing it).
+
+    Raises:
+      BuildError: the wheel is not installed; ``pip install 'jaxinfer[cuda]'`` (nvidia-cutlass).
+    """
+    spec = importlib.util.find_spec("cutlass_library")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        include = Path(root) / "source" / "include"
+        if (include / "cute" / "tensor.hpp").is_file():
+            return include
+    raise BuildError(
+        "CUTLASS/CuTe headers not found: pip install 'nvidia-cutlass==4.2.0.0' (the 'cuda' extra of jaxinfer) "
+        "to build jaxinfer's fa2/fa3 kernels"
+    )
+
+
+def jax_ffi_include_dir() -> Path:
+    import jax
+
+    return Path(jax.ffi.include_dir())
+
+
+def jaxlib_version() -> str:
+    import jaxlib
+
+    return jaxlib.__version__
+
+
+def gencode(arch: str) -> list[str]:
+    """nvcc ``-gencode`` flags of ``arch`` (``"sm_90a"`` -> ``arch=compute_90a,code=sm_90a``).
+
+    Raises:
+      ValueError: ``arch`` is not one of :data:`ARCHS`.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    return ["-gencode", f"arch=compute_{arch[3:]},code={arch}"]
+
+
+def source_hash(defines: tuple[str, ...] = ()) -> str:
+    """SHA-256 (16 hex digits) of every file of ``csrc/`` and the flags: the cache key's code part."""
+    h = hashlib.sha256()
+    for path in sorted(CSRC.glob("*")):
+        if path.suffix in (".cu", ".cuh", ".h", ".hpp"):
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+    h.update(" ".join(NVCC_FLAGS + tuple(defines)).encode())
+    return h.hexdigest()[:16]
+
+
+def env_defines() -> tuple[str, ...]:
+    """Tuning defines from ``$JAXINFER_FA2_DEFINES`` (comma-separated ``NAME=VALUE``), part of the cache key."""
+    return tuple(d for d in os.environ.get("JAXINFER_FA2_DEFINES", "").split(",") if d)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("JAXINFER_CACHE_DIR", Path.home() / ".cache" / "jaxinfer"))
+
+
+def library_path(kernel: str, arch: str, defines: tuple[str, ...] = ()) -> Path:
+    """Where the library of (kernel, arch, jaxlib, sources, defines) lives in the cache."""
+    key = f"{kernel}-{arch}-jaxlib{jaxlib_version()}-{source_hash(defines)}"
+    return cache_dir() / "ffi" / key / f"libjaxinfer_{kernel}.so"
+
+
+def nvcc_command(kernel: str, arch: str, output: Path, defines: tuple[str, ...] = ()) -> list[str]:
+    """The nvcc command line that builds ``kernel`` for ``arch`` into ``output``.
+
+    Raises:
+      BuildError: nvcc or CUTLASS missing. ValueError: unknown kernel or arch.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {tuple(KERNELS)}, got {kernel!r}")
+    return [
+        find_nvcc(),
+        *NVCC_FLAGS,
+        *gencode(arch),
+        f"-I{jax_ffi_include_dir()}",
+        f"-I{cutlass_include_dir()}",
+        *(f"-D{d}" for d in defines),
+        str(CSRC / KERNELS[kernel]),
+        "-o",
+        str(output),
+    ]
+
+
+def build(kernel: str = "fa2", arch: str = "sm_80", *, output: Path | None = None, defines: tuple[str, ...] = (),
+          force: bool = False) -> Path:
+    """Compile ``kernel`` for ``arch`` (cached) and return the library's path.
+
+    Args:
+      kernel: ``"fa2"``.
+      arch: target such as ``"sm_80"``, ``"sm_90"``, ``"sm_90a"``.
+      output: build here instead of the cache (no reuse).
+      defines: extra preprocessor defines (``NAME=VALUE``), e.g. tile-shape overrides for tuning.
+      force: rebuild even if the cached library exists.
+
+    Raises:
+      BuildError: nvcc or CUTLASS missing, or nvcc failed (its output is in the message).
+    """
+    target = Path(output) if output is not None else library_path(kernel, arch, tuple(defines))
+    if target.is_file() and not force and output is None:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a temporary name and rename: concurrent processes never load a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    cmd = nvcc_command(kernel, arch, Path(tmp), tuple(defines))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        raise BuildError(f"nvcc failed building {kernel} for {arch}:\n{' '.join(cmd)}\n{proc.stderr[-8000:]}")
+    os.replace(tmp, target)
+    return target
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Build jaxinfer's CUDA FFI kernels ahead of time.")
+    parser.add_argument("--kernel", default="fa2", choices=sorted(KERNELS))
+    parser.add_argument("--arch", default=None, help="e.g. sm_80, sm_90 (default: the local GPU's)")
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+    arch = args.arch
+    if arch is None:
+        from jaxinfer.ffi.ops import device_arch
+
+        cc = device_arch()
+        if cc is None:
+            parser.error("no GPU found: pass --arch")
+        arch = f"sm_{cc}"
+    print(build(args.kernel, arch, defines=env_defines(), force=args.force))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""``jax.ffi.ffi_call`` wrappers of jaxinfer's CUDA kernels (``csrc/``), registered lazily.
+
+The handler library is built on first use (:mod:`jaxinfer.ffi.build`) for the arch of the local
+GPU and registered with ``jax.ffi.register_ffi_target(..., platform="CUDA")``. Without a GPU
+nothing is built or registered, and the wrappers still trace and lower (for the ``cuda``
+platform through ``jax.export``), which is how CI checks the wiring.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.ffi import build
+
+FA2_TARGET = "jaxinfer_fa2_forward"
+HEAD_DIMS = (64, 128, 256)
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def device_arch() -> int | None:
+    """Compute capability ``major*10+minor`` of jax's default device, ``None`` when it is no GPU."""
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:
+        return None
+    cc = getattr(dev, "compute_capability", None)
+    if dev.platform != "gpu" or cc is None:
+        return None
+    major, minor = (int(x) for x in str(cc).split("."))
+    return major * 10 + minor
+
+
+_REGISTERED: dict[str, str | Exception] = {}
+
+
+def ensure_registered(kernel: str = "fa2") -> str:
+    """Build (cached) and register ``kernel``'s handler for the local GPU; returns the target name.
+
+    A failure is remembered, so that later calls (``unsupported`` of ``"auto"``) do not rebuild.
+
+    Raises:
+      build.BuildError: nvcc or CUTLASS missing, or the build failed.
+      RuntimeError: no GPU of a supported arch.
+    """
+    if kernel not in _REGISTERED:
+        try:
+            cc = device_arch()
+            if cc is None or f"sm_{cc}" not in build.ARCHS:
+                raise RuntimeError(f"jaxinfer's {kernel} kernels need an NVIDIA GPU of arch {build.ARCHS}, got {cc}")
+            lib = ctypes.cdll.LoadLibrary(str(build.build(kernel, f"sm_{cc}", defines=build.env_defines())))
+            jax.ffi.register_ffi_target(FA2_TARGET, jax.ffi.pycapsule(lib.JaxinferFa2Forward), platform="CUDA")
+            _REGISTERED[kernel] = FA2_TARGET
+        except (build.BuildError, RuntimeError, OSError) as e:
+            _REGISTERED[kernel] = e
+    result = _REGISTERED[kernel]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def fa2_forward(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    qo_indptr: jax.Array,
+    kv_indptr: jax.Array,
+    kv_indices: jax.Array,
+    kv_lens: jax.Array,
+    tile_batch: jax.Array,
+    tile_qstart: jax.Array,
+    *,
+    causal: bool,
+    window_left: int,
+    logits_soft_cap: float | None,
+    sm_scale: float,
+    page_size: int,
+    paged: bool,
+    kv_layout: str = "NHD",
+) -> tuple[jax.Array, jax.Array]:
+    """FlashAttention-2 forward (Dao 2023, arXiv 2307.08691) over a planned ragged batch.
+
+    Args:
+      q: ``[nnz_q, Hq, D]`` bfloat16/float16, D in 64/128/256.
+      k, v: ragged ``[nnz_kv, Hkv, D]`` (``paged=False``) or paged caches ``[P, page_size, Hkv, D]``
+        (NHD) / ``[P, Hkv, page_size, D]`` (HND), q's dtype.
+      qo_indptr, kv_indptr: ``[B+1]`` int32 (kv_indptr over pages when paged, tokens otherwise).
+      kv_indices: ``[nnz_pages]`` int32 (any ``[>=1]`` array when ragged).
+      kv_lens: ``[B]`` int32 keys per request.
+      tile_batch, tile_qstart: ``[T]`` int32 query tiles (request, first row); ``-1`` = padding.
+      causal, window_left, logits_soft_cap, sm_scale: the variant (shared/DESIGN.md sec. 2).
+      page_size: tokens per page (ignored when ragged). kv_layout: ``"NHD"`` or ``"HND"``.
+
+    Returns:
+      ``(o [nnz_q, Hq, D] in q.dtype, lse [nnz_q, Hq] float32 base 2)``; rows past
+      ``qo_indptr[B]`` get ``o = 0``, ``lse = -inf``.
+
+    Raises:
+      ValueError: shape, dtype or option mismatch (checked at trace time).
+    """
+    _check(q.ndim == 3 and q.shape[2] in HEAD_DIMS, f"q must be [nnz_q, Hq, D] with D in {HEAD_DIMS}, got {q.shape}")
+    _check(jnp.dtype(q.dtype) in DTYPES, f"q must be bfloat16 or float16, got {q.dtype}")
+    _check(k.shape == v.shape and k.dtype == v.dtype == q.dtype, f"k, v must match each other and q's dtype {q.dtype}, got {k.shape}{k.dtype}, {v.shape}{v.dtype}")
+    _check(kv_layout in ("NHD", "HND"), f"kv_layout must be 'NHD' or 'HND', got {kv_layout!r}")
+    head_dim, hq = q.shape[2], q.shape[1]
+    if paged:
+        _check(k.ndim == 4, f"paged k must be [P, page_size, Hkv, D] or [P, Hkv, page_size, D], got {k.shape}")
+        hkv, ps = (k.shape[2], k.shape[1]) if kv_layout == "NHD" else (k.shape[1], k.shape[2])
+        _check(ps == page_size, f"the cache's page dimension {ps} != page_size {page_size} ({kv_layout})")
+    else:
+        _check(k.ndim == 3, f"ragged k must be [nnz_kv, Hkv, D], got {k.shape}")
+        hkv = k.shape[1]
+    _check(k.shape[-1] == head_dim and hq % hkv == 0, f"k head geometry {k.shape} does not match q {q.shape}")
+    for name, a in (("qo_indptr", qo_indptr), ("kv_indptr", kv_indptr), ("kv_indices", kv_indices),
+                    ("kv_lens", kv_lens), ("tile_batch", tile_batch), ("tile_qstart", tile_qstart)):
+        _check(a.ndim == 1 and a.dtype == jnp.int32, f"{name} must be a 1-D int32 array, got {a.shape}{a.dtype}")
+    _check(qo_indptr.shape == kv_indptr.shape and qo_indptr.shape[0] == kv_lens.shape[0] + 1,
+           f"qo_indptr {qo_indptr.shape}, kv_indptr {kv_indptr.shape} must be [B+1] for kv_lens {kv_lens.shape}")
+    _check(tile_batch.shape == tile_qstart.shape, "tile_batch and tile_qstart must have one shape")
+    if device_arch() is not None:
+        ensure_registered("fa2")
+    call = jax.ffi.ffi_call(
+        FA2_TARGET,
+        (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:2], jnp.float32)),
+        # Each batch element is its own planned batch: run the handler once per element.
+        vmap_method="sequential",
+    )
+    return call(
+        q, k, v, qo_indptr, kv_indptr, kv_indices, kv_lens, tile_batch, tile_qstart,
+        causal=bool(causal),
+        window_left=np.int32(window_left),
+        logits_soft_cap=np.float32(logits_soft_cap or 0.0),
+        sm_scale=np.float32(sm_scale),
+        page_size=np.int32(page_size if paged else 1),
+        paged=bool(paged),
+        kv_layout_hnd=kv_layout == "HND",
+    )
