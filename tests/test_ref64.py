@@ -138,7 +138,9 @@ def test_stable_for_huge_logits(rng, shift):
     o0, lse0 = ref_attention(q, k, v)
     shifted = AttentionVariant(logits_transform=lambda x, *_: x + shift)
     o, lse = ref_attention(q, k, v, variant=shifted)
-    np.testing.assert_allclose(o, o0, rtol=1e-9, atol=1e-12)
+    # Logits near 5e5 carry float64 rounding of ~5e5 * 2.2e-16 = 1.1e-10 each, so the softmax
+    # weights move by ~1e-10 relative: far below any kernel tolerance, far above 1e-12.
+    np.testing.assert_allclose(o, o0, rtol=1e-8, atol=1e-9)
     np.testing.assert_allclose(lse, lse0 + shift * LOG2E, rtol=1e-12)
 
 
