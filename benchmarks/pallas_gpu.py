@@ -3,7 +3,10 @@
 For each workload: builds a random bf16 paged cache (shuffled pages) or ragged KV on the device,
 checks the kernel against a float32 reference on sampled requests (``||o - ref|| / ||ref||``),
 then times the Pallas backend with and without split-KV and cuDNN / XLA
-``jax.nn.dot_product_attention`` on the dense equivalent. Also measures the two ceilings
+``jax.nn.dot_product_attention`` on the dense equivalent. Variant workloads: decode_uniform with
+in-kernel ROPE_LLAMA against the same call without it (target <= 1.1x), and block-sparse
+attention M=N=8192, Hq=Hkv=32 at 10 % density with R=C=64 against vector-sparse R=64, C=1
+(target: C=1 at >= 80 % of the C=64 throughput). Also measures the two ceilings
 (device-to-device copy bandwidth, bf16 matmul rate) and the host planner. Prints a table last;
 writes ``$OUT/pallas_gpu.json`` when ``OUT`` is set.
 
@@ -14,6 +17,7 @@ Timing: a jitted step dispatched ``iters`` times back to back, synchronised once
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -25,10 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import jaxinfer
 from jaxinfer.batch import BatchSpec, PlanCapacity
 from jaxinfer.pallas.backend import PallasBackend
 from jaxinfer.pallas.config import TileConfig
 from jaxinfer.planner import plan_work
+from jaxinfer.reference import apply_rope_rotate_half
 from jaxinfer.variants import AttentionVariant
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
@@ -79,8 +85,13 @@ def decode_batch(kv_lens, rng):
     return spec, q, k, v
 
 
-def _ref_one(q, k, v, causal):
-    """float32 attention of one request: q [Lq,Hq,D], k/v [Lk,Hkv,D] -> (o, lse base 2)."""
+def _ref_one(q, k, v, causal, rope: AttentionVariant | None = None):
+    """float32 attention of one request: q [Lq,Hq,D], k/v [Lk,Hkv,D] -> (o, lse base 2); ``rope``:
+    a ROPE_LLAMA variant whose rotation is applied to q and k first."""
+    if rope is not None:
+        lq, lk = q.shape[0], k.shape[0]
+        q = apply_rope_rotate_half(q.astype(jnp.float32), jnp.arange(lq) + lk - lq, rope)
+        k = apply_rope_rotate_half(k.astype(jnp.float32), jnp.arange(lk), rope)
     g = q.shape[1] // k.shape[1]
     k = jnp.repeat(k.astype(jnp.float32), g, axis=1)
     v = jnp.repeat(v.astype(jnp.float32), g, axis=1)
@@ -93,14 +104,14 @@ def _ref_one(q, k, v, causal):
     return o, (lse / np.log(2)).T
 
 
-def check_decode(spec, q, k, v, o, lse, sample):
+def check_decode(spec, q, k, v, o, lse, sample, rope=None):
     errs = []
     for b in sample:
         pages = spec.kv_indices[spec.kv_indptr[b] : spec.kv_indptr[b + 1]]
         n = int(spec.kv_lens[b])
         kb = k[pages].reshape(-1, HKV, D)[:n]
         vb = v[pages].reshape(-1, HKV, D)[:n]
-        o_ref, lse_ref = _ref_one(q[b : b + 1], kb, vb, False)
+        o_ref, lse_ref = _ref_one(q[b : b + 1], kb, vb, False, rope)
         errs.append(_errs(o[b : b + 1], lse[b : b + 1], o_ref, lse_ref))
     return max(e[0] for e in errs), max(e[1] for e in errs)
 
@@ -144,6 +155,61 @@ def run_decode(name, kv_lens, rng, rows, bw):
                 res[f"{impl}_us"], res[f"{impl}_TBps"] = t * 1e6, kv_bytes / t / 1e12
             except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
                 res[f"{impl}_error"] = f"{type(e).__name__}: {str(e)[:120]}"
+    rows.append(res)
+    print(json.dumps(res), flush=True)
+
+
+def run_decode_rope(rows, bw, B=64, kv_len=4096):
+    """decode_uniform with ROPE_LLAMA fused into the kernel vs the same batch without RoPE."""
+    spec, q, k, v = decode_batch(np.full(B, kv_len), np.random.default_rng(3))
+    kv_bytes = 2 * int(spec.kv_lens.sum()) * HKV * D * 2
+    res = {"workload": "decode_rope", "B": B, "kv_len": kv_len, "kv_bytes": kv_bytes}
+    be = PallasBackend()
+    f = jax.jit(lambda p, q, k, v: be.run(p, q, k, v, kv_layout="NHD", return_lse=True))
+    for label, variant in (("plain", AttentionVariant()), ("rope", AttentionVariant(pos_encoding_mode="ROPE_LLAMA", rope_theta=5e5))):
+        plan = be.plan(dataclasses.replace(spec, variant=variant), PlanCapacity())
+        o, lse = f(plan, q, k, v)
+        rope = variant if variant.pos_encoding_mode == "ROPE_LLAMA" else None
+        res[f"{label}_rel_err"], res[f"{label}_lse_err"] = check_decode(spec, q, k, v, o, lse, [0, B - 1], rope)
+        t = bench(f, plan, q, k, v)
+        res[f"{label}_us"], res[f"{label}_TBps"] = t * 1e6, kv_bytes / t / 1e12
+    res["rope_over_plain"] = res["rope_us"] / res["plain_us"]
+    res["floor_us"] = kv_bytes / bw * 1e6
+    rows.append(res)
+    print(json.dumps(res), flush=True)
+
+
+def _bsr(rng, M, N, R, C, keys_per_row):
+    """BSR of ``keys_per_row`` random keys (``keys_per_row / C`` column blocks) per block row."""
+    mb, nb, per = M // R, N // C, keys_per_row // C
+    indices = np.concatenate([np.sort(rng.choice(nb, per, replace=False)) for _ in range(mb)]).astype(np.int32)
+    return np.arange(mb + 1, dtype=np.int32) * per, indices
+
+
+def run_block_sparse(rows, M=8192, N=8192, H=32, density=0.1):
+    """Block-sparse (R=C=64) vs vector-sparse (R=64, C=1) at equal density, no mask inside blocks."""
+    keys_per_row = int(round(density * N / 64)) * 64
+    kk = jax.random.split(jax.random.key(11), 3)
+    q = jax.random.normal(kk[0], (M, H, D), DT)
+    k = jax.random.normal(kk[1], (N, H, D), DT)
+    v = jax.random.normal(kk[2], (N, H, D), DT)
+    flops = 4 * M * H * D * keys_per_row
+    res = {"workload": "block_sparse", "M": M, "N": N, "H": H, "keys_per_row": keys_per_row, "flops": flops}
+    rng = np.random.default_rng(4)
+    for R, C in ((64, 64), (64, 1)):
+        indptr, indices = _bsr(rng, M, N, R, C, keys_per_row)
+        w = jaxinfer.BlockSparseAttentionWrapper(backend="pallas")
+        plan = w.plan(indptr, indices, M, N, R, C, H, H, D, q_data_type=DT)
+        f = jax.jit(lambda q, k, v, p: jaxinfer.sparse.batch_block_sparse(q, k, v, p, return_lse=True))
+        o, lse = f(q, k, v, plan)
+        cols = (indices[: indptr[1]][:, None] * C + np.arange(C)[None, :]).reshape(-1)
+        o_ref, lse_ref = _ref_one(q[:R], k[cols], v[cols], False)
+        label = f"R{R}_C{C}"
+        res[f"{label}_rel_err"], res[f"{label}_lse_err"] = _errs(o[:R], lse[:R], o_ref, lse_ref)
+        t = bench(f, q, k, v, plan, iters=10)
+        res[f"{label}_us"], res[f"{label}_TFLOPs"] = t * 1e6, flops / t / 1e12
+        res[f"{label}_config"] = str(plan.inner.config)
+    res["C1_over_C64_throughput"] = res["R64_C64_us"] / res["R64_C1_us"]
     rows.append(res)
     print(json.dumps(res), flush=True)
 
@@ -228,7 +294,7 @@ def planner_time():
     rng = np.random.default_rng(0)
     spec, *_ = decode_batch(np.full(256, 1024), rng)
     be = PallasBackend()
-    cfg = be.tile_config(spec)
+    cfg = be.tile_config(spec, PlanCapacity())
     kw = be._plan_kwargs(spec, cfg, 4096)
     base = spec.kv_indptr[:-1]
     t_core = min(timeit.repeat(lambda: plan_work(spec.qo_indptr, spec.kv_lens, base, **kw), number=200, repeat=5)) / 200
@@ -245,7 +311,7 @@ def planner_time():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="", help="comma-separated workload names")
-    ap.add_argument("--no-sweep", action="store_true", help="skip the tile-config / CTA-count sweeps")
+    ap.add_argument("--no-sweep", "--quick", action="store_true", help="skip the tile-config / CTA-count sweeps")
     args = ap.parse_args()
     print(jax.devices()[0].device_kind, jax.__version__, flush=True)
     rng = np.random.default_rng(0)
@@ -259,7 +325,10 @@ def main():
         "decode_long": lambda: run_decode("decode_long", np.full(8, 32768), rng, rows, bw),
         "decode_wide": lambda: run_decode("decode_wide", np.full(256, 1024), rng, rows, bw),
         "prefill_causal": lambda: run_prefill(rows, mm),
+        "decode_rope": lambda: run_decode_rope(variant_rows, bw),
+        "block_sparse": lambda: run_block_sparse(variant_rows),
     }
+    variant_rows = []
     sweeps = []
     only = [w for w in args.only.split(",") if w]
     for name, fn in wl.items():
@@ -272,7 +341,7 @@ def main():
         run_sweeps(sweeps)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "pallas_gpu.json"), "w") as fh:
-            json.dump({"info": info, "rows": rows, "sweeps": sweeps}, fh, indent=1)
+            json.dump({"info": info, "rows": rows, "variant_rows": variant_rows, "sweeps": sweeps}, fh, indent=1)
     for r in sweeps:
         rate = r.get("TBps", r.get("TFLOPs", float("nan")))
         print(f"sweep {r['workload']:15s} {r['variant']:24s} {r.get('us', float('nan')):9.1f} us {rate:7.2f} {r.get('error', '')[:60]}")
@@ -286,6 +355,14 @@ def main():
         print(f"{r['workload']:16s} {r['split_us']:9.1f} {r['split_' + unit]:7.2f} {r['nosplit_us']:9.1f} {r['nosplit_' + unit]:7.2f} "
               f"{r.get('cudnn_us', float('nan')):9.1f} {r.get('xla_us', float('nan')):9.1f} {r['floor_us']:8.1f} "
               f"{max(r['split_rel_err'], r['nosplit_rel_err']):8.1e}")
+    for r in variant_rows:
+        if r["workload"] == "decode_rope":
+            print(f"decode_rope      plain {r['plain_us']:.1f} us ({r['plain_TBps']:.2f} TB/s), rope {r['rope_us']:.1f} us "
+                  f"({r['rope_TBps']:.2f} TB/s): rope/plain {r['rope_over_plain']:.3f} (target <= 1.1), err {r['rope_rel_err']:.1e}")
+        else:
+            print(f"block_sparse     R=C=64 {r['R64_C64_us']:.1f} us ({r['R64_C64_TFLOPs']:.0f} TFLOP/s), R=64 C=1 "
+                  f"{r['R64_C1_us']:.1f} us ({r['R64_C1_TFLOPs']:.0f} TFLOP/s): C=1 / C=64 throughput "
+                  f"{r['C1_over_C64_throughput']:.2f} (target >= 0.8), err {max(r['R64_C64_rel_err'], r['R64_C1_rel_err']):.1e}")
 
 
 if __name__ == "__main__":

@@ -41,9 +41,11 @@ WORK_FIELDS = (
     "kv_base",  # request's first page in kv_indices (paged) or first token of the ragged KV
     "out_slot",  # -1: writes final rows; s >= 0: writes partial rows of slot s
     "valid",  # 1 for a real tile, 0 for padding
+    "kv_len",  # keys of the request: the row stride of its custom mask
+    "mask_base",  # custom-mask index of the tile's (first token, key 0): request offset + tok0 * kv_len
 )
 F = {name: i for i, name in enumerate(WORK_FIELDS)}
-MERGE_FIELDS = ("kv_head", "q_row0", "q_len")
+MERGE_FIELDS = ("kv_head", "q_row0", "q_len", "q_pos0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +56,7 @@ class WorkBuffers:
       work: ``[max_work_tiles, len(WORK_FIELDS)]`` tiles ordered by CTA, longest first.
       cta_indptr: ``[num_ctas + 1]``: CTA c runs tiles ``cta_indptr[c]:cta_indptr[c+1]``.
       merge_indptr: ``[split_budget // 2 + 1]``: group g folds slots ``merge_indptr[g]:[g+1]``.
-      merge_dest: ``[split_budget // 2, 3]`` final rows of group g (``MERGE_FIELDS``).
+      merge_dest: ``[split_budget // 2, 4]`` final rows of group g (``MERGE_FIELDS``).
       num_tiles, num_groups: real tiles and merge groups; chunk: KV chunk size (0: no split).
     """
 
@@ -147,6 +149,7 @@ def plan_work(
     max_work_tiles: int,
     split_kv: bool = True,
     min_chunk: int = 256,
+    mask_offsets=None,
 ) -> WorkBuffers:
     """Plan one batch (host, numpy).
 
@@ -163,6 +166,8 @@ def plan_work(
       max_work_tiles: capacity of ``work``.
       split_kv: ``False`` never splits a request's KV.
       min_chunk: smallest KV chunk (tokens) of a split.
+      mask_offsets: ``[B]`` offset of each request's row-major ``[qo_len, kv_len]`` custom mask in
+        the flat mask (``None``: no custom mask; ``mask_base`` is then 0).
 
     Returns:
       :class:`WorkBuffers`.
@@ -213,6 +218,9 @@ def plan_work(
     cols[F["kv_base"]] = kv_base[t_req]
     cols[F["out_slot"]] = slot
     cols[F["valid"]] = 1
+    cols[F["kv_len"]] = kv_lens[t_req]
+    base = 0 if mask_offsets is None else np.asarray(mask_offsets, np.int64)[t_req]
+    cols[F["mask_base"]] = base + tok0[t_q] * kv_lens[t_req]
     work[:num_tiles] = cols.T[perm]
     cta_indptr = np.zeros(num_ctas + 1, np.int32)
     np.cumsum(per_cta, out=cta_indptr[1:])
@@ -227,6 +235,7 @@ def plan_work(
     merge_dest[: groups.size, 0] = pair_head[groups]
     merge_dest[: groups.size, 1] = qo_indptr[req[gq]] + tok0[gq]
     merge_dest[: groups.size, 2] = ntok[gq]
+    merge_dest[: groups.size, 3] = q_pos0[gq]
     return WorkBuffers(work, cta_indptr, merge_indptr, merge_dest, num_tiles, int(groups.size), int(chunk))
 
 

@@ -19,7 +19,7 @@ import pytest
 from ref64 import gather_paged_kv, random_page_table
 
 # Backends every API test runs on; adding a name here is all a new backend needs.
-BACKENDS = ["xla"]
+BACKENDS = ["xla", "pallas"]
 
 
 def pytest_configure(config):

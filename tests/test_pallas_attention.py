@@ -23,32 +23,37 @@ SPLIT = PallasBackend(num_ctas=4, split_factor=16, config=TileConfig(16, 16, 4, 
 NO_SPLIT = PallasBackend(num_ctas=3, split_factor=0)
 
 
-def _run_case(rng, qo_lens, kv_lens, *, backend, page_size=None, hq=4, hkv=2, d=32, dtype=jnp.bfloat16, layout="NHD", **options):
-    """Plan and run one batch (paged when ``page_size`` is set, ragged KV otherwise); compare."""
+def _run_case(rng, qo_lens, kv_lens, *, backend, page_size=None, hq=4, hkv=2, d=32, dtype=jnp.bfloat16, layout="NHD",
+              variant=None, custom_mask=None, return_lse=True, **options):
+    """Plan and run one batch (paged when ``page_size`` is set, ragged KV otherwise); compare.
+
+    ``variant`` (else built from ``options``) and the flat ``custom_mask`` go to both sides."""
     qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
     q = rand(rng, (int(qo_indptr[-1]), hq, d), dtype)
-    variant = AttentionVariant(**options)
+    variant = variant or AttentionVariant(**options)
     if page_size is None:
         kv_indptr = np.concatenate([[0], np.cumsum(kv_lens)]).astype(np.int32)
         k = rand(rng, (int(kv_indptr[-1]) + 3, hkv, d), dtype)
         v = rand(rng, k.shape, dtype)
-        spec = BatchSpec.create(qo_indptr, kv_indptr, None, None, page_size=1, num_qo_heads=hq, num_kv_heads=hkv, head_dim=d, variant=variant, q_dtype=dtype)
+        spec = BatchSpec.create(qo_indptr, kv_indptr, None, None, page_size=1, num_qo_heads=hq, num_kv_heads=hkv, head_dim=d, variant=variant, custom_mask=custom_mask, q_dtype=dtype)
         k_list = [np.asarray(k[a:b], np.float64) for a, b in zip(kv_indptr[:-1], kv_indptr[1:])]
         v_list = [np.asarray(v[a:b], np.float64) for a, b in zip(kv_indptr[:-1], kv_indptr[1:])]
     else:
         kv_indptr, kv_indices, last, num_pages = random_page_table(rng, kv_lens, page_size)
         shape = (num_pages, page_size, hkv, d) if layout == "NHD" else (num_pages, hkv, page_size, d)
         k, v = rand(rng, shape, dtype), rand(rng, shape, dtype)
-        spec = BatchSpec.create(qo_indptr, kv_indptr, kv_indices, last, page_size=page_size, num_qo_heads=hq, num_kv_heads=hkv, head_dim=d, variant=variant, q_dtype=dtype)
+        spec = BatchSpec.create(qo_indptr, kv_indptr, kv_indices, last, page_size=page_size, num_qo_heads=hq, num_kv_heads=hkv, head_dim=d, variant=variant, custom_mask=custom_mask, q_dtype=dtype)
         k_list, v_list = gather_paged_kv(k, v, kv_indptr, kv_indices, last, layout)
     assert backend.unsupported(spec) is None
     plan = backend.plan(spec, PlanCapacity())
-    run = jax.jit(lambda p, q, k, v: backend.run(p, q, k, v, kv_layout=layout, return_lse=True))
+    run = jax.jit(lambda p, q, k, v: backend.run(p, q, k, v, kv_layout=layout, return_lse=return_lse))
     o, lse = run(plan, q, k, v)
-    o_ref, lse_ref = ref_batch(q, k_list, v_list, qo_indptr, **options)
-    assert o.dtype == dtype and lse.dtype == jnp.float32
+    o_ref, lse_ref = ref_batch(q, k_list, v_list, qo_indptr, custom_mask=custom_mask, variant=variant)
+    assert o.dtype == dtype
     assert_close(o, o_ref, dtype, "o")
-    assert_close(lse, lse_ref, dtype, "lse")
+    if return_lse:
+        assert lse.dtype == jnp.float32
+        assert_close(lse, lse_ref, dtype, "lse")
     return plan
 
 
@@ -137,8 +142,5 @@ def test_unsupported_reasons():
     be = get_backend("pallas")
     assert be.unsupported(spec()) is None
     assert "head_dim" in be.unsupported(spec(head_dim=96))
-    assert "ALIBI" in be.unsupported(spec(variant=AttentionVariant(pos_encoding_mode="ALIBI")))
-    assert "ROPE_LLAMA" in be.unsupported(spec(variant=AttentionVariant(pos_encoding_mode="ROPE_LLAMA")))
-    assert "use_softmax" in be.unsupported(spec(variant=AttentionVariant(use_softmax=False)))
-    assert "callables" in be.unsupported(spec(variant=AttentionVariant(logits_transform=lambda x, *a: x)))
+    assert "ROPE_LLAMA" in be.unsupported(spec(head_dim=16, variant=AttentionVariant(pos_encoding_mode="ROPE_LLAMA")))
     assert "float32" in be.unsupported(spec(q_dtype=jnp.float32))

@@ -14,8 +14,9 @@ from jax.export import DisabledSafetyCheck
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 from jaxinfer.pallas.attention import KernelSpec, attention
-from jaxinfer.pallas.config import candidate_configs
+from jaxinfer.pallas.config import TileConfig, candidate_configs
 from jaxinfer.pallas.merge import force_triton_lowering, merge_state, merge_states
+from jaxinfer.variants import AttentionVariant
 
 S = jax.ShapeDtypeStruct
 
@@ -55,6 +56,52 @@ def test_attention_lowers(cfg, d, mode, masks):
     args = (S((ks.buffer_size,), jnp.int32), S((77, hkv * group, d), dtype), kv, kv)
     text = _export_cuda(lambda *a: attention(*a, ks=ks, cfg=cfg), *args)
     assert text.count(pltriton.CUSTOM_CALL_TARGET_NAME) == (2 if masks else 1)
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + jnp.exp(-x))
+
+
+def _rms(x):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+
+
+SIGMOID = AttentionVariant(logits_transform=lambda x, qp, kp, qh, kh: _sigmoid(x + 0.1 * qh), use_softmax=False)
+ALL_CALLABLES = AttentionVariant(
+    logits_transform=lambda x, qp, kp, qh, kh: x - 0.01 * (qp - kp),
+    logits_mask=lambda qp, kp, qh, kh: (kp % 4 != 3) | (qh == kh),
+    query_transform=_rms,
+    key_transform=_rms,
+    output_transform=lambda o, lse, qp, qh: o * _sigmoid(lse * 0.69 - 0.5 * qh)[..., None],
+)
+# Every variant flag on at least once: (name, kernel-spec fields, with a custom mask).
+VARIANTS = [
+    ("alibi-causal", dict(pos_encoding_mode="ALIBI", causal=True, logits_soft_cap=30.0), False),
+    ("rope-window", dict(pos_encoding_mode="ROPE_LLAMA", rope_scale=2.0, window_left=64), False),
+    ("custom-mask", dict(causal=True), True),
+    ("callables-rope", dict(pos_encoding_mode="ROPE_LLAMA", callables=ALL_CALLABLES), True),
+    ("sigmoid-no-softmax", dict(use_softmax=False, callables=SIGMOID, pos_encoding_mode="ALIBI"), False),
+]
+VARIANT_CFGS = [TileConfig(16, 64, 4, 3), TileConfig(128, 64, 8, 3), TileConfig(64, 32, 4, 2)]
+
+
+@pytest.mark.parametrize("cfg", VARIANT_CFGS, ids=lambda c: f"{c.block_m}x{c.block_n}")
+@pytest.mark.parametrize("name,fields,with_mask", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_attention_variants_lower(cfg, name, fields, with_mask):
+    hkv, group, d = 2, 4, 128
+    base = dict(causal=False, window_left=-1, logits_soft_cap=None)
+    base.update(fields)
+    ks = KernelSpec(
+        paged=True, kv_layout="NHD", page_size=16, num_qo_heads=hkv * group, num_kv_heads=hkv, head_dim=d,
+        sm_scale=0.1, num_ctas=264, num_slots=1056, num_groups=528, max_tiles=2048,
+        page_capacity=4096, custom_mask=with_mask, **base,
+    )
+    kv = _kv_shapes("NHD", hkv, d, jnp.bfloat16)
+    args = [S((ks.buffer_size,), jnp.int32), S((77, hkv * group, d), jnp.bfloat16), kv, kv]
+    if with_mask:
+        args.append(S((1 << 16,), jnp.int8))
+    text = _export_cuda(lambda *a: attention(*a, ks=ks, cfg=cfg), *args)
+    assert text.count(pltriton.CUSTOM_CALL_TARGET_NAME) == 2
 
 
 def test_merge_kernels_lower():

@@ -76,7 +76,7 @@ def test_every_visible_pair_covered_once(case):
         cover[rows, t[F["kv_head"]], t[F["kv_lo"]] : t[F["kv_hi"]]] += 1
         writers[rows, t[F["kv_head"]]] += t[F["out_slot"]] < 0
     for grp in range(wb.num_groups):
-        h, r0, n = wb.merge_dest[grp]
+        h, r0, n, _ = wb.merge_dest[grp]
         writers[r0 : r0 + n, h] += 1
     assert np.all(writers == 1), "every (row, kv head) is written exactly once"
     assert cover.max(initial=0) <= 1, "no key is read twice for a row"
@@ -176,3 +176,18 @@ def test_backend_plan_in_jit_matches_host(rng):
     traced = jax.jit(lambda *a: backend.plan_in_jit(spec, cap, *a))(qo_indptr, kv_indptr, pages, last)
     assert traced.kernel == host.kernel and traced.config == host.config
     np.testing.assert_array_equal(np.asarray(traced.buffer), np.asarray(host.buffer))
+
+
+@settings(max_examples=50, deadline=None)
+@given(batches())
+def test_mask_base_points_at_the_tiles_first_token(case):
+    # Tile (request b, first token i0) finds mask bit (i, j) at mask_base + (i - i0) * kv_len + j.
+    qo, kv = case["qo_lens"], case["kv_lens"]
+    offsets = np.concatenate([[0], np.cumsum(qo * kv)])[:-1] + 7
+    qo_indptr = np.concatenate([[0], np.cumsum(qo)])
+    kw = {k: v for k, v in case.items() if k not in ("qo_lens", "kv_lens")}
+    wb = plan_work(qo_indptr, kv, np.zeros(qo.size), max_work_tiles=4096, mask_offsets=offsets, **kw)
+    for t in wb.work[: wb.num_tiles]:
+        b = int(np.searchsorted(qo_indptr, t[F["q_row0"]], side="right") - 1)
+        assert t[F["kv_len"]] == kv[b]
+        assert t[F["mask_base"]] == offsets[b] + (t[F["q_row0"]] - qo_indptr[b]) * kv[b]

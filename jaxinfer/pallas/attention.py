@@ -10,12 +10,32 @@ of the ragged KV. Online softmax in float32 with ``exp2`` on logits scaled by
 ``sm_scale * log2(e)`` (FlashAttention-2); the result goes to the final rows when the tile is
 its query tile's only chunk, else to a partial ``(o, lse)`` slot that
 :func:`jaxinfer.pallas.merge.merge_partials` folds afterwards.
+
+Attention variants (the pipeline of jaxinfer/variants.py) are static fields of the
+:class:`KernelSpec`, so each compiles away when unused: ALiBi adds ``slope * (kv_pos - q_pos)``
+per row (slopes in closed form), ROPE_LLAMA rotates the halves of q (once per tile) and k (per
+key step, cos/sin by angle addition) on load and forms ``q.k = q1.k1 + q2.k2``, a custom mask is
+gathered byte by byte from a flat int8 array, and the user callables of the
+:class:`~jaxinfer.variants.AttentionVariant` are traced into the kernel. Rows are (token, head of
+the GQA group), so the callables get per-row ``q_pos``/``qo_head`` of shape ``[bm, 1]``, keys'
+``kv_pos`` of shape ``[1, bn]`` and the tile's ``kv_head`` as a scalar. Examples::
+
+    # Sigmoid attention (FlashSigmoid, Ramapuram et al. 2024): o = sum_j sigmoid(x_j + b) v_j.
+    AttentionVariant(logits_transform=lambda x, qp, kp, qh, kh: jax.nn.sigmoid(x - 1.0),
+                     use_softmax=False)
+    # Attention sinks: a per-head sink logit s_h joins the softmax denominator.
+    AttentionVariant(output_transform=lambda o, lse, qp, qh:
+                     o * jax.nn.sigmoid(lse * jnp.log(2.0) - (0.5 * qh - 1.0))[..., None])
+
+Callables may not gather from captured arrays (Triton has no gather on values): write per-head
+constants as arithmetic on ``qo_head`` or ``jnp.where`` chains.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +45,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxinfer.pallas.config import TileConfig
-from jaxinfer.pallas.merge import NEG_INF, finish, interpret_mode, merge_partials, row_block
+from jaxinfer.pallas.merge import NEG_INF, apply_output_transform, finish, interpret_mode, merge_partials, row_block
 from jaxinfer.planner import F, MERGE_FIELDS, WORK_FIELDS
-from jaxinfer.variants import LOG2E
+from jaxinfer.variants import LOG2E, AttentionVariant
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,10 +65,22 @@ class KernelSpec:
       num_slots: partial slots (0 when split-KV is off).
       num_groups: merge groups of the merge kernel.
       max_tiles, page_capacity: capacities of the work tiles and of ``kv_indices``.
+      pos_encoding_mode, rope_scale, rope_theta: ``"ALIBI"`` adds ``slope[qo_head] * (kv_pos -
+        q_pos)`` to the natural logits; ``"ROPE_LLAMA"`` rotates q and k on load (step 2 of
+        jaxinfer/variants.py).
+      custom_mask: the plan carries a flat int8 mask (one byte per (query, key) of a request,
+        row-major ``[qo_len, kv_len]``); tiles find theirs through ``kv_len``/``mask_base``.
+      use_softmax: ``False`` gives ``o = sum_j x_j v_j`` (no lse; split-KV partials add).
+      callables: the variant whose user callables (logits/query/key/output transforms,
+        ``logits_mask``) are traced into the kernel, ``None`` when it has none. The
+        ``output_transform`` sees final ``(o, lse)``: in this kernel for unsplit tiles, in the
+        merge kernel for split ones.
+
+    Every feature is a static flag: a plan without it compiles to the plain kernel.
 
     The plan's int32 buffers travel as one array (one host-to-device copy) laid out as
     ``work [max_tiles, len(WORK_FIELDS)] | cta_indptr [num_ctas+1] | merge_indptr
-    [num_groups+1] | merge_dest [num_groups, 3] | kv_indices [page_capacity]``; the ``off_*``
+    [num_groups+1] | merge_dest [num_groups, 4] | kv_indices [page_capacity]``; the ``off_*``
     properties give the offsets.
     """
 
@@ -67,10 +99,38 @@ class KernelSpec:
     num_groups: int
     max_tiles: int
     page_capacity: int
+    pos_encoding_mode: str = "NONE"
+    rope_scale: float = 1.0
+    rope_theta: float = 1e4
+    custom_mask: bool = False
+    use_softmax: bool = True
+    callables: AttentionVariant | None = None
 
     @property
     def group_size(self) -> int:
         return self.num_qo_heads // self.num_kv_heads
+
+    @property
+    def rope(self) -> bool:
+        return self.pos_encoding_mode == "ROPE_LLAMA"
+
+    @property
+    def alibi(self) -> bool:
+        return self.pos_encoding_mode == "ALIBI"
+
+    def fn(self, name: str):
+        """The user callable ``name`` of the variant (``None`` when absent)."""
+        return None if self.callables is None else getattr(self.callables, name)
+
+    @property
+    def natural_logits(self) -> bool:
+        """The logits pass through natural-unit steps (ALiBi, a logits transform, no softmax)."""
+        return self.alibi or self.fn("logits_transform") is not None or not self.use_softmax
+
+    @property
+    def masks_every_step(self) -> bool:
+        """A custom mask or ``logits_mask`` can hide any key, so no step runs without masks."""
+        return self.custom_mask or self.fn("logits_mask") is not None
 
     @property
     def off_cta(self) -> int:
@@ -102,14 +162,95 @@ class KernelSpec:
         return out
 
 
-def _logits(s, ks: KernelSpec):
-    """Raw ``q.k`` to ``(x, c)`` with base-2 logits ``x * c``: the scale ``c = sm_scale*log2(e)``
-    is left out of ``x`` so that it folds into the exponent's FMA (``c*cap*log2(e)`` with the
-    soft cap ``cap*tanh(q.k*sm_scale/cap)``). ``c > 0``, so row maxima commute with it."""
-    if ks.logits_soft_cap is None:
-        return s, ks.sm_scale * LOG2E
-    cap = ks.logits_soft_cap
-    return jnp.tanh(s * (ks.sm_scale / cap)), cap * LOG2E
+def _logits(s, rows, pos, kv_head, ks: KernelSpec):
+    """Raw ``q.k`` to ``(x, c)`` with base-2 logits ``x * c`` (steps 3-6 of jaxinfer/variants.py).
+
+    Plain logits leave the scale ``c = sm_scale*log2(e)`` out of ``x`` so that it folds into the
+    exponent's FMA (``c*cap*log2(e)`` with the soft cap ``cap*tanh(q.k*sm_scale/cap)``); ``c > 0``,
+    so row maxima commute with it. ALiBi and a logits transform need natural units, so there
+    ``x`` is the natural logit and ``c = log2(e)``. ``rows = (q_pos, qo_head, slope)`` per row.
+    """
+    if not ks.natural_logits:
+        if ks.logits_soft_cap is None:
+            return s, ks.sm_scale * LOG2E
+        cap = ks.logits_soft_cap
+        return jnp.tanh(s * (ks.sm_scale / cap)), cap * LOG2E
+    q_pos, qo_head, slope = rows
+    x = s * ks.sm_scale
+    if ks.logits_soft_cap is not None:
+        x = ks.logits_soft_cap * jnp.tanh(x * (1.0 / ks.logits_soft_cap))
+    if ks.alibi:
+        x = x + slope[:, None] * (pos[None, :] - q_pos[:, None]).astype(jnp.float32)
+    transform = ks.fn("logits_transform")
+    if transform is not None:
+        x = jnp.broadcast_to(transform(x, q_pos[:, None], pos[None, :], qo_head[:, None], kv_head), s.shape)
+    return x, LOG2E
+
+
+def alibi_slope(qo_head, num_heads: int):
+    """``jaxinfer.variants.alibi_slopes(num_heads)[qo_head]`` in closed form (float32), so that
+    the kernel computes each row's slope instead of gathering it from a table: with ``m`` the
+    largest power of 2 <= ``num_heads``, head ``h < m`` gets ``2**(-8 (h+1)/m)`` and head
+    ``m + i`` gets ``2**(-4 (2i+1)/m)`` (Press et al. 2022, sec. 3)."""
+    m = 2 ** int(math.floor(math.log2(num_heads)))
+    h = qo_head.astype(jnp.float32)
+    return jnp.exp2(jnp.where(qo_head < m, (h + 1.0) * (-8.0 / m), (2.0 * (h - m) + 1.0) * (-4.0 / m)))
+
+
+def _inv_freq(ks: KernelSpec):
+    """RoPE angle per position ``[D/2]`` float32: ``rope_theta**(-2d/D) / rope_scale``."""
+    d = lax.iota(jnp.int32, ks.head_dim // 2).astype(jnp.float32)
+    return jnp.exp2(d * (-2.0 * math.log2(ks.rope_theta) / ks.head_dim)) * (1.0 / ks.rope_scale)
+
+
+def _cos_sin(pos, inv_freq):
+    angle = pos.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    return jnp.cos(angle), jnp.sin(angle)
+
+
+def _key_cos_sin(p0, table, inv_freq):
+    """cos/sin ``[bn, D/2]`` of keys ``p0 + t`` by angle addition from ``table`` = cos/sin of
+    ``t * inv_freq``: two trig evaluations per column per step instead of ``bn`` of them."""
+    ct, st = table
+    a = p0.astype(jnp.float32) * inv_freq
+    c0, s0 = jnp.cos(a)[None, :], jnp.sin(a)[None, :]
+    return c0 * ct - s0 * st, s0 * ct + c0 * st
+
+
+def _load(ref, rows, ok, width: int, col0: int = 0):
+    """Columns ``col0:col0+width`` of ``rows`` of a 2-D ref; rows where ``ok`` is False read 0
+    (``ok=None``: every row is in range, an unmasked load)."""
+    blk = row_block(ref, rows, width, col0)
+    if ok is None:
+        return pltriton.load(blk)
+    return pltriton.load(blk, mask=jnp.broadcast_to(ok[:, None], (rows.shape[0], width)), other=0.0)
+
+
+def _load_operand(ref, rows, ok, transform, cos_sin, d: int):
+    """Rows of q or k as the column parts of the logits dot, in the input dtype.
+
+    Plain: one ``[rows, D]`` part. With RoPE (``cos_sin`` of ``[rows, D/2]``): the two halves,
+    rotated in float32 (rotate-half), so that ``q.k = q1.k1 + q2.k2`` needs no concatenation.
+    A user ``transform`` sees whole float32 rows before the rotation (step 1 before step 2).
+    """
+    if transform is None and cos_sin is None:
+        return (_load(ref, rows, ok, d),)
+    if transform is None:
+        parts = tuple(_load(ref, rows, ok, d // 2, c).astype(jnp.float32) for c in (0, d // 2))
+    else:
+        x = transform(_load(ref, rows, ok, d).astype(jnp.float32))
+        parts = tuple(jnp.split(x, 2, axis=1)) if cos_sin is not None else (x,)
+    if cos_sin is not None:
+        (x1, x2), (cos, sin) = parts, cos_sin
+        parts = (x1 * cos - x2 * sin, x2 * cos + x1 * sin)
+    return tuple(p.astype(ref.dtype) for p in parts)
+
+
+def _dot_parts(qs, kp):
+    s = pltriton.dot(qs[0], kp[0], trans_b=True)
+    for a, b in zip(qs[1:], kp[1:]):
+        s = s + pltriton.dot(a, b, trans_b=True)
+    return s
 
 
 def _kv_rows(pos, ok, kv_head, kv_base, buf_ref, num_pages, ks: KernelSpec):
@@ -150,11 +291,37 @@ def _full_steps(q_pos0, q_len, kv_lo, kv_hi, n_steps, bn, ks: KernelSpec):
     return a, b
 
 
-def _attention_kernel(buf_ref, q_ref, k_ref, v_ref, _o_in, _lse_in, o_ref, lse_ref, po_ref, plse_ref, *, ks: KernelSpec, cfg: TileConfig, num_pages: int):
+def _visible(ok, pos, rows, kv_head, mask, ks: KernelSpec):
+    """``[bm, bn]`` keys each row may see (step 7): chunk range, causal, window, custom mask and
+    ``logits_mask``. ``mask = (mask_ref, mask_base, kv_len, tok, row_ok)`` or ``None``."""
+    q_pos, qo_head, _ = rows
+    visible = ok[None, :]
+    if ks.causal:
+        visible = visible & (pos[None, :] <= q_pos[:, None])
+    if ks.window_left >= 0:
+        visible = visible & (pos[None, :] >= q_pos[:, None] - ks.window_left)
+    if ks.custom_mask:
+        mask_ref, mask_base, kv_len, tok, row_ok = mask
+        inside = row_ok[:, None] & ok[None, :]
+        idx = jnp.where(inside, mask_base + tok[:, None] * kv_len + pos[None, :], 0)
+        visible = visible & (pltriton.load(mask_ref.at[idx], mask=inside, other=0) != 0)
+    logits_mask = ks.fn("logits_mask")
+    if logits_mask is not None:
+        visible = visible & logits_mask(q_pos[:, None], pos[None, :], qo_head[:, None], kv_head)
+    return visible
+
+
+def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int):
+    buf_ref, q_ref, k_ref, v_ref = refs[:4]
+    mask_ref = refs[4] if ks.custom_mask else None
+    o_ref, lse_ref, po_ref, plse_ref = refs[-4:]
     bm, bn, d, g = cfg.block_m, cfg.block_n, ks.head_dim, ks.group_size
     r = lax.iota(jnp.int32, bm)
     tok, head_in_group = r // g, r % g
     nf = len(WORK_FIELDS)
+    if ks.rope:
+        inv_freq = _inv_freq(ks)
+        key_table = _cos_sin(lax.iota(jnp.int32, bn), inv_freq)
 
     def tile(t, carry):
         def field(name):
@@ -164,31 +331,30 @@ def _attention_kernel(buf_ref, q_ref, k_ref, v_ref, _o_in, _lse_in, o_ref, lse_r
         kv_lo, kv_hi, kv_base, out_slot = field("kv_lo"), field("kv_hi"), field("kv_base"), field("out_slot")
         row_ok = tok < q_len
         row_ok2 = jnp.broadcast_to(row_ok[:, None], (bm, d))
-        rows_raw = (q_row0 + tok) * ks.num_qo_heads + kv_head * g + head_in_group
-        q = pltriton.load(row_block(q_ref, jnp.where(row_ok, rows_raw, 0), d), mask=row_ok2, other=0.0)
+        qo_head = kv_head * g + head_in_group
+        rows_raw = (q_row0 + tok) * ks.num_qo_heads + qo_head
         q_pos = q_pos0 + tok
+        rows = (q_pos, qo_head, alibi_slope(qo_head, ks.num_qo_heads) if ks.alibi else None)
+        q_cs = _cos_sin(q_pos, inv_freq) if ks.rope else None
+        qs = _load_operand(q_ref, jnp.where(row_ok, rows_raw, 0), row_ok, ks.fn("query_transform"), q_cs, d)
+        mask = (mask_ref, field("mask_base"), field("kv_len"), tok, row_ok) if ks.custom_mask else None
 
         def step(i, state, masked):
             m, l, acc = state
-            pos = kv_lo + i * bn + lax.iota(jnp.int32, bn)
+            p0 = kv_lo + i * bn
+            pos = p0 + lax.iota(jnp.int32, bn)
+            ok = pos < kv_hi if masked else None
+            kv_rows = _kv_rows(pos, ok, kv_head, kv_base, buf_ref, num_pages, ks)
+            k_cs = _key_cos_sin(p0, key_table, inv_freq) if ks.rope else None
+            kp = _load_operand(k_ref, kv_rows, ok, ks.fn("key_transform"), k_cs, d)
+            v = _load(v_ref, kv_rows, ok, d)
+            s, scale = _logits(_dot_parts(qs, kp), rows, pos, kv_head, ks)
+            if not ks.use_softmax:
+                if masked:
+                    s = jnp.where(_visible(ok, pos, rows, kv_head, mask, ks), s, 0.0)
+                return m, l, acc + pltriton.dot(s, v.astype(jnp.float32))
             if masked:
-                ok = pos < kv_hi
-                ok2 = jnp.broadcast_to(ok[:, None], (bn, d))
-                rows = _kv_rows(pos, ok, kv_head, kv_base, buf_ref, num_pages, ks)
-                k = pltriton.load(row_block(k_ref, rows, d), mask=ok2, other=0.0)
-                v = pltriton.load(row_block(v_ref, rows, d), mask=ok2, other=0.0)
-            else:
-                rows = _kv_rows(pos, None, kv_head, kv_base, buf_ref, num_pages, ks)
-                k = pltriton.load(row_block(k_ref, rows, d))
-                v = pltriton.load(row_block(v_ref, rows, d))
-            s, scale = _logits(pltriton.dot(q, k, trans_b=True), ks)
-            if masked:
-                visible = ok[None, :]
-                if ks.causal:
-                    visible = visible & (pos[None, :] <= q_pos[:, None])
-                if ks.window_left >= 0:
-                    visible = visible & (pos[None, :] >= q_pos[:, None] - ks.window_left)
-                s = jnp.where(visible, s, NEG_INF)
+                s = jnp.where(_visible(ok, pos, rows, kv_head, mask, ks), s, NEG_INF)
             m_new = jnp.maximum(m, jnp.max(s, axis=1) * scale)
             # Only masked steps can leave a row with no key so far (m = -inf).
             m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new) if masked else m_new
@@ -199,17 +365,23 @@ def _attention_kernel(buf_ref, q_ref, k_ref, v_ref, _o_in, _lse_in, o_ref, lse_r
 
         state = (jnp.full((bm,), NEG_INF, jnp.float32), jnp.zeros((bm,), jnp.float32), jnp.zeros((bm, d), jnp.float32))
         n_steps = pl.cdiv(kv_hi - kv_lo, bn)
-        a, b = _full_steps(q_pos0, q_len, kv_lo, kv_hi, n_steps, bn, ks)
         masked, full = functools.partial(step, masked=True), functools.partial(step, masked=False)
-        if ks.window_left >= 0:
-            state = lax.fori_loop(0, a, masked, state)
-        state = lax.fori_loop(a, b, full, state)
-        o, lse = finish(lax.fori_loop(b, n_steps, masked, state))
+        if ks.masks_every_step:
+            state = lax.fori_loop(0, n_steps, masked, state)
+        else:
+            a, b = _full_steps(q_pos0, q_len, kv_lo, kv_hi, n_steps, bn, ks)
+            if ks.window_left >= 0:
+                state = lax.fori_loop(0, a, masked, state)
+            state = lax.fori_loop(a, b, full, state)
+            state = lax.fori_loop(b, n_steps, masked, state)
+        # Without softmax, o is the plain sum and the lse rows (unused) hold zeros.
+        o, lse = finish(state) if ks.use_softmax else (state[2], state[1])
+        o_final = apply_output_transform(o, lse, q_pos, qo_head, ks.fn("output_transform"), ks.use_softmax)
         # Masked-off lanes store to an index past the end: never written on the GPU, dropped by
         # the scatter of interpret mode (a clamped index would race with a real row there).
         final = row_ok & (out_slot < 0)
         o_rows = jnp.where(final, rows_raw, o_ref.shape[0])
-        pltriton.store(row_block(o_ref, o_rows, d), o.astype(o_ref.dtype), mask=row_ok2 & (out_slot < 0))
+        pltriton.store(row_block(o_ref, o_rows, d), o_final.astype(o_ref.dtype), mask=row_ok2 & (out_slot < 0))
         pltriton.store(lse_ref.at[o_rows], lse, mask=final)
         if ks.num_slots:
             part = row_ok & (out_slot >= 0)
@@ -222,7 +394,7 @@ def _attention_kernel(buf_ref, q_ref, k_ref, v_ref, _o_in, _lse_in, o_ref, lse_r
     lax.fori_loop(buf_ref[ks.off_cta + c], buf_ref[ks.off_cta + c + 1], tile, 0)
 
 
-def attention(plan_buffer, q, k, v, *, ks: KernelSpec, cfg: TileConfig):
+def attention(plan_buffer, q, k, v, mask=None, *, ks: KernelSpec, cfg: TileConfig):
     """Run a plan: the attention kernel, then the merge kernel when split-KV is on.
 
     Args:
@@ -230,17 +402,24 @@ def attention(plan_buffer, q, k, v, *, ks: KernelSpec, cfg: TileConfig):
       q: ``[nnz_q, Hq, D]`` bf16/fp16.
       k, v: paged caches ``[num_pages, page_size, Hkv, D]`` (NHD) / ``[num_pages, Hkv, page_size,
         D]`` (HND), or ragged ``[nnz_kv, Hkv, D]``.
+      mask: ``[n]`` int8 flat custom mask (nonzero keeps a key) when ``ks.custom_mask``, else None.
 
     Returns:
       ``(o [nnz_q, Hq, D] q.dtype, lse [nnz_q, Hq] float32 base 2)``; rows no tile covers are
-      ``(0, -inf)``.
+      ``(0, -inf)``. Without softmax the lse rows are meaningless.
+
+    Raises:
+      ValueError: ``mask`` given without ``ks.custom_mask`` or missing with it.
     """
+    if (mask is not None) != ks.custom_mask:
+        raise ValueError(f"mask must be given exactly when the kernel spec has custom_mask={ks.custom_mask}")
     nnz_q = q.shape[0]
     rows = nnz_q * ks.num_qo_heads
     d = ks.head_dim
     slots = max(ks.num_slots, 1) * cfg.block_m
     num_pages = k.shape[0] if ks.paged else 1
     kernel = functools.partial(_attention_kernel, ks=ks, cfg=cfg, num_pages=num_pages)
+    extra = () if mask is None else (mask,)
     o, lse, po, plse = pl.pallas_call(
         kernel,
         out_shape=(
@@ -250,7 +429,7 @@ def attention(plan_buffer, q, k, v, *, ks: KernelSpec, cfg: TileConfig):
             jax.ShapeDtypeStruct((slots,), jnp.float32),
         ),
         grid=(ks.num_ctas,),
-        input_output_aliases={4: 0, 5: 1},
+        input_output_aliases={len(extra) + 4: 0, len(extra) + 5: 1},
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret_mode(),
     )(
@@ -258,6 +437,7 @@ def attention(plan_buffer, q, k, v, *, ks: KernelSpec, cfg: TileConfig):
         q.reshape(rows, d),
         k.reshape(-1, d),  # [rows, D] view of a paged cache (NHD/HND) or a ragged KV tensor
         v.reshape(-1, d),
+        *extra,
         jnp.zeros((rows, d), q.dtype),
         jnp.full((rows,), NEG_INF, jnp.float32),
     )
@@ -266,5 +446,6 @@ def attention(plan_buffer, q, k, v, *, ks: KernelSpec, cfg: TileConfig):
             plan_buffer, po, plse, o, lse,
             off_indptr=ks.off_merge_indptr, off_dest=ks.off_merge_dest, num_groups=ks.num_groups,
             block_m=cfg.block_m, group_size=ks.group_size, num_qo_heads=ks.num_qo_heads,
+            use_softmax=ks.use_softmax, output_transform=ks.fn("output_transform"),
         )
     return o.reshape(nnz_q, ks.num_qo_heads, d), lse.reshape(nnz_q, ks.num_qo_heads)

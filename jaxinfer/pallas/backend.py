@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.batch import BatchSpec, PlanCapacity
+from jaxinfer.batch import BatchSpec, PlanCapacity, next_pow2
 from jaxinfer.pallas.attention import KernelSpec, attention
 from jaxinfer.pallas.config import TileConfig, heuristic_config
 from jaxinfer.planner import MERGE_FIELDS, WORK_FIELDS, plan_work, plan_work_in_jit
@@ -31,11 +31,14 @@ class PallasPlan:
         :class:`~jaxinfer.pallas.attention.KernelSpec`).
       kernel: static :class:`~jaxinfer.pallas.attention.KernelSpec`.
       config: static :class:`~jaxinfer.pallas.config.TileConfig`.
+      mask: ``[n]`` int8 flat custom mask (the spec's, 1 = keep, zero-padded to a power of 2) when
+        ``kernel.custom_mask``, else ``None``.
     """
 
     buffer: jax.Array
     kernel: KernelSpec
     config: TileConfig
+    mask: jax.Array | None = None
 
     def unpack(self) -> dict[str, np.ndarray]:
         """The plan's buffers as named numpy arrays (for tests and debugging)."""
@@ -49,7 +52,7 @@ class PallasPlan:
         }
 
 
-jax.tree_util.register_dataclass(PallasPlan, data_fields=["buffer"], meta_fields=["kernel", "config"])
+jax.tree_util.register_dataclass(PallasPlan, data_fields=["buffer", "mask"], meta_fields=["kernel", "config"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,14 +85,10 @@ class PallasBackend:
             return f"head_dim={d} (the pallas backend needs a power of 2 in 16..256)"
         if spec.group_size > 128:
             return f"num_qo_heads / num_kv_heads = {spec.group_size} > 128"
-        if v.pos_encoding_mode != "NONE":
-            return f"pos_encoding_mode={v.pos_encoding_mode!r} (pallas supports 'NONE' only for now)"
-        if spec.custom_mask is not None:
-            return "custom_mask"
-        if v.has_user_callables:
-            return "user callables in the variant (logits/query/key/output transforms, logits_mask)"
-        if not v.use_softmax:
-            return "use_softmax=False"
+        if v.pos_encoding_mode == "ROPE_LLAMA" and d < 32:
+            return f"ROPE_LLAMA with head_dim={d} (the rotated halves need head_dim >= 32 for tl.dot)"
+        if spec.custom_mask is not None and spec.custom_mask.size >= 2**31:
+            return f"custom_mask of {spec.custom_mask.size} elements (int32 offsets need < 2**31)"
         for name, dt in (("q", spec.q_dtype), ("kv", spec.kv_dtype)):
             if jnp.dtype(dt) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
                 return f"{name} dtype {jnp.dtype(dt).name} (pallas needs bfloat16 or float16)"
@@ -97,17 +96,22 @@ class PallasBackend:
             return "q and kv dtypes differ"
         return None
 
-    def tile_config(self, spec: BatchSpec) -> TileConfig:
+    def tile_config(self, spec: BatchSpec, capacity: PlanCapacity) -> TileConfig:
+        """The tile config of ``spec``: by its mean query length, or by ``capacity.max_qo_len``
+        when that is fixed (a fixed capacity promises one compiled program for every batch that
+        fits, and the config is static)."""
         if self.config is not None:
             return self.config
-        avg_qo = spec.qo_indptr[-1] / max(spec.batch_size, 1)
-        return heuristic_config(spec.head_dim, spec.page_size, spec.group_size, avg_qo)
+        qo_len = capacity.max_qo_len
+        if qo_len is None:
+            qo_len = spec.qo_indptr[-1] / max(spec.batch_size, 1)
+        return heuristic_config(spec.head_dim, spec.page_size, spec.group_size, qo_len)
 
     def grid_size(self, cfg: TileConfig) -> int:
         """Persistent CTAs of the attention kernel for tile config ``cfg``."""
         return self.num_ctas if self.num_ctas is not None else self.num_sms * cfg.ctas_per_sm
 
-    def _kernel_spec(self, spec: BatchSpec, cfg: TileConfig, max_tiles: int, page_capacity: int) -> KernelSpec:
+    def _kernel_spec(self, spec: BatchSpec, cfg: TileConfig, max_tiles: int, page_capacity: int, custom_mask: bool) -> KernelSpec:
         v = spec.variant
         slots = self.split_factor * self.grid_size(cfg)
         return KernelSpec(
@@ -126,6 +130,12 @@ class PallasBackend:
             num_groups=self._split_budget(cfg, max_tiles) // 2,
             max_tiles=max_tiles,
             page_capacity=page_capacity,
+            pos_encoding_mode=v.pos_encoding_mode,
+            rope_scale=float(v.rope_scale),
+            rope_theta=float(v.rope_theta),
+            custom_mask=custom_mask,
+            use_softmax=v.use_softmax,
+            callables=v if v.has_user_callables else None,
         )
 
     def _split_budget(self, cfg: TileConfig, max_tiles: int) -> int:
@@ -159,7 +169,7 @@ class PallasBackend:
         Raises:
           ValueError: the batch exceeds a fixed field of ``capacity``.
         """
-        cfg = self.tile_config(spec)
+        cfg = self.tile_config(spec, capacity)
         tpt = cfg.tokens_per_tile(spec.group_size)
         q_tiles = int((-(-spec.qo_lens // tpt)).sum())
         unsplit = q_tiles * spec.num_kv_heads
@@ -167,14 +177,16 @@ class PallasBackend:
         wanted = unsplit if capacity.max_work_tiles is not None else max(unsplit, self.split_factor * self.grid_size(cfg))
         max_tiles = capacity.resolve("max_work_tiles", wanted)
         base = spec.kv_indptr[:-1]
-        wb = plan_work(spec.qo_indptr, spec.kv_lens, base, **self._plan_kwargs(spec, cfg, max_tiles))
+        mask = _device_mask(spec.custom_mask)
+        offsets = spec.mask_indptr[:-1] if mask is not None else None
+        wb = plan_work(spec.qo_indptr, spec.kv_lens, base, mask_offsets=offsets, **self._plan_kwargs(spec, cfg, max_tiles))
         kv_indices = np.zeros(self._page_capacity(spec, capacity), np.int32)
         if spec.paged:
             n = int(spec.kv_indptr[-1])
             kv_indices[:n] = spec.kv_indices[:n]
-        ks = self._kernel_spec(spec, cfg, max_tiles, kv_indices.size)
+        ks = self._kernel_spec(spec, cfg, max_tiles, kv_indices.size, mask is not None)
         buffer = ks.pack(wb.work, wb.cta_indptr, wb.merge_indptr, wb.merge_dest, kv_indices)
-        return PallasPlan(buffer=jnp.asarray(buffer), kernel=ks, config=cfg)
+        return PallasPlan(buffer=jnp.asarray(buffer), kernel=ks, config=cfg, mask=mask)
 
     def plan_in_jit(self, spec: BatchSpec, capacity: PlanCapacity, qo_indptr, kv_indptr, kv_indices, kv_last_page_len) -> PallasPlan:
         """Plan inside ``jit`` from traced index arrays (``jax.pure_callback``; one host round trip).
@@ -184,11 +196,14 @@ class PallasBackend:
         must fix ``max_work_tiles``; a batch needing more tiles fails in the callback at run time.
 
         Raises:
-          ValueError: ``capacity.max_work_tiles`` is unset.
+          ValueError: ``capacity.max_work_tiles`` is unset, or ``spec`` has a custom mask (its
+            offsets are planned on the host only).
         """
         if capacity.max_work_tiles is None:
             raise ValueError("plan_in_jit needs capacity.max_work_tiles (a static shape)")
-        cfg = self.tile_config(spec)
+        if spec.custom_mask is not None:
+            raise ValueError("plan_in_jit does not take a custom_mask; plan on the host with plan()")
+        cfg = self.tile_config(spec, capacity)
         if spec.paged:
             n_pages = jnp.diff(kv_indptr)
             kv_lens = jnp.where(n_pages > 0, (n_pages - 1) * spec.page_size + kv_last_page_len, 0)
@@ -198,7 +213,7 @@ class PallasBackend:
             qo_indptr, kv_lens.astype(jnp.int32), kv_indptr[:-1], **self._plan_kwargs(spec, cfg, capacity.max_work_tiles)
         )
         pages = kv_indices if spec.paged else jnp.zeros((1,), jnp.int32)
-        ks = self._kernel_spec(spec, cfg, capacity.max_work_tiles, pages.shape[0])
+        ks = self._kernel_spec(spec, cfg, capacity.max_work_tiles, pages.shape[0], False)
         return PallasPlan(ks.pack(work, cta, mi, md, pages), ks, cfg)
 
     def run(self, plan: PallasPlan, q, k, v, *, kv_layout: str = "NHD", return_lse: bool = False):
@@ -213,13 +228,26 @@ class PallasBackend:
           ``(o [nnz_q, Hq, D] q.dtype, lse [nnz_q, Hq] float32 base 2 or None)``.
 
         Raises:
-          ValueError: ``kv_layout`` is not NHD/HND, or an array's shape or dtype disagrees with
-            the plan (trace time).
+          ValueError: ``kv_layout`` is not NHD/HND, an array's shape or dtype disagrees with
+            the plan (trace time), or ``return_lse`` with ``use_softmax=False`` (no lse).
         """
         ks = dataclasses.replace(plan.kernel, kv_layout=kv_layout)
         _check_run_args(ks, q, k, v)
-        o, lse = attention(plan.buffer, q, k, v, ks=ks, cfg=plan.config)
+        if return_lse and not ks.use_softmax:
+            raise ValueError("return_lse=True needs a softmax variant (use_softmax=False has no lse)")
+        o, lse = attention(plan.buffer, q, k, v, plan.mask, ks=ks, cfg=plan.config)
         return o, (lse if return_lse else None)
+
+
+def _device_mask(custom_mask: np.ndarray | None) -> jax.Array | None:
+    """The spec's flat bool mask as int8 on the device, zero-padded to a power-of-2 length (few
+    shapes, few compilations); ``None`` when absent or all True (a block-sparse plan whose blocks
+    are fully visible then runs its steps without masks)."""
+    if custom_mask is None or custom_mask.all():
+        return None
+    out = np.zeros(next_pow2(custom_mask.size), np.int8)
+    out[: custom_mask.size] = custom_mask
+    return jnp.asarray(out)
 
 
 def _check_run_args(ks: KernelSpec, q, k, v) -> None:

@@ -22,6 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxinfer.batch import next_pow2
+from jaxinfer.planner import MERGE_FIELDS
 
 NEG_INF = float("-inf")
 MERGE_ROWS = 16  # rows (L*H) per program of the public merge kernels
@@ -46,10 +47,10 @@ def force_triton_lowering():
         _force_triton = saved
 
 
-def row_block(ref, rows, width: int):
-    """``ref.at[rows, 0:width]`` of a 2-D ref as a gather (array indices on both axes, which both
-    interpret mode and the Triton lowering accept; Triton still sees contiguous rows)."""
-    cols = lax.iota(jnp.int32, width)
+def row_block(ref, rows, width: int, col0: int = 0):
+    """``ref.at[rows, col0:col0+width]`` of a 2-D ref as a gather (array indices on both axes,
+    which both interpret mode and the Triton lowering accept; Triton still sees contiguous rows)."""
+    cols = lax.iota(jnp.int32, width) + col0 if col0 else lax.iota(jnp.int32, width)
     shape = (rows.shape[0], width)
     return ref.at[jnp.broadcast_to(rows[:, None], shape), jnp.broadcast_to(cols[None, :], shape)]
 
@@ -81,38 +82,53 @@ def finish(state):
     return acc * inv[:, None], jnp.where(seen, m + jnp.log2(jnp.where(seen, w, 1.0)), NEG_INF)
 
 
-def _partials_kernel(buf_ref, po_ref, plse_ref, _o_in, _lse_in, o_ref, lse_ref, *, off_indptr, off_dest, block_m, group_size, num_qo_heads, head_dim):
+def apply_output_transform(o, lse, q_pos, qo_head, transform, use_softmax: bool):
+    """Step 9 of jaxinfer/variants.py on final rows (``lse`` is ``None`` without softmax)."""
+    if transform is None:
+        return o
+    return transform(o, lse if use_softmax else None, q_pos, qo_head)
+
+
+def _partials_kernel(buf_ref, po_ref, plse_ref, _o_in, _lse_in, o_ref, lse_ref, *, off_indptr, off_dest, block_m, group_size, num_qo_heads, head_dim, use_softmax, output_transform):
     g = pl.program_id(0)
     p0, p1 = buf_ref[off_indptr + g], buf_ref[off_indptr + g + 1]
-    dest = off_dest + 3 * g
+    dest = off_dest + len(MERGE_FIELDS) * g
     kv_head, q_row0, q_len = buf_ref[dest], buf_ref[dest + 1], buf_ref[dest + 2]
     r = lax.iota(jnp.int32, block_m)
     tok = r // group_size
     ok = (tok < q_len) & (p1 > p0)
-    out_rows = jnp.where(ok, (q_row0 + tok) * num_qo_heads + kv_head * group_size + r % group_size, o_ref.shape[0])
+    qo_head = kv_head * group_size + r % group_size
+    out_rows = jnp.where(ok, (q_row0 + tok) * num_qo_heads + qo_head, o_ref.shape[0])
     ok2 = jnp.broadcast_to(ok[:, None], (block_m, head_dim))
 
     def body(p, state):
         prow = jnp.where(ok, p * block_m + r, 0)
         v_i = pltriton.load(row_block(po_ref, prow, head_dim), mask=ok2, other=0.0)
+        if not use_softmax:  # partial plain sums add
+            return state[0], state[1], state[2] + v_i
         s_i = pltriton.load(plse_ref.at[prow], mask=ok, other=NEG_INF)
         return fold(state, v_i, s_i)
 
-    v, s = finish(lax.fori_loop(p0, p1, body, fold_init(block_m, head_dim)))
+    state = lax.fori_loop(p0, p1, body, fold_init(block_m, head_dim))
+    v, s = finish(state) if use_softmax else (state[2], state[1])
+    if output_transform is not None:
+        v = apply_output_transform(v, s, buf_ref[dest + 3] + tok, qo_head, output_transform, use_softmax)
     pltriton.store(row_block(o_ref, out_rows, head_dim), v.astype(o_ref.dtype), mask=ok2)
     pltriton.store(lse_ref.at[out_rows], s, mask=ok)
 
 
-def merge_partials(plan_buffer, partial_o, partial_lse, o, lse, *, off_indptr: int, off_dest: int, num_groups: int, block_m: int, group_size: int, num_qo_heads: int, num_warps: int = 4):
+def merge_partials(plan_buffer, partial_o, partial_lse, o, lse, *, off_indptr: int, off_dest: int, num_groups: int, block_m: int, group_size: int, num_qo_heads: int, num_warps: int = 4, use_softmax: bool = True, output_transform=None):
     """Fold split-KV partial rows into the final output (the plan's second kernel).
 
     Args:
       plan_buffer: the plan's packed int32 buffer; at ``off_indptr`` the ``[num_groups+1]``
         merge indptr (group g folds partial slots ``merge_indptr[g]:[g+1]``), at ``off_dest``
-        the ``[num_groups, 3]`` ``(kv_head, q_row0, q_len)`` of each group's final rows.
+        the ``[num_groups, 4]`` ``(kv_head, q_row0, q_len, q_pos0)`` of each group's final rows.
       partial_o: ``[slots * block_m, D]`` float32; slot p holds rows ``p*block_m + r``.
       partial_lse: ``[slots * block_m]`` float32 base 2.
       o: ``[nnz_q * Hq, D]`` output rows (updated in place: aliased), lse ``[nnz_q * Hq]`` float32.
+      use_softmax: ``False`` adds the partials (plain weighted sums, no lse) instead of folding.
+      output_transform: the variant's ``(o, lse, q_pos, qo_head) -> o``, applied to merged rows.
 
     Returns:
       ``(o, lse)`` with every split group's rows written (row ``r`` of a tile is query token
@@ -121,7 +137,7 @@ def merge_partials(plan_buffer, partial_o, partial_lse, o, lse, *, off_indptr: i
     head_dim = o.shape[1]
     kernel = functools.partial(
         _partials_kernel, off_indptr=off_indptr, off_dest=off_dest, block_m=block_m, group_size=group_size,
-        num_qo_heads=num_qo_heads, head_dim=head_dim,
+        num_qo_heads=num_qo_heads, head_dim=head_dim, use_softmax=use_softmax, output_transform=output_transform,
     )
     return pl.pallas_call(
         kernel,
