@@ -1,11 +1,11 @@
 """GPU check and timing of the ``"fa2"`` backend, in one run (built for the device's lease).
 
-Steps: build the kernel library; run compute-sanitizer memcheck on a small case and
-``pytest -m gpu tests/test_ffi.py`` (child processes); at full size, compare every timed workload
-with a float32 XLA reference on the GPU (relative Frobenius error of o, max error of lse), time
-it and cuDNN (``jax.nn.dot_product_attention(implementation="cudnn")`` on the dense
-equivalent); dump the SASS and profile one launch with ncu (clocks left alone); time
-tile-shape variants (``VARIANTS``) in child processes; print a table last.
+Steps: build the kernel library; run ``pytest -m gpu tests/test_ffi.py`` in child processes (also
+on the libraries of ``--pytest-variants``); at full size, compare every timed workload with a
+float32 XLA reference on the GPU (relative Frobenius error of o, max error of lse), time it and
+cuDNN (``jax.nn.dot_product_attention(implementation="cudnn")`` on the dense equivalent); dump the
+SASS and profile one launch with ncu (clocks left alone); time tile-shape variants (``VARIANTS``)
+in child processes; run compute-sanitizer memcheck on a small case; print a table last.
 
 TFLOP/s count ``4 * S * S * Hq * D`` per request, halved when causal.
 
@@ -159,7 +159,7 @@ def run_workload(name: str, check: bool) -> dict:
     return row
 
 
-def run_pytest(timeout: int) -> int:
+def run_pytest(timeout: int, defines: str = "") -> int:
     if importlib.util.find_spec("pytest") is None:
         print("pytest is not installed here: GPU tests not run")
         return -1
@@ -169,7 +169,8 @@ def run_pytest(timeout: int) -> int:
         "sys.exit(pytest.main(['-m', 'gpu', '-q', '--tb=line', '-p', 'no:cacheprovider', 'tests/test_ffi.py']))"
     )
     try:
-        return subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=timeout).returncode
+        env = dict(os.environ, JAXINFER_FA2_DEFINES=defines)
+        return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, timeout=timeout).returncode
     except subprocess.TimeoutExpired:
         print(f"pytest timed out after {timeout} s")
         return -2
@@ -210,10 +211,12 @@ def run_memcheck(timeout: int) -> str:
 _D128 = ("JAXINFER_FA2_MT_D128={},JAXINFER_FA2_WARPS_D128={},JAXINFER_FA2_BN_D128={},JAXINFER_FA2_MINB_D128={},"
          "JAXINFER_FA2_STAGES_D128={}")
 VARIANTS = {
-    # The previous default of head_dim 128, as a same-run baseline.
-    "mt2w4bn32s2": _D128.format(2, 4, 32, 2, 2),
+    # K and V of a tile in one cp.async group, waited for together (the loop of runs 1-5).
+    "nosplit": "JAXINFER_FA2_SPLITKV_D64=0,JAXINFER_FA2_SPLITKV_D128=0",
+    # Run 5's head_dim-128 tile: 8 warps of 16 rows, 2 CTAs/SM (128 registers, spills).
+    "mt1w8bn64m2": _D128.format(1, 8, 64, 2, 2),
 }
-VARIANT_WORKLOADS: dict[str, str] = {}
+VARIANT_WORKLOADS = {"nosplit": "prefill_causal,d64_causal"}
 
 
 def run_variant(tag: str, defines: str, out_dir: Path) -> list[dict]:
@@ -229,12 +232,12 @@ def run_variant(tag: str, defines: str, out_dir: Path) -> list[dict]:
         return [dict(workload=f"*@{tag}", error=f"{type(e).__name__}: {str(e)[:120]}")]
 
 
-def build_variants() -> None:
-    """Build every variant's library concurrently (nvcc is single-threaded per translation unit)."""
+def build_variants(variants: dict[str, str]) -> None:
+    """Build the variants' libraries concurrently (nvcc is single-threaded per translation unit)."""
     arch = f"sm_{ops.device_arch()}"
     procs = [subprocess.Popen([sys.executable, "-m", "jaxinfer.ffi.build", "--arch", arch], cwd=ROOT,
                               env=dict(os.environ, JAXINFER_FA2_DEFINES=d), stdout=subprocess.DEVNULL)
-             for d in VARIANTS.values()]
+             for d in variants.values()]
     for p in procs:
         p.wait()
 
@@ -302,6 +305,10 @@ def main(argv=None) -> None:
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--quick", action="store_true", help="workloads only: no memcheck, tests or variants")
     parser.add_argument("--json", default=None, help="write rows here")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="tile variants to time ('' for none)")
+    parser.add_argument("--pytest-variants", default="", help="variants the GPU tests also run on")
+    parser.add_argument("--no-memcheck", action="store_true", help="skip compute-sanitizer")
+    parser.add_argument("--no-profile", action="store_true", help="skip the SASS dump and ncu")
     parser.add_argument("--memcheck-case", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ncu-case", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -316,12 +323,14 @@ def main(argv=None) -> None:
     t = time.perf_counter()
     ops.ensure_registered("fa2")
     print(f"build+register: {time.perf_counter() - t:.1f} s")
+    variants = {tag: VARIANTS[tag] for tag in args.variants.split(",") if tag}
     if not args.quick:
-        variant_build = threading.Thread(target=build_variants)
+        variant_build = threading.Thread(target=build_variants, args=(variants,))
         variant_build.start()
         # Small cases first, in child processes: a faulting kernel there leaves this one usable.
-        print("memcheck:", run_memcheck(timeout=120))
         print("pytest -m gpu:", run_pytest(timeout=180))
+        for tag in filter(None, args.pytest_variants.split(",")):
+            print(f"pytest -m gpu @{tag}:", run_pytest(timeout=180, defines=VARIANTS[tag]), flush=True)
     rows = []
     for name in args.workloads.split(","):
         try:
@@ -335,15 +344,19 @@ def main(argv=None) -> None:
         print_table(rows)
         return
     out_dir = Path(args.out or "/tmp")
-    dump_sass(out_dir)
-    run_ncu(out_dir, timeout=120)
+    if not args.no_profile:
+        dump_sass(out_dir)
+        run_ncu(out_dir, timeout=120)
     variant_build.join()
     variant_rows = []
-    for tag, defines in VARIANTS.items():
+    for tag, defines in variants.items():
         variant_rows += run_variant(tag, defines, out_dir)
+        print(json.dumps(variant_rows[-1]), flush=True)
     if args.out:
         Path(args.out, "results.json").write_text(json.dumps(rows + variant_rows, indent=1))
-    print(f"\n== fa2 vs cuDNN, {dev.device_kind}, B={B} S={S} Hq={H} bf16; variants: {VARIANTS}")
+    if not args.no_memcheck:  # last: the slowest step, and the one a tight time limit can spare
+        print("memcheck:", run_memcheck(timeout=90))
+    print(f"\n== fa2 vs cuDNN, {dev.device_kind}, B={B} S={S} Hq={H} bf16; variants: {variants}")
     print_table(rows + variant_rows)
 
 

@@ -27,10 +27,10 @@ ffi::Error cuda_error(const char* what) {
   return ffi::Error::Internal(std::string("jaxinfer_fa2_forward: ") + what + ": " + cudaGetErrorString(err));
 }
 
-template <typename T, int D>
+template <typename T, int D, int kMode>
 ffi::Error launch(cudaStream_t stream, const Fa2Params& p, int num_tiles, int num_batch, int64_t num_rows) {
   constexpr int kSmem = fa2_smem_bytes<D>();
-  auto kernel = fa2_forward_kernel<T, D>;
+  auto kernel = fa2_forward_kernel<T, D, kMode>;
   // Needed above 48 KiB of dynamic shared memory; idempotent, no stream work.
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) != cudaSuccess)
     return cuda_error("cudaFuncSetAttribute");
@@ -48,13 +48,20 @@ ffi::Error launch(cudaStream_t stream, const Fa2Params& p, int num_tiles, int nu
   return ffi::Error::Success();
 }
 
+template <typename T, int D>
+ffi::Error dispatch_kv_mode(cudaStream_t stream, const Fa2Params& p, int num_tiles, int num_batch, int64_t num_rows) {
+  if (!p.paged) return launch<T, D, kKvRagged>(stream, p, num_tiles, num_batch, num_rows);
+  if (p.page_shift >= 0) return launch<T, D, kKvPagedPow2>(stream, p, num_tiles, num_batch, num_rows);
+  return launch<T, D, kKvPaged>(stream, p, num_tiles, num_batch, num_rows);
+}
+
 template <typename T>
 ffi::Error dispatch_head_dim(int head_dim, cudaStream_t stream, const Fa2Params& p, int num_tiles, int num_batch,
                              int64_t num_rows) {
   switch (head_dim) {
-    case 64: return launch<T, 64>(stream, p, num_tiles, num_batch, num_rows);
-    case 128: return launch<T, 128>(stream, p, num_tiles, num_batch, num_rows);
-    case 256: return launch<T, 256>(stream, p, num_tiles, num_batch, num_rows);
+    case 64: return dispatch_kv_mode<T, 64>(stream, p, num_tiles, num_batch, num_rows);
+    case 128: return dispatch_kv_mode<T, 128>(stream, p, num_tiles, num_batch, num_rows);
+    case 256: return dispatch_kv_mode<T, 256>(stream, p, num_tiles, num_batch, num_rows);
     default: return ffi::Error::InvalidArgument("jaxinfer_fa2_forward: head_dim must be 64, 128 or 256");
   }
 }

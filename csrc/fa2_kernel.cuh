@@ -2,14 +2,15 @@
 //
 // Method: Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work
 // Partitioning" (arXiv 2307.08691), sec. 3: one CTA per (query tile, qo head), KV streamed in
-// tiles through a kStages-deep shared-memory ring filled by cp.async (one barrier per tile),
-// S = Q K^T and O += P V on mma.sync m16n8k16 tensor cores (CuTe's SM80 MMA, ldmatrix and
-// cp.async atoms), online softmax in base 2 (ex2) with the division by the row sum deferred to
-// the end. Each warp owns 16*kMT query rows.
+// tiles through a kStages-deep shared-memory ring filled by cp.async (one or two barriers per
+// tile), S = Q K^T and O += P V on mma.sync m16n8k16 tensor cores (CuTe's SM80 MMA, ldmatrix
+// and cp.async atoms), online softmax in base 2 (ex2) with the division by the row sum deferred
+// to the end. Each warp owns 16*kMT query rows.
 //
-// Measured on an H100 (benchmarks/NOTES-ffi.md): about a third of cuDNN's speed. ncu shows the
-// issue slots, not the tensor pipe, as the limit: about 10 instructions per HMMA; the KV-load
-// address code is about half of the loop's SASS, and the 2-CTA/SM register bound spills.
+// What the inner loop keeps out (benchmarks/NOTES-ffi.md, H100: 305-313 TFLOP/s causal at
+// head_dim 128, 0.55-0.57 of cuDNN): no per-row branch or division for K/V addresses (the KV
+// mode is a template parameter, page ids are loaded a tile ahead, one offset serves K and V),
+// and no per-(row block, chunk) swizzled ldmatrix addresses held in registers (SwzRows).
 //
 // Semantics follow shared/DESIGN.md sec. 2-3: bottom-right causal / window masks, soft cap
 // c*tanh(x/c), GQA (qo head h reads kv head h / group_size), lse base 2, a row with no visible
@@ -56,13 +57,15 @@ struct Fa2Params {
 // Each field is overridable at build time (-DJAXINFER_FA2_BN_D128=64, ...) for tuning runs;
 // 16 * kMT * kWarps must stay BLOCK_M of jaxinfer/ffi/backend.py. kMinBlocks is the CTAs per SM
 // the register allocation must allow (__launch_bounds__); kStages is the depth of the K/V
-// shared-memory ring (tiles loaded ahead = kStages - 1). Defaults: the fastest of the variants
-// timed on an H100 (benchmarks/NOTES-ffi.md).
+// shared-memory ring (tiles loaded ahead = kStages - 1); kSplitKV gives K and V of a tile their
+// own cp.async groups, so the wait for V sits before P V rather than before Q K^T (one more
+// barrier per tile, V's load latency hidden behind Q K^T and the softmax). Defaults: the fastest
+// of the variants timed on an H100 (benchmarks/NOTES-ffi.md).
 #ifndef JAXINFER_FA2_MT_D64
-#define JAXINFER_FA2_MT_D64 1
+#define JAXINFER_FA2_MT_D64 2
 #endif
 #ifndef JAXINFER_FA2_WARPS_D64
-#define JAXINFER_FA2_WARPS_D64 8
+#define JAXINFER_FA2_WARPS_D64 4
 #endif
 #ifndef JAXINFER_FA2_BN_D64
 #define JAXINFER_FA2_BN_D64 64
@@ -73,11 +76,14 @@ struct Fa2Params {
 #ifndef JAXINFER_FA2_STAGES_D64
 #define JAXINFER_FA2_STAGES_D64 2
 #endif
+#ifndef JAXINFER_FA2_SPLITKV_D64
+#define JAXINFER_FA2_SPLITKV_D64 1
+#endif
 #ifndef JAXINFER_FA2_MT_D128
-#define JAXINFER_FA2_MT_D128 1
+#define JAXINFER_FA2_MT_D128 2
 #endif
 #ifndef JAXINFER_FA2_WARPS_D128
-#define JAXINFER_FA2_WARPS_D128 8
+#define JAXINFER_FA2_WARPS_D128 4
 #endif
 #ifndef JAXINFER_FA2_BN_D128
 #define JAXINFER_FA2_BN_D128 64
@@ -87,6 +93,9 @@ struct Fa2Params {
 #endif
 #ifndef JAXINFER_FA2_STAGES_D128
 #define JAXINFER_FA2_STAGES_D128 2
+#endif
+#ifndef JAXINFER_FA2_SPLITKV_D128
+#define JAXINFER_FA2_SPLITKV_D128 1
 #endif
 #ifndef JAXINFER_FA2_MT_D256
 #define JAXINFER_FA2_MT_D256 1
@@ -103,12 +112,16 @@ struct Fa2Params {
 #ifndef JAXINFER_FA2_STAGES_D256
 #define JAXINFER_FA2_STAGES_D256 2
 #endif
+#ifndef JAXINFER_FA2_SPLITKV_D256
+#define JAXINFER_FA2_SPLITKV_D256 0
+#endif
 template <int D> struct Fa2Traits;
 #define JAXINFER_FA2_TRAITS(D)                                                                     \
   template <> struct Fa2Traits<D> {                                                               \
     static constexpr int kMT = JAXINFER_FA2_MT_D##D, kWarps = JAXINFER_FA2_WARPS_D##D,             \
                          kBN = JAXINFER_FA2_BN_D##D, kMinBlocks = JAXINFER_FA2_MINB_D##D;          \
     static constexpr int kStages = JAXINFER_FA2_STAGES_D##D;                                      \
+    static constexpr bool kSplitKV = JAXINFER_FA2_SPLITKV_D##D;                                   \
   };
 JAXINFER_FA2_TRAITS(64)
 JAXINFER_FA2_TRAITS(128)
@@ -141,6 +154,31 @@ template <int D> __device__ __forceinline__ int swz(int row, int col) {
   return row * D + ((((col >> 3) ^ (row & 7))) << 3);
 }
 
+// One thread's ldmatrix offsets split so that the loop adds only immediates: for compile-time
+// R % 8 == 0 and even C, swz(R + rr, 8 * (C + cc)) = base[(C & 7) / 2] + R * D + 8 * (C & ~7),
+// because (C + cc) ^ (rr & 7) only changes the low 3 bits of the chunk index. Without the split
+// the compiler keeps one swizzled address per (row block, chunk) live across the KV loop: tens of
+// registers, and the spills that come with them.
+template <int D> struct SwzRows {
+  int base[4];
+  __device__ __forceinline__ SwzRows(int rr, int cc) {
+#pragma unroll
+    for (int m = 0; m < 4; ++m) base[m] = rr * D + ((((2 * m) | cc) ^ (rr & 7)) << 3);
+  }
+  __device__ __forceinline__ int at(int R, int C) const { return base[(C & 7) / 2] + R * D + ((C & ~7) << 3); }
+};
+
+// Pairwise reduction of N values (N a power of 2, x is overwritten): log2(N) dependent steps
+// instead of N, so a row's max and sum do not serialise the softmax on FMNMX/FADD latency.
+template <int N, typename Op> __device__ __forceinline__ float tree_reduce(float (&x)[N], Op op) {
+  static_assert((N & (N - 1)) == 0, "tree_reduce needs a power of 2");
+#pragma unroll
+  for (int w = N / 2; w >= 1; w /= 2)
+#pragma unroll
+    for (int i = 0; i < w; ++i) x[i] = op(x[i], x[i + w]);
+  return x[0];
+}
+
 __device__ __forceinline__ float tanh_approx(float x) {
   float y;
   asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -159,39 +197,33 @@ template <typename T> __device__ __forceinline__ void cp_async_16(const T* src, 
       *reinterpret_cast<const cute::uint128_t*>(src), *reinterpret_cast<cute::uint128_t*>(dst), pred);
 }
 
-// Offset (elements) of token t of a request's KV for one kv head. The KV loads sit in the inner
-// loop, so a power-of-2 page_size (page_shift >= 0) takes a shift instead of an integer division.
-__host__ __device__ __forceinline__ int64_t kv_offset(const Fa2Params& p, int64_t kv_start, int t, int kv_head) {
-  if (p.paged) {
-    const int page_idx = p.page_shift >= 0 ? t >> p.page_shift : t / p.page_size;
-    const int page = p.kv_indices[kv_start + page_idx];
-    return page * p.kv_page_stride + (t - page_idx * p.page_size) * p.kv_tok_stride + kv_head * p.kv_head_stride;
-  }
-  return (kv_start + t) * p.kv_tok_stride + kv_head * p.kv_head_stride;
+// How a request's KV rows are addressed (a template parameter, so the copy loop has no branch):
+// ragged [nnz_kv, Hkv, D]; paged with a power-of-2 page_size (shift and mask); paged otherwise.
+enum KvMode : int { kKvRagged = 0, kKvPagedPow2 = 1, kKvPaged = 2 };
+
+// Page-table slot (index into kv_indices from the request's first page) of token t.
+template <int kMode> __host__ __device__ __forceinline__ int page_index(const Fa2Params& p, int t) {
+  return kMode == kKvPagedPow2 ? t >> p.page_shift : t / p.page_size;
 }
 
-// Loads kv rows [t0, t0 + BN) of one head into a swizzled smem tile; rows past kv_len read zeros
-// (never garbage: P is 0 there, but 0 * NaN would still poison O).
-template <typename T, int D, int kThreads, int kRows>
-__device__ __forceinline__ void load_kv_tile(const Fa2Params& p, const T* base, T* smem, int64_t kv_start,
-                                             int kv_len, int t0, int kv_head, int tid) {
-  constexpr int kChunks = D / 8;
-  constexpr int kRowStep = kThreads / kChunks;
-  const int ch = tid % kChunks;
-#pragma unroll
-  for (int r = tid / kChunks; r < kRows; r += kRowStep) {
-    const int t = t0 + r;
-    const bool ok = t < kv_len;
-    const T* src = ok ? base + kv_offset(p, kv_start, t, kv_head) + ch * 8 : base;
-    cp_async_16(src, smem + swz<D>(r, ch * 8), ok);
+// Offset (elements) of token t of a request's KV, head 0; `page` is kv_indices[kv_start +
+// page_index(t)] (paged modes; the kernel loads it one tile ahead so its latency stays hidden).
+template <int kMode>
+__host__ __device__ __forceinline__ int64_t kv_row_offset(const Fa2Params& p, int64_t kv_start, int t, int page) {
+  if constexpr (kMode == kKvRagged) {
+    return (kv_start + t) * p.kv_tok_stride;
+  } else {
+    const int slot = kMode == kKvPagedPow2 ? t & (p.page_size - 1) : t - (t / p.page_size) * p.page_size;
+    return int64_t(page) * p.kv_page_stride + int64_t(slot) * p.kv_tok_stride;
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, int kMode>
 __global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinBlocks) fa2_forward_kernel(const Fa2Params p) {
   using Tr = Fa2Traits<D>;
   using Mma = typename MmaAtom<T>::type;
   constexpr int kMT = Tr::kMT, kBN = Tr::kBN, kWarps = Tr::kWarps, kStages = Tr::kStages;
+  constexpr bool kSplitKV = Tr::kSplitKV;
   static_assert(kStages >= 2, "the KV ring needs at least two stages");
   constexpr int kThreads = 32 * kWarps;
   constexpr int kBM = fa2_block_m<D>();
@@ -246,19 +278,52 @@ __global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinB
     }
   }
   // KV ring of kStages (K, V) tile pairs: tile i lives in slot i % kStages; one cp.async group
-  // per tile (Q joins tile 0's), kStages - 1 tiles in flight ahead of the one computed.
-  auto load_stage = [&](int i) {
-    if (i < num_kv_tiles) {
-      const int t0 = t_first + i * kBN, slot = i % kStages;
-      load_kv_tile<T, D, kThreads, kBN>(p, k, sK + slot * kBN * D, kv_start, kv_len, t0, kv_head, tid);
-      load_kv_tile<T, D, kThreads, kBN>(p, v, sV + slot * kBN * D, kv_start, kv_len, t0, kv_head, tid);
+  // per tile, or one for K and one for V (kSplitKV); Q joins tile 0's first group; kStages - 1
+  // tiles in flight ahead of the one computed.
+  // Each thread copies 16-byte chunk ld_ch of rows ld_row + j * kRowStep of every tile, of K and
+  // of V alike (same layout, same row offsets); paged rows take their page ids from `pages`,
+  // loaded one tile ahead. Rows past kv_len read zeros (never garbage: P is 0 there, but
+  // 0 * NaN would still poison O).
+  constexpr int kChunks = D / 8, kRowStep = kThreads / kChunks, kRowsPerThread = kBN / kRowStep;
+  static_assert(kThreads % kChunks == 0 && kBN % kRowStep == 0, "a KV tile must split evenly over the threads");
+  const int ld_row = tid / kChunks, ld_ch = tid % kChunks;
+  const int64_t kv_col = kv_head * p.kv_head_stride + ld_ch * 8;
+  int pages[kRowsPerThread];
+  auto fetch_pages = [&](int i) {
+    if constexpr (kMode != kKvRagged) {
+#pragma unroll
+      for (int j = 0; j < kRowsPerThread; ++j) {
+        const int t = t_first + i * kBN + ld_row + j * kRowStep;
+        pages[j] = t < kv_len ? __ldg(p.kv_indices + kv_start + page_index<kMode>(p, t)) : 0;
+      }
     }
   };
+  auto load_tile = [&](const T* src, T* ring, int i) {
+    const int t0 = t_first + i * kBN;
+    T* dst = ring + (i % kStages) * kBN * D;
 #pragma unroll
-  for (int i = 0; i < kStages - 1; ++i) {
-    load_stage(i);
+    for (int j = 0; j < kRowsPerThread; ++j) {
+      const int r = ld_row + j * kRowStep, t = t0 + r;
+      const bool ok = t < kv_len;
+      const int64_t off = ok ? kv_row_offset<kMode>(p, kv_start, t, pages[j]) + kv_col : 0;
+      cp_async_16(src + off, dst + swz<D>(r, ld_ch * 8), ok);
+    }
+  };
+  // Commits its groups even past the last tile, so the wait counts below stay exact.
+  auto load_stage = [&](int i) {
+    const bool live = i < num_kv_tiles;
+    if (live) load_tile(k, sK, i);
+    if constexpr (kSplitKV) cute::cp_async_fence();
+    if (live) {
+      load_tile(v, sV, i);
+      fetch_pages(i + 1);
+    }
     cute::cp_async_fence();
-  }
+  };
+  constexpr int kGroupsPerTile = kSplitKV ? 2 : 1;
+  fetch_pages(0);
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) load_stage(i);
 
   float o_acc[kMT][kDT][4];
   float row_max[kMT][2], row_sum[kMT][2];
@@ -272,18 +337,20 @@ __global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinB
     row_sum[mt][0] = row_sum[mt][1] = 0.f;
   }
   const int warp_row0 = warp * 16 * kMT;
+  const SwzRows<D> q_rows(warp_row0 + lane % 16, lane / 16);
+  const SwzRows<D> k_rows(lane % 8 + (lane / 16) * 8, (lane / 8) % 2);
+  const SwzRows<D> v_rows(lane % 8 + ((lane / 8) % 2) * 8, lane / 16);
   auto load_q_frag = [&](int mt, int kk, uint32_t (&a)[4]) {
-    const T* src = sQ + swz<D>(warp_row0 + mt * 16 + (lane % 16), kk * 16 + (lane / 16) * 8);
+    const T* src = sQ + q_rows.at(mt * 16, kk * 2);
     cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(src), a[0], a[1], a[2], a[3]);
   };
 
   for (int i = 0; i < num_kv_tiles; ++i) {
-    cute::cp_async_wait<kStages - 2>();
-    // Tile i is in smem for every thread, and every warp is done with tile i - 1, whose slot
-    // the next load reuses.
+    // Tile i's first group (K, and V too unless kSplitKV) is in smem for every thread, and every
+    // warp is done with tile i - 1, whose slot the next load reuses.
+    cute::cp_async_wait<kGroupsPerTile * (kStages - 1) - 1>();
     __syncthreads();
     load_stage(i + kStages - 1);
-    cute::cp_async_fence();
     const int t0 = t_first + i * kBN;
     const T* sKi = sK + (i % kStages) * kBN * D;
     const T* sVi = sV + (i % kStages) * kBN * D;
@@ -303,7 +370,7 @@ __global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinB
 #pragma unroll
       for (int np = 0; np < kNT / 2; ++np) {
         uint32_t b[4];
-        const T* src = sKi + swz<D>(np * 16 + (lane % 8) + (lane / 16) * 8, kk * 16 + ((lane / 8) % 2) * 8);
+        const T* src = sKi + k_rows.at(np * 16, kk * 2);
         cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(src), b[0], b[1], b[2], b[3]);
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt) {
@@ -321,28 +388,37 @@ __global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinB
     const bool need_mask = (t0 + kBN > kv_len) || (p.causal && t0 + kBN - 1 > qpos_min) ||
                            (p.window_left >= 0 && t0 < qpos_max - p.window_left);
     const float scale = p.soft_cap_on ? 1.f : p.logit_scale;
+    // Soft cap and mask are separate passes under uniform branches, so the common tile (no cap,
+    // fully visible) runs only the max / exp / sum pass below.
+    if (p.soft_cap_on) {
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[mt][nt][e] = tanh_approx(s[mt][nt][e] * p.logit_scale) * p.cap_log2;
+    }
+    if (need_mask) {
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int qpos = qs + warp_row0 + mt * 16 + g + (e / 2) * 8 + delta;
+            const int j = t0 + nt * 8 + 2 * t4 + (e % 2);
+            const bool vis = j < kv_len && (!p.causal || j <= qpos) && (p.window_left < 0 || j >= qpos - p.window_left);
+            s[mt][nt][e] = vis ? s[mt][nt][e] : kNegInf;
+          }
+    }
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
-        const int qpos = qs + warp_row0 + mt * 16 + g + hr * 8 + delta;
-        float mx = kNegInf;
+        float part[kNT];
 #pragma unroll
-        for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float x = s[mt][nt][2 * hr + e];
-            if (p.soft_cap_on) x = tanh_approx(x * p.logit_scale) * p.cap_log2;
-            if (need_mask) {
-              const int j = t0 + nt * 8 + 2 * t4 + e;
-              const bool vis = j < kv_len && (!p.causal || j <= qpos) &&
-                               (p.window_left < 0 || j >= qpos - p.window_left);
-              x = vis ? x : kNegInf;
-            }
-            s[mt][nt][2 * hr + e] = x;
-            mx = fmaxf(mx, x);
-          }
-        }
+        for (int nt = 0; nt < kNT; ++nt) part[nt] = fmaxf(s[mt][nt][2 * hr], s[mt][nt][2 * hr + 1]);
+        float mx = tree_reduce(part, [](float a, float b) { return fmaxf(a, b); });
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
         const float m_new = fmaxf(row_max[mt][hr], mx * scale);
@@ -350,17 +426,13 @@ __global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinB
         const float m_use = m_new == kNegInf ? 0.f : m_new;
         const float rescale = exp2_approx(row_max[mt][hr] - m_use);
         row_max[mt][hr] = m_new;
-        float sum = 0.f;
 #pragma unroll
         for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float pe = exp2_approx(fmaf(s[mt][nt][2 * hr + e], scale, -m_use));
-            s[mt][nt][2 * hr + e] = pe;
-            sum += pe;
-          }
+          for (int e = 0; e < 2; ++e) s[mt][nt][2 * hr + e] = exp2_approx(fmaf(s[mt][nt][2 * hr + e], scale, -m_use));
+          part[nt] = s[mt][nt][2 * hr] + s[mt][nt][2 * hr + 1];
         }
-        row_sum[mt][hr] = row_sum[mt][hr] * rescale + sum;
+        row_sum[mt][hr] = row_sum[mt][hr] * rescale + tree_reduce(part, [](float a, float b) { return a + b; });
 #pragma unroll
         for (int dt = 0; dt < kDT; ++dt) {
           o_acc[mt][dt][2 * hr] *= rescale;
@@ -369,6 +441,10 @@ __global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinB
       }
     }
 
+    if constexpr (kSplitKV) {  // V of tile i, behind the groups of the kStages - 1 tiles after it
+      cute::cp_async_wait<2 * (kStages - 1)>();
+      __syncthreads();
+    }
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
       uint32_t a[kMT][4];
@@ -382,7 +458,7 @@ __global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinB
 #pragma unroll
       for (int dp = 0; dp < kDT / 2; ++dp) {
         uint32_t b[4];
-        const T* src = sVi + swz<D>(kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8, dp * 16 + (lane / 16) * 8);
+        const T* src = sVi + v_rows.at(kk * 16, dp * 2);
         cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(src), b[0], b[1], b[2], b[3]);
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt) {

@@ -21,6 +21,24 @@ from ref64 import gather_paged_kv, random_page_table
 # Backends every API test runs on; adding a name here is all a new backend needs.
 BACKENDS = ["xla", "pallas"]
 
+# Variant options of the decode and prefill grids (single and batch tests).
+DECODE_OPTIONS = [
+    {},
+    dict(window_left=9),
+    dict(logits_soft_cap=5.0, sm_scale=0.3),
+    dict(pos_encoding_mode="ALIBI"),
+    dict(pos_encoding_mode="ROPE_LLAMA", rope_scale=2.0, rope_theta=1e3),
+]
+
+PREFILL_OPTIONS = [
+    {},
+    dict(causal=True),
+    dict(causal=True, window_left=6),
+    dict(logits_soft_cap=5.0, sm_scale=0.3),
+    dict(causal=True, pos_encoding_mode="ALIBI"),
+    dict(causal=True, pos_encoding_mode="ROPE_LLAMA", rope_theta=500.0),
+]
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a GPU; skipped when jax's default device is not a GPU")

@@ -21,7 +21,7 @@ if MISSING:
 
 import jax.numpy as jnp  # noqa: E402
 
-from jaxinfer import backends  # noqa: E402
+from conftest import BACKENDS  # noqa: E402
 from jaxinfer.models.bert import SentenceEncoder  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "minilm"
@@ -43,17 +43,6 @@ def embeddings(encoder, fixture):
     return encoder.encode(fixture[0])
 
 
-def available_backends() -> list[str]:
-    names = []
-    for name in ("xla", "pallas"):
-        try:
-            backends.get_backend(name)
-        except NotImplementedError:
-            continue
-        names.append(name)
-    return names
-
-
 def cosine(a, b) -> np.ndarray:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
@@ -73,7 +62,7 @@ def test_embeddings_match_sentence_transformers(embeddings, fixture):
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=-1), 1.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", [b for b in available_backends() if b != "xla"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "xla"])
 def test_embeddings_with_16_bit_attention_backend(backend, fixture):
     # The Pallas kernels take 16-bit inputs: q, k, v go to attention in bfloat16.
     encoder = SentenceEncoder.from_pretrained(backend=backend, attention_dtype=jnp.bfloat16)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxinfer import backends
+from conftest import BACKENDS
 from jaxinfer.models.llama import LlamaConfig, LlamaModel, dense_decode_logits
 from jaxinfer.nn import bucket
 from jaxinfer.serve import ServingEngine, greedy_step
@@ -22,17 +22,6 @@ CFG = LlamaConfig(
 MAX_SEQ_LEN = 32
 # (prompt length, max_new_tokens, step at which the request arrives)
 WORKLOAD = [(5, 5, 0), (11, 3, 0), (3, 6, 2), (14, 2, 3)]
-
-
-def available_backends() -> list[str]:
-    names = []
-    for name in ("xla", "pallas"):
-        try:
-            backends.get_backend(name)
-        except NotImplementedError:
-            continue
-        names.append(name)
-    return names
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +85,7 @@ def served(model, prompts):
     return get
 
 
-@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_continuous_batching_matches_dense_greedy(served, expected, backend):
     outputs, results, engine = served(backend)
     assert outputs == expected
@@ -106,7 +95,7 @@ def test_continuous_batching_matches_dense_greedy(served, expected, backend):
 
 
 def test_backends_give_the_same_tokens(served):
-    outputs = {b: served(b)[0] for b in available_backends()}
+    outputs = {b: served(b)[0] for b in BACKENDS}
     assert len(set(map(str, outputs.values()))) == 1, outputs
 
 

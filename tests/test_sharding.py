@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import BACKENDS
 
 HQ, HKV, D, PAGE = 8, 4, 16, 4
 NUM_DEVICES = 4
@@ -179,19 +180,6 @@ def _gspmd_decode(rng, backend, mesh_1d, out):
     out["num_output_shards"] = np.asarray(len({str(s.index) for s in o.addressable_shards}))
 
 
-def available_backends() -> list[str]:
-    from jaxinfer import backends
-
-    names = []
-    for name in ("xla", "pallas"):
-        try:
-            backends.get_backend(name)
-        except NotImplementedError:
-            continue
-        names.append(name)
-    return names
-
-
 def cases_of(backend: str) -> tuple[str, ...]:
     # GSPMD does not partition a pallas_call; shard_map is the Pallas kernels' multi-device path.
     return CASES if backend == "xla" else CASES[:-1]
@@ -206,7 +194,7 @@ def worker(path: str) -> None:
     mesh_1d, mesh_2d = Mesh(devices, ("x",)), Mesh(devices.reshape(2, 2), ("dp", "tp"))
     rng = np.random.default_rng(0)
     saved = {}
-    for backend in available_backends():
+    for backend in BACKENDS:
         for case in cases_of(backend):
             out = {}
             fn = globals()[f"_{case}"]
@@ -245,7 +233,7 @@ def _paged_reference(d, suffix=""):
     return table, lambda q, k, v: ref_batch(q, *gather_paged_kv(k, v, *table), np.arange(q.shape[0] + 1))[0]
 
 
-@pytest.mark.parametrize("backend,case", [(b, c) for b in available_backends() for c in cases_of(b)])
+@pytest.mark.parametrize("backend,case", [(b, c) for b in BACKENDS for c in cases_of(b)])
 def test_sharded_attention_matches_reference(sharded, backend, case):
     from ref64 import ref_batch
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jaxinfer
-from conftest import BACKENDS, assert_close, case_grid, jit_call, rand
+from conftest import BACKENDS, DECODE_OPTIONS, PREFILL_OPTIONS, assert_close, case_grid, jit_call, rand
 from ref64 import ref_attention
 
 BF16, FP16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
@@ -21,24 +21,6 @@ GEOMS = [
     (16, 2, 128, "NHD", BF16),
     (4, 1, 64, "HND", F32),
 ]
-
-DECODE_OPTIONS = [
-    {},
-    dict(window_left=9),
-    dict(logits_soft_cap=5.0, sm_scale=0.3),
-    dict(pos_encoding_mode="ALIBI"),
-    dict(pos_encoding_mode="ROPE_LLAMA", rope_scale=2.0, rope_theta=1e3),
-]
-
-PREFILL_OPTIONS = [
-    {},
-    dict(causal=True),
-    dict(causal=True, window_left=6),
-    dict(logits_soft_cap=5.0, sm_scale=0.3),
-    dict(causal=True, pos_encoding_mode="ALIBI"),
-    dict(causal=True, pos_encoding_mode="ROPE_LLAMA", rope_theta=500.0),
-]
-
 
 def _kv(rng, kv_len, hkv, d, dtype, layout):
     k, v = rand(rng, (kv_len, hkv, d), dtype), rand(rng, (kv_len, hkv, d), dtype)

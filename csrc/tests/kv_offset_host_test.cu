@@ -1,7 +1,8 @@
-// Host test of the kernel's KV addressing (kv_offset of fa2_kernel.cuh) against the page-table
-// definition of shared/DESIGN.md sec. 3, for ragged KV and for paged NHD/HND caches of every page
-// size 1..64 (power-of-2 sizes take the shift path, the others the division path).
-// Built and run by tests/test_ffi.py; prints the number of mismatches and exits non-zero on any.
+// Host test of the kernel's KV addressing (page_index / kv_row_offset of fa2_kernel.cuh) against
+// the page-table definition of shared/DESIGN.md sec. 3, for ragged KV and for paged NHD/HND caches
+// of every page size 1..64 (every size through the general mode, power-of-2 sizes also through the
+// shift-and-mask mode). Built and run by tests/test_ffi.py; prints the number of mismatches and
+// exits non-zero on any.
 #include <algorithm>
 #include <cstdio>
 #include <random>
@@ -9,8 +10,15 @@
 
 #include "../fa2_kernel.cuh"
 
+using jaxinfer::Fa2Params;
+
+// The kernel's offset of (token t, head h): page id looked up as the kernel does, plus the head.
+template <int kMode> int64_t kernel_offset(const Fa2Params& p, int64_t kv_start, int t, int h) {
+  const int page = kMode == jaxinfer::kKvRagged ? 0 : p.kv_indices[kv_start + jaxinfer::page_index<kMode>(p, t)];
+  return jaxinfer::kv_row_offset<kMode>(p, kv_start, t, page) + h * p.kv_head_stride;
+}
+
 int main() {
-  using jaxinfer::Fa2Params;
   std::mt19937 rng(1234);
   const int heads = 3, head_dim = 64;
   long bad = 0, checked = 0;
@@ -36,8 +44,12 @@ int main() {
           const int64_t page = pages[first_page + t / page_size], slot = t % page_size;
           const int64_t want = hnd ? ((page * heads + h) * page_size + slot) * head_dim
                                    : ((page * page_size + slot) * heads + h) * head_dim;
-          bad += jaxinfer::kv_offset(p, first_page, t, h) != want;
+          bad += kernel_offset<jaxinfer::kKvPaged>(p, first_page, t, h) != want;
           ++checked;
+          if (p.page_shift >= 0) {
+            bad += kernel_offset<jaxinfer::kKvPagedPow2>(p, first_page, t, h) != want;
+            ++checked;
+          }
         }
       }
     }
@@ -46,7 +58,7 @@ int main() {
   r.kv_tok_stride = int64_t(heads) * head_dim;
   r.kv_head_stride = head_dim;
   for (int t = 0; t < 1000; ++t)
-    for (int h = 0; h < heads; ++h, ++checked) bad += jaxinfer::kv_offset(r, 77, t, h) != ((77 + t) * heads + h) * head_dim;
+    for (int h = 0; h < heads; ++h, ++checked) bad += kernel_offset<jaxinfer::kKvRagged>(r, 77, t, h) != ((77 + t) * heads + h) * head_dim;
   std::printf("%ld mismatches of %ld offsets\n", bad, checked);
   return bad != 0;
 }
