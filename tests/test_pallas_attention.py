@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, rand
+from conftest import assert_close, rand, tol
 from ref64 import gather_paged_kv, random_page_table, ref_batch
 
 from jaxinfer.batch import BatchSpec, PlanCapacity
@@ -50,7 +50,13 @@ def _run_case(rng, qo_lens, kv_lens, *, backend, page_size=None, hq=4, hkv=2, d=
     o, lse = run(plan, q, k, v)
     o_ref, lse_ref = ref_batch(q, k_list, v_list, qo_indptr, custom_mask=custom_mask, variant=variant)
     assert o.dtype == dtype
-    assert_close(o, o_ref, dtype, "o")
+    if variant.use_softmax:
+        assert_close(o, o_ref, dtype, "o")
+    else:
+        # A plain weighted sum over kv_len keys grows like sqrt(kv_len): its rounding error
+        # (16-bit P times V) scales with the output's magnitude, not with O(1).
+        scale = max(1.0, float(np.max(np.abs(o_ref))))
+        np.testing.assert_allclose(np.asarray(o, np.float64) / scale, o_ref / scale, err_msg="o", **tol(dtype))
     if return_lse:
         assert lse.dtype == jnp.float32
         assert_close(lse, lse_ref, dtype, "lse")
