@@ -41,8 +41,9 @@ def _dtype(backend):
 
 
 def _check_vma(backend):
-    # The Pallas kernels' pallas_call out_shape carries no manual_axis_type yet, which shard_map's
-    # varying-axes check (check_vma=True, the default) rejects; see the report to the lead.
+    # The Pallas kernels' outputs carry no varying manual axes (out_shape without
+    # manual_axis_type; interpret mode mixes varying and invarying operands), which shard_map's
+    # varying-axes check (check_vma=True, the default) rejects in jax 0.11.2.
     return backend != "pallas"
 
 
