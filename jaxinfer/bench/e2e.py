@@ -104,6 +104,7 @@ def latency_lines(records) -> list[str]:
             continue
         for peer in PEERS:
             if peer in by:
+                change = 100 * (ms / by[peer] - 1)
                 lines.append(f"e2e inter-token latency, {backend} {ms:.3f} ms vs {peer} {by[peer]:.3f} ms: "
-                             f"{100 * (1 - ms / by[peer]):.0f}% lower")
+                             f"{abs(change):.0f}% {'higher' if change > 0 else 'lower'}")
     return lines
