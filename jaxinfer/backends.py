@@ -75,23 +75,38 @@ def _gpu_arch() -> int | None:
     return major * 10 + minor
 
 
-def auto_order() -> tuple[str, ...]:
-    """Backends ``"auto"`` tries, fastest first, for the current default device."""
+OPS = ("decode", "prefill", "other")
+
+
+def auto_order(op: str = "prefill") -> tuple[str, ...]:
+    """Backends ``"auto"`` tries for ``op`` on the current default device, fastest first.
+
+    From same-run H100 measurements (benchmarks/RESULTS.md, 2026-11-22): plain prefill and
+    append are fastest on the FFI kernels (fa2 283 vs pallas 266 TFLOP/s causal, 234 vs 178 on
+    append); decode, cascade levels and block-sparse patterns on pallas (fa2 reads decode at
+    0.55 TB/s against 2.6, and is 1.4-3x slower on cascade and block-sparse).
+
+    Args:
+      op: ``"decode"``, ``"prefill"`` (plain batch or single prefill/append) or ``"other"``
+        (cascade levels, block-sparse).
+    """
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
     arch = _gpu_arch()
     if arch is None:
         return ("xla",)
+    if op != "prefill":
+        return ("pallas", "xla")
     if arch >= 90:
-        return ("fa3", "pallas", "xla")
+        return ("fa3", "fa2", "pallas", "xla")
     if arch >= 80:
         return ("fa2", "pallas", "xla")
     return ("pallas", "xla")
 
 
-def resolve(name: str, spec: BatchSpec, *, order: tuple[str, ...] | None = None) -> Backend:
-    """The backend that serves ``spec``: ``name`` itself, or for ``"auto"`` the first that can.
-
-    ``order`` restricts ``"auto"`` to an op's own preference (e.g. decode skips prefill-only
-    backends).
+def resolve(name: str, spec: BatchSpec, *, op: str = "prefill") -> Backend:
+    """The backend that serves ``spec``: ``name`` itself, or for ``"auto"`` the first of
+    :func:`auto_order` for ``op`` that can.
 
     Raises:
       ValueError: unknown backend name.
@@ -104,7 +119,7 @@ def resolve(name: str, spec: BatchSpec, *, order: tuple[str, ...] | None = None)
         if reason is not None:
             raise BackendUnsupportedError(f"backend {name!r} cannot serve this call: {reason}")
         return backend
-    for candidate in order or auto_order():
+    for candidate in auto_order(op):
         try:
             backend = get_backend(candidate)
         except NotImplementedError:

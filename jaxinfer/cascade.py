@@ -138,7 +138,7 @@ class MultiLevelCascadeAttentionWrapper(BatchWrapper):
         if len(nnz) != 1:
             raise ValueError(f"qo_indptr_arr levels must cover the same queries, got totals {sorted(nnz)}")
         self._specs = specs
-        self._plans = [make_plan(s, self._backend, self._kv_layout, self._capacity) for s in specs]
+        self._plans = [make_plan(s, self._backend, self._kv_layout, self._capacity, op="other") for s in specs]
         return self._plans
 
     def run(self, q, paged_kv_cache, *, return_lse: bool = False):

@@ -24,7 +24,7 @@ def _single_kv(k, v, kv_layout: str):
     return k, v
 
 
-def run_single(q, k, v, variant: AttentionVariant, backend: str, *, decode: bool, return_lse: bool, custom_mask=None):
+def run_single(q, k, v, variant: AttentionVariant, backend: str, *, op: str, return_lse: bool, custom_mask=None):
     """Attention of one request ``q [Lq, Hq, D]``, ``k/v [Lk, Hkv, D]`` as a batch of one."""
     lq, hq, d = q.shape
     lk, hkv = k.shape[0], k.shape[1]
@@ -41,7 +41,7 @@ def run_single(q, k, v, variant: AttentionVariant, backend: str, *, decode: bool
     )
     spec.check_run_args(q, k, v, "NHD")
     capacity = PlanCapacity(max_batch_size=1, max_qo_len=max(lq, 1), max_kv_len=max(lk, 1))
-    plan = make_plan(spec, backend, "NHD", capacity, decode=decode)
+    plan = make_plan(spec, backend, "NHD", capacity, op=op)
     return run_plan(plan, q, k, v, return_lse=return_lse)
 
 
@@ -74,7 +74,7 @@ def single_decode_with_kv_cache(
     variant = make_variant(variant, window_left=window_left, logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
                            pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale, rope_theta=rope_theta)
     k, v = _single_kv(k, v, kv_layout)
-    out = run_single(q[None], k, v, variant, backend, decode=True, return_lse=return_lse)
+    out = run_single(q[None], k, v, variant, backend, op="decode", return_lse=return_lse)
     return (out[0][0], out[1][0]) if return_lse else out[0]
 
 
@@ -85,7 +85,7 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchWrapper):
     jit-compatible, and :func:`batch_decode` runs the returned plan inside a jitted step.
     """
 
-    _decode = True
+    _op = "decode"
 
     def plan(
         self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int, head_dim: int,

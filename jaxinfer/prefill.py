@@ -43,7 +43,7 @@ def single_prefill_with_kv_cache(
                            sm_scale=sm_scale, pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale,
                            rope_theta=rope_theta)
     k, v = _single_kv(k, v, kv_layout)
-    return run_single(q, k, v, variant, backend, decode=False, return_lse=return_lse, custom_mask=custom_mask)
+    return run_single(q, k, v, variant, backend, op="prefill", return_lse=return_lse, custom_mask=custom_mask)
 
 
 def _prefill_spec(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim,

@@ -86,6 +86,8 @@ class BlockSparseAttentionWrapper(BatchWrapper):
       capacity: static maxima of plans (see :class:`~jaxinfer.batch.PlanCapacity`).
     """
 
+    _op = "other"
+
     def __init__(self, backend: str = "auto", *, capacity: PlanCapacity | None = None):
         super().__init__("NHD", backend, capacity=capacity)
         self._shape = None

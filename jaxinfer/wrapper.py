@@ -20,7 +20,6 @@ from jaxinfer.batch import BatchSpec, PlanCapacity
 from jaxinfer.page import unpack_paged_kv_cache
 
 KV_LAYOUTS = ("NHD", "HND")
-DECODE_ORDER_GPU = ("pallas", "xla")
 
 
 @jax.tree_util.register_dataclass
@@ -46,7 +45,7 @@ def make_plan(
     kv_layout: str,
     capacity: PlanCapacity,
     *,
-    decode: bool = False,
+    op: str = "prefill",
 ) -> Plan:
     """Resolve the backend for ``spec`` and plan on the host.
 
@@ -54,10 +53,7 @@ def make_plan(
       ValueError: unknown backend, or a capacity smaller than the batch.
       NotImplementedError: an explicitly named backend cannot serve the spec.
     """
-    order = None
-    if decode and backends.auto_order() != ("xla",):
-        order = DECODE_ORDER_GPU
-    impl = backends.resolve(backend, spec, order=order)
+    impl = backends.resolve(backend, spec, op=op)
     return Plan(inner=impl.plan(spec, capacity), backend=impl.name, kv_layout=kv_layout, page_size=spec.page_size)
 
 
@@ -101,7 +97,7 @@ class BatchWrapper:
       ValueError: bad ``kv_layout`` or ``backend``.
     """
 
-    _decode = False
+    _op = "prefill"  # which auto_order "auto" follows (backends.auto_order)
 
     def __init__(self, kv_layout: str = "NHD", backend: str = "auto", *, capacity: PlanCapacity | None = None):
         if backend not in backends.BACKEND_NAMES:
@@ -118,7 +114,7 @@ class BatchWrapper:
         return None if self._plan is None else self._plan.backend
 
     def _set_plan(self, spec: BatchSpec) -> Plan:
-        self._plan = make_plan(spec, self._backend, self._kv_layout, self._capacity, decode=self._decode)
+        self._plan = make_plan(spec, self._backend, self._kv_layout, self._capacity, op=self._op)
         self._spec = spec
         return self._plan
 
