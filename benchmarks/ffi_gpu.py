@@ -23,23 +23,11 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def import_ffi_without_package_init():
-    """Import jaxinfer's ffi/batch modules without running ``jaxinfer/__init__`` (other parts of
-    the package are edited concurrently; this check must not depend on them)."""
-    if "jaxinfer" not in sys.modules:
-        pkg = types.ModuleType("jaxinfer")
-        pkg.__path__ = [str(ROOT / "jaxinfer")]
-        sys.modules["jaxinfer"] = pkg
-    sys.path.insert(0, str(ROOT))
-
-
-import_ffi_without_package_init()
 # Child processes (memcheck, pytest, tile variants) need GPU memory too.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -48,6 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxinfer.batch import BatchSpec, PlanCapacity  # noqa: E402
+from jaxinfer.bench.harness import median_seconds  # noqa: E402
 from jaxinfer.ffi import ops  # noqa: E402
 from jaxinfer.ffi.backend import get_backend  # noqa: E402
 from jaxinfer.variants import AttentionVariant  # noqa: E402
@@ -72,16 +61,7 @@ def tflops(seconds: float, causal: bool, d: int) -> float:
 
 def bench(fn, *args, iters: int = 10, reps: int = 5) -> float:
     """Median seconds per call over ``reps`` bursts of ``iters`` back-to-back calls (after warm-up)."""
-    for _ in range(3):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t) / iters)
-    return float(np.median(times))
+    return median_seconds(fn, *args, iters=iters, reps=reps, warmup=3)
 
 
 @jax.jit
@@ -163,14 +143,10 @@ def run_pytest(timeout: int, defines: str = "") -> int:
     if importlib.util.find_spec("pytest") is None:
         print("pytest is not installed here: GPU tests not run")
         return -1
-    code = (
-        "import sys, types; pkg = types.ModuleType('jaxinfer'); pkg.__path__ = ['jaxinfer']; "
-        "sys.modules['jaxinfer'] = pkg; import pytest; "
-        "sys.exit(pytest.main(['-m', 'gpu', '-q', '--tb=line', '-p', 'no:cacheprovider', 'tests/test_ffi.py']))"
-    )
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "--tb=line", "-p", "no:cacheprovider", "tests/test_ffi.py"]
     try:
         env = dict(os.environ, JAXINFER_FA2_DEFINES=defines)
-        return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, timeout=timeout).returncode
+        return subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout).returncode
     except subprocess.TimeoutExpired:
         print(f"pytest timed out after {timeout} s")
         return -2

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxinfer
+from jaxinfer.bench.harness import median_seconds
 from jaxinfer.batch import BatchSpec, PlanCapacity
 from jaxinfer.pallas.backend import PallasBackend
 from jaxinfer.pallas.config import TileConfig
@@ -43,15 +44,7 @@ DT = jnp.bfloat16
 
 def bench(f, *args, iters=20, reps=7):
     """Median seconds per call of ``f(*args)`` (see module doc)."""
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            out = f(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / iters)
-    return statistics.median(times)
+    return median_seconds(f, *args, iters=iters, reps=reps, warmup=1)
 
 
 def copy_bandwidth():

@@ -112,6 +112,22 @@ class Timer:
         return statistics.median(samples) * 1e3, first
 
 
+def median_seconds(fn: Callable, *args, iters: int = 20, reps: int = 7, warmup: int = 1) -> float:
+    """Median seconds per call of ``fn(*args)`` over ``reps`` bursts of ``iters`` back-to-back
+    calls, each burst synchronised once, after ``warmup`` calls (the first compiles). The GPU
+    scripts in benchmarks/ time with this; the CLI uses :class:`Timer`."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) / iters)
+    return statistics.median(times)
+
+
 def input_copies(args: tuple, nbytes: int) -> list[tuple]:
     """``args`` and copies of it to rotate through, so that timing does not read warm L2.
 
