@@ -90,7 +90,7 @@ class BlockSparseAttentionWrapper(BatchWrapper):
 
     def __init__(self, backend: str = "auto", *, capacity: PlanCapacity | None = None):
         super().__init__("NHD", backend, capacity=capacity)
-        self._shape = None
+        self._num_cols: int | None = None  # N: the only shape the spec does not hold
 
     def plan(
         self, indptr, indices, M: int, N: int, R: int, C: int, num_qo_heads: int, num_kv_heads: int,
@@ -143,13 +143,13 @@ class BlockSparseAttentionWrapper(BatchWrapper):
             custom_mask=bsr_custom_mask(indptr, indices, M, N, R, C, block_mask, causal),
             q_dtype=q_data_type, kv_dtype=kv_data_type,
         )
-        self._shape = (M, N, C)
+        self._num_cols = int(N)
         return self._set_plan(spec)
 
     def run(self, q, k, v, *, return_lse: bool = False):
         """``q [M, Hq, D]``, ``k/v [N, Hkv, D]`` -> ``o [M, Hq, D]`` (, ``lse [M, Hq]``)."""
         spec, plan = self._require_plan()
-        M, N, C = self._shape
+        M, N, C = int(spec.qo_indptr[-1]), self._num_cols, spec.page_size
         if q.shape[0] != M or k.shape[0] != N:
             raise ValueError(f"q must have M = {M} rows and k, v N = {N} rows, got {q.shape[0]} and {k.shape[0]}")
         spec.check_run_args(q, *(_as_pages(x, C) for x in (k, v)), "NHD")
