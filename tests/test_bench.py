@@ -145,6 +145,8 @@ def test_scaled_divides_sizes_only():
     assert (cpu.batch_size, cpu.kv_len) == (1, 4096)
     assert (cpu.num_qo_heads, cpu.num_kv_heads, cpu.head_dim, cpu.page_size) == (32, 8, 128, 16)
     assert full.scaled(1) == full
+    prefill = WORKLOADS["prefill_causal"]
+    assert prefill.scaled(1) == prefill and prefill.scaled(SIZE_FACTORS["cpu"]).prefix_len == 0  # square causal
     sparse = WORKLOADS["vector_sparse"].scaled(TINY)
     assert (sparse.M, sparse.N, sparse.R, sparse.C, sparse.density) == (128, 128, 64, 1, 0.1)
 

@@ -144,9 +144,10 @@ class Workload:
     unit: ClassVar[str] = "TB/s"  # throughput reported: bytes/s (memory-bound) or FLOP/s
 
     def scaled(self, factor: int) -> Workload:
-        """The same workload with every size field divided by ``factor`` (at least 1)."""
+        """The same workload with every size field divided by ``factor`` (at least 1; a zero field,
+        such as prefill_causal's ``prefix_len``, stays zero)."""
         changes = {
-            f.name: max(1, getattr(self, f.name) // factor)
+            f.name: min(getattr(self, f.name), max(1, getattr(self, f.name) // factor))
             for f in dataclasses.fields(self)
             if f.metadata.get("scaled")
         }
