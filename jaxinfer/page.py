@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 KV_LAYOUTS = ("NHD", "HND")
+_INT32_MAX = int(np.iinfo(np.int32).max)
 
 
 def check_indptr(name: str, indptr, *, batch_size: int | None = None) -> np.ndarray:
@@ -40,17 +41,17 @@ def check_indptr(name: str, indptr, *, batch_size: int | None = None) -> np.ndar
     arr = np.asarray(indptr)
     if arr.ndim != 1 or arr.size == 0:
         raise ValueError(f"{name} must be a 1-D array of length batch_size + 1, got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.integer):
+    if arr.dtype.kind not in "iu":
         raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
     if batch_size is not None and arr.size != batch_size + 1:
         raise ValueError(f"{name} must have length batch_size + 1 = {batch_size + 1}, got {arr.size}")
     if arr[0] != 0:
         raise ValueError(f"{name}[0] must be 0, got {arr[0]}")
-    if np.any(np.diff(arr) < 0):
+    if (arr[1:] < arr[:-1]).any():
         raise ValueError(f"{name} must be non-decreasing (sorted), got {arr.tolist()[:16]}...")
-    if arr[-1] > np.iinfo(np.int32).max:
+    if arr[-1] > _INT32_MAX:
         raise ValueError(f"{name} exceeds the int32 range")
-    return arr.astype(np.int32)
+    return arr.astype(np.int32, copy=False)
 
 
 def check_page_table(
@@ -79,7 +80,7 @@ def check_page_table(
         raise ValueError(f"kv_last_page_len must be 1-D [batch_size], got shape {last.shape}")
     indptr = check_indptr("kv_indptr", kv_indptr, batch_size=last.size)
     indices = np.asarray(kv_indices)
-    if indices.ndim != 1 or (indices.size and not np.issubdtype(indices.dtype, np.integer)):
+    if indices.ndim != 1 or (indices.size and indices.dtype.kind not in "iu"):
         raise ValueError(f"kv_indices must be a 1-D integer array, got {indices.dtype}{indices.shape}")
     if indices.size < indptr[-1]:
         raise ValueError(
@@ -92,23 +93,23 @@ def check_page_table(
         raise ValueError(
             f"kv_indices must be < num_pages = {num_pages} (pages in the cache), got {used.max()}"
         )
-    has_pages = np.diff(indptr) > 0
-    if last.size and not np.issubdtype(last.dtype, np.integer):
+    has_pages = indptr[1:] > indptr[:-1]
+    if last.size and last.dtype.kind not in "iu":
         raise ValueError(f"kv_last_page_len must hold integers, got dtype {last.dtype}")
-    bad = (has_pages & ((last < 1) | (last > page_size))) | (~has_pages & (last != 0))
+    bad = np.where(has_pages, (last < 1) | (last > page_size), last != 0)
     if np.any(bad):
         b = int(np.flatnonzero(bad)[0])
         raise ValueError(
             f"kv_last_page_len[{b}] = {last[b]} must be in 1..page_size={page_size} for a request "
             f"with pages, and 0 for a request with none"
         )
-    return indptr, indices.astype(np.int32), last.astype(np.int32)
+    return indptr, indices.astype(np.int32, copy=False), last.astype(np.int32, copy=False)
 
 
 def seq_lens_host(kv_indptr: np.ndarray, kv_last_page_len: np.ndarray, page_size: int) -> np.ndarray:
     """``[B]`` int32 tokens per request of a validated page table (numpy twin of get_seq_lens)."""
-    num_pages = np.diff(kv_indptr)
-    return np.where(num_pages > 0, (num_pages - 1) * page_size + kv_last_page_len, 0).astype(np.int32)
+    num_pages = kv_indptr[1:] - kv_indptr[:-1]
+    return np.where(num_pages > 0, (num_pages - 1) * page_size + kv_last_page_len, 0).astype(np.int32, copy=False)
 
 
 @functools.partial(jax.jit, static_argnames="page_size")

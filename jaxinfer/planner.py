@@ -73,25 +73,54 @@ def _ceil_div(a, b):
     return -(-a // b)
 
 
+# A padding row of ``work``: invalid, writes nothing (``out_slot = -1``).
+_PAD_TILE = np.zeros(len(WORK_FIELDS), np.int32)
+_PAD_TILE[F["out_slot"]] = -1
+# The constant columns of a query tile: valid, unsplit (writes final rows), from key 0 and
+# without a custom mask unless set.
+_QUERY_TILE = _PAD_TILE.copy()
+_QUERY_TILE[F["valid"]] = 1
+
+
 def _expand(counts):
     """``(owner, rank)``: ``owner = repeat(arange(n), counts)`` and each entry's index within its
-    owner (the common all-ones case, e.g. decode, skips the repeats)."""
-    if counts.size and counts.min() == 1 == counts.max():
-        return np.arange(counts.size), np.zeros(counts.size, np.int64)
+    owner."""
     owner = np.repeat(np.arange(counts.size), counts)
     return owner, np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
-def _query_tiles(qo_lens, kv_lens, tokens_per_tile, causal, window_left):
-    """Per query tile: request, first token offset, tokens, q_pos0 and the visible key range."""
-    req, j = _expand(_ceil_div(qo_lens, tokens_per_tile))
+def _query_tiles(qo_indptr, kv_lens, kv_base, mask_offsets, tokens_per_tile, causal, window_left):
+    """``[n, len(WORK_FIELDS)]`` int32: one row per query tile with every column but ``kv_head``
+    (each KV head's tile copies it), the tile's whole visible key range as ``kv_lo:kv_hi``, and
+    ``mask_base`` 0 without ``mask_offsets``."""
+    qo_lens = qo_indptr[1:] - qo_indptr[:-1]
+    if qo_lens.size and qo_lens.min() >= 1 and qo_lens.max() <= tokens_per_tile:
+        # One tile per request (decode): ``slice(None)`` and 0 index and broadcast like the
+        # expanded request ids and tile ranks without building or gathering anything.
+        req, j = slice(None), 0
+    else:
+        req, j = _expand(_ceil_div(qo_lens, tokens_per_tile))
     tok0 = j * tokens_per_tile
-    ntok = np.minimum(tokens_per_tile, qo_lens[req] - tok0)
+    qo = qo_lens[req]
     kv_len = kv_lens[req]
-    q_pos0 = tok0 + kv_len - qo_lens[req]
+    ntok = np.minimum(tokens_per_tile, qo - tok0)
+    q_pos0 = kv_len - qo + tok0
     hi = np.minimum(np.maximum(q_pos0 + ntok, 0), kv_len) if causal else kv_len
-    lo = np.minimum(np.maximum(q_pos0 - window_left, 0), hi) if window_left >= 0 else np.zeros_like(hi)
-    return req, tok0, ntok, q_pos0, lo, hi
+    tiles = np.empty((ntok.size, len(WORK_FIELDS)), np.int32)
+    tiles[:] = _QUERY_TILE
+    tiles[:, F["q_row0"]] = qo_indptr[:-1][req] + tok0
+    tiles[:, F["q_len"]] = ntok
+    tiles[:, F["q_pos0"]] = q_pos0
+    if window_left >= 0:
+        tiles[:, F["kv_lo"]] = np.minimum(np.maximum(q_pos0 - window_left, 0), hi)
+    tiles[:, F["kv_hi"]] = hi
+    tiles[:, F["kv_base"]] = kv_base[req]
+    tiles[:, F["kv_len"]] = kv_len
+    if mask_offsets is not None:
+        # int64: the request's offset plus tok0 * kv_len may pass 2**31 before the int32 store
+        # (the backend refuses masks of 2**31 elements or more).
+        tiles[:, F["mask_base"]] = np.asarray(mask_offsets, np.int64)[req] + tok0 * kv_len.astype(np.int64)
+    return tiles
 
 
 def _chunk_size(kv_span, num_kv_heads, block_n, split_budget, min_chunk):
@@ -100,9 +129,11 @@ def _chunk_size(kv_span, num_kv_heads, block_n, split_budget, min_chunk):
     kmin = max(1, _ceil_div(min_chunk, block_n))
     if kv_span.size * num_kv_heads >= split_budget or longest <= kmin * block_n:
         return 0
+    # ceil(span / (k * block_n)) == ceil(ceil(span / block_n) / k): search on block counts.
+    blocks = _ceil_div(kv_span, block_n)
 
     def count(k):
-        return num_kv_heads * int(np.maximum(1, _ceil_div(kv_span, k * block_n)).sum())
+        return num_kv_heads * int(np.maximum(1, _ceil_div(blocks, k)).sum())
 
     lo, hi = kmin, max(kmin, _ceil_div(longest, block_n))
     while lo < hi:
@@ -114,23 +145,44 @@ def _chunk_size(kv_span, num_kv_heads, block_n, split_budget, min_chunk):
     return lo * block_n
 
 
-def _assign_lpt(cost, num_ctas):
-    """Tile order grouped by CTA (longest first) and tiles per CTA: LPT in rounds (module doc)."""
-    order = np.argsort(-cost, kind="stable")
-    cta = np.empty(cost.size, np.int64)  # CTA of the tile at each position of ``order``
+def _assign_lpt(sorted_cost, num_ctas):
+    """LPT in rounds (module doc) over tiles sorted longest first.
+
+    Returns ``(by_cta, per_cta)``: positions in the sorted order grouped by CTA (longest first
+    within a CTA), and tiles per CTA.
+    """
+    n = sorted_cost.size
+    # int16 CTA ids let numpy's stable argsort use radix sort (3x faster than int64 here).
+    cta = np.empty(n, np.int16 if num_ctas < 2**15 else np.int64)
     load = np.zeros(num_ctas, np.int64)
-    sorted_cost = cost[order]
-    for start in range(0, cost.size, num_ctas):
-        least = np.argsort(load, kind="stable")
+    for start in range(0, n, num_ctas):
+        least = np.argsort(load, kind="stable") if start else np.arange(num_ctas)
         if sorted_cost[start] == sorted_cost[-1]:
             # Equal costs from here on keep the load order, so the rest goes round-robin.
-            cta[start:] = least[np.arange(cost.size - start) % num_ctas]
+            cta[start:] = np.take(least, np.arange(n - start), mode="wrap")
             break
         c = sorted_cost[start : start + num_ctas]
         cta[start : start + c.size] = least[: c.size]
         load[least[: c.size]] += c
-    by_cta = np.argsort(cta, kind="stable")
-    return order[by_cta], np.bincount(cta, minlength=num_ctas)
+    return np.argsort(cta, kind="stable"), np.bincount(cta, minlength=num_ctas)
+
+
+def _merge_groups(pair_nch, q_tiles, num_kv_heads, merge_indptr, merge_dest) -> int:
+    """Fill ``merge_indptr``/``merge_dest`` for the (query tile, KV head) pairs split into more
+    than one chunk (``pair_nch is None``: nothing is split); returns the number of groups."""
+    merge_dest[:] = 0
+    if pair_nch is None:
+        merge_indptr[:] = 0
+        return 0
+    groups = np.flatnonzero(pair_nch > 1)
+    ng = groups.size
+    merge_indptr[0] = 0
+    merge_indptr[1 : ng + 1] = pair_nch[groups].cumsum()
+    merge_indptr[ng + 1 :] = merge_indptr[ng]
+    gq, gh = np.divmod(groups, num_kv_heads)
+    merge_dest[:ng] = q_tiles[gq][:, [F[name] for name in MERGE_FIELDS]]
+    merge_dest[:ng, 0] = gh
+    return ng
 
 
 def plan_work(
@@ -150,6 +202,7 @@ def plan_work(
     split_kv: bool = True,
     min_chunk: int = 256,
     mask_offsets=None,
+    out: tuple[np.ndarray, ...] | None = None,
 ) -> WorkBuffers:
     """Plan one batch (host, numpy).
 
@@ -168,75 +221,74 @@ def plan_work(
       min_chunk: smallest KV chunk (tokens) of a split.
       mask_offsets: ``[B]`` offset of each request's row-major ``[qo_len, kv_len]`` custom mask in
         the flat mask (``None``: no custom mask; ``mask_base`` is then 0).
+      out: ``(work, cta_indptr, merge_indptr, merge_dest)`` int32 arrays of the shapes of
+        :class:`WorkBuffers` to write into (e.g. views of one packed host buffer); every entry
+        is written. ``None`` allocates them.
 
     Returns:
-      :class:`WorkBuffers`.
+      :class:`WorkBuffers` (holding ``out``'s arrays when given).
 
     Raises:
-      ValueError: the batch needs more than ``max_work_tiles`` tiles.
+      ValueError: the batch needs more than ``max_work_tiles`` tiles, or ``out`` has a wrong
+        shape or dtype.
     """
-    qo_indptr = np.asarray(qo_indptr, np.int64)
-    kv_lens = np.asarray(kv_lens, np.int64)
-    kv_base = np.asarray(kv_base, np.int64)
-    qo_lens = qo_indptr[1:] - qo_indptr[:-1]
     tpt = max(1, block_m // group_size)
-    req, tok0, ntok, q_pos0, lo, hi = _query_tiles(qo_lens, kv_lens, tpt, causal, window_left)
+    q_tiles = _query_tiles(np.asarray(qo_indptr), np.asarray(kv_lens), np.asarray(kv_base), mask_offsets, tpt, causal, window_left)
+    lo, hi = q_tiles[:, F["kv_lo"]], q_tiles[:, F["kv_hi"]]
     span = hi - lo
     chunk = _chunk_size(span, num_kv_heads, block_n, split_budget, min_chunk) if split_kv else 0
-    nch = np.maximum(1, _ceil_div(span, chunk)) if chunk else np.ones_like(span)
+    max_groups = split_budget // 2
+    shapes = ((max_work_tiles, len(WORK_FIELDS)), (num_ctas + 1,), (max_groups + 1,), (max_groups, len(MERGE_FIELDS)))
+    if out is None:
+        out = tuple(np.empty(s, np.int32) for s in shapes)
+    for name, a, shape in zip(("work", "cta_indptr", "merge_indptr", "merge_dest"), out, shapes):
+        if a.shape != shape or a.dtype != np.int32:
+            raise ValueError(f"out's {name} must be int32{shape}, got {a.dtype}{a.shape}")
+    work, cta_indptr, merge_indptr, merge_dest = out
 
-    # Tiles ordered (query tile, KV head, chunk) so that a split group's slots are contiguous.
-    pair_q = np.repeat(np.arange(req.size), num_kv_heads)
-    pair_head = np.arange(pair_q.size) % num_kv_heads
-    pair_nch = nch[pair_q]
-    t_pair, t_chunk = _expand(pair_nch)
-    t_q = pair_q[t_pair]
-    num_tiles = t_pair.size
-    if num_tiles > max_work_tiles:
-        raise ValueError(f"max_work_tiles={max_work_tiles} is smaller than the batch's {num_tiles} work tiles")
-    kv_lo = lo[t_q] + t_chunk * chunk
-    kv_hi = np.minimum(hi[t_q], kv_lo + chunk) if chunk else hi[t_q]
-    if chunk:
+    # Tiles are ordered (query tile, KV head, chunk), so a split group's slots are contiguous.
+    q_cost = span + 2 * group_size * q_tiles[:, F["q_len"]].astype(np.int64)
+    nch = np.maximum(1, _ceil_div(span, chunk)) if chunk else None
+    pair_nch = np.repeat(nch, num_kv_heads) if nch is not None and nch.max(initial=1) > 1 else None
+    if pair_nch is not None:
+        t_pair, t_chunk = _expand(pair_nch)
+        t_q = t_pair // num_kv_heads
+        kv_lo = lo[t_q] + t_chunk * chunk
+        kv_hi = np.minimum(hi[t_q], kv_lo + chunk)
         split = pair_nch[t_pair] > 1
         slot = np.where(split, np.cumsum(split) - 1, -1)
+        cost = (kv_hi - kv_lo) + (q_cost - span)[t_q]
+        order = np.argsort(-cost, kind="stable")
+        sorted_cost = cost[order]
     else:
-        slot = np.full(num_tiles, -1)
+        # Unsplit, tile = query tile * Hkv + head and the heads of a query tile cost the same:
+        # sorting the query tiles (stable) gives the order a stable sort of all tiles would.
+        q_order = np.argsort(-q_cost, kind="stable")
+        sorted_cost = np.repeat(q_cost[q_order], num_kv_heads)
+    num_tiles = sorted_cost.size
+    if num_tiles > max_work_tiles:
+        raise ValueError(f"max_work_tiles={max_work_tiles} is smaller than the batch's {num_tiles} work tiles")
+    by_cta, per_cta = _assign_lpt(sorted_cost, num_ctas)
 
-    cost = (kv_hi - kv_lo) + 2 * ntok[t_q] * group_size
-    perm, per_cta = _assign_lpt(cost, num_ctas)
-
-    work = np.zeros((max_work_tiles, len(WORK_FIELDS)), np.int32)
-    work[:, F["out_slot"]] = -1
-    t_req = req[t_q]
-    cols = np.empty((len(WORK_FIELDS), num_tiles), np.int32)
-    cols[F["kv_head"]] = pair_head[t_pair]
-    cols[F["q_row0"]] = qo_indptr[t_req] + tok0[t_q]
-    cols[F["q_len"]] = ntok[t_q]
-    cols[F["q_pos0"]] = q_pos0[t_q]
-    cols[F["kv_lo"]] = kv_lo
-    cols[F["kv_hi"]] = kv_hi
-    cols[F["kv_base"]] = kv_base[t_req]
-    cols[F["out_slot"]] = slot
-    cols[F["valid"]] = 1
-    cols[F["kv_len"]] = kv_lens[t_req]
-    base = 0 if mask_offsets is None else np.asarray(mask_offsets, np.int64)[t_req]
-    cols[F["mask_base"]] = base + tok0[t_q] * kv_lens[t_req]
-    work[:num_tiles] = cols.T[perm]
-    cta_indptr = np.zeros(num_ctas + 1, np.int32)
-    np.cumsum(per_cta, out=cta_indptr[1:])
-
-    groups = np.flatnonzero(pair_nch > 1)
-    max_groups = split_budget // 2
-    merge_indptr = np.zeros(max_groups + 1, np.int32)
-    merge_indptr[1 : groups.size + 1] = np.cumsum(pair_nch[groups])
-    merge_indptr[groups.size + 1 :] = merge_indptr[groups.size]
-    merge_dest = np.zeros((max_groups, len(MERGE_FIELDS)), np.int32)
-    gq = pair_q[groups]
-    merge_dest[: groups.size, 0] = pair_head[groups]
-    merge_dest[: groups.size, 1] = qo_indptr[req[gq]] + tok0[gq]
-    merge_dest[: groups.size, 2] = ntok[gq]
-    merge_dest[: groups.size, 3] = q_pos0[gq]
-    return WorkBuffers(work, cta_indptr, merge_indptr, merge_dest, num_tiles, int(groups.size), int(chunk))
+    tiles = work[:num_tiles]
+    if pair_nch is not None:
+        perm = order[by_cta]  # tile at each row of ``work``
+        tq, head = np.divmod(t_pair[perm], num_kv_heads)
+    else:
+        rank, head = np.divmod(by_cta, num_kv_heads)
+        tq = q_order[rank]
+    # The indices are in range; mode="clip" keeps numpy from buffering the write into ``out``.
+    np.take(q_tiles, tq, axis=0, out=tiles, mode="clip")
+    tiles[:, F["kv_head"]] = head
+    if pair_nch is not None:
+        tiles[:, F["kv_lo"]] = kv_lo[perm]
+        tiles[:, F["kv_hi"]] = kv_hi[perm]
+        tiles[:, F["out_slot"]] = slot[perm]
+    work[num_tiles:] = _PAD_TILE
+    cta_indptr[0] = 0
+    cta_indptr[1:] = per_cta.cumsum()
+    ng = _merge_groups(pair_nch, q_tiles, num_kv_heads, merge_indptr, merge_dest)
+    return WorkBuffers(work, cta_indptr, merge_indptr, merge_dest, num_tiles, int(ng), int(chunk))
 
 
 def plan_work_in_jit(qo_indptr, kv_lens, kv_base, **static) -> tuple[jax.Array, ...]:

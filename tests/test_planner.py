@@ -14,14 +14,15 @@ from ref64 import random_page_table
 from jaxinfer.batch import BatchSpec, PlanCapacity
 from jaxinfer.pallas.backend import PallasBackend
 from jaxinfer.pallas.config import TileConfig
-from jaxinfer.planner import F, plan_work, plan_work_in_jit
+from jaxinfer.planner import F, MERGE_FIELDS, WORK_FIELDS, plan_work, plan_work_in_jit
 from jaxinfer.variants import AttentionVariant
 
 
 @st.composite
 def batches(draw):
     b = draw(st.integers(1, 6))
-    qo = draw(st.lists(st.integers(0, 20), min_size=b, max_size=b))
+    # Decode batches (one query each) take the planner's one-tile-per-request path.
+    qo = draw(st.one_of(st.just([1] * b), st.lists(st.integers(0, 20), min_size=b, max_size=b)))
     kv = draw(st.lists(st.integers(0, 200), min_size=b, max_size=b))
     return dict(
         qo_lens=np.array(qo),
@@ -109,6 +110,59 @@ def test_balance_and_capacity(case):
     mi = wb.merge_indptr
     assert mi.size == case["split_budget"] // 2 + 1 and mi[wb.num_groups] == used.size
     assert np.all(np.diff(mi[: wb.num_groups + 1]) >= 2) and np.all(mi[wb.num_groups :] == used.size)
+
+
+@settings(max_examples=50, deadline=None)
+@given(batches())
+def test_out_buffers_are_fully_written(case):
+    """Planning into caller buffers (views of one packed array) overwrites every entry with what
+    a plan into fresh arrays holds."""
+    _, want = _plan(case)
+    qo_indptr = np.concatenate([[0], np.cumsum(case["qo_lens"])])
+    kw = {k: v for k, v in case.items() if k not in ("qo_lens", "kv_lens")}
+    g = case["split_budget"] // 2
+    sizes = (4096 * len(WORK_FIELDS), case["num_ctas"] + 1, g + 1, g * len(MERGE_FIELDS))
+    packed = np.full(sum(sizes), -12345, np.int32)
+    parts = np.split(packed, np.cumsum(sizes)[:-1])
+    out = (parts[0].reshape(4096, -1), parts[1], parts[2], parts[3].reshape(g, -1))
+    got = plan_work(qo_indptr, case["kv_lens"], np.arange(case["kv_lens"].size) * 1000, max_work_tiles=4096, out=out, **kw)
+    assert not np.any(packed == -12345)
+    for name in ("work", "cta_indptr", "merge_indptr", "merge_dest"):
+        assert getattr(got, name).base is not None and np.shares_memory(getattr(got, name), packed)
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+    assert (got.num_tiles, got.num_groups, got.chunk) == (want.num_tiles, want.num_groups, want.chunk)
+
+
+def test_out_buffer_of_wrong_shape_raises():
+    case = dict(num_kv_heads=1, group_size=1, block_m=16, block_n=16, causal=False, window_left=-1, num_ctas=2,
+                split_budget=4, min_chunk=16, max_work_tiles=8)
+    out = (np.zeros((8, len(WORK_FIELDS)), np.int32), np.zeros(3, np.int32), np.zeros(3, np.int32), np.zeros((2, 3), np.int32))
+    with pytest.raises(ValueError, match="merge_dest"):
+        plan_work(np.array([0, 1]), np.array([5]), np.array([0]), out=out, **case)
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_backend_plan_buffer_is_the_packed_plan(rng, fixed):
+    """The backend's one host buffer has KernelSpec's layout: it equals ``KernelSpec.pack`` of a
+    separate plan_work, page ids included and padded with zeros."""
+    kv_lens = rng.integers(0, 300, size=5)
+    kv_lens[1] = 0
+    kv_indptr, kv_indices, last, _ = random_page_table(rng, kv_lens, 16)
+    qo_indptr = np.concatenate([[0], np.cumsum(rng.integers(0, 4, size=5))])
+    spec = BatchSpec.create(qo_indptr, kv_indptr, kv_indices, last, page_size=16, num_qo_heads=8, num_kv_heads=2,
+                            head_dim=32, variant=AttentionVariant(causal=True), q_dtype=jnp.float16)
+    backend = PallasBackend(num_ctas=3, split_factor=4, config=TileConfig(16, 16, 4, 1), min_chunk=16)
+    cap = PlanCapacity(max_batch_size=8, max_kv_len=320, max_work_tiles=64) if fixed else PlanCapacity()
+    plan = backend.plan(spec, cap)
+    ks = plan.kernel
+    nnz = int(kv_indptr[-1])
+    assert ks.page_capacity == (8 * 20 if fixed else 1 << (nnz - 1).bit_length())
+    wb = plan_work(spec.qo_indptr, spec.kv_lens, spec.kv_indptr[:-1],
+                   **backend._plan_kwargs(spec, plan.config, ks.max_tiles))
+    pages = np.zeros(ks.page_capacity, np.int32)
+    pages[:nnz] = kv_indices[:nnz]
+    want = ks.pack(wb.work, wb.cta_indptr, wb.merge_indptr, wb.merge_dest, pages)
+    np.testing.assert_array_equal(np.asarray(plan.buffer), want)
 
 
 def test_capacity_overflow_raises():

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from jaxinfer.batch import BatchSpec, PlanCapacity, next_pow2
 from jaxinfer.pallas.attention import KernelSpec, attention
 from jaxinfer.pallas.config import TileConfig, heuristic_config
 from jaxinfer.planner import MERGE_FIELDS, WORK_FIELDS, plan_work, plan_work_in_jit
+from jaxinfer.variants import AttentionVariant
 
 H100_SMS = 132
 
@@ -105,38 +107,15 @@ class PallasBackend:
         qo_len = capacity.max_qo_len
         if qo_len is None:
             qo_len = spec.qo_indptr[-1] / max(spec.batch_size, 1)
-        return heuristic_config(spec.head_dim, spec.page_size, spec.group_size, qo_len)
+        return _cached_heuristic_config(spec.head_dim, spec.page_size, spec.group_size, float(qo_len))
 
     def grid_size(self, cfg: TileConfig) -> int:
         """Persistent CTAs of the attention kernel for tile config ``cfg``."""
         return self.num_ctas if self.num_ctas is not None else self.num_sms * cfg.ctas_per_sm
 
     def _kernel_spec(self, spec: BatchSpec, cfg: TileConfig, max_tiles: int, page_capacity: int, custom_mask: bool) -> KernelSpec:
-        v = spec.variant
-        slots = self.split_factor * self.grid_size(cfg)
-        return KernelSpec(
-            paged=spec.paged,
-            kv_layout="NHD",
-            page_size=spec.page_size,
-            num_qo_heads=spec.num_qo_heads,
-            num_kv_heads=spec.num_kv_heads,
-            head_dim=spec.head_dim,
-            sm_scale=float(v.scale(spec.head_dim)),
-            causal=v.causal,
-            window_left=v.window_left,
-            logits_soft_cap=v.logits_soft_cap,
-            num_ctas=self.grid_size(cfg),
-            num_slots=slots,
-            num_groups=self._split_budget(cfg, max_tiles) // 2,
-            max_tiles=max_tiles,
-            page_capacity=page_capacity,
-            pos_encoding_mode=v.pos_encoding_mode,
-            rope_scale=float(v.rope_scale),
-            rope_theta=float(v.rope_theta),
-            custom_mask=custom_mask,
-            use_softmax=v.use_softmax,
-            callables=v if v.has_user_callables else None,
-        )
+        return _cached_kernel_spec(self, spec.paged, spec.page_size, spec.num_qo_heads, spec.num_kv_heads,
+                                   spec.head_dim, spec.variant, cfg, max_tiles, page_capacity, custom_mask)
 
     def _split_budget(self, cfg: TileConfig, max_tiles: int) -> int:
         return max(2, min(self.split_factor * self.grid_size(cfg), max_tiles))
@@ -157,36 +136,59 @@ class PallasBackend:
         )
 
     def _page_capacity(self, spec: BatchSpec, capacity: PlanCapacity) -> int:
+        """Entries of the plan's ``kv_indices``: room for ``max_batch_size`` requests of
+        ``max_kv_len`` keys when either is fixed (one shape for every batch that fits), else
+        the batch's pages rounded up to a power of 2 (a skewed batch would otherwise copy
+        ``B * longest`` page ids, most of them padding)."""
         if not spec.paged:
             return 1
+        if capacity.max_batch_size is None and capacity.max_kv_len is None:
+            return next_pow2(max(1, int(spec.kv_indptr[-1])))
         batch = capacity.resolve("max_batch_size", spec.batch_size)
         kv = capacity.resolve("max_kv_len", int(spec.kv_lens.max(initial=0)))
         return max(1, batch * -(-kv // spec.page_size))
 
+    def _work_capacity(self, spec: BatchSpec, cfg: TileConfig, capacity: PlanCapacity) -> int:
+        """``max_work_tiles``: fixed, it caps the split; unset, it leaves room for a full split
+        plan (``split_factor * num_ctas`` tiles) or the unsplit tiles, whichever is more."""
+        tpt = cfg.tokens_per_tile(spec.group_size)
+        qo_lens = spec.qo_indptr[1:] - spec.qo_indptr[:-1]
+        unsplit = int((-(-qo_lens // tpt)).sum()) * spec.num_kv_heads
+        wanted = unsplit if capacity.max_work_tiles is not None else max(unsplit, self.split_factor * self.grid_size(cfg))
+        return capacity.resolve("max_work_tiles", wanted)
+
     def plan(self, spec: BatchSpec, capacity: PlanCapacity) -> PallasPlan:
         """Plan ``spec`` on the host (numpy planner) into static-capacity device buffers.
+
+        The planner writes straight into one packed int32 host buffer (layout of
+        :class:`~jaxinfer.pallas.attention.KernelSpec`), which goes to the device in one
+        asynchronous copy: ``plan`` returns once the copy is enqueued, and the plan's ``buffer``
+        is ready when the copy lands (``jax.block_until_ready``; a jitted step that takes the
+        plan waits for it on the device).
 
         Raises:
           ValueError: the batch exceeds a fixed field of ``capacity``.
         """
         cfg = self.tile_config(spec, capacity)
-        tpt = cfg.tokens_per_tile(spec.group_size)
-        q_tiles = int((-(-spec.qo_lens // tpt)).sum())
-        unsplit = q_tiles * spec.num_kv_heads
-        # Unset, the capacity leaves room for a full split plan; fixed, it caps the split instead.
-        wanted = unsplit if capacity.max_work_tiles is not None else max(unsplit, self.split_factor * self.grid_size(cfg))
-        max_tiles = capacity.resolve("max_work_tiles", wanted)
-        base = spec.kv_indptr[:-1]
+        max_tiles = self._work_capacity(spec, cfg, capacity)
         mask = _device_mask(spec.custom_mask)
+        ks = self._kernel_spec(spec, cfg, max_tiles, self._page_capacity(spec, capacity), mask is not None)
+        # A fresh host buffer per plan: the copy may read it after ``plan`` returns (see
+        # _to_device), so it is never reused.
+        host = _aligned_empty(ks.buffer_size)
+        work = host[: ks.off_cta].reshape(ks.max_tiles, len(WORK_FIELDS))
+        cta_indptr = host[ks.off_cta : ks.off_merge_indptr]
+        merge_indptr = host[ks.off_merge_indptr : ks.off_merge_dest]
+        merge_dest = host[ks.off_merge_dest : ks.off_kv_indices].reshape(ks.num_groups, len(MERGE_FIELDS))
         offsets = spec.mask_indptr[:-1] if mask is not None else None
-        wb = plan_work(spec.qo_indptr, spec.kv_lens, base, mask_offsets=offsets, **self._plan_kwargs(spec, cfg, max_tiles))
-        kv_indices = np.zeros(self._page_capacity(spec, capacity), np.int32)
-        if spec.paged:
-            n = int(spec.kv_indptr[-1])
-            kv_indices[:n] = spec.kv_indices[:n]
-        ks = self._kernel_spec(spec, cfg, max_tiles, kv_indices.size, mask is not None)
-        buffer = ks.pack(wb.work, wb.cta_indptr, wb.merge_indptr, wb.merge_dest, kv_indices)
-        return PallasPlan(buffer=jnp.asarray(buffer), kernel=ks, config=cfg, mask=mask)
+        plan_work(spec.qo_indptr, spec.kv_lens, spec.kv_indptr[:-1], mask_offsets=offsets,
+                  out=(work, cta_indptr, merge_indptr, merge_dest), **self._plan_kwargs(spec, cfg, max_tiles))
+        pages = host[ks.off_kv_indices :]
+        n = int(spec.kv_indptr[-1]) if spec.paged else 0
+        if n:
+            pages[:n] = spec.kv_indices[:n]
+        pages[n:] = 0
+        return PallasPlan(buffer=_to_device(host), kernel=ks, config=cfg, mask=mask)
 
     def plan_in_jit(self, spec: BatchSpec, capacity: PlanCapacity, qo_indptr, kv_indptr, kv_indices, kv_last_page_len) -> PallasPlan:
         """Plan inside ``jit`` from traced index arrays (``jax.pure_callback``; one host round trip).
@@ -237,6 +239,60 @@ class PallasBackend:
             raise ValueError("return_lse=True needs a softmax variant (use_softmax=False has no lse)")
         o, lse = attention(plan.buffer, q, k, v, plan.mask, ks=ks, cfg=plan.config)
         return o, (lse if return_lse else None)
+
+
+# plan() is on the serving path (FlashInfer's runs in 105-390 us): the static parts of a plan,
+# a few microseconds each, are built once per geometry.
+_cached_heuristic_config = functools.lru_cache(maxsize=256)(heuristic_config)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_kernel_spec(backend: PallasBackend, paged: bool, page_size: int, num_qo_heads: int, num_kv_heads: int,
+                        head_dim: int, v: AttentionVariant, cfg: TileConfig, max_tiles: int, page_capacity: int,
+                        custom_mask: bool) -> KernelSpec:
+    return KernelSpec(
+        paged=paged,
+        kv_layout="NHD",
+        page_size=page_size,
+        num_qo_heads=num_qo_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        sm_scale=float(v.scale(head_dim)),
+        causal=v.causal,
+        window_left=v.window_left,
+        logits_soft_cap=v.logits_soft_cap,
+        num_ctas=backend.grid_size(cfg),
+        num_slots=backend.split_factor * backend.grid_size(cfg),
+        num_groups=backend._split_budget(cfg, max_tiles) // 2,
+        max_tiles=max_tiles,
+        page_capacity=page_capacity,
+        pos_encoding_mode=v.pos_encoding_mode,
+        rope_scale=float(v.rope_scale),
+        rope_theta=float(v.rope_theta),
+        custom_mask=custom_mask,
+        use_softmax=v.use_softmax,
+        callables=v if v.has_user_callables else None,
+    )
+
+
+def _aligned_empty(size: int, align: int = 64) -> np.ndarray:
+    """``np.empty(size, int32)`` starting on an ``align``-byte boundary: XLA's CPU client takes
+    such a buffer without copying it (numpy's own alignment is 16 bytes)."""
+    raw = np.empty(size + align // 4, np.int32)
+    start = (-raw.ctypes.data % align) // 4
+    return raw[start : start + size]
+
+
+def _to_device(host: np.ndarray) -> jax.Array:
+    """Enqueue the host-to-device copy of a plan buffer; returns without waiting for it.
+
+    ``jax.device_put`` gives the numpy buffer to PJRT and returns before the copy is done (jax
+    0.11.2 on an H100: 0.28 ms for 64 MiB that land 10.7 ms later); ``jnp.asarray`` and a
+    jitted identity wait for it. The copy reads ``host`` after the call returns (even with
+    ``may_alias=False``), so :meth:`PallasBackend.plan` never reuses or changes it
+    (benchmarks/NOTES-planner.md).
+    """
+    return jax.device_put(host)
 
 
 def _device_mask(custom_mask: np.ndarray | None) -> jax.Array | None:
