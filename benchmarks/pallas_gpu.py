@@ -12,6 +12,11 @@ writes ``$OUT/pallas_gpu.json`` when ``OUT`` is set.
 
 Timing: a jitted step dispatched ``iters`` times back to back, synchronised once, median over
 ``reps`` repeats (JAX's dispatch is asynchronous, so launches overlap the previous step).
+
+Sweeps (skipped with ``--no-sweep``) time tile configs, grid sizes and, for prefill, a
+(request, KV head)-major reordering of the plan's tiles (``kv_major_order``: the planner's order
+is what it tests), each output compared with the first variant's. ``--compile-only`` compiles the
+decode_rope and prefill kernels without running them, under names of their own, for XLA's dumps.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from jaxinfer.bench.harness import median_seconds
 from jaxinfer.batch import BatchSpec, PlanCapacity
 from jaxinfer.pallas.backend import PallasBackend
 from jaxinfer.pallas.config import TileConfig
-from jaxinfer.planner import plan_work
+from jaxinfer.planner import F, plan_work
 from jaxinfer.reference import apply_rope_rotate_half
 from jaxinfer.variants import AttentionVariant
 
@@ -152,24 +157,33 @@ def run_decode(name, kv_lens, rng, rows, bw):
     print(json.dumps(res), flush=True)
 
 
+# Tile configs of decode_rope: the heuristic's and 2 pipeline stages (the rotated keys and
+# their cos/sin raise the register count; fewer stages hold fewer prefetched index tensors).
+ROPE_CONFIGS = {"default": None, "bm16_bn64_w4_s2_c396": TileConfig(16, 64, 4, 2, ctas_per_sm=3)}
+
+
 def run_decode_rope(rows, bw, B=64, kv_len=4096):
-    """decode_uniform with ROPE_LLAMA fused into the kernel vs the same batch without RoPE."""
+    """decode_uniform with ROPE_LLAMA fused into the kernel vs the same batch and tile config
+    without RoPE, for each of ``ROPE_CONFIGS``."""
     spec, q, k, v = decode_batch(np.full(B, kv_len), np.random.default_rng(3))
     kv_bytes = 2 * int(spec.kv_lens.sum()) * HKV * D * 2
-    res = {"workload": "decode_rope", "B": B, "kv_len": kv_len, "kv_bytes": kv_bytes}
-    be = PallasBackend()
-    f = jax.jit(lambda p, q, k, v: be.run(p, q, k, v, kv_layout="NHD", return_lse=True))
-    for label, variant in (("plain", AttentionVariant()), ("rope", AttentionVariant(pos_encoding_mode="ROPE_LLAMA", rope_theta=5e5))):
-        plan = be.plan(dataclasses.replace(spec, variant=variant), PlanCapacity())
-        o, lse = f(plan, q, k, v)
-        rope = variant if variant.pos_encoding_mode == "ROPE_LLAMA" else None
-        res[f"{label}_rel_err"], res[f"{label}_lse_err"] = check_decode(spec, q, k, v, o, lse, [0, B - 1], rope)
-        t = bench(f, plan, q, k, v)
-        res[f"{label}_us"], res[f"{label}_TBps"] = t * 1e6, kv_bytes / t / 1e12
-    res["rope_over_plain"] = res["rope_us"] / res["plain_us"]
-    res["floor_us"] = kv_bytes / bw * 1e6
-    rows.append(res)
-    print(json.dumps(res), flush=True)
+    rope_variant = AttentionVariant(pos_encoding_mode="ROPE_LLAMA", rope_theta=5e5)
+    for cfg_label, cfg in ROPE_CONFIGS.items():
+        res = {"workload": "decode_rope", "config_label": cfg_label, "B": B, "kv_len": kv_len, "kv_bytes": kv_bytes}
+        be = PallasBackend(config=cfg)
+        f = jax.jit(lambda p, q, k, v, be=be: be.run(p, q, k, v, kv_layout="NHD", return_lse=True))
+        for label, variant in (("plain", AttentionVariant()), ("rope", rope_variant)):
+            plan = be.plan(dataclasses.replace(spec, variant=variant), PlanCapacity())
+            o, lse = f(plan, q, k, v)
+            rope = variant if variant.pos_encoding_mode == "ROPE_LLAMA" else None
+            res[f"{label}_rel_err"], res[f"{label}_lse_err"] = check_decode(spec, q, k, v, o, lse, [0, B - 1], rope)
+            t = bench(f, plan, q, k, v)
+            res[f"{label}_us"], res[f"{label}_TBps"] = t * 1e6, kv_bytes / t / 1e12
+            res["config"] = str(plan.config)
+        res["rope_over_plain"] = res["rope_us"] / res["plain_us"]
+        res["floor_us"] = kv_bytes / bw * 1e6
+        rows.append(res)
+        print(json.dumps(res), flush=True)
 
 
 def _bsr(rng, M, N, R, C, keys_per_row):
@@ -239,32 +253,82 @@ def run_prefill(rows, mm_rate, B=4, S=4096, H=32):
 
 
 def sweep(name, spec, q, k, v, variants, unit_amount, unit, sweeps):
-    """Time the Pallas backend over ``variants`` (label -> PallasBackend) on one batch."""
-    for label, be in variants.items():
+    """Time the Pallas backend over ``variants`` (label -> backend, or (backend, plan transform))
+    on one batch."""
+    first = None
+    for label, entry in variants.items():
+        be, transform = entry if isinstance(entry, tuple) else (entry, None)
         try:
             plan = be.plan(spec, PlanCapacity())
+            if transform is not None:
+                plan = transform(plan)
             f = jax.jit(lambda p, q, k, v, be=be: be.run(p, q, k, v, kv_layout="NHD", return_lse=True))
+            o = np.asarray(f(plan, q, k, v)[0], np.float32)
+            first = o if first is None else first
             t = bench(f, plan, q, k, v, iters=5 if unit == "TFLOPs" else 20)
             row = {"workload": name, "variant": label, "config": str(plan.config), "num_ctas": plan.kernel.num_ctas,
-                   "us": t * 1e6, unit: unit_amount / t / 1e12}
+                   "us": t * 1e6, unit: unit_amount / t / 1e12,
+                   "rel_vs_first": float(np.linalg.norm(o - first) / np.linalg.norm(first))}
         except Exception as e:  # noqa: BLE001 - a config that does not compile is reported
             row = {"workload": name, "variant": label, "error": f"{type(e).__name__}: {str(e)[:200]}"}
         sweeps.append(row)
         print(json.dumps(row), flush=True)
 
 
+def _kv_major(w):
+    """Order of tiles ``w`` (work rows): (request, KV head)-major, longest first within."""
+    cost = w[:, F["kv_hi"]] - w[:, F["kv_lo"]]
+    return np.lexsort((-cost, w[:, F["kv_head"]], w[:, F["kv_base"]]))
+
+
+def _repack(plan, work, per_cta):
+    ks, u = plan.kernel, plan.unpack()
+    cta = np.zeros(ks.num_ctas + 1, np.int32)
+    np.cumsum(per_cta, out=cta[1:])
+    return dataclasses.replace(plan, buffer=jnp.asarray(ks.pack(work, cta, u["merge_indptr"], u["merge_dest"], u["kv_indices"])))
+
+
+def kv_major_order(plan):
+    """The plan's tiles in :func:`_kv_major` order, one per CTA (needs ``num_ctas`` >= tiles, no
+    split): CTAs the hardware runs at the same time then share a few requests' KV in L2, where
+    the planner's cost order spreads them over all (request, head) pairs. Measures the order
+    only (the planner owns it)."""
+    ks, u = plan.kernel, plan.unpack()
+    n = int(u["cta_indptr"][-1])
+    if ks.num_slots or ks.num_ctas < n:
+        raise ValueError("kv_major_order needs a plan without split-KV and one tile per CTA")
+    work = u["work"].copy()
+    work[:n] = work[:n][_kv_major(work[:n])]
+    return _repack(plan, work, (np.arange(ks.num_ctas) < n).astype(np.int64))
+
+
+def kv_major_persistent(plan):
+    """The :func:`_kv_major` order dealt round-robin to the plan's persistent CTAs."""
+    ks, u = plan.kernel, plan.unpack()
+    n = int(u["cta_indptr"][-1])
+    if ks.num_slots:
+        raise ValueError("kv_major_persistent needs a plan without split-KV")
+    work = u["work"].copy()
+    cta_of = np.arange(n) % ks.num_ctas
+    work[:n] = work[:n][_kv_major(work[:n])][np.argsort(cta_of, kind="stable")]
+    return _repack(plan, work, np.bincount(cta_of, minlength=ks.num_ctas))
+
+
 DECODE_SWEEP = {
     "default": PallasBackend(),
-    "bm16_bn128_w4_s2_c396": PallasBackend(config=TileConfig(16, 128, 4, 2, ctas_per_sm=3)),
+    "bm16_bn64_w4_s2_c396": PallasBackend(config=TileConfig(16, 64, 4, 2, ctas_per_sm=3)),
 }
-# num_ctas >= the 4096 tiles of this batch: one tile per program, in LPT (longest-first) order,
-# i.e. a non-persistent grid scheduled by the hardware.
+# "grid": num_ctas >= the 4096 tiles of this batch, one tile per program (a non-persistent grid
+# scheduled by the hardware); "kvmajor": tiles in (request, KV head)-major order (L2 reuse).
+_GRID = 4096
 PREFILL_SWEEP = {
-    "bm128_bn64_w8_s3_c264": PallasBackend(split_factor=0),
-    "bm128_bn64_w8_s2_c264": PallasBackend(split_factor=0, config=TileConfig(128, 64, 8, 2)),
-    "bm128_bn64_w8_s3_grid": PallasBackend(split_factor=0, num_ctas=4096),
-    "bm128_bn64_w8_s2_grid": PallasBackend(split_factor=0, num_ctas=4096, config=TileConfig(128, 64, 8, 2)),
-    "bm128_bn128_w8_s3_grid": PallasBackend(split_factor=0, num_ctas=4096, config=TileConfig(128, 128, 8, 3)),
+    "bm128_bn64_w8_s3_c264_ahead": PallasBackend(split_factor=0),
+    "bm128_bn64_w8_s3_c264": PallasBackend(split_factor=0, config=TileConfig(128, 64, 8, 3)),
+    "bm128_bn64_w8_s4_c264_ahead": PallasBackend(split_factor=0, config=TileConfig(128, 64, 8, 4, qk_ahead=True)),
+    "bm64_bn64_w4_s3_c264_ahead": PallasBackend(split_factor=0, config=TileConfig(64, 64, 4, 3, qk_ahead=True)),
+    "bm128_bn64_w8_s3_grid_kvmajor": (PallasBackend(split_factor=0, num_ctas=_GRID, config=TileConfig(128, 64, 8, 3)), kv_major_order),
+    "bm128_bn64_w8_s3_grid_kvmajor_ahead": (PallasBackend(split_factor=0, num_ctas=_GRID), kv_major_order),
+    "bm64_bn64_w4_s3_grid_kvmajor_ahead": (PallasBackend(split_factor=0, num_ctas=2 * _GRID, config=TileConfig(64, 64, 4, 3, qk_ahead=True)), kv_major_order),
 }
 
 
@@ -301,12 +365,49 @@ def planner_time():
             "backend_plan_B256_us": t_full * 1e6, "backend_plan_B256_noblock_us": t_async * 1e6, "device_put_160KB_us": t_put * 1e6}
 
 
+def compile_kernels():
+    """Compile (without running) decode with and without RoPE for each of ``ROPE_CONFIGS`` and the
+    default causal prefill, one jitted function each, so that ``XLA_FLAGS=--xla_dump_to=DIR``
+    leaves their modules under the functions' names (jaxlib 0.11.2 writes HLO and MLIR there,
+    no PTX of the Triton calls)."""
+    spec, q, k, v = decode_batch(np.full(64, 4096), np.random.default_rng(3))
+    rope_variant = AttentionVariant(pos_encoding_mode="ROPE_LLAMA", rope_theta=5e5)
+    for cfg_label, cfg in ROPE_CONFIGS.items():
+        be = PallasBackend(config=cfg)
+        for label, variant in (("plain", AttentionVariant()), ("rope", rope_variant)):
+            plan = be.plan(dataclasses.replace(spec, variant=variant), PlanCapacity())
+
+            def run(p, q, k, v, be=be):
+                return be.run(p, q, k, v, kv_layout="NHD", return_lse=True)
+
+            run.__name__ = f"decode_{label}_{cfg_label}"
+            jax.jit(run).lower(plan, q, k, v).compile()
+            print("compiled", run.__name__, plan.config, flush=True)
+    B, S, H = 4, 4096, 32
+    qd = jax.ShapeDtypeStruct((B * S, H, D), DT)
+    indptr = np.arange(B + 1) * S
+    spec = BatchSpec.create(indptr, indptr, None, None, page_size=1, num_qo_heads=H, num_kv_heads=H, head_dim=D,
+                            variant=AttentionVariant(causal=True), q_dtype=DT)
+    be = PallasBackend(split_factor=0)
+    plan = be.plan(spec, PlanCapacity())
+
+    def prefill_causal(p, q, k, v):
+        return be.run(p, q, k, v, kv_layout="NHD", return_lse=True)
+
+    jax.jit(prefill_causal).lower(plan, qd, qd, qd).compile()
+    print("compiled prefill_causal", plan.config, flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="", help="comma-separated workload names")
     ap.add_argument("--no-sweep", "--quick", action="store_true", help="skip the tile-config / CTA-count sweeps")
+    ap.add_argument("--compile-only", action="store_true", help="only compile the decode_rope and prefill kernels (for XLA's PTX dump)")
     args = ap.parse_args()
     print(jax.devices()[0].device_kind, jax.__version__, flush=True)
+    if args.compile_only:
+        compile_kernels()
+        return
     rng = np.random.default_rng(0)
     rows = []
     bw, mm = copy_bandwidth(), matmul_rate()
@@ -337,7 +438,8 @@ def main():
             json.dump({"info": info, "rows": rows, "variant_rows": variant_rows, "sweeps": sweeps}, fh, indent=1)
     for r in sweeps:
         rate = r.get("TBps", r.get("TFLOPs", float("nan")))
-        print(f"sweep {r['workload']:15s} {r['variant']:24s} {r.get('us', float('nan')):9.1f} us {rate:7.2f} {r.get('error', '')[:60]}")
+        print(f"sweep {r['workload']:15s} {r['variant']:31s} {r.get('us', float('nan')):9.1f} us {rate:7.2f} "
+              f"{r.get('rel_vs_first', float('nan')):8.1e} {r.get('error', '')[:60]}")
     print(f"\ncopy {info['copy_TBps']:.2f} TB/s, matmul {info['matmul_TFLOPs']:.0f} TFLOP/s, "
           f"plan_work B=256 {info['plan_work_B256_decode_us']:.0f} us (zipf {info['plan_work_B256_zipf_us']:.0f}), "
           f"backend.plan {info['backend_plan_B256_us']:.0f} us (not blocking {info['backend_plan_B256_noblock_us']:.0f}), "
@@ -350,8 +452,9 @@ def main():
               f"{max(r['split_rel_err'], r['nosplit_rel_err']):8.1e}")
     for r in variant_rows:
         if r["workload"] == "decode_rope":
-            print(f"decode_rope      plain {r['plain_us']:.1f} us ({r['plain_TBps']:.2f} TB/s), rope {r['rope_us']:.1f} us "
-                  f"({r['rope_TBps']:.2f} TB/s): rope/plain {r['rope_over_plain']:.3f} (target <= 1.1), err {r['rope_rel_err']:.1e}")
+            print(f"decode_rope {r['config_label']:22s} plain {r['plain_us']:.1f} us ({r['plain_TBps']:.2f} TB/s), rope "
+                  f"{r['rope_us']:.1f} us ({r['rope_TBps']:.2f} TB/s): rope/plain {r['rope_over_plain']:.3f} (target <= 1.1), "
+                  f"err {r['rope_rel_err']:.1e}")
         else:
             print(f"block_sparse     R=C=64 {r['R64_C64_us']:.1f} us ({r['R64_C64_TFLOPs']:.0f} TFLOP/s), R=64 C=1 "
                   f"{r['R64_C1_us']:.1f} us ({r['R64_C1_TFLOPs']:.0f} TFLOP/s): C=1 / C=64 throughput "

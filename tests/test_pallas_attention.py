@@ -21,6 +21,8 @@ from jaxinfer.variants import AttentionVariant
 
 SPLIT = PallasBackend(num_ctas=4, split_factor=16, config=TileConfig(16, 16, 4, 1), min_chunk=16)
 NO_SPLIT = PallasBackend(num_ctas=3, split_factor=0)
+# The prefill tile's software pipelining across key steps (the next step's q.k before the softmax).
+AHEAD = PallasBackend(num_ctas=4, split_factor=16, config=TileConfig(32, 16, 4, 1, qk_ahead=True), min_chunk=16)
 
 
 def _run_case(rng, qo_lens, kv_lens, *, backend, page_size=None, hq=4, hkv=2, d=32, dtype=jnp.bfloat16, layout="NHD",
@@ -121,6 +123,15 @@ def test_window_non_causal_gqa8(rng):
     qo_lens = np.array([2, 6])
     kv_lens = np.array([45, 38])
     _run_case(rng, qo_lens, kv_lens, backend=SPLIT, page_size=16, hq=8, hkv=1, window_left=10, dtype=jnp.float16)
+
+
+@pytest.mark.parametrize("page_size,options", [(5, dict(causal=True)), (None, dict(window_left=6, logits_soft_cap=3.0))])
+def test_qk_ahead_split(rng, page_size, options):
+    # Chunks that end inside a key step, empty requests and a query tile with no visible key.
+    qo_lens = np.array([9, 0, 17, 12])
+    kv_lens = np.array([40, 7, 17, 5])
+    plan = _run_case(rng, qo_lens, kv_lens, backend=AHEAD, page_size=page_size, hq=4, hkv=2, dtype=jnp.float16, **options)
+    assert plan.config.qk_ahead and _chunks_per_group(plan) >= 2
 
 
 def test_run_rejects_mismatched_arrays(rng):

@@ -42,7 +42,7 @@ def _kv_shapes(mode, hkv, d, dtype):
 CASES = [(cfg, d, ("NHD", "HND", "ragged")[i % 3], i % 2 == 0) for i, (cfg, d) in enumerate(candidate_configs())]
 
 
-@pytest.mark.parametrize("cfg,d,mode,masks", CASES, ids=[f"{c.block_m}x{c.block_n}-d{d}-{m}" for c, d, m, _ in CASES])
+@pytest.mark.parametrize("cfg,d,mode,masks", CASES, ids=[f"{c.block_m}x{c.block_n}-d{d}-{m}{'-ahead' if c.qk_ahead else ''}" for c, d, m, _ in CASES])
 def test_attention_lowers(cfg, d, mode, masks):
     hkv, group = 2, max(1, min(cfg.block_m // 2, 8))
     ks = KernelSpec(
@@ -82,10 +82,10 @@ VARIANTS = [
     ("callables-rope", dict(pos_encoding_mode="ROPE_LLAMA", callables=ALL_CALLABLES), True),
     ("sigmoid-no-softmax", dict(use_softmax=False, callables=SIGMOID, pos_encoding_mode="ALIBI"), False),
 ]
-VARIANT_CFGS = [TileConfig(16, 64, 4, 3), TileConfig(128, 64, 8, 3), TileConfig(64, 32, 4, 2)]
+VARIANT_CFGS = [TileConfig(16, 64, 4, 3), TileConfig(128, 64, 8, 3), TileConfig(64, 32, 4, 2, qk_ahead=True)]
 
 
-@pytest.mark.parametrize("cfg", VARIANT_CFGS, ids=lambda c: f"{c.block_m}x{c.block_n}")
+@pytest.mark.parametrize("cfg", VARIANT_CFGS, ids=lambda c: f"{c.block_m}x{c.block_n}{'-ahead' if c.qk_ahead else ''}")
 @pytest.mark.parametrize("name,fields,with_mask", VARIANTS, ids=[v[0] for v in VARIANTS])
 def test_attention_variants_lower(cfg, name, fields, with_mask):
     hkv, group, d = 2, 4, 128

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import assert_close, indptr_of, jit_call, make_paged_kv, rand
 from ref64 import alibi_slopes_ref, ref_attention, ref_batch
-from test_pallas_attention import SPLIT, _chunks_per_group, _run_case
+from test_pallas_attention import AHEAD, SPLIT, _chunks_per_group, _run_case
 
 import jaxinfer
 from jaxinfer.batch import BatchSpec, PlanCapacity
@@ -83,10 +83,11 @@ def test_rope_decode_split_hnd(rng):
     assert _chunks_per_group(plan) >= 3
 
 
-def test_rope_transforms_logits_mask_ragged(rng):
+@pytest.mark.parametrize("backend", [SPLIT, AHEAD], ids=["split", "qk-ahead"])
+def test_rope_transforms_logits_mask_ragged(rng, backend):
     # query/key transforms see whole rows before RoPE rotates their halves; logits_mask hides keys.
     variant = QK_NORM.replace(pos_encoding_mode="ROPE_LLAMA", causal=True, window_left=20)
-    _run_case(rng, np.array([20, 3, 33]), np.array([20, 40, 33]), backend=SPLIT, hq=4, hkv=2, d=64,
+    _run_case(rng, np.array([20, 3, 33]), np.array([20, 40, 33]), backend=backend, hq=4, hkv=2, d=64,
               variant=variant, dtype=F16)
 
 
@@ -98,9 +99,10 @@ def test_custom_mask_split_window(rng):
     assert plan.kernel.custom_mask and _chunks_per_group(plan) >= 2
 
 
-def test_sigmoid_no_softmax_split(rng):
+@pytest.mark.parametrize("backend", [SPLIT, AHEAD], ids=["split", "qk-ahead"])
+def test_sigmoid_no_softmax_split(rng, backend):
     # Split-KV partials of a plain weighted sum add up in the merge kernel.
-    plan = _run_case(rng, np.array([5, 1, 12]), np.array([30, 70, 12]), backend=SPLIT, page_size=16, hq=8, hkv=2,
+    plan = _run_case(rng, np.array([5, 1, 12]), np.array([30, 70, 12]), backend=backend, page_size=16, hq=8, hkv=2,
                      variant=SIGMOID.replace(causal=True), return_lse=False, dtype=F16)
     assert _chunks_per_group(plan) >= 3
 
@@ -268,6 +270,15 @@ def test_gpu_variants(rng, variant, kind):
     qo_lens = np.ones(b, np.int64) if kind == "decode" else np.minimum(kv_lens, rng.integers(1, 300, size=b))
     _run_case(rng, qo_lens, kv_lens, backend=get_backend("pallas"), page_size=16, hq=32, hkv=8, d=128,
               variant=variant, return_lse=variant.use_softmax, dtype=F16)
+
+
+@pytest.mark.gpu
+def test_gpu_rope_long_context(rng):
+    # The kernel's MUFU cos/sin (error ~2**-23 |angle|) at the angles of a 32k context
+    # (positions up to 32767 at rope_theta=5e5), queries at the end of their requests.
+    variant = AttentionVariant(pos_encoding_mode="ROPE_LLAMA", rope_theta=5e5, causal=True)
+    _run_case(rng, np.array([1, 1, 5, 17]), np.array([32768, 20001, 5, 4097]), backend=get_backend("pallas"),
+              page_size=16, hq=32, hkv=8, d=128, variant=variant, dtype=BF16)
 
 
 @pytest.mark.gpu

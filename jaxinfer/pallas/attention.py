@@ -7,15 +7,17 @@ A tile's rows are query tokens x the GQA group's heads, gathered from ``q [nnz_q
 keys are gathered ``block_n`` at a time through the page table (page ids loaded from
 ``kv_indices`` inside the kernel, ``row = page * page_size + offset``) or from a contiguous range
 of the ragged KV. Online softmax in float32 with ``exp2`` on logits scaled by
-``sm_scale * log2(e)`` (FlashAttention-2); the result goes to the final rows when the tile is
-its query tile's only chunk, else to a partial ``(o, lse)`` slot that
+``sm_scale * log2(e)`` (FlashAttention-2); with ``TileConfig.qk_ahead`` each key step issues the
+next step's ``q.k`` before its softmax (FlashAttention-3's intra-warpgroup overlap, sec. 3.2, as
+software pipelining of the loop). The result goes to the final rows when the tile is its query
+tile's only chunk, else to a partial ``(o, lse)`` slot that
 :func:`jaxinfer.pallas.merge.merge_partials` folds afterwards.
 
 Attention variants (the pipeline of jaxinfer/variants.py) are static fields of the
 :class:`KernelSpec`, so each compiles away when unused: ALiBi adds ``slope * (kv_pos - q_pos)``
 per row (slopes in closed form), ROPE_LLAMA rotates the halves of q (once per tile) and k (per
-key step, cos/sin by angle addition) on load and forms ``q.k = q1.k1 + q2.k2``, a custom mask is
-gathered byte by byte from a flat int8 array, and the user callables of the
+key step, cos/sin from the GPU's MUFU approximations) on load and forms ``q.k = q1.k1 + q2.k2``,
+a custom mask is gathered byte by byte from a flat int8 array, and the user callables of the
 :class:`~jaxinfer.variants.AttentionVariant` are traced into the kernel. Rows are (token, head of
 the GQA group), so the callables get per-row ``q_pos``/``qo_head`` of shape ``[bm, 1]``, keys'
 ``kv_pos`` of shape ``[1, bn]`` and the tile's ``kv_head`` as a scalar. Examples::
@@ -203,18 +205,31 @@ def _inv_freq(ks: KernelSpec):
     return jnp.exp2(d * (-2.0 * math.log2(ks.rope_theta) / ks.head_dim)) * (1.0 / ks.rope_scale)
 
 
-def _cos_sin(pos, inv_freq):
+def _approx(fn: str, x, native: bool):
+    """``fn`` in ``{"cos", "sin"}`` of float32 ``x``: on the GPU (``native``) the MUFU instruction
+    ``{fn}.approx.ftz.f32`` (one SFU operation; libdevice's ``cosf``/``sinf`` add a range
+    reduction), which errs by about ``2**-23 |x|`` (the float32 scaling of ``x`` to
+    revolutions); elsewhere (interpret mode) ``jnp.cos``/``jnp.sin``."""
+    if not native:
+        return getattr(jnp, fn)(x)
+    # One asm per function: the Pallas lowering of jax 0.11.2 rejects multi-result inline asm.
+    [y] = pltriton.elementwise_inline_asm(f"{fn}.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+                                          result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
+    return y
+
+
+def _cos_sin(pos, inv_freq, native: bool):
+    """cos/sin ``[len(pos), D/2]`` float32 of the RoPE angles ``pos * inv_freq``.
+
+    On the GPU the MUFU approximations (as FlashInfer's ``__sincosf`` on ``pos * freq``): their
+    error is about twice the float32 rounding of the angle itself (~4e-3 rad at position 32k,
+    the order of bf16's rounding of the rotated keys), and at two SFU operations per element
+    the kernel evaluates them per key step, holding no table in registers (libdevice's
+    range-reduced ``cosf``/``sinf`` there raised the register count so far that fewer CTAs fit
+    an SM: benchmarks/NOTES-pallas.md).
+    """
     angle = pos.astype(jnp.float32)[:, None] * inv_freq[None, :]
-    return jnp.cos(angle), jnp.sin(angle)
-
-
-def _key_cos_sin(p0, table, inv_freq):
-    """cos/sin ``[bn, D/2]`` of keys ``p0 + t`` by angle addition from ``table`` = cos/sin of
-    ``t * inv_freq``: two trig evaluations per column per step instead of ``bn`` of them."""
-    ct, st = table
-    a = p0.astype(jnp.float32) * inv_freq
-    c0, s0 = jnp.cos(a)[None, :], jnp.sin(a)[None, :]
-    return c0 * ct - s0 * st, s0 * ct + c0 * st
+    return _approx("cos", angle, native), _approx("sin", angle, native)
 
 
 def _load(ref, rows, ok, width: int, col0: int = 0):
@@ -311,7 +326,7 @@ def _visible(ok, pos, rows, kv_head, mask, ks: KernelSpec):
     return visible
 
 
-def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int):
+def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, native: bool):
     buf_ref, q_ref, k_ref, v_ref = refs[:4]
     mask_ref = refs[4] if ks.custom_mask else None
     o_ref, lse_ref, po_ref, plse_ref = refs[-4:]
@@ -319,9 +334,7 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int):
     r = lax.iota(jnp.int32, bm)
     tok, head_in_group = r // g, r % g
     nf = len(WORK_FIELDS)
-    if ks.rope:
-        inv_freq = _inv_freq(ks)
-        key_table = _cos_sin(lax.iota(jnp.int32, bn), inv_freq)
+    inv_freq = _inv_freq(ks) if ks.rope else None
 
     def tile(t, carry):
         def field(name):
@@ -335,24 +348,38 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int):
         rows_raw = (q_row0 + tok) * ks.num_qo_heads + qo_head
         q_pos = q_pos0 + tok
         rows = (q_pos, qo_head, alibi_slope(qo_head, ks.num_qo_heads) if ks.alibi else None)
-        q_cs = _cos_sin(q_pos, inv_freq) if ks.rope else None
+        q_cs = _cos_sin(q_pos, inv_freq, native) if ks.rope else None
         qs = _load_operand(q_ref, jnp.where(row_ok, rows_raw, 0), row_ok, ks.fn("query_transform"), q_cs, d)
         mask = (mask_ref, field("mask_base"), field("kv_len"), tok, row_ok) if ks.custom_mask else None
 
-        def step(i, state, masked):
-            m, l, acc = state
-            p0 = kv_lo + i * bn
-            pos = p0 + lax.iota(jnp.int32, bn)
-            ok = pos < kv_hi if masked else None
+        def positions(i, masked):
+            """Keys ``[bn]`` of step ``i`` and their in-chunk mask (``None``: all in range)."""
+            pos = kv_lo + i * bn + lax.iota(jnp.int32, bn)
+            return pos, (pos < kv_hi if masked else None)
+
+        def qk(i, masked):
+            """Raw ``q.k`` ``[bm, bn]`` and KV rows ``[bn]`` of step ``i`` (keys past the chunk
+            read as 0 when ``masked``)."""
+            pos, ok = positions(i, masked)
             kv_rows = _kv_rows(pos, ok, kv_head, kv_base, buf_ref, num_pages, ks)
-            k_cs = _key_cos_sin(p0, key_table, inv_freq) if ks.rope else None
-            kp = _load_operand(k_ref, kv_rows, ok, ks.fn("key_transform"), k_cs, d)
+            k_cs = _cos_sin(pos, inv_freq, native) if ks.rope else None
+            return _dot_parts(qs, _load_operand(k_ref, kv_rows, ok, ks.fn("key_transform"), k_cs, d)), kv_rows
+
+        def step(i, state, masked):
+            m, l, acc = state[:3]
+            pos, ok = positions(i, masked)
+            if cfg.qk_ahead:
+                # Step i+1's logits dot is issued before this step's softmax, so that the tensor
+                # cores run it while the softmax waits on the SFU (FlashAttention-3, sec. 3.2).
+                (raw, kv_rows), nxt = state[3:], qk(i + 1, True)
+            else:
+                (raw, kv_rows), nxt = qk(i, masked), ()
             v = _load(v_ref, kv_rows, ok, d)
-            s, scale = _logits(_dot_parts(qs, kp), rows, pos, kv_head, ks)
+            s, scale = _logits(raw, rows, pos, kv_head, ks)
             if not ks.use_softmax:
                 if masked:
                     s = jnp.where(_visible(ok, pos, rows, kv_head, mask, ks), s, 0.0)
-                return m, l, acc + pltriton.dot(s, v.astype(jnp.float32))
+                return (m, l, acc + pltriton.dot(s, v.astype(jnp.float32))) + nxt
             if masked:
                 s = jnp.where(_visible(ok, pos, rows, kv_head, mask, ks), s, NEG_INF)
             m_new = jnp.maximum(m, jnp.max(s, axis=1) * scale)
@@ -361,9 +388,11 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int):
             p = jnp.exp2(s * scale - m_safe[:, None])
             alpha = jnp.exp2(m - m_safe)
             acc = acc * alpha[:, None] + pltriton.dot(p.astype(v.dtype), v)
-            return m_new, l * alpha + jnp.sum(p, axis=1), acc
+            return (m_new, l * alpha + jnp.sum(p, axis=1), acc) + nxt
 
         state = (jnp.full((bm,), NEG_INF, jnp.float32), jnp.zeros((bm,), jnp.float32), jnp.zeros((bm, d), jnp.float32))
+        if cfg.qk_ahead:
+            state += qk(0, True)
         n_steps = pl.cdiv(kv_hi - kv_lo, bn)
         masked, full = functools.partial(step, masked=True), functools.partial(step, masked=False)
         if ks.masks_every_step:
@@ -374,6 +403,7 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int):
                 state = lax.fori_loop(0, a, masked, state)
             state = lax.fori_loop(a, b, full, state)
             state = lax.fori_loop(b, n_steps, masked, state)
+        state = state[:3]
         # Without softmax, o is the plain sum and the lse rows (unused) hold zeros.
         o, lse = finish(state) if ks.use_softmax else (state[2], state[1])
         o_final = apply_output_transform(o, lse, q_pos, qo_head, ks.fn("output_transform"), ks.use_softmax)
@@ -418,7 +448,8 @@ def attention(plan_buffer, q, k, v, mask=None, *, ks: KernelSpec, cfg: TileConfi
     d = ks.head_dim
     slots = max(ks.num_slots, 1) * cfg.block_m
     num_pages = k.shape[0] if ks.paged else 1
-    kernel = functools.partial(_attention_kernel, ks=ks, cfg=cfg, num_pages=num_pages)
+    interpret = interpret_mode()
+    kernel = functools.partial(_attention_kernel, ks=ks, cfg=cfg, num_pages=num_pages, native=not interpret)
     extra = () if mask is None else (mask,)
     o, lse, po, plse = pl.pallas_call(
         kernel,
@@ -431,7 +462,7 @@ def attention(plan_buffer, q, k, v, mask=None, *, ks: KernelSpec, cfg: TileConfi
         grid=(ks.num_ctas,),
         input_output_aliases={len(extra) + 4: 0, len(extra) + 5: 1},
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-        interpret=interpret_mode(),
+        interpret=interpret,
     )(
         plan_buffer,
         q.reshape(rows, d),

@@ -26,6 +26,9 @@ class TileConfig:
       num_warps: warps per program.
       num_stages: software-pipelining depth of the inner loop (Triton's ``num_stages``).
       ctas_per_sm: persistent CTAs per SM the planner budgets for (the grid is SMs x this).
+      qk_ahead: each key step issues the next step's ``q.k`` dot before its own softmax
+        (software pipelining across steps, one ``[block_m, block_n]`` float32 tile more in
+        registers), so that the tensor cores overlap the softmax.
     """
 
     block_m: int
@@ -33,6 +36,7 @@ class TileConfig:
     num_warps: int
     num_stages: int
     ctas_per_sm: int = 2
+    qk_ahead: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -72,11 +76,19 @@ def heuristic_config(head_dim: int, page_size: int, group_size: int, avg_qo_len:
         return TileConfig(block_m=block_m, block_n=block_n, num_warps=4, num_stages=3, ctas_per_sm=3)
     if block_m == 64:
         return TileConfig(block_m=64, block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=3)
+    # 128-row tiles issue the next key step's q.k dot before the softmax (qk_ahead). Measured on
+    # an H100 (benchmarks/NOTES-pallas.md, pallas-2 run 2): prefill_causal 128x64, 8 warps,
+    # 3 stages went 285 -> 307-311 TFLOP/s with it (4 stages: 299). 64-row tiles with it gave
+    # 177 (237 without, an earlier run), so they keep the plain loop. Only the 8-warp tiles of
+    # head_dim 64/128 take it (offline ptxas: 221/255 registers, no spills); head_dim 256
+    # already spills without the extra logits tile, and 4-warp tiles (head_dim <= 32) would
+    # go from 167 to 255 registers, unmeasured.
     return TileConfig(
         block_m=128,
         block_n=64 if head_dim <= 128 else 32,
         num_warps=8 if head_dim >= 64 else 4,
         num_stages=3 if head_dim <= 128 else 2,
+        qk_ahead=head_dim in (64, 128),
     )
 
 
