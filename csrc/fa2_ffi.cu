@@ -9,6 +9,7 @@
 //   attrs: causal, window_left, logits_soft_cap (0 = off), sm_scale, page_size, paged,
 //          kv_layout_hnd.
 // No host synchronisation and no allocation, so the handler is command-buffer (CUDA graph) safe.
+#include <cstdint>
 #include <string>
 
 #include "fa2_kernel.cuh"
@@ -35,9 +36,10 @@ ffi::Error launch(cudaStream_t stream, const Fa2Params& p, int num_tiles, int nu
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) != cudaSuccess)
     return cuda_error("cudaFuncSetAttribute");
   if (num_tiles > 0 && p.num_qo_heads > 0) {
-    if (p.num_qo_heads > 65535) return ffi::Error::InvalidArgument("jaxinfer_fa2_forward: more than 65535 qo heads");
-    const dim3 grid(num_tiles, p.num_qo_heads);
-    kernel<<<grid, 32 * Fa2Traits<D>::kWarps, kSmem, stream>>>(p);
+    // One CTA per (tile, qo head) in a 1-D grid, in the order of cta_tile_head.
+    if (int64_t(num_tiles) * p.num_qo_heads > INT32_MAX)
+      return ffi::Error::InvalidArgument("jaxinfer_fa2_forward: more than 2^31 - 1 (tile, qo head) pairs");
+    kernel<<<num_tiles * p.num_qo_heads, 32 * Fa2Traits<D>::kWarps, kSmem, stream>>>(p);
     if (ffi::Error e = cuda_error("attention kernel launch"); e.failure()) return e;
   }
   if (num_rows > 0) {

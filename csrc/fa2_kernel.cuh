@@ -2,15 +2,20 @@
 //
 // Method: Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work
 // Partitioning" (arXiv 2307.08691), sec. 3: one CTA per (query tile, qo head), KV streamed in
-// tiles through a kStages-deep shared-memory ring filled by cp.async (one or two barriers per
-// tile), S = Q K^T and O += P V on mma.sync m16n8k16 tensor cores (CuTe's SM80 MMA, ldmatrix
-// and cp.async atoms), online softmax in base 2 (ex2) with the division by the row sum deferred
-// to the end. Each warp owns 16*kMT query rows.
+// tiles through a kStages-deep shared-memory ring filled by cp.async (one barrier per tile),
+// S = Q K^T and O += P V on mma.sync m16n8k16 tensor cores (CuTe's SM80 MMA, ldmatrix and
+// cp.async atoms), online softmax in base 2 (ex2) with the division by the row sum deferred to
+// the end. Each warp owns 16*kMT query rows.
 //
-// What the inner loop keeps out (benchmarks/NOTES-ffi.md, H100: 305-313 TFLOP/s causal at
-// head_dim 128, 0.55-0.57 of cuDNN): no per-row branch or division for K/V addresses (the KV
-// mode is a template parameter, page ids are loaded a tile ahead, one offset serves K and V),
-// and no per-(row block, chunk) swizzled ldmatrix addresses held in registers (SwzRows).
+// What the inner loop keeps out (benchmarks/NOTES-ffi.md; H100, causal B=4 S=4096 H=32
+// head_dim 128: 341 TFLOP/s, 0.62 of cuDNN, from 307 / 0.555): no per-row branch, division or
+// 64-bit multiply for K/V addresses (the KV mode is a template parameter, ragged rows advance a
+// pointer, page ids are loaded a tile ahead, only a partial tile has predicates); no swizzled
+// ldmatrix address per (row block, chunk) held in registers (SwzRows); no rescaling of O on a
+// tile that does not raise a row max by more than 2^8 (lazy rescaling); no mask and no soft cap
+// code on a tile that needs none (one straight-line instantiation of the tile per case), and no
+// work at all for a warp whose rows see none of the tile. CTAs run heavy query tiles first
+// (cta_tile_head).
 //
 // Semantics follow shared/DESIGN.md sec. 2-3: bottom-right causal / window masks, soft cap
 // c*tanh(x/c), GQA (qo head h reads kv head h / group_size), lse base 2, a row with no visible
@@ -23,6 +28,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include <cute/arch/copy_sm75.hpp>
 #include <cute/arch/copy_sm80.hpp>
@@ -57,10 +63,8 @@ struct Fa2Params {
 // Each field is overridable at build time (-DJAXINFER_FA2_BN_D128=64, ...) for tuning runs;
 // 16 * kMT * kWarps must stay BLOCK_M of jaxinfer/ffi/backend.py. kMinBlocks is the CTAs per SM
 // the register allocation must allow (__launch_bounds__); kStages is the depth of the K/V
-// shared-memory ring (tiles loaded ahead = kStages - 1); kSplitKV gives K and V of a tile their
-// own cp.async groups, so the wait for V sits before P V rather than before Q K^T (one more
-// barrier per tile, V's load latency hidden behind Q K^T and the softmax). Defaults: the fastest
-// of the variants timed on an H100 (benchmarks/NOTES-ffi.md).
+// shared-memory ring (tiles loaded ahead = kStages - 1). Defaults: the fastest of the variants
+// timed on an H100 (benchmarks/NOTES-ffi.md).
 #ifndef JAXINFER_FA2_MT_D64
 #define JAXINFER_FA2_MT_D64 2
 #endif
@@ -75,9 +79,6 @@ struct Fa2Params {
 #endif
 #ifndef JAXINFER_FA2_STAGES_D64
 #define JAXINFER_FA2_STAGES_D64 2
-#endif
-#ifndef JAXINFER_FA2_SPLITKV_D64
-#define JAXINFER_FA2_SPLITKV_D64 1
 #endif
 #ifndef JAXINFER_FA2_MT_D128
 #define JAXINFER_FA2_MT_D128 2
@@ -94,9 +95,6 @@ struct Fa2Params {
 #ifndef JAXINFER_FA2_STAGES_D128
 #define JAXINFER_FA2_STAGES_D128 2
 #endif
-#ifndef JAXINFER_FA2_SPLITKV_D128
-#define JAXINFER_FA2_SPLITKV_D128 1
-#endif
 #ifndef JAXINFER_FA2_MT_D256
 #define JAXINFER_FA2_MT_D256 1
 #endif
@@ -112,16 +110,12 @@ struct Fa2Params {
 #ifndef JAXINFER_FA2_STAGES_D256
 #define JAXINFER_FA2_STAGES_D256 2
 #endif
-#ifndef JAXINFER_FA2_SPLITKV_D256
-#define JAXINFER_FA2_SPLITKV_D256 0
-#endif
 template <int D> struct Fa2Traits;
 #define JAXINFER_FA2_TRAITS(D)                                                                     \
   template <> struct Fa2Traits<D> {                                                               \
     static constexpr int kMT = JAXINFER_FA2_MT_D##D, kWarps = JAXINFER_FA2_WARPS_D##D,             \
                          kBN = JAXINFER_FA2_BN_D##D, kMinBlocks = JAXINFER_FA2_MINB_D##D;          \
     static constexpr int kStages = JAXINFER_FA2_STAGES_D##D;                                      \
-    static constexpr bool kSplitKV = JAXINFER_FA2_SPLITKV_D##D;                                   \
   };
 JAXINFER_FA2_TRAITS(64)
 JAXINFER_FA2_TRAITS(128)
@@ -218,22 +212,41 @@ __host__ __device__ __forceinline__ int64_t kv_row_offset(const Fa2Params& p, in
   }
 }
 
+// Tile and qo head of this CTA in a 1-D grid of num_tiles * num_heads CTAs: heads in groups of
+// kHeadGroup, and inside a group the planner's tile order (widest KV range first) with the
+// group's heads varying fastest. The hardware starts CTAs in index order, so inside each group
+// the heavy tiles start first and the grid ends on light ones (a short tail), while the CTAs
+// resident at once read the K/V of only a few heads (L2 reuse). H100, causal B=4 S=4096 H=32
+// D=128: groups of 8 heads +3.6 % over the tile-major order (groups of 1), all 32 heads -4 %.
+constexpr int kHeadGroup = 8;
+__device__ __forceinline__ void cta_tile_head(int num_heads, int& tile, int& head) {
+  const int num_tiles = gridDim.x / num_heads;
+  const int group = min(kHeadGroup, num_heads);
+  const int first_head = (blockIdx.x / (group * num_tiles)) * group;
+  const int size = min(group, num_heads - first_head);
+  const int rest = blockIdx.x - first_head * num_tiles;
+  tile = rest / size;
+  head = first_head + rest - tile * size;
+}
+
 template <typename T, int D, int kMode>
 __global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinBlocks) fa2_forward_kernel(const Fa2Params p) {
   using Tr = Fa2Traits<D>;
   using Mma = typename MmaAtom<T>::type;
+  using True = std::true_type;
+  using False = std::false_type;
   constexpr int kMT = Tr::kMT, kBN = Tr::kBN, kWarps = Tr::kWarps, kStages = Tr::kStages;
-  constexpr bool kSplitKV = Tr::kSplitKV;
   static_assert(kStages >= 2, "the KV ring needs at least two stages");
   constexpr int kThreads = 32 * kWarps;
   constexpr int kBM = fa2_block_m<D>();
   constexpr int kNT = kBN / 8;  // n8 tiles of S
   constexpr int kDT = D / 8;    // n8 tiles of O
   constexpr float kNegInf = -INFINITY;
+  // Lazy rescaling threshold, log2 units (H100: +5.5 % over rescaling O on every tile).
+  constexpr float kRescaleThreshold = 8.f;
 
-  // Tiles vary fastest: the CTAs resident at once share few heads, so the K/V they stream stay in L2.
-  const int tile = blockIdx.x;
-  const int head = blockIdx.y;
+  int tile, head;
+  cta_tile_head(p.num_qo_heads, tile, head);
   const int batch = p.tile_batch[tile];
   if (batch < 0) return;
   const int kv_head = head / p.group_size;
@@ -264,8 +277,6 @@ __global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinB
   const int warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t4 = lane % 4;
   const T* q = static_cast<const T*>(p.q);
-  const T* k = static_cast<const T*>(p.k);
-  const T* v = static_cast<const T*>(p.v);
 
   {
     constexpr int kChunks = D / 8;
@@ -278,16 +289,21 @@ __global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinB
     }
   }
   // KV ring of kStages (K, V) tile pairs: tile i lives in slot i % kStages; one cp.async group
-  // per tile, or one for K and one for V (kSplitKV); Q joins tile 0's first group; kStages - 1
-  // tiles in flight ahead of the one computed.
+  // per tile (K and V of a tile in separate groups, V waited for only before P V, gained nothing
+  // measurable); Q joins tile 0's group; kStages - 1 tiles in flight ahead of the one computed.
   // Each thread copies 16-byte chunk ld_ch of rows ld_row + j * kRowStep of every tile, of K and
   // of V alike (same layout, same row offsets); paged rows take their page ids from `pages`,
   // loaded one tile ahead. Rows past kv_len read zeros (never garbage: P is 0 there, but
-  // 0 * NaN would still poison O).
+  // 0 * NaN would still poison O); so do all rows of the tiles past the last (their groups keep
+  // the wait counts exact), which read no global memory.
   constexpr int kChunks = D / 8, kRowStep = kThreads / kChunks, kRowsPerThread = kBN / kRowStep;
   static_assert(kThreads % kChunks == 0 && kBN % kRowStep == 0, "a KV tile must split evenly over the threads");
   const int ld_row = tid / kChunks, ld_ch = tid % kChunks;
-  const int64_t kv_col = kv_head * p.kv_head_stride + ld_ch * 8;
+  // This thread's chunk of K and V at token 0 of the request (ragged) or of page 0 (paged).
+  const int64_t kv_base =
+      (kMode == kKvRagged ? kv_start * p.kv_tok_stride : 0) + kv_head * p.kv_head_stride + ld_ch * 8;
+  const T* k_base = static_cast<const T*>(p.k) + kv_base;
+  const T* v_base = static_cast<const T*>(p.v) + kv_base;
   int pages[kRowsPerThread];
   auto fetch_pages = [&](int i) {
     if constexpr (kMode != kKvRagged) {
@@ -298,29 +314,33 @@ __global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinB
       }
     }
   };
-  auto load_tile = [&](const T* src, T* ring, int i) {
+  // Rows of a full tile are all below kv_len, so only a partial tile pays for the predicates; a
+  // row it does not read points at the start of the buffer (`any`).
+  auto load_tile = [&](auto partial, const T* any, const T* base, T* ring, int i) {
     const int t0 = t_first + i * kBN;
+    const int rows_left = (i < num_kv_tiles ? kv_len : 0) - t0 - ld_row;
     T* dst = ring + (i % kStages) * kBN * D;
+    const T* src = base + int64_t(t0 + ld_row) * p.kv_tok_stride;  // ragged: advanced row by row
 #pragma unroll
     for (int j = 0; j < kRowsPerThread; ++j) {
-      const int r = ld_row + j * kRowStep, t = t0 + r;
-      const bool ok = t < kv_len;
-      const int64_t off = ok ? kv_row_offset<kMode>(p, kv_start, t, pages[j]) + kv_col : 0;
-      cp_async_16(src + off, dst + swz<D>(r, ld_ch * 8), ok);
+      const bool ok = !decltype(partial)::value || j * kRowStep < rows_left;
+      if constexpr (kMode != kKvRagged) src = base + kv_row_offset<kMode>(p, 0, t0 + ld_row + j * kRowStep, pages[j]);
+      cp_async_16(ok ? src : any, dst + swz<D>(ld_row + j * kRowStep, ld_ch * 8), ok);
+      if constexpr (kMode == kKvRagged) src += kRowStep * p.kv_tok_stride;
     }
   };
-  // Commits its groups even past the last tile, so the wait counts below stay exact.
+  auto load_kv = [&](const void* any, const T* base, T* ring, int i) {
+    if (i < num_kv_tiles && t_first + (i + 1) * kBN <= kv_len)
+      load_tile(False{}, static_cast<const T*>(any), base, ring, i);
+    else
+      load_tile(True{}, static_cast<const T*>(any), base, ring, i);
+  };
   auto load_stage = [&](int i) {
-    const bool live = i < num_kv_tiles;
-    if (live) load_tile(k, sK, i);
-    if constexpr (kSplitKV) cute::cp_async_fence();
-    if (live) {
-      load_tile(v, sV, i);
-      fetch_pages(i + 1);
-    }
+    load_kv(p.k, k_base, sK, i);
+    load_kv(p.v, v_base, sV, i);
+    if (i < num_kv_tiles) fetch_pages(i + 1);
     cute::cp_async_fence();
   };
-  constexpr int kGroupsPerTile = kSplitKV ? 2 : 1;
   fetch_pages(0);
 #pragma unroll
   for (int i = 0; i < kStages - 1; ++i) load_stage(i);
@@ -337,20 +357,20 @@ __global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinB
     row_sum[mt][0] = row_sum[mt][1] = 0.f;
   }
   const int warp_row0 = warp * 16 * kMT;
-  const SwzRows<D> q_rows(warp_row0 + lane % 16, lane / 16);
+  // The Q fragments' rows are the V fragments' rows shifted by warp_row0, so one SwzRows serves
+  // both (four registers fewer to keep across the loop).
+  const T* sQw = sQ + warp_row0 * D;
   const SwzRows<D> k_rows(lane % 8 + (lane / 16) * 8, (lane / 8) % 2);
-  const SwzRows<D> v_rows(lane % 8 + ((lane / 8) % 2) * 8, lane / 16);
-  auto load_q_frag = [&](int mt, int kk, uint32_t (&a)[4]) {
-    const T* src = sQ + q_rows.at(mt * 16, kk * 2);
-    cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(src), a[0], a[1], a[2], a[3]);
-  };
+  const SwzRows<D> qv_rows(lane % 16, lane / 16);
+  // Query positions of this warp's valid rows (none when warp_rows <= 0): a KV tile is skipped by
+  // the warps that see none of it, and masked only for those that see part of it.
+  const int warp_rows = min(16 * kMT, rows_valid - warp_row0);
+  const int wq_min = qs + warp_row0 + delta, wq_max = wq_min + warp_rows - 1;
 
-  for (int i = 0; i < num_kv_tiles; ++i) {
-    // Tile i's first group (K, and V too unless kSplitKV) is in smem for every thread, and every
-    // warp is done with tile i - 1, whose slot the next load reuses.
-    cute::cp_async_wait<kGroupsPerTile * (kStages - 1) - 1>();
-    __syncthreads();
-    load_stage(i + kStages - 1);
+  // One KV tile of this warp: S = Q K^T, soft cap, mask, online softmax, O += P V. A template
+  // per (masked, soft cap), so the common tile is one straight block without either.
+  auto tile_body = [&](auto masked, auto soft_cap, int i) {
+    constexpr bool kMasked = decltype(masked)::value, kSoftCap = decltype(soft_cap)::value;
     const int t0 = t_first + i * kBN;
     const T* sKi = sK + (i % kStages) * kBN * D;
     const T* sVi = sV + (i % kStages) * kBN * D;
@@ -366,7 +386,11 @@ __global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinB
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t a[kMT][4];
 #pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) load_q_frag(mt, kk, a[mt]);
+      for (int mt = 0; mt < kMT; ++mt) {
+        const T* src = sQw + qv_rows.at(mt * 16, kk * 2);
+        cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(src), a[mt][0], a[mt][1], a[mt][2],
+                                      a[mt][3]);
+      }
 #pragma unroll
       for (int np = 0; np < kNT / 2; ++np) {
         uint32_t b[4];
@@ -385,12 +409,8 @@ __global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinB
     }
     // Online softmax (base 2). Without soft cap the max is taken on raw q.k (sm_scale > 0 keeps
     // the order) and scaling folds into one FFMA per element: p = 2^(s*scale - max*scale).
-    const bool need_mask = (t0 + kBN > kv_len) || (p.causal && t0 + kBN - 1 > qpos_min) ||
-                           (p.window_left >= 0 && t0 < qpos_max - p.window_left);
-    const float scale = p.soft_cap_on ? 1.f : p.logit_scale;
-    // Soft cap and mask are separate passes under uniform branches, so the common tile (no cap,
-    // fully visible) runs only the max / exp / sum pass below.
-    if (p.soft_cap_on) {
+    const float scale = kSoftCap ? 1.f : p.logit_scale;
+    if constexpr (kSoftCap) {
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
@@ -398,19 +418,28 @@ __global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinB
 #pragma unroll
           for (int e = 0; e < 4; ++e) s[mt][nt][e] = tanh_approx(s[mt][nt][e] * p.logit_scale) * p.cap_log2;
     }
-    if (need_mask) {
+    if constexpr (kMasked) {
+      // Element (mt, nt, 2 * hr + e) is key t0 + 2 * t4 + c, c = 8 * nt + e, of row mt * 16 + g + 8 * hr:
+      // visible for lo <= c < hi, one compile-time c against two bounds per row.
+      const int c0 = t0 + 2 * t4;
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < kNT; ++nt)
+        for (int hr = 0; hr < 2; ++hr) {
+          const int qpos = wq_min + mt * 16 + g + hr * 8;
+          const int hi = (p.causal ? min(kv_len, qpos + 1) : kv_len) - c0;
+          const int lo = p.window_left >= 0 ? qpos - p.window_left - c0 : 0;
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int qpos = qs + warp_row0 + mt * 16 + g + (e / 2) * 8 + delta;
-            const int j = t0 + nt * 8 + 2 * t4 + (e % 2);
-            const bool vis = j < kv_len && (!p.causal || j <= qpos) && (p.window_left < 0 || j >= qpos - p.window_left);
-            s[mt][nt][e] = vis ? s[mt][nt][e] : kNegInf;
-          }
+          for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int c = nt * 8 + e;
+              s[mt][nt][2 * hr + e] = c >= lo && c < hi ? s[mt][nt][2 * hr + e] : kNegInf;
+            }
+        }
     }
+    float m_tile[kMT][2];
+    bool grow = false;
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
@@ -421,30 +450,49 @@ __global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinB
         float mx = tree_reduce(part, [](float a, float b) { return fmaxf(a, b); });
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-        const float m_new = fmaxf(row_max[mt][hr], mx * scale);
-        // A row with nothing visible yet keeps max -inf; subtract 0 instead so 2^x gives 0, not NaN.
-        const float m_use = m_new == kNegInf ? 0.f : m_new;
-        const float rescale = exp2_approx(row_max[mt][hr] - m_use);
-        row_max[mt][hr] = m_new;
+        m_tile[mt][hr] = mx * scale;
+        grow |= m_tile[mt][hr] > row_max[mt][hr] + kRescaleThreshold;
+      }
+    }
+    // Lazy rescaling: the running max moves (and O, l are rescaled) only when a row's tile max
+    // exceeds it by more than kRescaleThreshold, for all rows of the warp at once; otherwise the
+    // stale max stays, p <= 2^kRescaleThreshold, and o = O / l and lse stay exact because O and l
+    // share one max. Past the first tiles the branch is almost never taken, and P V no longer
+    // waits for 128 multiplies of O.
+    if (__any_sync(0xffffffff, grow)) {
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          const float m_new = fmaxf(row_max[mt][hr], m_tile[mt][hr]);
+          // A row with nothing visible yet keeps max -inf; subtract 0 instead so 2^x gives 0, not NaN.
+          const float rescale = exp2_approx(row_max[mt][hr] - (m_new == kNegInf ? 0.f : m_new));
+          row_max[mt][hr] = m_new;
+          row_sum[mt][hr] *= rescale;
+#pragma unroll
+          for (int dt = 0; dt < kDT; ++dt) {
+            o_acc[mt][dt][2 * hr] *= rescale;
+            o_acc[mt][dt][2 * hr + 1] *= rescale;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const float m_use = row_max[mt][hr] == kNegInf ? 0.f : row_max[mt][hr];
+        float part[kNT];
 #pragma unroll
         for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) s[mt][nt][2 * hr + e] = exp2_approx(fmaf(s[mt][nt][2 * hr + e], scale, -m_use));
           part[nt] = s[mt][nt][2 * hr] + s[mt][nt][2 * hr + 1];
         }
-        row_sum[mt][hr] = row_sum[mt][hr] * rescale + tree_reduce(part, [](float a, float b) { return a + b; });
-#pragma unroll
-        for (int dt = 0; dt < kDT; ++dt) {
-          o_acc[mt][dt][2 * hr] *= rescale;
-          o_acc[mt][dt][2 * hr + 1] *= rescale;
-        }
+        row_sum[mt][hr] += tree_reduce(part, [](float a, float b) { return a + b; });
       }
     }
 
-    if constexpr (kSplitKV) {  // V of tile i, behind the groups of the kStages - 1 tiles after it
-      cute::cp_async_wait<2 * (kStages - 1)>();
-      __syncthreads();
-    }
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
       uint32_t a[kMT][4];
@@ -458,7 +506,7 @@ __global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinB
 #pragma unroll
       for (int dp = 0; dp < kDT / 2; ++dp) {
         uint32_t b[4];
-        const T* src = sVi + v_rows.at(kk * 16, dp * 2);
+        const T* src = sVi + qv_rows.at(kk * 16, dp * 2);
         cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(src), b[0], b[1], b[2], b[3]);
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt) {
@@ -471,7 +519,31 @@ __global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinB
         }
       }
     }
-  }
+  };
+
+  auto kv_loop = [&](auto soft_cap) {
+    for (int i = 0; i < num_kv_tiles; ++i) {
+      // Tile i is in smem for every thread, and every warp is done with tile i - 1, whose slot the
+      // next load reuses.
+      cute::cp_async_wait<kStages - 2>();
+      __syncthreads();
+      load_stage(i + kStages - 1);
+      const int t0 = t_first + i * kBN;
+      const bool idle = warp_rows <= 0 || (p.causal && t0 > wq_max) ||
+                        (p.window_left >= 0 && t0 + kBN - 1 < wq_min - p.window_left);
+      const bool need_mask = t0 + kBN > kv_len || (p.causal && t0 + kBN - 1 > wq_min) ||
+                             (p.window_left >= 0 && t0 < wq_max - p.window_left);
+      if (idle) continue;
+      if (need_mask)
+        tile_body(True{}, soft_cap, i);
+      else
+        tile_body(False{}, soft_cap, i);
+    }
+  };
+  if (p.soft_cap_on)
+    kv_loop(True{});
+  else
+    kv_loop(False{});
   cute::cp_async_wait<0>();
 
   T* o = static_cast<T*>(p.o);
