@@ -4,52 +4,54 @@ Run on the GPU machine: ``PYTHONPATH=. python3 benchmarks/plan_gpu.py`` (``--qui
 CPU check). Batches: B=256 decode, Hq=32, Hkv=8, D=128, page_size=16, shuffled page ids, KV
 lengths uniform 1024 or Zipf (decode_zipf's draw: ``clip(zipf(1.5) * 256, 16, 32768)``).
 
-Measured, each call timed on its own with ``time.perf_counter`` (min and median of ``--calls``):
-- ``call``: wall time of ``BatchDecodeWithPagedKVCacheWrapper(backend="pallas").plan(...)``; it
+Measured, each call timed on its own with ``time.perf_counter`` (min and median of ``--calls``,
+the previous result ready first):
+- ``plan``: wall time of ``BatchDecodeWithPagedKVCacheWrapper(backend="pallas").plan(...)``; it
   returns with the host-to-device copy of the plan buffer enqueued, as FlashInfer's plan() does;
-- ``ready``: from the call until ``jax.block_until_ready`` of the plan (buffer on the device);
-- the parts: ``BatchSpec.create`` (validation), ``plan_work`` (the numpy planner), the copy alone;
-- each host-to-device path for the whole ``plan()`` (the backend's ``_to_device`` swapped);
-- whether a path lets the host buffer change under a pending copy: the buffer is overwritten
-  right after the call returns, and the device copy is compared with the original;
-- ``before``: the same calls with the planner and backend of commit 085e1b0, and ``page_fast``:
-  with the leaner page-table checks of benchmarks/results/planner/page_checks.patch, when
-  ``benchmarks/results/planner/baseline/`` holds them (not kept in the repository; recreate with
-  ``git show 085e1b0:jaxinfer/planner.py > baseline/baseline_planner.py``, the same for
-  ``jaxinfer/pallas/backend.py`` as ``baseline_backend.py`` with its ``from jaxinfer.planner``
-  import changed to ``from baseline_planner``, and ``proposed_page.py`` = page.py patched);
-- ``copy 64 MiB``: call and ready time of each path for a large buffer (is the copy enqueued
-  or done inside the call?).
+  ``ready``: from the call until ``jax.block_until_ready`` of the plan (buffer on the device);
+- ``before``: the same plan() with the numpy planner (tests/planner_ref.py, the planner this
+  replaced) and the numpy page-table checks patched in: the previous commit's host path, in the
+  same run;
+- the parts, alone: ``BatchSpec.create`` (validation), ``plan_work`` (native, into fresh
+  arrays), ``plan_work_packed`` (native, into one buffer with the page ids), the numpy planner,
+  and ``jax.device_put`` of the plan buffer;
+- a cProfile of 300 plan() calls (top functions by own time) and the native build time.
 
-Prints a table last; writes ``$OUT/plan_gpu.json`` when ``OUT`` is set.
+Checks first that the plan on the device equals the numpy oracle's buffers and the page ids.
+Prints a table last; writes ``$OUT/plan_gpu.json`` and ``$OUT/plan_profile.txt`` when ``OUT`` is
+set.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
-import importlib
+import io
 import json
 import os
+import pstats
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import jaxinfer.batch as batch
 import jaxinfer.pallas.backend as pallas_backend
-from jaxinfer import BatchDecodeWithPagedKVCacheWrapper
+from jaxinfer import BatchDecodeWithPagedKVCacheWrapper, native, page
 from jaxinfer.batch import BatchSpec, PlanCapacity
 from jaxinfer.bench.workloads import PageTable
-from jaxinfer.planner import plan_work
+from jaxinfer.planner import plan_work, plan_work_packed
 from jaxinfer.variants import AttentionVariant
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from planner_ref import plan_work_ref  # noqa: E402
+
 B, HQ, HKV, D, PAGE = 256, 32, 8, 128, 16
-BASELINE = Path(__file__).parent / "results" / "planner" / "baseline"
 
 
 def kv_lens(kind: str) -> np.ndarray:
@@ -79,122 +81,117 @@ def per_call(fn, calls: int, ready: bool = True) -> dict:
     return res
 
 
-def back_to_back(fn, n: int = 50, reps: int = 5) -> float:
-    """Min over ``reps`` of the mean microseconds of ``n`` calls issued without waiting."""
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            out = fn()
-        best = min(best, (time.perf_counter() - t0) / n)
-        jax.block_until_ready(out)
-    return best * 1e6
+class NumpyPlanBackend(pallas_backend.PallasBackend):
+    """The previous commit's host path: the numpy planner into views of the packed buffer, then
+    the page ids copied by numpy."""
+
+    def plan(self, spec, capacity):
+        cfg = self.tile_config(spec, capacity)
+        max_tiles = self._work_capacity(spec, cfg, capacity)
+        ks = self._kernel_spec(spec, cfg, max_tiles, self._page_capacity(spec, capacity), False)
+        host = pallas_backend._aligned_empty(ks.buffer_size)
+        wb = plan_work_ref(spec.qo_indptr, spec.kv_lens, spec.kv_indptr[:-1], **self._plan_kwargs(spec, cfg, max_tiles))
+        for a, off, end in ((wb.work, 0, ks.off_cta), (wb.cta_indptr, ks.off_cta, ks.off_merge_indptr),
+                            (wb.merge_indptr, ks.off_merge_indptr, ks.off_merge_dest),
+                            (wb.merge_dest, ks.off_merge_dest, ks.off_kv_indices)):
+            host[off:end] = a.reshape(-1)
+        pages = host[ks.off_kv_indices :]
+        n = int(spec.kv_indptr[-1])
+        pages[:n] = spec.kv_indices[:n]
+        pages[n:] = 0
+        return pallas_backend.PallasPlan(buffer=pallas_backend._to_device(host), kernel=ks, config=cfg)
 
 
-def copy_paths() -> dict:
-    """Host-to-device paths for one int32 numpy buffer, all public JAX APIs."""
-    dev = jax.devices()[0]
-    identity = jax.jit(lambda x: x)
-    return {
-        "jnp.asarray": jnp.asarray,
-        "jax.device_put": jax.device_put,
-        "jax.device_put(dev)": lambda x: jax.device_put(x, dev),
-        "device_put(may_alias=False)": lambda x: jax.device_put(x, may_alias=False),
-        "jit(identity)": identity,
-    }
+def numpy_page_table_lens(kv_indptr, kv_indices, kv_last_page_len, page_size):
+    indptr, indices, last = page.check_page_table(kv_indptr, kv_indices, kv_last_page_len, page_size)
+    return indptr, indices, last, page.seq_lens_host(indptr, last, page_size)
 
 
-def race(put, size: int, trials: int) -> int:
-    """Trials (of ``trials``) in which overwriting the host buffer right after ``put`` returned
-    changed what reached the device (a pending copy read the buffer late)."""
-    bad = 0
-    want = np.arange(size, dtype=np.int32)
-    for _ in range(trials):
-        host = want.copy()
-        dev = put(host)
-        host[:] = -1
-        bad += not np.array_equal(np.asarray(dev), want)
-    return bad
-
-
-def load_baseline():
-    """The planner and backend of commit 085e1b0 as a backend object, or ``None``."""
-    sys.path.insert(0, str(BASELINE))
-    if not (BASELINE / "baseline_backend.py").exists():
-        return None
-    return importlib.import_module("baseline_backend").PallasBackend()
-
-
-def with_page_checks(module, fn):
-    """Run ``fn()`` with ``module``'s page-table checks in BatchSpec.create."""
-    names = ("check_indptr", "check_page_table", "seq_lens_host")
-    saved = [getattr(batch, n) for n in names]
-    for n in names:
-        setattr(batch, n, getattr(module, n))
+def before(fn):
+    """Run ``fn()`` on the previous commit's host path (numpy planner and page-table checks)."""
+    saved = (pallas_backend.get_backend, batch.check_page_table_lens, page._checked_indptr)
+    numpy_backend = NumpyPlanBackend()
+    pallas_backend.get_backend = lambda name="pallas": numpy_backend
+    batch.check_page_table_lens = numpy_page_table_lens
+    page._checked_indptr = lambda arr, batch_size: None
     try:
         return fn()
     finally:
-        for n, f in zip(names, saved):
-            setattr(batch, n, f)
+        pallas_backend.get_backend, batch.check_page_table_lens, page._checked_indptr = saved
 
 
-def with_backend(backend, fn):
-    """Run ``fn()`` with ``backend`` serving the wrapper's ``"pallas"``."""
-    saved = pallas_backend.get_backend
-    pallas_backend.get_backend = lambda name="pallas": backend
-    try:
-        return fn()
-    finally:
-        pallas_backend.get_backend = saved
-
-
-def measure(kind: str, calls: int, baseline) -> dict:
+def measure(kind: str, calls: int) -> dict:
     table = PageTable.shuffled(kv_lens(kind), PAGE, np.random.default_rng(0))
     args = (table.indptr, table.indices, table.last_page_len, HQ, HKV, D, PAGE)
     w = BatchDecodeWithPagedKVCacheWrapper("NHD", backend="pallas")
     plan = w.plan(*args)
-    buf = np.asarray(plan.inner.buffer)
-    res = {"pages": int(table.indices.size), "buffer_bytes": int(buf.nbytes), "tiles": int(plan.inner.unpack()["cta_indptr"][-1])}
-
-    # Correctness: the plan on the device equals the host planner's output.
-    spec = w._spec
-    be = pallas_backend.PallasBackend()
-    cap = PlanCapacity()
-    cfg = be.tile_config(spec, cap)
-    kw = be._plan_kwargs(spec, cfg, plan.inner.kernel.max_tiles)
-    wb = plan_work(spec.qo_indptr, spec.kv_lens, spec.kv_indptr[:-1], **kw)
+    ks = plan.inner.kernel
     got = plan.inner.unpack()
-    assert np.array_equal(got["work"], wb.work) and np.array_equal(got["cta_indptr"], wb.cta_indptr)
+    res = {"pages": int(table.indices.size), "buffer_bytes": ks.buffer_size * 4, "tiles": int(got["cta_indptr"][-1])}
+
+    # Correctness: the plan on the device equals the numpy oracle's buffers and the page ids.
+    spec = w._spec
+    be = pallas_backend.get_backend()
+    cfg = be.tile_config(spec, PlanCapacity())
+    kw = be._plan_kwargs(spec, cfg, ks.max_tiles)
+    want = plan_work_ref(spec.qo_indptr, spec.kv_lens, spec.kv_indptr[:-1], **kw)
+    for name in ("work", "cta_indptr", "merge_indptr", "merge_dest"):
+        assert np.array_equal(got[name], getattr(want, name)), name
     assert np.array_equal(got["kv_indices"][: table.indices.size], table.indices)
+    assert not got["kv_indices"][table.indices.size :].any()
+    assert np.array_equal(np.asarray(before(lambda: w.plan(*args)).inner.buffer), np.asarray(plan.inner.buffer))
 
     res["plan"] = per_call(lambda: w.plan(*args), calls)
-    res["plan_back_to_back_us"] = back_to_back(lambda: w.plan(*args))
+    res["before_plan"] = before(lambda: per_call(lambda: w.plan(*args), calls))
     res["batch_spec"] = per_call(
         lambda: BatchSpec.create(np.arange(B + 1), table.indptr, table.indices, table.last_page_len, page_size=PAGE,
                                  num_qo_heads=HQ, num_kv_heads=HKV, head_dim=D, variant=AttentionVariant()),
         calls, ready=False)
-    res["plan_work"] = per_call(lambda: plan_work(spec.qo_indptr, spec.kv_lens, spec.kv_indptr[:-1], **kw), calls, ready=False)
-    res["copy"] = {name: per_call(lambda put=put: put(buf), calls) for name, put in copy_paths().items()}
-    saved = pallas_backend._to_device
-    res["plan_by_path"] = {}
-    for name, put in copy_paths().items():
-        pallas_backend._to_device = put
-        try:
-            res["plan_by_path"][name] = per_call(lambda: w.plan(*args), calls)
-        finally:
-            pallas_backend._to_device = saved
-    if (BASELINE / "proposed_page.py").exists():
-        fast = importlib.import_module("proposed_page")
-        res["page_fast_plan"] = with_page_checks(fast, lambda: per_call(lambda: w.plan(*args), calls))
-        res["page_fast_batch_spec"] = with_page_checks(fast, lambda: per_call(
-            lambda: BatchSpec.create(np.arange(B + 1), table.indptr, table.indices, table.last_page_len, page_size=PAGE,
-                                     num_qo_heads=HQ, num_kv_heads=HKV, head_dim=D, variant=AttentionVariant()),
-            calls, ready=False))
-    if baseline is not None:
-        res["before_plan"] = with_backend(baseline, lambda: per_call(lambda: w.plan(*args), calls))
-        old_plan_work = importlib.import_module("baseline_planner").plan_work
-        res["before_plan_work"] = per_call(lambda: old_plan_work(spec.qo_indptr, spec.kv_lens, spec.kv_indptr[:-1], **kw), calls, ready=False)
+    res["before_batch_spec"] = before(lambda: per_call(
+        lambda: BatchSpec.create(np.arange(B + 1), table.indptr, table.indices, table.last_page_len, page_size=PAGE,
+                                 num_qo_heads=HQ, num_kv_heads=HKV, head_dim=D, variant=AttentionVariant()),
+        calls, ready=False))
+    base = spec.kv_indptr[:-1]
+    res["plan_work"] = per_call(lambda: plan_work(spec.qo_indptr, spec.kv_lens, base, **kw), calls, ready=False)
+    host = np.empty(ks.buffer_size, np.int32)
+    used = spec.kv_indices[: spec.kv_indptr[-1]]
+    res["plan_work_packed"] = per_call(
+        lambda: plan_work_packed(host, spec.qo_indptr, spec.kv_lens, base, kv_indices=used, **kw), calls, ready=False)
+    res["numpy_plan_work"] = per_call(lambda: plan_work_ref(spec.qo_indptr, spec.kv_lens, base, **kw), calls, ready=False)
+    buf = np.asarray(plan.inner.buffer)
+    res["device_put"] = per_call(lambda: jax.device_put(buf), calls)
     return res
+
+
+def profile(calls: int) -> str:
+    table = PageTable.shuffled(kv_lens("uniform"), PAGE, np.random.default_rng(0))
+    args = (table.indptr, table.indices, table.last_page_len, HQ, HKV, D, PAGE)
+    w = BatchDecodeWithPagedKVCacheWrapper("NHD", backend="pallas")
+    w.plan(*args)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        w.plan(*args)
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+    return text.getvalue()
+
+
+def build_seconds() -> float:
+    """Wall time of a cold build of the host library (a fresh cache directory)."""
+    saved = os.environ.get("JAXINFER_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["JAXINFER_CACHE_DIR"] = tmp
+        try:
+            t0 = time.perf_counter()
+            native.build()
+            return time.perf_counter() - t0
+        finally:
+            if saved is None:
+                del os.environ["JAXINFER_CACHE_DIR"]
+            else:
+                os.environ["JAXINFER_CACHE_DIR"] = saved
 
 
 def main():
@@ -205,44 +202,27 @@ def main():
     calls = 20 if args.quick else args.calls
     dev = jax.devices()[0]
     print("device:", dev.device_kind, "| platform:", dev.client.platform_version, flush=True)
-    baseline = load_baseline()
     out = {"device": dev.device_kind, "platform_version": dev.client.platform_version, "jax": jax.__version__,
-           "calls": calls, "workloads": {}}
+           "calls": calls, "compiler": native.find_compiler(), "cxx_flags": native.CXX_FLAGS,
+           "build_s": build_seconds(), "workloads": {}}
     for kind in ("uniform", "zipf"):
-        out["workloads"][kind] = measure(kind, calls, baseline)
-    size = out["workloads"]["uniform"]["buffer_bytes"] // 4
-    big = np.arange(1 << 24, dtype=np.int32)
-    out["copy_64MiB"] = {name: per_call(lambda put=put: put(big), 5 if args.quick else 20) for name, put in copy_paths().items()}
-    out["race_mismatches"] = {name: race(put, size, 20 if args.quick else 200) for name, put in copy_paths().items()}
-    out["race_trials"] = 20 if args.quick else 200
-
+        out["workloads"][kind] = measure(kind, calls)
+    prof = profile(calls)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "plan_gpu.json").write_text(json.dumps(out, indent=1))
-    rows = []
+        Path(os.environ["OUT"], "plan_profile.txt").write_text(prof)
+    print(prof)
+    print(f"native build {out['build_s']:.2f} s ({out['compiler']} {' '.join(out['cxx_flags'])})")
+    print(f"\n{'batch':8s} {'what':36s} {'min us':>8s} {'med us':>8s} {'ready min':>10s} {'ready med':>10s}")
     for kind, r in out["workloads"].items():
-        rows.append((kind, "plan() back to back (mean of 50)", r["plan_back_to_back_us"], r["plan_back_to_back_us"], None, None))
-        rows.append((kind, "plan() call / ready", r["plan"]["call_min_us"], r["plan"]["call_med_us"], r["plan"]["ready_min_us"], r["plan"]["ready_med_us"]))
-        if "before_plan" in r:
-            b = r["before_plan"]
-            rows.append((kind, "before: plan() call / ready", b["call_min_us"], b["call_med_us"], b["ready_min_us"], b["ready_med_us"]))
-            rows.append((kind, "before: plan_work", r["before_plan_work"]["call_min_us"], r["before_plan_work"]["call_med_us"], None, None))
-        if "page_fast_plan" in r:
-            f = r["page_fast_plan"]
-            rows.append((kind, "page_fast: plan() call / ready", f["call_min_us"], f["call_med_us"], f["ready_min_us"], f["ready_med_us"]))
-            rows.append((kind, "page_fast: BatchSpec.create", r["page_fast_batch_spec"]["call_min_us"], r["page_fast_batch_spec"]["call_med_us"], None, None))
-        rows.append((kind, "plan_work", r["plan_work"]["call_min_us"], r["plan_work"]["call_med_us"], None, None))
-        rows.append((kind, "BatchSpec.create", r["batch_spec"]["call_min_us"], r["batch_spec"]["call_med_us"], None, None))
-        for name, c in r["copy"].items():
-            rows.append((kind, f"copy {name} ({r['buffer_bytes'] // 1024} KiB)", c["call_min_us"], c["call_med_us"], c["ready_min_us"], c["ready_med_us"]))
-        for name, c in r["plan_by_path"].items():
-            rows.append((kind, f"plan() via {name}", c["call_min_us"], c["call_med_us"], c["ready_min_us"], c["ready_med_us"]))
-    for name, c in out["copy_64MiB"].items():
-        rows.append(("64MiB", f"copy {name}", c["call_min_us"], c["call_med_us"], c["ready_min_us"], c["ready_med_us"]))
-    print(f"\n{'batch':8s} {'what':44s} {'min us':>8s} {'med us':>8s} {'ready min':>10s} {'ready med':>10s}")
-    for kind, what, a, b, c, d in rows:
-        fmt = lambda x: f"{x:10.1f}" if x is not None else f"{'':10s}"
-        print(f"{kind:8s} {what:44s} {a:8.1f} {b:8.1f} {fmt(c)} {fmt(d)}")
-    print("race mismatches (of", out["race_trials"], "):", out["race_mismatches"])
+        for key, label in (("plan", "plan() call / ready"), ("before_plan", "before: plan() call / ready"),
+                           ("batch_spec", "BatchSpec.create"), ("before_batch_spec", "before: BatchSpec.create"),
+                           ("plan_work", "plan_work (native)"), ("plan_work_packed", "plan_work_packed (+pages)"),
+                           ("numpy_plan_work", "before: plan_work (numpy)"),
+                           ("device_put", f"jax.device_put ({r['buffer_bytes'] // 1024} KiB)")):
+            c = r[key]
+            ready = f"{c['ready_min_us']:10.1f} {c['ready_med_us']:10.1f}" if "ready_min_us" in c else ""
+            print(f"{kind:8s} {label:36s} {c['call_min_us']:8.1f} {c['call_med_us']:8.1f} {ready}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.page import check_indptr, check_page_table, seq_lens_host
+from jaxinfer.page import check_indptr, check_page_table_lens
 from jaxinfer.variants import AttentionVariant
 
 
@@ -148,8 +148,7 @@ class BatchSpec:
             kv_lens = np.diff(kv_indptr).astype(np.int32)
             page_size, last = 1, None
         else:
-            kv_indptr, kv_indices, last = check_page_table(kv_indptr, kv_indices, kv_last_page_len, page_size)
-            kv_lens = seq_lens_host(kv_indptr, last, page_size)
+            kv_indptr, kv_indices, last, kv_lens = check_page_table_lens(kv_indptr, kv_indices, kv_last_page_len, page_size)
         qo_indptr = check_indptr("qo_indptr", qo_indptr, batch_size=kv_lens.size)
         spec = cls(
             qo_indptr=qo_indptr,

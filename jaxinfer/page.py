@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer import native
+
 KV_LAYOUTS = ("NHD", "HND")
 _INT32_MAX = int(np.iinfo(np.int32).max)
 
@@ -39,6 +41,9 @@ def check_indptr(name: str, indptr, *, batch_size: int | None = None) -> np.ndar
         of the wrong length.
     """
     arr = np.asarray(indptr)
+    fast = _checked_indptr(arr, batch_size)
+    if fast is not None:
+        return fast
     if arr.ndim != 1 or arr.size == 0:
         raise ValueError(f"{name} must be a 1-D array of length batch_size + 1, got shape {arr.shape}")
     if arr.dtype.kind not in "iu":
@@ -52,6 +57,32 @@ def check_indptr(name: str, indptr, *, batch_size: int | None = None) -> np.ndar
     if arr[-1] > _INT32_MAX:
         raise ValueError(f"{name} exceeds the int32 range")
     return arr.astype(np.int32, copy=False)
+
+
+@functools.cache
+def _native_lib():
+    """The host library, or ``None`` where it cannot be built (no C++ compiler): the checks then
+    stay in numpy, so the backends that need no native planner work without a compiler."""
+    try:
+        return native.load()
+    except native.NativeBuildError:
+        return None
+
+
+def _checked_indptr(arr: np.ndarray, batch_size: int | None) -> np.ndarray | None:
+    """The native pass of :func:`check_indptr` for a C-contiguous int32/int64 row pointer of the
+    right length: the int32 row pointer when valid, ``None`` when the numpy checks must run."""
+    lib = _native_lib()
+    if lib is None or arr.ndim != 1 or not arr.size or not arr.flags.c_contiguous or (
+        batch_size is not None and arr.size != batch_size + 1
+    ):
+        return None
+    if arr.dtype == np.int32:
+        return arr if lib.jaxinfer_check_indptr_i32(native.address(arr), arr.size, None) else None
+    if arr.dtype == np.int64:
+        out = np.empty(arr.size, np.int32)
+        return out if lib.jaxinfer_check_indptr_i64(native.address(arr), arr.size, native.address(out)) else None
+    return None
 
 
 def check_page_table(
@@ -104,6 +135,35 @@ def check_page_table(
             f"with pages, and 0 for a request with none"
         )
     return indptr, indices.astype(np.int32, copy=False), last.astype(np.int32, copy=False)
+
+
+def check_page_table_lens(kv_indptr, kv_indices, kv_last_page_len, page_size: int) -> tuple[np.ndarray, ...]:
+    """:func:`check_page_table` and :func:`seq_lens_host` in one call.
+
+    int32 numpy arrays (the serving path) are checked in one native pass (csrc/planner.cc: one
+    call instead of ~20 numpy calls); anything else, every table that fails that pass, and a
+    machine without a C++ compiler go through the numpy checks, which name the broken rule.
+
+    Returns:
+      ``(kv_indptr, kv_indices, kv_last_page_len, kv_lens)`` as int32 numpy arrays.
+
+    Raises:
+      ValueError: as :func:`check_page_table`.
+    """
+    arrays = (kv_indptr, kv_indices, kv_last_page_len)
+    lib = _native_lib()
+    if (
+        lib is not None and type(page_size) is int and page_size >= 1
+        and all(type(a) is np.ndarray and a.dtype == np.int32 and a.ndim == 1 and a.flags.c_contiguous for a in arrays)
+        and kv_indptr.size == kv_last_page_len.size + 1
+    ):  # fmt: skip
+        lens = np.empty(kv_last_page_len.size, np.int32)
+        if lib.jaxinfer_check_page_table(lens.size, native.address(kv_indptr), native.address(kv_indices),
+                                         kv_indices.size, native.address(kv_last_page_len), page_size,
+                                         native.address(lens)):
+            return kv_indptr, kv_indices, kv_last_page_len, lens
+    indptr, indices, last = check_page_table(*arrays, page_size)
+    return indptr, indices, last, seq_lens_host(indptr, last, page_size)
 
 
 def seq_lens_host(kv_indptr: np.ndarray, kv_last_page_len: np.ndarray, page_size: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Load-balanced work planner: numpy on the host, static-capacity int32 work buffers for the device.
+"""Load-balanced work planner: compiled C++ on the host, static-capacity int32 work buffers for the device.
 
 After the dynamism-aware scheduler of the FlashInfer paper (arXiv 2501.01005, sec. 3.3):
 
@@ -10,25 +10,34 @@ After the dynamism-aware scheduler of the FlashInfer paper (arXiv 2501.01005, se
    (split-KV). ``chunk`` is the smallest multiple of ``block_n`` (and at least ``min_chunk``)
    whose total tile count fits ``split_budget``; when the unsplit tiles already fill it, no
    request is split.
-3. Tiles are sorted by cost ``kv_len + 2 * rows`` (the paper's cost model) and assigned to
-   ``num_ctas`` persistent CTAs longest-processing-time first, a round of ``num_ctas`` tiles at a
-   time against the loads sorted ascending: the vectorised form of the min-heap assignment, with
-   the same bound (a CTA's load exceeds the mean by at most one tile's cost).
+3. Tiles are sorted by cost ``kv_len + 2 * rows`` (the paper's cost model), stable, and assigned
+   to ``num_ctas`` persistent CTAs longest-processing-time first, a round of ``num_ctas`` tiles at
+   a time against the loads sorted ascending (ties by CTA id): the round form of the min-heap
+   assignment, with the same bound (a CTA's load exceeds the mean by at most one tile's cost).
 4. Tiles of a split (request, KV head, query tile) write partial ``(o, lse)`` rows into
    contiguous *partial slots*; ``merge_indptr`` delimits each group of slots, which the merge
    kernel folds into the final rows.
 
 Every buffer has a static capacity (``max_work_tiles`` tiles, ``split_budget`` partial slots,
 ``split_budget // 2`` merge groups), so a new batch composition never changes a shape.
+
+The planner runs in C++ (``csrc/planner.cc``, built and loaded by :mod:`jaxinfer.native`), one
+call per plan, as FlashInfer's scheduler does: its numpy form cost ~50 numpy calls of 2-3 us each
+at B=256 (benchmarks/NOTES-planner.md) and is kept as the test oracle, tests/planner_ref.py.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import itertools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxinfer import native
 
 # Columns of the ``work`` buffer, one row per work tile.
 WORK_FIELDS = (
@@ -69,226 +78,124 @@ class WorkBuffers:
     chunk: int
 
 
-def _ceil_div(a, b):
-    return -(-a // b)
+def _int_array(name: str, x, dtype, size: int) -> np.ndarray:
+    """``x`` as a C-contiguous ``[size]`` array of ``dtype`` (no copy when it is one already)."""
+    a = np.ascontiguousarray(x, dtype)
+    if a.shape != (size,):
+        raise ValueError(f"{name} must have shape ({size},), got {a.shape}")
+    return a
 
 
-# A padding row of ``work``: invalid, writes nothing (``out_slot = -1``).
-_PAD_TILE = np.zeros(len(WORK_FIELDS), np.int32)
-_PAD_TILE[F["out_slot"]] = -1
-# The constant columns of a query tile: valid, unsplit (writes final rows), from key 0 and
-# without a custom mask unless set.
-_QUERY_TILE = _PAD_TILE.copy()
-_QUERY_TILE[F["valid"]] = 1
+def count_query_tiles(qo_indptr: np.ndarray, tokens_per_tile: int) -> int:
+    """Query tiles of a batch, ``sum(ceil(qo_len / tokens_per_tile))``: the unsplit plan's tiles
+    per KV head. ``qo_indptr``: ``[B+1]`` int32, C-contiguous, non-decreasing."""
+    return native.load().jaxinfer_count_query_tiles(qo_indptr.size - 1, native.address(qo_indptr), tokens_per_tile)
 
 
-def _expand(counts):
-    """``(owner, rank)``: ``owner = repeat(arange(n), counts)`` and each entry's index within its
-    owner."""
-    owner = np.repeat(np.arange(counts.size), counts)
-    return owner, np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
-
-
-def _query_tiles(qo_indptr, kv_lens, kv_base, mask_offsets, tokens_per_tile, causal, window_left):
-    """``[n, len(WORK_FIELDS)]`` int32: one row per query tile with every column but ``kv_head``
-    (each KV head's tile copies it), the tile's whole visible key range as ``kv_lo:kv_hi``, and
-    ``mask_base`` 0 without ``mask_offsets``."""
-    qo_lens = qo_indptr[1:] - qo_indptr[:-1]
-    if qo_lens.size and qo_lens.min() >= 1 and qo_lens.max() <= tokens_per_tile:
-        # One tile per request (decode): ``slice(None)`` and 0 index and broadcast like the
-        # expanded request ids and tile ranks without building or gathering anything.
-        req, j = slice(None), 0
-    else:
-        req, j = _expand(_ceil_div(qo_lens, tokens_per_tile))
-    tok0 = j * tokens_per_tile
-    qo = qo_lens[req]
-    kv_len = kv_lens[req]
-    ntok = np.minimum(tokens_per_tile, qo - tok0)
-    q_pos0 = kv_len - qo + tok0
-    hi = np.minimum(np.maximum(q_pos0 + ntok, 0), kv_len) if causal else kv_len
-    tiles = np.empty((ntok.size, len(WORK_FIELDS)), np.int32)
-    tiles[:] = _QUERY_TILE
-    tiles[:, F["q_row0"]] = qo_indptr[:-1][req] + tok0
-    tiles[:, F["q_len"]] = ntok
-    tiles[:, F["q_pos0"]] = q_pos0
-    if window_left >= 0:
-        tiles[:, F["kv_lo"]] = np.minimum(np.maximum(q_pos0 - window_left, 0), hi)
-    tiles[:, F["kv_hi"]] = hi
-    tiles[:, F["kv_base"]] = kv_base[req]
-    tiles[:, F["kv_len"]] = kv_len
+def _plan(qo_indptr, kv_lens, kv_base, mask_offsets, outputs, pages, page_capacity, *, num_kv_heads, group_size,
+          block_m, block_n, causal, window_left, num_ctas, split_budget, max_work_tiles, split_kv=True, min_chunk=256):
+    """Validate the inputs and run the native planner into the output addresses (``outputs``:
+    work, cta_indptr, merge_indptr, merge_dest, page ids or ``None``). Returns ``(num_tiles,
+    num_groups, chunk)``."""
+    batch = np.size(kv_lens)
+    qo_indptr = _int_array("qo_indptr", qo_indptr, np.int32, batch + 1)
+    kv_lens = _int_array("kv_lens", kv_lens, np.int32, batch)
+    kv_base = _int_array("kv_base", kv_base, np.int32, batch)
     if mask_offsets is not None:
-        # int64: the request's offset plus tok0 * kv_len may pass 2**31 before the int32 store
-        # (the backend refuses masks of 2**31 elements or more).
-        tiles[:, F["mask_base"]] = np.asarray(mask_offsets, np.int64)[req] + tok0 * kv_len.astype(np.int64)
-    return tiles
+        mask_offsets = _int_array("mask_offsets", mask_offsets, np.int64, batch)
+    num_pages = 0
+    if pages is not None:
+        pages = np.ascontiguousarray(pages, np.int32)
+        num_pages = pages.size
+        if num_pages > page_capacity:
+            raise ValueError(f"{num_pages} page ids do not fit the plan buffer's {page_capacity}")
+    result = (ctypes.c_int64 * 3)()
+    msg = ctypes.create_string_buffer(256)
+    status = native.load().jaxinfer_plan_work(
+        batch, native.address(qo_indptr), native.address(kv_lens), native.address(kv_base),
+        None if mask_offsets is None else native.address(mask_offsets),
+        num_kv_heads, group_size, block_m, block_n, bool(causal), window_left, num_ctas, split_budget, max_work_tiles,
+        bool(split_kv), min_chunk, *outputs[:4], None if pages is None else native.address(pages), num_pages, outputs[4],
+        page_capacity, result, msg, len(msg),
+    )  # fmt: skip
+    if status:
+        raise ValueError(msg.value.decode())
+    return tuple(result)
 
 
-def _chunk_size(kv_span, num_kv_heads, block_n, split_budget, min_chunk):
-    """Smallest chunk (multiple of block_n, >= min_chunk) whose tile count fits split_budget."""
-    longest = int(kv_span.max(initial=0))
-    kmin = max(1, _ceil_div(min_chunk, block_n))
-    if kv_span.size * num_kv_heads >= split_budget or longest <= kmin * block_n:
-        return 0
-    # ceil(span / (k * block_n)) == ceil(ceil(span / block_n) / k): search on block counts.
-    blocks = _ceil_div(kv_span, block_n)
-
-    def count(k):
-        return num_kv_heads * int(np.maximum(1, _ceil_div(blocks, k)).sum())
-
-    lo, hi = kmin, max(kmin, _ceil_div(longest, block_n))
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if count(mid) <= split_budget:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo * block_n
+def _shapes(max_work_tiles: int, num_ctas: int, split_budget: int) -> tuple[tuple[int, ...], ...]:
+    max_groups = split_budget // 2
+    return (max_work_tiles, len(WORK_FIELDS)), (num_ctas + 1,), (max_groups + 1,), (max_groups, len(MERGE_FIELDS))
 
 
-def _assign_lpt(sorted_cost, num_ctas):
-    """LPT in rounds (module doc) over tiles sorted longest first.
-
-    Returns ``(by_cta, per_cta)``: positions in the sorted order grouped by CTA (longest first
-    within a CTA), and tiles per CTA.
-    """
-    n = sorted_cost.size
-    # int16 CTA ids let numpy's stable argsort use radix sort (3x faster than int64 here).
-    cta = np.empty(n, np.int16 if num_ctas < 2**15 else np.int64)
-    load = np.zeros(num_ctas, np.int64)
-    for start in range(0, n, num_ctas):
-        least = np.argsort(load, kind="stable") if start else np.arange(num_ctas)
-        if sorted_cost[start] == sorted_cost[-1]:
-            # Equal costs from here on keep the load order, so the rest goes round-robin.
-            cta[start:] = np.take(least, np.arange(n - start), mode="wrap")
-            break
-        c = sorted_cost[start : start + num_ctas]
-        cta[start : start + c.size] = least[: c.size]
-        load[least[: c.size]] += c
-    return np.argsort(cta, kind="stable"), np.bincount(cta, minlength=num_ctas)
-
-
-def _merge_groups(pair_nch, q_tiles, num_kv_heads, merge_indptr, merge_dest) -> int:
-    """Fill ``merge_indptr``/``merge_dest`` for the (query tile, KV head) pairs split into more
-    than one chunk (``pair_nch is None``: nothing is split); returns the number of groups."""
-    merge_dest[:] = 0
-    if pair_nch is None:
-        merge_indptr[:] = 0
-        return 0
-    groups = np.flatnonzero(pair_nch > 1)
-    ng = groups.size
-    merge_indptr[0] = 0
-    merge_indptr[1 : ng + 1] = pair_nch[groups].cumsum()
-    merge_indptr[ng + 1 :] = merge_indptr[ng]
-    gq, gh = np.divmod(groups, num_kv_heads)
-    merge_dest[:ng] = q_tiles[gq][:, [F[name] for name in MERGE_FIELDS]]
-    merge_dest[:ng, 0] = gh
-    return ng
-
-
-def plan_work(
-    qo_indptr,
-    kv_lens,
-    kv_base,
-    *,
-    num_kv_heads: int,
-    group_size: int,
-    block_m: int,
-    block_n: int,
-    causal: bool,
-    window_left: int,
-    num_ctas: int,
-    split_budget: int,
-    max_work_tiles: int,
-    split_kv: bool = True,
-    min_chunk: int = 256,
-    mask_offsets=None,
-    out: tuple[np.ndarray, ...] | None = None,
-) -> WorkBuffers:
-    """Plan one batch (host, numpy).
+def plan_work(qo_indptr, kv_lens, kv_base, *, mask_offsets=None, out: tuple[np.ndarray, ...] | None = None,
+              **kw) -> WorkBuffers:
+    """Plan one batch on the host (the compiled planner of ``csrc/planner.cc``, one call).
 
     Args:
-      qo_indptr: ``[B+1]`` query row pointer.
-      kv_lens: ``[B]`` keys per request.
-      kv_base: ``[B]`` first page of each request in ``kv_indices`` (paged) or first token of the
-        ragged KV; copied into the tiles.
+      qo_indptr: ``[B+1]`` integer query row pointer.
+      kv_lens: ``[B]`` integer keys per request.
+      kv_base: ``[B]`` integer first page of each request in ``kv_indices`` (paged) or first
+        token of the ragged KV; copied into the tiles.
       num_kv_heads, group_size: ``Hkv`` and ``Hq / Hkv``.
       block_m, block_n: the kernel's row tile (query tokens x group heads) and key step.
       causal, window_left: the mask, used to trim each query tile's key range.
       num_ctas: persistent CTAs of the attention kernel.
-      split_budget: most tiles a split plan may have; also the partial-slot capacity.
+      split_budget: most tiles a split plan may have; also the partial-slot capacity (>= 2).
       max_work_tiles: capacity of ``work``.
-      split_kv: ``False`` never splits a request's KV.
-      min_chunk: smallest KV chunk (tokens) of a split.
+      split_kv: ``False`` never splits a request's KV (default ``True``).
+      min_chunk: smallest KV chunk (tokens) of a split (default 256).
       mask_offsets: ``[B]`` offset of each request's row-major ``[qo_len, kv_len]`` custom mask in
         the flat mask (``None``: no custom mask; ``mask_base`` is then 0).
-      out: ``(work, cta_indptr, merge_indptr, merge_dest)`` int32 arrays of the shapes of
-        :class:`WorkBuffers` to write into (e.g. views of one packed host buffer); every entry
-        is written. ``None`` allocates them.
+      out: ``(work, cta_indptr, merge_indptr, merge_dest)`` C-contiguous int32 arrays of the
+        shapes of :class:`WorkBuffers` to write into; every entry is written. ``None``
+        allocates them.
 
     Returns:
       :class:`WorkBuffers` (holding ``out``'s arrays when given).
 
     Raises:
-      ValueError: the batch needs more than ``max_work_tiles`` tiles, or ``out`` has a wrong
-        shape or dtype.
+      ValueError: the batch needs more than ``max_work_tiles`` tiles, an input has the wrong
+        length, a size argument is out of range, or ``out`` has a wrong shape, dtype or layout.
+      jaxinfer.native.NativeBuildError: the planner library cannot be built (no C++ compiler).
     """
-    tpt = max(1, block_m // group_size)
-    q_tiles = _query_tiles(np.asarray(qo_indptr), np.asarray(kv_lens), np.asarray(kv_base), mask_offsets, tpt, causal, window_left)
-    lo, hi = q_tiles[:, F["kv_lo"]], q_tiles[:, F["kv_hi"]]
-    span = hi - lo
-    chunk = _chunk_size(span, num_kv_heads, block_n, split_budget, min_chunk) if split_kv else 0
-    max_groups = split_budget // 2
-    shapes = ((max_work_tiles, len(WORK_FIELDS)), (num_ctas + 1,), (max_groups + 1,), (max_groups, len(MERGE_FIELDS)))
+    shapes = _shapes(kw["max_work_tiles"], kw["num_ctas"], kw["split_budget"])
     if out is None:
         out = tuple(np.empty(s, np.int32) for s in shapes)
     for name, a, shape in zip(("work", "cta_indptr", "merge_indptr", "merge_dest"), out, shapes):
-        if a.shape != shape or a.dtype != np.int32:
-            raise ValueError(f"out's {name} must be int32{shape}, got {a.dtype}{a.shape}")
-    work, cta_indptr, merge_indptr, merge_dest = out
+        if a.shape != shape or a.dtype != np.int32 or not a.flags.c_contiguous:
+            raise ValueError(f"out's {name} must be C-contiguous int32{shape}, got {a.dtype}{a.shape}")
+    tiles, groups, chunk = _plan(qo_indptr, kv_lens, kv_base, mask_offsets, (*map(native.address, out), None), None, 0, **kw)
+    return WorkBuffers(*out, num_tiles=tiles, num_groups=groups, chunk=chunk)
 
-    # Tiles are ordered (query tile, KV head, chunk), so a split group's slots are contiguous.
-    q_cost = span + 2 * group_size * q_tiles[:, F["q_len"]].astype(np.int64)
-    nch = np.maximum(1, _ceil_div(span, chunk)) if chunk else None
-    pair_nch = np.repeat(nch, num_kv_heads) if nch is not None and nch.max(initial=1) > 1 else None
-    if pair_nch is not None:
-        t_pair, t_chunk = _expand(pair_nch)
-        t_q = t_pair // num_kv_heads
-        kv_lo = lo[t_q] + t_chunk * chunk
-        kv_hi = np.minimum(hi[t_q], kv_lo + chunk)
-        split = pair_nch[t_pair] > 1
-        slot = np.where(split, np.cumsum(split) - 1, -1)
-        cost = (kv_hi - kv_lo) + (q_cost - span)[t_q]
-        order = np.argsort(-cost, kind="stable")
-        sorted_cost = cost[order]
-    else:
-        # Unsplit, tile = query tile * Hkv + head and the heads of a query tile cost the same:
-        # sorting the query tiles (stable) gives the order a stable sort of all tiles would.
-        q_order = np.argsort(-q_cost, kind="stable")
-        sorted_cost = np.repeat(q_cost[q_order], num_kv_heads)
-    num_tiles = sorted_cost.size
-    if num_tiles > max_work_tiles:
-        raise ValueError(f"max_work_tiles={max_work_tiles} is smaller than the batch's {num_tiles} work tiles")
-    by_cta, per_cta = _assign_lpt(sorted_cost, num_ctas)
 
-    tiles = work[:num_tiles]
-    if pair_nch is not None:
-        perm = order[by_cta]  # tile at each row of ``work``
-        tq, head = np.divmod(t_pair[perm], num_kv_heads)
-    else:
-        rank, head = np.divmod(by_cta, num_kv_heads)
-        tq = q_order[rank]
-    # The indices are in range; mode="clip" keeps numpy from buffering the write into ``out``.
-    np.take(q_tiles, tq, axis=0, out=tiles, mode="clip")
-    tiles[:, F["kv_head"]] = head
-    if pair_nch is not None:
-        tiles[:, F["kv_lo"]] = kv_lo[perm]
-        tiles[:, F["kv_hi"]] = kv_hi[perm]
-        tiles[:, F["out_slot"]] = slot[perm]
-    work[num_tiles:] = _PAD_TILE
-    cta_indptr[0] = 0
-    cta_indptr[1:] = per_cta.cumsum()
-    ng = _merge_groups(pair_nch, q_tiles, num_kv_heads, merge_indptr, merge_dest)
-    return WorkBuffers(work, cta_indptr, merge_indptr, merge_dest, num_tiles, int(ng), int(chunk))
+def plan_work_packed(buffer: np.ndarray, qo_indptr, kv_lens, kv_base, *, kv_indices=None, mask_offsets=None,
+                     **kw) -> tuple[int, int, int]:
+    """:func:`plan_work` into one packed host buffer, page ids included (the Pallas backend's
+    plan buffer, one host-to-device copy).
+
+    Args:
+      buffer: C-contiguous int32 ``work [max_work_tiles, len(WORK_FIELDS)] | cta_indptr
+        [num_ctas+1] | merge_indptr [G+1] | merge_dest [G, 4] | kv_indices [rest]`` with
+        ``G = split_budget // 2`` (the layout of
+        :class:`~jaxinfer.pallas.attention.KernelSpec`); every entry is written.
+      kv_indices: ``[nnz_pages]`` integer page ids to copy, zero-padded to the end of
+        ``buffer`` (``None``: zeros).
+      qo_indptr, kv_lens, kv_base, mask_offsets, **kw: as :func:`plan_work`.
+
+    Returns:
+      ``(num_tiles, num_groups, chunk)`` as in :class:`WorkBuffers`.
+
+    Raises:
+      ValueError: as :func:`plan_work`; ``buffer`` is not C-contiguous int32 or too small.
+    """
+    sizes = [math.prod(s) for s in _shapes(kw["max_work_tiles"], kw["num_ctas"], kw["split_budget"])]
+    offsets = list(itertools.accumulate(sizes, initial=0))
+    if buffer.dtype != np.int32 or buffer.ndim != 1 or not buffer.flags.c_contiguous or buffer.size < offsets[-1]:
+        raise ValueError(f"buffer must be C-contiguous int32 of at least {offsets[-1]} entries, got {buffer.dtype}{buffer.shape}")
+    base = native.address(buffer)
+    return _plan(qo_indptr, kv_lens, kv_base, mask_offsets, [base + 4 * o for o in offsets], kv_indices,
+                 buffer.size - offsets[-1], **kw)
 
 
 def plan_work_in_jit(qo_indptr, kv_lens, kv_base, **static) -> tuple[jax.Array, ...]:

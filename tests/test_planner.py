@@ -1,6 +1,9 @@
-"""Properties of the load-balanced planner (hypothesis) and fixed-capacity plans (one compile)."""
+"""The compiled planner against its numpy oracle (bit for bit), its properties (hypothesis), its
+build, fixed-capacity plans (one compile), and the native page-table checks against numpy."""
 
 from __future__ import annotations
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,18 +12,21 @@ import pytest
 from conftest import rand
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from planner_ref import plan_work_ref
 from ref64 import random_page_table
 
+from jaxinfer import native, page
 from jaxinfer.batch import BatchSpec, PlanCapacity
+from jaxinfer.page import check_indptr, check_page_table, check_page_table_lens, seq_lens_host
 from jaxinfer.pallas.backend import PallasBackend
 from jaxinfer.pallas.config import TileConfig
-from jaxinfer.planner import F, MERGE_FIELDS, WORK_FIELDS, plan_work, plan_work_in_jit
+from jaxinfer.planner import F, MERGE_FIELDS, WORK_FIELDS, plan_work, plan_work_in_jit, plan_work_packed
 from jaxinfer.variants import AttentionVariant
 
 
 @st.composite
-def batches(draw):
-    b = draw(st.integers(1, 6))
+def batches(draw, max_batch=6):
+    b = draw(st.integers(1, max_batch))
     # Decode batches (one query each) take the planner's one-tile-per-request path.
     qo = draw(st.one_of(st.just([1] * b), st.lists(st.integers(0, 20), min_size=b, max_size=b)))
     kv = draw(st.lists(st.integers(0, 200), min_size=b, max_size=b))
@@ -112,25 +118,118 @@ def test_balance_and_capacity(case):
     assert np.all(np.diff(mi[: wb.num_groups + 1]) >= 2) and np.all(mi[wb.num_groups :] == used.size)
 
 
-@settings(max_examples=50, deadline=None)
-@given(batches())
-def test_out_buffers_are_fully_written(case):
-    """Planning into caller buffers (views of one packed array) overwrites every entry with what
-    a plan into fresh arrays holds."""
-    _, want = _plan(case)
-    qo_indptr = np.concatenate([[0], np.cumsum(case["qo_lens"])])
-    kw = {k: v for k, v in case.items() if k not in ("qo_lens", "kv_lens")}
-    g = case["split_budget"] // 2
-    sizes = (4096 * len(WORK_FIELDS), case["num_ctas"] + 1, g + 1, g * len(MERGE_FIELDS))
+def _poisoned_out(max_work_tiles, num_ctas, split_budget):
+    """``out`` views of one packed int32 array filled with a sentinel, and that array."""
+    g = split_budget // 2
+    sizes = (max_work_tiles * len(WORK_FIELDS), num_ctas + 1, g + 1, g * len(MERGE_FIELDS))
     packed = np.full(sum(sizes), -12345, np.int32)
     parts = np.split(packed, np.cumsum(sizes)[:-1])
-    out = (parts[0].reshape(4096, -1), parts[1], parts[2], parts[3].reshape(g, -1))
-    got = plan_work(qo_indptr, case["kv_lens"], np.arange(case["kv_lens"].size) * 1000, max_work_tiles=4096, out=out, **kw)
+    return (parts[0].reshape(max_work_tiles, len(WORK_FIELDS)), parts[1], parts[2], parts[3].reshape(g, len(MERGE_FIELDS))), packed
+
+
+@settings(max_examples=300, deadline=None)
+@given(batches(max_batch=12), st.integers(2, 600), st.sampled_from([1, 1, 10]), st.booleans(), st.booleans(),
+       st.one_of(st.just(2048), st.just(2048), st.integers(0, 64)))
+def test_native_matches_numpy_oracle(case, split_budget, kv_scale, masked, split_kv, max_work_tiles):
+    """csrc/planner.cc gives tests/planner_ref.py's buffers bit for bit, written into poisoned
+    views of one packed array (every entry overwritten), or raises its capacity error. Budgets
+    up to 600 tiles and keys up to 2000 let the larger batches split."""
+    case["split_budget"] = split_budget
+    qo, kv = case["qo_lens"], case["kv_lens"] * kv_scale
+    qo_indptr = np.concatenate([[0], np.cumsum(qo)]).astype(np.int32)
+    kw = {k: v for k, v in case.items() if k not in ("qo_lens", "kv_lens")}
+    kw |= dict(split_kv=split_kv, max_work_tiles=max_work_tiles,
+               mask_offsets=np.concatenate([[0], np.cumsum(qo * kv)])[:-1] + 3 if masked else None)
+    base = np.arange(kv.size) * 1000 + 17
+    out, packed = _poisoned_out(max_work_tiles, case["num_ctas"], case["split_budget"])
+    try:
+        want = plan_work_ref(qo_indptr, kv, base, **kw)
+    except ValueError as e:
+        with pytest.raises(ValueError) as got:
+            plan_work(qo_indptr, kv, base, out=out, **kw)
+        assert str(got.value) == str(e)
+        return
+    got = plan_work(qo_indptr, kv, base, out=out, **kw)
     assert not np.any(packed == -12345)
-    for name in ("work", "cta_indptr", "merge_indptr", "merge_dest"):
-        assert getattr(got, name).base is not None and np.shares_memory(getattr(got, name), packed)
-        np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+    for name, a in zip(("work", "cta_indptr", "merge_indptr", "merge_dest"), out):
+        assert getattr(got, name) is a
+        np.testing.assert_array_equal(a, getattr(want, name), err_msg=name)
     assert (got.num_tiles, got.num_groups, got.chunk) == (want.num_tiles, want.num_groups, want.chunk)
+    # The packed form: the same buffers back to back, then the page ids zero-padded.
+    pages = np.random.default_rng(int(kv.sum())).permutation(int(kv.sum()) + 1)[: kv.size * 3]
+    buffer = np.full(packed.size + pages.size + 5, -12345, np.int32)
+    stats = plan_work_packed(buffer, qo_indptr, kv, base, kv_indices=pages, **kw)
+    assert stats == (want.num_tiles, want.num_groups, want.chunk)
+    np.testing.assert_array_equal(buffer[: packed.size], packed)
+    np.testing.assert_array_equal(buffer[packed.size :], np.concatenate([pages, np.zeros(5)]))
+
+
+def test_native_matches_oracle_on_b256_decode(rng):
+    """The benchmark's shapes (B=256, Hkv=8, GQA 4, H100 grid): uniform, Zipf and split plans."""
+    kw = dict(num_kv_heads=8, group_size=4, block_m=16, block_n=32, causal=False, window_left=-1, num_ctas=264,
+              max_work_tiles=4096, min_chunk=256)
+    qo_indptr = np.arange(257, dtype=np.int32)
+    for kv in (np.full(256, 1024), np.clip(rng.zipf(1.5, 256) * 256, 16, 32768), rng.integers(0, 9000, 16)):
+        for budget in (1056, 4096):
+            qo = qo_indptr[: kv.size + 1]
+            base = rng.integers(0, 1 << 20, kv.size)
+            want = plan_work_ref(qo, kv, base, split_budget=budget, **kw)
+            got = plan_work(qo, kv, base, split_budget=budget, **kw)
+            for name in ("work", "cta_indptr", "merge_indptr", "merge_dest"):
+                np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+            assert (got.num_tiles, got.num_groups, got.chunk) == (want.num_tiles, want.num_groups, want.chunk)
+
+
+def test_inputs_of_wrong_length_raise():
+    case = dict(num_kv_heads=1, group_size=1, block_m=16, block_n=16, causal=False, window_left=-1, num_ctas=2,
+                split_budget=4, min_chunk=16, max_work_tiles=8)
+    with pytest.raises(ValueError, match="qo_indptr"):
+        plan_work(np.array([0, 1]), np.array([5, 6]), np.array([0, 0]), **case)
+    with pytest.raises(ValueError, match="kv_base"):
+        plan_work(np.array([0, 1]), np.array([5]), np.array([0, 0]), **case)
+
+
+def test_native_build_is_cached_by_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXINFER_CACHE_DIR", str(tmp_path))
+    path = native.build()
+    assert path.is_file() and path.is_relative_to(tmp_path)
+    assert path == native.library_path()
+    mtime = path.stat().st_mtime_ns
+    assert native.build() == path and path.stat().st_mtime_ns == mtime, "a cached build is reused"
+    assert list(path.parent.iterdir()) == [path], "no temporary file left behind"
+
+
+def test_missing_compiler_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXINFER_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(native.NativeBuildError, match="install one.*or set CXX"):
+        native.build()
+
+
+def test_without_compiler_page_checks_fall_back_and_planner_raises(rng, monkeypatch):
+    """No C++ compiler: BatchSpec.create (every backend) still validates, in numpy; the native
+    planner raises NativeBuildError naming the fix."""
+
+    def no_library():
+        raise native.NativeBuildError("no C++ compiler found (test)")
+
+    monkeypatch.setattr(native, "load", no_library)
+    page._native_lib.cache_clear()
+    try:
+        kv_indptr, kv_indices, last, _ = random_page_table(rng, np.array([30, 0, 7]), 16)
+        spec = BatchSpec.create(np.array([0, 1, 2, 3], np.int32), kv_indptr.astype(np.int32), kv_indices.astype(np.int32),
+                                last.astype(np.int32), page_size=16, num_qo_heads=4, num_kv_heads=2, head_dim=32,
+                                variant=AttentionVariant())
+        np.testing.assert_array_equal(spec.kv_lens, [30, 0, 7])
+        with pytest.raises(ValueError, match="kv_last_page_len"):
+            BatchSpec.create(np.arange(4), kv_indptr, kv_indices, last + 16, page_size=16, num_qo_heads=4,
+                             num_kv_heads=2, head_dim=32, variant=AttentionVariant())
+        with pytest.raises(native.NativeBuildError, match="compiler"):
+            plan_work(spec.qo_indptr, spec.kv_lens, spec.kv_indptr[:-1], num_kv_heads=2, group_size=2, block_m=16,
+                      block_n=16, causal=False, window_left=-1, num_ctas=2, split_budget=4, max_work_tiles=8)
+    finally:
+        page._native_lib.cache_clear()
 
 
 def test_out_buffer_of_wrong_shape_raises():
@@ -245,3 +344,76 @@ def test_mask_base_points_at_the_tiles_first_token(case):
         b = int(np.searchsorted(qo_indptr, t[F["q_row0"]], side="right") - 1)
         assert t[F["kv_len"]] == kv[b]
         assert t[F["mask_base"]] == offsets[b] + (t[F["q_row0"]] - qo_indptr[b]) * kv[b]
+
+
+@st.composite
+def page_tables(draw):
+    """A page table, valid or broken in one way (the rules of jaxinfer.page.check_page_table)."""
+    b = draw(st.integers(0, 8))
+    page_size = draw(st.integers(1, 16))
+    pages = np.array(draw(st.lists(st.integers(0, 4), min_size=b, max_size=b)), np.int64)
+    indptr = np.concatenate([[0], np.cumsum(pages)])
+    last = np.array([draw(st.integers(1, page_size)) if n else 0 for n in pages], np.int64)
+    indices = np.array(draw(st.permutations(range(int(indptr[-1]) + 2))), np.int64)
+    flaw = draw(st.sampled_from(["none", "start", "decreasing", "short", "negative", "last", "empty_last"]))
+    if flaw == "start":
+        indptr[0] = 1
+    elif flaw == "decreasing" and b >= 2:
+        indptr[1] = indptr[2] + 1
+    elif flaw == "short":
+        indices = indices[: max(0, int(indptr[-1]) - 1)]
+    elif flaw == "negative" and indptr[-1]:
+        indices[draw(st.integers(0, int(indptr[-1]) - 1))] = -3
+    elif flaw == "last" and b:
+        last[-1] = page_size + 1 if pages[-1] else 1
+    elif flaw == "empty_last" and b:
+        last[0] = 0
+    return indptr, indices, last, page_size
+
+
+@settings(max_examples=200, deadline=None)
+@given(page_tables())
+def test_native_page_table_check_agrees_with_numpy(table):
+    """The native pass accepts exactly the tables the numpy checks accept, with the same kv_lens;
+    ``check_page_table_lens`` raises the numpy checks' message on the others."""
+    indptr, indices, last, page_size = table
+    try:
+        want = (*check_page_table(indptr.tolist(), indices.tolist(), last.tolist(), page_size),)
+        want += (seq_lens_host(want[0], want[2], page_size),)
+    except ValueError as e:
+        want = e
+    i32 = [np.ascontiguousarray(a, np.int32) for a in (indptr, indices, last)]
+    lens = np.full(last.size, -7, np.int32)
+    accepted = native.load().jaxinfer_check_page_table(
+        last.size, *(native.address(a) for a in i32[:2]), i32[1].size, native.address(i32[2]), page_size,
+        native.address(lens))
+    assert bool(accepted) == (not isinstance(want, ValueError))
+    if isinstance(want, ValueError):
+        with pytest.raises(ValueError) as got:
+            check_page_table_lens(*i32, page_size)
+        assert str(got.value) == str(want)
+        return
+    for got, ref in zip(check_page_table_lens(*i32, page_size), want):
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, ref)
+    np.testing.assert_array_equal(lens, want[3])
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("values", [[0], [0, 3, 3, 9], [1, 2], [0, 5, 4], [0, 2**31]])
+def test_native_indptr_check_agrees_with_numpy(dtype, values):
+    try:
+        want = check_indptr("x", list(values))
+    except ValueError as e:
+        want = e
+    if dtype == np.int32 and max(values) >= 2**31:
+        return
+    arr = np.array(values, dtype)
+    assert (page._checked_indptr(arr, None) is None) == isinstance(want, ValueError)
+    if isinstance(want, ValueError):
+        with pytest.raises(ValueError, match=re.escape(str(want))):
+            check_indptr("x", arr)
+    else:
+        got = check_indptr("x", arr)
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, want)

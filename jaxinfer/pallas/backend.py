@@ -1,8 +1,9 @@
 """The ``"pallas"`` backend: host planner + Pallas attention and merge kernels.
 
-``plan`` runs :func:`jaxinfer.planner.plan_work` on the spec's numpy arrays and returns a
-:class:`PallasPlan` pytree of int32 device arrays whose shapes depend only on the
-:class:`~jaxinfer.batch.PlanCapacity` and the backend's CTA budget; ``run`` is jit-compatible.
+``plan`` runs the compiled host planner (:func:`jaxinfer.planner.plan_work_packed`) on the spec's
+numpy arrays and returns a :class:`PallasPlan` pytree of int32 device arrays whose shapes depend
+only on the :class:`~jaxinfer.batch.PlanCapacity` and the backend's CTA budget; ``run`` is
+jit-compatible.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer import native
 from jaxinfer.batch import BatchSpec, PlanCapacity, next_pow2
 from jaxinfer.pallas.attention import KernelSpec, attention
 from jaxinfer.pallas.config import TileConfig, heuristic_config
-from jaxinfer.planner import MERGE_FIELDS, WORK_FIELDS, plan_work, plan_work_in_jit
+from jaxinfer.planner import MERGE_FIELDS, WORK_FIELDS, count_query_tiles, plan_work_in_jit, plan_work_packed
 from jaxinfer.variants import AttentionVariant
 
 H100_SMS = 132
@@ -81,22 +83,11 @@ class PallasBackend:
 
     def unsupported(self, spec: BatchSpec) -> str | None:
         """Why this backend cannot serve ``spec`` (``None`` if it can)."""
-        v = spec.variant
-        d = spec.head_dim
-        if d < 16 or d > 256 or d & (d - 1):
-            return f"head_dim={d} (the pallas backend needs a power of 2 in 16..256)"
-        if spec.group_size > 128:
-            return f"num_qo_heads / num_kv_heads = {spec.group_size} > 128"
-        if v.pos_encoding_mode == "ROPE_LLAMA" and d < 32:
-            return f"ROPE_LLAMA with head_dim={d} (the rotated halves need head_dim >= 32 for tl.dot)"
-        if spec.custom_mask is not None and spec.custom_mask.size >= 2**31:
+        reason = _unsupported_geometry(spec.head_dim, spec.group_size, spec.variant.pos_encoding_mode, spec.q_dtype,
+                                       spec.kv_dtype)
+        if reason is None and spec.custom_mask is not None and spec.custom_mask.size >= 2**31:
             return f"custom_mask of {spec.custom_mask.size} elements (int32 offsets need < 2**31)"
-        for name, dt in (("q", spec.q_dtype), ("kv", spec.kv_dtype)):
-            if jnp.dtype(dt) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-                return f"{name} dtype {jnp.dtype(dt).name} (pallas needs bfloat16 or float16)"
-        if jnp.dtype(spec.q_dtype) != jnp.dtype(spec.kv_dtype):
-            return "q and kv dtypes differ"
-        return None
+        return reason
 
     def tile_config(self, spec: BatchSpec, capacity: PlanCapacity) -> TileConfig:
         """The tile config of ``spec``: by its mean query length, or by ``capacity.max_qo_len``
@@ -151,20 +142,18 @@ class PallasBackend:
     def _work_capacity(self, spec: BatchSpec, cfg: TileConfig, capacity: PlanCapacity) -> int:
         """``max_work_tiles``: fixed, it caps the split; unset, it leaves room for a full split
         plan (``split_factor * num_ctas`` tiles) or the unsplit tiles, whichever is more."""
-        tpt = cfg.tokens_per_tile(spec.group_size)
-        qo_lens = spec.qo_indptr[1:] - spec.qo_indptr[:-1]
-        unsplit = int((-(-qo_lens // tpt)).sum()) * spec.num_kv_heads
+        unsplit = count_query_tiles(spec.qo_indptr, cfg.tokens_per_tile(spec.group_size)) * spec.num_kv_heads
         wanted = unsplit if capacity.max_work_tiles is not None else max(unsplit, self.split_factor * self.grid_size(cfg))
         return capacity.resolve("max_work_tiles", wanted)
 
     def plan(self, spec: BatchSpec, capacity: PlanCapacity) -> PallasPlan:
-        """Plan ``spec`` on the host (numpy planner) into static-capacity device buffers.
+        """Plan ``spec`` on the host (the compiled planner) into static-capacity device buffers.
 
-        The planner writes straight into one packed int32 host buffer (layout of
-        :class:`~jaxinfer.pallas.attention.KernelSpec`), which goes to the device in one
-        asynchronous copy: ``plan`` returns once the copy is enqueued, and the plan's ``buffer``
-        is ready when the copy lands (``jax.block_until_ready``; a jitted step that takes the
-        plan waits for it on the device).
+        The planner writes the work buffers and page ids straight into one packed int32 host
+        buffer (layout of :class:`~jaxinfer.pallas.attention.KernelSpec`), which goes to the
+        device in one asynchronous copy: ``plan`` returns once the copy is enqueued, and the
+        plan's ``buffer`` is ready when the copy lands (``jax.block_until_ready``; a jitted step
+        that takes the plan waits for it on the device).
 
         Raises:
           ValueError: the batch exceeds a fixed field of ``capacity``.
@@ -176,18 +165,11 @@ class PallasBackend:
         # A fresh host buffer per plan: the copy may read it after ``plan`` returns (see
         # _to_device), so it is never reused.
         host = _aligned_empty(ks.buffer_size)
-        work = host[: ks.off_cta].reshape(ks.max_tiles, len(WORK_FIELDS))
-        cta_indptr = host[ks.off_cta : ks.off_merge_indptr]
-        merge_indptr = host[ks.off_merge_indptr : ks.off_merge_dest]
-        merge_dest = host[ks.off_merge_dest : ks.off_kv_indices].reshape(ks.num_groups, len(MERGE_FIELDS))
-        offsets = spec.mask_indptr[:-1] if mask is not None else None
-        plan_work(spec.qo_indptr, spec.kv_lens, spec.kv_indptr[:-1], mask_offsets=offsets,
-                  out=(work, cta_indptr, merge_indptr, merge_dest), **self._plan_kwargs(spec, cfg, max_tiles))
-        pages = host[ks.off_kv_indices :]
-        n = int(spec.kv_indptr[-1]) if spec.paged else 0
-        if n:
-            pages[:n] = spec.kv_indices[:n]
-        pages[n:] = 0
+        kv_indptr = spec.kv_indptr
+        plan_work_packed(host, spec.qo_indptr, spec.kv_lens, kv_indptr[:-1],
+                         kv_indices=spec.kv_indices[: kv_indptr[-1]] if spec.paged else None,
+                         mask_offsets=spec.mask_indptr[:-1] if mask is not None else None,
+                         **self._plan_kwargs(spec, cfg, max_tiles))
         return PallasPlan(buffer=_to_device(host), kernel=ks, config=cfg, mask=mask)
 
     def plan_in_jit(self, spec: BatchSpec, capacity: PlanCapacity, qo_indptr, kv_indptr, kv_indices, kv_last_page_len) -> PallasPlan:
@@ -247,6 +229,23 @@ _cached_heuristic_config = functools.lru_cache(maxsize=256)(heuristic_config)
 
 
 @functools.lru_cache(maxsize=256)
+def _unsupported_geometry(d: int, group_size: int, pos_encoding_mode: str, q_dtype, kv_dtype) -> str | None:
+    """:meth:`PallasBackend.unsupported` for the static geometry of a spec."""
+    if d < 16 or d > 256 or d & (d - 1):
+        return f"head_dim={d} (the pallas backend needs a power of 2 in 16..256)"
+    if group_size > 128:
+        return f"num_qo_heads / num_kv_heads = {group_size} > 128"
+    if pos_encoding_mode == "ROPE_LLAMA" and d < 32:
+        return f"ROPE_LLAMA with head_dim={d} (the rotated halves need head_dim >= 32 for tl.dot)"
+    for name, dt in (("q", q_dtype), ("kv", kv_dtype)):
+        if jnp.dtype(dt) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            return f"{name} dtype {jnp.dtype(dt).name} (pallas needs bfloat16 or float16)"
+    if jnp.dtype(q_dtype) != jnp.dtype(kv_dtype):
+        return "q and kv dtypes differ"
+    return None
+
+
+@functools.lru_cache(maxsize=256)
 def _cached_kernel_spec(backend: PallasBackend, paged: bool, page_size: int, num_qo_heads: int, num_kv_heads: int,
                         head_dim: int, v: AttentionVariant, cfg: TileConfig, max_tiles: int, page_capacity: int,
                         custom_mask: bool) -> KernelSpec:
@@ -279,7 +278,7 @@ def _aligned_empty(size: int, align: int = 64) -> np.ndarray:
     """``np.empty(size, int32)`` starting on an ``align``-byte boundary: XLA's CPU client takes
     such a buffer without copying it (numpy's own alignment is 16 bytes)."""
     raw = np.empty(size + align // 4, np.int32)
-    start = (-raw.ctypes.data % align) // 4
+    start = (-native.address(raw) % align) // 4
     return raw[start : start + size]
 
 
@@ -329,7 +328,10 @@ def _check_run_args(ks: KernelSpec, q, k, v) -> None:
 
 
 def get_backend(name: str = "pallas") -> PallasBackend:
-    """The default Pallas backend (H100 CTA budget)."""
+    """The default Pallas backend (H100 CTA budget; one shared immutable object)."""
     if name != "pallas":
         raise ValueError(f"jaxinfer.pallas.backend serves 'pallas', not {name!r}")
-    return PallasBackend()
+    return _DEFAULT
+
+
+_DEFAULT = PallasBackend()
