@@ -1,11 +1,12 @@
 """Tests of the CUDA FFI backends ("fa2", "fa3").
 
-On CPU (CI): the CUDA sources compile with nvcc for sm_80 and sm_90a (compile only), the
-kernel's KV addressing is checked on the host, the ffi_call wiring lowers for the cuda platform,
-and the host planner and the ``unsupported`` reasons behave. On a GPU (``-m gpu``): the kernel
-against the float64 reference of ``ref64`` on fresh random inputs; each case first runs on NaN
-inputs so that XLA's reused output buffers hold NaN (best effort: XLA chooses the buffers), and
-rows past the batch must come back as o = 0, lse = -inf.
+On CPU (CI): the CUDA sources compile with nvcc (fa2 for sm_80 and sm_90a, fa3 for sm_90a;
+compile only), the fa2 kernel's KV addressing is checked on the host, the ffi_call wiring of both
+backends lowers for the cuda platform, and the host planner and the ``unsupported`` reasons
+behave. On a GPU (``-m gpu``): each backend the device supports (fa3: sm_90 only) against the
+float64 reference of ``ref64`` on fresh random inputs; each case first runs on NaN inputs so that
+XLA's reused output buffers hold NaN (best effort: XLA chooses the buffers), and rows past the
+batch must come back as o = 0, lse = -inf.
 """
 
 from __future__ import annotations
@@ -47,11 +48,23 @@ def ragged_spec(qo_lens, kv_lens, hq, hkv, d, variant, dtype=jnp.bfloat16):
 # ---------------------------------------------------------------- CPU: build and wiring
 
 
+BACKENDS = ["fa2", "fa3"]
+
+
 @needs_toolchain
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
-def test_sources_compile(arch, tmp_path):
-    lib = build.build("fa2", arch, output=tmp_path / "lib.so")
+@pytest.mark.parametrize("kernel,arch", [("fa2", "sm_80"), ("fa2", "sm_90a"), ("fa3", "sm_90a")])
+def test_sources_compile(kernel, arch, tmp_path):
+    lib = build.build(kernel, arch, output=tmp_path / "lib.so")
     assert lib.stat().st_size > 0
+
+
+def test_fa3_targets_sm90a_only():
+    with pytest.raises(ValueError, match="sm_90a"):
+        build.nvcc_command("fa3", "sm_90", build.CSRC / "x.so")
+    assert build.kernel_arch("fa3", 90) == "sm_90a"
+    assert build.kernel_arch("fa2", 90) == "sm_90"
+    with pytest.raises(ValueError, match="sm_90"):
+        build.kernel_arch("fa3", 100)
 
 
 @needs_toolchain
@@ -75,15 +88,21 @@ def test_missing_nvcc_names_the_fix(monkeypatch):
         build.find_nvcc()
 
 
-def test_cache_key_depends_on_arch_and_defines():
+def test_cache_key_depends_on_arch_and_defines(monkeypatch):
     a = build.library_path("fa2", "sm_80")
     assert a != build.library_path("fa2", "sm_90")
     assert a != build.library_path("fa2", "sm_80", ("JAXINFER_FA2_BN_D128=64",))
     assert build.jaxlib_version() in str(a)
+    # Each family hashes its own sources only, and reads its own tuning defines.
+    assert build.source_hash((), "fa2") != build.source_hash((), "fa3")
+    monkeypatch.setenv("JAXINFER_FA3_DEFINES", "JAXINFER_FA3_STAGES_D128=3")
+    monkeypatch.setenv("JAXINFER_FA2_DEFINES", "")
+    assert build.env_defines("fa3") == ("JAXINFER_FA3_STAGES_D128=3",) and build.env_defines("fa2") == ()
 
 
+@pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("paged,kv_layout", [(False, "NHD"), (True, "NHD"), (True, "HND")])
-def test_lowers_for_cuda(paged, kv_layout, rng):
+def test_lowers_for_cuda(name, paged, kv_layout, rng):
     qo_lens, kv_lens, page_size = [5, 0, 130], [9, 4, 40], 16
     variant = AttentionVariant(causal=True, window_left=7, logits_soft_cap=30.0)
     if paged:
@@ -94,14 +113,15 @@ def test_lowers_for_cuda(paged, kv_layout, rng):
     else:
         spec = ragged_spec(qo_lens, kv_lens, 8, 2, 64, variant)
         k = jax.ShapeDtypeStruct((sum(kv_lens), 2, 64), jnp.bfloat16)
-    backend = get_backend("fa2")
+    backend = get_backend(name)
     plan = backend.plan(spec, PlanCapacity())
     q = jax.ShapeDtypeStruct((sum(qo_lens), 8, 64), jnp.bfloat16)
     fn = jax.jit(lambda p, q, k, v: backend.run(p, q, k, v, kv_layout=kv_layout, return_lse=True))
+    target = ops.TARGETS[name]
     exported = jax.export.export(fn, platforms=["cuda"],
-                                 disabled_checks=[DisabledSafetyCheck.custom_call(ops.FA2_TARGET)])(plan, q, k, k)
+                                 disabled_checks=[DisabledSafetyCheck.custom_call(target)])(plan, q, k, k)
     text = exported.mlir_module()
-    assert f"@{ops.FA2_TARGET}" in text
+    assert f"@{target}" in text
     assert "window_left = 7 : i32" in text and "causal = true" in text
     assert f"kv_layout_hnd = {'true' if kv_layout == 'HND' else 'false'}" in text
     assert [o.shape for o in exported.out_avals] == [(135, 8, 64), (135, 8)]
@@ -128,7 +148,7 @@ def test_plan_is_static_and_longest_tiles_first():
     assert jax.tree.structure(p1) == jax.tree.structure(p2)
     assert [a.shape for a in jax.tree.leaves(p1)] == [a.shape for a in jax.tree.leaves(p2)]
     tiles = [(int(b), int(s)) for b, s in zip(p1.tile_batch, p1.tile_qstart) if b >= 0]
-    bm = BLOCK_M[128]
+    bm = BLOCK_M["fa2"][128]
     # Request 1 (7 queries over 1000 keys) sees the most keys; request 0's causal tiles then in
     # decreasing order of their last row.
     assert tiles == [(1, 0)] + [(0, s) for s in sorted(range(0, 300, bm), reverse=True)]
@@ -145,19 +165,20 @@ def test_plan_is_static_and_longest_tiles_first():
         (dict(), 128, jnp.float32, "bfloat16 or float16"),
     ],
 )
-def test_unsupported_reasons(variant_kwargs, d, dtype, match):
+@pytest.mark.parametrize("name", BACKENDS)
+def test_unsupported_reasons(name, variant_kwargs, d, dtype, match):
     spec = ragged_spec([3], [3], 2, 2, d, AttentionVariant(**variant_kwargs), dtype)
-    assert match in get_backend("fa2").unsupported(spec)
+    assert match in get_backend(name).unsupported(spec)
 
 
-def test_unsupported_custom_mask_fa3_and_cpu():
+@pytest.mark.parametrize("name", BACKENDS)
+def test_unsupported_custom_mask_and_cpu(name):
     spec = ragged_spec([2], [3], 2, 2, 64, AttentionVariant())
     masked = BatchSpec.create(indptr_of([2]), indptr_of([3]), None, None, page_size=1, num_qo_heads=2,
                               num_kv_heads=2, head_dim=64, variant=AttentionVariant(), custom_mask=np.ones(6, bool))
-    assert "custom_mask" in get_backend("fa2").unsupported(masked)
-    assert "FA3" in get_backend("fa3").unsupported(spec)
+    assert "custom_mask" in get_backend(name).unsupported(masked)
     if ops.device_arch() is None:
-        assert "GPU" in get_backend("fa2").unsupported(spec)
+        assert "GPU" in get_backend(name).unsupported(spec)
 
 
 # ---------------------------------------------------------------- GPU: against the float64 reference
@@ -171,12 +192,23 @@ def _run_poisoned(backend, plan, q, k, v, kv_layout):
     return fn(plan, q, k, v)
 
 
-def _check_ragged(rng, qo_lens, kv_lens, hq, hkv, d, dtype, **variant_kwargs):
+@pytest.fixture(params=BACKENDS)
+def gpu_backend(request):
+    """Each FFI backend, skipped where the device cannot run it (fa3: sm_90 only)."""
+    cc = ops.device_arch()
+    if cc is not None:
+        try:
+            build.kernel_arch(request.param, cc)
+        except ValueError as e:
+            pytest.skip(str(e))
+    return get_backend(request.param)
+
+
+def _check_ragged(backend, rng, qo_lens, kv_lens, hq, hkv, d, dtype, **variant_kwargs):
     variant = AttentionVariant(**variant_kwargs)
     q = rand(rng, (sum(qo_lens), hq, d), dtype)
     k = rand(rng, (sum(kv_lens), hkv, d), dtype)
     v = rand(rng, (sum(kv_lens), hkv, d), dtype)
-    backend = get_backend("fa2")
     spec = ragged_spec(qo_lens, kv_lens, hq, hkv, d, variant, dtype)
     assert backend.unsupported(spec) is None
     o, lse = _run_poisoned(backend, backend.plan(spec, PlanCapacity()), q, k, v, "NHD")
@@ -191,37 +223,44 @@ def _check_ragged(rng, qo_lens, kv_lens, hq, hkv, d, dtype, **variant_kwargs):
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_gpu_ragged_causal(rng, d, dtype):
+def test_gpu_ragged_causal(gpu_backend, rng, d, dtype):
     # Unequal lengths, a request with qo_len > kv_len, an empty request, tiles with a ragged tail.
-    _check_ragged(rng, [130, 1, 0, 40, 257], [300, 77, 5, 17, 257], 8, 2, d, dtype, causal=True)
+    _check_ragged(gpu_backend, rng, [130, 1, 0, 40, 257], [300, 77, 5, 17, 257], 8, 2, d, dtype, causal=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("group", [1, 4, 8])
-def test_gpu_gqa_noncausal(rng, group):
-    _check_ragged(rng, [65, 200, 3], [129, 64, 0], 8, 8 // group, 128, jnp.bfloat16)
+def test_gpu_gqa_noncausal(gpu_backend, rng, group):
+    _check_ragged(gpu_backend, rng, [65, 200, 3], [129, 64, 0], 8, 8 // group, 128, jnp.bfloat16)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 256])
-def test_gpu_window_soft_cap(rng, d):
-    _check_ragged(rng, [100, 333], [250, 333], 4, 2, d, jnp.bfloat16, causal=True, window_left=45,
+def test_gpu_window_soft_cap(gpu_backend, rng, d):
+    _check_ragged(gpu_backend, rng, [100, 333], [250, 333], 4, 2, d, jnp.bfloat16, causal=True, window_left=45,
                   logits_soft_cap=20.0, sm_scale=0.3)
 
 
 @pytest.mark.gpu
-def test_gpu_window_noncausal(rng):
-    _check_ragged(rng, [90, 7], [190, 300], 4, 4, 128, jnp.float16, window_left=31)
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_long_kv(gpu_backend, rng, d):
+    # Enough KV tiles to cycle the K/V ring several times (fa3: mbarrier phases wrap).
+    _check_ragged(gpu_backend, rng, [300, 129], [1500, 1100], 4, 4, d, jnp.bfloat16, causal=True)
+
+
+@pytest.mark.gpu
+def test_gpu_window_noncausal(gpu_backend, rng):
+    _check_ragged(gpu_backend, rng, [90, 7], [190, 300], 4, 4, 128, jnp.float16, window_left=31)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("page_size,kv_layout", [(1, "NHD"), (16, "NHD"), (16, "HND"), (5, "HND")])
 @pytest.mark.parametrize("d", [64, 128])
-def test_gpu_paged(rng, page_size, kv_layout, d):
+def test_gpu_paged(gpu_backend, rng, page_size, kv_layout, d):
     qo_lens, kv_lens, hq, hkv, dtype = [17, 0, 150, 1], [200, 33, 150, 96], 8, 2, jnp.bfloat16
     kv = make_paged_kv(rng, kv_lens, page_size, hkv, d, dtype, kv_layout)
     q = rand(rng, (sum(qo_lens) + 3, hq, d), dtype)  # 3 rows past the batch: o = 0, lse = -inf
-    backend = get_backend("fa2")
+    backend = gpu_backend
     spec = BatchSpec.create(indptr_of(qo_lens), kv.kv_indptr, kv.kv_indices, kv.kv_last_page_len,
                             page_size=page_size, num_qo_heads=hq, num_kv_heads=hkv, head_dim=d,
                             variant=AttentionVariant(causal=True), q_dtype=dtype)
@@ -234,9 +273,9 @@ def test_gpu_paged(rng, page_size, kv_layout, d):
 
 
 @pytest.mark.gpu
-def test_gpu_vmap_sequential(rng):
+def test_gpu_vmap_sequential(gpu_backend, rng):
     qo_lens, kv_lens, d = [33, 70], [33, 90], 64
-    backend = get_backend("fa2")
+    backend = gpu_backend
     plan = backend.plan(ragged_spec(qo_lens, kv_lens, 4, 4, d, AttentionVariant(causal=True)), PlanCapacity())
     q = rand(rng, (2, sum(qo_lens), 4, d), jnp.bfloat16)
     k = rand(rng, (2, sum(kv_lens), 4, d), jnp.bfloat16)

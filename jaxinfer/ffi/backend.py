@@ -1,13 +1,15 @@
 """Backends ``"fa2"`` and ``"fa3"``: jaxinfer's CUDA FlashAttention kernels behind the backend API.
 
 ``plan`` cuts every request's queries into tiles of ``BLOCK_M`` rows (the CTA tile of
-``csrc/fa2_kernel.cuh``), orders the tiles longest KV range first (a longest-processing-time
-schedule: causal prefill tiles differ up to ``kv_len / BLOCK_M``-fold in work) and pads every
-array to the plan capacity, so a new batch of the same capacity never recompiles. ``run`` is one
-``ffi_call`` (:func:`jaxinfer.ffi.ops.fa2_forward`); one CTA per (tile, qo head).
+``csrc/fa2_kernel.cuh`` / ``csrc/fa3_kernel.cuh``), orders the tiles longest KV range first (a
+longest-processing-time schedule: causal prefill tiles differ up to ``kv_len / BLOCK_M``-fold in
+work) and pads every array to the plan capacity, so a new batch of the same capacity never
+recompiles. ``run`` is one ``ffi_call`` (:func:`jaxinfer.ffi.ops.flash_forward`); one CTA per
+(tile, qo head).
 
-FA3 (sm90a: TMA, wgmma, warp specialization) is not implemented yet: ``"fa3"`` reports itself
-unsupported, and ``"auto"`` moves on.
+``"fa2"``: mma.sync + cp.async, any sm80+ GPU. ``"fa3"``: sm90a only (H100/H200): a producer
+warpgroup gathering K/V through the page table with cp.async into an mbarrier ring, two consumer
+warpgroups on wgmma (FlashAttention-3, arXiv 2407.08608, sec. 3.1).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import numpy as np
 from jaxinfer.batch import BatchSpec, PlanCapacity
 from jaxinfer.ffi import build, ops
 
-# Query rows of one CTA per head_dim: 16 * kMT * kWarps of Fa2Traits in csrc/fa2_kernel.cuh.
-BLOCK_M = {64: 128, 128: 128, 256: 64}
+# Query rows of one CTA per kernel and head_dim: fa2, 16 * kMT * kWarps of Fa2Traits in
+# csrc/fa2_kernel.cuh; fa3, kBM of csrc/fa3_kernel.cuh (two consumer warpgroups of 64 rows).
+BLOCK_M = {"fa2": {64: 128, 128: 128, 256: 64}, "fa3": {64: 128, 128: 128, 256: 128}}
 
 
 @functools.partial(
@@ -94,8 +97,6 @@ class FlashAttentionBackend:
 
     def spec_unsupported(self, spec: BatchSpec) -> str | None:
         """The part of :meth:`unsupported` that depends on ``spec`` alone (no device, no build)."""
-        if self.name == "fa3":
-            return "the FA3 kernel (sm90a: TMA, wgmma, warp specialization) is not implemented yet; use backend='fa2'"
         v = spec.variant
         checks = (
             (spec.head_dim not in ops.HEAD_DIMS, f"head_dim must be one of {ops.HEAD_DIMS}, got {spec.head_dim}"),
@@ -123,9 +124,13 @@ class FlashAttentionBackend:
         if cc < 80:
             return f"needs compute capability 8.0 or newer, got {cc / 10:.1f}"
         try:
-            ops.ensure_registered("fa2")
+            build.kernel_arch(self.name, cc)  # fa3: sm_90 only
+        except ValueError as e:
+            return str(e)
+        try:
+            ops.ensure_registered(self.name)
         except Exception as e:  # noqa: BLE001 - any build or load failure is a reason, never an error here
-            return f"the fa2 kernel library is unavailable: {e}"
+            return f"the {self.name} kernel library is unavailable: {e}"
         return None
 
     def plan(self, spec: BatchSpec, capacity: PlanCapacity) -> Fa2Plan:
@@ -139,7 +144,7 @@ class FlashAttentionBackend:
         reason = self.spec_unsupported(spec)
         if reason is not None:
             raise NotImplementedError(f"backend {self.name!r}: {reason}")
-        block_m = BLOCK_M[spec.head_dim]
+        block_m = BLOCK_M[self.name][spec.head_dim]
         b = spec.batch_size
         b_cap = capacity.resolve("max_batch_size", b)
         qo_cap = capacity.resolve("max_qo_len", int(spec.qo_lens.max(initial=0)))
@@ -183,7 +188,7 @@ class FlashAttentionBackend:
         if k.ndim != (4 if plan.paged else 3) or k.shape[hkv_axis] != plan.num_kv_heads:
             raise ValueError(f"k must have {plan.num_kv_heads} kv heads on axis {hkv_axis} "
                              f"({'paged ' + kv_layout if plan.paged else 'ragged'}), got {k.shape}")
-        o, lse = ops.fa2_forward(
+        o, lse = ops.flash_forward(
             q, k, v, plan.qo_indptr, plan.kv_indptr, plan.kv_indices, plan.kv_lens, plan.tile_batch, plan.tile_qstart,
             causal=plan.causal,
             window_left=plan.window_left,
@@ -192,6 +197,7 @@ class FlashAttentionBackend:
             page_size=plan.page_size,
             paged=plan.paged,
             kv_layout=kv_layout,
+            kernel=self.name,
         )
         return o, (lse if return_lse else None)
 

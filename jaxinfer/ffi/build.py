@@ -5,6 +5,7 @@ extra defines) into a cache directory (``$JAXINFER_CACHE_DIR`` or ``~/.cache/jax
 reused afterwards. Build ahead of time with::
 
     python -m jaxinfer.ffi.build --kernel fa2 --arch sm_90
+    python -m jaxinfer.ffi.build --kernel fa3 --arch sm_90a
 
 The headers are jaxlib's XLA FFI API (``jax.ffi.include_dir()``; build against the oldest
 supported jaxlib, 0.11.2: a library built on newer headers breaks backend start-up on older
@@ -24,9 +25,11 @@ from pathlib import Path
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
-# Translation unit and default target of each kernel family. FA2 runs on any sm80+ GPU, compiled
-# for the device's own arch (SASS of sm_80 does not run on sm_90); FA3 needs sm_90a's wgmma.
-KERNELS = {"fa2": "fa2_ffi.cu"}
+# Translation unit of each kernel family. FA2 runs on any sm80+ GPU, compiled for the device's
+# own arch (SASS of sm_80 does not run on sm_90); FA3 needs sm_90a (wgmma, setmaxnreg) and runs
+# on sm_90 devices only (sm_90a code runs on no other arch).
+KERNELS = {"fa2": "fa2_ffi.cu", "fa3": "fa3_ffi.cu"}
+KERNEL_ARCHS = {"fa3": ("sm_90a",)}
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a", "sm_100", "sm_120")
 
 NVCC_FLAGS = (
@@ -105,10 +108,14 @@ def gencode(arch: str) -> list[str]:
     return ["-gencode", f"arch=compute_{arch[3:]},code={arch}"]
 
 
-def source_hash(defines: tuple[str, ...] = ()) -> str:
-    """SHA-256 (16 hex digits) of every file of ``csrc/`` and the flags: the cache key's code part."""
+def source_hash(defines: tuple[str, ...] = (), kernel: str | None = None) -> str:
+    """SHA-256 (16 hex digits) of the sources and the flags: the cache key's code part.
+
+    With ``kernel``, only the files of that family (``csrc/<kernel>_*``), so that editing one
+    kernel does not rebuild the other; otherwise every file of ``csrc/``.
+    """
     h = hashlib.sha256()
-    for path in sorted(CSRC.glob("*")):
+    for path in sorted(CSRC.glob(f"{kernel}_*" if kernel else "*")):
         if path.suffix in (".cu", ".cuh", ".h", ".hpp"):
             h.update(path.name.encode())
             h.update(path.read_bytes())
@@ -116,9 +123,10 @@ def source_hash(defines: tuple[str, ...] = ()) -> str:
     return h.hexdigest()[:16]
 
 
-def env_defines() -> tuple[str, ...]:
-    """Tuning defines from ``$JAXINFER_FA2_DEFINES`` (comma-separated ``NAME=VALUE``), part of the cache key."""
-    return tuple(d for d in os.environ.get("JAXINFER_FA2_DEFINES", "").split(",") if d)
+def env_defines(kernel: str = "fa2") -> tuple[str, ...]:
+    """Tuning defines of ``kernel`` from ``$JAXINFER_FA2_DEFINES`` / ``$JAXINFER_FA3_DEFINES``
+    (comma-separated ``NAME=VALUE``), part of the cache key."""
+    return tuple(d for d in os.environ.get(f"JAXINFER_{kernel.upper()}_DEFINES", "").split(",") if d)
 
 
 def cache_dir() -> Path:
@@ -127,7 +135,7 @@ def cache_dir() -> Path:
 
 def library_path(kernel: str, arch: str, defines: tuple[str, ...] = ()) -> Path:
     """Where the library of (kernel, arch, jaxlib, sources, defines) lives in the cache."""
-    key = f"{kernel}-{arch}-jaxlib{jaxlib_version()}-{source_hash(defines)}"
+    key = f"{kernel}-{arch}-jaxlib{jaxlib_version()}-{source_hash(defines, kernel)}"
     return cache_dir() / "ffi" / key / f"libjaxinfer_{kernel}.so"
 
 
@@ -135,10 +143,13 @@ def nvcc_command(kernel: str, arch: str, output: Path, defines: tuple[str, ...] 
     """The nvcc command line that builds ``kernel`` for ``arch`` into ``output``.
 
     Raises:
-      BuildError: nvcc or CUTLASS missing. ValueError: unknown kernel or arch.
+      BuildError: nvcc or CUTLASS missing. ValueError: unknown kernel, or an arch the kernel
+        cannot target (fa3: sm_90a only).
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {tuple(KERNELS)}, got {kernel!r}")
+    if arch not in KERNEL_ARCHS.get(kernel, ARCHS):
+        raise ValueError(f"{kernel} builds for {KERNEL_ARCHS.get(kernel, ARCHS)} only, got {arch!r}")
     return [
         find_nvcc(),
         *NVCC_FLAGS,
@@ -157,14 +168,15 @@ def build(kernel: str = "fa2", arch: str = "sm_80", *, output: Path | None = Non
     """Compile ``kernel`` for ``arch`` (cached) and return the library's path.
 
     Args:
-      kernel: ``"fa2"``.
-      arch: target such as ``"sm_80"``, ``"sm_90"``, ``"sm_90a"``.
+      kernel: ``"fa2"`` or ``"fa3"``.
+      arch: target such as ``"sm_80"``, ``"sm_90"``, ``"sm_90a"`` (fa3: ``"sm_90a"`` only).
       output: build here instead of the cache (no reuse).
       defines: extra preprocessor defines (``NAME=VALUE``), e.g. tile-shape overrides for tuning.
       force: rebuild even if the cached library exists.
 
     Raises:
       BuildError: nvcc or CUTLASS missing, or nvcc failed (its output is in the message).
+      ValueError: unknown kernel or arch.
     """
     target = Path(output) if output is not None else library_path(kernel, arch, tuple(defines))
     if target.is_file() and not force and output is None:
@@ -182,6 +194,19 @@ def build(kernel: str = "fa2", arch: str = "sm_80", *, output: Path | None = Non
     return target
 
 
+def kernel_arch(kernel: str, cc: int) -> str:
+    """Build target of ``kernel`` for a device of compute capability ``cc`` (major*10+minor).
+
+    Raises:
+      ValueError: the kernel cannot run there (fa3 needs cc 9.0).
+    """
+    if kernel == "fa3":
+        if cc != 90:
+            raise ValueError(f"fa3 runs on sm_90 (H100/H200) only, got compute capability {cc / 10:.1f}")
+        return "sm_90a"
+    return f"sm_{cc}"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Build jaxinfer's CUDA FFI kernels ahead of time.")
     parser.add_argument("--kernel", default="fa2", choices=sorted(KERNELS))
@@ -195,8 +220,8 @@ def main(argv=None) -> None:
         cc = device_arch()
         if cc is None:
             parser.error("no GPU found: pass --arch")
-        arch = f"sm_{cc}"
-    print(build(args.kernel, arch, defines=env_defines(), force=args.force))
+        arch = kernel_arch(args.kernel, cc)
+    print(build(args.kernel, arch, defines=env_defines(args.kernel), force=args.force))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ platform through ``jax.export``), which is how CI checks the wiring.
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,10 @@ import numpy as np
 from jaxinfer.ffi import build
 
 FA2_TARGET = "jaxinfer_fa2_forward"
+FA3_TARGET = "jaxinfer_fa3_forward"
+# Custom-call target and handler symbol of each kernel family (csrc/<kernel>_ffi.cu).
+TARGETS = {"fa2": FA2_TARGET, "fa3": FA3_TARGET}
+SYMBOLS = {"fa2": "JaxinferFa2Forward", "fa3": "JaxinferFa3Forward"}
 HEAD_DIMS = (64, 128, 256)
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -44,16 +49,21 @@ def ensure_registered(kernel: str = "fa2") -> str:
 
     Raises:
       build.BuildError: nvcc or CUTLASS missing, or the build failed.
-      RuntimeError: no GPU of a supported arch.
+      RuntimeError: no GPU of a supported arch (fa3: sm_90 only).
     """
     if kernel not in _REGISTERED:
         try:
             cc = device_arch()
             if cc is None or f"sm_{cc}" not in build.ARCHS:
                 raise RuntimeError(f"jaxinfer's {kernel} kernels need an NVIDIA GPU of arch {build.ARCHS}, got {cc}")
-            lib = ctypes.cdll.LoadLibrary(str(build.build(kernel, f"sm_{cc}", defines=build.env_defines())))
-            jax.ffi.register_ffi_target(FA2_TARGET, jax.ffi.pycapsule(lib.JaxinferFa2Forward), platform="CUDA")
-            _REGISTERED[kernel] = FA2_TARGET
+            try:
+                arch = build.kernel_arch(kernel, cc)
+            except ValueError as e:
+                raise RuntimeError(str(e)) from None
+            lib = ctypes.cdll.LoadLibrary(str(build.build(kernel, arch, defines=build.env_defines(kernel))))
+            target = TARGETS[kernel]
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, SYMBOLS[kernel])), platform="CUDA")
+            _REGISTERED[kernel] = target
         except (build.BuildError, RuntimeError, OSError) as e:
             _REGISTERED[kernel] = e
     result = _REGISTERED[kernel]
@@ -67,7 +77,7 @@ def _check(cond: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def fa2_forward(
+def flash_forward(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
@@ -85,8 +95,11 @@ def fa2_forward(
     page_size: int,
     paged: bool,
     kv_layout: str = "NHD",
+    kernel: str = "fa2",
 ) -> tuple[jax.Array, jax.Array]:
-    """FlashAttention-2 forward (Dao 2023, arXiv 2307.08691) over a planned ragged batch.
+    """FlashAttention forward over a planned ragged batch: FlashAttention-2 (Dao 2023, arXiv
+    2307.08691; ``kernel="fa2"``, sm80+) or FlashAttention-3 (Shah et al. 2024, arXiv 2407.08608;
+    ``kernel="fa3"``, sm90a).
 
     Args:
       q: ``[nnz_q, Hq, D]`` bfloat16/float16, D in 64/128/256.
@@ -98,6 +111,7 @@ def fa2_forward(
       tile_batch, tile_qstart: ``[T]`` int32 query tiles (request, first row); ``-1`` = padding.
       causal, window_left, logits_soft_cap, sm_scale: the variant (shared/DESIGN.md sec. 2).
       page_size: tokens per page (ignored when ragged). kv_layout: ``"NHD"`` or ``"HND"``.
+      kernel: ``"fa2"`` or ``"fa3"`` (the query tiles must be planned for its tile height).
 
     Returns:
       ``(o [nnz_q, Hq, D] in q.dtype, lse [nnz_q, Hq] float32 base 2)``; rows past
@@ -110,6 +124,7 @@ def fa2_forward(
     _check(jnp.dtype(q.dtype) in DTYPES, f"q must be bfloat16 or float16, got {q.dtype}")
     _check(k.shape == v.shape and k.dtype == v.dtype == q.dtype, f"k, v must match each other and q's dtype {q.dtype}, got {k.shape}{k.dtype}, {v.shape}{v.dtype}")
     _check(kv_layout in ("NHD", "HND"), f"kv_layout must be 'NHD' or 'HND', got {kv_layout!r}")
+    _check(kernel in TARGETS, f"kernel must be one of {tuple(TARGETS)}, got {kernel!r}")
     head_dim, hq = q.shape[2], q.shape[1]
     if paged:
         _check(k.ndim == 4, f"paged k must be [P, page_size, Hkv, D] or [P, Hkv, page_size, D], got {k.shape}")
@@ -126,9 +141,9 @@ def fa2_forward(
            f"qo_indptr {qo_indptr.shape}, kv_indptr {kv_indptr.shape} must be [B+1] for kv_lens {kv_lens.shape}")
     _check(tile_batch.shape == tile_qstart.shape, "tile_batch and tile_qstart must have one shape")
     if device_arch() is not None:
-        ensure_registered("fa2")
+        ensure_registered(kernel)
     call = jax.ffi.ffi_call(
-        FA2_TARGET,
+        TARGETS[kernel],
         (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:2], jnp.float32)),
         # Each batch element is its own planned batch: run the handler once per element.
         vmap_method="sequential",
@@ -143,3 +158,7 @@ def fa2_forward(
         paged=bool(paged),
         kv_layout_hnd=kv_layout == "HND",
     )
+
+
+fa2_forward = functools.partial(flash_forward, kernel="fa2")
+fa3_forward = functools.partial(flash_forward, kernel="fa3")

@@ -1,0 +1,660 @@
+// FlashAttention-3 forward for ragged queries over ragged or paged (BSR) KV, sm90a only.
+//
+// Method: Shah et al., "FlashAttention-3: Fast and Accurate Attention with Asynchrony and
+// Low-precision" (arXiv 2407.08608), sec. 3.1: warp specialization. One CTA = one (query tile of
+// 128 rows, qo head) of one request, 3 warpgroups:
+// - warpgroup 0, the producer (setmaxnreg down), copies Q once and then K/V tiles of kBN keys
+//   into shared-memory rings (kStagesK / kStagesV deep). It gathers rows with cp.async (16 bytes
+//   per thread and row chunk), so one code path serves ragged KV and paged KV of any page_size
+//   and layout (page ids are looked up per key); K and V of each tile are published on their
+//   own mbarriers by cp.async.mbarrier.arrive (the producer never waits for its copies, only for
+//   free slots).
+// - warpgroups 1 and 2, the consumers (setmaxnreg up), own 64 query rows each: S = Q K^T with
+//   wgmma from 128-byte-swizzled shared memory (SS), online softmax in registers (base 2, scale
+//   folded into one FFMA), P converted to 16 bits in registers and O += P V with wgmma taking P
+//   from registers (RS) and V as an MN-major operand (no transpose), then they release the slot.
+//   The two consumer warpgroups take turns issuing their GEMMs (ping-pong, paper sec. 3.1), and
+//   inside a warpgroup the softmax of tile i overlaps P V of tile i - 1 (paper sec. 3.2).
+// Fully masked KV tiles are skipped (causal, window); only tiles crossing a mask edge run the
+// mask pass.
+//
+// Measured on an H100 (benchmarks/NOTES-ffi.md, FA3): 363 TFLOP/s on prefill_causal (0.67 of
+// cuDNN, 1.06x fa2); the tensor pipe is busy 42 % of the time, so the kernel is latency-bound.
+//
+// Semantics follow shared/DESIGN.md sec. 2-3, as csrc/fa2_kernel.cuh: bottom-right causal /
+// window masks, soft cap c*tanh(x/c), GQA (qo head h reads kv head h / group_size), lse base 2,
+// a row with no visible key gives o = 0 and lse = -inf.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include <cute/tensor.hpp>
+#include <cute/arch/mma_sm90.hpp>
+#include <cute/atom/mma_atom.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/numeric_types.h>
+
+namespace jaxinfer {
+namespace fa3 {
+
+namespace GMMA = cute::SM90::GMMA;
+
+// Everything the kernel reads; strides are in elements (the FFI handler fills it like Fa2Params).
+struct Params {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* o;
+  float* lse;
+  const int32_t* qo_indptr;   // [B+1]
+  const int32_t* kv_indptr;   // [B+1], pages when paged, tokens otherwise
+  const int32_t* kv_indices;  // [nnz_pages] (paged only)
+  const int32_t* kv_lens;     // [B] tokens
+  const int32_t* tile_batch;  // [T] request of each query tile, -1 = padding
+  const int32_t* tile_qstart; // [T] first query row of the tile inside its request
+  int64_t q_tok_stride, q_head_stride;
+  int64_t kv_page_stride, kv_tok_stride, kv_head_stride;
+  int num_qo_heads, group_size, page_size;
+  int page_shift;   // log2(page_size) when a power of 2, else -1
+  int window_left;  // -1: no window
+  bool causal, soft_cap_on;
+  float logit_scale;  // sm_scale*log2(e) without soft cap, sm_scale/c with it
+  float cap_log2;     // c*log2(e) (soft cap only)
+};
+
+// Keys per KV tile and depths of the K and V rings per head_dim (overridable with -D for tuning
+// runs). V gets the deeper ring: a V slot is freed one iteration later than a K slot (after
+// P V, not Q K^T). Shared memory: Q 128 x D plus the K and V tiles of kBN x D, 16-bit: D=64
+// 128 KiB, D=128 192 KiB, D=256 192 KiB (of 227). kBN=128 at D=256 would not fit two stages.
+#ifndef JAXINFER_FA3_BN_D64
+#define JAXINFER_FA3_BN_D64 128
+#endif
+#ifndef JAXINFER_FA3_KSTAGES_D64
+#define JAXINFER_FA3_KSTAGES_D64 3
+#endif
+#ifndef JAXINFER_FA3_VSTAGES_D64
+#define JAXINFER_FA3_VSTAGES_D64 4
+#endif
+#ifndef JAXINFER_FA3_BN_D128
+#define JAXINFER_FA3_BN_D128 128
+#endif
+#ifndef JAXINFER_FA3_KSTAGES_D128
+#define JAXINFER_FA3_KSTAGES_D128 2
+#endif
+#ifndef JAXINFER_FA3_VSTAGES_D128
+#define JAXINFER_FA3_VSTAGES_D128 3
+#endif
+#ifndef JAXINFER_FA3_BN_D256
+#define JAXINFER_FA3_BN_D256 64
+#endif
+#ifndef JAXINFER_FA3_KSTAGES_D256
+#define JAXINFER_FA3_KSTAGES_D256 2
+#endif
+#ifndef JAXINFER_FA3_VSTAGES_D256
+#define JAXINFER_FA3_VSTAGES_D256 2
+#endif
+// Registers per thread after setmaxnreg: 128 * producer + 256 * consumer <= 65536.
+#ifndef JAXINFER_FA3_PRODUCER_REGS
+#define JAXINFER_FA3_PRODUCER_REGS 40
+#endif
+#ifndef JAXINFER_FA3_CONSUMER_REGS
+#define JAXINFER_FA3_CONSUMER_REGS 232
+#endif
+
+template <int D> struct Shape;
+#define JAXINFER_FA3_SHAPE(D)                                                                      \
+  template <> struct Shape<D> {                                                                   \
+    static constexpr int kBN = JAXINFER_FA3_BN_D##D, kStagesK = JAXINFER_FA3_KSTAGES_D##D,         \
+                         kStagesV = JAXINFER_FA3_VSTAGES_D##D;                                     \
+  };
+JAXINFER_FA3_SHAPE(64)
+JAXINFER_FA3_SHAPE(128)
+JAXINFER_FA3_SHAPE(256)
+#undef JAXINFER_FA3_SHAPE
+
+constexpr int kBM = 128;  // query rows per CTA: 2 consumer warpgroups x 64
+constexpr int kThreads = 384;
+static_assert(128 * JAXINFER_FA3_PRODUCER_REGS + 256 * JAXINFER_FA3_CONSUMER_REGS <= 65536,
+              "setmaxnreg budget exceeds the register file");
+
+// Shared-memory layouts and tensor-core ops of one (dtype, head_dim). Q and K are K-major
+// (head_dim contiguous) with the 128-byte swizzle; V is stored as loaded (key rows, head_dim
+// contiguous), which is the MN-major B operand of O += P V for 16-bit types.
+template <typename T, int D> struct Config {
+  static constexpr int kBN = Shape<D>::kBN, kStagesK = Shape<D>::kStagesK, kStagesV = Shape<D>::kStagesV;
+  using LayoutQ = decltype(cute::tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
+                                               cute::Shape<cute::Int<kBM>, cute::Int<D>>{}));
+  using LayoutK = decltype(cute::tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
+                                               cute::Shape<cute::Int<kBN>, cute::Int<D>, cute::Int<kStagesK>>{}));
+  using LayoutVt = decltype(cute::tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{},
+                                                cute::Shape<cute::Int<D>, cute::Int<kBN>, cute::Int<kStagesV>>{}));
+  using MmaQK = decltype(cute::make_tiled_mma(
+      GMMA::ss_op_selector<T, T, float, cute::Shape<cute::_64, cute::Int<kBN>, cute::Int<D>>>(),
+      cute::Layout<cute::Shape<cute::_2, cute::_1, cute::_1>>{}));
+  using MmaPV = decltype(cute::make_tiled_mma(
+      GMMA::rs_op_selector<T, T, float, cute::Shape<cute::_64, cute::Int<D>, cute::Int<kBN>>, GMMA::Major::K,
+                           GMMA::Major::MN>(),
+      cute::Layout<cute::Shape<cute::_2, cute::_1, cute::_1>>{}));
+  static constexpr int kQElems = kBM * D, kKElems = kBN * D * kStagesK, kVElems = kBN * D * kStagesV;
+  static constexpr int kNumBarriers = 1 + 2 * (kStagesK + kStagesV);  // Barriers<...>::kCount
+  static constexpr int kOffsetTables = 3;  // the producer's row-offset tables (see producer())
+  // Tiles (1 KiB-aligned for the 128-byte swizzle: 1 KiB of slack, the dynamic base is only
+  // guaranteed 16-byte alignment), then the mbarriers, then the row-offset tables (int64 per
+  // KV row).
+  static constexpr int kSmemBytes =
+      1024 + 2 * (kQElems + kKElems + kVElems) + 8 * kNumBarriers + 8 * kOffsetTables * kBN;
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory exceeds the sm_90 limit");
+};
+
+template <typename T> __device__ __forceinline__ uint32_t pack2(float a, float b);
+template <> __device__ __forceinline__ uint32_t pack2<cutlass::bfloat16_t>(float a, float b) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <> __device__ __forceinline__ uint32_t pack2<cutlass::half_t>(float a, float b) {
+  __half2 h = __floats2half2_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+__device__ __forceinline__ float tanh_approx(float x) {
+  float y;
+  asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// 2^x on the SFU; -inf gives 0.
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// 16-byte global -> shared copy; pred = false writes zeros and reads nothing.
+__device__ __forceinline__ void cp_async_16(const void* src, void* dst, bool pred) {
+  const uint32_t d = cute::cast_smem_ptr_to_uint(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(pred ? 16 : 0));
+}
+
+// One arrival on the mbarrier once every cp.async this thread issued so far has landed. By
+// default the thread does not wait (the barrier's count includes this arrival: .noinc); with
+// JAXINFER_FA3_SYNC_PUBLISH=1 it waits for its copies, fences them for the async proxy and
+// arrives itself (run 1's way, benchmarks/NOTES-ffi.md FA3 next steps: a tuning experiment).
+#ifndef JAXINFER_FA3_SYNC_PUBLISH
+#define JAXINFER_FA3_SYNC_PUBLISH 0
+#endif
+__device__ __forceinline__ void cp_async_arrive(uint64_t* bar) {
+  if constexpr (JAXINFER_FA3_SYNC_PUBLISH) {
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+    cutlass::arch::fence_view_async_shared();
+    cutlass::arch::ClusterBarrier::arrive(bar);
+  } else {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(cute::cast_smem_ptr_to_uint(bar))
+                 : "memory");
+  }
+}
+
+// Address of element `coords` of a tile laid out by a GMMA smem layout (Swizzle o Layout). CuTe
+// applies the swizzle to the byte address, not to the element index; tiles start 1 KiB-aligned,
+// so applying it to the byte offset from the tile base is the same.
+template <class Layout, typename T, class... Cs>
+__device__ __forceinline__ T* smem_at(T* base, Cs... coords) {
+  const int byte = int(Layout{}.layout_b()(coords...)) * int(sizeof(T));
+  return reinterpret_cast<T*>(reinterpret_cast<char*>(base) + Layout{}.layout_a()(byte));
+}
+
+// Offset (elements) of token t of a request's KV, head 0 (the page id is looked up per key).
+template <bool kPaged>
+__device__ __forceinline__ int64_t kv_row_offset(const Params& p, int64_t kv_start, int t) {
+  if constexpr (!kPaged) {
+    return (kv_start + t) * p.kv_tok_stride;
+  } else {
+    const int slot_idx = p.page_shift >= 0 ? t >> p.page_shift : t / p.page_size;
+    const int in_page = t - slot_idx * p.page_size;
+    const int page = __ldg(p.kv_indices + kv_start + slot_idx);
+    return int64_t(page) * p.kv_page_stride + int64_t(in_page) * p.kv_tok_stride;
+  }
+}
+
+// The accumulator of a 64xN wgmma, ((2, 2, N/8), M, N'), regrouped as the A operand of the next
+// wgmma, ((2, 2, 2), M, (N/16, N')): the register order of both is (column pair, row + 8,
+// column + 8) per k16 slice, so P needs no shuffle between the two GEMMs.
+template <class L> __device__ __forceinline__ auto acc_to_a_layout(L acc) {
+  using X = cute::Underscore;
+  auto l = cute::logical_divide(cute::get<0>(acc), cute::Shape<X, X, cute::_2>{});
+  return cute::make_layout(cute::make_layout(cute::get<0>(l), cute::get<1>(l), cute::get<2, 0>(l)), cute::get<1>(acc),
+                           cute::make_layout(cute::get<2, 1>(l), cute::get<2>(acc)));
+}
+
+// One warpgroup GEMM over all k slices of a (zeroing c first when kZero); returns after the issue.
+template <bool kZero, class Mma, class TA, class TB, class TC>
+__device__ __forceinline__ void wgmma_gemm(Mma& mma, TA const& a, TB const& b, TC& c) {
+  cute::warpgroup_fence_operand(c);
+  cute::warpgroup_arrive();
+  if constexpr (kZero) mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int k = 0; k < cute::size<2>(a); ++k) {
+    cute::gemm(mma, a(cute::_, cute::_, k), b(cute::_, cute::_, k), c);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  cute::warpgroup_commit_batch();
+  cute::warpgroup_fence_operand(c);
+}
+
+// What the two roles agree on: the request's geometry and the KV tile range of this CTA.
+struct TileWork {
+  int q_start, qo_len, kv_len, qs, rows_valid, delta, qpos_min, qpos_max, t_first, num_kv_tiles;
+  int64_t kv_start;
+};
+
+template <int kBN> __device__ __forceinline__ TileWork tile_work(const Params& p, int batch, int tile) {
+  TileWork w;
+  w.q_start = p.qo_indptr[batch];
+  w.qo_len = p.qo_indptr[batch + 1] - w.q_start;
+  w.kv_len = p.kv_lens[batch];
+  w.kv_start = p.kv_indptr[batch];
+  w.qs = p.tile_qstart[tile];
+  w.rows_valid = min(kBM, w.qo_len - w.qs);
+  w.delta = w.kv_len - w.qo_len;  // q_pos = row + delta
+  w.qpos_min = w.qs + w.delta;
+  w.qpos_max = w.qs + w.rows_valid - 1 + w.delta;
+  int n_hi = w.kv_len;
+  if (p.causal) n_hi = min(n_hi, w.qpos_max + 1);
+  const int n_lo = p.window_left >= 0 ? max(0, w.qpos_min - p.window_left) : 0;
+  w.t_first = (n_lo / kBN) * kBN;
+  w.num_kv_tiles = n_hi > w.t_first ? (n_hi - w.t_first + kBN - 1) / kBN : 0;
+  return w;
+}
+
+// The CTA's mbarriers: Q loaded; per ring slot, K loaded / V loaded (128 producer arrivals, one
+// per thread, when its copies land) and K free / V free (one arrival per consumer warp). K and V
+// have their own barriers so that K of a slot is refilled as soon as Q K^T has read it, while
+// V of the slot is still waiting for P V.
+template <int kSK, int kSV> struct Barriers {
+  static constexpr int kCount = 1 + 2 * (kSK + kSV);
+  uint64_t* base;
+  __device__ __forceinline__ uint64_t* q() const { return base; }
+  __device__ __forceinline__ uint64_t* k_full(int s) const { return base + 1 + s; }
+  __device__ __forceinline__ uint64_t* v_full(int s) const { return base + 1 + kSK + s; }
+  __device__ __forceinline__ uint64_t* k_empty(int s) const { return base + 1 + kSK + kSV + s; }
+  __device__ __forceinline__ uint64_t* v_empty(int s) const { return base + 1 + 2 * kSK + kSV + s; }
+  __device__ __forceinline__ void init() const {
+    for (int b = 0; b < 1 + kSK + kSV; ++b) cutlass::arch::ClusterBarrier::init(base + b, 128);
+    for (int b = 1 + kSK + kSV; b < kCount; ++b) cutlass::arch::ClusterBarrier::init(base + b, 8);
+  }
+};
+template <typename T, int D> using BarriersOf = Barriers<Config<T, D>::kStagesK, Config<T, D>::kStagesV>;
+
+// In a ring of kStages slots, tile i lives in slot i % kStages, and the slot's barriers
+// complete their (i / kStages)-th phase for it.
+template <int kStages> __device__ __forceinline__ uint32_t phase_of(int i) { return (i / kStages) & 1; }
+
+// Producer: rows of a tile are split over the 128 threads, kThreadsPerRow threads per row (16
+// bytes each, coalesced), kRowStep rows apart. kRowStep is a multiple of 8, the period of the
+// 128-byte swizzle, so a thread's shared-memory addresses in a tile are its first row's address
+// plus multiples of one compile-time stride.
+template <int D> struct ProducerMap {
+  static constexpr int kThreadsPerRow = D / 8 < 16 ? D / 8 : 16;
+  static constexpr int kChunks = D / 8 / kThreadsPerRow;  // 16-byte chunks per thread and row
+  static constexpr int kRowStep = 128 / kThreadsPerRow;
+  static constexpr int kColStep = 8 * kThreadsPerRow;     // elements between a thread's chunks
+  static_assert(kRowStep % 8 == 0, "rows of one thread must share their swizzle phase");
+};
+
+template <typename T, int D, bool kPaged>
+__device__ __forceinline__ void producer(const Params& p, const TileWork& w, int head, T* sQ, T* sK, T* sV,
+                                         int64_t* row_offsets, BarriersOf<T, D> bars) {
+  using C = Config<T, D>;
+  using M = ProducerMap<D>;
+  constexpr int kBN = C::kBN, kSK = C::kStagesK, kSV = C::kStagesV, kRowStep = M::kRowStep, kColStep = M::kColStep;
+  static_assert(kBN % kRowStep == 0 && kBM % kRowStep == 0 && kBN <= 128, "tiles must split evenly over the producer");
+  using Bar = cutlass::arch::ClusterBarrier;
+  if (w.num_kv_tiles == 0) return;
+  const int ptid = threadIdx.x;
+  const int ld_row = ptid / M::kThreadsPerRow;
+  const int col0 = (ptid % M::kThreadsPerRow) * 8;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+
+  const T* q_rows = q + (w.q_start + w.qs + ld_row) * p.q_tok_stride + head * p.q_head_stride + col0;
+  CUTE_UNROLL
+  for (int j = 0; j < kBM / kRowStep; ++j) {
+    const bool ok = ld_row + j * kRowStep < w.rows_valid;
+    CUTE_UNROLL
+    for (int c = 0; c < M::kChunks; ++c)
+      cp_async_16(ok ? q_rows + j * kRowStep * p.q_tok_stride + c * kColStep : q,
+                  smem_at<typename C::LayoutQ>(sQ, ld_row + j * kRowStep, col0 + c * kColStep), ok);
+  }
+  cp_async_arrive(bars.q());
+
+  // Shared addresses of this thread's chunks in row ld_row of slot 0; other rows and slots are
+  // compile-time offsets from them.
+  uint32_t k_dst[M::kChunks], v_dst[M::kChunks];
+  CUTE_UNROLL
+  for (int c = 0; c < M::kChunks; ++c) {
+    k_dst[c] = cute::cast_smem_ptr_to_uint(smem_at<typename C::LayoutK>(sK, ld_row, col0 + c * kColStep, 0));
+    v_dst[c] = cute::cast_smem_ptr_to_uint(smem_at<typename C::LayoutVt>(sV, col0 + c * kColStep, ld_row, 0));
+  }
+  constexpr auto kLayoutK = typename C::LayoutK{}.layout_b();
+  constexpr auto kLayoutV = typename C::LayoutVt{}.layout_b();
+  constexpr uint32_t kKRowBytes = sizeof(T) * (kLayoutK(kRowStep, 0, 0) - kLayoutK(0, 0, 0));
+  constexpr uint32_t kVRowBytes = sizeof(T) * (kLayoutV(0, kRowStep, 0) - kLayoutV(0, 0, 0));
+  constexpr uint32_t kKSlotBytes = sizeof(T) * kLayoutK(0, 0, 1), kVSlotBytes = sizeof(T) * kLayoutV(0, 0, 1);
+  const int64_t kv_col = (head / p.group_size) * p.kv_head_stride + col0;
+
+  auto copy_rows = [&](const T* src, const int64_t* offs, const uint32_t (&dst)[M::kChunks], uint32_t slot_base,
+                       uint32_t row_bytes) {
+    CUTE_UNROLL
+    for (int j = 0; j < kBN / kRowStep; ++j) {
+      const int64_t off = offs[ld_row + j * kRowStep];
+      CUTE_UNROLL
+      for (int c = 0; c < M::kChunks; ++c) {
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst[c] + slot_base + j * row_bytes),
+                     "l"(off >= 0 ? src + off + c * kColStep : src), "r"(off >= 0 ? 16 : 0));
+      }
+    }
+  };
+  // Offsets (elements, head 0, column col0 excluded) of tile i's rows, one row per thread, in
+  // table i % 3: a row's page lookup happens once per tile, not once per chunk. -1 marks rows
+  // past kv_len, which read zeros (P is 0 there, but 0 * NaN garbage would still poison O).
+  // Iteration i writes table i + 1 and reads tables i + 1 (K) and i (V); with one barrier per
+  // iteration no thread is more than one iteration ahead, so three tables never collide.
+  auto fill_offsets = [&](int i) {
+    if (ptid < kBN) {
+      const int t = w.t_first + i * kBN + ptid;
+      row_offsets[(i % C::kOffsetTables) * kBN + ptid] =
+          t < w.kv_len ? kv_row_offset<kPaged>(p, w.kv_start, t) + kv_col - col0 : -1;
+    }
+  };
+  // K of tile i + 1 goes out before V of tile i (the order the consumers need them in), so a K
+  // load never waits behind a V slot, which frees later.
+  auto load_k = [&](int i) {
+    const int slot = i % kSK;
+    // Tile i - kSK, the previous user of the slot, has been read by every consumer warp.
+    if (i >= kSK) Bar::wait(bars.k_empty(slot), phase_of<kSK>(i) ^ 1);
+    copy_rows(k + col0, row_offsets + (i % C::kOffsetTables) * kBN, k_dst, slot * kKSlotBytes, kKRowBytes);
+    cp_async_arrive(bars.k_full(slot));
+  };
+  fill_offsets(0);
+  asm volatile("bar.sync 3, 128;\n" ::: "memory");
+  load_k(0);
+  for (int i = 0; i < w.num_kv_tiles; ++i) {
+    if (i + 1 < w.num_kv_tiles) fill_offsets(i + 1);
+    asm volatile("bar.sync 3, 128;\n" ::: "memory");
+    if (i + 1 < w.num_kv_tiles) load_k(i + 1);
+    const int slot = i % kSV;
+    if (i >= kSV) Bar::wait(bars.v_empty(slot), phase_of<kSV>(i) ^ 1);
+    copy_rows(v + col0, row_offsets + (i % C::kOffsetTables) * kBN, v_dst, slot * kVSlotBytes, kVRowBytes);
+    cp_async_arrive(bars.v_full(slot));
+  }
+  // Keep the thread alive until its copies landed (a CTA must not exit with copies in flight).
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+
+// Ping-pong between the two consumer warpgroups (FA3 paper sec. 3.1): each issues its GEMMs
+// only after the other has issued its own, so one warpgroup's softmax runs while the tensor
+// cores work for the other. Named barrier 1 + w (w = 0, 1) is "warpgroup w may issue": it
+// completes when w syncs and the other warpgroup's 128 threads have arrived.
+#ifndef JAXINFER_FA3_PINGPONG
+#define JAXINFER_FA3_PINGPONG 1
+#endif
+struct Scheduler {
+  int wg;  // 0 or 1
+  __device__ __forceinline__ void wait_turn() const {
+    if (JAXINFER_FA3_PINGPONG) asm volatile("bar.sync %0, 256;\n" ::"r"(1 + wg));
+  }
+  __device__ __forceinline__ void pass_turn() const {
+    if (JAXINFER_FA3_PINGPONG) asm volatile("bar.arrive %0, 256;\n" ::"r"(2 - wg));
+  }
+};
+
+template <typename T, int D>
+__device__ __forceinline__ void consumer(const Params& p, const TileWork& w, int head, T* sQ, T* sK, T* sV,
+                                         BarriersOf<T, D> bars) {
+  using namespace cute;
+  using C = Config<T, D>;
+  constexpr int kBN = C::kBN, kSK = C::kStagesK, kSV = C::kStagesV;
+  constexpr float kNegInf = -INFINITY;
+  using Bar = cutlass::arch::ClusterBarrier;
+  const int ctid = threadIdx.x - 128;  // 0..255; warpgroup 0 owns rows 0-63, warpgroup 1 rows 64-127
+  const int lane = ctid % 32;
+  const int row0 = (ctid / 32) * 16 + lane / 4;  // this thread's rows: row0 and row0 + 8
+  const int col0 = 2 * (lane % 4);               // its columns: col0, col0 + 1 of every 8
+  const Scheduler sched{ctid / 128};
+
+  typename C::MmaQK mma_qk;
+  typename C::MmaPV mma_pv;
+  auto thr_qk = mma_qk.get_thread_slice(ctid);
+  auto thr_pv = mma_pv.get_thread_slice(ctid);
+  Tensor tSrQ = thr_qk.partition_fragment_A(make_tensor(make_smem_ptr(sQ), typename C::LayoutQ{}));
+  Tensor tSrK = thr_qk.partition_fragment_B(make_tensor(make_smem_ptr(sK), typename C::LayoutK{}));
+  Tensor tOrV = thr_pv.partition_fragment_B(make_tensor(make_smem_ptr(sV), typename C::LayoutVt{}));
+  // Accumulator register i of S (and of O, with D for kBN) holds column col0 + (i & 1) + 8 * (i / 4)
+  // of row row0 + 8 * ((i / 2) & 1): the value order of the wgmma 64xN accumulator.
+  Tensor tSrS = partition_fragment_C(mma_qk, make_shape(Int<kBM>{}, Int<kBN>{}));
+  Tensor tOrO = partition_fragment_C(mma_pv, make_shape(Int<kBM>{}, Int<D>{}));
+  static_assert(size(tSrS) == kBN / 2 && size(tOrO) == D / 2, "unexpected accumulator shape");
+  Tensor rP = make_tensor<T>(tSrS.layout());
+  Tensor tOrP = make_tensor(rP.data(), acc_to_a_layout(rP.layout()));
+  clear(tOrO);
+  float row_max[2] = {kNegInf, kNegInf}, row_sum[2] = {0.f, 0.f};
+  const int n = w.num_kv_tiles;
+  if (n > 0) {
+    // Online softmax of tile i (base 2) on S in registers, leaving P there; returns through
+    // `rescale` the factor O must be multiplied by. Without soft cap the max is taken on raw
+    // q.k (sm_scale > 0 keeps the order) and scaling folds into one FFMA per element.
+    // Tiles that need the general softmax: soft cap on, or a mask edge (kv_len, causal
+    // diagonal, window) crossing the tile. The others take a branch-free body: ptxas hoists a
+    // wgmma wait above any branch between the GEMM issue and the wait, which would serialize
+    // P V with the softmax.
+    auto general_tile = [&](int i) {
+      const int t0 = w.t_first + i * kBN;
+      return p.soft_cap_on || (t0 + kBN > w.kv_len) || (p.causal && t0 + kBN - 1 > w.qpos_min) ||
+             (p.window_left >= 0 && t0 < w.qpos_max - p.window_left);
+    };
+    // Online softmax of tile i (base 2) on S in registers, leaving P there; returns through
+    // `rescale` the factor O must be multiplied by. Without soft cap the max is taken on raw
+    // q.k (sm_scale > 0 keeps the order) and scaling folds into one FFMA per element.
+    auto softmax = [&](auto general, int i, float (&rescale)[2]) {
+      constexpr bool kGeneral = decltype(general)::value;
+      const int t0 = w.t_first + i * kBN;
+      float scale = p.logit_scale;
+      if constexpr (kGeneral) {
+        if (p.soft_cap_on) {
+          scale = 1.f;
+          CUTE_UNROLL
+          for (int e = 0; e < size(tSrS); ++e) tSrS(e) = tanh_approx(tSrS(e) * p.logit_scale) * p.cap_log2;
+        }
+        CUTE_UNROLL
+        for (int e = 0; e < size(tSrS); ++e) {
+          const int qpos = w.qs + row0 + 8 * ((e / 2) & 1) + w.delta;
+          const int j = t0 + col0 + (e & 1) + 8 * (e / 4);
+          const bool vis = j < w.kv_len && (!p.causal || j <= qpos) && (p.window_left < 0 || j >= qpos - p.window_left);
+          tSrS(e) = vis ? tSrS(e) : kNegInf;
+        }
+      }
+      CUTE_UNROLL
+      for (int hr = 0; hr < 2; ++hr) {
+        // 4 partial maxima / sums: shorter dependency chains than one running value.
+        float mx4[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
+        CUTE_UNROLL
+        for (int nb = 0; nb < kBN / 8; ++nb)
+          mx4[nb % 4] = fmaxf(mx4[nb % 4], fmaxf(tSrS(4 * nb + 2 * hr), tSrS(4 * nb + 2 * hr + 1)));
+        float mx = fmaxf(fmaxf(mx4[0], mx4[1]), fmaxf(mx4[2], mx4[3]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+        const float m_new = fmaxf(row_max[hr], mx * scale);
+        // A row with nothing visible yet keeps max -inf; subtract 0 instead so 2^x gives 0, not NaN.
+        const float m_use = m_new == kNegInf ? 0.f : m_new;
+        rescale[hr] = exp2_approx(row_max[hr] - m_use);
+        row_max[hr] = m_new;
+        float sum4[4] = {0.f, 0.f, 0.f, 0.f};
+        CUTE_UNROLL
+        for (int nb = 0; nb < kBN / 8; ++nb) {
+          CUTE_UNROLL
+          for (int e = 0; e < 2; ++e) {
+            float& x = tSrS(4 * nb + 2 * hr + e);
+            x = exp2_approx(fmaf(x, scale, -m_use));
+            sum4[nb % 4] += x;
+          }
+        }
+        row_sum[hr] = row_sum[hr] * rescale[hr] + ((sum4[0] + sum4[1]) + (sum4[2] + sum4[3]));
+      }
+    };
+    auto rescale_o = [&](const float (&rescale)[2]) {
+      CUTE_UNROLL
+      for (int e = 0; e < size(tOrO); ++e) tOrO(e) *= rescale[(e / 2) & 1];
+    };
+    auto convert_p = [&]() {
+      uint32_t* rp = reinterpret_cast<uint32_t*>(rP.data());
+      CUTE_UNROLL
+      for (int e = 0; e < size(tSrS) / 2; ++e) rp[e] = pack2<T>(tSrS(2 * e), tSrS(2 * e + 1));
+    };
+    // cp.async writes shared memory through the generic proxy, wgmma reads it through the
+    // async proxy: the proxy fence after the barrier orders the two.
+    auto wait_loaded = [&](uint64_t* bar, uint32_t phase) {
+      Bar::wait(bar, phase);
+      cutlass::arch::fence_view_async_shared();
+    };
+    // This warp is done reading a slot's K or V; the producer waits for all 8 consumer warps.
+    auto release = [&](uint64_t* bar) {
+      __syncwarp();
+      if (lane == 0) Bar::arrive(bar);
+    };
+
+    // Software pipeline (FA3 paper sec. 3.2). Iteration i, once it is this warpgroup's turn:
+    // wait for P_{i-2} V (issued one iteration ago), convert P_{i-1} to 16 bits and rescale O to
+    // tile i - 1's max, issue S_i = Q K_i^T and O += P_{i-1} V_{i-1}, then run the softmax of
+    // S_i while P V runs. Everything that must follow a wgmma wait sits behind the turn barrier
+    // at the top of the next iteration: placed right after the softmax instead, ptxas hoisted
+    // the wait above the softmax (to start the P conversion early) and nothing overlapped.
+    float rescale[2];
+    auto finish_pv = [&](int i) {  // P_{i-1} V_{i-1} is complete; its V slot is free
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tOrO);
+      warpgroup_fence_operand(rP);
+      if (i >= 1) release(bars.v_empty((i - 1) % kSV));
+    };
+    if (sched.wg == 1) sched.pass_turn();  // warpgroup 0 issues first
+    wait_loaded(bars.q(), 0);
+    wait_loaded(bars.k_full(0), 0);
+    sched.wait_turn();
+    wgmma_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, 0), tSrS);
+    sched.pass_turn();
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tSrS);
+    release(bars.k_empty(0));
+    if (general_tile(0)) {
+      softmax(std::true_type{}, 0, rescale);
+    } else {
+      softmax(std::false_type{}, 0, rescale);
+    }
+    auto iteration = [&](auto general, int i) {
+      const int slot = i % kSK, prev = (i - 1) % kSV;
+      wait_loaded(bars.k_full(slot), phase_of<kSK>(i));
+      wait_loaded(bars.v_full(prev), phase_of<kSV>(i - 1));
+      sched.wait_turn();
+      finish_pv(i - 1);
+      convert_p();
+      rescale_o(rescale);
+      wgmma_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, slot), tSrS);
+      warpgroup_fence_operand(rP);
+      wgmma_gemm<false>(mma_pv, tOrP, tOrV(_, _, _, prev), tOrO);
+      sched.pass_turn();
+      warpgroup_wait<1>();
+      warpgroup_fence_operand(tSrS);
+      release(bars.k_empty(slot));
+      softmax(general, i, rescale);
+    };
+    for (int i = 1; i < n; ++i) {
+      if (general_tile(i)) {
+        iteration(std::true_type{}, i);
+      } else {
+        iteration(std::false_type{}, i);
+      }
+    }
+    const int last = (n - 1) % kSV;
+    wait_loaded(bars.v_full(last), phase_of<kSV>(n - 1));
+    sched.wait_turn();
+    finish_pv(n - 1);
+    convert_p();
+    rescale_o(rescale);
+    warpgroup_fence_operand(rP);
+    wgmma_gemm<false>(mma_pv, tOrP, tOrV(_, _, _, last), tOrO);
+    // The other warpgroup's last wait_turn is matched by this pass; warpgroup 1 has nobody left.
+    if (sched.wg == 0) sched.pass_turn();
+    finish_pv(n);
+  }
+
+  T* o = static_cast<T*>(p.o);
+  CUTE_UNROLL
+  for (int hr = 0; hr < 2; ++hr) {
+    float l = row_sum[hr];
+    l += __shfl_xor_sync(0xffffffff, l, 1);
+    l += __shfl_xor_sync(0xffffffff, l, 2);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int r = row0 + 8 * hr;
+    if (r >= w.rows_valid) continue;
+    const int64_t tok = w.q_start + w.qs + r;
+    T* dst = o + tok * p.q_tok_stride + head * p.q_head_stride + col0;
+    CUTE_UNROLL
+    for (int db = 0; db < D / 8; ++db)
+      *reinterpret_cast<uint32_t*>(dst + 8 * db) = pack2<T>(tOrO(4 * db + 2 * hr) * inv, tOrO(4 * db + 2 * hr + 1) * inv);
+    if (lane % 4 == 0) p.lse[tok * p.num_qo_heads + head] = l > 0.f ? row_max[hr] + __log2f(l) : kNegInf;
+  }
+}
+
+template <typename T, int D, bool kPaged>
+__global__ void __launch_bounds__(kThreads, 1) fa3_forward_kernel(const __grid_constant__ Params p) {
+  using C = Config<T, D>;
+  // Tiles vary fastest: the CTAs resident at once share few heads, so their K/V stay in L2.
+  const int tile = blockIdx.x, head = blockIdx.y;
+  const int batch = p.tile_batch[tile];
+  if (batch < 0) return;
+  const TileWork w = tile_work<C::kBN>(p, batch, tile);
+
+  extern __shared__ unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  T* sK = sQ + C::kQElems;
+  T* sV = sK + C::kKElems;
+  const BarriersOf<T, D> bars{reinterpret_cast<uint64_t*>(sV + C::kVElems)};
+  int64_t* row_offsets = reinterpret_cast<int64_t*>(bars.base + C::kNumBarriers);
+  if (threadIdx.x == 0) {
+    bars.init();
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+  if (threadIdx.x < 128) {
+    cutlass::arch::warpgroup_reg_dealloc<JAXINFER_FA3_PRODUCER_REGS>();
+    producer<T, D, kPaged>(p, w, head, sQ, sK, sV, row_offsets, bars);
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<JAXINFER_FA3_CONSUMER_REGS>();
+    consumer<T, D>(p, w, head, sQ, sK, sV, bars);
+  }
+}
+
+// Rows [qo_indptr[num_batch], num_rows) belong to no request (q may be longer than the batch):
+// they get o = 0 and lse = -inf so the output is fully defined.
+template <typename T>
+__global__ void fill_tail_kernel(T* o, float* lse, const int32_t* qo_indptr, int num_batch, int64_t num_rows,
+                                 int64_t row_elems, int num_qo_heads) {
+  const int64_t first = qo_indptr[num_batch];
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = first * row_elems + blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < num_rows * row_elems;
+       i += stride)
+    o[i] = T(0.f);
+  for (int64_t i = first * num_qo_heads + blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+       i < num_rows * num_qo_heads; i += stride)
+    lse[i] = -INFINITY;
+}
+
+}  // namespace fa3
+}  // namespace jaxinfer
