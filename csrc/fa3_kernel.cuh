@@ -183,22 +183,13 @@ __device__ __forceinline__ void cp_async_16(const void* src, void* dst, bool pre
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(pred ? 16 : 0));
 }
 
-// One arrival on the mbarrier once every cp.async this thread issued so far has landed. By
-// default the thread does not wait (the barrier's count includes this arrival: .noinc); with
-// JAXINFER_FA3_SYNC_PUBLISH=1 it waits for its copies, fences them for the async proxy and
-// arrives itself (run 1's way, benchmarks/NOTES-ffi.md FA3 next steps: a tuning experiment).
-#ifndef JAXINFER_FA3_SYNC_PUBLISH
-#define JAXINFER_FA3_SYNC_PUBLISH 0
-#endif
+// One arrival on the mbarrier once every cp.async this thread issued so far has landed; the thread
+// does not wait (the barrier's count includes this arrival: .noinc). Waiting for the copies and
+// fencing them in the producer before arriving measured 300.6 against 365.6 TFLOP/s causal on the
+// H100 (benchmarks/NOTES-ffi.md); the consumers fence after the barrier instead.
 __device__ __forceinline__ void cp_async_arrive(uint64_t* bar) {
-  if constexpr (JAXINFER_FA3_SYNC_PUBLISH) {
-    asm volatile("cp.async.wait_all;\n" ::: "memory");
-    cutlass::arch::fence_view_async_shared();
-    cutlass::arch::ClusterBarrier::arrive(bar);
-  } else {
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(cute::cast_smem_ptr_to_uint(bar))
-                 : "memory");
-  }
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(cute::cast_smem_ptr_to_uint(bar))
+               : "memory");
 }
 
 // Address of element `coords` of a tile laid out by a GMMA smem layout (Swizzle o Layout). CuTe
