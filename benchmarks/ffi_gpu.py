@@ -249,8 +249,8 @@ def run_memcheck(timeout: int, backends: list[str]) -> str:
     return f"exit {proc.returncode}" + (" (no error)" if proc.returncode == 0 else "")
 
 
-# Tile-shape variants (fa2: Fa2Traits overrides of csrc/fa2_kernel.cuh; fa3: Shape / register
-# overrides of csrc/fa3_kernel.cuh) timed in child processes: tag -> (kernel, defines).
+# Tile-shape variants (fa2: Fa2Traits overrides of jaxinfer/csrc/fa2_kernel.cuh; fa3: Shape / register
+# overrides of jaxinfer/csrc/fa3_kernel.cuh) timed in child processes: tag -> (kernel, defines).
 _D128 = ("JAXINFER_FA2_MT_D128={},JAXINFER_FA2_WARPS_D128={},JAXINFER_FA2_BN_D128={},JAXINFER_FA2_MINB_D128={},"
          "JAXINFER_FA2_STAGES_D128={}")
 VARIANTS = {

@@ -1,4 +1,4 @@
-"""Build and load jaxinfer's host library (``csrc/planner.cc``: the Pallas backend's planner and
+"""Build and load jaxinfer's host library (``jaxinfer/csrc/planner.cc``: the Pallas backend's planner and
 the page-table check of the serving path).
 
 Plain C++17, no CUDA: compiled on first use with the system C++ compiler (``$CXX``, else
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from jaxinfer.ffi.build import cache_dir
 
-SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "planner.cc"
+SOURCE = Path(__file__).resolve().parent / "csrc" / "planner.cc"
 # -O3: GCC vectorizes the page-id scans only there (3x faster than -O2 on 16k ids).
 CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
 COMPILERS = ("c++", "g++", "clang++")
@@ -53,7 +53,7 @@ def library_path() -> Path:
     the flags and the CPU architecture, so a cached build loads without a compiler).
 
     Raises:
-      NativeBuildError: the source is missing (jaxinfer installed without its ``csrc/``).
+      NativeBuildError: the source is missing (an installation without ``jaxinfer/csrc/``).
     """
     if not SOURCE.is_file():
         raise NativeBuildError(f"{SOURCE} not found: install jaxinfer from a source checkout (pip install -e .)")
@@ -63,7 +63,7 @@ def library_path() -> Path:
 
 
 def build(force: bool = False) -> Path:
-    """Compile ``csrc/planner.cc`` (cached) and return the library's path.
+    """Compile ``jaxinfer/csrc/planner.cc`` (cached) and return the library's path.
 
     Raises:
       NativeBuildError: no compiler, no source, or the compiler failed (its output is in the
@@ -89,7 +89,7 @@ def build(force: bool = False) -> Path:
 
 @functools.cache
 def load() -> ctypes.CDLL:
-    """The host library with the ctypes signatures of its entry points (``csrc/planner.cc``
+    """The host library with the ctypes signatures of its entry points (``jaxinfer/csrc/planner.cc``
     documents them), built on first use and loaded once per process.
 
     Raises:

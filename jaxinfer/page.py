@@ -140,7 +140,7 @@ def check_page_table(
 def check_page_table_lens(kv_indptr, kv_indices, kv_last_page_len, page_size: int) -> tuple[np.ndarray, ...]:
     """:func:`check_page_table` and :func:`seq_lens_host` in one call.
 
-    int32 numpy arrays (the serving path) are checked in one native pass (csrc/planner.cc: one
+    int32 numpy arrays (the serving path) are checked in one native pass (jaxinfer/csrc/planner.cc: one
     call instead of ~20 numpy calls); anything else, every table that fails that pass, and a
     machine without a C++ compiler go through the numpy checks, which name the broken rule.
 

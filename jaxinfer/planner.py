@@ -21,7 +21,7 @@ After the dynamism-aware scheduler of the FlashInfer paper (arXiv 2501.01005, se
 Every buffer has a static capacity (``max_work_tiles`` tiles, ``split_budget`` partial slots,
 ``split_budget // 2`` merge groups), so a new batch composition never changes a shape.
 
-The planner runs in C++ (``csrc/planner.cc``, built and loaded by :mod:`jaxinfer.native`), one
+The planner runs in C++ (``jaxinfer/csrc/planner.cc``, built and loaded by :mod:`jaxinfer.native`), one
 call per plan, as FlashInfer's scheduler does: its numpy form cost ~50 numpy calls of 2-3 us each
 at B=256 (benchmarks/NOTES-planner.md) and is kept as the test oracle, tests/planner_ref.py.
 """
@@ -130,7 +130,7 @@ def _shapes(max_work_tiles: int, num_ctas: int, split_budget: int) -> tuple[tupl
 
 def plan_work(qo_indptr, kv_lens, kv_base, *, mask_offsets=None, out: tuple[np.ndarray, ...] | None = None,
               **kw) -> WorkBuffers:
-    """Plan one batch on the host (the compiled planner of ``csrc/planner.cc``, one call).
+    """Plan one batch on the host (the compiled planner of ``jaxinfer/csrc/planner.cc``, one call).
 
     Args:
       qo_indptr: ``[B+1]`` integer query row pointer.

@@ -1,6 +1,6 @@
 """The numpy form of :func:`jaxinfer.planner.plan_work`: the independent oracle of the native planner.
 
-This is the planner jaxinfer shipped before ``csrc/planner.cc`` replaced it (same algorithm, see
+This is the planner jaxinfer shipped before ``jaxinfer/csrc/planner.cc`` replaced it (same algorithm, see
 jaxinfer/planner.py's module doc); tests/test_planner.py compares the two bit for bit.
 """
 

@@ -131,7 +131,7 @@ def _poisoned_out(max_work_tiles, num_ctas, split_budget):
 @given(batches(max_batch=12), st.integers(2, 600), st.sampled_from([1, 1, 10]), st.booleans(), st.booleans(),
        st.one_of(st.just(2048), st.just(2048), st.integers(0, 64)))
 def test_native_matches_numpy_oracle(case, split_budget, kv_scale, masked, split_kv, max_work_tiles):
-    """csrc/planner.cc gives tests/planner_ref.py's buffers bit for bit, written into poisoned
+    """jaxinfer/csrc/planner.cc gives tests/planner_ref.py's buffers bit for bit, written into poisoned
     views of one packed array (every entry overwritten), or raises its capacity error. Budgets
     up to 600 tiles and keys up to 2000 let the larger batches split."""
     case["split_budget"] = split_budget

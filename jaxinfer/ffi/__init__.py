@@ -1,5 +1,5 @@
-"""jaxinfer's CUDA XLA-FFI path: FlashAttention kernels of ``csrc/`` as the ``"fa2"``/``"fa3"`` backends.
+"""jaxinfer's CUDA XLA-FFI path: FlashAttention kernels of ``jaxinfer/csrc/`` as the ``"fa2"``/``"fa3"`` backends.
 
-``build`` compiles ``csrc/`` with nvcc on first use (cached), ``ops`` holds the ``ffi_call``
+``build`` compiles ``jaxinfer/csrc/`` with nvcc on first use (cached), ``ops`` holds the ``ffi_call``
 wrappers, ``backend`` the backend objects. Importing this package needs neither nvcc nor a GPU.
 """

@@ -1,7 +1,7 @@
 """Backends ``"fa2"`` and ``"fa3"``: jaxinfer's CUDA FlashAttention kernels behind the backend API.
 
 ``plan`` cuts every request's queries into tiles of ``BLOCK_M`` rows (the CTA tile of
-``csrc/fa2_kernel.cuh`` / ``csrc/fa3_kernel.cuh``), orders the tiles longest KV range first (a
+``jaxinfer/csrc/fa2_kernel.cuh`` / ``jaxinfer/csrc/fa3_kernel.cuh``), orders the tiles longest KV range first (a
 longest-processing-time schedule: causal prefill tiles differ up to ``kv_len / BLOCK_M``-fold in
 work) and pads every array to the plan capacity, so a new batch of the same capacity never
 recompiles. ``run`` is one ``ffi_call`` (:func:`jaxinfer.ffi.ops.flash_forward`); one CTA per
@@ -25,7 +25,7 @@ from jaxinfer.batch import BatchSpec, PlanCapacity
 from jaxinfer.ffi import build, ops
 
 # Query rows of one CTA per kernel and head_dim: fa2, 16 * kMT * kWarps of Fa2Traits in
-# csrc/fa2_kernel.cuh; fa3, kBM of csrc/fa3_kernel.cuh (two consumer warpgroups of 64 rows).
+# jaxinfer/csrc/fa2_kernel.cuh; fa3, kBM of jaxinfer/csrc/fa3_kernel.cuh (two consumer warpgroups of 64 rows).
 BLOCK_M = {"fa2": {64: 128, 128: 128, 256: 64}, "fa3": {64: 128, 128: 128, 256: 128}}
 
 

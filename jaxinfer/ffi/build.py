@@ -1,4 +1,4 @@
-"""Build the CUDA sources of ``csrc/`` into a shared library of XLA FFI handlers, on first use.
+"""Build the CUDA sources of ``jaxinfer/csrc/`` into a shared library of XLA FFI handlers, on first use.
 
 Like FlashInfer's JIT, a library is compiled once per (source hash, GPU arch, jaxlib version,
 extra defines) into a cache directory (``$JAXINFER_CACHE_DIR`` or ``~/.cache/jaxinfer``) and
@@ -23,7 +23,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
 
 # Translation unit of each kernel family. FA2 runs on any sm80+ GPU, compiled for the device's
 # own arch (SASS of sm_80 does not run on sm_90); FA3 needs sm_90a (wgmma, setmaxnreg) and runs
@@ -111,8 +111,8 @@ def gencode(arch: str) -> list[str]:
 def source_hash(defines: tuple[str, ...] = (), kernel: str | None = None) -> str:
     """SHA-256 (16 hex digits) of the sources and the flags: the cache key's code part.
 
-    With ``kernel``, only the files of that family (``csrc/<kernel>_*``), so that editing one
-    kernel does not rebuild the other; otherwise every file of ``csrc/``.
+    With ``kernel``, only the files of that family (``jaxinfer/csrc/<kernel>_*``), so that editing one
+    kernel does not rebuild the other; otherwise every file of ``jaxinfer/csrc/``.
     """
     h = hashlib.sha256()
     for path in sorted(CSRC.glob(f"{kernel}_*" if kernel else "*")):

@@ -1,4 +1,4 @@
-"""``jax.ffi.ffi_call`` wrappers of jaxinfer's CUDA kernels (``csrc/``), registered lazily.
+"""``jax.ffi.ffi_call`` wrappers of jaxinfer's CUDA kernels (``jaxinfer/csrc/``), registered lazily.
 
 The handler library is built on first use (:mod:`jaxinfer.ffi.build`) for the arch of the local
 GPU and registered with ``jax.ffi.register_ffi_target(..., platform="CUDA")``. Without a GPU
@@ -19,7 +19,7 @@ from jaxinfer.ffi import build
 
 FA2_TARGET = "jaxinfer_fa2_forward"
 FA3_TARGET = "jaxinfer_fa3_forward"
-# Custom-call target and handler symbol of each kernel family (csrc/<kernel>_ffi.cu).
+# Custom-call target and handler symbol of each kernel family (jaxinfer/csrc/<kernel>_ffi.cu).
 TARGETS = {"fa2": FA2_TARGET, "fa3": FA3_TARGET}
 SYMBOLS = {"fa2": "JaxinferFa2Forward", "fa3": "JaxinferFa3Forward"}
 HEAD_DIMS = (64, 128, 256)
