@@ -13,9 +13,9 @@ writes ``$OUT/pallas_gpu.json`` when ``OUT`` is set.
 Timing: a jitted step dispatched ``iters`` times back to back, synchronised once, median over
 ``reps`` repeats (JAX's dispatch is asynchronous, so launches overlap the previous step).
 
-Sweeps (skipped with ``--no-sweep``) time tile configs, grid sizes and, for prefill, a
-(request, KV head)-major reordering of the plan's tiles (``kv_major_order``: the planner's order
-is what it tests), each output compared with the first variant's. ``--compile-only`` compiles the
+Sweeps (skipped with ``--no-sweep``) time tile configs and grids (for prefill, the backend's
+one-tile-per-CTA (request, KV head)-major grid against the persistent one), each output compared
+with the first variant's. ``--compile-only`` compiles the
 decode_rope and prefill kernels without running them, under names of their own, for XLA's dumps.
 """
 
@@ -25,9 +25,7 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
-import time
 import timeit
 
 import jax
@@ -39,7 +37,7 @@ from jaxinfer.bench.harness import median_seconds
 from jaxinfer.batch import BatchSpec, PlanCapacity
 from jaxinfer.pallas.backend import PallasBackend
 from jaxinfer.pallas.config import TileConfig
-from jaxinfer.planner import F, plan_work
+from jaxinfer.planner import plan_work
 from jaxinfer.reference import apply_rope_rotate_half
 from jaxinfer.variants import AttentionVariant
 
@@ -253,15 +251,11 @@ def run_prefill(rows, mm_rate, B=4, S=4096, H=32):
 
 
 def sweep(name, spec, q, k, v, variants, unit_amount, unit, sweeps):
-    """Time the Pallas backend over ``variants`` (label -> backend, or (backend, plan transform))
-    on one batch."""
+    """Time the Pallas backend over ``variants`` (label -> backend) on one batch."""
     first = None
-    for label, entry in variants.items():
-        be, transform = entry if isinstance(entry, tuple) else (entry, None)
+    for label, be in variants.items():
         try:
             plan = be.plan(spec, PlanCapacity())
-            if transform is not None:
-                plan = transform(plan)
             f = jax.jit(lambda p, q, k, v, be=be: be.run(p, q, k, v, kv_layout="NHD", return_lse=True))
             o = np.asarray(f(plan, q, k, v)[0], np.float32)
             first = o if first is None else first
@@ -275,60 +269,17 @@ def sweep(name, spec, q, k, v, variants, unit_amount, unit, sweeps):
         print(json.dumps(row), flush=True)
 
 
-def _kv_major(w):
-    """Order of tiles ``w`` (work rows): (request, KV head)-major, longest first within."""
-    cost = w[:, F["kv_hi"]] - w[:, F["kv_lo"]]
-    return np.lexsort((-cost, w[:, F["kv_head"]], w[:, F["kv_base"]]))
-
-
-def _repack(plan, work, per_cta):
-    ks, u = plan.kernel, plan.unpack()
-    cta = np.zeros(ks.num_ctas + 1, np.int32)
-    np.cumsum(per_cta, out=cta[1:])
-    return dataclasses.replace(plan, buffer=jnp.asarray(ks.pack(work, cta, u["merge_indptr"], u["merge_dest"], u["kv_indices"])))
-
-
-def kv_major_order(plan):
-    """The plan's tiles in :func:`_kv_major` order, one per CTA (needs ``num_ctas`` >= tiles, no
-    split): CTAs the hardware runs at the same time then share a few requests' KV in L2, where
-    the planner's cost order spreads them over all (request, head) pairs. Measures the order
-    only (the planner owns it)."""
-    ks, u = plan.kernel, plan.unpack()
-    n = int(u["cta_indptr"][-1])
-    if ks.num_slots or ks.num_ctas < n:
-        raise ValueError("kv_major_order needs a plan without split-KV and one tile per CTA")
-    work = u["work"].copy()
-    work[:n] = work[:n][_kv_major(work[:n])]
-    return _repack(plan, work, (np.arange(ks.num_ctas) < n).astype(np.int64))
-
-
-def kv_major_persistent(plan):
-    """The :func:`_kv_major` order dealt round-robin to the plan's persistent CTAs."""
-    ks, u = plan.kernel, plan.unpack()
-    n = int(u["cta_indptr"][-1])
-    if ks.num_slots:
-        raise ValueError("kv_major_persistent needs a plan without split-KV")
-    work = u["work"].copy()
-    cta_of = np.arange(n) % ks.num_ctas
-    work[:n] = work[:n][_kv_major(work[:n])][np.argsort(cta_of, kind="stable")]
-    return _repack(plan, work, np.bincount(cta_of, minlength=ks.num_ctas))
-
-
 DECODE_SWEEP = {
     "default": PallasBackend(),
     "bm16_bn64_w4_s2_c396": PallasBackend(config=TileConfig(16, 64, 4, 2, ctas_per_sm=3)),
 }
-# "grid": num_ctas >= the 4096 tiles of this batch, one tile per program (a non-persistent grid
-# scheduled by the hardware); "kvmajor": tiles in (request, KV head)-major order (L2 reuse).
-_GRID = 4096
+# "kvmajor": the default prefill plan, one CTA per tile in (request, KV head)-major order;
+# "c264": the persistent grid of 2 CTAs per SM in the planner's cost order.
 PREFILL_SWEEP = {
-    "bm128_bn64_w8_s3_c264_ahead": PallasBackend(split_factor=0),
-    "bm128_bn64_w8_s3_c264": PallasBackend(split_factor=0, config=TileConfig(128, 64, 8, 3)),
-    "bm128_bn64_w8_s4_c264_ahead": PallasBackend(split_factor=0, config=TileConfig(128, 64, 8, 4, qk_ahead=True)),
-    "bm64_bn64_w4_s3_c264_ahead": PallasBackend(split_factor=0, config=TileConfig(64, 64, 4, 3, qk_ahead=True)),
-    "bm128_bn64_w8_s3_grid_kvmajor": (PallasBackend(split_factor=0, num_ctas=_GRID, config=TileConfig(128, 64, 8, 3)), kv_major_order),
-    "bm128_bn64_w8_s3_grid_kvmajor_ahead": (PallasBackend(split_factor=0, num_ctas=_GRID), kv_major_order),
-    "bm64_bn64_w4_s3_grid_kvmajor_ahead": (PallasBackend(split_factor=0, num_ctas=2 * _GRID, config=TileConfig(64, 64, 4, 3, qk_ahead=True)), kv_major_order),
+    "bm128_bn64_w8_s3_kvmajor_ahead": PallasBackend(),
+    "bm128_bn64_w8_s3_c264_ahead": PallasBackend(kv_major_grid=False),
+    "bm128_bn64_w8_s3_kvmajor": PallasBackend(config=TileConfig(128, 64, 8, 3)),
+    "bm128_bn64_w8_s3_c264": PallasBackend(kv_major_grid=False, config=TileConfig(128, 64, 8, 3)),
 }
 
 

@@ -87,7 +87,8 @@ class NumpyPlanBackend(pallas_backend.PallasBackend):
 
     def plan(self, spec, capacity):
         cfg = self.tile_config(spec, capacity)
-        max_tiles = self._work_capacity(spec, cfg, capacity)
+        unsplit = pallas_backend.count_query_tiles(spec.qo_indptr, cfg.tokens_per_tile(spec.group_size)) * spec.num_kv_heads
+        max_tiles = self._work_capacity(unsplit, cfg, capacity)
         ks = self._kernel_spec(spec, cfg, max_tiles, self._page_capacity(spec, capacity), False)
         host = pallas_backend._aligned_empty(ks.buffer_size)
         wb = plan_work_ref(spec.qo_indptr, spec.kv_lens, spec.kv_indptr[:-1], **self._plan_kwargs(spec, cfg, max_tiles))

@@ -161,3 +161,27 @@ def test_unsupported_reasons():
     assert "head_dim" in be.unsupported(spec(head_dim=96))
     assert "ROPE_LLAMA" in be.unsupported(spec(head_dim=16, variant=AttentionVariant(pos_encoding_mode="ROPE_LLAMA")))
     assert "float32" in be.unsupported(spec(q_dtype=jnp.float32))
+
+
+# Two persistent CTAs, so that a few 64-row prefill tiles already fill the grid.
+KV_MAJOR = PallasBackend(num_sms=1, split_factor=4, config=TileConfig(64, 16, 4, 1, ctas_per_sm=2))
+
+
+@pytest.mark.parametrize("page_size", [None, 5])
+def test_kv_major_grid(rng, page_size):
+    """A prefill plan that fills the persistent grid runs one tile per CTA, (request, KV head)-major
+    and longest first within, and computes the same attention."""
+    qo_lens, kv_lens = np.array([40, 0, 70, 9]), np.array([40, 3, 90, 9])
+    plan = _run_case(rng, qo_lens, kv_lens, backend=KV_MAJOR, page_size=page_size, hq=4, hkv=2, causal=True)
+    u, ks = plan.unpack(), plan.kernel
+    n = int(u["cta_indptr"][-1])
+    assert ks.num_slots == 0 and ks.num_ctas >= n > KV_MAJOR.grid_size(KV_MAJOR.config)
+    np.testing.assert_array_equal(u["cta_indptr"], np.minimum(np.arange(ks.num_ctas + 1), n))
+    w = u["work"][:n]
+    key = list(zip(w[:, F["kv_base"]], w[:, F["kv_head"]], w[:, F["kv_lo"]] - w[:, F["kv_hi"]]))
+    assert key == sorted(key)
+    # A fixed tile capacity keeps the persistent grid (one compiled shape for every batch).
+    indptr = np.concatenate([[0], np.cumsum(kv_lens)]).astype(np.int32)
+    spec = BatchSpec.create(np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32), indptr, None, None, page_size=1,
+                            num_qo_heads=4, num_kv_heads=2, head_dim=32, variant=AttentionVariant(causal=True))
+    assert KV_MAJOR.plan(spec, PlanCapacity(max_work_tiles=64)).kernel.num_ctas == KV_MAJOR.grid_size(KV_MAJOR.config)

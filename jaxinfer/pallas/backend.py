@@ -19,7 +19,7 @@ from jaxinfer import native
 from jaxinfer.batch import BatchSpec, PlanCapacity, next_pow2
 from jaxinfer.pallas.attention import KernelSpec, attention
 from jaxinfer.pallas.config import TileConfig, heuristic_config
-from jaxinfer.planner import MERGE_FIELDS, WORK_FIELDS, count_query_tiles, plan_work_in_jit, plan_work_packed
+from jaxinfer.planner import F, MERGE_FIELDS, WORK_FIELDS, count_query_tiles, plan_work_in_jit, plan_work_packed
 from jaxinfer.variants import AttentionVariant
 
 H100_SMS = 132
@@ -72,6 +72,12 @@ class PallasBackend:
         partial-slot capacity); ``0`` disables split-KV.
       config: a fixed :class:`TileConfig`, or ``None`` for :func:`heuristic_config`.
       min_chunk: smallest KV chunk of a split (tokens).
+      kv_major_grid: prefill-class plans (``config.block_m >= 64``) whose unsplit tiles fill the
+        persistent grid run one tile per CTA instead, in (request, KV head)-major order, longest
+        first within: CTAs the hardware runs together then share a few requests' KV in L2,
+        where the persistent grid's cost order spreads them over every (request, KV head)
+        (H100, prefill_causal: +10 %, benchmarks/NOTES-pallas.md). Only with ``num_ctas``
+        and ``max_work_tiles`` unset: the grid is the tile capacity, a per-batch shape.
     """
 
     name: str = "pallas"
@@ -80,6 +86,7 @@ class PallasBackend:
     split_factor: int = 4
     config: TileConfig | None = None
     min_chunk: int = 256
+    kv_major_grid: bool = True
 
     def unsupported(self, spec: BatchSpec) -> str | None:
         """Why this backend cannot serve ``spec`` (``None`` if it can)."""
@@ -139,12 +146,18 @@ class PallasBackend:
         kv = capacity.resolve("max_kv_len", int(spec.kv_lens.max(initial=0)))
         return max(1, batch * -(-kv // spec.page_size))
 
-    def _work_capacity(self, spec: BatchSpec, cfg: TileConfig, capacity: PlanCapacity) -> int:
+    def _work_capacity(self, unsplit: int, cfg: TileConfig, capacity: PlanCapacity) -> int:
         """``max_work_tiles``: fixed, it caps the split; unset, it leaves room for a full split
-        plan (``split_factor * num_ctas`` tiles) or the unsplit tiles, whichever is more."""
-        unsplit = count_query_tiles(spec.qo_indptr, cfg.tokens_per_tile(spec.group_size)) * spec.num_kv_heads
+        plan (``split_factor * num_ctas`` tiles) or the ``unsplit`` tiles, whichever is more."""
         wanted = unsplit if capacity.max_work_tiles is not None else max(unsplit, self.split_factor * self.grid_size(cfg))
         return capacity.resolve("max_work_tiles", wanted)
+
+    def _grid_backend(self, unsplit: int, cfg: TileConfig, capacity: PlanCapacity) -> PallasBackend:
+        """This backend, or for a ``kv_major_grid`` plan the one with a CTA per tile (no split)."""
+        if (not self.kv_major_grid or self.num_ctas is not None or capacity.max_work_tiles is not None
+                or cfg.block_m < 64 or unsplit < self.grid_size(cfg)):
+            return self
+        return dataclasses.replace(self, num_ctas=next_pow2(unsplit), split_factor=0, kv_major_grid=False)
 
     def plan(self, spec: BatchSpec, capacity: PlanCapacity) -> PallasPlan:
         """Plan ``spec`` on the host (the compiled planner) into static-capacity device buffers.
@@ -159,17 +172,21 @@ class PallasBackend:
           ValueError: the batch exceeds a fixed field of ``capacity``.
         """
         cfg = self.tile_config(spec, capacity)
-        max_tiles = self._work_capacity(spec, cfg, capacity)
+        unsplit = count_query_tiles(spec.qo_indptr, cfg.tokens_per_tile(spec.group_size)) * spec.num_kv_heads
+        backend = self._grid_backend(unsplit, cfg, capacity)
+        max_tiles = backend._work_capacity(unsplit, cfg, capacity)
         mask = _device_mask(spec.custom_mask)
-        ks = self._kernel_spec(spec, cfg, max_tiles, self._page_capacity(spec, capacity), mask is not None)
+        ks = backend._kernel_spec(spec, cfg, max_tiles, backend._page_capacity(spec, capacity), mask is not None)
         # A fresh host buffer per plan: the copy may read it after ``plan`` returns (see
         # _to_device), so it is never reused.
         host = _aligned_empty(ks.buffer_size)
         kv_indptr = spec.kv_indptr
-        plan_work_packed(host, spec.qo_indptr, spec.kv_lens, kv_indptr[:-1],
-                         kv_indices=spec.kv_indices[: kv_indptr[-1]] if spec.paged else None,
-                         mask_offsets=spec.mask_indptr[:-1] if mask is not None else None,
-                         **self._plan_kwargs(spec, cfg, max_tiles))
+        num_tiles, _, _ = plan_work_packed(host, spec.qo_indptr, spec.kv_lens, kv_indptr[:-1],
+                                           kv_indices=spec.kv_indices[: kv_indptr[-1]] if spec.paged else None,
+                                           mask_offsets=spec.mask_indptr[:-1] if mask is not None else None,
+                                           **backend._plan_kwargs(spec, cfg, max_tiles))
+        if backend is not self:
+            _kv_major_order(host, ks, num_tiles)
         return PallasPlan(buffer=_to_device(host), kernel=ks, config=cfg, mask=mask)
 
     def plan_in_jit(self, spec: BatchSpec, capacity: PlanCapacity, qo_indptr, kv_indptr, kv_indices, kv_last_page_len) -> PallasPlan:
@@ -272,6 +289,15 @@ def _cached_kernel_spec(backend: PallasBackend, paged: bool, page_size: int, num
         use_softmax=v.use_softmax,
         callables=v if v.has_user_callables else None,
     )
+
+
+def _kv_major_order(host: np.ndarray, ks: KernelSpec, num_tiles: int) -> None:
+    """Reorder a one-tile-per-CTA plan in place (``host``: its packed buffer): CTA ``c`` runs tile
+    ``c``, tiles (request, KV head)-major and longest KV range first within each."""
+    work = host[: ks.off_cta].reshape(ks.max_tiles, len(WORK_FIELDS))[:num_tiles]
+    cost = work[:, F["kv_lo"]] - work[:, F["kv_hi"]]
+    work[:] = work[np.lexsort((cost, work[:, F["kv_head"]], work[:, F["kv_base"]]))]
+    np.minimum(np.arange(ks.num_ctas + 1), num_tiles, out=host[ks.off_cta : ks.off_merge_indptr])
 
 
 def _aligned_empty(size: int, align: int = 64) -> np.ndarray:
