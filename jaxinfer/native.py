@@ -3,7 +3,7 @@ the page-table check of the serving path).
 
 Plain C++17, no CUDA: compiled on first use with the system C++ compiler (``$CXX``, else
 ``c++``, ``g++`` or ``clang++`` on ``PATH``; about 1 s) into the cache directory of the FFI
-kernels (``$JAXINFER_CACHE_DIR`` or ``~/.cache/jaxinfer``, see :mod:`jaxinfer.ffi.build`), keyed
+kernels (``$JAXINFER_CACHE_DIR`` or ``~/.cache/jaxinfer``, see :mod:`jaxinfer.buildcache`), keyed
 by a hash of the source, the flags and the CPU architecture, and loaded with ``ctypes``. Build
 ahead of time with ``python -m jaxinfer.native``.
 """
@@ -16,11 +16,9 @@ import hashlib
 import os
 import platform
 import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
-from jaxinfer.ffi.build import cache_dir
+from jaxinfer.buildcache import cache_dir, compile_library
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "planner.cc"
 # -O3: GCC vectorizes the page-id scans only there (3x faster than -O2 on 16k ids).
@@ -73,18 +71,8 @@ def build(force: bool = False) -> Path:
     if target.is_file() and not force:
         return target
     compiler = find_compiler()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Compile to a private name and rename: a process racing this one never loads a half-written
-    # file, and either finished build is a valid result.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    cmd = [compiler, *CXX_FLAGS, str(SOURCE), "-o", tmp]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        os.unlink(tmp)
-        raise NativeBuildError(f"building jaxinfer's host planner failed:\n{' '.join(cmd)}\n{proc.stderr[-8000:]}")
-    os.replace(tmp, target)
-    return target
+    return compile_library(target, lambda tmp: [compiler, *CXX_FLAGS, str(SOURCE), "-o", tmp], NativeBuildError,
+                           "building jaxinfer's host planner")
 
 
 @functools.cache

@@ -19,9 +19,9 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import subprocess
-import tempfile
 from pathlib import Path
+
+from jaxinfer.buildcache import cache_dir, compile_library
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 
@@ -129,10 +129,6 @@ def env_defines(kernel: str = "fa2") -> tuple[str, ...]:
     return tuple(d for d in os.environ.get(f"JAXINFER_{kernel.upper()}_DEFINES", "").split(",") if d)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("JAXINFER_CACHE_DIR", Path.home() / ".cache" / "jaxinfer"))
-
-
 def library_path(kernel: str, arch: str, defines: tuple[str, ...] = ()) -> Path:
     """Where the library of (kernel, arch, jaxlib, sources, defines) lives in the cache."""
     key = f"{kernel}-{arch}-jaxlib{jaxlib_version()}-{source_hash(defines, kernel)}"
@@ -181,17 +177,8 @@ def build(kernel: str = "fa2", arch: str = "sm_80", *, output: Path | None = Non
     target = Path(output) if output is not None else library_path(kernel, arch, tuple(defines))
     if target.is_file() and not force and output is None:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Compile to a temporary name and rename: concurrent processes never load a half-written file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    cmd = nvcc_command(kernel, arch, Path(tmp), tuple(defines))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        os.unlink(tmp)
-        raise BuildError(f"nvcc failed building {kernel} for {arch}:\n{' '.join(cmd)}\n{proc.stderr[-8000:]}")
-    os.replace(tmp, target)
-    return target
+    return compile_library(target, lambda tmp: nvcc_command(kernel, arch, Path(tmp), tuple(defines)), BuildError,
+                           f"nvcc building {kernel} for {arch}")
 
 
 def kernel_arch(kernel: str, cc: int) -> str:
