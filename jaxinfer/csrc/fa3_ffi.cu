@@ -12,6 +12,8 @@
 // No host synchronisation and no allocation, so the handler is command-buffer (CUDA graph) safe.
 #include <string>
 
+#include <cudaTypedefs.h>
+
 // XLA's header first: CuTe's SM100 MMA traits (pulled in by cute/tensor.hpp) turn
 // -Wmissing-field-initializers into an error for the rest of the translation unit.
 #include "xla/ffi/api/ffi.h"
@@ -31,9 +33,54 @@ ffi::Error cuda_error(const char* what) {
   return ffi::Error::Internal(std::string("jaxinfer_fa3_forward: ") + what + ": " + cudaGetErrorString(err));
 }
 
+// cuTensorMapEncodeTiled from the driver, looked up once through the runtime (no -lcuda).
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess)
+      f = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// The tensor map of a dense [rows, heads, head_dim] tensor read in boxes of 64 columns x 1 head x
+// box_rows rows, 128-byte swizzled (fa3_kernel.cuh, Params); rows past `rows` read as zeros.
+ffi::Error encode_tensor_map(CUtensorMap* map, const void* data, bool bf16, int64_t rows, int64_t heads,
+                             int64_t head_dim, int box_rows) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (encode == nullptr)
+    return ffi::Error::Internal("jaxinfer_fa3_forward: the CUDA driver has no cuTensorMapEncodeTiled (driver < 12.0)");
+  if (rows == 0) return ffi::Error::Success();  // nothing is ever read through it
+  const cuuint64_t dims[3] = {cuuint64_t(head_dim), cuuint64_t(heads), cuuint64_t(rows)};
+  const cuuint64_t strides[2] = {cuuint64_t(head_dim * 2), cuuint64_t(heads * head_dim * 2)};  // bytes
+  const cuuint32_t box[3] = {64, 1, cuuint32_t(box_rows)};
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  const CUresult r = encode(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 3,
+                            const_cast<void*>(data), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    return ffi::Error::Internal("jaxinfer_fa3_forward: cuTensorMapEncodeTiled failed with CUresult " +
+                                std::to_string(int(r)));
+  return ffi::Error::Success();
+}
+
 template <typename T, int D, bool kPaged>
-ffi::Error launch(cudaStream_t stream, const Params& p, int num_tiles, int num_batch, int64_t num_rows) {
-  constexpr int kSmem = Config<T, D>::kSmemBytes;
+ffi::Error launch(cudaStream_t stream, Params& p, int num_tiles, int num_batch, int64_t num_rows, int64_t num_kv_rows,
+                  int64_t num_kv_heads) {
+  using C = Config<T, D>;
+  constexpr int kSmem = C::kSmemBytes;
+  constexpr bool kBf16 = std::is_same_v<T, cutlass::bfloat16_t>;
+  if (ffi::Error e = encode_tensor_map(&p.tma_q, p.q, kBf16, num_rows, p.num_qo_heads, D, kBM); e.failure()) return e;
+  if constexpr (!kPaged) {
+    for (auto [map, data] : {std::pair{&p.tma_k, p.k}, std::pair{&p.tma_v, p.v}})
+      if (ffi::Error e = encode_tensor_map(map, data, kBf16, num_kv_rows, num_kv_heads, D, C::kBN); e.failure())
+        return e;
+  }
   auto kernel = fa3_forward_kernel<T, D, kPaged>;
   // Needed above 48 KiB of dynamic shared memory; idempotent, no stream work.
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) != cudaSuccess)
@@ -51,16 +98,15 @@ ffi::Error launch(cudaStream_t stream, const Params& p, int num_tiles, int num_b
   return ffi::Error::Success();
 }
 
-template <typename T>
-ffi::Error dispatch(int head_dim, bool paged, cudaStream_t stream, const Params& p, int num_tiles, int num_batch,
-                    int64_t num_rows) {
+template <typename T, typename... Args>
+ffi::Error dispatch(int head_dim, bool paged, Args&&... args) {
   switch (head_dim * 2 + int(paged)) {
-    case 128: return launch<T, 64, false>(stream, p, num_tiles, num_batch, num_rows);
-    case 129: return launch<T, 64, true>(stream, p, num_tiles, num_batch, num_rows);
-    case 256: return launch<T, 128, false>(stream, p, num_tiles, num_batch, num_rows);
-    case 257: return launch<T, 128, true>(stream, p, num_tiles, num_batch, num_rows);
-    case 512: return launch<T, 256, false>(stream, p, num_tiles, num_batch, num_rows);
-    case 513: return launch<T, 256, true>(stream, p, num_tiles, num_batch, num_rows);
+    case 128: return launch<T, 64, false>(args...);
+    case 129: return launch<T, 64, true>(args...);
+    case 256: return launch<T, 128, false>(args...);
+    case 257: return launch<T, 128, true>(args...);
+    case 512: return launch<T, 256, false>(args...);
+    case 513: return launch<T, 256, true>(args...);
     default: return ffi::Error::InvalidArgument("jaxinfer_fa3_forward: head_dim must be 64, 128 or 256");
   }
 }
@@ -126,11 +172,14 @@ ffi::Error Fa3ForwardImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
 
   const int num_tiles = int(tile_batch.element_count());
   const int num_batch = int(kv_lens.element_count());
+  const int64_t num_kv_rows = kd[0];
   switch (q.element_type()) {
     case ffi::DataType::BF16:
-      return dispatch<cutlass::bfloat16_t>(int(head_dim), paged, stream, p, num_tiles, num_batch, num_rows);
+      return dispatch<cutlass::bfloat16_t>(int(head_dim), paged, stream, p, num_tiles, num_batch, num_rows,
+                                           num_kv_rows, num_kv_heads);
     case ffi::DataType::F16:
-      return dispatch<cutlass::half_t>(int(head_dim), paged, stream, p, num_tiles, num_batch, num_rows);
+      return dispatch<cutlass::half_t>(int(head_dim), paged, stream, p, num_tiles, num_batch, num_rows, num_kv_rows,
+                                       num_kv_heads);
     default: return ffi::Error::InvalidArgument("jaxinfer_fa3_forward: dtype must be bfloat16 or float16");
   }
 }

@@ -26,6 +26,7 @@
 // a row with no visible key gives o = 0 and lse = -inf.
 #pragma once
 
+#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -35,6 +36,7 @@
 #include <type_traits>
 
 #include <cute/tensor.hpp>
+#include <cute/arch/copy_sm90_desc.hpp>
 #include <cute/arch/mma_sm90.hpp>
 #include <cute/atom/mma_atom.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
@@ -48,7 +50,11 @@ namespace fa3 {
 namespace GMMA = cute::SM90::GMMA;
 
 // Everything the kernel reads; strides are in elements (the FFI handler fills it like Fa2Params).
+// The tensor maps (TMA descriptors, encoded on the host per call) cover q [nnz_q, Hq, D] and, for
+// ragged KV, k and v [nnz_kv, Hkv, D], as 3-d tensors (D, heads, rows) read in boxes of 64
+// columns (128 bytes, the swizzle width) x 1 head x a tile of rows, 128-byte swizzled.
 struct Params {
+  CUtensorMap tma_q, tma_k, tma_v;
   const void* q;
   const void* k;
   const void* v;
@@ -134,8 +140,11 @@ template <typename T, int D> struct Config {
                                                cute::Shape<cute::Int<kBM>, cute::Int<D>>{}));
   using LayoutK = decltype(cute::tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
                                                cute::Shape<cute::Int<kBN>, cute::Int<D>, cute::Int<kStagesK>>{}));
+  // Keys before head_dim blocks: each 64-column block of a V tile is kBN rows of 128 bytes, the
+  // box a TMA load writes (the same bytes as K's layout, read as the transposed operand).
   using LayoutVt = decltype(cute::tile_to_shape(GMMA::Layout_MN_SW128_Atom<T>{},
-                                                cute::Shape<cute::Int<D>, cute::Int<kBN>, cute::Int<kStagesV>>{}));
+                                                cute::Shape<cute::Int<D>, cute::Int<kBN>, cute::Int<kStagesV>>{},
+                                                cute::Step<cute::_2, cute::_1, cute::_3>{}));
   using MmaQK = decltype(cute::make_tiled_mma(
       GMMA::ss_op_selector<T, T, float, cute::Shape<cute::_64, cute::Int<kBN>, cute::Int<D>>>(),
       cute::Layout<cute::Shape<cute::_2, cute::_1, cute::_1>>{}));
@@ -201,17 +210,12 @@ __device__ __forceinline__ T* smem_at(T* base, Cs... coords) {
   return reinterpret_cast<T*>(reinterpret_cast<char*>(base) + Layout{}.layout_a()(byte));
 }
 
-// Offset (elements) of token t of a request's KV, head 0 (the page id is looked up per key).
-template <bool kPaged>
-__device__ __forceinline__ int64_t kv_row_offset(const Params& p, int64_t kv_start, int t) {
-  if constexpr (!kPaged) {
-    return (kv_start + t) * p.kv_tok_stride;
-  } else {
-    const int slot_idx = p.page_shift >= 0 ? t >> p.page_shift : t / p.page_size;
-    const int in_page = t - slot_idx * p.page_size;
-    const int page = __ldg(p.kv_indices + kv_start + slot_idx);
-    return int64_t(page) * p.kv_page_stride + int64_t(in_page) * p.kv_tok_stride;
-  }
+// Offset (elements) of token t of a request's paged KV, head 0 (the page id is looked up per key).
+__device__ __forceinline__ int64_t paged_row_offset(const Params& p, int64_t kv_start, int t) {
+  const int slot_idx = p.page_shift >= 0 ? t >> p.page_shift : t / p.page_size;
+  const int in_page = t - slot_idx * p.page_size;
+  const int page = __ldg(p.kv_indices + kv_start + slot_idx);
+  return int64_t(page) * p.kv_page_stride + int64_t(in_page) * p.kv_tok_stride;
 }
 
 // The accumulator of a 64xN wgmma, ((2, 2, N/8), M, N'), regrouped as the A operand of the next
@@ -264,10 +268,11 @@ template <int kBN> __device__ __forceinline__ TileWork tile_work(const Params& p
   return w;
 }
 
-// The CTA's mbarriers: Q loaded; per ring slot, K loaded / V loaded (128 producer arrivals, one
-// per thread, when its copies land) and K free / V free (one arrival per consumer warp). K and V
-// have their own barriers so that K of a slot is refilled as soon as Q K^T has read it, while
-// V of the slot is still waiting for P V.
+// The CTA's mbarriers: Q loaded (one TMA arrival with its byte count); per ring slot, K loaded /
+// V loaded (paged: 128 producer arrivals, one per thread, when its copies land; ragged: one
+// arrival, with the TMA byte count or after the edge tile's copies landed) and K free / V free
+// (one arrival per consumer warp). K and V have their own barriers so that K of a slot is
+// refilled as soon as Q K^T has read it, while V of the slot is still waiting for P V.
 template <int kSK, int kSV> struct Barriers {
   static constexpr int kCount = 1 + 2 * (kSK + kSV);
   uint64_t* base;
@@ -276,8 +281,9 @@ template <int kSK, int kSV> struct Barriers {
   __device__ __forceinline__ uint64_t* v_full(int s) const { return base + 1 + kSK + s; }
   __device__ __forceinline__ uint64_t* k_empty(int s) const { return base + 1 + kSK + kSV + s; }
   __device__ __forceinline__ uint64_t* v_empty(int s) const { return base + 1 + 2 * kSK + kSV + s; }
-  __device__ __forceinline__ void init() const {
-    for (int b = 0; b < 1 + kSK + kSV; ++b) cutlass::arch::ClusterBarrier::init(base + b, 128);
+  __device__ __forceinline__ void init(int full_count) const {
+    cutlass::arch::ClusterBarrier::init(base, 1);
+    for (int b = 1; b < 1 + kSK + kSV; ++b) cutlass::arch::ClusterBarrier::init(base + b, full_count);
     for (int b = 1 + kSK + kSV; b < kCount; ++b) cutlass::arch::ClusterBarrier::init(base + b, 8);
   }
 };
@@ -287,7 +293,72 @@ template <typename T, int D> using BarriersOf = Barriers<Config<T, D>::kStagesK,
 // complete their (i / kStages)-th phase for it.
 template <int kStages> __device__ __forceinline__ uint32_t phase_of(int i) { return (i / kStages) & 1; }
 
-// Producer: rows of a tile are split over the 128 threads, kThreadsPerRow threads per row (16
+// TMA load of one box of a tensor map (coordinates: column, head, row) into shared memory; the
+// box's bytes complete on the mbarrier's transaction count when they land.
+__device__ __forceinline__ void tma_load(const CUtensorMap& map, uint64_t* bar, const void* dst, int col, int head,
+                                         int row) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n"
+      ::"r"(cute::cast_smem_ptr_to_uint(dst)), "l"(reinterpret_cast<uint64_t>(&map)), "r"(col), "r"(head), "r"(row),
+      "r"(cute::cast_smem_ptr_to_uint(bar))
+      : "memory");
+}
+
+// Rows [row, row + kRows) x D of one head into a tile of the layouts above (D / 64 boxes, each a
+// contiguous block of kRows x 128 bytes); one thread arrives for all of it with the byte count.
+template <int kRows, int D, typename T>
+__device__ __forceinline__ void tma_tile(const CUtensorMap& map, uint64_t* bar, T* dst, int head, int row) {
+  cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(bar, kRows * D * sizeof(T));
+  CUTE_UNROLL
+  for (int c = 0; c < D / 64; ++c) tma_load(map, bar, dst + c * kRows * 64, c * 64, head, row);
+}
+
+// Ragged KV producer, one warp. A full tile is D / 64 TMA loads issued by lane 0 (FA3 paper sec.
+// 3.1: the producer costs the consumers almost no issue slots). The tile crossing kv_len goes
+// through cp.async with zero-fill instead: the rows past the request (the next request's keys, or
+// padding that may hold anything) must not reach P V, where 0 * NaN would poison O. It is one tile
+// per CTA at most, so its copies are awaited before the (single) arrival.
+template <typename T, int D>
+__device__ __forceinline__ void producer_ragged(const Params& p, const TileWork& w, int head, T* sK, T* sV,
+                                                BarriersOf<T, D> bars) {
+  using C = Config<T, D>;
+  constexpr int kBN = C::kBN;
+  using Bar = cutlass::arch::ClusterBarrier;
+  const int lane = threadIdx.x % 32;
+  const int kv_head = head / p.group_size;
+  auto load = [&](auto is_v, int i) {
+    constexpr bool kV = decltype(is_v)::value;
+    constexpr int kStages = kV ? C::kStagesV : C::kStagesK;
+    const int slot = i % kStages;
+    uint64_t* full = kV ? bars.v_full(slot) : bars.k_full(slot);
+    // Tile i - kStages, the previous user of the slot, has been read by every consumer warp.
+    if (i >= kStages) Bar::wait(kV ? bars.v_empty(slot) : bars.k_empty(slot), phase_of<kStages>(i) ^ 1);
+    const int t0 = w.t_first + i * kBN;
+    if (t0 + kBN <= w.kv_len) {
+      if (lane == 0) tma_tile<kBN, D>(kV ? p.tma_v : p.tma_k, full, (kV ? sV : sK) + slot * kBN * D, kv_head,
+                                      int(w.kv_start) + t0);
+      return;
+    }
+    const T* src = static_cast<const T*>(kV ? p.v : p.k) + kv_head * p.kv_head_stride;
+    for (int idx = lane; idx < kBN * D / 8; idx += 32) {
+      const int r = idx / (D / 8), col = idx % (D / 8) * 8;
+      const bool ok = t0 + r < w.kv_len;
+      T* dst = kV ? smem_at<typename C::LayoutVt>(sV, col, r, slot) : smem_at<typename C::LayoutK>(sK, r, col, slot);
+      cp_async_16(ok ? src + (w.kv_start + t0 + r) * p.kv_tok_stride + col : src, dst, ok);
+    }
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+    __syncwarp();
+    if (lane == 0) Bar::arrive(full);
+  };
+  // K of tile i + 1 goes out before V of tile i, the order the consumers need them in.
+  load(std::false_type{}, 0);
+  for (int i = 0; i < w.num_kv_tiles; ++i) {
+    if (i + 1 < w.num_kv_tiles) load(std::false_type{}, i + 1);
+    load(std::true_type{}, i);
+  }
+}
+
+// Paged KV producer: rows of a tile are split over the 128 threads, kThreadsPerRow threads per row (16
 // bytes each, coalesced), kRowStep rows apart. kRowStep is a multiple of 8, the period of the
 // 128-byte swizzle, so a thread's shared-memory addresses in a tile are its first row's address
 // plus multiples of one compile-time stride.
@@ -299,32 +370,19 @@ template <int D> struct ProducerMap {
   static_assert(kRowStep % 8 == 0, "rows of one thread must share their swizzle phase");
 };
 
-template <typename T, int D, bool kPaged>
-__device__ __forceinline__ void producer(const Params& p, const TileWork& w, int head, T* sQ, T* sK, T* sV,
-                                         int64_t* row_offsets, BarriersOf<T, D> bars) {
+template <typename T, int D>
+__device__ __forceinline__ void producer_paged(const Params& p, const TileWork& w, int head, T* sK, T* sV,
+                                               int64_t* row_offsets, BarriersOf<T, D> bars) {
   using C = Config<T, D>;
   using M = ProducerMap<D>;
   constexpr int kBN = C::kBN, kSK = C::kStagesK, kSV = C::kStagesV, kRowStep = M::kRowStep, kColStep = M::kColStep;
-  static_assert(kBN % kRowStep == 0 && kBM % kRowStep == 0 && kBN <= 128, "tiles must split evenly over the producer");
+  static_assert(kBN % kRowStep == 0 && kBN <= 128, "tiles must split evenly over the producer");
   using Bar = cutlass::arch::ClusterBarrier;
-  if (w.num_kv_tiles == 0) return;
   const int ptid = threadIdx.x;
   const int ld_row = ptid / M::kThreadsPerRow;
   const int col0 = (ptid % M::kThreadsPerRow) * 8;
-  const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
-
-  const T* q_rows = q + (w.q_start + w.qs + ld_row) * p.q_tok_stride + head * p.q_head_stride + col0;
-  CUTE_UNROLL
-  for (int j = 0; j < kBM / kRowStep; ++j) {
-    const bool ok = ld_row + j * kRowStep < w.rows_valid;
-    CUTE_UNROLL
-    for (int c = 0; c < M::kChunks; ++c)
-      cp_async_16(ok ? q_rows + j * kRowStep * p.q_tok_stride + c * kColStep : q,
-                  smem_at<typename C::LayoutQ>(sQ, ld_row + j * kRowStep, col0 + c * kColStep), ok);
-  }
-  cp_async_arrive(bars.q());
 
   // Shared addresses of this thread's chunks in row ld_row of slot 0; other rows and slots are
   // compile-time offsets from them.
@@ -348,8 +406,10 @@ __device__ __forceinline__ void producer(const Params& p, const TileWork& w, int
       const int64_t off = offs[ld_row + j * kRowStep];
       CUTE_UNROLL
       for (int c = 0; c < M::kChunks; ++c) {
+#ifndef JAXINFER_FA3_DIAG_NOLOAD
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst[c] + slot_base + j * row_bytes),
                      "l"(off >= 0 ? src + off + c * kColStep : src), "r"(off >= 0 ? 16 : 0));
+#endif
       }
     }
   };
@@ -362,7 +422,7 @@ __device__ __forceinline__ void producer(const Params& p, const TileWork& w, int
     if (ptid < kBN) {
       const int t = w.t_first + i * kBN + ptid;
       row_offsets[(i % C::kOffsetTables) * kBN + ptid] =
-          t < w.kv_len ? kv_row_offset<kPaged>(p, w.kv_start, t) + kv_col - col0 : -1;
+          t < w.kv_len ? paged_row_offset(p, w.kv_start, t) + kv_col - col0 : -1;
     }
   };
   // K of tile i + 1 goes out before V of tile i (the order the consumers need them in), so a K
@@ -456,6 +516,10 @@ __device__ __forceinline__ void consumer(const Params& p, const TileWork& w, int
     // q.k (sm_scale > 0 keeps the order) and scaling folds into one FFMA per element.
     auto softmax = [&](auto general, int i, float (&rescale)[2]) {
       constexpr bool kGeneral = decltype(general)::value;
+#ifdef JAXINFER_FA3_DIAG_NOSOFTMAX
+      rescale[0] = rescale[1] = 1.f; row_sum[0] = row_sum[1] = 1.f; row_max[0] = row_max[1] = 0.f;
+      return;
+#endif
       const int t0 = w.t_first + i * kBN;
       float scale = p.logit_scale;
       if constexpr (kGeneral) {
@@ -513,7 +577,9 @@ __device__ __forceinline__ void consumer(const Params& p, const TileWork& w, int
     // async proxy: the proxy fence after the barrier orders the two.
     auto wait_loaded = [&](uint64_t* bar, uint32_t phase) {
       Bar::wait(bar, phase);
+#ifndef JAXINFER_FA3_DIAG_NOFENCE
       cutlass::arch::fence_view_async_shared();
+#endif
     };
     // This warp is done reading a slot's K or V; the producer waits for all 8 consumer warps.
     auto release = [&](uint64_t* bar) {
@@ -619,13 +685,24 @@ __global__ void __launch_bounds__(kThreads, 1) fa3_forward_kernel(const __grid_c
   const BarriersOf<T, D> bars{reinterpret_cast<uint64_t*>(sV + C::kVElems)};
   int64_t* row_offsets = reinterpret_cast<int64_t*>(bars.base + C::kNumBarriers);
   if (threadIdx.x == 0) {
-    bars.init();
+    cute::prefetch_tma_descriptor(&p.tma_q);
+    if constexpr (!kPaged) {
+      cute::prefetch_tma_descriptor(&p.tma_k);
+      cute::prefetch_tma_descriptor(&p.tma_v);
+    }
+    bars.init(kPaged ? 128 : 1);
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
   if (threadIdx.x < 128) {
     cutlass::arch::warpgroup_reg_dealloc<JAXINFER_FA3_PRODUCER_REGS>();
-    producer<T, D, kPaged>(p, w, head, sQ, sK, sV, row_offsets, bars);
+    if (w.num_kv_tiles == 0) return;
+    if (threadIdx.x == 0) tma_tile<kBM, D>(p.tma_q, bars.q(), sQ, head, w.q_start + w.qs);
+    if constexpr (kPaged) {
+      producer_paged<T, D>(p, w, head, sK, sV, row_offsets, bars);
+    } else if (threadIdx.x < 32) {
+      producer_ragged<T, D>(p, w, head, sK, sV, bars);
+    }
   } else {
     cutlass::arch::warpgroup_reg_alloc<JAXINFER_FA3_CONSUMER_REGS>();
     consumer<T, D>(p, w, head, sQ, sK, sV, bars);
