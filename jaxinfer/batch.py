@@ -15,11 +15,13 @@ a capacity is the actual size rounded up to a power of two (a few compilations a
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.page import check_indptr, check_page_table_lens
+from jaxinfer import native
+from jaxinfer.page import check_indptr, check_page_table_lens, checked_batch
 from jaxinfer.variants import AttentionVariant
 
 
@@ -105,6 +107,23 @@ class BatchSpec:
     def group_size(self) -> int:
         return self.num_qo_heads // self.num_kv_heads
 
+    @functools.cached_property
+    def native_addresses(self) -> tuple[int, int, int, int]:
+        """Data addresses of ``qo_indptr``, ``kv_indptr``, ``kv_lens`` and ``kv_indices`` (0 for
+        ragged KV) as C-contiguous int32 arrays, for the native planner (jaxinfer/csrc/planner.cc):
+        the spec's own arrays when :meth:`create` checked them natively, else int32 copies that
+        the spec keeps (:attr:`_int32_arrays`)."""
+        return tuple(0 if a is None else native.address(a) for a in self._int32_arrays)
+
+    @functools.cached_property
+    def _int32_arrays(self) -> tuple[np.ndarray | None, ...]:
+        return tuple(None if a is None else np.ascontiguousarray(a, np.int32)
+                     for a in (self.qo_indptr, self.kv_indptr, self.kv_lens, self.kv_indices))
+
+    def __getstate__(self) -> dict:
+        # Addresses belong to this object's arrays: a copy or a pickle looks its own up.
+        return {k: v for k, v in self.__dict__.items() if k not in ("native_addresses", "_int32_arrays")}
+
     @property
     def mask_indptr(self) -> np.ndarray:
         """``[B+1]`` offsets of each request's mask in the flat ``custom_mask``."""
@@ -144,12 +163,19 @@ class BatchSpec:
         if variant.pos_encoding_mode == "ROPE_LLAMA" and head_dim % 2:
             raise ValueError(f"head_dim must be even for ROPE_LLAMA, got {head_dim}")
         if kv_indices is None:
-            kv_indptr = check_indptr("kv_indptr", kv_indptr)
-            kv_lens = np.diff(kv_indptr).astype(np.int32)
-            page_size, last = 1, None
+            page_size = 1
+        checked = checked_batch(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, page_size)
+        if checked is not None:
+            qo_indptr, kv_indptr, kv_lens, last, addresses = checked
         else:
-            kv_indptr, kv_indices, last, kv_lens = check_page_table_lens(kv_indptr, kv_indices, kv_last_page_len, page_size)
-        qo_indptr = check_indptr("qo_indptr", qo_indptr, batch_size=kv_lens.size)
+            addresses = None
+            if kv_indices is None:
+                kv_indptr = check_indptr("kv_indptr", kv_indptr)
+                kv_lens, last = np.diff(kv_indptr).astype(np.int32), None
+            else:
+                kv_indptr, kv_indices, last, kv_lens = check_page_table_lens(kv_indptr, kv_indices, kv_last_page_len,
+                                                                             page_size)
+            qo_indptr = check_indptr("qo_indptr", qo_indptr, batch_size=kv_lens.size)
         spec = cls(
             qo_indptr=qo_indptr,
             kv_indptr=kv_indptr,
@@ -172,6 +198,9 @@ class BatchSpec:
                     f"{spec.mask_indptr[-1]} elements, got {mask.dtype}{mask.shape}"
                 )
             spec = dataclasses.replace(spec, custom_mask=mask)
+        if addresses is not None:
+            # The native check looked them up already (~1.5 us each): fill the cached property.
+            spec.__dict__["native_addresses"] = addresses
         return spec
 
     def check_run_args(self, q, k, v, kv_layout: str) -> None:

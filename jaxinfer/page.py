@@ -7,8 +7,10 @@ Token ``pos`` of request ``b`` lives in page ``kv_indices[kv_indptr[b] + pos // 
 slot ``pos % page_size`` (PagedAttention, Kwon et al. 2023; FlashInfer paper, arXiv 2501.01005,
 sec. 3.1).
 
-The host-side checks (numpy) validate a page table before planning; the device-side functions
-are ``jax.jit``-compatible and never read or write outside the cache when given bad values.
+The host-side checks validate a page table before planning (numpy, with one native pass of
+jaxinfer/csrc/planner.cc for the serving path's integer arrays, :func:`checked_batch`); the
+device-side functions are ``jax.jit``-compatible and never read or write outside the cache when
+given bad values.
 """
 
 from __future__ import annotations
@@ -140,30 +142,65 @@ def check_page_table(
 def check_page_table_lens(kv_indptr, kv_indices, kv_last_page_len, page_size: int) -> tuple[np.ndarray, ...]:
     """:func:`check_page_table` and :func:`seq_lens_host` in one call.
 
-    int32 numpy arrays (the serving path) are checked in one native pass (jaxinfer/csrc/planner.cc: one
-    call instead of ~20 numpy calls); anything else, every table that fails that pass, and a
-    machine without a C++ compiler go through the numpy checks, which name the broken rule.
-
     Returns:
       ``(kv_indptr, kv_indices, kv_last_page_len, kv_lens)`` as int32 numpy arrays.
 
     Raises:
       ValueError: as :func:`check_page_table`.
     """
-    arrays = (kv_indptr, kv_indices, kv_last_page_len)
-    lib = _native_lib()
-    if (
-        lib is not None and type(page_size) is int and page_size >= 1
-        and all(type(a) is np.ndarray and a.dtype == np.int32 and a.ndim == 1 and a.flags.c_contiguous for a in arrays)
-        and kv_indptr.size == kv_last_page_len.size + 1
-    ):  # fmt: skip
-        lens = np.empty(kv_last_page_len.size, np.int32)
-        if lib.jaxinfer_check_page_table(lens.size, native.address(kv_indptr), native.address(kv_indices),
-                                         kv_indices.size, native.address(kv_last_page_len), page_size,
-                                         native.address(lens)):
-            return kv_indptr, kv_indices, kv_last_page_len, lens
-    indptr, indices, last = check_page_table(*arrays, page_size)
+    indptr, indices, last = check_page_table(kv_indptr, kv_indices, kv_last_page_len, page_size)
     return indptr, indices, last, seq_lens_host(indptr, last, page_size)
+
+
+_WIDTH = {np.dtype(np.int32): 0, np.dtype(np.int64): 1}
+
+
+def _int_width(a) -> int | None:
+    """0 for a C-contiguous 1-D int32 numpy array, 1 for int64, ``None`` for anything else."""
+    if type(a) is not np.ndarray or a.ndim != 1 or not a.flags.c_contiguous:
+        return None
+    return _WIDTH.get(a.dtype)
+
+
+def checked_batch(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, page_size) -> tuple | None:
+    """The checks of :class:`~jaxinfer.batch.BatchSpec` in one native pass (jaxinfer/csrc/planner.cc):
+    :func:`check_indptr` of both row pointers and, for a page table, :func:`check_page_table`.
+
+    Takes C-contiguous 1-D numpy arrays: ``qo_indptr``, ``kv_indptr`` ``[B+1]`` and
+    ``kv_last_page_len`` ``[B]`` int32 or int64, ``kv_indices`` int32 (``None`` with
+    ``kv_last_page_len`` ``None``: ragged KV, ``kv_indptr`` over tokens).
+
+    Returns:
+      ``(qo_indptr, kv_indptr, kv_lens, kv_last_page_len, addresses)``: int32 views of one fresh
+      array (``kv_last_page_len`` ``None`` for ragged KV; ``kv_lens`` the tokens per request) and
+      the data addresses of ``qo_indptr``, ``kv_indptr``, ``kv_lens`` and ``kv_indices`` (0 for
+      ragged KV); or ``None`` where the numpy checks must run (another type, dtype or layout, a
+      batch that fails a check, so that numpy names the error, or no C++ compiler).
+    """
+    lib = _native_lib()
+    ragged = kv_indices is None
+    qo, kv = _int_width(qo_indptr), _int_width(kv_indptr)
+    last = 0 if ragged else _int_width(kv_last_page_len)
+    if lib is None or qo is None or kv is None or last is None:
+        return None
+    batch = kv_indptr.size - 1
+    if batch < 0 or qo_indptr.size != batch + 1 or batch >= 2**31:
+        return None
+    if not ragged and (
+        _int_width(kv_indices) != 0 or kv_last_page_len.size != batch or type(page_size) is not int
+        or not 1 <= page_size < 2**31
+    ):  # fmt: skip
+        return None
+    out = np.empty(4 * batch + 2, np.int32)
+    address, pages = native.address(out), 0 if ragged else native.address(kv_indices)
+    if not lib.jaxinfer_check_batch(batch, native.address(qo_indptr), native.address(kv_indptr), pages or None,
+                                    0 if ragged else kv_indices.size,
+                                    None if ragged else native.address(kv_last_page_len), 1 if ragged else page_size,
+                                    qo | kv << 1 | last << 2, address):
+        return None
+    n = batch + 1
+    return (out[:n], out[n : 2 * n], out[2 * n : 2 * n + batch], None if ragged else out[2 * n + batch :],
+            (address, address + 4 * n, address + 8 * n, pages))
 
 
 def seq_lens_host(kv_indptr: np.ndarray, kv_last_page_len: np.ndarray, page_size: int) -> np.ndarray:

@@ -14,6 +14,9 @@ After the dynamism-aware scheduler of the FlashInfer paper (arXiv 2501.01005, se
    to ``num_ctas`` persistent CTAs longest-processing-time first, a round of ``num_ctas`` tiles at
    a time against the loads sorted ascending (ties by CTA id): the round form of the min-heap
    assignment, with the same bound (a CTA's load exceeds the mean by at most one tile's cost).
+   With ``kv_major`` (a grid of one CTA per tile, for prefill plans that fill the GPU) CTA ``c``
+   runs the ``c``-th tile of the (request, KV head)-major order instead, longest first within:
+   CTAs that run together then share a few requests' KV in L2.
 4. Tiles of a split (request, KV head, query tile) write partial ``(o, lse)`` rows into
    contiguous *partial slots*; ``merge_indptr`` delimits each group of slots, which the merge
    kernel folds into the final rows.
@@ -23,14 +26,16 @@ Every buffer has a static capacity (``max_work_tiles`` tiles, ``split_budget`` p
 
 The planner runs in C++ (``jaxinfer/csrc/planner.cc``, built and loaded by :mod:`jaxinfer.native`), one
 call per plan, as FlashInfer's scheduler does: its numpy form cost ~50 numpy calls of 2-3 us each
-at B=256 (benchmarks/NOTES-planner.md) and is kept as the test oracle, tests/planner_ref.py.
+at B=256 (benchmarks/NOTES-planner.md) and is kept as the test oracle, tests/planner_ref.py. The
+``*_at`` functions take data addresses for callers that already hold them (a numpy address
+lookup costs ~1.5 us; :attr:`jaxinfer.batch.BatchSpec.native_addresses`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import dataclasses
-import itertools
+import functools
 import math
 
 import jax
@@ -38,6 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import native
+
+_I32 = np.dtype(np.int32)
 
 # Columns of the ``work`` buffer, one row per work tile.
 WORK_FIELDS = (
@@ -78,6 +85,42 @@ class WorkBuffers:
     chunk: int
 
 
+@dataclasses.dataclass(frozen=True)
+class PlanArgs:
+    """The static arguments of :func:`plan_work` (documented there), hashable: a backend builds
+    them once per plan geometry and passes them to :func:`plan_packed_at` without re-reading
+    keyword arguments."""
+
+    num_kv_heads: int
+    group_size: int
+    block_m: int
+    block_n: int
+    causal: bool
+    window_left: int
+    num_ctas: int
+    split_budget: int
+    max_work_tiles: int
+    split_kv: bool = True
+    min_chunk: int = 256
+    kv_major: bool = False
+
+    @functools.cached_property
+    def native(self) -> ctypes.Array:
+        """The fields as the native planner's ``int64`` params array (jaxinfer/csrc/planner.cc)."""
+        return (ctypes.c_int64 * 12)(*(int(getattr(self, f.name)) for f in dataclasses.fields(self)))
+
+    @functools.cached_property
+    def shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Shapes of ``work``, ``cta_indptr``, ``merge_indptr`` and ``merge_dest``."""
+        g = self.split_budget // 2
+        return (self.max_work_tiles, len(WORK_FIELDS)), (self.num_ctas + 1,), (g + 1,), (g, len(MERGE_FIELDS))
+
+    @functools.cached_property
+    def work_entries(self) -> int:
+        """int32 entries of the four work buffers packed back to back (the page ids follow)."""
+        return sum(math.prod(s) for s in self.shapes)
+
+
 def _int_array(name: str, x, dtype, size: int) -> np.ndarray:
     """``x`` as a C-contiguous ``[size]`` array of ``dtype`` (no copy when it is one already)."""
     a = np.ascontiguousarray(x, dtype)
@@ -86,46 +129,29 @@ def _int_array(name: str, x, dtype, size: int) -> np.ndarray:
     return a
 
 
-def count_query_tiles(qo_indptr: np.ndarray, tokens_per_tile: int) -> int:
+def count_query_tiles(qo_indptr, tokens_per_tile: int) -> int:
     """Query tiles of a batch, ``sum(ceil(qo_len / tokens_per_tile))``: the unsplit plan's tiles
-    per KV head. ``qo_indptr``: ``[B+1]`` int32, C-contiguous, non-decreasing."""
-    return native.load().jaxinfer_count_query_tiles(qo_indptr.size - 1, native.address(qo_indptr), tokens_per_tile)
+    per KV head. ``qo_indptr``: ``[B+1]`` integer, non-decreasing."""
+    qo_indptr = np.ascontiguousarray(qo_indptr, _I32)
+    return count_query_tiles_at(qo_indptr.size - 1, native.address(qo_indptr), tokens_per_tile)
 
 
-def _plan(qo_indptr, kv_lens, kv_base, mask_offsets, outputs, pages, page_capacity, *, num_kv_heads, group_size,
-          block_m, block_n, causal, window_left, num_ctas, split_budget, max_work_tiles, split_kv=True, min_chunk=256):
-    """Validate the inputs and run the native planner into the output addresses (``outputs``:
-    work, cta_indptr, merge_indptr, merge_dest, page ids or ``None``). Returns ``(num_tiles,
-    num_groups, chunk)``."""
+def count_query_tiles_at(batch: int, qo_indptr: int, tokens_per_tile: int) -> int:
+    """:func:`count_query_tiles` of the ``[batch + 1]`` int32 row pointer at address ``qo_indptr``."""
+    return native.load().jaxinfer_count_query_tiles(batch, qo_indptr, tokens_per_tile)
+
+
+def _inputs(qo_indptr, kv_lens, kv_base, mask_offsets) -> tuple[np.ndarray | None, ...]:
+    """The planner's inputs as C-contiguous int32 arrays (``mask_offsets``: int64 or ``None``)."""
     batch = np.size(kv_lens)
-    qo_indptr = _int_array("qo_indptr", qo_indptr, np.int32, batch + 1)
-    kv_lens = _int_array("kv_lens", kv_lens, np.int32, batch)
-    kv_base = _int_array("kv_base", kv_base, np.int32, batch)
-    if mask_offsets is not None:
-        mask_offsets = _int_array("mask_offsets", mask_offsets, np.int64, batch)
-    num_pages = 0
-    if pages is not None:
-        pages = np.ascontiguousarray(pages, np.int32)
-        num_pages = pages.size
-        if num_pages > page_capacity:
-            raise ValueError(f"{num_pages} page ids do not fit the plan buffer's {page_capacity}")
-    result = (ctypes.c_int64 * 3)()
-    msg = ctypes.create_string_buffer(256)
-    status = native.load().jaxinfer_plan_work(
-        batch, native.address(qo_indptr), native.address(kv_lens), native.address(kv_base),
-        None if mask_offsets is None else native.address(mask_offsets),
-        num_kv_heads, group_size, block_m, block_n, bool(causal), window_left, num_ctas, split_budget, max_work_tiles,
-        bool(split_kv), min_chunk, *outputs[:4], None if pages is None else native.address(pages), num_pages, outputs[4],
-        page_capacity, result, msg, len(msg),
-    )  # fmt: skip
+    arrays = (_int_array("qo_indptr", qo_indptr, np.int32, batch + 1), _int_array("kv_lens", kv_lens, np.int32, batch),
+              _int_array("kv_base", kv_base, np.int32, batch))
+    return (*arrays, None if mask_offsets is None else _int_array("mask_offsets", mask_offsets, np.int64, batch))
+
+
+def _check(status: int) -> None:
     if status:
-        raise ValueError(msg.value.decode())
-    return tuple(result)
-
-
-def _shapes(max_work_tiles: int, num_ctas: int, split_budget: int) -> tuple[tuple[int, ...], ...]:
-    max_groups = split_budget // 2
-    return (max_work_tiles, len(WORK_FIELDS)), (num_ctas + 1,), (max_groups + 1,), (max_groups, len(MERGE_FIELDS))
+        raise ValueError(native.load().jaxinfer_error().decode())
 
 
 def plan_work(qo_indptr, kv_lens, kv_base, *, mask_offsets=None, out: tuple[np.ndarray, ...] | None = None,
@@ -145,6 +171,10 @@ def plan_work(qo_indptr, kv_lens, kv_base, *, mask_offsets=None, out: tuple[np.n
       max_work_tiles: capacity of ``work``.
       split_kv: ``False`` never splits a request's KV (default ``True``).
       min_chunk: smallest KV chunk (tokens) of a split (default 256).
+      kv_major: skip the LPT assignment and run one tile per CTA (CTA ``c`` runs row ``c``,
+        ``cta_indptr = min(arange(num_ctas + 1), num_tiles)``), rows ordered by (``kv_base``,
+        KV head, longest key range first), stable over the cost order: CTAs that run together
+        share a few requests' KV in L2 (default ``False``; needs ``num_ctas >= num_tiles``).
       mask_offsets: ``[B]`` offset of each request's row-major ``[qo_len, kv_len]`` custom mask in
         the flat mask (``None``: no custom mask; ``mask_base`` is then 0).
       out: ``(work, cta_indptr, merge_indptr, merge_dest)`` C-contiguous int32 arrays of the
@@ -155,18 +185,22 @@ def plan_work(qo_indptr, kv_lens, kv_base, *, mask_offsets=None, out: tuple[np.n
       :class:`WorkBuffers` (holding ``out``'s arrays when given).
 
     Raises:
-      ValueError: the batch needs more than ``max_work_tiles`` tiles, an input has the wrong
-        length, a size argument is out of range, or ``out`` has a wrong shape, dtype or layout.
+      ValueError: the batch needs more than ``max_work_tiles`` tiles (``kv_major``: more than
+        ``num_ctas``), an input has the wrong length, a size argument is out of range, or
+        ``out`` has a wrong shape, dtype or layout.
       jaxinfer.native.NativeBuildError: the planner library cannot be built (no C++ compiler).
     """
-    shapes = _shapes(kw["max_work_tiles"], kw["num_ctas"], kw["split_budget"])
+    args = PlanArgs(**kw)
     if out is None:
-        out = tuple(np.empty(s, np.int32) for s in shapes)
-    for name, a, shape in zip(("work", "cta_indptr", "merge_indptr", "merge_dest"), out, shapes):
+        out = tuple(np.empty(s, np.int32) for s in args.shapes)
+    for name, a, shape in zip(("work", "cta_indptr", "merge_indptr", "merge_dest"), out, args.shapes):
         if a.shape != shape or a.dtype != np.int32 or not a.flags.c_contiguous:
             raise ValueError(f"out's {name} must be C-contiguous int32{shape}, got {a.dtype}{a.shape}")
-    tiles, groups, chunk = _plan(qo_indptr, kv_lens, kv_base, mask_offsets, (*map(native.address, out), None), None, 0, **kw)
-    return WorkBuffers(*out, num_tiles=tiles, num_groups=groups, chunk=chunk)
+    inputs = _inputs(qo_indptr, kv_lens, kv_base, mask_offsets)
+    result = (ctypes.c_int64 * 3)()
+    addresses = [None if a is None else native.address(a) for a in (*inputs, *out)]
+    _check(native.load().jaxinfer_plan_work(args.native, inputs[1].size, *addresses, result))
+    return WorkBuffers(*out, num_tiles=result[0], num_groups=result[1], chunk=result[2])
 
 
 def plan_work_packed(buffer: np.ndarray, qo_indptr, kv_lens, kv_base, *, kv_indices=None, mask_offsets=None,
@@ -187,15 +221,34 @@ def plan_work_packed(buffer: np.ndarray, qo_indptr, kv_lens, kv_base, *, kv_indi
       ``(num_tiles, num_groups, chunk)`` as in :class:`WorkBuffers`.
 
     Raises:
-      ValueError: as :func:`plan_work`; ``buffer`` is not C-contiguous int32 or too small.
+      ValueError: as :func:`plan_work`; ``buffer`` is not C-contiguous int32 or too small, or
+        the page ids do not fit it.
     """
-    sizes = [math.prod(s) for s in _shapes(kw["max_work_tiles"], kw["num_ctas"], kw["split_budget"])]
-    offsets = list(itertools.accumulate(sizes, initial=0))
-    if buffer.dtype != np.int32 or buffer.ndim != 1 or not buffer.flags.c_contiguous or buffer.size < offsets[-1]:
-        raise ValueError(f"buffer must be C-contiguous int32 of at least {offsets[-1]} entries, got {buffer.dtype}{buffer.shape}")
-    base = native.address(buffer)
-    return _plan(qo_indptr, kv_lens, kv_base, mask_offsets, [base + 4 * o for o in offsets], kv_indices,
-                 buffer.size - offsets[-1], **kw)
+    args = PlanArgs(**kw)
+    if buffer.dtype != np.int32 or buffer.ndim != 1 or not buffer.flags.c_contiguous or buffer.size < args.work_entries:
+        raise ValueError(f"buffer must be C-contiguous int32 of at least {args.work_entries} entries, got {buffer.dtype}{buffer.shape}")
+    pages = None if kv_indices is None else np.ascontiguousarray(kv_indices, _I32).reshape(-1)
+    inputs = (*_inputs(qo_indptr, kv_lens, kv_base, mask_offsets), pages)
+    result = (ctypes.c_int64 * 3)()
+    plan_packed_at(args, native.address(buffer), buffer.size, inputs[1].size,
+                   *(None if a is None else native.address(a) for a in inputs), 0 if pages is None else pages.size, result)
+    return tuple(result)
+
+
+def plan_packed_at(args: PlanArgs, buffer: int, size: int, batch: int, qo_indptr: int, kv_lens: int, kv_base: int,
+                   mask_offsets: int | None, kv_indices: int | None, num_pages: int, result=None) -> None:
+    """:func:`plan_work_packed` on data addresses, one native call (the Pallas backend's per-step
+    path; ~1.5 us per numpy address lookup saved): ``buffer`` holds ``size`` int32 entries; the
+    inputs are C-contiguous ``qo_indptr`` ``[batch + 1]``, ``kv_lens``, ``kv_base`` ``[batch]``
+    int32, ``mask_offsets`` ``[batch]`` int64 or ``None``, ``kv_indices`` ``[num_pages]`` int32 or
+    ``None``; ``result`` is ``None`` or a ctypes ``int64[3]`` for ``(num_tiles, num_groups,
+    chunk)``. The caller keeps the arrays behind the addresses alive.
+
+    Raises:
+      ValueError: as :func:`plan_work_packed`.
+    """
+    _check(native.load().jaxinfer_plan_packed(args.native, batch, qo_indptr, kv_lens, kv_base, mask_offsets, kv_indices,
+                                              num_pages, buffer, size, result))
 
 
 def plan_work_in_jit(qo_indptr, kv_lens, kv_base, **static) -> tuple[jax.Array, ...]:

@@ -143,12 +143,14 @@ def plan_work_ref(
     max_work_tiles: int,
     split_kv: bool = True,
     min_chunk: int = 256,
+    kv_major: bool = False,
     mask_offsets=None,
 ) -> WorkBuffers:
     """:func:`jaxinfer.planner.plan_work` in numpy (same arguments but ``out``, same result).
 
     Raises:
-      ValueError: the batch needs more than ``max_work_tiles`` tiles.
+      ValueError: the batch needs more than ``max_work_tiles`` tiles (``kv_major``: more than
+        ``num_ctas``).
     """
     tpt = max(1, block_m // group_size)
     q_tiles = _query_tiles(np.asarray(qo_indptr), np.asarray(kv_lens), np.asarray(kv_base), mask_offsets, tpt, causal, window_left)
@@ -181,7 +183,22 @@ def plan_work_ref(
     num_tiles = sorted_cost.size
     if num_tiles > max_work_tiles:
         raise ValueError(f"max_work_tiles={max_work_tiles} is smaller than the batch's {num_tiles} work tiles")
-    by_cta, per_cta = _assign_lpt(sorted_cost, num_ctas)
+    if kv_major:
+        # One tile per CTA, (request, KV head)-major, longest key range first: lexsort (stable)
+        # of the sorted positions by their tiles' kv_base, KV head and lo - hi.
+        if num_tiles > num_ctas:
+            raise ValueError(f"kv_major runs one tile per CTA: num_ctas={num_ctas} is less than the plan's {num_tiles} work tiles")
+        if pair_nch is not None:
+            s_q, s_head = np.divmod(t_pair[order], num_kv_heads)
+            s_span = kv_hi[order] - kv_lo[order]
+        else:
+            rank, s_head = np.divmod(np.arange(num_tiles), num_kv_heads)
+            s_q = q_order[rank]
+            s_span = span[s_q]
+        by_cta = np.lexsort((-s_span.astype(np.int64), s_head, q_tiles[s_q, F["kv_base"]]))
+        per_cta = (np.arange(num_ctas) < num_tiles).astype(np.int64)
+    else:
+        by_cta, per_cta = _assign_lpt(sorted_cost, num_ctas)
 
     tiles = work[:num_tiles]
     if pair_nch is not None:

@@ -3,7 +3,12 @@ build, fixed-capacity plans (one compile), and the native page-table checks agai
 
 from __future__ import annotations
 
+import copy
+import ctypes
+import dataclasses
+import pickle
 import re
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +22,7 @@ from ref64 import random_page_table
 
 from jaxinfer import native, page
 from jaxinfer.batch import BatchSpec, PlanCapacity
-from jaxinfer.page import check_indptr, check_page_table, check_page_table_lens, seq_lens_host
+from jaxinfer.page import check_indptr, check_page_table_lens
 from jaxinfer.pallas.backend import PallasBackend
 from jaxinfer.pallas.config import TileConfig
 from jaxinfer.planner import F, MERGE_FIELDS, WORK_FIELDS, plan_work, plan_work_in_jit, plan_work_packed
@@ -162,6 +167,69 @@ def test_native_matches_numpy_oracle(case, split_budget, kv_scale, masked, split
     assert stats == (want.num_tiles, want.num_groups, want.chunk)
     np.testing.assert_array_equal(buffer[: packed.size], packed)
     np.testing.assert_array_equal(buffer[packed.size :], np.concatenate([pages, np.zeros(5)]))
+
+
+def _kv_major_post_pass(wb, num_ctas):
+    """What the Pallas backend made of an LPT plan with a CTA per tile before the planner took
+    ``kv_major``: rows stably lexsorted by (kv_base, kv_head, kv_lo - kv_hi), CTA c on row c."""
+    work, n = wb.work.copy(), wb.num_tiles
+    w = work[:n]
+    w[:] = w[np.lexsort((w[:, F["kv_lo"]] - w[:, F["kv_hi"]], w[:, F["kv_head"]], w[:, F["kv_base"]]))]
+    return work, np.minimum(np.arange(num_ctas + 1), n)
+
+
+@settings(max_examples=200, deadline=None)
+@given(batches(max_batch=12), st.integers(2, 600), st.sampled_from([1, 1, 10]), st.booleans(), st.booleans(),
+       st.integers(0, 5), st.booleans())
+def test_kv_major_matches_the_post_pass(case, split_budget, kv_scale, masked, split_kv, extra_ctas, shared_base):
+    """kv_major, native and numpy oracle bit for bit, is the former post-pass of the LPT plan with
+    a CTA per tile (same rows, CTA ranges and merge groups); both raise the same error when
+    num_ctas is less than the tiles. Requests may share a kv_base (ties keep the cost order)."""
+    case["split_budget"] = split_budget
+    qo, kv = case["qo_lens"], case["kv_lens"] * kv_scale
+    qo_indptr = np.concatenate([[0], np.cumsum(qo)]).astype(np.int32)
+    kw = {k: v for k, v in case.items() if k not in ("qo_lens", "kv_lens", "num_ctas")}
+    kw |= dict(split_kv=split_kv, max_work_tiles=4096,
+               mask_offsets=np.concatenate([[0], np.cumsum(qo * kv)])[:-1] + 3 if masked else None)
+    base = (np.arange(kv.size) // 2 if shared_base else np.arange(kv.size)) * 1000 + 17
+    tiles = plan_work_ref(qo_indptr, kv, base, num_ctas=4096, **kw).num_tiles
+    num_ctas = max(1, tiles + extra_ctas)
+    lpt = plan_work_ref(qo_indptr, kv, base, num_ctas=num_ctas, **kw)
+    want_work, want_cta = _kv_major_post_pass(lpt, num_ctas)
+    out, packed = _poisoned_out(4096, num_ctas, split_budget)
+    for got in (plan_work_ref(qo_indptr, kv, base, num_ctas=num_ctas, kv_major=True, **kw),
+                plan_work(qo_indptr, kv, base, num_ctas=num_ctas, kv_major=True, out=out, **kw)):
+        np.testing.assert_array_equal(got.work, want_work)
+        np.testing.assert_array_equal(got.cta_indptr, want_cta)
+        np.testing.assert_array_equal(got.merge_indptr, lpt.merge_indptr)
+        np.testing.assert_array_equal(got.merge_dest, lpt.merge_dest)
+        assert (got.num_tiles, got.num_groups, got.chunk) == (lpt.num_tiles, lpt.num_groups, lpt.chunk)
+    assert not np.any(packed == -12345)
+    if tiles >= 2:
+        with pytest.raises(ValueError, match="kv_major runs one tile per CTA") as want:
+            plan_work_ref(qo_indptr, kv, base, num_ctas=tiles - 1, kv_major=True, **kw)
+        with pytest.raises(ValueError) as got:
+            plan_work(qo_indptr, kv, base, num_ctas=tiles - 1, kv_major=True, **kw)
+        assert str(got.value) == str(want.value)
+
+
+def test_backend_kv_major_grid_is_the_post_pass(rng):
+    """The Pallas backend's kv_major_grid plan (prefill tiles that fill the persistent grid) is the
+    LPT plan of a CTA per tile reordered by the former post-pass, bit for bit."""
+    backend = PallasBackend(num_sms=1, split_factor=4, config=TileConfig(64, 16, 4, 1, ctas_per_sm=2))
+    qo_lens, kv_lens = np.array([40, 0, 70, 9, 33]), np.array([40, 3, 90, 9, 200])
+    kv_indptr, kv_indices, last, _ = random_page_table(rng, kv_lens, 5)
+    spec = BatchSpec.create(np.concatenate([[0], np.cumsum(qo_lens)]), kv_indptr, kv_indices, last, page_size=5,
+                            num_qo_heads=4, num_kv_heads=2, head_dim=32, variant=AttentionVariant(causal=True))
+    plan = backend.plan(spec, PlanCapacity())
+    got, ks = plan.unpack(), plan.kernel
+    grid = dataclasses.replace(backend, num_ctas=ks.num_ctas, split_factor=0, kv_major_grid=False)
+    assert ks.num_ctas == ks.max_tiles > backend.grid_size(plan.config)
+    lpt = plan_work_ref(spec.qo_indptr, spec.kv_lens, spec.kv_indptr[:-1],
+                        **grid._plan_kwargs(spec, plan.config, ks.max_tiles))
+    want_work, want_cta = _kv_major_post_pass(lpt, ks.num_ctas)
+    np.testing.assert_array_equal(got["work"], want_work)
+    np.testing.assert_array_equal(got["cta_indptr"], want_cta)
 
 
 def test_native_matches_oracle_on_b256_decode(rng):
@@ -348,14 +416,17 @@ def test_mask_base_points_at_the_tiles_first_token(case):
 
 @st.composite
 def page_tables(draw):
-    """A page table, valid or broken in one way (the rules of jaxinfer.page.check_page_table)."""
+    """A batch (``qo_indptr`` and a page table), valid or broken in one way (the rules of
+    jaxinfer.page.check_indptr and check_page_table)."""
     b = draw(st.integers(0, 8))
     page_size = draw(st.integers(1, 16))
     pages = np.array(draw(st.lists(st.integers(0, 4), min_size=b, max_size=b)), np.int64)
     indptr = np.concatenate([[0], np.cumsum(pages)])
     last = np.array([draw(st.integers(1, page_size)) if n else 0 for n in pages], np.int64)
     indices = np.array(draw(st.permutations(range(int(indptr[-1]) + 2))), np.int64)
-    flaw = draw(st.sampled_from(["none", "start", "decreasing", "short", "negative", "last", "empty_last"]))
+    qo_indptr = np.concatenate([[0], np.cumsum(draw(st.lists(st.integers(0, 3), min_size=b, max_size=b)))])
+    flaw = draw(st.sampled_from(["none", "start", "decreasing", "short", "negative", "last", "empty_last", "qo_start",
+                                 "qo_decreasing", "qo_length"]))
     if flaw == "start":
         indptr[0] = 1
     elif flaw == "decreasing" and b >= 2:
@@ -368,35 +439,113 @@ def page_tables(draw):
         last[-1] = page_size + 1 if pages[-1] else 1
     elif flaw == "empty_last" and b:
         last[0] = 0
-    return indptr, indices, last, page_size
+    elif flaw == "qo_start":
+        qo_indptr[0] = 2
+    elif flaw == "qo_decreasing" and b:
+        qo_indptr[-1] = qo_indptr[-2] - 1
+    elif flaw == "qo_length":
+        qo_indptr = qo_indptr[:-1]
+    return qo_indptr, indptr, indices, last, page_size
 
 
-@settings(max_examples=200, deadline=None)
-@given(page_tables())
-def test_native_page_table_check_agrees_with_numpy(table):
-    """The native pass accepts exactly the tables the numpy checks accept, with the same kv_lens;
-    ``check_page_table_lens`` raises the numpy checks' message on the others."""
-    indptr, indices, last, page_size = table
-    try:
-        want = (*check_page_table(indptr.tolist(), indices.tolist(), last.tolist(), page_size),)
-        want += (seq_lens_host(want[0], want[2], page_size),)
-    except ValueError as e:
-        want = e
-    i32 = [np.ascontiguousarray(a, np.int32) for a in (indptr, indices, last)]
-    lens = np.full(last.size, -7, np.int32)
-    accepted = native.load().jaxinfer_check_page_table(
-        last.size, *(native.address(a) for a in i32[:2]), i32[1].size, native.address(i32[2]), page_size,
-        native.address(lens))
-    assert bool(accepted) == (not isinstance(want, ValueError))
+def _numpy_checks(qo_indptr, kv_indptr, kv_indices, last, page_size):
+    """``(qo_indptr, kv_indptr, kv_lens, kv_last_page_len)`` of BatchSpec.create's numpy checks
+    (``kv_indices is None``: ragged KV), or the ValueError they raise."""
+    with mock.patch.object(page, "_checked_indptr", lambda arr, batch_size: None):
+        try:
+            if kv_indices is None:
+                kv_indptr = check_indptr("kv_indptr", kv_indptr)
+                lens, last = np.diff(kv_indptr), None
+            else:
+                kv_indptr, _, last, lens = check_page_table_lens(kv_indptr, kv_indices, last, page_size)
+            return check_indptr("qo_indptr", qo_indptr, batch_size=lens.size), kv_indptr, lens, last
+        except ValueError as e:
+            return e
+
+
+@settings(max_examples=300, deadline=None)
+@given(page_tables(), st.sampled_from([np.int32, np.int64]), st.sampled_from([np.int32, np.int64]),
+       st.sampled_from([np.int32, np.int64]), st.booleans())
+def test_native_batch_check_agrees_with_numpy(table, qo_dtype, indptr_dtype, last_dtype, ragged):
+    """``checked_batch`` (one native pass) accepts exactly the batches the numpy checks accept,
+    page tables and ragged KV, int32 or int64 row pointers and last-page lengths, with the same
+    int32 arrays; BatchSpec.create then holds them and raises the numpy checks' message on the
+    others."""
+    qo, indptr, indices, last, page_size = table
+    qo, indptr, last = qo.astype(qo_dtype), indptr.astype(indptr_dtype), last.astype(last_dtype)
+    indices = None if ragged else indices.astype(np.int32)
+    last = None if ragged else last
+    want = _numpy_checks(qo, indptr, indices, last, page_size)
+    got = page.checked_batch(qo, indptr, indices, last, page_size)
+    assert (got is None) == isinstance(want, ValueError)
+
+    def create():
+        return BatchSpec.create(qo, indptr, indices, last, page_size=page_size, num_qo_heads=4, num_kv_heads=2,
+                                head_dim=32, variant=AttentionVariant())
+
     if isinstance(want, ValueError):
-        with pytest.raises(ValueError) as got:
-            check_page_table_lens(*i32, page_size)
-        assert str(got.value) == str(want)
+        with pytest.raises(ValueError) as raised:
+            create()
+        assert str(raised.value) == str(want)
         return
-    for got, ref in zip(check_page_table_lens(*i32, page_size), want):
-        assert got.dtype == np.int32
-        np.testing.assert_array_equal(got, ref)
-    np.testing.assert_array_equal(lens, want[3])
+    spec = create()
+    for g, s, w in zip(got, (spec.qo_indptr, spec.kv_indptr, spec.kv_lens, spec.kv_last_page_len), want):
+        if w is None:
+            assert g is None and s is None
+            continue
+        assert g.dtype == np.int32 and s.dtype == np.int32 and g.flags.c_contiguous
+        np.testing.assert_array_equal(g, w)
+        np.testing.assert_array_equal(s, w)
+    if not ragged:
+        assert spec.kv_indices is indices
+
+
+def _data_addresses(spec):
+    return tuple(0 if a is None else a.__array_interface__["data"][0]
+                 for a in (spec.qo_indptr, spec.kv_indptr, spec.kv_lens, spec.kv_indices))
+
+
+@pytest.mark.parametrize("paged", [True, False])
+def test_spec_native_addresses_are_its_arrays(rng, paged):
+    """The addresses the native check recorded are the spec's int32 arrays; a replaced, copied or
+    unpickled spec looks up its own (never a stale address), and a spec of other dtypes plans
+    from int32 copies it keeps."""
+    kv_indptr, kv_indices, last, _ = random_page_table(rng, np.array([30, 0, 7]), 16)
+    args = (kv_indptr.astype(np.int32), kv_indices.astype(np.int32), last.astype(np.int32)) if paged else (
+        np.array([0, 30, 30, 37], np.int32), None, None)
+    spec = BatchSpec.create(np.arange(4), *args, page_size=16, num_qo_heads=4, num_kv_heads=2, head_dim=32,
+                            variant=AttentionVariant())
+    assert "native_addresses" in spec.__dict__, "filled by create()"
+    assert spec.native_addresses == _data_addresses(spec)
+    for other in (copy.copy(spec), copy.deepcopy(spec), pickle.loads(pickle.dumps(spec)),
+                  dataclasses.replace(spec, kv_lens=spec.kv_lens.copy())):
+        assert other.native_addresses == _data_addresses(other)
+    wide = dataclasses.replace(spec, qo_indptr=spec.qo_indptr.astype(np.int64))
+    qo = np.frombuffer(ctypes.string_at(wide.native_addresses[0], 16), np.int32)
+    np.testing.assert_array_equal(qo, spec.qo_indptr)
+
+
+def test_backend_plans_a_spec_without_recorded_addresses(rng):
+    """A spec built around create() (other dtypes, strided arrays) plans like the created one."""
+    kv_indptr, kv_indices, last, _ = random_page_table(rng, rng.integers(0, 200, 6), 16)
+    spec = BatchSpec.create(np.arange(7), kv_indptr, kv_indices, last, page_size=16, num_qo_heads=4, num_kv_heads=2,
+                            head_dim=32, variant=AttentionVariant())
+    other = dataclasses.replace(spec, qo_indptr=spec.qo_indptr.astype(np.int64), kv_lens=np.repeat(spec.kv_lens, 2)[::2],
+                                kv_indices=spec.kv_indices.astype(np.int64))
+    backend = PallasBackend(num_ctas=3, config=TileConfig(16, 16, 4, 1), min_chunk=16)
+    want, got = backend.plan(spec, PlanCapacity()), backend.plan(other, PlanCapacity())
+    np.testing.assert_array_equal(np.asarray(got.buffer), np.asarray(want.buffer))
+
+
+def test_native_batch_check_leaves_other_inputs_to_numpy():
+    """Lists, other dtypes and strided arrays take the numpy checks."""
+    indptr, indices, last = np.array([0, 2, 3], np.int32), np.arange(4, dtype=np.int32), np.array([5, 1], np.int32)
+    qo = np.arange(3, dtype=np.int32)
+    assert page.checked_batch(qo, indptr, indices, last, 16) is not None
+    for args in ((qo.tolist(), indptr, indices, last, 16), (qo, indptr.astype(np.uint32), indices, last, 16),
+                 (qo, indptr, indices.astype(np.int64), last, 16), (qo, indptr, np.arange(8, dtype=np.int32)[::2], last, 16),
+                 (qo, indptr, indices, last, 16.0), (qo[:2], indptr, indices, last, 16)):
+        assert page.checked_batch(*args) is None
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.int64])

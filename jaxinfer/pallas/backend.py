@@ -1,6 +1,6 @@
 """The ``"pallas"`` backend: host planner + Pallas attention and merge kernels.
 
-``plan`` runs the compiled host planner (:func:`jaxinfer.planner.plan_work_packed`) on the spec's
+``plan`` runs the compiled host planner (:func:`jaxinfer.planner.plan_packed_at`) on the spec's
 numpy arrays and returns a :class:`PallasPlan` pytree of int32 device arrays whose shapes depend
 only on the :class:`~jaxinfer.batch.PlanCapacity` and the backend's CTA budget; ``run`` is
 jit-compatible.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ from jaxinfer import native
 from jaxinfer.batch import BatchSpec, PlanCapacity, next_pow2
 from jaxinfer.pallas.attention import KernelSpec, attention
 from jaxinfer.pallas.config import TileConfig, heuristic_config
-from jaxinfer.planner import F, MERGE_FIELDS, WORK_FIELDS, count_query_tiles, plan_work_in_jit, plan_work_packed
+from jaxinfer.planner import MERGE_FIELDS, WORK_FIELDS, PlanArgs, count_query_tiles_at, plan_packed_at, plan_work_in_jit
 from jaxinfer.variants import AttentionVariant
 
 H100_SMS = 132
@@ -111,27 +112,35 @@ class PallasBackend:
         """Persistent CTAs of the attention kernel for tile config ``cfg``."""
         return self.num_ctas if self.num_ctas is not None else self.num_sms * cfg.ctas_per_sm
 
-    def _kernel_spec(self, spec: BatchSpec, cfg: TileConfig, max_tiles: int, page_capacity: int, custom_mask: bool) -> KernelSpec:
-        return _cached_kernel_spec(self, spec.paged, spec.page_size, spec.num_qo_heads, spec.num_kv_heads,
-                                   spec.head_dim, spec.variant, cfg, max_tiles, page_capacity, custom_mask)
+    def _kernel_spec(self, spec: BatchSpec, cfg: TileConfig, max_tiles: int, page_capacity: int, custom_mask: bool,
+                     kv_major: bool = False) -> tuple[KernelSpec, PlanArgs]:
+        """The kernel spec and the planner's static arguments of a plan (cached per geometry)."""
+        return _cached_layout(self, spec.paged, spec.page_size, spec.num_qo_heads, spec.num_kv_heads, spec.head_dim,
+                              spec.variant, cfg, max_tiles, page_capacity, custom_mask, kv_major)
 
     def _split_budget(self, cfg: TileConfig, max_tiles: int) -> int:
         return max(2, min(self.split_factor * self.grid_size(cfg), max_tiles))
 
-    def _plan_kwargs(self, spec: BatchSpec, cfg: TileConfig, max_work_tiles: int) -> dict:
-        return dict(
-            num_kv_heads=spec.num_kv_heads,
-            group_size=spec.group_size,
+    def _plan_args(self, num_kv_heads: int, group_size: int, variant: AttentionVariant, cfg: TileConfig,
+                   max_work_tiles: int, kv_major: bool = False) -> PlanArgs:
+        return PlanArgs(
+            num_kv_heads=num_kv_heads,
+            group_size=group_size,
             block_m=cfg.block_m,
             block_n=cfg.block_n,
-            causal=spec.variant.causal,
-            window_left=spec.variant.window_left,
+            causal=variant.causal,
+            window_left=variant.window_left,
             num_ctas=self.grid_size(cfg),
             split_budget=self._split_budget(cfg, max_work_tiles),
             max_work_tiles=max_work_tiles,
             split_kv=self.split_factor > 0,
             min_chunk=self.min_chunk,
+            kv_major=kv_major,
         )
+
+    def _plan_kwargs(self, spec: BatchSpec, cfg: TileConfig, max_work_tiles: int) -> dict:
+        """:func:`jaxinfer.planner.plan_work`'s keyword arguments for ``spec`` (the persistent grid)."""
+        return dataclasses.asdict(self._plan_args(spec.num_kv_heads, spec.group_size, spec.variant, cfg, max_work_tiles))
 
     def _page_capacity(self, spec: BatchSpec, capacity: PlanCapacity) -> int:
         """Entries of the plan's ``kv_indices``: room for ``max_batch_size`` requests of
@@ -153,7 +162,8 @@ class PallasBackend:
         return capacity.resolve("max_work_tiles", wanted)
 
     def _grid_backend(self, unsplit: int, cfg: TileConfig, capacity: PlanCapacity) -> PallasBackend:
-        """This backend, or for a ``kv_major_grid`` plan the one with a CTA per tile (no split)."""
+        """This backend, or for a ``kv_major_grid`` plan the one with a CTA per tile (no split;
+        its plan is ``kv_major``, see :func:`jaxinfer.planner.plan_work`)."""
         if (not self.kv_major_grid or self.num_ctas is not None or capacity.max_work_tiles is not None
                 or cfg.block_m < 64 or unsplit < self.grid_size(cfg)):
             return self
@@ -172,21 +182,20 @@ class PallasBackend:
           ValueError: the batch exceeds a fixed field of ``capacity``.
         """
         cfg = self.tile_config(spec, capacity)
-        unsplit = count_query_tiles(spec.qo_indptr, cfg.tokens_per_tile(spec.group_size)) * spec.num_kv_heads
+        qo_indptr, kv_indptr, kv_lens, kv_indices = spec.native_addresses
+        batch = spec.batch_size
+        unsplit = count_query_tiles_at(batch, qo_indptr, cfg.tokens_per_tile(spec.group_size)) * spec.num_kv_heads
         backend = self._grid_backend(unsplit, cfg, capacity)
-        max_tiles = backend._work_capacity(unsplit, cfg, capacity)
         mask = _device_mask(spec.custom_mask)
-        ks = backend._kernel_spec(spec, cfg, max_tiles, backend._page_capacity(spec, capacity), mask is not None)
+        ks, args = backend._kernel_spec(spec, cfg, backend._work_capacity(unsplit, cfg, capacity),
+                                        backend._page_capacity(spec, capacity), mask is not None, backend is not self)
         # A fresh host buffer per plan: the copy may read it after ``plan`` returns (see
         # _to_device), so it is never reused.
-        host = _aligned_empty(ks.buffer_size)
-        kv_indptr = spec.kv_indptr
-        num_tiles, _, _ = plan_work_packed(host, spec.qo_indptr, spec.kv_lens, kv_indptr[:-1],
-                                           kv_indices=spec.kv_indices[: kv_indptr[-1]] if spec.paged else None,
-                                           mask_offsets=spec.mask_indptr[:-1] if mask is not None else None,
-                                           **backend._plan_kwargs(spec, cfg, max_tiles))
-        if backend is not self:
-            _kv_major_order(host, ks, num_tiles)
+        host, address = _aligned_empty(ks.buffer_size)
+        mask_offsets = spec.mask_indptr if mask is not None else None  # int64, alive for the call
+        plan_packed_at(args, address, ks.buffer_size, batch, qo_indptr, kv_lens, kv_indptr,
+                       None if mask_offsets is None else native.address(mask_offsets), kv_indices or None,
+                       int(spec.kv_indptr[-1]) if spec.paged else 0)
         return PallasPlan(buffer=_to_device(host), kernel=ks, config=cfg, mask=mask)
 
     def plan_in_jit(self, spec: BatchSpec, capacity: PlanCapacity, qo_indptr, kv_indptr, kv_indices, kv_last_page_len) -> PallasPlan:
@@ -214,7 +223,7 @@ class PallasBackend:
             qo_indptr, kv_lens.astype(jnp.int32), kv_indptr[:-1], **self._plan_kwargs(spec, cfg, capacity.max_work_tiles)
         )
         pages = kv_indices if spec.paged else jnp.zeros((1,), jnp.int32)
-        ks = self._kernel_spec(spec, cfg, capacity.max_work_tiles, pages.shape[0], False)
+        ks, _ = self._kernel_spec(spec, cfg, capacity.max_work_tiles, pages.shape[0], False)
         return PallasPlan(ks.pack(work, cta, mi, md, pages), ks, cfg)
 
     def run(self, plan: PallasPlan, q, k, v, *, kv_layout: str = "NHD", return_lse: bool = False):
@@ -263,10 +272,10 @@ def _unsupported_geometry(d: int, group_size: int, pos_encoding_mode: str, q_dty
 
 
 @functools.lru_cache(maxsize=256)
-def _cached_kernel_spec(backend: PallasBackend, paged: bool, page_size: int, num_qo_heads: int, num_kv_heads: int,
-                        head_dim: int, v: AttentionVariant, cfg: TileConfig, max_tiles: int, page_capacity: int,
-                        custom_mask: bool) -> KernelSpec:
-    return KernelSpec(
+def _cached_layout(backend: PallasBackend, paged: bool, page_size: int, num_qo_heads: int, num_kv_heads: int,
+                   head_dim: int, v: AttentionVariant, cfg: TileConfig, max_tiles: int, page_capacity: int,
+                   custom_mask: bool, kv_major: bool) -> tuple[KernelSpec, PlanArgs]:
+    ks = KernelSpec(
         paged=paged,
         kv_layout="NHD",
         page_size=page_size,
@@ -289,35 +298,70 @@ def _cached_kernel_spec(backend: PallasBackend, paged: bool, page_size: int, num
         use_softmax=v.use_softmax,
         callables=v if v.has_user_callables else None,
     )
+    return ks, backend._plan_args(num_kv_heads, num_qo_heads // num_kv_heads, v, cfg, max_tiles, kv_major)
 
 
-def _kv_major_order(host: np.ndarray, ks: KernelSpec, num_tiles: int) -> None:
-    """Reorder a one-tile-per-CTA plan in place (``host``: its packed buffer): CTA ``c`` runs tile
-    ``c``, tiles (request, KV head)-major and longest KV range first within each."""
-    work = host[: ks.off_cta].reshape(ks.max_tiles, len(WORK_FIELDS))[:num_tiles]
-    cost = work[:, F["kv_lo"]] - work[:, F["kv_hi"]]
-    work[:] = work[np.lexsort((cost, work[:, F["kv_head"]], work[:, F["kv_base"]]))]
-    np.minimum(np.arange(ks.num_ctas + 1), num_tiles, out=host[ks.off_cta : ks.off_merge_indptr])
-
-
-def _aligned_empty(size: int, align: int = 64) -> np.ndarray:
-    """``np.empty(size, int32)`` starting on an ``align``-byte boundary: XLA's CPU client takes
-    such a buffer without copying it (numpy's own alignment is 16 bytes)."""
+def _aligned_empty(size: int, align: int = 64) -> tuple[np.ndarray, int]:
+    """``np.empty(size, int32)`` starting on an ``align``-byte boundary (XLA's CPU client takes
+    such a buffer without copying it; numpy's own alignment is 16 bytes), and its address."""
     raw = np.empty(size + align // 4, np.int32)
-    start = (-native.address(raw) % align) // 4
-    return raw[start : start + size]
+    address = native.address(raw)
+    start = (-address % align) // 4
+    return raw[start : start + size], address + 4 * start
 
 
 def _to_device(host: np.ndarray) -> jax.Array:
-    """Enqueue the host-to-device copy of a plan buffer; returns without waiting for it.
+    """``jax.device_put(host)``: enqueue the host-to-device copy of a plan buffer; returns without
+    waiting for it (the array is ready when the copy lands).
 
     ``jax.device_put`` gives the numpy buffer to PJRT and returns before the copy is done (jax
     0.11.2 on an H100: 0.28 ms for 64 MiB that land 10.7 ms later); ``jnp.asarray`` and a
     jitted identity wait for it. The copy reads ``host`` after the call returns (even with
     ``may_alias=False``), so :meth:`PallasBackend.plan` never reuses or changes it
-    (benchmarks/NOTES-planner.md).
+    (benchmarks/NOTES-planner.md). Where it can, this makes ``jax.device_put``'s C++ call
+    directly (:func:`_direct_device_put`).
     """
-    return jax.device_put(host)
+    put = _direct_device_put()
+    return jax.device_put(host) if put is None else put(host)
+
+
+@functools.cache
+def _direct_device_put() -> Callable[[np.ndarray], jax.Array] | None:
+    """``jax.device_put`` of a numpy array without its Python: jaxlib's ``batched_device_put``
+    with the default device's sharding, uncommitted, zero-copy host semantics and the transfer
+    guard's explicit scope, the C++ call ``jax.device_put`` ends in after ~60-90 us of tree
+    flattening, aval and sharding checks (~5 us instead; benchmarks/NOTES-planner.md).
+
+    Private jax API, so decided once per process: ``None`` (callers use ``jax.device_put``) when
+    it is missing, raises, or gives an array that differs from ``jax.device_put``'s on a probe.
+    """
+    try:
+        from jax._src import core
+        from jax._src.interpreters import pxla
+        from jax._src.lib import guard_lib, xla_client
+
+        aval = functools.lru_cache(maxsize=64)(core.ShapedArray)
+        sharding = functools.lru_cache(maxsize=64)(jax.sharding.SingleDeviceSharding)
+
+        def put(host: np.ndarray) -> jax.Array:
+            device = pxla.get_default_device()  # jax.default_device's, as jax.device_put
+            state = guard_lib.thread_local_state()
+            explicit = state.explicit_device_put
+            state.explicit_device_put = True  # the transfer guard counts device_put as explicit
+            try:
+                return xla_client.batched_device_put(aval(host.shape, host.dtype), sharding(device), [host], [device],
+                                                     False)
+            finally:
+                state.explicit_device_put = explicit
+
+        probe = np.arange(5, dtype=np.int32)
+        with jax.transfer_guard("allow"):
+            got, want = put(probe), jax.device_put(probe)
+            same = (type(got) is type(want) and got.aval == want.aval and got.sharding == want.sharding
+                    and got.committed == want.committed and np.array_equal(np.asarray(got), probe))
+    except Exception:  # any failure of the private path means jax.device_put
+        return None
+    return put if same else None
 
 
 def _device_mask(custom_mask: np.ndarray | None) -> jax.Array | None:
@@ -328,7 +372,7 @@ def _device_mask(custom_mask: np.ndarray | None) -> jax.Array | None:
         return None
     out = np.zeros(next_pow2(custom_mask.size), np.int8)
     out[: custom_mask.size] = custom_mask
-    return jnp.asarray(out)
+    return _to_device(out)
 
 
 def _check_run_args(ks: KernelSpec, q, k, v) -> None:
