@@ -3,23 +3,26 @@
 // Method: Shah et al., "FlashAttention-3: Fast and Accurate Attention with Asynchrony and
 // Low-precision" (arXiv 2407.08608), sec. 3.1: warp specialization. One CTA = one (query tile of
 // 128 rows, qo head) of one request, 3 warpgroups:
-// - warpgroup 0, the producer (setmaxnreg down), copies Q once and then K/V tiles of kBN keys
-//   into shared-memory rings (kStagesK / kStagesV deep). It gathers rows with cp.async (16 bytes
-//   per thread and row chunk), so one code path serves ragged KV and paged KV of any page_size
-//   and layout (page ids are looked up per key); K and V of each tile are published on their
-//   own mbarriers by cp.async.mbarrier.arrive (the producer never waits for its copies, only for
-//   free slots).
+// - warpgroup 0, the producer (setmaxnreg down), loads Q once (TMA) and then K/V tiles of kBN
+//   keys into shared-memory rings (kStagesK / kStagesV deep). Ragged KV: one warp issues a TMA
+//   load per 64 columns of a tile (tensor maps encoded per call by the FFI handler); only the
+//   tile crossing kv_len is gathered with cp.async and zero-fill. Paged KV (any page_size and
+//   layout): 128 threads gather rows with cp.async through the page table (16 bytes per thread
+//   and row chunk), published by cp.async.mbarrier.arrive (the producer never waits for its
+//   copies, only for free slots). K and V of a tile have their own mbarriers.
 // - warpgroups 1 and 2, the consumers (setmaxnreg up), own 64 query rows each: S = Q K^T with
 //   wgmma from 128-byte-swizzled shared memory (SS), online softmax in registers (base 2, scale
-//   folded into one FFMA), P converted to 16 bits in registers and O += P V with wgmma taking P
-//   from registers (RS) and V as an MN-major operand (no transpose), then they release the slot.
-//   The two consumer warpgroups take turns issuing their GEMMs (ping-pong, paper sec. 3.1), and
-//   inside a warpgroup the softmax of tile i overlaps P V of tile i - 1 (paper sec. 3.2).
+//   folded into one FFMA, lazy rescaling of O), P converted to 16 bits in registers and O += P V
+//   with wgmma taking P from registers (RS) and V as an MN-major operand (no transpose), then
+//   they release the slot. The two consumer warpgroups take turns issuing their GEMMs
+//   (ping-pong, paper sec. 3.1), and inside a warpgroup the softmax of tile i overlaps P V of
+//   tile i - 1 (paper sec. 3.2).
 // Fully masked KV tiles are skipped (causal, window); only tiles crossing a mask edge run the
 // mask pass.
 //
-// Measured on an H100 (benchmarks/NOTES-ffi.md, FA3): 363 TFLOP/s on prefill_causal (0.67 of
-// cuDNN, 1.06x fa2); the tensor pipe is busy 42 % of the time, so the kernel is latency-bound.
+// Measured on an H100 (benchmarks/NOTES-ffi.md, FA3 third session): 509 TFLOP/s on
+// prefill_causal (0.93x cuDNN in the same run), 558 non-causal, 598 at head_dim 256; paged KV
+// (cp.async producer) 344.
 //
 // Semantics follow shared/DESIGN.md sec. 2-3, as csrc/fa2_kernel.cuh: bottom-right causal /
 // window masks, soft cap c*tanh(x/c), GQA (qo head h reads kv head h / group_size), lse base 2,
@@ -406,10 +409,8 @@ __device__ __forceinline__ void producer_paged(const Params& p, const TileWork& 
       const int64_t off = offs[ld_row + j * kRowStep];
       CUTE_UNROLL
       for (int c = 0; c < M::kChunks; ++c) {
-#ifndef JAXINFER_FA3_DIAG_NOLOAD
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst[c] + slot_base + j * row_bytes),
                      "l"(off >= 0 ? src + off + c * kColStep : src), "r"(off >= 0 ? 16 : 0));
-#endif
       }
     }
   };
@@ -499,9 +500,6 @@ __device__ __forceinline__ void consumer(const Params& p, const TileWork& w, int
   float row_max[2] = {kNegInf, kNegInf}, row_sum[2] = {0.f, 0.f};
   const int n = w.num_kv_tiles;
   if (n > 0) {
-    // Online softmax of tile i (base 2) on S in registers, leaving P there; returns through
-    // `rescale` the factor O must be multiplied by. Without soft cap the max is taken on raw
-    // q.k (sm_scale > 0 keeps the order) and scaling folds into one FFMA per element.
     // Tiles that need the general softmax: soft cap on, or a mask edge (kv_len, causal
     // diagonal, window) crossing the tile. The others take a branch-free body: ptxas hoists a
     // wgmma wait above any branch between the GEMM issue and the wait, which would serialize
@@ -512,14 +510,16 @@ __device__ __forceinline__ void consumer(const Params& p, const TileWork& w, int
              (p.window_left >= 0 && t0 < w.qpos_max - p.window_left);
     };
     // Online softmax of tile i (base 2) on S in registers, leaving P there; returns through
-    // `rescale` the factor O must be multiplied by. Without soft cap the max is taken on raw
-    // q.k (sm_scale > 0 keeps the order) and scaling folds into one FFMA per element.
-    auto softmax = [&](auto general, int i, float (&rescale)[2]) {
+    // `rescale` the factor O must be multiplied by, and whether any row of this warp has one
+    // (else O is left alone). Without soft cap the max is taken on raw q.k (sm_scale > 0 keeps
+    // the order) and scaling folds into one FFMA per element.
+    // Lazy rescaling, as fa2: a row's running max moves only when the tile's max exceeds it by
+    // more than kRescaleThreshold (log2 units); otherwise the stale max stays, p <= 2^threshold,
+    // and o = O / l and lse stay exact because O and l share the max. Past the first tiles O is
+    // almost never rescaled. The decision is selects and a vote, no branch (see above).
+    constexpr float kRescaleThreshold = 8.f;
+    auto softmax = [&](auto general, int i, float (&rescale)[2]) -> bool {
       constexpr bool kGeneral = decltype(general)::value;
-#ifdef JAXINFER_FA3_DIAG_NOSOFTMAX
-      rescale[0] = rescale[1] = 1.f; row_sum[0] = row_sum[1] = 1.f; row_max[0] = row_max[1] = 0.f;
-      return;
-#endif
       const int t0 = w.t_first + i * kBN;
       float scale = p.logit_scale;
       if constexpr (kGeneral) {
@@ -536,6 +536,7 @@ __device__ __forceinline__ void consumer(const Params& p, const TileWork& w, int
           tSrS(e) = vis ? tSrS(e) : kNegInf;
         }
       }
+      bool grow_any = false;
       CUTE_UNROLL
       for (int hr = 0; hr < 2; ++hr) {
         // 4 partial maxima / sums: shorter dependency chains than one running value.
@@ -546,11 +547,14 @@ __device__ __forceinline__ void consumer(const Params& p, const TileWork& w, int
         float mx = fmaxf(fmaxf(mx4[0], mx4[1]), fmaxf(mx4[2], mx4[3]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-        const float m_new = fmaxf(row_max[hr], mx * scale);
+        const float m_tile = mx * scale;
+        const bool grow = m_tile > row_max[hr] + kRescaleThreshold;  // -inf + 8 = -inf: a first visible tile grows
+        const float m_new = grow ? m_tile : row_max[hr];
         // A row with nothing visible yet keeps max -inf; subtract 0 instead so 2^x gives 0, not NaN.
         const float m_use = m_new == kNegInf ? 0.f : m_new;
-        rescale[hr] = exp2_approx(row_max[hr] - m_use);
+        rescale[hr] = grow ? exp2_approx(row_max[hr] - m_use) : 1.f;
         row_max[hr] = m_new;
+        grow_any |= grow;
         float sum4[4] = {0.f, 0.f, 0.f, 0.f};
         CUTE_UNROLL
         for (int nb = 0; nb < kBN / 8; ++nb) {
@@ -563,6 +567,7 @@ __device__ __forceinline__ void consumer(const Params& p, const TileWork& w, int
         }
         row_sum[hr] = row_sum[hr] * rescale[hr] + ((sum4[0] + sum4[1]) + (sum4[2] + sum4[3]));
       }
+      return __any_sync(0xffffffff, grow_any);
     };
     auto rescale_o = [&](const float (&rescale)[2]) {
       CUTE_UNROLL
@@ -577,9 +582,7 @@ __device__ __forceinline__ void consumer(const Params& p, const TileWork& w, int
     // async proxy: the proxy fence after the barrier orders the two.
     auto wait_loaded = [&](uint64_t* bar, uint32_t phase) {
       Bar::wait(bar, phase);
-#ifndef JAXINFER_FA3_DIAG_NOFENCE
       cutlass::arch::fence_view_async_shared();
-#endif
     };
     // This warp is done reading a slot's K or V; the producer waits for all 8 consumer warps.
     auto release = [&](uint64_t* bar) {
@@ -589,11 +592,12 @@ __device__ __forceinline__ void consumer(const Params& p, const TileWork& w, int
 
     // Software pipeline (FA3 paper sec. 3.2). Iteration i, once it is this warpgroup's turn:
     // wait for P_{i-2} V (issued one iteration ago), convert P_{i-1} to 16 bits and rescale O to
-    // tile i - 1's max, issue S_i = Q K_i^T and O += P_{i-1} V_{i-1}, then run the softmax of
+    // tile i - 1's max if it moved, issue S_i = Q K_i^T and O += P_{i-1} V_{i-1}, then run the softmax of
     // S_i while P V runs. Everything that must follow a wgmma wait sits behind the turn barrier
     // at the top of the next iteration: placed right after the softmax instead, ptxas hoisted
     // the wait above the softmax (to start the P conversion early) and nothing overlapped.
     float rescale[2];
+    bool rescale_pending;
     auto finish_pv = [&](int i) {  // P_{i-1} V_{i-1} is complete; its V slot is free
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrO);
@@ -609,11 +613,7 @@ __device__ __forceinline__ void consumer(const Params& p, const TileWork& w, int
     warpgroup_wait<0>();
     warpgroup_fence_operand(tSrS);
     release(bars.k_empty(0));
-    if (general_tile(0)) {
-      softmax(std::true_type{}, 0, rescale);
-    } else {
-      softmax(std::false_type{}, 0, rescale);
-    }
+    rescale_pending = general_tile(0) ? softmax(std::true_type{}, 0, rescale) : softmax(std::false_type{}, 0, rescale);
     auto iteration = [&](auto general, int i) {
       const int slot = i % kSK, prev = (i - 1) % kSV;
       wait_loaded(bars.k_full(slot), phase_of<kSK>(i));
@@ -621,7 +621,7 @@ __device__ __forceinline__ void consumer(const Params& p, const TileWork& w, int
       sched.wait_turn();
       finish_pv(i - 1);
       convert_p();
-      rescale_o(rescale);
+      if (rescale_pending) rescale_o(rescale);
       wgmma_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, slot), tSrS);
       warpgroup_fence_operand(rP);
       wgmma_gemm<false>(mma_pv, tOrP, tOrV(_, _, _, prev), tOrO);
@@ -629,7 +629,7 @@ __device__ __forceinline__ void consumer(const Params& p, const TileWork& w, int
       warpgroup_wait<1>();
       warpgroup_fence_operand(tSrS);
       release(bars.k_empty(slot));
-      softmax(general, i, rescale);
+      rescale_pending = softmax(general, i, rescale);
     };
     for (int i = 1; i < n; ++i) {
       if (general_tile(i)) {
@@ -643,7 +643,7 @@ __device__ __forceinline__ void consumer(const Params& p, const TileWork& w, int
     sched.wait_turn();
     finish_pv(n - 1);
     convert_p();
-    rescale_o(rescale);
+    if (rescale_pending) rescale_o(rescale);
     warpgroup_fence_operand(rP);
     wgmma_gemm<false>(mma_pv, tOrP, tOrV(_, _, _, last), tOrO);
     // The other warpgroup's last wait_turn is matched by this pass; warpgroup 1 has nobody left.

@@ -8,8 +8,9 @@ recompiles. ``run`` is one ``ffi_call`` (:func:`jaxinfer.ffi.ops.flash_forward`)
 (tile, qo head).
 
 ``"fa2"``: mma.sync + cp.async, any sm80+ GPU. ``"fa3"``: sm90a only (H100/H200): a producer
-warpgroup gathering K/V through the page table with cp.async into an mbarrier ring, two consumer
-warpgroups on wgmma (FlashAttention-3, arXiv 2407.08608, sec. 3.1).
+warpgroup loading Q and ragged K/V with TMA (paged K/V: gathered through the page table with
+cp.async) into an mbarrier ring, two consumer warpgroups on wgmma (FlashAttention-3, arXiv
+2407.08608, sec. 3.1).
 """
 
 from __future__ import annotations
