@@ -34,6 +34,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -528,12 +529,19 @@ __device__ __forceinline__ void consumer(const Params& p, const TileWork& w, int
           CUTE_UNROLL
           for (int e = 0; e < size(tSrS); ++e) tSrS(e) = tanh_approx(tSrS(e) * p.logit_scale) * p.cap_log2;
         }
+        // Key j = t0 + col0 + c of row r is visible iff lo[r] <= c < hi[r]: the bounds per row,
+        // then two compares per element (c is a compile-time offset).
+        int lo[2], hi[2];
+        CUTE_UNROLL
+        for (int hr = 0; hr < 2; ++hr) {
+          const int qpos = w.qs + row0 + 8 * hr + w.delta;
+          hi[hr] = (p.causal ? min(w.kv_len, qpos + 1) : w.kv_len) - (t0 + col0);
+          lo[hr] = p.window_left >= 0 ? qpos - p.window_left - (t0 + col0) : INT_MIN;
+        }
         CUTE_UNROLL
         for (int e = 0; e < size(tSrS); ++e) {
-          const int qpos = w.qs + row0 + 8 * ((e / 2) & 1) + w.delta;
-          const int j = t0 + col0 + (e & 1) + 8 * (e / 4);
-          const bool vis = j < w.kv_len && (!p.causal || j <= qpos) && (p.window_left < 0 || j >= qpos - p.window_left);
-          tSrS(e) = vis ? tSrS(e) : kNegInf;
+          const int c = (e & 1) + 8 * (e / 4), hr = (e / 2) & 1;
+          tSrS(e) = c < hi[hr] && c >= lo[hr] ? tSrS(e) : kNegInf;
         }
       }
       bool grow_any = false;

@@ -23,7 +23,7 @@ timeout ${BENCH_TIMEOUT:-200} python3 benchmarks/ffi_gpu.py --out $OUT --backend
 for d in $VARIANTS; do
   echo "variant $d"
   JAXINFER_FA3_DEFINES=$d timeout 90 python3 benchmarks/ffi_gpu.py --quick --no-table --json $OUT/v.json \
-    --backends fa3 --workloads prefill_causal,noncausal > /dev/null 2>&1
+    --backends fa3 --workloads ${VWORK:-prefill_causal,noncausal} > /dev/null 2>&1
   python3 -c "import json,sys; [print(' ', r.get('workload'), r.get('fa3_tflops', r)) for r in json.load(open(sys.argv[1]))]" $OUT/v.json
 done
 if [ -n "$NCU" ]; then
