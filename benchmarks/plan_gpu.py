@@ -16,7 +16,7 @@ the previous result ready first):
   arrays), ``plan_work_packed`` (native, into one buffer with the page ids), the planner call
   that plan() makes (``plan_packed_at`` on the spec's recorded addresses), the numpy planner,
   ``jax.device_put`` of the plan buffer and the backend's direct form of it
-  (``jaxinfer.pallas.backend._to_device``: jaxlib's ``batched_device_put``), and one address
+  (``jaxinfer.transfer.to_device``: jaxlib's ``batched_device_put``), and one address
   lookup of a numpy array (``__array_interface__``, as jaxinfer.native does, against
   ``ctypes.c_char.from_buffer``, which an audit hook slows down);
 - minor page faults per call (``ru_minflt``) of plan() and of the before path;
@@ -50,7 +50,7 @@ import numpy as np
 
 import jaxinfer.batch as batch
 import jaxinfer.pallas.backend as pallas_backend
-from jaxinfer import BatchDecodeWithPagedKVCacheWrapper, native, page
+from jaxinfer import BatchDecodeWithPagedKVCacheWrapper, native, page, transfer
 from jaxinfer.batch import BatchSpec, PlanCapacity
 from jaxinfer.bench.workloads import PageTable
 from jaxinfer.planner import count_query_tiles, plan_packed_at, plan_work, plan_work_packed
@@ -149,10 +149,10 @@ def measure(kind: str, calls: int) -> dict:
     assert not got["kv_indices"][table.indices.size :].any()
     assert np.array_equal(np.asarray(before(lambda: w.plan(*args)).inner.buffer), np.asarray(plan.inner.buffer))
     buf = np.asarray(plan.inner.buffer).copy()
-    direct, put = pallas_backend._to_device(buf), jax.device_put(buf)
+    direct, put = transfer.to_device(buf), jax.device_put(buf)
     assert (direct.sharding, direct.committed, direct.aval) == (put.sharding, put.committed, put.aval)
     assert np.array_equal(np.asarray(direct), buf)
-    res["direct_device_put"] = pallas_backend._direct_device_put() is not None
+    res["direct_device_put"] = transfer.direct_device_put() is not None
 
     res["plan"] = per_call(lambda: w.plan(*args), calls)
     res["before_plan"] = before(lambda: per_call(lambda: w.plan(*args), calls))
@@ -179,7 +179,7 @@ def measure(kind: str, calls: int) -> dict:
     aligned, _ = pallas_backend._aligned_empty(buf.size)  # as plan() allocates it
     aligned[:] = buf
     res["device_put"] = per_call(lambda: jax.device_put(aligned), calls)
-    res["direct_put"] = per_call(lambda: pallas_backend._to_device(aligned), calls)
+    res["direct_put"] = per_call(lambda: transfer.to_device(aligned), calls)
     res["address"] = per_call(lambda: native.address(buf), calls, ready=False)
     res["from_buffer"] = per_call(lambda: ctypes.addressof(ctypes.c_char.from_buffer(buf)), calls, ready=False)
     return res

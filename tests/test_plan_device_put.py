@@ -1,7 +1,6 @@
-"""The Pallas backend's host-to-device copy of a plan (``_to_device``): jaxlib's
+"""The planners' host-to-device copy of a plan (``jaxinfer.transfer.to_device``): jaxlib's
 ``batched_device_put`` called directly gives what ``jax.device_put`` gives, honours the transfer
-guard the same way, and the backend falls back to ``jax.device_put`` where the private API is
-missing."""
+guard the same way, and falls back to ``jax.device_put`` where the private API is missing."""
 
 from __future__ import annotations
 
@@ -9,11 +8,12 @@ import jax
 import numpy as np
 import pytest
 
+from jaxinfer import transfer
 from jaxinfer.pallas import backend
 
 
 def _same_as_device_put(x: np.ndarray) -> jax.Array:
-    got, want = backend._to_device(x), jax.device_put(x)
+    got, want = transfer.to_device(x), jax.device_put(x)
     assert type(got) is type(want)
     assert got.dtype == want.dtype and got.shape == want.shape and got.aval == want.aval
     assert got.sharding == want.sharding and got.devices() == want.devices()
@@ -25,7 +25,7 @@ def _same_as_device_put(x: np.ndarray) -> jax.Array:
 @pytest.mark.parametrize("dtype", [np.int32, np.int8])
 @pytest.mark.parametrize("size", [1, 7, 43270])
 def test_direct_put_equals_device_put(rng, dtype, size):
-    assert backend._direct_device_put() is not None, "this jax has the direct path"
+    assert transfer.direct_device_put() is not None, "this jax has the direct path"
     x = rng.integers(-100, 100, size).astype(dtype)
     _same_as_device_put(x)
 
@@ -49,14 +49,14 @@ def test_direct_put_follows_the_transfer_guard(rng):
         with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
             jax.device_put(x)
         with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
-            backend._to_device(x)
+            transfer.to_device(x)
 
 
 def test_missing_private_api_falls_back_to_device_put(rng, monkeypatch):
     from jax._src.lib import xla_client
 
     monkeypatch.delattr(xla_client, "batched_device_put")
-    assert backend._direct_device_put.__wrapped__() is None
+    assert transfer.direct_device_put.__wrapped__() is None
     monkeypatch.undo()  # jax.device_put needs it too
-    monkeypatch.setattr(backend, "_direct_device_put", lambda: None)
+    monkeypatch.setattr(transfer, "direct_device_put", lambda: None)
     _same_as_device_put(rng.integers(0, 9, 5).astype(np.int32))

@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxinfer.batch import BatchSpec, PlanCapacity
 from jaxinfer.ffi import build, ops
+from jaxinfer.transfer import to_device
 
 # Query rows of one CTA per kernel and head_dim: fa2, 16 * kMT * kWarps of Fa2Traits in
 # jaxinfer/csrc/fa2_kernel.cuh; fa3, kBM of jaxinfer/csrc/fa3_kernel.cuh (two consumer warpgroups of 64 rows).
@@ -158,12 +159,12 @@ class FlashAttentionBackend:
         else:
             kv_indices = np.zeros(1, np.int32)
         return Fa2Plan(
-            qo_indptr=jnp.asarray(_pad(spec.qo_indptr, b_cap + 1, int(spec.qo_indptr[-1]))),
-            kv_indptr=jnp.asarray(_pad(spec.kv_indptr, b_cap + 1, int(spec.kv_indptr[-1]))),
-            kv_indices=jnp.asarray(kv_indices),
-            kv_lens=jnp.asarray(_pad(spec.kv_lens, b_cap, 0)),
-            tile_batch=jnp.asarray(_pad(tile_batch, t_cap, -1)),
-            tile_qstart=jnp.asarray(_pad(tile_qstart, t_cap, 0)),
+            qo_indptr=to_device(_pad(spec.qo_indptr, b_cap + 1, int(spec.qo_indptr[-1]))),
+            kv_indptr=to_device(_pad(spec.kv_indptr, b_cap + 1, int(spec.kv_indptr[-1]))),
+            kv_indices=to_device(kv_indices),
+            kv_lens=to_device(_pad(spec.kv_lens, b_cap, 0)),
+            tile_batch=to_device(_pad(tile_batch, t_cap, -1)),
+            tile_qstart=to_device(_pad(tile_qstart, t_cap, 0)),
             causal=bool(spec.variant.causal),
             window_left=int(spec.variant.window_left),
             logits_soft_cap=spec.variant.logits_soft_cap,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +19,7 @@ from jaxinfer import native
 from jaxinfer.batch import BatchSpec, PlanCapacity, next_pow2
 from jaxinfer.pallas.attention import KernelSpec, attention
 from jaxinfer.pallas.config import TileConfig, heuristic_config
+from jaxinfer.transfer import to_device
 from jaxinfer.planner import MERGE_FIELDS, WORK_FIELDS, PlanArgs, count_query_tiles_at, plan_packed_at, plan_work_in_jit
 from jaxinfer.variants import AttentionVariant
 
@@ -196,7 +196,7 @@ class PallasBackend:
         plan_packed_at(args, address, ks.buffer_size, batch, qo_indptr, kv_lens, kv_indptr,
                        None if mask_offsets is None else native.address(mask_offsets), kv_indices or None,
                        int(spec.kv_indptr[-1]) if spec.paged else 0)
-        return PallasPlan(buffer=_to_device(host), kernel=ks, config=cfg, mask=mask)
+        return PallasPlan(buffer=to_device(host), kernel=ks, config=cfg, mask=mask)
 
     def plan_in_jit(self, spec: BatchSpec, capacity: PlanCapacity, qo_indptr, kv_indptr, kv_indices, kv_last_page_len) -> PallasPlan:
         """Plan inside ``jit`` from traced index arrays (``jax.pure_callback``; one host round trip).
@@ -310,60 +310,6 @@ def _aligned_empty(size: int, align: int = 64) -> tuple[np.ndarray, int]:
     return raw[start : start + size], address + 4 * start
 
 
-def _to_device(host: np.ndarray) -> jax.Array:
-    """``jax.device_put(host)``: enqueue the host-to-device copy of a plan buffer; returns without
-    waiting for it (the array is ready when the copy lands).
-
-    ``jax.device_put`` gives the numpy buffer to PJRT and returns before the copy is done (jax
-    0.11.2 on an H100: 0.28 ms for 64 MiB that land 10.7 ms later); ``jnp.asarray`` and a
-    jitted identity wait for it. The copy reads ``host`` after the call returns (even with
-    ``may_alias=False``), so :meth:`PallasBackend.plan` never reuses or changes it
-    (benchmarks/NOTES-planner.md). Where it can, this makes ``jax.device_put``'s C++ call
-    directly (:func:`_direct_device_put`).
-    """
-    put = _direct_device_put()
-    return jax.device_put(host) if put is None else put(host)
-
-
-@functools.cache
-def _direct_device_put() -> Callable[[np.ndarray], jax.Array] | None:
-    """``jax.device_put`` of a numpy array without its Python: jaxlib's ``batched_device_put``
-    with the default device's sharding, uncommitted, zero-copy host semantics and the transfer
-    guard's explicit scope, the C++ call ``jax.device_put`` ends in after ~60-90 us of tree
-    flattening, aval and sharding checks (~5 us instead; benchmarks/NOTES-planner.md).
-
-    Private jax API, so decided once per process: ``None`` (callers use ``jax.device_put``) when
-    it is missing, raises, or gives an array that differs from ``jax.device_put``'s on a probe.
-    """
-    try:
-        from jax._src import core
-        from jax._src.interpreters import pxla
-        from jax._src.lib import guard_lib, xla_client
-
-        aval = functools.lru_cache(maxsize=64)(core.ShapedArray)
-        sharding = functools.lru_cache(maxsize=64)(jax.sharding.SingleDeviceSharding)
-
-        def put(host: np.ndarray) -> jax.Array:
-            device = pxla.get_default_device()  # jax.default_device's, as jax.device_put
-            state = guard_lib.thread_local_state()
-            explicit = state.explicit_device_put
-            state.explicit_device_put = True  # the transfer guard counts device_put as explicit
-            try:
-                return xla_client.batched_device_put(aval(host.shape, host.dtype), sharding(device), [host], [device],
-                                                     False)
-            finally:
-                state.explicit_device_put = explicit
-
-        probe = np.arange(5, dtype=np.int32)
-        with jax.transfer_guard("allow"):
-            got, want = put(probe), jax.device_put(probe)
-            same = (type(got) is type(want) and got.aval == want.aval and got.sharding == want.sharding
-                    and got.committed == want.committed and np.array_equal(np.asarray(got), probe))
-    except Exception:  # any failure of the private path means jax.device_put
-        return None
-    return put if same else None
-
-
 def _device_mask(custom_mask: np.ndarray | None) -> jax.Array | None:
     """The spec's flat bool mask as int8 on the device, zero-padded to a power-of-2 length (few
     shapes, few compilations); ``None`` when absent or all True (a block-sparse plan whose blocks
@@ -372,7 +318,7 @@ def _device_mask(custom_mask: np.ndarray | None) -> jax.Array | None:
         return None
     out = np.zeros(next_pow2(custom_mask.size), np.int8)
     out[: custom_mask.size] = custom_mask
-    return _to_device(out)
+    return to_device(out)
 
 
 def _check_run_args(ks: KernelSpec, q, k, v) -> None:
