@@ -100,6 +100,19 @@ def test_cache_key_depends_on_arch_and_defines(monkeypatch):
     assert build.env_defines("fa3") == ("JAXINFER_FA3_STAGES_D128=3",) and build.env_defines("fa2") == ()
 
 
+def test_cache_key_covers_the_shared_ffi_code(monkeypatch, tmp_path):
+    """Editing the FFI code both families include (ffi_*) rebuilds both; a family's own file only itself."""
+    for name in ("fa2_ffi.cu", "fa3_ffi.cu", "ffi_forward.cuh"):
+        (tmp_path / name).write_text(name)
+    monkeypatch.setattr(build, "CSRC", tmp_path)
+    before = build.source_hash((), "fa2"), build.source_hash((), "fa3")
+    (tmp_path / "ffi_forward.cuh").write_text("changed")
+    shared = build.source_hash((), "fa2"), build.source_hash((), "fa3")
+    assert shared[0] != before[0] and shared[1] != before[1]
+    (tmp_path / "fa3_ffi.cu").write_text("changed")
+    assert build.source_hash((), "fa2") == shared[0] and build.source_hash((), "fa3") != shared[1]
+
+
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("paged,kv_layout", [(False, "NHD"), (True, "NHD"), (True, "HND")])
 def test_lowers_for_cuda(name, paged, kv_layout, rng):

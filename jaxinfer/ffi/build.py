@@ -111,11 +111,13 @@ def gencode(arch: str) -> list[str]:
 def source_hash(defines: tuple[str, ...] = (), kernel: str | None = None) -> str:
     """SHA-256 (16 hex digits) of the sources and the flags: the cache key's code part.
 
-    With ``kernel``, only the files of that family (``jaxinfer/csrc/<kernel>_*``), so that editing one
-    kernel does not rebuild the other; otherwise every file of ``jaxinfer/csrc/``.
+    With ``kernel``, only the files of that family (``jaxinfer/csrc/<kernel>_*``) and the FFI code
+    the families share (``ffi_*``), so that editing one kernel does not rebuild the other;
+    otherwise every file of ``jaxinfer/csrc/``.
     """
     h = hashlib.sha256()
-    for path in sorted(CSRC.glob(f"{kernel}_*" if kernel else "*")):
+    paths = [*CSRC.glob(f"{kernel}_*"), *CSRC.glob("ffi_*")] if kernel else CSRC.glob("*")
+    for path in sorted(paths):
         if path.suffix in (".cu", ".cuh", ".h", ".hpp"):
             h.update(path.name.encode())
             h.update(path.read_bytes())
