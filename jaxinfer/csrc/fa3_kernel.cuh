@@ -20,9 +20,9 @@
 // Fully masked KV tiles are skipped (causal, window); only tiles crossing a mask edge run the
 // mask pass.
 //
-// Measured on an H100 (benchmarks/NOTES-ffi.md, FA3 third session): 509 TFLOP/s on
-// prefill_causal (0.93x cuDNN in the same run), 558 non-causal, 598 at head_dim 256; paged KV
-// (cp.async producer) 344.
+// Measured on an H100 (benchmarks/RESULTS.md, third session, runs 10-11): prefill_causal 509
+// TFLOP/s in jaxinfer-bench (0.99x cuDNN in the same run), 524-530 in benchmarks/ffi_gpu.py
+// (0.96x); non-causal 557-569, head_dim 256 604-634; paged KV (cp.async producer) 350-358.
 //
 // Semantics follow shared/DESIGN.md sec. 2-3, as csrc/fa2_kernel.cuh: bottom-right causal /
 // window masks, soft cap c*tanh(x/c), GQA (qo head h reads kv head h / group_size), lse base 2,
