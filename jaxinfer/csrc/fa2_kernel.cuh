@@ -30,33 +30,17 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "ffi_params.cuh"
+
 #include <cute/arch/copy_sm75.hpp>
 #include <cute/arch/copy_sm80.hpp>
 #include <cute/arch/mma_sm80.hpp>
 
 namespace jaxinfer {
 
-// Everything the kernel reads; strides are in elements.
-struct Fa2Params {
-  const void* q;
-  const void* k;
-  const void* v;
-  void* o;
-  float* lse;
-  const int32_t* qo_indptr;   // [B+1]
-  const int32_t* kv_indptr;   // [B+1], pages when paged, tokens otherwise
-  const int32_t* kv_indices;  // [nnz_pages] (paged only)
-  const int32_t* kv_lens;     // [B] tokens
-  const int32_t* tile_batch;  // [T] request of each query tile, -1 = padding
-  const int32_t* tile_qstart; // [T] first query row of the tile inside its request
-  int64_t q_tok_stride, q_head_stride;
-  int64_t kv_page_stride, kv_tok_stride, kv_head_stride;
-  int num_qo_heads, group_size, page_size;
-  int page_shift;   // log2(page_size) when a power of 2, else -1
-  int window_left;  // -1: no window
-  bool paged, causal, soft_cap_on;
-  float logit_scale;  // sm_scale*log2(e) without soft cap, sm_scale/c with it
-  float cap_log2;     // c*log2(e) (soft cap only)
+// Everything the kernel reads (ffi_params.cuh) and whether KV is paged.
+struct Fa2Params : ForwardParams {
+  bool paged;
 };
 
 // Tile shapes per head_dim: kMT m16 tiles per warp, kWarps warps, kBN keys per KV tile.

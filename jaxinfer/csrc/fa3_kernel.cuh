@@ -39,6 +39,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "ffi_params.cuh"
+
 #include <cute/tensor.hpp>
 #include <cute/arch/copy_sm90_desc.hpp>
 #include <cute/arch/mma_sm90.hpp>
@@ -53,31 +55,12 @@ namespace fa3 {
 
 namespace GMMA = cute::SM90::GMMA;
 
-// Everything the kernel reads; strides are in elements (the FFI handler fills it like Fa2Params).
-// The tensor maps (TMA descriptors, encoded on the host per call) cover q [nnz_q, Hq, D] and, for
-// ragged KV, k and v [nnz_kv, Hkv, D], as 3-d tensors (D, heads, rows) read in boxes of 64
-// columns (128 bytes, the swizzle width) x 1 head x a tile of rows, 128-byte swizzled.
-struct Params {
+// Everything the kernel reads (ffi_params.cuh), and the tensor maps (TMA descriptors, encoded on
+// the host per call) of q [nnz_q, Hq, D] and, for ragged KV, k and v [nnz_kv, Hkv, D], as 3-d
+// tensors (D, heads, rows) read in boxes of 64 columns (128 bytes, the swizzle width) x 1 head x
+// a tile of rows, 128-byte swizzled.
+struct Params : ForwardParams {
   CUtensorMap tma_q, tma_k, tma_v;
-  const void* q;
-  const void* k;
-  const void* v;
-  void* o;
-  float* lse;
-  const int32_t* qo_indptr;   // [B+1]
-  const int32_t* kv_indptr;   // [B+1], pages when paged, tokens otherwise
-  const int32_t* kv_indices;  // [nnz_pages] (paged only)
-  const int32_t* kv_lens;     // [B] tokens
-  const int32_t* tile_batch;  // [T] request of each query tile, -1 = padding
-  const int32_t* tile_qstart; // [T] first query row of the tile inside its request
-  int64_t q_tok_stride, q_head_stride;
-  int64_t kv_page_stride, kv_tok_stride, kv_head_stride;
-  int num_qo_heads, group_size, page_size;
-  int page_shift;   // log2(page_size) when a power of 2, else -1
-  int window_left;  // -1: no window
-  bool causal, soft_cap_on;
-  float logit_scale;  // sm_scale*log2(e) without soft cap, sm_scale/c with it
-  float cap_log2;     // c*log2(e) (soft cap only)
 };
 
 // Keys per KV tile and depths of the K and V rings per head_dim (overridable with -D for tuning

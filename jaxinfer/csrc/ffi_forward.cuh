@@ -7,8 +7,8 @@
 //   rets: o [nnz_q, Hq, D] in q's dtype, lse [nnz_q, Hq] float32 base 2;
 //   attrs: causal, window_left, logits_soft_cap (0 = off), sm_scale, page_size, paged,
 //          kv_layout_hnd.
-// Here: the checks of those operands, the kernel parameters they give (the fields Fa2Params and
-// fa3::Params share), CUDA errors as ffi::Error, and the handler binding. No host
+// Here: the checks of those operands, the kernel parameters they give (ForwardParams of
+// ffi_params.cuh, which Fa2Params and fa3::Params extend), CUDA errors as ffi::Error, and the handler binding. No host
 // synchronisation and no allocation, so the handlers are command-buffer (CUDA graph) safe.
 #pragma once
 
@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <string>
 
+#include "ffi_params.cuh"
 #include "xla/ffi/api/ffi.h"
 
 namespace jaxinfer {
@@ -34,16 +35,18 @@ inline xla::ffi::Error cuda_error(const char* call, const char* what) {
   return xla::ffi::Error::Internal(std::string(call) + ": " + what + ": " + cudaGetErrorString(err));
 }
 
-// Checks the operands of `call` and fills the common fields of `p` (strides in elements, the
-// log2-domain logit scale) and `s`; a failed check is an InvalidArgument error.
-template <class P>
-xla::ffi::Error forward_params(const char* call, xla::ffi::AnyBuffer q, xla::ffi::AnyBuffer k, xla::ffi::AnyBuffer v,
-                               xla::ffi::Buffer<xla::ffi::S32> qo_indptr, xla::ffi::Buffer<xla::ffi::S32> kv_indptr,
-                               xla::ffi::Buffer<xla::ffi::S32> kv_indices, xla::ffi::Buffer<xla::ffi::S32> kv_lens,
-                               xla::ffi::Buffer<xla::ffi::S32> tile_batch, xla::ffi::Buffer<xla::ffi::S32> tile_qstart,
-                               xla::ffi::AnyBuffer o, xla::ffi::Buffer<xla::ffi::F32> lse, bool causal,
-                               int32_t window_left, float logits_soft_cap, float sm_scale, int32_t page_size,
-                               bool paged, bool kv_layout_hnd, P& p, ForwardShape& s) {
+// Checks the operands of `call` and fills `p` (strides in elements, the log2-domain logit scale)
+// and `s`; a failed check is an InvalidArgument error.
+inline xla::ffi::Error forward_params(const char* call, xla::ffi::AnyBuffer q, xla::ffi::AnyBuffer k,
+                                      xla::ffi::AnyBuffer v, xla::ffi::Buffer<xla::ffi::S32> qo_indptr,
+                                      xla::ffi::Buffer<xla::ffi::S32> kv_indptr,
+                                      xla::ffi::Buffer<xla::ffi::S32> kv_indices,
+                                      xla::ffi::Buffer<xla::ffi::S32> kv_lens,
+                                      xla::ffi::Buffer<xla::ffi::S32> tile_batch,
+                                      xla::ffi::Buffer<xla::ffi::S32> tile_qstart, xla::ffi::AnyBuffer o,
+                                      xla::ffi::Buffer<xla::ffi::F32> lse, bool causal, int32_t window_left,
+                                      float logits_soft_cap, float sm_scale, int32_t page_size, bool paged,
+                                      bool kv_layout_hnd, ForwardParams& p, ForwardShape& s) {
   constexpr float kLog2e = 1.4426950408889634f;
   auto invalid = [&](const char* what) { return xla::ffi::Error::InvalidArgument(std::string(call) + ": " + what); };
   const auto qd = q.dimensions();
