@@ -20,7 +20,7 @@ ffi::Error launch(cudaStream_t stream, const Fa2Params& p, int num_tiles, int nu
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) != cudaSuccess)
     return cuda_error(kCall, "cudaFuncSetAttribute");
   if (num_tiles > 0 && p.num_qo_heads > 0) {
-    // One CTA per (tile, qo head) in a 1-D grid, in the order of cta_tile_head.
+    // One CTA per (tile, qo head) in a 1-D grid, in the order of work_tile_head.
     if (int64_t(num_tiles) * p.num_qo_heads > INT32_MAX)
       return ffi::Error::InvalidArgument("jaxinfer_fa2_forward: more than 2^31 - 1 (tile, qo head) pairs");
     kernel<<<num_tiles * p.num_qo_heads, 32 * Fa2Traits<D>::kWarps, kSmem, stream>>>(p);

@@ -15,7 +15,7 @@
 // tile that does not raise a row max by more than 2^8 (lazy rescaling); no mask and no soft cap
 // code on a tile that needs none (one straight-line instantiation of the tile per case), and no
 // work at all for a warp whose rows see none of the tile. CTAs run heavy query tiles first
-// (cta_tile_head).
+// (work_tile_head).
 //
 // Semantics follow shared/DESIGN.md sec. 2-3: bottom-right causal / window masks, soft cap
 // c*tanh(x/c), GQA (qo head h reads kv head h / group_size), lse base 2, a row with no visible
@@ -196,22 +196,11 @@ __host__ __device__ __forceinline__ int64_t kv_row_offset(const Fa2Params& p, in
   }
 }
 
-// Tile and qo head of this CTA in a 1-D grid of num_tiles * num_heads CTAs: heads in groups of
-// kHeadGroup, and inside a group the planner's tile order (widest KV range first) with the
-// group's heads varying fastest. The hardware starts CTAs in index order, so inside each group
-// the heavy tiles start first and the grid ends on light ones (a short tail), while the CTAs
-// resident at once read the K/V of only a few heads (L2 reuse). H100, causal B=4 S=4096 H=32
-// D=128: groups of 8 heads +3.6 % over the tile-major order (groups of 1), all 32 heads -4 %.
+// One CTA per (tile, qo head) in a 1-D grid of num_tiles * num_heads CTAs, in the order of
+// work_tile_head (ffi_params.cuh); the hardware starts CTAs in index order. H100, causal B=4
+// S=4096 H=32 D=128: groups of 8 heads +3.6 % over the tile-major order (groups of 1), all 32
+// heads -4 %.
 constexpr int kHeadGroup = 8;
-__device__ __forceinline__ void cta_tile_head(int num_heads, int& tile, int& head) {
-  const int num_tiles = gridDim.x / num_heads;
-  const int group = min(kHeadGroup, num_heads);
-  const int first_head = (blockIdx.x / (group * num_tiles)) * group;
-  const int size = min(group, num_heads - first_head);
-  const int rest = blockIdx.x - first_head * num_tiles;
-  tile = rest / size;
-  head = first_head + rest - tile * size;
-}
 
 template <typename T, int D, int kMode>
 __global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinBlocks) fa2_forward_kernel(const Fa2Params p) {
@@ -230,7 +219,7 @@ __global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinB
   constexpr float kRescaleThreshold = 8.f;
 
   int tile, head;
-  cta_tile_head(p.num_qo_heads, tile, head);
+  work_tile_head(blockIdx.x, gridDim.x / p.num_qo_heads, p.num_qo_heads, kHeadGroup, tile, head);
   const int batch = p.tile_batch[tile];
   if (batch < 0) return;
   const int kv_head = head / p.group_size;

@@ -1,6 +1,10 @@
 // XLA FFI handler of the FlashAttention-3 forward kernel (fa3_kernel.cuh), sm90a only: custom
-// call "jaxinfer_fa3_forward", operands and checks in ffi_forward.cuh. With ragged KV it also
-// encodes the TMA descriptors of q, k and v (host work, no synchronisation).
+// call "jaxinfer_fa3_forward", operands and checks in ffi_forward.cuh, plus one more result: the
+// work counter of the persistent grid (int32 [1], zeroed here on the stream before the launch).
+// With ragged KV it also encodes the TMA descriptors of q, k and v (host work, no
+// synchronisation).
+#include <algorithm>
+#include <climits>
 #include <string>
 
 #include <cudaTypedefs.h>
@@ -70,9 +74,18 @@ ffi::Error launch(cudaStream_t stream, Params& p, int num_tiles, int num_batch, 
   // Needed above 48 KiB of dynamic shared memory; idempotent, no stream work.
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) != cudaSuccess)
     return cuda_error(kCall, "cudaFuncSetAttribute");
-  if (num_tiles > 0 && p.num_qo_heads > 0) {
-    if (p.num_qo_heads > 65535) return ffi::Error::InvalidArgument("jaxinfer_fa3_forward: more than 65535 qo heads");
-    kernel<<<dim3(num_tiles, p.num_qo_heads), kThreads, kSmem, stream>>>(p);
+  const int64_t items = int64_t(num_tiles) * p.num_qo_heads;
+  if (items > 0) {
+    if (items > INT_MAX) return ffi::Error::InvalidArgument("jaxinfer_fa3_forward: more than 2^31 (tile, head) items");
+    int device = 0, sms = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+      return cuda_error(kCall, "SM count");
+    const int grid = Shape<D>::kPersistent ? int(std::min<int64_t>(items, sms)) : int(items);
+    p.num_tiles = num_tiles;
+    if (cudaMemsetAsync(p.work_counter, 0, sizeof(int), stream) != cudaSuccess)
+      return cuda_error(kCall, "work counter reset");
+    kernel<<<grid, kThreads, kSmem, stream>>>(p);
     if (ffi::Error e = cuda_error(kCall, "attention kernel launch"); e.failure()) return e;
   }
   if (num_rows > 0) {
@@ -102,8 +115,11 @@ ffi::Error Fa3ForwardImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
                           ffi::Buffer<ffi::S32> tile_batch, ffi::Buffer<ffi::S32> tile_qstart,
                           ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::Buffer<ffi::F32>> lse, bool causal,
                           int32_t window_left, float logits_soft_cap, float sm_scale, int32_t page_size, bool paged,
-                          bool kv_layout_hnd) {
+                          bool kv_layout_hnd, ffi::Result<ffi::Buffer<ffi::S32>> work_counter) {
   Params p{};
+  if (work_counter->element_count() != 1)
+    return ffi::Error::InvalidArgument("jaxinfer_fa3_forward: the work counter must be int32 [1]");
+  p.work_counter = work_counter->typed_data();
   ForwardShape sh;
   if (ffi::Error e = forward_params(kCall, q, k, v, qo_indptr, kv_indptr, kv_indices, kv_lens, tile_batch, tile_qstart,
                                     *o, *lse, causal, window_left, logits_soft_cap, sm_scale, page_size, paged,
@@ -127,5 +143,6 @@ ffi::Error Fa3ForwardImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
 }  // namespace fa3
 }  // namespace jaxinfer
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferFa3Forward, jaxinfer::fa3::Fa3ForwardImpl, JAXINFER_FORWARD_BINDING,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferFa3Forward, jaxinfer::fa3::Fa3ForwardImpl,
+                              JAXINFER_FORWARD_BINDING.Ret<xla::ffi::Buffer<xla::ffi::S32>>() /* work counter */,
                               {xla::ffi::Traits::kCmdBufferCompatible});

@@ -1,10 +1,13 @@
 // FlashAttention-3 forward for ragged queries over ragged or paged (BSR) KV, sm90a only.
 //
 // Method: Shah et al., "FlashAttention-3: Fast and Accurate Attention with Asynchrony and
-// Low-precision" (arXiv 2407.08608), sec. 3.1: warp specialization. One CTA = one (query tile of
-// 128 rows, qo head) of one request, 3 warpgroups:
-// - warpgroup 0, the producer (setmaxnreg down), loads Q once (TMA) and then K/V tiles of kBN
-//   keys into shared-memory rings (kStagesK / kStagesV deep). Ragged KV: one warp issues a TMA
+// Low-precision" (arXiv 2407.08608), sec. 3.1: warp specialization. A work item is one (query
+// tile of 128 rows, qo head) of one request. The grid is persistent: one CTA per SM runs work
+// items, heavy ones first, taken from an atomic counter until none is left (head_dim 256: one
+// CTA per item). 3 warpgroups per CTA:
+// - warpgroup 0, the producer (setmaxnreg down), loads an item's Q (TMA) and then its K/V tiles
+//   of kBN keys into shared-memory rings (kStagesK / kStagesV deep), running ahead into the next
+//   item while the consumers finish one. Ragged KV: one warp issues a TMA
 //   load per 64 columns of a tile (tensor maps encoded per call by the FFI handler); only the
 //   tile crossing kv_len is gathered with cp.async and zero-fill. Paged KV (any page_size and
 //   layout): 128 threads gather rows with cp.async through the page table (16 bytes per thread
@@ -20,9 +23,10 @@
 // Fully masked KV tiles are skipped (causal, window); only tiles crossing a mask edge run the
 // mask pass.
 //
-// Measured on an H100 (benchmarks/RESULTS.md, third session, runs 10-11): prefill_causal 509
-// TFLOP/s in jaxinfer-bench (0.99x cuDNN in the same run), 524-530 in benchmarks/ffi_gpu.py
-// (0.96x); non-causal 557-569, head_dim 256 604-634; paged KV (cp.async producer) 350-358.
+// Measured on an H100 (benchmarks/RESULTS.md, fourth session, run 16): prefill_causal 530-533
+// TFLOP/s in benchmarks/ffi_gpu.py against 521-525 for one CTA per item (the previous commit,
+// interleaved in the same run), 0.95x cuDNN; non-causal 565-607, head_dim 256 614-628; paged KV
+// (cp.async producer) 353-362.
 //
 // Semantics follow shared/DESIGN.md sec. 2-3, as csrc/fa2_kernel.cuh: bottom-right causal /
 // window masks, soft cap c*tanh(x/c), GQA (qo head h reads kv head h / group_size), lse base 2,
@@ -61,6 +65,8 @@ namespace GMMA = cute::SM90::GMMA;
 // a tile of rows, 128-byte swizzled.
 struct Params : ForwardParams {
   CUtensorMap tma_q, tma_k, tma_v;
+  int num_tiles;       // entries of tile_batch / tile_qstart, the planned tiles first, then padding
+  int* work_counter;   // work items handed out past the grid's first ones; zero at launch
 };
 
 // Keys per KV tile and depths of the K and V rings per head_dim (overridable with -D for tuning
@@ -94,19 +100,55 @@ struct Params : ForwardParams {
 #ifndef JAXINFER_FA3_VSTAGES_D256
 #define JAXINFER_FA3_VSTAGES_D256 2
 #endif
-// Registers per thread after setmaxnreg: 128 * producer + 256 * consumer <= 65536.
-#ifndef JAXINFER_FA3_PRODUCER_REGS
-#define JAXINFER_FA3_PRODUCER_REGS 40
+// Whether the grid is persistent (one CTA per SM running work items until none is left) or one
+// CTA per work item. D=256's consumers spill in the work-item loop (ptxas -v), so they run one
+// item per CTA.
+#ifndef JAXINFER_FA3_PERSISTENT_D64
+#define JAXINFER_FA3_PERSISTENT_D64 1
 #endif
-#ifndef JAXINFER_FA3_CONSUMER_REGS
-#define JAXINFER_FA3_CONSUMER_REGS 232
+#ifndef JAXINFER_FA3_PERSISTENT_D128
+#define JAXINFER_FA3_PERSISTENT_D128 1
+#endif
+#ifndef JAXINFER_FA3_PERSISTENT_D256
+#define JAXINFER_FA3_PERSISTENT_D256 0
+#endif
+// Registers per thread of the producer and the consumers after setmaxnreg (ptxas allocates each
+// role's code within its count), multiples of 8. setmaxnreg moves registers within the CTA's
+// launch allocation, 168 per thread (__launch_bounds__(384, 1)), so 128 * producer + 256 *
+// consumer <= 384 * 168; above it setmaxnreg.inc waits forever (the hang of H100 run 15). D=64
+// and 128: the fewest producer registers with no spill in either role (ptxas -v); D=256: the
+// split that spills least (8 to 12 bytes).
+#ifndef JAXINFER_FA3_PRODUCER_REGS_D64
+#define JAXINFER_FA3_PRODUCER_REGS_D64 56
+#endif
+#ifndef JAXINFER_FA3_CONSUMER_REGS_D64
+#define JAXINFER_FA3_CONSUMER_REGS_D64 224
+#endif
+#ifndef JAXINFER_FA3_PRODUCER_REGS_D128
+#define JAXINFER_FA3_PRODUCER_REGS_D128 56
+#endif
+#ifndef JAXINFER_FA3_CONSUMER_REGS_D128
+#define JAXINFER_FA3_CONSUMER_REGS_D128 224
+#endif
+#ifndef JAXINFER_FA3_PRODUCER_REGS_D256
+#define JAXINFER_FA3_PRODUCER_REGS_D256 24
+#endif
+#ifndef JAXINFER_FA3_CONSUMER_REGS_D256
+#define JAXINFER_FA3_CONSUMER_REGS_D256 240
 #endif
 
+constexpr int kThreads = 384;
+constexpr int kLaunchRegs = 168;  // 65536 / kThreads, rounded down to a multiple of 8
 template <int D> struct Shape;
 #define JAXINFER_FA3_SHAPE(D)                                                                      \
   template <> struct Shape<D> {                                                                   \
     static constexpr int kBN = JAXINFER_FA3_BN_D##D, kStagesK = JAXINFER_FA3_KSTAGES_D##D,         \
                          kStagesV = JAXINFER_FA3_VSTAGES_D##D;                                     \
+    static constexpr int kProducerRegs = JAXINFER_FA3_PRODUCER_REGS_D##D,                          \
+                         kConsumerRegs = JAXINFER_FA3_CONSUMER_REGS_D##D;                          \
+    static constexpr bool kPersistent = JAXINFER_FA3_PERSISTENT_D##D;                              \
+    static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= kThreads * kLaunchRegs,             \
+                  "setmaxnreg would ask for more registers than the CTA holds");                   \
   };
 JAXINFER_FA3_SHAPE(64)
 JAXINFER_FA3_SHAPE(128)
@@ -114,9 +156,6 @@ JAXINFER_FA3_SHAPE(256)
 #undef JAXINFER_FA3_SHAPE
 
 constexpr int kBM = 128;  // query rows per CTA: 2 consumer warpgroups x 64
-constexpr int kThreads = 384;
-static_assert(128 * JAXINFER_FA3_PRODUCER_REGS + 256 * JAXINFER_FA3_CONSUMER_REGS <= 65536,
-              "setmaxnreg budget exceeds the register file");
 
 // Shared-memory layouts and tensor-core ops of one (dtype, head_dim). Q and K are K-major
 // (head_dim contiguous) with the 128-byte swizzle; V is stored as loaded (key rows, head_dim
@@ -140,13 +179,14 @@ template <typename T, int D> struct Config {
                            GMMA::Major::MN>(),
       cute::Layout<cute::Shape<cute::_2, cute::_1, cute::_1>>{}));
   static constexpr int kQElems = kBM * D, kKElems = kBN * D * kStagesK, kVElems = kBN * D * kStagesV;
-  static constexpr int kNumBarriers = 1 + 2 * (kStagesK + kStagesV);  // Barriers<...>::kCount
-  static constexpr int kOffsetTables = 3;  // the producer's row-offset tables (see producer())
+  static constexpr int kNumBarriers = 2 + 2 * (kStagesK + kStagesV);  // Barriers<...>::kCount
+  static constexpr int kOffsetTables = 3;   // the paged producer's row-offset tables
+  static constexpr int kHandoffBytes = 192;  // sizeof(Handoff), checked in the kernel
   // Tiles (1 KiB-aligned for the 128-byte swizzle: 1 KiB of slack, the dynamic base is only
   // guaranteed 16-byte alignment), then the mbarriers, then the row-offset tables (int64 per
-  // KV row).
-  static constexpr int kSmemBytes =
-      1024 + 2 * (kQElems + kKElems + kVElems) + 8 * kNumBarriers + 8 * kOffsetTables * kBN;
+  // KV row), then the work hand-off.
+  static constexpr int kSmemBytes = 1024 + 2 * (kQElems + kKElems + kVElems) + 8 * kNumBarriers +
+                                    8 * kOffsetTables * kBN + kHandoffBytes;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory exceeds the sm_90 limit");
 };
 
@@ -230,7 +270,7 @@ __device__ __forceinline__ void wgmma_gemm(Mma& mma, TA const& a, TB const& b, T
   cute::warpgroup_fence_operand(c);
 }
 
-// What the two roles agree on: the request's geometry and the KV tile range of this CTA.
+// What the two roles agree on: the request's geometry and the KV tile range of a work item.
 struct TileWork {
   int q_start, qo_len, kv_len, qs, rows_valid, delta, qpos_min, qpos_max, t_first, num_kv_tiles;
   int64_t kv_start;
@@ -255,30 +295,92 @@ template <int kBN> __device__ __forceinline__ TileWork tile_work(const Params& p
   return w;
 }
 
-// The CTA's mbarriers: Q loaded (one TMA arrival with its byte count); per ring slot, K loaded /
+// One work item, a (query tile, qo head), as the producer hands it to the consumers; head < 0:
+// no work is left.
+struct WorkItem {
+  TileWork w;
+  int head;
+};
+
+// The hand-off in shared memory: item j in slot j % 3, written by the producer as soon as it has
+// it and published by the Q barrier of item j; the consumers read it there while they run the
+// item. The producer writes item j only after the consumers released Q of item j - 2, so after
+// all of them finished item j - 3, the slot's previous user. And the paged producer's broadcast
+// of its next item index, by item parity (its threads are at most one item apart).
+struct Handoff {
+  WorkItem item[3];
+  int next[2];
+};
+
+// Planned tiles: tile_batch holds them first, then the padding (-1) of a fixed plan capacity.
+__device__ __forceinline__ int planned_tiles(const Params& p) {
+  int lo = 0, hi = p.num_tiles;
+  if (hi == 0 || p.tile_batch[hi - 1] >= 0) return hi;
+  while (lo < hi) {  // first padding tile
+    const int mid = (lo + hi) / 2;
+    if (p.tile_batch[mid] < 0) hi = mid; else lo = mid + 1;
+  }
+  return lo;
+}
+
+// Heads per group of the work order (work_tile_head).
+#ifndef JAXINFER_FA3_HEAD_GROUP
+#define JAXINFER_FA3_HEAD_GROUP 1
+#endif
+
+// Item `item` of the first `tiles` tiles x all qo heads; head = -1 past the last. A padding tile
+// among them (not the planner's order, but allowed) is an item with no rows and no KV tiles.
+template <int kBN> __device__ __forceinline__ WorkItem work_item(const Params& p, int item, int tiles) {
+  WorkItem it{};
+  it.head = -1;
+  if (item < tiles * p.num_qo_heads) {
+    int tile;
+    work_tile_head(item, tiles, p.num_qo_heads, JAXINFER_FA3_HEAD_GROUP, tile, it.head);
+    const int batch = p.tile_batch[tile];
+    if (batch >= 0) it.w = tile_work<kBN>(p, batch, tile);
+  }
+  return it;
+}
+
+// The CTA's mbarriers: Q loaded (one arrival, with the TMA byte count when the item has KV
+// tiles) and Q free (one arrival per consumer warp, after its last Q K^T); per ring slot, K loaded /
 // V loaded (paged: 128 producer arrivals, one per thread, when its copies land; ragged: one
 // arrival, with the TMA byte count or after the edge tile's copies landed) and K free / V free
 // (one arrival per consumer warp). K and V have their own barriers so that K of a slot is
 // refilled as soon as Q K^T has read it, while V of the slot is still waiting for P V.
 template <int kSK, int kSV> struct Barriers {
-  static constexpr int kCount = 1 + 2 * (kSK + kSV);
+  static constexpr int kCount = 2 + 2 * (kSK + kSV);
   uint64_t* base;
   __device__ __forceinline__ uint64_t* q() const { return base; }
-  __device__ __forceinline__ uint64_t* k_full(int s) const { return base + 1 + s; }
-  __device__ __forceinline__ uint64_t* v_full(int s) const { return base + 1 + kSK + s; }
-  __device__ __forceinline__ uint64_t* k_empty(int s) const { return base + 1 + kSK + kSV + s; }
-  __device__ __forceinline__ uint64_t* v_empty(int s) const { return base + 1 + 2 * kSK + kSV + s; }
+  __device__ __forceinline__ uint64_t* q_empty() const { return base + 1; }
+  __device__ __forceinline__ uint64_t* k_full(int s) const { return base + 2 + s; }
+  __device__ __forceinline__ uint64_t* v_full(int s) const { return base + 2 + kSK + s; }
+  __device__ __forceinline__ uint64_t* k_empty(int s) const { return base + 2 + kSK + kSV + s; }
+  __device__ __forceinline__ uint64_t* v_empty(int s) const { return base + 2 + 2 * kSK + kSV + s; }
   __device__ __forceinline__ void init(int full_count) const {
-    cutlass::arch::ClusterBarrier::init(base, 1);
-    for (int b = 1; b < 1 + kSK + kSV; ++b) cutlass::arch::ClusterBarrier::init(base + b, full_count);
-    for (int b = 1 + kSK + kSV; b < kCount; ++b) cutlass::arch::ClusterBarrier::init(base + b, 8);
+    cutlass::arch::ClusterBarrier::init(q(), 1);
+    cutlass::arch::ClusterBarrier::init(q_empty(), 8);
+    for (int b = 2; b < 2 + kSK + kSV; ++b) cutlass::arch::ClusterBarrier::init(base + b, full_count);
+    for (int b = 2 + kSK + kSV; b < kCount; ++b) cutlass::arch::ClusterBarrier::init(base + b, 8);
   }
 };
 template <typename T, int D> using BarriersOf = Barriers<Config<T, D>::kStagesK, Config<T, D>::kStagesV>;
 
-// In a ring of kStages slots, tile i lives in slot i % kStages, and the slot's barriers
-// complete their (i / kStages)-th phase for it.
-template <int kStages> __device__ __forceinline__ uint32_t phase_of(int i) { return (i / kStages) & 1; }
+// A position in a ring of kStages slots: the slot, and the parity of the phase its barriers
+// complete for the tile there (it flips each time the position wraps). The producer and the
+// consumers walk the same sequence of KV tiles, over all the work items of the CTA. The producer
+// waits for a free slot on parity phase ^ 1: on a fresh barrier that names the phase before the
+// first, which counts as complete, so the first pass over the ring does not wait.
+template <int kStages> struct RingPos {
+  int slot = 0;
+  uint32_t phase = 0;
+  __device__ __forceinline__ void advance() {
+    if (++slot == kStages) {
+      slot = 0;
+      phase ^= 1;
+    }
+  }
+};
 
 // TMA load of one box of a tensor map (coordinates: column, head, row) into shared memory; the
 // box's bytes complete on the mbarrier's transaction count when they land.
@@ -304,22 +406,26 @@ __device__ __forceinline__ void tma_tile(const CUtensorMap& map, uint64_t* bar, 
 // 3.1: the producer costs the consumers almost no issue slots). The tile crossing kv_len goes
 // through cp.async with zero-fill instead: the rows past the request (the next request's keys, or
 // padding that may hold anything) must not reach P V, where 0 * NaN would poison O. It is one tile
-// per CTA at most, so its copies are awaited before the (single) arrival.
-template <typename T, int D>
-__device__ __forceinline__ void producer_ragged(const Params& p, const TileWork& w, int head, T* sK, T* sV,
+// per work item at most, so its copies are awaited before the (single) arrival. kw / vw: where
+// the next K / V tile goes; q_step (the item's Q) runs after the first K load.
+template <typename T, int D, class QStep>
+__device__ __forceinline__ void producer_ragged(const Params& p, const WorkItem& it,
+                                                RingPos<Config<T, D>::kStagesK>& kw,
+                                                RingPos<Config<T, D>::kStagesV>& vw, QStep&& q_step, T* sK, T* sV,
                                                 BarriersOf<T, D> bars) {
   using C = Config<T, D>;
   constexpr int kBN = C::kBN;
   using Bar = cutlass::arch::ClusterBarrier;
+  const TileWork& w = it.w;
   const int lane = threadIdx.x % 32;
-  const int kv_head = head / p.group_size;
-  auto load = [&](auto is_v, int i) {
+  const int kv_head = it.head / p.group_size;
+  auto load = [&](auto is_v, auto& pos, int i) {
     constexpr bool kV = decltype(is_v)::value;
-    constexpr int kStages = kV ? C::kStagesV : C::kStagesK;
-    const int slot = i % kStages;
+    const int slot = pos.slot;
     uint64_t* full = kV ? bars.v_full(slot) : bars.k_full(slot);
-    // Tile i - kStages, the previous user of the slot, has been read by every consumer warp.
-    if (i >= kStages) Bar::wait(kV ? bars.v_empty(slot) : bars.k_empty(slot), phase_of<kStages>(i) ^ 1);
+    // The previous tile of the slot has been read by every consumer warp.
+    Bar::wait(kV ? bars.v_empty(slot) : bars.k_empty(slot), pos.phase ^ 1);
+    pos.advance();
     const int t0 = w.t_first + i * kBN;
     if (t0 + kBN <= w.kv_len) {
       if (lane == 0) tma_tile<kBN, D>(kV ? p.tma_v : p.tma_k, full, (kV ? sV : sK) + slot * kBN * D, kv_head,
@@ -338,10 +444,11 @@ __device__ __forceinline__ void producer_ragged(const Params& p, const TileWork&
     if (lane == 0) Bar::arrive(full);
   };
   // K of tile i + 1 goes out before V of tile i, the order the consumers need them in.
-  load(std::false_type{}, 0);
+  load(std::false_type{}, kw, 0);
+  q_step();
   for (int i = 0; i < w.num_kv_tiles; ++i) {
-    if (i + 1 < w.num_kv_tiles) load(std::false_type{}, i + 1);
-    load(std::true_type{}, i);
+    if (i + 1 < w.num_kv_tiles) load(std::false_type{}, kw, i + 1);
+    load(std::true_type{}, vw, i);
   }
 }
 
@@ -357,12 +464,14 @@ template <int D> struct ProducerMap {
   static_assert(kRowStep % 8 == 0, "rows of one thread must share their swizzle phase");
 };
 
-template <typename T, int D>
-__device__ __forceinline__ void producer_paged(const Params& p, const TileWork& w, int head, T* sK, T* sV,
-                                               int64_t* row_offsets, BarriersOf<T, D> bars) {
+template <typename T, int D, class QStep>
+__device__ __forceinline__ void producer_paged(const Params& p, const WorkItem& it,
+                                               RingPos<Config<T, D>::kStagesK>& kw,
+                                               RingPos<Config<T, D>::kStagesV>& vw, int& table_pos, QStep&& q_step,
+                                               T* sK, T* sV, int64_t* row_offsets, BarriersOf<T, D> bars) {
   using C = Config<T, D>;
   using M = ProducerMap<D>;
-  constexpr int kBN = C::kBN, kSK = C::kStagesK, kSV = C::kStagesV, kRowStep = M::kRowStep, kColStep = M::kColStep;
+  constexpr int kBN = C::kBN, kRowStep = M::kRowStep, kColStep = M::kColStep;
   static_assert(kBN % kRowStep == 0 && kBN <= 128, "tiles must split evenly over the producer");
   using Bar = cutlass::arch::ClusterBarrier;
   const int ptid = threadIdx.x;
@@ -370,6 +479,7 @@ __device__ __forceinline__ void producer_paged(const Params& p, const TileWork& 
   const int col0 = (ptid % M::kThreadsPerRow) * 8;
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
+  const TileWork& w = it.w;
 
   // Shared addresses of this thread's chunks in row ld_row of slot 0; other rows and slots are
   // compile-time offsets from them.
@@ -384,7 +494,7 @@ __device__ __forceinline__ void producer_paged(const Params& p, const TileWork& 
   constexpr uint32_t kKRowBytes = sizeof(T) * (kLayoutK(kRowStep, 0, 0) - kLayoutK(0, 0, 0));
   constexpr uint32_t kVRowBytes = sizeof(T) * (kLayoutV(0, kRowStep, 0) - kLayoutV(0, 0, 0));
   constexpr uint32_t kKSlotBytes = sizeof(T) * kLayoutK(0, 0, 1), kVSlotBytes = sizeof(T) * kLayoutV(0, 0, 1);
-  const int64_t kv_col = (head / p.group_size) * p.kv_head_stride + col0;
+  const int64_t kv_col = (it.head / p.group_size) * p.kv_head_stride + col0;
 
   auto copy_rows = [&](const T* src, const int64_t* offs, const uint32_t (&dst)[M::kChunks], uint32_t slot_base,
                        uint32_t row_bytes) {
@@ -398,47 +508,58 @@ __device__ __forceinline__ void producer_paged(const Params& p, const TileWork& 
       }
     }
   };
-  // Offsets (elements, head 0, column col0 excluded) of tile i's rows, one row per thread, in
-  // table i % 3: a row's page lookup happens once per tile, not once per chunk. -1 marks rows
-  // past kv_len, which read zeros (P is 0 there, but 0 * NaN garbage would still poison O).
-  // Iteration i writes table i + 1 and reads tables i + 1 (K) and i (V); with one barrier per
-  // iteration no thread is more than one iteration ahead, so three tables never collide.
-  auto fill_offsets = [&](int i) {
+  // Offsets (elements, head 0, column col0 excluded) of a tile's rows, one row per thread, in
+  // one of three tables: a row's page lookup happens once per tile, not once per chunk. -1
+  // marks rows past kv_len, which read zeros (P is 0 there, but 0 * NaN garbage would still
+  // poison O). Iteration i writes the table of tile i + 1 and reads those of tiles i + 1 (K) and
+  // i (V); with one barrier per iteration no thread is more than one iteration ahead, so three
+  // tables never collide. table_pos: the table of the item's first tile (the CTA's tiles take
+  // the tables in turn, across work items too).
+  auto table = [&](int t) { return row_offsets + t * kBN; };
+  auto next_table = [](int t) { return t == C::kOffsetTables - 1 ? 0 : t + 1; };
+  auto fill_offsets = [&](int i, int t) {
     if (ptid < kBN) {
-      const int t = w.t_first + i * kBN + ptid;
-      row_offsets[(i % C::kOffsetTables) * kBN + ptid] =
-          t < w.kv_len ? paged_row_offset(p, w.kv_start, t) + kv_col - col0 : -1;
+      const int key = w.t_first + i * kBN + ptid;
+      table(t)[ptid] = key < w.kv_len ? paged_row_offset(p, w.kv_start, key) + kv_col - col0 : -1;
     }
   };
   // K of tile i + 1 goes out before V of tile i (the order the consumers need them in), so a K
   // load never waits behind a V slot, which frees later.
-  auto load_k = [&](int i) {
-    const int slot = i % kSK;
-    // Tile i - kSK, the previous user of the slot, has been read by every consumer warp.
-    if (i >= kSK) Bar::wait(bars.k_empty(slot), phase_of<kSK>(i) ^ 1);
-    copy_rows(k + col0, row_offsets + (i % C::kOffsetTables) * kBN, k_dst, slot * kKSlotBytes, kKRowBytes);
+  auto load_k = [&](int t) {
+    const int slot = kw.slot;
+    // The previous tile of the slot has been read by every consumer warp.
+    Bar::wait(bars.k_empty(slot), kw.phase ^ 1);
+    kw.advance();
+    copy_rows(k + col0, table(t), k_dst, slot * kKSlotBytes, kKRowBytes);
     cp_async_arrive(bars.k_full(slot));
   };
-  fill_offsets(0);
+  int t_cur = table_pos;  // the table of tile i
+  fill_offsets(0, t_cur);
   asm volatile("bar.sync 3, 128;\n" ::: "memory");
-  load_k(0);
+  load_k(t_cur);
+  q_step();
   for (int i = 0; i < w.num_kv_tiles; ++i) {
-    if (i + 1 < w.num_kv_tiles) fill_offsets(i + 1);
+    const int t_next = next_table(t_cur);
+    if (i + 1 < w.num_kv_tiles) fill_offsets(i + 1, t_next);
     asm volatile("bar.sync 3, 128;\n" ::: "memory");
-    if (i + 1 < w.num_kv_tiles) load_k(i + 1);
-    const int slot = i % kSV;
-    if (i >= kSV) Bar::wait(bars.v_empty(slot), phase_of<kSV>(i) ^ 1);
-    copy_rows(v + col0, row_offsets + (i % C::kOffsetTables) * kBN, v_dst, slot * kVSlotBytes, kVRowBytes);
+    if (i + 1 < w.num_kv_tiles) load_k(t_next);
+    const int slot = vw.slot;
+    Bar::wait(bars.v_empty(slot), vw.phase ^ 1);
+    vw.advance();
+    copy_rows(v + col0, table(t_cur), v_dst, slot * kVSlotBytes, kVRowBytes);
     cp_async_arrive(bars.v_full(slot));
+    t_cur = t_next;
   }
-  // Keep the thread alive until its copies landed (a CTA must not exit with copies in flight).
-  asm volatile("cp.async.wait_all;\n" ::: "memory");
+  table_pos = t_cur;
 }
 
 // Ping-pong between the two consumer warpgroups (FA3 paper sec. 3.1): each issues its GEMMs
 // only after the other has issued its own, so one warpgroup's softmax runs while the tensor
 // cores work for the other. Named barrier 1 + w (w = 0, 1) is "warpgroup w may issue": it
-// completes when w syncs and the other warpgroup's 128 threads have arrived.
+// completes when w syncs and the other warpgroup's 128 threads have arrived. Both warpgroups
+// take the same number of turns per work item and pass the turn after each, so the turns
+// alternate across items; warpgroup 1 passes once before the first (warpgroup 0 issues first)
+// and warpgroup 0 takes one extra turn after the last, which balances both barriers.
 #ifndef JAXINFER_FA3_PINGPONG
 #define JAXINFER_FA3_PINGPONG 1
 #endif
@@ -452,19 +573,23 @@ struct Scheduler {
   }
 };
 
+// One work item on the consumer warpgroups. kr / vr: where the item's first K / V tile is read
+// (advanced past the item's tiles). Q has landed (the caller waited for it); it is released
+// after the item's last Q K^T.
 template <typename T, int D>
-__device__ __forceinline__ void consumer(const Params& p, const TileWork& w, int head, T* sQ, T* sK, T* sV,
-                                         BarriersOf<T, D> bars) {
+__device__ __forceinline__ void consumer(const Params& p, const WorkItem& it, RingPos<Config<T, D>::kStagesK>& kr,
+                                         RingPos<Config<T, D>::kStagesV>& vr, const Scheduler& sched, T* sQ, T* sK,
+                                         T* sV, BarriersOf<T, D> bars) {
   using namespace cute;
   using C = Config<T, D>;
-  constexpr int kBN = C::kBN, kSK = C::kStagesK, kSV = C::kStagesV;
+  constexpr int kBN = C::kBN;
   constexpr float kNegInf = -INFINITY;
-  using Bar = cutlass::arch::ClusterBarrier;
   const int ctid = threadIdx.x - 128;  // 0..255; warpgroup 0 owns rows 0-63, warpgroup 1 rows 64-127
   const int lane = ctid % 32;
   const int row0 = (ctid / 32) * 16 + lane / 4;  // this thread's rows: row0 and row0 + 8
   const int col0 = 2 * (lane % 4);               // its columns: col0, col0 + 1 of every 8
-  const Scheduler sched{ctid / 128};
+  const TileWork& w = it.w;
+  const int head = it.head;
 
   typename C::MmaQK mma_qk;
   typename C::MmaPV mma_pv;
@@ -483,16 +608,25 @@ __device__ __forceinline__ void consumer(const Params& p, const TileWork& w, int
   clear(tOrO);
   float row_max[2] = {kNegInf, kNegInf}, row_sum[2] = {0.f, 0.f};
   const int n = w.num_kv_tiles;
+  using Bar = cutlass::arch::ClusterBarrier;
+  // This warp is done reading a slot's K or V, or Q; the producer waits for all 8 consumer warps.
+  auto release = [&](uint64_t* bar) {
+    __syncwarp();
+    if (lane == 0) Bar::arrive(bar);
+  };
+  if (n == 0) release(bars.q_empty());  // Q is not even loaded
   if (n > 0) {
     // Tiles that need the general softmax: soft cap on, or a mask edge (kv_len, causal
     // diagonal, window) crossing the tile. The others take a branch-free body: ptxas hoists a
     // wgmma wait above any branch between the GEMM issue and the wait, which would serialize
     // P V with the softmax.
-    auto general_tile = [&](int i) {
-      const int t0 = w.t_first + i * kBN;
-      return p.soft_cap_on || (t0 + kBN > w.kv_len) || (p.causal && t0 + kBN - 1 > w.qpos_min) ||
-             (p.window_left >= 0 && t0 < w.qpos_max - p.window_left);
-    };
+    // Tiles [plain_lo, plain_hi) are the others: every row sees all their keys (below kv_len and
+    // the first row's diagonal, at or above the last row's window start).
+    const int key_hi = p.causal ? min(w.kv_len, w.qpos_min + 1) : w.kv_len;
+    const int plain_hi = p.soft_cap_on || key_hi < w.t_first ? 0 : (key_hi - w.t_first) / kBN;
+    const int key_lo = p.window_left >= 0 ? w.qpos_max - p.window_left - w.t_first : 0;
+    const int plain_lo = key_lo > 0 ? (key_lo + kBN - 1) / kBN : 0;
+    auto general_tile = [&](int i) { return i < plain_lo || i >= plain_hi; };
     // Online softmax of tile i (base 2) on S in registers, leaving P there; returns through
     // `rescale` the factor O must be multiplied by, and whether any row of this warp has one
     // (else O is left alone). Without soft cap the max is taken on raw q.k (sm_scale > 0 keeps
@@ -575,11 +709,6 @@ __device__ __forceinline__ void consumer(const Params& p, const TileWork& w, int
       Bar::wait(bar, phase);
       cutlass::arch::fence_view_async_shared();
     };
-    // This warp is done reading a slot's K or V; the producer waits for all 8 consumer warps.
-    auto release = [&](uint64_t* bar) {
-      __syncwarp();
-      if (lane == 0) Bar::arrive(bar);
-    };
 
     // Software pipeline (FA3 paper sec. 3.2). Iteration i, once it is this warpgroup's turn:
     // wait for P_{i-2} V (issued one iteration ago), convert P_{i-1} to 16 bits and rescale O to
@@ -589,37 +718,43 @@ __device__ __forceinline__ void consumer(const Params& p, const TileWork& w, int
     // the wait above the softmax (to start the P conversion early) and nothing overlapped.
     float rescale[2];
     bool rescale_pending;
+    int pv_slot = 0;  // V slot of the last P V issued
     auto finish_pv = [&](int i) {  // P_{i-1} V_{i-1} is complete; its V slot is free
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrO);
       warpgroup_fence_operand(rP);
-      if (i >= 1) release(bars.v_empty((i - 1) % kSV));
+      if (i >= 1) release(bars.v_empty(pv_slot));
     };
-    if (sched.wg == 1) sched.pass_turn();  // warpgroup 0 issues first
-    wait_loaded(bars.q(), 0);
-    wait_loaded(bars.k_full(0), 0);
+    auto issue_pv = [&]() {  // O += P V of the tile at vr
+      warpgroup_fence_operand(rP);
+      wgmma_gemm<false>(mma_pv, tOrP, tOrV(_, _, _, vr.slot), tOrO);
+      pv_slot = vr.slot;
+      vr.advance();
+    };
+    wait_loaded(bars.k_full(kr.slot), kr.phase);
     sched.wait_turn();
-    wgmma_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, 0), tSrS);
+    wgmma_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, kr.slot), tSrS);
     sched.pass_turn();
     warpgroup_wait<0>();
     warpgroup_fence_operand(tSrS);
-    release(bars.k_empty(0));
+    release(bars.k_empty(kr.slot));
+    kr.advance();
     rescale_pending = general_tile(0) ? softmax(std::true_type{}, 0, rescale) : softmax(std::false_type{}, 0, rescale);
     auto iteration = [&](auto general, int i) {
-      const int slot = i % kSK, prev = (i - 1) % kSV;
-      wait_loaded(bars.k_full(slot), phase_of<kSK>(i));
-      wait_loaded(bars.v_full(prev), phase_of<kSV>(i - 1));
+      const int slot = kr.slot;
+      wait_loaded(bars.k_full(slot), kr.phase);
+      wait_loaded(bars.v_full(vr.slot), vr.phase);
       sched.wait_turn();
       finish_pv(i - 1);
       convert_p();
       if (rescale_pending) rescale_o(rescale);
       wgmma_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, slot), tSrS);
-      warpgroup_fence_operand(rP);
-      wgmma_gemm<false>(mma_pv, tOrP, tOrV(_, _, _, prev), tOrO);
+      issue_pv();
       sched.pass_turn();
       warpgroup_wait<1>();
       warpgroup_fence_operand(tSrS);
       release(bars.k_empty(slot));
+      kr.advance();
       rescale_pending = softmax(general, i, rescale);
     };
     for (int i = 1; i < n; ++i) {
@@ -629,16 +764,14 @@ __device__ __forceinline__ void consumer(const Params& p, const TileWork& w, int
         iteration(std::false_type{}, i);
       }
     }
-    const int last = (n - 1) % kSV;
-    wait_loaded(bars.v_full(last), phase_of<kSV>(n - 1));
+    release(bars.q_empty());  // the last Q K^T has completed
+    wait_loaded(bars.v_full(vr.slot), vr.phase);
     sched.wait_turn();
     finish_pv(n - 1);
     convert_p();
     if (rescale_pending) rescale_o(rescale);
-    warpgroup_fence_operand(rP);
-    wgmma_gemm<false>(mma_pv, tOrP, tOrV(_, _, _, last), tOrO);
-    // The other warpgroup's last wait_turn is matched by this pass; warpgroup 1 has nobody left.
-    if (sched.wg == 0) sched.pass_turn();
+    issue_pv();
+    sched.pass_turn();
     finish_pv(n);
   }
 
@@ -660,21 +793,25 @@ __device__ __forceinline__ void consumer(const Params& p, const TileWork& w, int
   }
 }
 
+// Persistent: the grid has at most one CTA per SM, and each CTA runs work items until none is
+// left (FA3 paper sec. 3.1; its causal scheduler also hands tiles out dynamically). The first item
+// of CTA c is item c, each later one comes from an atomic counter, in the order of
+// work_tile_head; the producer fetches the next index at the start of an item, so the atomic's
+// latency hides behind the item's loads. Across items the producer runs ahead: K of the next
+// item's first tile, then its Q once the consumers released Q (after their last Q K^T), load
+// while the consumers finish the last P V and write O.
 template <typename T, int D, bool kPaged>
 __global__ void __launch_bounds__(kThreads, 1) fa3_forward_kernel(const __grid_constant__ Params p) {
   using C = Config<T, D>;
-  // Tiles vary fastest: the CTAs resident at once share few heads, so their K/V stay in L2.
-  const int tile = blockIdx.x, head = blockIdx.y;
-  const int batch = p.tile_batch[tile];
-  if (batch < 0) return;
-  const TileWork w = tile_work<C::kBN>(p, batch, tile);
-
+  using Bar = cutlass::arch::ClusterBarrier;
   extern __shared__ unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   T* sK = sQ + C::kQElems;
   T* sV = sK + C::kKElems;
   const BarriersOf<T, D> bars{reinterpret_cast<uint64_t*>(sV + C::kVElems)};
   int64_t* row_offsets = reinterpret_cast<int64_t*>(bars.base + C::kNumBarriers);
+  Handoff* handoff = reinterpret_cast<Handoff*>(row_offsets + C::kOffsetTables * C::kBN);
+  static_assert(sizeof(Handoff) <= C::kHandoffBytes, "Handoff outgrew its shared-memory slot");
   if (threadIdx.x == 0) {
     cute::prefetch_tma_descriptor(&p.tma_q);
     if constexpr (!kPaged) {
@@ -686,17 +823,63 @@ __global__ void __launch_bounds__(kThreads, 1) fa3_forward_kernel(const __grid_c
   }
   __syncthreads();
   if (threadIdx.x < 128) {
-    cutlass::arch::warpgroup_reg_dealloc<JAXINFER_FA3_PRODUCER_REGS>();
-    if (w.num_kv_tiles == 0) return;
-    if (threadIdx.x == 0) tma_tile<kBM, D>(p.tma_q, bars.q(), sQ, head, w.q_start + w.qs);
-    if constexpr (kPaged) {
-      producer_paged<T, D>(p, w, head, sK, sV, row_offsets, bars);
-    } else if (threadIdx.x < 32) {
-      producer_ragged<T, D>(p, w, head, sK, sV, bars);
+    cutlass::arch::warpgroup_reg_dealloc<Shape<D>::kProducerRegs>();
+    if (!kPaged && threadIdx.x >= 32) return;  // ragged KV: one producer warp
+    const int tiles = planned_tiles(p);
+    int item = blockIdx.x, table_pos = 0;
+    RingPos<C::kStagesK> kw;
+    RingPos<C::kStagesV> vw;
+    for (int j = 0;; ++j) {
+      const WorkItem it = work_item<C::kBN>(p, item, tiles);
+      int next = 0;
+      if (threadIdx.x == 0) {
+        handoff->item[j % 3] = it;
+        if (Shape<D>::kPersistent && it.head >= 0) next = gridDim.x + atomicAdd(p.work_counter, 1);
+      }
+      // Q of the item, once the consumers released the previous Q; its barrier also publishes the
+      // item's hand-off slot.
+      auto q_step = [&] {
+        if (threadIdx.x != 0) return;
+        if (j > 0) Bar::wait(bars.q_empty(), (j - 1) & 1);
+        if (it.head >= 0 && it.w.num_kv_tiles > 0) {
+          tma_tile<kBM, D>(p.tma_q, bars.q(), sQ, it.head, it.w.q_start + it.w.qs);
+        } else {
+          Bar::arrive(bars.q());
+        }
+      };
+      if (it.head < 0 || it.w.num_kv_tiles == 0) {
+        q_step();
+      } else if constexpr (kPaged) {
+        producer_paged<T, D>(p, it, kw, vw, table_pos, q_step, sK, sV, row_offsets, bars);
+      } else {
+        producer_ragged<T, D>(p, it, kw, vw, q_step, sK, sV, bars);
+      }
+      if (it.head < 0 || !Shape<D>::kPersistent) break;
+      if constexpr (kPaged) {
+        if (threadIdx.x == 0) handoff->next[j & 1] = next;
+        asm volatile("bar.sync 3, 128;\n" ::: "memory");
+        item = handoff->next[j & 1];
+      } else {
+        item = __shfl_sync(0xffffffff, next, 0);
+      }
     }
+    // Keep the thread alive until its copies landed (a CTA must not exit with copies in flight).
+    if constexpr (kPaged) asm volatile("cp.async.wait_all;\n" ::: "memory");
   } else {
-    cutlass::arch::warpgroup_reg_alloc<JAXINFER_FA3_CONSUMER_REGS>();
-    consumer<T, D>(p, w, head, sQ, sK, sV, bars);
+    cutlass::arch::warpgroup_reg_alloc<Shape<D>::kConsumerRegs>();
+    const Scheduler sched{int(threadIdx.x - 128) / 128};
+    if (sched.wg == 1) sched.pass_turn();  // warpgroup 0 issues first
+    RingPos<C::kStagesK> kr;
+    RingPos<C::kStagesV> vr;
+    for (int j = 0;; ++j) {
+      Bar::wait(bars.q(), j & 1);
+      // The item is read from shared memory where it is used, not held in registers.
+      const WorkItem& it = handoff->item[j % 3];
+      if (it.head < 0) break;
+      consumer<T, D>(p, it, kr, vr, sched, sQ, sK, sV, bars);
+      if constexpr (!Shape<D>::kPersistent) break;
+    }
+    if (sched.wg == 0) sched.wait_turn();  // matches warpgroup 1's pass after its last turn
   }
 }
 

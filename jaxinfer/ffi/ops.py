@@ -142,13 +142,16 @@ def flash_forward(
     _check(tile_batch.shape == tile_qstart.shape, "tile_batch and tile_qstart must have one shape")
     if device_arch() is not None:
         ensure_registered(kernel)
+    results = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:2], jnp.float32))
+    if kernel == "fa3":  # the persistent grid's work counter (scratch, zeroed by the handler)
+        results += (jax.ShapeDtypeStruct((1,), jnp.int32),)
     call = jax.ffi.ffi_call(
         TARGETS[kernel],
-        (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:2], jnp.float32)),
+        results,
         # Each batch element is its own planned batch: run the handler once per element.
         vmap_method="sequential",
     )
-    return call(
+    o, lse, *_ = call(
         q, k, v, qo_indptr, kv_indptr, kv_indices, kv_lens, tile_batch, tile_qstart,
         causal=bool(causal),
         window_left=np.int32(window_left),
@@ -158,6 +161,7 @@ def flash_forward(
         paged=bool(paged),
         kv_layout_hnd=kv_layout == "HND",
     )
+    return o, lse
 
 
 fa2_forward = functools.partial(flash_forward, kernel="fa2")
