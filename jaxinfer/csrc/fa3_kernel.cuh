@@ -23,10 +23,10 @@
 // Fully masked KV tiles are skipped (causal, window); only tiles crossing a mask edge run the
 // mask pass.
 //
-// Measured on an H100 (benchmarks/RESULTS.md, fourth session, run 16): prefill_causal 530-533
-// TFLOP/s in benchmarks/ffi_gpu.py against 521-525 for one CTA per item (the previous commit,
-// interleaved in the same run), 0.95x cuDNN; non-causal 565-607, head_dim 256 614-628; paged KV
-// (cp.async producer) 353-362.
+// Measured on an H100 (benchmarks/RESULTS.md, fourth session, run 18b): prefill_causal 550
+// TFLOP/s in jaxinfer-bench (cuDNN 545 in the same run), 548.5 in benchmarks/ffi_gpu.py (0.99x
+// cuDNN); non-causal 587, GQA 560, head_dim 64 355, head_dim 256 567; paged KV (cp.async
+// producer) 354-359.
 //
 // Semantics follow shared/DESIGN.md sec. 2-3, as csrc/fa2_kernel.cuh: bottom-right causal /
 // window masks, soft cap c*tanh(x/c), GQA (qo head h reads kv head h / group_size), lse base 2,
@@ -710,20 +710,20 @@ __device__ __forceinline__ void consumer(const Params& p, const WorkItem& it, Ri
       cutlass::arch::fence_view_async_shared();
     };
 
-    // Software pipeline (FA3 paper sec. 3.2). Iteration i, once it is this warpgroup's turn:
-    // wait for P_{i-2} V (issued one iteration ago), convert P_{i-1} to 16 bits and rescale O to
-    // tile i - 1's max if it moved, issue S_i = Q K_i^T and O += P_{i-1} V_{i-1}, then run the softmax of
-    // S_i while P V runs. Everything that must follow a wgmma wait sits behind the turn barrier
-    // at the top of the next iteration: placed right after the softmax instead, ptxas hoisted
-    // the wait above the softmax (to start the P conversion early) and nothing overlapped.
+    // Software pipeline (FA3 paper sec. 3.2). Iteration i: once it is this warpgroup's turn, issue
+    // S_i = Q K_i^T and O += P_{i-1} V_{i-1} and pass the turn (it covers the GEMM issue only);
+    // run the softmax of S_i while P V runs; then wait for P V, convert P_i to 16 bits and rescale
+    // O to tile i's max if it moved. The softmax results are pinned (operand fences) before the
+    // wait for P V, so that the wait cannot move above the softmax. H100 run 18a, interleaved:
+    // causal 537-540 TFLOP/s against 509-525 with the conversion and rescale at the start of the
+    // next turn.
     float rescale[2];
-    bool rescale_pending;
     int pv_slot = 0;  // V slot of the last P V issued
-    auto finish_pv = [&](int i) {  // P_{i-1} V_{i-1} is complete; its V slot is free
+    auto finish_pv = [&]() {  // the last P V is complete; its V slot is free
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrO);
       warpgroup_fence_operand(rP);
-      if (i >= 1) release(bars.v_empty(pv_slot));
+      release(bars.v_empty(pv_slot));
     };
     auto issue_pv = [&]() {  // O += P V of the tile at vr
       warpgroup_fence_operand(rP);
@@ -739,15 +739,15 @@ __device__ __forceinline__ void consumer(const Params& p, const WorkItem& it, Ri
     warpgroup_fence_operand(tSrS);
     release(bars.k_empty(kr.slot));
     kr.advance();
-    rescale_pending = general_tile(0) ? softmax(std::true_type{}, 0, rescale) : softmax(std::false_type{}, 0, rescale);
+    const bool first_pending =
+        general_tile(0) ? softmax(std::true_type{}, 0, rescale) : softmax(std::false_type{}, 0, rescale);
+    convert_p();
+    if (first_pending) rescale_o(rescale);
     auto iteration = [&](auto general, int i) {
       const int slot = kr.slot;
       wait_loaded(bars.k_full(slot), kr.phase);
       wait_loaded(bars.v_full(vr.slot), vr.phase);
       sched.wait_turn();
-      finish_pv(i - 1);
-      convert_p();
-      if (rescale_pending) rescale_o(rescale);
       wgmma_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, slot), tSrS);
       issue_pv();
       sched.pass_turn();
@@ -755,7 +755,11 @@ __device__ __forceinline__ void consumer(const Params& p, const WorkItem& it, Ri
       warpgroup_fence_operand(tSrS);
       release(bars.k_empty(slot));
       kr.advance();
-      rescale_pending = softmax(general, i, rescale);
+      const bool pending = softmax(general, i, rescale);
+      warpgroup_fence_operand(tSrS);
+      finish_pv();
+      convert_p();
+      if (pending) rescale_o(rescale);
     };
     for (int i = 1; i < n; ++i) {
       if (general_tile(i)) {
@@ -767,12 +771,9 @@ __device__ __forceinline__ void consumer(const Params& p, const WorkItem& it, Ri
     release(bars.q_empty());  // the last Q K^T has completed
     wait_loaded(bars.v_full(vr.slot), vr.phase);
     sched.wait_turn();
-    finish_pv(n - 1);
-    convert_p();
-    if (rescale_pending) rescale_o(rescale);
     issue_pv();
     sched.pass_turn();
-    finish_pv(n);
+    finish_pv();
   }
 
   T* o = static_cast<T*>(p.o);
