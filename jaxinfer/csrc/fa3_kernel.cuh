@@ -147,6 +147,7 @@ template <int D> struct Shape;
     static constexpr int kProducerRegs = JAXINFER_FA3_PRODUCER_REGS_D##D,                          \
                          kConsumerRegs = JAXINFER_FA3_CONSUMER_REGS_D##D;                          \
     static constexpr bool kPersistent = JAXINFER_FA3_PERSISTENT_D##D;                              \
+    static constexpr bool kLateConvert = D != 256; /* see the software pipeline in consumer() */   \
     static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= kThreads * kLaunchRegs,             \
                   "setmaxnreg would ask for more registers than the CTA holds");                   \
   };
@@ -711,19 +712,23 @@ __device__ __forceinline__ void consumer(const Params& p, const WorkItem& it, Ri
     };
 
     // Software pipeline (FA3 paper sec. 3.2). Iteration i: once it is this warpgroup's turn, issue
-    // S_i = Q K_i^T and O += P_{i-1} V_{i-1} and pass the turn (it covers the GEMM issue only);
-    // run the softmax of S_i while P V runs; then wait for P V, convert P_i to 16 bits and rescale
-    // O to tile i's max if it moved. The softmax results are pinned (operand fences) before the
-    // wait for P V, so that the wait cannot move above the softmax. H100 run 18a, interleaved:
-    // causal 537-540 TFLOP/s against 509-525 with the conversion and rescale at the start of the
-    // next turn.
+    // S_i = Q K_i^T and O += P_{i-1} V_{i-1} and pass the turn; run the softmax of S_i while P V
+    // runs. Where P is converted to 16 bits and O rescaled (Shape::kLateConvert):
+    // - late (FA3's order): after the softmax, once P V is complete, outside the turn (it covers
+    //   the GEMM issue only). The softmax results are pinned (operand fences) before the wait for
+    //   P V, so that the wait cannot move above the softmax.
+    // - early: at the start of the next turn, before the GEMM issue.
+    // H100, interleaved in one run (runs 18a, 19): late is faster at head_dim 64 (358-361 TFLOP/s
+    // against 323-325) and 128 (causal 537-555 against 509-546), early at 256 (602-635 against
+    // 576-607).
+    constexpr bool kLate = Shape<D>::kLateConvert;
     float rescale[2];
     int pv_slot = 0;  // V slot of the last P V issued
-    auto finish_pv = [&]() {  // the last P V is complete; its V slot is free
+    auto finish_pv = [&](bool issued) {  // the last P V (if any) is complete; its V slot is free
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrO);
       warpgroup_fence_operand(rP);
-      release(bars.v_empty(pv_slot));
+      if (issued) release(bars.v_empty(pv_slot));
     };
     auto issue_pv = [&]() {  // O += P V of the tile at vr
       warpgroup_fence_operand(rP);
@@ -739,15 +744,26 @@ __device__ __forceinline__ void consumer(const Params& p, const WorkItem& it, Ri
     warpgroup_fence_operand(tSrS);
     release(bars.k_empty(kr.slot));
     kr.advance();
-    const bool first_pending =
+    bool rescale_pending =
         general_tile(0) ? softmax(std::true_type{}, 0, rescale) : softmax(std::false_type{}, 0, rescale);
-    convert_p();
-    if (first_pending) rescale_o(rescale);
+    auto convert_and_rescale = [&]() {
+      convert_p();
+      if (rescale_pending) rescale_o(rescale);
+    };
+    if constexpr (kLate) convert_and_rescale();
+    // Early order, inside the turn: wait for the P V issued one turn ago (if any) first.
+    auto before_issue = [&](bool pv_issued) {
+      if constexpr (!kLate) {
+        finish_pv(pv_issued);
+        convert_and_rescale();
+      }
+    };
     auto iteration = [&](auto general, int i) {
       const int slot = kr.slot;
       wait_loaded(bars.k_full(slot), kr.phase);
       wait_loaded(bars.v_full(vr.slot), vr.phase);
       sched.wait_turn();
+      before_issue(i >= 2);
       wgmma_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, slot), tSrS);
       issue_pv();
       sched.pass_turn();
@@ -755,11 +771,12 @@ __device__ __forceinline__ void consumer(const Params& p, const WorkItem& it, Ri
       warpgroup_fence_operand(tSrS);
       release(bars.k_empty(slot));
       kr.advance();
-      const bool pending = softmax(general, i, rescale);
-      warpgroup_fence_operand(tSrS);
-      finish_pv();
-      convert_p();
-      if (pending) rescale_o(rescale);
+      rescale_pending = softmax(general, i, rescale);
+      if constexpr (kLate) {
+        warpgroup_fence_operand(tSrS);
+        finish_pv(true);
+        convert_and_rescale();
+      }
     };
     for (int i = 1; i < n; ++i) {
       if (general_tile(i)) {
@@ -771,9 +788,10 @@ __device__ __forceinline__ void consumer(const Params& p, const WorkItem& it, Ri
     release(bars.q_empty());  // the last Q K^T has completed
     wait_loaded(bars.v_full(vr.slot), vr.phase);
     sched.wait_turn();
+    before_issue(n >= 2);
     issue_pv();
     sched.pass_turn();
-    finish_pv();
+    finish_pv(true);
   }
 
   T* o = static_cast<T*>(p.o);
