@@ -23,10 +23,10 @@
 // Fully masked KV tiles are skipped (causal, window); only tiles crossing a mask edge run the
 // mask pass.
 //
-// Measured on an H100 (benchmarks/RESULTS.md, fourth session, run 18b): prefill_causal 550
-// TFLOP/s in jaxinfer-bench (cuDNN 545 in the same run), 548.5 in benchmarks/ffi_gpu.py (0.99x
-// cuDNN); non-causal 587, GQA 560, head_dim 64 355, head_dim 256 567; paged KV (cp.async
-// producer) 354-359.
+// Measured on an H100 (benchmarks/RESULTS.md, fourth session, runs 18b-20): prefill_causal
+// 525-550 TFLOP/s in jaxinfer-bench (0.98-1.01x cuDNN in the same runs), 536-555 in
+// benchmarks/ffi_gpu.py; non-causal 587, GQA 560, head_dim 64 348-361, head_dim 256 584-614;
+// paged KV (cp.async producer) 354-359.
 //
 // Semantics follow shared/DESIGN.md sec. 2-3, as csrc/fa2_kernel.cuh: bottom-right causal /
 // window masks, soft cap c*tanh(x/c), GQA (qo head h reads kv head h / group_size), lse base 2,
