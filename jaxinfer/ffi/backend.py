@@ -4,13 +4,14 @@
 ``jaxinfer/csrc/fa2_kernel.cuh`` / ``jaxinfer/csrc/fa3_kernel.cuh``), orders the tiles longest KV range first (a
 longest-processing-time schedule: causal prefill tiles differ up to ``kv_len / BLOCK_M``-fold in
 work) and pads every array to the plan capacity, so a new batch of the same capacity never
-recompiles. ``run`` is one ``ffi_call`` (:func:`jaxinfer.ffi.ops.flash_forward`); one CTA per
-(tile, qo head).
+recompiles. ``run`` is one ``ffi_call`` (:func:`jaxinfer.ffi.ops.flash_forward`) over the work
+items (tile, qo head), heavy tiles first.
 
-``"fa2"``: mma.sync + cp.async, any sm80+ GPU. ``"fa3"``: sm90a only (H100/H200): a producer
-warpgroup loading Q and ragged K/V with TMA (paged K/V: gathered through the page table with
-cp.async) into an mbarrier ring, two consumer warpgroups on wgmma (FlashAttention-3, arXiv
-2407.08608, sec. 3.1).
+``"fa2"``: mma.sync + cp.async, any sm80+ GPU, one CTA per work item. ``"fa3"``: sm90a only
+(H100/H200), a persistent grid (one CTA per SM takes work items from a counter; head_dim 256: one
+CTA per item): a producer warpgroup loading Q and ragged K/V with TMA (paged K/V: gathered
+through the page table with cp.async) into an mbarrier ring, two consumer warpgroups on wgmma
+(FlashAttention-3, arXiv 2407.08608, sec. 3.1).
 """
 
 from __future__ import annotations
