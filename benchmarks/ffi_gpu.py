@@ -294,9 +294,11 @@ def build_libraries(builds: list[tuple[str, str]]) -> None:
         p.wait()
 
 
-def ncu_case(backend_name: str) -> None:
-    """One launch of ``backend_name`` on the non-causal workload (profiled by ncu)."""
-    causal, hkv, d, _ = WORKLOADS["noncausal"]
+def ncu_case(backend_name: str, workload: str) -> None:
+    """One launch of ``backend_name`` on a ragged workload (profiled by ncu)."""
+    causal, hkv, d, page_size = WORKLOADS[workload]
+    if page_size is not None:
+        raise SystemExit(f"--ncu-workload: {workload} is paged; ragged workloads only")
     q, k, v, _ = make_inputs(jax.random.PRNGKey(0), hkv, d, None)
     indptr = np.arange(B + 1, dtype=np.int32) * S
     spec = BatchSpec.create(indptr, indptr, None, None, page_size=1, num_qo_heads=H, num_kv_heads=hkv, head_dim=d,
@@ -385,6 +387,7 @@ def main(argv=None) -> None:
     parser.add_argument("--no-table", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memcheck-case", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ncu-case", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--ncu-workload", default="noncausal", help="the workload --ncu-case launches")
     parser.add_argument("--diagnose", default=None, help="print where BACKEND's output is wrong on small cases, then exit")
     args = parser.parse_args(argv)
     backends = [b for b in args.backends.split(",") if b]
@@ -393,7 +396,7 @@ def main(argv=None) -> None:
         memcheck_case(backends)
         return
     if args.ncu_case:
-        ncu_case(args.ncu_case)
+        ncu_case(args.ncu_case, args.ncu_workload)
         return
     if args.diagnose:
         diagnose(args.diagnose)

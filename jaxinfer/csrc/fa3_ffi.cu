@@ -1,8 +1,8 @@
 // XLA FFI handler of the FlashAttention-3 forward kernel (fa3_kernel.cuh), sm90a only: custom
 // call "jaxinfer_fa3_forward", operands and checks in ffi_forward.cuh, plus one more result: the
 // work counter of the persistent grid (int32 [1], zeroed here on the stream before the launch).
-// With ragged KV it also encodes the TMA descriptors of q, k and v (host work, no
-// synchronisation).
+// It also encodes the TMA descriptors of q, of k and v with ragged KV, and of o with two Q
+// buffers (host work, no synchronisation).
 #include <algorithm>
 #include <climits>
 #include <string>
@@ -65,6 +65,10 @@ ffi::Error launch(cudaStream_t stream, Params& p, int num_tiles, int num_batch, 
   constexpr int kSmem = C::kSmemBytes;
   constexpr bool kBf16 = std::is_same_v<T, cutlass::bfloat16_t>;
   if (ffi::Error e = encode_tensor_map(&p.tma_q, p.q, kBf16, num_rows, p.num_qo_heads, D, kBM); e.failure()) return e;
+  if constexpr (C::kStagesQ > 1) {  // O goes out in boxes of 64 rows, one per consumer warpgroup
+    if (ffi::Error e = encode_tensor_map(&p.tma_o, p.o, kBf16, num_rows, p.num_qo_heads, D, kBM / 2); e.failure())
+      return e;
+  }
   if constexpr (!kPaged) {
     for (auto [map, data] : {std::pair{&p.tma_k, p.k}, std::pair{&p.tma_v, p.v}})
       if (ffi::Error e = encode_tensor_map(map, data, kBf16, num_kv_rows, num_kv_heads, D, C::kBN); e.failure())

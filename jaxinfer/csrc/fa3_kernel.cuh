@@ -5,9 +5,10 @@
 // tile of 128 rows, qo head) of one request. The grid is persistent: one CTA per SM runs work
 // items, heavy ones first, taken from an atomic counter until none is left (head_dim 256: one
 // CTA per item). 3 warpgroups per CTA:
-// - warpgroup 0, the producer (setmaxnreg down), loads an item's Q (TMA) and then its K/V tiles
-//   of kBN keys into shared-memory rings (kStagesK / kStagesV deep), running ahead into the next
-//   item while the consumers finish one. Ragged KV: one warp issues a TMA
+// - warpgroup 0, the producer (setmaxnreg down), loads an item's Q (TMA; two Q buffers at
+//   head_dim 64 and 128, so the next item's Q is in place before the consumers start it) and then
+//   its K/V tiles of kBN keys into shared-memory rings (kStagesK / kStagesV deep), running ahead
+//   into the next item while the consumers finish one. Ragged KV: one warp issues a TMA
 //   load per 64 columns of a tile (tensor maps encoded per call by the FFI handler); only the
 //   tile crossing kv_len is gathered with cp.async and zero-fill. Paged KV (any page_size and
 //   layout): 128 threads gather rows with cp.async through the page table (16 bytes per thread
@@ -19,14 +20,15 @@
 //   with wgmma taking P from registers (RS) and V as an MN-major operand (no transpose), then
 //   they release the slot. The two consumer warpgroups take turns issuing their GEMMs
 //   (ping-pong, paper sec. 3.1), and inside a warpgroup the softmax of tile i overlaps P V of
-//   tile i - 1 (paper sec. 3.2).
+//   tile i - 1 (paper sec. 3.2). With two Q buffers, O goes out through the finished item's Q
+//   buffer and one TMA store per warpgroup.
 // Fully masked KV tiles are skipped (causal, window); only tiles crossing a mask edge run the
 // mask pass.
 //
-// Measured on an H100 (benchmarks/RESULTS.md, fourth session, runs 18b-20): prefill_causal
-// 525-550 TFLOP/s in jaxinfer-bench (0.98-1.01x cuDNN in the same runs), 536-555 in
-// benchmarks/ffi_gpu.py; non-causal 587, GQA 560, head_dim 64 348-361, head_dim 256 584-614;
-// paged KV (cp.async producer) 354-359.
+// Measured on an H100 (benchmarks/RESULTS.md, fourth and fifth sessions): prefill_causal at
+// parity with cuDNN in jaxinfer-bench (0.98-1.01x, 524-550 TFLOP/s across runs), 542-548 in
+// benchmarks/ffi_gpu.py (run 24); non-causal ~590, head_dim 64 365, head_dim 256 584-614; paged
+// KV (cp.async producer) 354-359.
 //
 // Semantics follow shared/DESIGN.md sec. 2-3, as csrc/fa2_kernel.cuh: bottom-right causal /
 // window masks, soft cap c*tanh(x/c), GQA (qo head h reads kv head h / group_size), lse base 2,
@@ -60,19 +62,22 @@ namespace fa3 {
 namespace GMMA = cute::SM90::GMMA;
 
 // Everything the kernel reads (ffi_params.cuh), and the tensor maps (TMA descriptors, encoded on
-// the host per call) of q [nnz_q, Hq, D] and, for ragged KV, k and v [nnz_kv, Hkv, D], as 3-d
-// tensors (D, heads, rows) read in boxes of 64 columns (128 bytes, the swizzle width) x 1 head x
-// a tile of rows, 128-byte swizzled.
+// the host per call) of q [nnz_q, Hq, D], for ragged KV of k and v [nnz_kv, Hkv, D], and with two
+// Q buffers of o [nnz_q, Hq, D] (written in boxes of 64 rows, one per consumer warpgroup), as 3-d
+// tensors (D, heads, rows) in boxes of 64 columns (128 bytes, the swizzle width) x 1 head x a
+// tile of rows, 128-byte swizzled.
 struct Params : ForwardParams {
-  CUtensorMap tma_q, tma_k, tma_v;
+  CUtensorMap tma_q, tma_k, tma_v, tma_o;
   int num_tiles;       // entries of tile_batch / tile_qstart, the planned tiles first, then padding
   int* work_counter;   // work items handed out past the grid's first ones; zero at launch
 };
 
 // Keys per KV tile and depths of the K and V rings per head_dim (overridable with -D for tuning
-// runs). V gets the deeper ring: a V slot is freed one iteration later than a K slot (after
-// P V, not Q K^T). Shared memory: Q 128 x D plus the K and V tiles of kBN x D, 16-bit: D=64
-// 128 KiB, D=128 192 KiB, D=256 192 KiB (of 227). kBN=128 at D=256 would not fit two stages.
+// runs). V gets the deeper ring where it fits: a V slot is freed one iteration later than a K slot (after
+// P V, not Q K^T). Shared memory: the Q buffers of 128 x D plus the K and V tiles of kBN x D,
+// 16-bit: D=64 144 KiB, D=128 192 KiB, D=256 192 KiB (of 227). kBN=128 at D=256 would not fit
+// two stages; at D=128 a third V stage does not fit beside two Q buffers (it measured within
+// noise with one Q buffer: H100 run 21).
 #ifndef JAXINFER_FA3_BN_D64
 #define JAXINFER_FA3_BN_D64 128
 #endif
@@ -89,7 +94,7 @@ struct Params : ForwardParams {
 #define JAXINFER_FA3_KSTAGES_D128 2
 #endif
 #ifndef JAXINFER_FA3_VSTAGES_D128
-#define JAXINFER_FA3_VSTAGES_D128 3
+#define JAXINFER_FA3_VSTAGES_D128 2
 #endif
 #ifndef JAXINFER_FA3_BN_D256
 #define JAXINFER_FA3_BN_D256 64
@@ -99,6 +104,20 @@ struct Params : ForwardParams {
 #endif
 #ifndef JAXINFER_FA3_VSTAGES_D256
 #define JAXINFER_FA3_VSTAGES_D256 2
+#endif
+// Q buffers: with 2, the producer loads the Q of the next work item while the consumers still run
+// the current one, so an item never starts by waiting for its Q (ncu, H100 run 21: 1.4 % of the
+// consumers' samples waited for it), and the consumers stage O in the finished item's buffer for
+// a TMA store; with 1, the next Q loads after the current item's last Q K^T and O is stored from
+// registers. Persistent grids only (one item per CTA needs one).
+#ifndef JAXINFER_FA3_QSTAGES_D64
+#define JAXINFER_FA3_QSTAGES_D64 2
+#endif
+#ifndef JAXINFER_FA3_QSTAGES_D128
+#define JAXINFER_FA3_QSTAGES_D128 2
+#endif
+#ifndef JAXINFER_FA3_QSTAGES_D256
+#define JAXINFER_FA3_QSTAGES_D256 1
 #endif
 // Whether the grid is persistent (one CTA per SM running work items until none is left) or one
 // CTA per work item. D=256's consumers spill in the work-item loop (ptxas -v), so they run one
@@ -142,14 +161,15 @@ constexpr int kLaunchRegs = 168;  // 65536 / kThreads, rounded down to a multipl
 template <int D> struct Shape;
 #define JAXINFER_FA3_SHAPE(D)                                                                      \
   template <> struct Shape<D> {                                                                   \
-    static constexpr int kBN = JAXINFER_FA3_BN_D##D, kStagesK = JAXINFER_FA3_KSTAGES_D##D,         \
-                         kStagesV = JAXINFER_FA3_VSTAGES_D##D;                                     \
+    static constexpr int kBN = JAXINFER_FA3_BN_D##D, kStagesQ = JAXINFER_FA3_QSTAGES_D##D,         \
+                         kStagesK = JAXINFER_FA3_KSTAGES_D##D, kStagesV = JAXINFER_FA3_VSTAGES_D##D;   \
     static constexpr int kProducerRegs = JAXINFER_FA3_PRODUCER_REGS_D##D,                          \
                          kConsumerRegs = JAXINFER_FA3_CONSUMER_REGS_D##D;                          \
     static constexpr bool kPersistent = JAXINFER_FA3_PERSISTENT_D##D;                              \
     static constexpr bool kLateConvert = D != 256; /* see the software pipeline in consumer() */   \
     static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= kThreads * kLaunchRegs,             \
                   "setmaxnreg would ask for more registers than the CTA holds");                   \
+    static_assert(kStagesQ == 1 || (kStagesQ == 2 && kPersistent), "1 Q buffer, or 2 when persistent"); \
   };
 JAXINFER_FA3_SHAPE(64)
 JAXINFER_FA3_SHAPE(128)
@@ -162,7 +182,8 @@ constexpr int kBM = 128;  // query rows per CTA: 2 consumer warpgroups x 64
 // (head_dim contiguous) with the 128-byte swizzle; V is stored as loaded (key rows, head_dim
 // contiguous), which is the MN-major B operand of O += P V for 16-bit types.
 template <typename T, int D> struct Config {
-  static constexpr int kBN = Shape<D>::kBN, kStagesK = Shape<D>::kStagesK, kStagesV = Shape<D>::kStagesV;
+  static constexpr int kBN = Shape<D>::kBN, kStagesQ = Shape<D>::kStagesQ, kStagesK = Shape<D>::kStagesK,
+                       kStagesV = Shape<D>::kStagesV;
   using LayoutQ = decltype(cute::tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
                                                cute::Shape<cute::Int<kBM>, cute::Int<D>>{}));
   using LayoutK = decltype(cute::tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
@@ -180,13 +201,13 @@ template <typename T, int D> struct Config {
                            GMMA::Major::MN>(),
       cute::Layout<cute::Shape<cute::_2, cute::_1, cute::_1>>{}));
   static constexpr int kQElems = kBM * D, kKElems = kBN * D * kStagesK, kVElems = kBN * D * kStagesV;
-  static constexpr int kNumBarriers = 2 + 2 * (kStagesK + kStagesV);  // Barriers<...>::kCount
+  static constexpr int kNumBarriers = 2 * (kStagesQ + kStagesK + kStagesV);  // Barriers<...>::kCount
   static constexpr int kOffsetTables = 3;   // the paged producer's row-offset tables
-  static constexpr int kHandoffBytes = 192;  // sizeof(Handoff), checked in the kernel
+  static constexpr int kHandoffBytes = 64 * (kStagesQ + 2) + 16;  // sizeof(Handoff), checked in the kernel
   // Tiles (1 KiB-aligned for the 128-byte swizzle: 1 KiB of slack, the dynamic base is only
   // guaranteed 16-byte alignment), then the mbarriers, then the row-offset tables (int64 per
   // KV row), then the work hand-off.
-  static constexpr int kSmemBytes = 1024 + 2 * (kQElems + kKElems + kVElems) + 8 * kNumBarriers +
+  static constexpr int kSmemBytes = 1024 + 2 * (kQElems * kStagesQ + kKElems + kVElems) + 8 * kNumBarriers +
                                     8 * kOffsetTables * kBN + kHandoffBytes;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory exceeds the sm_90 limit");
 };
@@ -303,13 +324,15 @@ struct WorkItem {
   int head;
 };
 
-// The hand-off in shared memory: item j in slot j % 3, written by the producer as soon as it has
-// it and published by the Q barrier of item j; the consumers read it there while they run the
-// item. The producer writes item j only after the consumers released Q of item j - 2, so after
-// all of them finished item j - 3, the slot's previous user. And the paged producer's broadcast
-// of its next item index, by item parity (its threads are at most one item apart).
-struct Handoff {
-  WorkItem item[3];
+// The hand-off in shared memory: item j in slot j % kSlots, written by the producer as soon as it
+// has it and published by the Q barrier of item j; the consumers read it there while they run
+// the item. With kStagesQ Q buffers the producer writes item j only after the consumers released
+// Q of item j - 1 - kStagesQ, so after all of them finished item j - 2 - kStagesQ, the slot's
+// previous user (kSlots = kStagesQ + 2). And the paged producer's broadcast of its next item
+// index, by item parity (its threads are at most one item apart).
+template <int kStagesQ> struct Handoff {
+  static constexpr int kSlots = kStagesQ + 2;
+  WorkItem item[kSlots];
   int next[2];
 };
 
@@ -343,29 +366,34 @@ template <int kBN> __device__ __forceinline__ WorkItem work_item(const Params& p
   return it;
 }
 
-// The CTA's mbarriers: Q loaded (one arrival, with the TMA byte count when the item has KV
-// tiles) and Q free (one arrival per consumer warp, after its last Q K^T); per ring slot, K loaded /
+// The CTA's mbarriers: per Q buffer, Q loaded (one arrival, with the TMA byte count when the item
+// has KV tiles) and Q free (one arrival per consumer warp, after its last Q K^T); per ring slot, K loaded /
 // V loaded (paged: 128 producer arrivals, one per thread, when its copies land; ragged: one
 // arrival, with the TMA byte count or after the edge tile's copies landed) and K free / V free
 // (one arrival per consumer warp). K and V have their own barriers so that K of a slot is
 // refilled as soon as Q K^T has read it, while V of the slot is still waiting for P V.
-template <int kSK, int kSV> struct Barriers {
-  static constexpr int kCount = 2 + 2 * (kSK + kSV);
+template <int kSQ, int kSK, int kSV> struct Barriers {
+  static constexpr int kCount = 2 * (kSQ + kSK + kSV);
   uint64_t* base;
-  __device__ __forceinline__ uint64_t* q() const { return base; }
-  __device__ __forceinline__ uint64_t* q_empty() const { return base + 1; }
-  __device__ __forceinline__ uint64_t* k_full(int s) const { return base + 2 + s; }
-  __device__ __forceinline__ uint64_t* v_full(int s) const { return base + 2 + kSK + s; }
-  __device__ __forceinline__ uint64_t* k_empty(int s) const { return base + 2 + kSK + kSV + s; }
-  __device__ __forceinline__ uint64_t* v_empty(int s) const { return base + 2 + 2 * kSK + kSV + s; }
+  __device__ __forceinline__ uint64_t* q(int s) const { return base + s; }
+  __device__ __forceinline__ uint64_t* q_empty(int s) const { return base + kSQ + s; }
+  __device__ __forceinline__ uint64_t* k_full(int s) const { return base + 2 * kSQ + s; }
+  __device__ __forceinline__ uint64_t* v_full(int s) const { return base + 2 * kSQ + kSK + s; }
+  __device__ __forceinline__ uint64_t* k_empty(int s) const { return base + 2 * kSQ + kSK + kSV + s; }
+  __device__ __forceinline__ uint64_t* v_empty(int s) const { return base + 2 * kSQ + 2 * kSK + kSV + s; }
   __device__ __forceinline__ void init(int full_count) const {
-    cutlass::arch::ClusterBarrier::init(q(), 1);
-    cutlass::arch::ClusterBarrier::init(q_empty(), 8);
-    for (int b = 2; b < 2 + kSK + kSV; ++b) cutlass::arch::ClusterBarrier::init(base + b, full_count);
-    for (int b = 2 + kSK + kSV; b < kCount; ++b) cutlass::arch::ClusterBarrier::init(base + b, 8);
+    for (int s = 0; s < kSQ; ++s) {
+      cutlass::arch::ClusterBarrier::init(q(s), 1);
+      cutlass::arch::ClusterBarrier::init(q_empty(s), 8);
+    }
+    for (int s = 0; s < kSK; ++s) cutlass::arch::ClusterBarrier::init(k_full(s), full_count);
+    for (int s = 0; s < kSV; ++s) cutlass::arch::ClusterBarrier::init(v_full(s), full_count);
+    for (int s = 0; s < kSK; ++s) cutlass::arch::ClusterBarrier::init(k_empty(s), 8);
+    for (int s = 0; s < kSV; ++s) cutlass::arch::ClusterBarrier::init(v_empty(s), 8);
   }
 };
-template <typename T, int D> using BarriersOf = Barriers<Config<T, D>::kStagesK, Config<T, D>::kStagesV>;
+template <typename T, int D>
+using BarriersOf = Barriers<Config<T, D>::kStagesQ, Config<T, D>::kStagesK, Config<T, D>::kStagesV>;
 
 // A position in a ring of kStages slots: the slot, and the parity of the phase its barriers
 // complete for the tile there (it flips each time the position wraps). The producer and the
@@ -392,6 +420,15 @@ __device__ __forceinline__ void tma_load(const CUtensorMap& map, uint64_t* bar, 
       ::"r"(cute::cast_smem_ptr_to_uint(dst)), "l"(reinterpret_cast<uint64_t>(&map)), "r"(col), "r"(head), "r"(row),
       "r"(cute::cast_smem_ptr_to_uint(bar))
       : "memory");
+}
+
+// TMA store of one box from shared memory to the tensor map's tensor (coordinates: column, head,
+// row), in the thread's current bulk group.
+__device__ __forceinline__ void tma_store(const CUtensorMap& map, const void* src, int col, int head, int row) {
+  asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];\n"
+               ::"l"(reinterpret_cast<uint64_t>(&map)), "r"(cute::cast_smem_ptr_to_uint(src)), "r"(col), "r"(head),
+               "r"(row)
+               : "memory");
 }
 
 // Rows [row, row + kRows) x D of one head into a tile of the layouts above (D / 64 boxes, each a
@@ -444,9 +481,11 @@ __device__ __forceinline__ void producer_ragged(const Params& p, const WorkItem&
     __syncwarp();
     if (lane == 0) Bar::arrive(full);
   };
-  // K of tile i + 1 goes out before V of tile i, the order the consumers need them in.
+  // K of tile i + 1 goes out before V of tile i, the order the consumers need them in. With one Q
+  // buffer, Q waits for the consumers to finish the previous item's Q K^T, so K goes first.
+  if constexpr (C::kStagesQ > 1) q_step();
   load(std::false_type{}, kw, 0);
-  q_step();
+  if constexpr (C::kStagesQ == 1) q_step();
   for (int i = 0; i < w.num_kv_tiles; ++i) {
     if (i + 1 < w.num_kv_tiles) load(std::false_type{}, kw, i + 1);
     load(std::true_type{}, vw, i);
@@ -535,10 +574,11 @@ __device__ __forceinline__ void producer_paged(const Params& p, const WorkItem& 
     cp_async_arrive(bars.k_full(slot));
   };
   int t_cur = table_pos;  // the table of tile i
+  if constexpr (C::kStagesQ > 1) q_step();  // as in producer_ragged
   fill_offsets(0, t_cur);
   asm volatile("bar.sync 3, 128;\n" ::: "memory");
   load_k(t_cur);
-  q_step();
+  if constexpr (C::kStagesQ == 1) q_step();
   for (int i = 0; i < w.num_kv_tiles; ++i) {
     const int t_next = next_table(t_cur);
     if (i + 1 < w.num_kv_tiles) fill_offsets(i + 1, t_next);
@@ -575,12 +615,12 @@ struct Scheduler {
 };
 
 // One work item on the consumer warpgroups. kr / vr: where the item's first K / V tile is read
-// (advanced past the item's tiles). Q has landed (the caller waited for it); it is released
-// after the item's last Q K^T.
+// (advanced past the item's tiles). Q has landed in sQ (the caller waited for it); it is released
+// on q_free after the item's last Q K^T.
 template <typename T, int D>
 __device__ __forceinline__ void consumer(const Params& p, const WorkItem& it, RingPos<Config<T, D>::kStagesK>& kr,
-                                         RingPos<Config<T, D>::kStagesV>& vr, const Scheduler& sched, T* sQ, T* sK,
-                                         T* sV, BarriersOf<T, D> bars) {
+                                         RingPos<Config<T, D>::kStagesV>& vr, const Scheduler& sched, T* sQ,
+                                         uint64_t* q_free, T* sK, T* sV, BarriersOf<T, D> bars) {
   using namespace cute;
   using C = Config<T, D>;
   constexpr int kBN = C::kBN;
@@ -610,12 +650,45 @@ __device__ __forceinline__ void consumer(const Params& p, const WorkItem& it, Ri
   float row_max[2] = {kNegInf, kNegInf}, row_sum[2] = {0.f, 0.f};
   const int n = w.num_kv_tiles;
   using Bar = cutlass::arch::ClusterBarrier;
+  // Whether this warpgroup's 64 rows of O go out through shared memory and one TMA store: with
+  // two Q buffers, the item's Q buffer is free for them once its last Q K^T completed (the
+  // buffer is released after the store has read it), and only when all 64 rows are the
+  // request's (a box past them would overwrite the next request's rows). Else O is stored
+  // from registers and Q is released after the last Q K^T.
+  const int wg = ctid / 128;
+  const bool stage_o = C::kStagesQ > 1 && n > 0 && w.rows_valid >= 64 * (wg + 1);
   // This warp is done reading a slot's K or V, or Q; the producer waits for all 8 consumer warps.
   auto release = [&](uint64_t* bar) {
     __syncwarp();
     if (lane == 0) Bar::arrive(bar);
   };
-  if (n == 0) release(bars.q_empty());  // Q is not even loaded
+  // The epilogue's operands, gathered before the wait for the last P V so that their latency
+  // hides behind it (H100 run 21, ncu: the row-sum shuffles, and the item's fields read behind the
+  // output stores, took about 5 % of the consumers' samples when done after it): 1 / l and lse of
+  // both rows, and where the rows go. l >= 1 for a row with a visible key (its max contributes
+  // 2^0 or more), so the fast reciprocal is exact enough.
+  float inv_l[2], lse_row[2];
+  int rows_valid;
+  int64_t tok0;
+  auto prepare_epilogue = [&]() {
+    float l[2] = {row_sum[0], row_sum[1]};
+    CUTE_UNROLL
+    for (int m = 1; m <= 2; m *= 2) {
+      CUTE_UNROLL
+      for (int hr = 0; hr < 2; ++hr) l[hr] += __shfl_xor_sync(0xffffffff, l[hr], m);
+    }
+    CUTE_UNROLL
+    for (int hr = 0; hr < 2; ++hr) {
+      inv_l[hr] = l[hr] > 0.f ? __fdividef(1.f, l[hr]) : 0.f;
+      lse_row[hr] = l[hr] > 0.f ? row_max[hr] + __log2f(l[hr]) : kNegInf;
+    }
+    rows_valid = w.rows_valid;
+    tok0 = int64_t(w.q_start) + w.qs;
+  };
+  if (n == 0) {
+    release(q_free);  // Q is not even loaded
+    prepare_epilogue();
+  }
   if (n > 0) {
     // Tiles that need the general softmax: soft cap on, or a mask edge (kv_len, causal
     // diagonal, window) crossing the tile. The others take a branch-free body: ptxas hoists a
@@ -715,8 +788,8 @@ __device__ __forceinline__ void consumer(const Params& p, const WorkItem& it, Ri
     // S_i = Q K_i^T and O += P_{i-1} V_{i-1} and pass the turn; run the softmax of S_i while P V
     // runs. Where P is converted to 16 bits and O rescaled (Shape::kLateConvert):
     // - late (FA3's order): after the softmax, once P V is complete, outside the turn (it covers
-    //   the GEMM issue only). The softmax results are pinned (operand fences) before the wait for
-    //   P V, so that the wait cannot move above the softmax.
+    //   the GEMM issue only). The wait for P V is ordered after the softmax's row sums
+    //   (wgmma_wait_all_after): operand fences on S alone did not keep ptxas from moving it up.
     // - early: at the start of the next turn, before the GEMM issue.
     // H100, interleaved in one run (runs 18a, 19): late is faster at head_dim 64 (358-361 TFLOP/s
     // against 323-325) and 128 (causal 537-555 against 509-546), early at 256 (602-635 against
@@ -778,37 +851,66 @@ __device__ __forceinline__ void consumer(const Params& p, const WorkItem& it, Ri
         convert_and_rescale();
       }
     };
-    for (int i = 1; i < n; ++i) {
+    // The plain tiles are contiguous: one loop over them, with no general-or-plain branch per
+    // tile (that branch took about 3 % of the consumers' samples, ncu, run 21).
+    for (int i = 1; i < n;) {
       if (general_tile(i)) {
-        iteration(std::true_type{}, i);
+        iteration(std::true_type{}, i++);
       } else {
-        iteration(std::false_type{}, i);
+        const int end = min(plain_hi, n);
+        do iteration(std::false_type{}, i); while (++i < end);
       }
     }
-    release(bars.q_empty());  // the last Q K^T has completed
+    if (!stage_o) release(q_free);  // the last Q K^T has completed
     wait_loaded(bars.v_full(vr.slot), vr.phase);
     sched.wait_turn();
     before_issue(n >= 2);
     issue_pv();
     sched.pass_turn();
+    prepare_epilogue();
     finish_pv(true);
   }
 
-  T* o = static_cast<T*>(p.o);
+  auto o_pair = [&](int hr, int db) {  // O of this thread's columns col0 + 8 db (+1) in row half hr
+    return pack2<T>(tOrO(4 * db + 2 * hr) * inv_l[hr], tOrO(4 * db + 2 * hr + 1) * inv_l[hr]);
+  };
+  if (stage_o) {
+    // Into the Q buffer's layout (the TMA box's: 64-column blocks of 128-byte swizzled rows;
+    // conflict-free, a warp's 8 rows hit 8 different 16-byte chunks), then one thread stores the
+    // warpgroup's box of 64 rows and releases the buffer once the store has read it.
+    CUTE_UNROLL
+    for (int hr = 0; hr < 2; ++hr) {
+      CUTE_UNROLL
+      for (int db = 0; db < D / 8; ++db)
+        *reinterpret_cast<uint32_t*>(smem_at<typename C::LayoutQ>(sQ, row0 + 8 * hr, col0 + 8 * db)) = o_pair(hr, db);
+    }
+    cutlass::arch::fence_view_async_shared();  // the generic-proxy writes, before the TMA (async proxy) reads them
+    asm volatile("bar.sync %0, 128;\n" ::"r"(4 + wg) : "memory");
+    if (ctid % 128 == 0) {
+      CUTE_UNROLL
+      for (int c = 0; c < D / 64; ++c)
+        tma_store(p.tma_o, sQ + c * kBM * 64 + wg * 64 * 64, c * 64, head, int(tok0) + 64 * wg);
+      asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+      asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+      // The warpgroup's 4 arrivals of the Q-free barrier (one per warp otherwise).
+      asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], 4;\n" ::"r"(cute::cast_smem_ptr_to_uint(q_free))
+                   : "memory");
+    }
+  } else {
+    T* o = static_cast<T*>(p.o);
+    CUTE_UNROLL
+    for (int hr = 0; hr < 2; ++hr) {
+      const int r = row0 + 8 * hr;
+      if (r >= rows_valid) continue;
+      T* dst = o + (tok0 + r) * p.q_tok_stride + head * p.q_head_stride + col0;
+      CUTE_UNROLL
+      for (int db = 0; db < D / 8; ++db) *reinterpret_cast<uint32_t*>(dst + 8 * db) = o_pair(hr, db);
+    }
+  }
   CUTE_UNROLL
   for (int hr = 0; hr < 2; ++hr) {
-    float l = row_sum[hr];
-    l += __shfl_xor_sync(0xffffffff, l, 1);
-    l += __shfl_xor_sync(0xffffffff, l, 2);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
     const int r = row0 + 8 * hr;
-    if (r >= w.rows_valid) continue;
-    const int64_t tok = w.q_start + w.qs + r;
-    T* dst = o + tok * p.q_tok_stride + head * p.q_head_stride + col0;
-    CUTE_UNROLL
-    for (int db = 0; db < D / 8; ++db)
-      *reinterpret_cast<uint32_t*>(dst + 8 * db) = pack2<T>(tOrO(4 * db + 2 * hr) * inv, tOrO(4 * db + 2 * hr + 1) * inv);
-    if (lane % 4 == 0) p.lse[tok * p.num_qo_heads + head] = l > 0.f ? row_max[hr] + __log2f(l) : kNegInf;
+    if (lane % 4 == 0 && r < rows_valid) p.lse[(tok0 + r) * p.num_qo_heads + head] = lse_row[hr];
   }
 }
 
@@ -825,14 +927,16 @@ __global__ void __launch_bounds__(kThreads, 1) fa3_forward_kernel(const __grid_c
   using Bar = cutlass::arch::ClusterBarrier;
   extern __shared__ unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  T* sK = sQ + C::kQElems;
+  T* sK = sQ + C::kQElems * C::kStagesQ;
   T* sV = sK + C::kKElems;
   const BarriersOf<T, D> bars{reinterpret_cast<uint64_t*>(sV + C::kVElems)};
   int64_t* row_offsets = reinterpret_cast<int64_t*>(bars.base + C::kNumBarriers);
-  Handoff* handoff = reinterpret_cast<Handoff*>(row_offsets + C::kOffsetTables * C::kBN);
-  static_assert(sizeof(Handoff) <= C::kHandoffBytes, "Handoff outgrew its shared-memory slot");
+  using HandoffT = Handoff<C::kStagesQ>;
+  HandoffT* handoff = reinterpret_cast<HandoffT*>(row_offsets + C::kOffsetTables * C::kBN);
+  static_assert(sizeof(HandoffT) <= C::kHandoffBytes, "Handoff outgrew its shared-memory slot");
   if (threadIdx.x == 0) {
     cute::prefetch_tma_descriptor(&p.tma_q);
+    if constexpr (C::kStagesQ > 1) cute::prefetch_tma_descriptor(&p.tma_o);
     if constexpr (!kPaged) {
       cute::prefetch_tma_descriptor(&p.tma_k);
       cute::prefetch_tma_descriptor(&p.tma_v);
@@ -852,18 +956,19 @@ __global__ void __launch_bounds__(kThreads, 1) fa3_forward_kernel(const __grid_c
       const WorkItem it = work_item<C::kBN>(p, item, tiles);
       int next = 0;
       if (threadIdx.x == 0) {
-        handoff->item[j % 3] = it;
+        handoff->item[j % HandoffT::kSlots] = it;
         if (Shape<D>::kPersistent && it.head >= 0) next = gridDim.x + atomicAdd(p.work_counter, 1);
       }
-      // Q of the item, once the consumers released the previous Q; its barrier also publishes the
-      // item's hand-off slot.
+      // Q of the item into buffer j % kStagesQ, once the consumers released that buffer's
+      // previous Q (item j - kStagesQ); its barrier also publishes the item's hand-off slot.
       auto q_step = [&] {
         if (threadIdx.x != 0) return;
-        if (j > 0) Bar::wait(bars.q_empty(), (j - 1) & 1);
+        const int b = j % C::kStagesQ;
+        if (j >= C::kStagesQ) Bar::wait(bars.q_empty(b), (j / C::kStagesQ - 1) & 1);
         if (it.head >= 0 && it.w.num_kv_tiles > 0) {
-          tma_tile<kBM, D>(p.tma_q, bars.q(), sQ, it.head, it.w.q_start + it.w.qs);
+          tma_tile<kBM, D>(p.tma_q, bars.q(b), sQ + b * C::kQElems, it.head, it.w.q_start + it.w.qs);
         } else {
-          Bar::arrive(bars.q());
+          Bar::arrive(bars.q(b));
         }
       };
       if (it.head < 0 || it.w.num_kv_tiles == 0) {
@@ -891,14 +996,18 @@ __global__ void __launch_bounds__(kThreads, 1) fa3_forward_kernel(const __grid_c
     RingPos<C::kStagesK> kr;
     RingPos<C::kStagesV> vr;
     for (int j = 0;; ++j) {
-      Bar::wait(bars.q(), j & 1);
+      const int b = j % C::kStagesQ;
+      Bar::wait(bars.q(b), (j / C::kStagesQ) & 1);
       // The item is read from shared memory where it is used, not held in registers.
-      const WorkItem& it = handoff->item[j % 3];
+      const WorkItem& it = handoff->item[j % HandoffT::kSlots];
       if (it.head < 0) break;
-      consumer<T, D>(p, it, kr, vr, sched, sQ, sK, sV, bars);
+      consumer<T, D>(p, it, kr, vr, sched, sQ + b * C::kQElems, bars.q_empty(b), sK, sV, bars);
       if constexpr (!Shape<D>::kPersistent) break;
     }
     if (sched.wg == 0) sched.wait_turn();  // matches warpgroup 1's pass after its last turn
+    // The last TMA stores of O are complete before the CTA exits (their threads waited only for
+    // the reads of shared memory).
+    if (C::kStagesQ > 1 && threadIdx.x % 128 == 0) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
   }
 }
 
