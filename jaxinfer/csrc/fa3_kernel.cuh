@@ -367,7 +367,8 @@ template <int kBN> __device__ __forceinline__ WorkItem work_item(const Params& p
 }
 
 // The CTA's mbarriers: per Q buffer, Q loaded (one arrival, with the TMA byte count when the item
-// has KV tiles) and Q free (one arrival per consumer warp, after its last Q K^T); per ring slot, K loaded /
+// has KV tiles) and Q free (8 arrivals: one per consumer warp after its last Q K^T, or, where a
+// warpgroup stages O in the buffer, 4 from the thread whose TMA store has read it); per ring slot, K loaded /
 // V loaded (paged: 128 producer arrivals, one per thread, when its copies land; ragged: one
 // arrival, with the TMA byte count or after the edge tile's copies landed) and K free / V free
 // (one arrival per consumer warp). K and V have their own barriers so that K of a slot is
