@@ -26,24 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ffi_gpu  # noqa: E402  (the workloads, inputs and backends of benchmarks/ffi_gpu.py)
 
 
-def prefill_causal_call(backend_name: str):
-    """``(jitted fn, args)`` of one prefill_causal call on ``backend_name`` (``cudnn``: dense)."""
-    causal, hkv, d, _ = ffi_gpu.WORKLOADS["prefill_causal"]
-    q, k, v, _ = ffi_gpu.make_inputs(jax.random.PRNGKey(0), hkv, d, None)
-    if backend_name == "cudnn":
-        dense = lambda x: x.reshape(ffi_gpu.B, ffi_gpu.S, x.shape[1], d)  # noqa: E731
-        fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"))
-        return fn, (dense(q), dense(k), dense(v))
-    indptr = np.arange(ffi_gpu.B + 1, dtype=np.int32) * ffi_gpu.S
-    spec = ffi_gpu.BatchSpec.create(indptr, indptr, None, None, page_size=1, num_qo_heads=ffi_gpu.H,
-                                    num_kv_heads=hkv, head_dim=d,
-                                    variant=ffi_gpu.AttentionVariant(causal=causal))
-    backend = ffi_gpu.get_backend(backend_name)
-    plan = backend.plan(spec, ffi_gpu.PlanCapacity())
-    fn = jax.jit(lambda p, q, k, v: backend.run(p, q, k, v, kv_layout="NHD", return_lse=True))
-    return fn, (plan, q, k, v)
-
-
 def gpu_kernels(trace_dir: Path) -> list[tuple[str, float, float]]:
     """``(name, start us, duration us)`` of the kernel and memset events on GPU stream lines of
     the perfetto trace under ``trace_dir``."""
@@ -76,7 +58,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in args.backends.split(","):
-        fn, fn_args = prefill_causal_call(name)
+        fn, fn_args = ffi_gpu.ragged_call(name, "prefill_causal")
         wall = ffi_gpu.bench(fn, *fn_args)
         smi = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
                                 "-lms", "50"], stdout=subprocess.PIPE, text=True)

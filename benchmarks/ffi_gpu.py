@@ -294,17 +294,29 @@ def build_libraries(builds: list[tuple[str, str]]) -> None:
         p.wait()
 
 
-def ncu_case(backend_name: str, workload: str) -> None:
-    """One launch of ``backend_name`` on a ragged workload (profiled by ncu)."""
+def ragged_call(backend_name: str, workload: str):
+    """``(jitted fn, args)`` of one call of ``backend_name`` on a ragged workload (``cudnn``: its
+    dense equivalent), as ncu and ``call_timeline.py`` launch it."""
     causal, hkv, d, page_size = WORKLOADS[workload]
     if page_size is not None:
-        raise SystemExit(f"--ncu-workload: {workload} is paged; ragged workloads only")
+        raise SystemExit(f"{workload} is paged; ragged workloads only")
     q, k, v, _ = make_inputs(jax.random.PRNGKey(0), hkv, d, None)
+    if backend_name == "cudnn":
+        dense = lambda x: x.reshape(B, S, x.shape[1], d)  # noqa: E731
+        fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn"))
+        return fn, (dense(q), dense(k), dense(v))
     indptr = np.arange(B + 1, dtype=np.int32) * S
     spec = BatchSpec.create(indptr, indptr, None, None, page_size=1, num_qo_heads=H, num_kv_heads=hkv, head_dim=d,
                             variant=AttentionVariant(causal=causal))
     backend = get_backend(backend_name)
-    jax.block_until_ready(backend.run(backend.plan(spec, PlanCapacity()), q, k, v, kv_layout="NHD", return_lse=True))
+    fn = jax.jit(lambda p, q, k, v: backend.run(p, q, k, v, kv_layout="NHD", return_lse=True))
+    return fn, (backend.plan(spec, PlanCapacity()), q, k, v)
+
+
+def ncu_case(backend_name: str, workload: str) -> None:
+    """One launch of ``backend_name`` on a ragged workload (profiled by ncu)."""
+    fn, args = ragged_call(backend_name, workload)
+    jax.block_until_ready(fn(*args))
 
 
 NCU_KEYS = ("Duration", "Registers Per Thread", "Theoretical Occupancy", "Achieved Occupancy", "Block Limit",
