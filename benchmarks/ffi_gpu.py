@@ -190,24 +190,30 @@ def run_pytest(timeout: int, kernel: str = "fa2", defines: str = "") -> int:
 
 
 def memcheck_case(backends: list[str]) -> None:
-    """A small paged causal GQA case on each FFI backend of ``backends`` (run under compute-sanitizer)."""
+    """A small causal GQA window case, paged and ragged, on each FFI backend of ``backends`` (run
+    under compute-sanitizer). 5 query tiles x 64 heads: more work items than an H100 has SMs, so
+    fa3's persistent CTAs run several items each (the item boundary and the O stores through Q)."""
     rng = np.random.default_rng(0)
-    qo_lens, kv_lens, ps, hq, hkv, d = [37, 0, 5], [100, 20, 64], 16, 4, 2, 128
+    qo_lens, kv_lens, ps, hq, hkv, d = [37, 0, 5, 300], [100, 20, 64, 250], 16, 64, 2, 128
+    qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
     n_pages = [-(-x // ps) for x in kv_lens]
     kv_indptr = np.concatenate([[0], np.cumsum(n_pages)]).astype(np.int32)
     kv_indices = rng.permutation(sum(n_pages) + 2)[: sum(n_pages)].astype(np.int32)
     last = np.array([x - ps * (n - 1) for x, n in zip(kv_lens, n_pages)], np.int32)
-    spec = BatchSpec.create(np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32), kv_indptr, kv_indices, last,
-                            page_size=ps, num_qo_heads=hq, num_kv_heads=hkv, head_dim=d,
-                            variant=AttentionVariant(causal=True, window_left=40))
+    geometry = dict(num_qo_heads=hq, num_kv_heads=hkv, head_dim=d, variant=AttentionVariant(causal=True, window_left=40))
+    paged = BatchSpec.create(qo_indptr, kv_indptr, kv_indices, last, page_size=ps, **geometry)
+    ragged = BatchSpec.create(qo_indptr, np.concatenate([[0], np.cumsum(kv_lens)]).astype(np.int32), None, None,
+                              page_size=1, **geometry)
     q = jnp.asarray(rng.standard_normal((sum(qo_lens) + 2, hq, d)), jnp.bfloat16)
     cache = jnp.asarray(rng.standard_normal((sum(n_pages) + 2, ps, hkv, d)), jnp.bfloat16)
+    flat = cache.reshape(-1, hkv, d)[: sum(kv_lens)]
     for bname in (b for b in backends if b in FFI_BACKENDS):
         backend = get_backend(bname)
-        if backend.unsupported(spec) is not None:
-            continue
-        o, lse = backend.run(backend.plan(spec, PlanCapacity()), q, cache, cache, kv_layout="NHD", return_lse=True)
-        print(f"memcheck case ran on {bname}; finite o:", bool(jnp.isfinite(o).all()))
+        for name, spec, kv in (("paged", paged, cache), ("ragged", ragged, flat)):
+            if backend.unsupported(spec) is not None:
+                continue
+            o, lse = backend.run(backend.plan(spec, PlanCapacity()), q, kv, kv, kv_layout="NHD", return_lse=True)
+            print(f"memcheck case ran on {bname} ({name}); finite o:", bool(jnp.isfinite(o).all()))
 
 
 def diagnose(backend_name: str) -> None:

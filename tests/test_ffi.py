@@ -262,6 +262,17 @@ def test_gpu_long_kv(gpu_backend, rng, d):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("d,variant_kwargs", [(128, {}), (64, dict(window_left=100, logits_soft_cap=20.0))])
+def test_gpu_many_items_per_cta(gpu_backend, rng, d, variant_kwargs):
+    # 16 tiles x 32 heads = 512 work items, more than 3 per CTA of fa3's persistent grid (132 SMs):
+    # the item boundary, where fa3 issues the next item's first Q K^T with the last P V, runs
+    # between tiles of different requests and heads, and before and after items with no visible
+    # key (the kv_len = 0 request, and the first tile of the qo_len > kv_len one).
+    _check_ragged(gpu_backend, rng, [1000, 300, 260, 200], [1000, 0, 900, 70], 32, 8, d, jnp.bfloat16,
+                  causal=True, **variant_kwargs)
+
+
+@pytest.mark.gpu
 def test_gpu_window_noncausal(gpu_backend, rng):
     _check_ragged(gpu_backend, rng, [90, 7], [190, 300], 4, 4, 128, jnp.float16, window_left=31)
 

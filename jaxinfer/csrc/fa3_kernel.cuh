@@ -20,15 +20,17 @@
 //   with wgmma taking P from registers (RS) and V as an MN-major operand (no transpose), then
 //   they release the slot. The two consumer warpgroups take turns issuing their GEMMs
 //   (ping-pong, paper sec. 3.1), and inside a warpgroup the softmax of tile i overlaps P V of
-//   tile i - 1 (paper sec. 3.2). With two Q buffers, O goes out through the finished item's Q
-//   buffer and one TMA store per warpgroup.
+//   tile i - 1 (paper sec. 3.2). The pipeline does not drain between work items: the turn that
+//   issues an item's last P V also issues the next item's first Q K^T, and O is written while
+//   it runs. With two Q buffers, O goes out through the finished item's Q buffer and one TMA
+//   store per warpgroup.
 // Fully masked KV tiles are skipped (causal, window); only tiles crossing a mask edge run the
 // mask pass.
 //
-// Measured on an H100 (benchmarks/RESULTS.md, fourth and fifth sessions): prefill_causal at
-// parity with cuDNN in jaxinfer-bench (0.98-1.01x, 524-550 TFLOP/s across runs), 542-548 in
-// benchmarks/ffi_gpu.py (run 24); non-causal ~590, head_dim 64 365, head_dim 256 584-614; paged
-// KV (cp.async producer) 354-359.
+// Measured on an H100 (benchmarks/RESULTS.md, fourth to sixth sessions): prefill_causal at
+// parity with cuDNN or just above it in jaxinfer-bench (1.00-1.05x, 518-550 TFLOP/s across runs
+// and machines), 555-565 in benchmarks/ffi_gpu.py (run 28); non-causal 560-600, head_dim 64
+// 361-371, head_dim 256 584-614; paged KV (cp.async producer) 354-368.
 //
 // Semantics follow shared/DESIGN.md sec. 2-3, as csrc/fa2_kernel.cuh: bottom-right causal /
 // window masks, soft cap c*tanh(x/c), GQA (qo head h reads kv head h / group_size), lse base 2,
@@ -185,7 +187,7 @@ template <typename T, int D> struct Config {
   static constexpr int kBN = Shape<D>::kBN, kStagesQ = Shape<D>::kStagesQ, kStagesK = Shape<D>::kStagesK,
                        kStagesV = Shape<D>::kStagesV;
   using LayoutQ = decltype(cute::tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
-                                               cute::Shape<cute::Int<kBM>, cute::Int<D>>{}));
+                                               cute::Shape<cute::Int<kBM>, cute::Int<D>, cute::Int<kStagesQ>>{}));
   using LayoutK = decltype(cute::tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
                                                cute::Shape<cute::Int<kBN>, cute::Int<D>, cute::Int<kStagesK>>{}));
   // Keys before head_dim blocks: each 64-column block of a V tile is kBN rows of 128 bytes, the
@@ -277,12 +279,13 @@ template <class L> __device__ __forceinline__ auto acc_to_a_layout(L acc) {
                            cute::make_layout(cute::get<2, 1>(l), cute::get<2>(acc)));
 }
 
-// One warpgroup GEMM over all k slices of a (zeroing c first when kZero); returns after the issue.
-template <bool kZero, class Mma, class TA, class TB, class TC>
-__device__ __forceinline__ void wgmma_gemm(Mma& mma, TA const& a, TB const& b, TC& c) {
+// One warpgroup GEMM over all k slices of a, c = a b when `zero`, else c += a b (the wgmma's
+// scale-d predicate); returns after the issue.
+template <class Mma, class TA, class TB, class TC>
+__device__ __forceinline__ void wgmma_gemm(Mma& mma, TA const& a, TB const& b, TC& c, bool zero) {
   cute::warpgroup_fence_operand(c);
   cute::warpgroup_arrive();
-  if constexpr (kZero) mma.accumulate_ = GMMA::ScaleOut::Zero;
+  mma.accumulate_ = zero ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
   CUTE_UNROLL
   for (int k = 0; k < cute::size<2>(a); ++k) {
     cute::gemm(mma, a(cute::_, cute::_, k), b(cute::_, cute::_, k), c);
@@ -615,23 +618,43 @@ struct Scheduler {
   }
 };
 
-// One work item on the consumer warpgroups. kr / vr: where the item's first K / V tile is read
-// (advanced past the item's tiles). Q has landed in sQ (the caller waited for it); it is released
-// on q_free after the item's last Q K^T.
+// Tiles [first, second) of an item are plain: every row sees all their keys (below kv_len and the
+// first row's diagonal, at or above the last row's window start), so they skip the mask pass; the
+// others need the general softmax (soft cap on, or a mask edge crossing the tile).
+template <int kBN> __device__ __forceinline__ int2 plain_tiles(const Params& p, const TileWork& w) {
+  const int key_hi = p.causal ? min(w.kv_len, w.qpos_min + 1) : w.kv_len;
+  const int plain_hi = p.soft_cap_on || key_hi < w.t_first ? 0 : (key_hi - w.t_first) / kBN;
+  const int key_lo = p.window_left >= 0 ? w.qpos_max - p.window_left - w.t_first : 0;
+  return make_int2(key_lo > 0 ? (key_lo + kBN - 1) / kBN : 0, plain_hi);
+}
+
+// The consumer warpgroups: the CTA's work items in hand-off order, as one software pipeline
+// across items. Item j's Q is in buffer j % kStagesQ (the consumers wait for its Q barrier, which
+// also publishes the item's hand-off slot) and is released on that buffer's Q-free barrier after
+// the item's last Q K^T, or after the TMA store of O staged there. kr / vr walk the K / V rings in
+// the producer's order.
+//
+// Item boundary (persistent grids): the turn that issues an item's last P V also issues the next
+// item's first Q K^T (its Q and first K tile are in place by then: two Q buffers, and the producer
+// runs ahead), and the epilogue runs while that Q K^T does. Without it the tensor cores waited at
+// every item for the epilogue and then for the first tile's softmax (H100 run 21, ncu: per-item
+// work took about 11 % of the consumers' samples). H100, interleaved against the previous kernel
+// (runs 28-30): +2 % on batches of short requests (64 x 512 and 16 x 1024 causal, paged 64 x 512;
+// 8 of 9 pairs faster), no measurable change on prefill_causal (4 x 4096).
 template <typename T, int D>
-__device__ __forceinline__ void consumer(const Params& p, const WorkItem& it, RingPos<Config<T, D>::kStagesK>& kr,
-                                         RingPos<Config<T, D>::kStagesV>& vr, const Scheduler& sched, T* sQ,
-                                         uint64_t* q_free, T* sK, T* sV, BarriersOf<T, D> bars) {
+__device__ __forceinline__ void consumers(const Params& p, const Handoff<Config<T, D>::kStagesQ>* handoff,
+                                          const Scheduler& sched, T* sQ, T* sK, T* sV, BarriersOf<T, D> bars) {
   using namespace cute;
   using C = Config<T, D>;
+  using HandoffT = Handoff<C::kStagesQ>;
+  using Bar = cutlass::arch::ClusterBarrier;
   constexpr int kBN = C::kBN;
   constexpr float kNegInf = -INFINITY;
   const int ctid = threadIdx.x - 128;  // 0..255; warpgroup 0 owns rows 0-63, warpgroup 1 rows 64-127
   const int lane = ctid % 32;
+  const int wg = ctid / 128;
   const int row0 = (ctid / 32) * 16 + lane / 4;  // this thread's rows: row0 and row0 + 8
   const int col0 = 2 * (lane % 4);               // its columns: col0, col0 + 1 of every 8
-  const TileWork& w = it.w;
-  const int head = it.head;
 
   typename C::MmaQK mma_qk;
   typename C::MmaPV mma_pv;
@@ -647,22 +670,176 @@ __device__ __forceinline__ void consumer(const Params& p, const WorkItem& it, Ri
   static_assert(size(tSrS) == kBN / 2 && size(tOrO) == D / 2, "unexpected accumulator shape");
   Tensor rP = make_tensor<T>(tSrS.layout());
   Tensor tOrP = make_tensor(rP.data(), acc_to_a_layout(rP.layout()));
-  clear(tOrO);
-  float row_max[2] = {kNegInf, kNegInf}, row_sum[2] = {0.f, 0.f};
-  const int n = w.num_kv_tiles;
-  using Bar = cutlass::arch::ClusterBarrier;
-  // Whether this warpgroup's 64 rows of O go out through shared memory and one TMA store: with
-  // two Q buffers, the item's Q buffer is free for them once its last Q K^T completed (the
-  // buffer is released after the store has read it), and only when all 64 rows are the
-  // request's (a box past them would overwrite the next request's rows). Else O is stored
-  // from registers and Q is released after the last Q K^T.
-  const int wg = ctid / 128;
-  const bool stage_o = C::kStagesQ > 1 && n > 0 && w.rows_valid >= 64 * (wg + 1);
+  float row_max[2], row_sum[2], rescale[2];
+  bool rescale_pending = false;
+  bool pv_first = true;  // the next P V is its item's first: it overwrites O instead of adding to it
+  int pv_slot = 0;       // V slot of the last P V issued
+  RingPos<C::kStagesK> kr;
+  RingPos<C::kStagesV> vr;
+
   // This warp is done reading a slot's K or V, or Q; the producer waits for all 8 consumer warps.
   auto release = [&](uint64_t* bar) {
     __syncwarp();
     if (lane == 0) Bar::arrive(bar);
   };
+  // cp.async writes shared memory through the generic proxy, wgmma reads it through the
+  // async proxy: the proxy fence after the barrier orders the two.
+  auto wait_loaded = [&](uint64_t* bar, uint32_t phase) {
+    Bar::wait(bar, phase);
+    cutlass::arch::fence_view_async_shared();
+  };
+  // Online softmax of tile i of item w (base 2) on S in registers, leaving P there; sets the factor
+  // O must be multiplied by in `rescale`, and returns whether any row of this warp has one (else O
+  // is left alone). Without soft cap the max is taken on raw q.k (sm_scale > 0 keeps the order)
+  // and scaling folds into one FFMA per element.
+  // Lazy rescaling, as fa2: a row's running max moves only when the tile's max exceeds it by
+  // more than kRescaleThreshold (log2 units); otherwise the stale max stays, p <= 2^threshold,
+  // and o = O / l and lse stay exact because O and l share the max. Past the first tiles O is
+  // almost never rescaled. The decision is selects and a vote, no branch: ptxas hoists a wgmma
+  // wait above any branch between the GEMM issue and the wait, which would serialize P V with
+  // the softmax.
+  constexpr float kRescaleThreshold = 8.f;
+  auto softmax = [&](auto general, const TileWork& w, int i) -> bool {
+    constexpr bool kGeneral = decltype(general)::value;
+    const int t0 = w.t_first + i * kBN;
+    float scale = p.logit_scale;
+    if constexpr (kGeneral) {
+      if (p.soft_cap_on) {
+        scale = 1.f;
+        CUTE_UNROLL
+        for (int e = 0; e < size(tSrS); ++e) tSrS(e) = tanh_approx(tSrS(e) * p.logit_scale) * p.cap_log2;
+      }
+      // Key j = t0 + col0 + c of row r is visible iff lo[r] <= c < hi[r]: the bounds per row,
+      // then two compares per element (c is a compile-time offset).
+      int lo[2], hi[2];
+      CUTE_UNROLL
+      for (int hr = 0; hr < 2; ++hr) {
+        const int qpos = w.qs + row0 + 8 * hr + w.delta;
+        hi[hr] = (p.causal ? min(w.kv_len, qpos + 1) : w.kv_len) - (t0 + col0);
+        lo[hr] = p.window_left >= 0 ? qpos - p.window_left - (t0 + col0) : INT_MIN;
+      }
+      CUTE_UNROLL
+      for (int e = 0; e < size(tSrS); ++e) {
+        const int c = (e & 1) + 8 * (e / 4), hr = (e / 2) & 1;
+        tSrS(e) = c < hi[hr] && c >= lo[hr] ? tSrS(e) : kNegInf;
+      }
+    }
+    bool grow_any = false;
+    CUTE_UNROLL
+    for (int hr = 0; hr < 2; ++hr) {
+      // 4 partial maxima / sums: shorter dependency chains than one running value.
+      float mx4[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
+      CUTE_UNROLL
+      for (int nb = 0; nb < kBN / 8; ++nb)
+        mx4[nb % 4] = fmaxf(mx4[nb % 4], fmaxf(tSrS(4 * nb + 2 * hr), tSrS(4 * nb + 2 * hr + 1)));
+      float mx = fmaxf(fmaxf(mx4[0], mx4[1]), fmaxf(mx4[2], mx4[3]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+      const float m_tile = mx * scale;
+      const bool grow = m_tile > row_max[hr] + kRescaleThreshold;  // -inf + 8 = -inf: a first visible tile grows
+      const float m_new = grow ? m_tile : row_max[hr];
+      // A row with nothing visible yet keeps max -inf; subtract 0 instead so 2^x gives 0, not NaN.
+      const float m_use = m_new == kNegInf ? 0.f : m_new;
+      rescale[hr] = grow ? exp2_approx(row_max[hr] - m_use) : 1.f;
+      row_max[hr] = m_new;
+      grow_any |= grow;
+      float sum4[4] = {0.f, 0.f, 0.f, 0.f};
+      CUTE_UNROLL
+      for (int nb = 0; nb < kBN / 8; ++nb) {
+        CUTE_UNROLL
+        for (int e = 0; e < 2; ++e) {
+          float& x = tSrS(4 * nb + 2 * hr + e);
+          x = exp2_approx(fmaf(x, scale, -m_use));
+          sum4[nb % 4] += x;
+        }
+      }
+      row_sum[hr] = row_sum[hr] * rescale[hr] + ((sum4[0] + sum4[1]) + (sum4[2] + sum4[3]));
+    }
+    return __any_sync(0xffffffff, grow_any);
+  };
+  auto convert_and_rescale = [&]() {
+    uint32_t* rp = reinterpret_cast<uint32_t*>(rP.data());
+    CUTE_UNROLL
+    for (int e = 0; e < size(tSrS) / 2; ++e) rp[e] = pack2<T>(tSrS(2 * e), tSrS(2 * e + 1));
+    if (rescale_pending) {
+      CUTE_UNROLL
+      for (int e = 0; e < size(tOrO); ++e) tOrO(e) *= rescale[(e / 2) & 1];
+    }
+  };
+
+  // Software pipeline (FA3 paper sec. 3.2). Iteration i: once it is this warpgroup's turn, issue
+  // S_i = Q K_i^T and O += P_{i-1} V_{i-1} and pass the turn; run the softmax of S_i while P V
+  // runs. Where P is converted to 16 bits and O rescaled (Shape::kLateConvert):
+  // - late (FA3's order): after the softmax, once P V is complete, outside the turn (it covers
+  //   the GEMM issue only).
+  // - early: at the start of the next turn, before the GEMM issue.
+  // H100, interleaved in one run (runs 18a, 19): late is faster at head_dim 64 (358-361 TFLOP/s
+  // against 323-325) and 128 (causal 537-555 against 509-546), early at 256 (602-635 against
+  // 576-607).
+  constexpr bool kLate = Shape<D>::kLateConvert;
+  auto issue_qk = [&](int q_buffer) {  // S = Q K^T of the tile at kr
+    wgmma_gemm(mma_qk, tSrQ(_, _, _, q_buffer), tSrK(_, _, _, kr.slot), tSrS, true);
+  };
+  auto issue_pv = [&]() {  // O += P V of the tile at vr (O = P V for the item's first)
+    warpgroup_fence_operand(rP);
+    wgmma_gemm(mma_pv, tOrP, tOrV(_, _, _, vr.slot), tOrO, pv_first);
+    pv_first = false;
+    pv_slot = vr.slot;
+    vr.advance();
+  };
+  // The last P V issued is complete (kInFlight later groups may still run); its V slot is free.
+  auto finish_pv = [&](auto in_flight, bool issued) {
+    warpgroup_wait<decltype(in_flight)::value>();
+    warpgroup_fence_operand(tOrO);
+    warpgroup_fence_operand(rP);
+    if (issued) release(bars.v_empty(pv_slot));
+  };
+  // The Q K^T of the tile at kr is complete: its K slot is free.
+  auto finish_qk = [&]() {
+    warpgroup_fence_operand(tSrS);
+    release(bars.k_empty(kr.slot));
+    kr.advance();
+  };
+  // Early order, inside the turn: wait for the P V issued one turn ago (if any) first.
+  auto before_issue = [&](bool pv_issued) {
+    if constexpr (!kLate) {
+      finish_pv(Int<0>{}, pv_issued);
+      convert_and_rescale();
+    }
+  };
+  // Tile 0 of item w, once its Q K^T completed: fresh row statistics; the item's first P V
+  // overwrites O, so O is not rescaled.
+  auto first_tile = [&](const TileWork& w, int2 plain) {
+    finish_qk();
+    CUTE_UNROLL
+    for (int hr = 0; hr < 2; ++hr) {
+      row_max[hr] = kNegInf;
+      row_sum[hr] = 0.f;
+    }
+    if (0 < plain.x || 0 >= plain.y) softmax(std::true_type{}, w, 0);
+    else softmax(std::false_type{}, w, 0);
+    rescale_pending = false;
+    pv_first = true;
+    if constexpr (kLate) convert_and_rescale();
+  };
+  auto iteration = [&](auto general, const TileWork& w, int i, int q_buffer) {
+    wait_loaded(bars.k_full(kr.slot), kr.phase);
+    wait_loaded(bars.v_full(vr.slot), vr.phase);
+    sched.wait_turn();
+    before_issue(i >= 2);
+    issue_qk(q_buffer);
+    issue_pv();
+    sched.pass_turn();
+    warpgroup_wait<1>();
+    finish_qk();
+    rescale_pending = softmax(general, w, i);
+    if constexpr (kLate) {
+      warpgroup_fence_operand(tSrS);
+      finish_pv(Int<0>{}, true);
+      convert_and_rescale();
+    }
+  };
+
   // The epilogue's operands, gathered before the wait for the last P V so that their latency
   // hides behind it (H100 run 21, ncu: the row-sum shuffles, and the item's fields read behind the
   // output stores, took about 5 % of the consumers' samples when done after it): 1 / l and lse of
@@ -671,7 +848,7 @@ __device__ __forceinline__ void consumer(const Params& p, const WorkItem& it, Ri
   float inv_l[2], lse_row[2];
   int rows_valid;
   int64_t tok0;
-  auto prepare_epilogue = [&]() {
+  auto prepare_epilogue = [&](const TileWork& w) {
     float l[2] = {row_sum[0], row_sum[1]};
     CUTE_UNROLL
     for (int m = 1; m <= 2; m *= 2) {
@@ -686,232 +863,125 @@ __device__ __forceinline__ void consumer(const Params& p, const WorkItem& it, Ri
     rows_valid = w.rows_valid;
     tok0 = int64_t(w.q_start) + w.qs;
   };
-  if (n == 0) {
-    release(q_free);  // Q is not even loaded
-    prepare_epilogue();
-  }
-  if (n > 0) {
-    // Tiles that need the general softmax: soft cap on, or a mask edge (kv_len, causal
-    // diagonal, window) crossing the tile. The others take a branch-free body: ptxas hoists a
-    // wgmma wait above any branch between the GEMM issue and the wait, which would serialize
-    // P V with the softmax.
-    // Tiles [plain_lo, plain_hi) are the others: every row sees all their keys (below kv_len and
-    // the first row's diagonal, at or above the last row's window start).
-    const int key_hi = p.causal ? min(w.kv_len, w.qpos_min + 1) : w.kv_len;
-    const int plain_hi = p.soft_cap_on || key_hi < w.t_first ? 0 : (key_hi - w.t_first) / kBN;
-    const int key_lo = p.window_left >= 0 ? w.qpos_max - p.window_left - w.t_first : 0;
-    const int plain_lo = key_lo > 0 ? (key_lo + kBN - 1) / kBN : 0;
-    auto general_tile = [&](int i) { return i < plain_lo || i >= plain_hi; };
-    // Online softmax of tile i (base 2) on S in registers, leaving P there; returns through
-    // `rescale` the factor O must be multiplied by, and whether any row of this warp has one
-    // (else O is left alone). Without soft cap the max is taken on raw q.k (sm_scale > 0 keeps
-    // the order) and scaling folds into one FFMA per element.
-    // Lazy rescaling, as fa2: a row's running max moves only when the tile's max exceeds it by
-    // more than kRescaleThreshold (log2 units); otherwise the stale max stays, p <= 2^threshold,
-    // and o = O / l and lse stay exact because O and l share the max. Past the first tiles O is
-    // almost never rescaled. The decision is selects and a vote, no branch (see above).
-    constexpr float kRescaleThreshold = 8.f;
-    auto softmax = [&](auto general, int i, float (&rescale)[2]) -> bool {
-      constexpr bool kGeneral = decltype(general)::value;
-      const int t0 = w.t_first + i * kBN;
-      float scale = p.logit_scale;
-      if constexpr (kGeneral) {
-        if (p.soft_cap_on) {
-          scale = 1.f;
-          CUTE_UNROLL
-          for (int e = 0; e < size(tSrS); ++e) tSrS(e) = tanh_approx(tSrS(e) * p.logit_scale) * p.cap_log2;
-        }
-        // Key j = t0 + col0 + c of row r is visible iff lo[r] <= c < hi[r]: the bounds per row,
-        // then two compares per element (c is a compile-time offset).
-        int lo[2], hi[2];
-        CUTE_UNROLL
-        for (int hr = 0; hr < 2; ++hr) {
-          const int qpos = w.qs + row0 + 8 * hr + w.delta;
-          hi[hr] = (p.causal ? min(w.kv_len, qpos + 1) : w.kv_len) - (t0 + col0);
-          lo[hr] = p.window_left >= 0 ? qpos - p.window_left - (t0 + col0) : INT_MIN;
-        }
-        CUTE_UNROLL
-        for (int e = 0; e < size(tSrS); ++e) {
-          const int c = (e & 1) + 8 * (e / 4), hr = (e / 2) & 1;
-          tSrS(e) = c < hi[hr] && c >= lo[hr] ? tSrS(e) : kNegInf;
-        }
-      }
-      bool grow_any = false;
+  // o = O / l and lse of the item's rows. stage_o: this warpgroup's 64 rows go into the item's Q
+  // buffer in the TMA box's layout (64-column blocks of 128-byte swizzled rows; conflict-free, a
+  // warp's 8 rows hit 8 different 16-byte chunks), then one thread stores the box and releases the
+  // buffer once the store has read it. Only with two Q buffers (the buffer is free once the item's
+  // last Q K^T completed) and when all 64 rows are the request's (a box past them would overwrite
+  // the next request's rows); else O is stored from registers.
+  auto epilogue = [&](int head, int q_buffer, bool stage_o) {
+    auto o_pair = [&](int hr, int db) {  // O of this thread's columns col0 + 8 db (+1) in row half hr
+      return pack2<T>(tOrO(4 * db + 2 * hr) * inv_l[hr], tOrO(4 * db + 2 * hr + 1) * inv_l[hr]);
+    };
+    if (stage_o) {
+      // The 128-byte swizzle puts 16-byte chunk c of row r at chunk c ^ (r % 8) of the row (the
+      // buffer is 1 KiB-aligned); this thread's rows share r % 8, so one XOR with a constant per
+      // chunk gives every address (smem_at per element kept 32 addresses live across the loop).
+      const uint32_t row_addr = cute::cast_smem_ptr_to_uint(sQ + q_buffer * C::kQElems) + row0 * 128 +
+                                int(sizeof(T)) * col0 + (row0 % 8) * 16;
       CUTE_UNROLL
       for (int hr = 0; hr < 2; ++hr) {
-        // 4 partial maxima / sums: shorter dependency chains than one running value.
-        float mx4[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
         CUTE_UNROLL
-        for (int nb = 0; nb < kBN / 8; ++nb)
-          mx4[nb % 4] = fmaxf(mx4[nb % 4], fmaxf(tSrS(4 * nb + 2 * hr), tSrS(4 * nb + 2 * hr + 1)));
-        float mx = fmaxf(fmaxf(mx4[0], mx4[1]), fmaxf(mx4[2], mx4[3]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-        const float m_tile = mx * scale;
-        const bool grow = m_tile > row_max[hr] + kRescaleThreshold;  // -inf + 8 = -inf: a first visible tile grows
-        const float m_new = grow ? m_tile : row_max[hr];
-        // A row with nothing visible yet keeps max -inf; subtract 0 instead so 2^x gives 0, not NaN.
-        const float m_use = m_new == kNegInf ? 0.f : m_new;
-        rescale[hr] = grow ? exp2_approx(row_max[hr] - m_use) : 1.f;
-        row_max[hr] = m_new;
-        grow_any |= grow;
-        float sum4[4] = {0.f, 0.f, 0.f, 0.f};
-        CUTE_UNROLL
-        for (int nb = 0; nb < kBN / 8; ++nb) {
-          CUTE_UNROLL
-          for (int e = 0; e < 2; ++e) {
-            float& x = tSrS(4 * nb + 2 * hr + e);
-            x = exp2_approx(fmaf(x, scale, -m_use));
-            sum4[nb % 4] += x;
-          }
+        for (int db = 0; db < D / 8; ++db) {
+          const uint32_t addr = (row_addr ^ (db % 8) * 16) + hr * 8 * 128 + db / 8 * kBM * 128;
+          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(o_pair(hr, db)) : "memory");
         }
-        row_sum[hr] = row_sum[hr] * rescale[hr] + ((sum4[0] + sum4[1]) + (sum4[2] + sum4[3]));
       }
-      return __any_sync(0xffffffff, grow_any);
-    };
-    auto rescale_o = [&](const float (&rescale)[2]) {
+      cutlass::arch::fence_view_async_shared();  // the generic-proxy writes, before the TMA (async proxy) reads them
+      asm volatile("bar.sync %0, 128;\n" ::"r"(4 + wg) : "memory");
+      if (ctid % 128 == 0) {
+        const T* box = sQ + q_buffer * C::kQElems + wg * 64 * 64;
+        CUTE_UNROLL
+        for (int c = 0; c < D / 64; ++c) tma_store(p.tma_o, box + c * kBM * 64, c * 64, head, int(tok0) + 64 * wg);
+        asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+        asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+        // The warpgroup's 4 arrivals of the Q-free barrier (one per warp otherwise).
+        asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], 4;\n" ::"r"(
+                         cute::cast_smem_ptr_to_uint(bars.q_empty(q_buffer)))
+                     : "memory");
+      }
+    } else {
+      T* o = static_cast<T*>(p.o);
       CUTE_UNROLL
-      for (int e = 0; e < size(tOrO); ++e) tOrO(e) *= rescale[(e / 2) & 1];
-    };
-    auto convert_p = [&]() {
-      uint32_t* rp = reinterpret_cast<uint32_t*>(rP.data());
-      CUTE_UNROLL
-      for (int e = 0; e < size(tSrS) / 2; ++e) rp[e] = pack2<T>(tSrS(2 * e), tSrS(2 * e + 1));
-    };
-    // cp.async writes shared memory through the generic proxy, wgmma reads it through the
-    // async proxy: the proxy fence after the barrier orders the two.
-    auto wait_loaded = [&](uint64_t* bar, uint32_t phase) {
-      Bar::wait(bar, phase);
-      cutlass::arch::fence_view_async_shared();
-    };
-
-    // Software pipeline (FA3 paper sec. 3.2). Iteration i: once it is this warpgroup's turn, issue
-    // S_i = Q K_i^T and O += P_{i-1} V_{i-1} and pass the turn; run the softmax of S_i while P V
-    // runs. Where P is converted to 16 bits and O rescaled (Shape::kLateConvert):
-    // - late (FA3's order): after the softmax, once P V is complete, outside the turn (it covers
-    //   the GEMM issue only). The wait for P V is ordered after the softmax's row sums
-    //   (wgmma_wait_all_after): operand fences on S alone did not keep ptxas from moving it up.
-    // - early: at the start of the next turn, before the GEMM issue.
-    // H100, interleaved in one run (runs 18a, 19): late is faster at head_dim 64 (358-361 TFLOP/s
-    // against 323-325) and 128 (causal 537-555 against 509-546), early at 256 (602-635 against
-    // 576-607).
-    constexpr bool kLate = Shape<D>::kLateConvert;
-    float rescale[2];
-    int pv_slot = 0;  // V slot of the last P V issued
-    auto finish_pv = [&](bool issued) {  // the last P V (if any) is complete; its V slot is free
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(tOrO);
-      warpgroup_fence_operand(rP);
-      if (issued) release(bars.v_empty(pv_slot));
-    };
-    auto issue_pv = [&]() {  // O += P V of the tile at vr
-      warpgroup_fence_operand(rP);
-      wgmma_gemm<false>(mma_pv, tOrP, tOrV(_, _, _, vr.slot), tOrO);
-      pv_slot = vr.slot;
-      vr.advance();
-    };
-    wait_loaded(bars.k_full(kr.slot), kr.phase);
-    sched.wait_turn();
-    wgmma_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, kr.slot), tSrS);
-    sched.pass_turn();
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(tSrS);
-    release(bars.k_empty(kr.slot));
-    kr.advance();
-    bool rescale_pending =
-        general_tile(0) ? softmax(std::true_type{}, 0, rescale) : softmax(std::false_type{}, 0, rescale);
-    auto convert_and_rescale = [&]() {
-      convert_p();
-      if (rescale_pending) rescale_o(rescale);
-    };
-    if constexpr (kLate) convert_and_rescale();
-    // Early order, inside the turn: wait for the P V issued one turn ago (if any) first.
-    auto before_issue = [&](bool pv_issued) {
-      if constexpr (!kLate) {
-        finish_pv(pv_issued);
-        convert_and_rescale();
-      }
-    };
-    auto iteration = [&](auto general, int i) {
-      const int slot = kr.slot;
-      wait_loaded(bars.k_full(slot), kr.phase);
-      wait_loaded(bars.v_full(vr.slot), vr.phase);
-      sched.wait_turn();
-      before_issue(i >= 2);
-      wgmma_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, slot), tSrS);
-      issue_pv();
-      sched.pass_turn();
-      warpgroup_wait<1>();
-      warpgroup_fence_operand(tSrS);
-      release(bars.k_empty(slot));
-      kr.advance();
-      rescale_pending = softmax(general, i, rescale);
-      if constexpr (kLate) {
-        warpgroup_fence_operand(tSrS);
-        finish_pv(true);
-        convert_and_rescale();
-      }
-    };
-    // The plain tiles are contiguous: one loop over them, with no general-or-plain branch per
-    // tile (that branch took about 3 % of the consumers' samples, ncu, run 21).
-    for (int i = 1; i < n;) {
-      if (general_tile(i)) {
-        iteration(std::true_type{}, i++);
-      } else {
-        const int end = min(plain_hi, n);
-        do iteration(std::false_type{}, i); while (++i < end);
+      for (int hr = 0; hr < 2; ++hr) {
+        const int r = row0 + 8 * hr;
+        if (r >= rows_valid) continue;
+        T* dst = o + (tok0 + r) * p.q_tok_stride + head * p.q_head_stride + col0;
+        CUTE_UNROLL
+        for (int db = 0; db < D / 8; ++db) *reinterpret_cast<uint32_t*>(dst + 8 * db) = o_pair(hr, db);
       }
     }
-    if (!stage_o) release(q_free);  // the last Q K^T has completed
-    wait_loaded(bars.v_full(vr.slot), vr.phase);
-    sched.wait_turn();
-    before_issue(n >= 2);
-    issue_pv();
-    sched.pass_turn();
-    prepare_epilogue();
-    finish_pv(true);
-  }
-
-  auto o_pair = [&](int hr, int db) {  // O of this thread's columns col0 + 8 db (+1) in row half hr
-    return pack2<T>(tOrO(4 * db + 2 * hr) * inv_l[hr], tOrO(4 * db + 2 * hr + 1) * inv_l[hr]);
-  };
-  if (stage_o) {
-    // Into the Q buffer's layout (the TMA box's: 64-column blocks of 128-byte swizzled rows;
-    // conflict-free, a warp's 8 rows hit 8 different 16-byte chunks), then one thread stores the
-    // warpgroup's box of 64 rows and releases the buffer once the store has read it.
-    CUTE_UNROLL
-    for (int hr = 0; hr < 2; ++hr) {
-      CUTE_UNROLL
-      for (int db = 0; db < D / 8; ++db)
-        *reinterpret_cast<uint32_t*>(smem_at<typename C::LayoutQ>(sQ, row0 + 8 * hr, col0 + 8 * db)) = o_pair(hr, db);
-    }
-    cutlass::arch::fence_view_async_shared();  // the generic-proxy writes, before the TMA (async proxy) reads them
-    asm volatile("bar.sync %0, 128;\n" ::"r"(4 + wg) : "memory");
-    if (ctid % 128 == 0) {
-      CUTE_UNROLL
-      for (int c = 0; c < D / 64; ++c)
-        tma_store(p.tma_o, sQ + c * kBM * 64 + wg * 64 * 64, c * 64, head, int(tok0) + 64 * wg);
-      asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
-      asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
-      // The warpgroup's 4 arrivals of the Q-free barrier (one per warp otherwise).
-      asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], 4;\n" ::"r"(cute::cast_smem_ptr_to_uint(q_free))
-                   : "memory");
-    }
-  } else {
-    T* o = static_cast<T*>(p.o);
     CUTE_UNROLL
     for (int hr = 0; hr < 2; ++hr) {
       const int r = row0 + 8 * hr;
-      if (r >= rows_valid) continue;
-      T* dst = o + (tok0 + r) * p.q_tok_stride + head * p.q_head_stride + col0;
-      CUTE_UNROLL
-      for (int db = 0; db < D / 8; ++db) *reinterpret_cast<uint32_t*>(dst + 8 * db) = o_pair(hr, db);
+      if (lane % 4 == 0 && r < rows_valid) p.lse[(tok0 + r) * p.num_qo_heads + head] = lse_row[hr];
     }
-  }
-  CUTE_UNROLL
-  for (int hr = 0; hr < 2; ++hr) {
-    const int r = row0 + 8 * hr;
-    if (lane % 4 == 0 && r < rows_valid) p.lse[(tok0 + r) * p.num_qo_heads + head] = lse_row[hr];
+  };
+
+  bool started = false;  // the item's first Q K^T and softmax ran at the end of the previous item
+  for (int j = 0;; ++j) {
+    const int qb = j % C::kStagesQ;
+    Bar::wait(bars.q(qb), (j / C::kStagesQ) & 1);
+    // The item is read from shared memory where it is used, not held in registers.
+    const WorkItem& it = handoff->item[j % HandoffT::kSlots];
+    if (it.head < 0) break;
+    const TileWork& w = it.w;
+    const int n = w.num_kv_tiles;
+    if (n == 0) {  // no visible key: o = 0, lse = -inf
+      release(bars.q_empty(qb));  // Q is not even loaded
+      clear(tOrO);
+      row_sum[0] = row_sum[1] = 0.f;
+      prepare_epilogue(w);
+      epilogue(it.head, qb, false);
+      if constexpr (!Shape<D>::kPersistent) break;
+      continue;
+    }
+    const bool stage_o = C::kStagesQ > 1 && w.rows_valid >= 64 * (wg + 1);
+    const int2 plain = plain_tiles<kBN>(p, w);
+    if (!started) {
+      wait_loaded(bars.k_full(kr.slot), kr.phase);
+      sched.wait_turn();
+      issue_qk(qb);
+      sched.pass_turn();
+      warpgroup_wait<0>();
+      first_tile(w, plain);
+    }
+    // The plain tiles are contiguous: one loop over them, with no general-or-plain branch per
+    // tile (that branch took about 3 % of the consumers' samples, ncu, run 21).
+    for (int i = 1; i < n;) {
+      if (i < plain.x || i >= plain.y) {
+        iteration(std::true_type{}, w, i++, qb);
+      } else {
+        const int end = min(plain.y, n);
+        do iteration(std::false_type{}, w, i, qb); while (++i < end);
+      }
+    }
+    if (!stage_o) release(bars.q_empty(qb));  // the last Q K^T has completed
+    // The next item starts in this turn if it has KV tiles (persistent grids: the producer
+    // publishes every CTA's items, the last one with head < 0).
+    const WorkItem* next = nullptr;
+    const int next_qb = (j + 1) % C::kStagesQ;
+    if constexpr (Shape<D>::kPersistent) {
+      Bar::wait(bars.q(next_qb), ((j + 1) / C::kStagesQ) & 1);
+      next = &handoff->item[(j + 1) % HandoffT::kSlots];
+      if (next->head < 0 || next->w.num_kv_tiles == 0) next = nullptr;
+    }
+    wait_loaded(bars.v_full(vr.slot), vr.phase);
+    if (next) wait_loaded(bars.k_full(kr.slot), kr.phase);
+    sched.wait_turn();
+    before_issue(n >= 2);
+    issue_pv();
+    // Issued even when no next item starts (its result is dropped): a wgmma issued on a branch
+    // and awaited past the epilogue's branches made ptxas serialize every wgmma of the kernel.
+    if constexpr (Shape<D>::kPersistent) issue_qk(next_qb);
+    sched.pass_turn();
+    prepare_epilogue(w);
+    finish_pv(Int<Shape<D>::kPersistent ? 1 : 0>{}, true);
+    epilogue(it.head, qb, stage_o);
+    started = next != nullptr;
+    if constexpr (Shape<D>::kPersistent) warpgroup_wait<0>();
+    if (next) first_tile(next->w, plain_tiles<kBN>(p, next->w));
+    if constexpr (!Shape<D>::kPersistent) break;
   }
 }
 
@@ -994,17 +1064,7 @@ __global__ void __launch_bounds__(kThreads, 1) fa3_forward_kernel(const __grid_c
     cutlass::arch::warpgroup_reg_alloc<Shape<D>::kConsumerRegs>();
     const Scheduler sched{int(threadIdx.x - 128) / 128};
     if (sched.wg == 1) sched.pass_turn();  // warpgroup 0 issues first
-    RingPos<C::kStagesK> kr;
-    RingPos<C::kStagesV> vr;
-    for (int j = 0;; ++j) {
-      const int b = j % C::kStagesQ;
-      Bar::wait(bars.q(b), (j / C::kStagesQ) & 1);
-      // The item is read from shared memory where it is used, not held in registers.
-      const WorkItem& it = handoff->item[j % HandoffT::kSlots];
-      if (it.head < 0) break;
-      consumer<T, D>(p, it, kr, vr, sched, sQ + b * C::kQElems, bars.q_empty(b), sK, sV, bars);
-      if constexpr (!Shape<D>::kPersistent) break;
-    }
+    consumers<T, D>(p, handoff, sched, sQ, sK, sV, bars);
     if (sched.wg == 0) sched.wait_turn();  // matches warpgroup 1's pass after its last turn
     // The last TMA stores of O are complete before the CTA exits (their threads waited only for
     // the reads of shared memory).
