@@ -31,6 +31,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ceilings", action=argparse.BooleanOptionalAction, default=None,
                    help="measure copy bandwidth and bf16 matmul rate and report each workload's floor "
                    "(default on GPU)")
+    p.add_argument("--min-repeat-ms", type=float, help="on GPU, back-to-back calls per timed repeat until it lasts "
+                   f"this long (default {GPU_MIN_REPEAT_S * 1e3:g}); longer repeats amortize dispatch and the final "
+                   "sync over more calls")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     args = p.parse_args(argv)
@@ -55,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     env = harness.environment()
     if not gpu:
         print(report.cpu_notice(env["device"]))
+    min_repeat_s = (args.min_repeat_ms / 1e3 if args.min_repeat_ms else GPU_MIN_REPEAT_S) if gpu else 0.0
     timer = harness.Timer(args.repeats or (GPU_REPEATS if gpu else CPU_REPEATS), warmup=GPU_WARMUP if gpu else 1,
-                          min_repeat_s=GPU_MIN_REPEAT_S if gpu else 0.0)
+                          min_repeat_s=min_repeat_s)
     ceilings = None
     if args.ceilings if args.ceilings is not None else gpu:
         ceilings = harness.measure_ceilings(timer, full=gpu)
