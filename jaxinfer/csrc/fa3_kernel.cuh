@@ -641,7 +641,7 @@ template <int kBN> __device__ __forceinline__ int2 plain_tiles(const Params& p, 
 // work took about 11 % of the consumers' samples). H100, interleaved against the previous kernel
 // (runs 28-30): +2 % on batches of short requests (64 x 512 and 16 x 1024 causal, paged 64 x 512;
 // 8 of 9 pairs faster), no measurable change on prefill_causal (4 x 4096).
-template <typename T, int D>
+template <typename T, int D, bool kPaged>
 __device__ __forceinline__ void consumers(const Params& p, const Handoff<Config<T, D>::kStagesQ>* handoff,
                                           const Scheduler& sched, T* sQ, T* sK, T* sV, BarriersOf<T, D> bars) {
   using namespace cute;
@@ -683,11 +683,15 @@ __device__ __forceinline__ void consumers(const Params& p, const Handoff<Config<
     if (lane == 0) Bar::arrive(bar);
   };
   // cp.async writes shared memory through the generic proxy, wgmma reads it through the
-  // async proxy: the proxy fence after the barrier orders the two.
-  auto wait_loaded = [&](uint64_t* bar, uint32_t phase) {
+  // async proxy: the proxy fence after the barrier orders the two. A tile loaded by TMA (async
+  // proxy too) needs none, and the fence is a MEMBAR per wait.
+  auto wait_loaded = [&](uint64_t* bar, uint32_t phase, bool copied) {
     Bar::wait(bar, phase);
-    cutlass::arch::fence_view_async_shared();
+    if (copied) cutlass::arch::fence_view_async_shared();
   };
+  // Whether tile i of item w came through cp.async: paged KV, or (ragged) the tile crossing
+  // kv_len, only ever an item's last (producer_ragged).
+  auto copied = [&](const TileWork& w, int i) { return kPaged || w.t_first + (i + 1) * kBN > w.kv_len; };
   // Online softmax of tile i of item w (base 2) on S in registers, leaving P there; sets the factor
   // O must be multiplied by in `rescale`, and returns whether any row of this warp has one (else O
   // is left alone). Without soft cap the max is taken on raw q.k (sm_scale > 0 keeps the order)
@@ -727,11 +731,14 @@ __device__ __forceinline__ void consumers(const Params& p, const Handoff<Config<
     bool grow_any = false;
     CUTE_UNROLL
     for (int hr = 0; hr < 2; ++hr) {
-      // 4 partial maxima / sums: shorter dependency chains than one running value.
-      float mx4[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
+      // 4 partial maxima / sums: shorter dependency chains than one running value. Each starts
+      // from its first term, not from -inf / 0 (which ptxas cannot fold: 16 instructions a tile).
+      float mx4[4];
       CUTE_UNROLL
-      for (int nb = 0; nb < kBN / 8; ++nb)
-        mx4[nb % 4] = fmaxf(mx4[nb % 4], fmaxf(tSrS(4 * nb + 2 * hr), tSrS(4 * nb + 2 * hr + 1)));
+      for (int nb = 0; nb < kBN / 8; ++nb) {
+        const float pair = fmaxf(tSrS(4 * nb + 2 * hr), tSrS(4 * nb + 2 * hr + 1));
+        mx4[nb % 4] = nb < 4 ? pair : fmaxf(mx4[nb % 4], pair);
+      }
       float mx = fmaxf(fmaxf(mx4[0], mx4[1]), fmaxf(mx4[2], mx4[3]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
@@ -743,14 +750,14 @@ __device__ __forceinline__ void consumers(const Params& p, const Handoff<Config<
       rescale[hr] = grow ? exp2_approx(row_max[hr] - m_use) : 1.f;
       row_max[hr] = m_new;
       grow_any |= grow;
-      float sum4[4] = {0.f, 0.f, 0.f, 0.f};
+      float sum4[4];
       CUTE_UNROLL
       for (int nb = 0; nb < kBN / 8; ++nb) {
         CUTE_UNROLL
         for (int e = 0; e < 2; ++e) {
           float& x = tSrS(4 * nb + 2 * hr + e);
           x = exp2_approx(fmaf(x, scale, -m_use));
-          sum4[nb % 4] += x;
+          sum4[nb % 4] = nb < 4 && e == 0 ? x : sum4[nb % 4] + x;
         }
       }
       row_sum[hr] = row_sum[hr] * rescale[hr] + ((sum4[0] + sum4[1]) + (sum4[2] + sum4[3]));
@@ -823,8 +830,9 @@ __device__ __forceinline__ void consumers(const Params& p, const Handoff<Config<
     if constexpr (kLate) convert_and_rescale();
   };
   auto iteration = [&](auto general, const TileWork& w, int i, int q_buffer) {
-    wait_loaded(bars.k_full(kr.slot), kr.phase);
-    wait_loaded(bars.v_full(vr.slot), vr.phase);
+    // A plain tile ends at or below kv_len; V is of tile i - 1, not an item's last.
+    wait_loaded(bars.k_full(kr.slot), kr.phase, decltype(general)::value ? copied(w, i) : kPaged);
+    wait_loaded(bars.v_full(vr.slot), vr.phase, kPaged);
     sched.wait_turn();
     before_issue(i >= 2);
     issue_qk(q_buffer);
@@ -939,7 +947,7 @@ __device__ __forceinline__ void consumers(const Params& p, const Handoff<Config<
     const bool stage_o = C::kStagesQ > 1 && w.rows_valid >= 64 * (wg + 1);
     const int2 plain = plain_tiles<kBN>(p, w);
     if (!started) {
-      wait_loaded(bars.k_full(kr.slot), kr.phase);
+      wait_loaded(bars.k_full(kr.slot), kr.phase, copied(w, 0));
       sched.wait_turn();
       issue_qk(qb);
       sched.pass_turn();
@@ -966,8 +974,8 @@ __device__ __forceinline__ void consumers(const Params& p, const Handoff<Config<
       next = &handoff->item[(j + 1) % HandoffT::kSlots];
       if (next->head < 0 || next->w.num_kv_tiles == 0) next = nullptr;
     }
-    wait_loaded(bars.v_full(vr.slot), vr.phase);
-    if (next) wait_loaded(bars.k_full(kr.slot), kr.phase);
+    wait_loaded(bars.v_full(vr.slot), vr.phase, copied(w, n - 1));
+    if (next) wait_loaded(bars.k_full(kr.slot), kr.phase, copied(next->w, 0));
     sched.wait_turn();
     before_issue(n >= 2);
     issue_pv();
@@ -1064,7 +1072,7 @@ __global__ void __launch_bounds__(kThreads, 1) fa3_forward_kernel(const __grid_c
     cutlass::arch::warpgroup_reg_alloc<Shape<D>::kConsumerRegs>();
     const Scheduler sched{int(threadIdx.x - 128) / 128};
     if (sched.wg == 1) sched.pass_turn();  // warpgroup 0 issues first
-    consumers<T, D>(p, handoff, sched, sQ, sK, sV, bars);
+    consumers<T, D, kPaged>(p, handoff, sched, sQ, sK, sV, bars);
     if (sched.wg == 0) sched.wait_turn();  // matches warpgroup 1's pass after its last turn
     // The last TMA stores of O are complete before the CTA exits (their threads waited only for
     // the reads of shared memory).
