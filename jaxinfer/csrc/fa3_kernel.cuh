@@ -136,9 +136,14 @@ struct Params : ForwardParams {
 // Registers per thread of the producer and the consumers after setmaxnreg (ptxas allocates each
 // role's code within its count), multiples of 8. setmaxnreg moves registers within the CTA's
 // launch allocation, 168 per thread (__launch_bounds__(384, 1)), so 128 * producer + 256 *
-// consumer <= 384 * 168; above it setmaxnreg.inc waits forever (the hang of H100 run 15). D=64
-// and 128: the fewest producer registers with no spill in either role (ptxas -v); D=256: the
-// split that spills least (8 to 12 bytes).
+// consumer <= 384 * 168; above it setmaxnreg.inc waits forever (the hang of H100 run 15). Ragged
+// KV, then paged KV (whose producer is 128 threads). D=64 and paged D=128: the fewest producer
+// registers with no spill in either role (ptxas -v). Ragged D=128: 232 consumer registers, with
+// which ptxas waits for P V after the first row's max instead of before it (with 224 it reuses
+// P's registers for the max); the producer warp spills 12 bytes, stored and loaded once per work
+// item. H100 run 33, interleaved: prefill_causal 570-579 TFLOP/s against 539-564 (ffi_gpu.py);
+// paged KV measured 1-2 % slower with it, so it keeps 56/224. D=256: the split that spills least
+// (8 to 12 bytes).
 #ifndef JAXINFER_FA3_PRODUCER_REGS_D64
 #define JAXINFER_FA3_PRODUCER_REGS_D64 56
 #endif
@@ -146,16 +151,34 @@ struct Params : ForwardParams {
 #define JAXINFER_FA3_CONSUMER_REGS_D64 224
 #endif
 #ifndef JAXINFER_FA3_PRODUCER_REGS_D128
-#define JAXINFER_FA3_PRODUCER_REGS_D128 56
+#define JAXINFER_FA3_PRODUCER_REGS_D128 40
 #endif
 #ifndef JAXINFER_FA3_CONSUMER_REGS_D128
-#define JAXINFER_FA3_CONSUMER_REGS_D128 224
+#define JAXINFER_FA3_CONSUMER_REGS_D128 232
 #endif
 #ifndef JAXINFER_FA3_PRODUCER_REGS_D256
 #define JAXINFER_FA3_PRODUCER_REGS_D256 24
 #endif
 #ifndef JAXINFER_FA3_CONSUMER_REGS_D256
 #define JAXINFER_FA3_CONSUMER_REGS_D256 240
+#endif
+#ifndef JAXINFER_FA3_PAGED_PRODUCER_REGS_D64
+#define JAXINFER_FA3_PAGED_PRODUCER_REGS_D64 56
+#endif
+#ifndef JAXINFER_FA3_PAGED_CONSUMER_REGS_D64
+#define JAXINFER_FA3_PAGED_CONSUMER_REGS_D64 224
+#endif
+#ifndef JAXINFER_FA3_PAGED_PRODUCER_REGS_D128
+#define JAXINFER_FA3_PAGED_PRODUCER_REGS_D128 56
+#endif
+#ifndef JAXINFER_FA3_PAGED_CONSUMER_REGS_D128
+#define JAXINFER_FA3_PAGED_CONSUMER_REGS_D128 224
+#endif
+#ifndef JAXINFER_FA3_PAGED_PRODUCER_REGS_D256
+#define JAXINFER_FA3_PAGED_PRODUCER_REGS_D256 24
+#endif
+#ifndef JAXINFER_FA3_PAGED_CONSUMER_REGS_D256
+#define JAXINFER_FA3_PAGED_CONSUMER_REGS_D256 240
 #endif
 
 constexpr int kThreads = 384;
@@ -165,11 +188,15 @@ template <int D> struct Shape;
   template <> struct Shape<D> {                                                                   \
     static constexpr int kBN = JAXINFER_FA3_BN_D##D, kStagesQ = JAXINFER_FA3_QSTAGES_D##D,         \
                          kStagesK = JAXINFER_FA3_KSTAGES_D##D, kStagesV = JAXINFER_FA3_VSTAGES_D##D;   \
-    static constexpr int kProducerRegs = JAXINFER_FA3_PRODUCER_REGS_D##D,                          \
-                         kConsumerRegs = JAXINFER_FA3_CONSUMER_REGS_D##D;                          \
+    /* [paged]: ragged KV, paged KV */                                                           \
+    static constexpr int kProducerRegs[2] = {JAXINFER_FA3_PRODUCER_REGS_D##D,                      \
+                                             JAXINFER_FA3_PAGED_PRODUCER_REGS_D##D},               \
+                         kConsumerRegs[2] = {JAXINFER_FA3_CONSUMER_REGS_D##D,                      \
+                                             JAXINFER_FA3_PAGED_CONSUMER_REGS_D##D};               \
     static constexpr bool kPersistent = JAXINFER_FA3_PERSISTENT_D##D;                              \
     static constexpr bool kLateConvert = D != 256; /* see the software pipeline in consumer() */   \
-    static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= kThreads * kLaunchRegs,             \
+    static_assert(128 * kProducerRegs[0] + 256 * kConsumerRegs[0] <= kThreads * kLaunchRegs &&    \
+                      128 * kProducerRegs[1] + 256 * kConsumerRegs[1] <= kThreads * kLaunchRegs,    \
                   "setmaxnreg would ask for more registers than the CTA holds");                   \
     static_assert(kStagesQ == 1 || (kStagesQ == 2 && kPersistent), "1 Q buffer, or 2 when persistent"); \
   };
@@ -1025,7 +1052,7 @@ __global__ void __launch_bounds__(kThreads, 1) fa3_forward_kernel(const __grid_c
   }
   __syncthreads();
   if (threadIdx.x < 128) {
-    cutlass::arch::warpgroup_reg_dealloc<Shape<D>::kProducerRegs>();
+    cutlass::arch::warpgroup_reg_dealloc<Shape<D>::kProducerRegs[kPaged]>();
     if (!kPaged && threadIdx.x >= 32) return;  // ragged KV: one producer warp
     const int tiles = planned_tiles(p);
     int item = blockIdx.x, table_pos = 0;
@@ -1069,7 +1096,7 @@ __global__ void __launch_bounds__(kThreads, 1) fa3_forward_kernel(const __grid_c
     // Keep the thread alive until its copies landed (a CTA must not exit with copies in flight).
     if constexpr (kPaged) asm volatile("cp.async.wait_all;\n" ::: "memory");
   } else {
-    cutlass::arch::warpgroup_reg_alloc<Shape<D>::kConsumerRegs>();
+    cutlass::arch::warpgroup_reg_alloc<Shape<D>::kConsumerRegs[kPaged]>();
     const Scheduler sched{int(threadIdx.x - 128) / 128};
     if (sched.wg == 1) sched.pass_turn();  // warpgroup 0 issues first
     consumers<T, D, kPaged>(p, handoff, sched, sQ, sK, sV, bars);
