@@ -82,9 +82,9 @@ def auto_order(op: str = "prefill") -> tuple[str, ...]:
     """Backends ``"auto"`` tries for ``op`` on the current default device, fastest first.
 
     From same-run H100 measurements (benchmarks/RESULTS.md, 2026-11-22): plain prefill and
-    append are fastest on the FFI kernels (prefill_causal: fa3 508, fa2 339, pallas 342 TFLOP/s;
-    fa3 leads fa2 and pallas on all seven prefill shapes of benchmarks/ffi_gpu.py; fa2 242 vs
-    pallas 178 on append); decode, cascade levels and block-sparse patterns on pallas (fa2 reads
+    append are fastest on the FFI kernels (prefill_causal: fa3 579, fa2 331, pallas 339 TFLOP/s;
+    append: fa3 301, fa2 269, pallas 224; run 34b of the seventh session; fa3 leads fa2 and pallas
+    on all seven prefill shapes of benchmarks/ffi_gpu.py); decode, cascade levels and block-sparse patterns on pallas (fa2 reads
     decode at 0.55 TB/s against 2.6, and is 1.4-3x slower on cascade and block-sparse).
 
     Args:

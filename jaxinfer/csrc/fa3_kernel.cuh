@@ -27,10 +27,10 @@
 // Fully masked KV tiles are skipped (causal, window); only tiles crossing a mask edge run the
 // mask pass.
 //
-// Measured on an H100 (benchmarks/RESULTS.md, fourth to sixth sessions): prefill_causal at
-// parity with cuDNN or just above it in jaxinfer-bench (1.00-1.05x, 518-550 TFLOP/s across runs
-// and machines), 555-565 in benchmarks/ffi_gpu.py (run 28); non-causal 560-600, head_dim 64
-// 361-371, head_dim 256 584-614; paged KV (cp.async producer) 354-368.
+// Measured on an H100 (benchmarks/RESULTS.md, seventh session, runs 33-34), where the kernel
+// runs at the card's 700 W power cap: prefill_causal 543-579 TFLOP/s in jaxinfer-bench (median
+// 560; 1.02-1.06x cuDNN in the same runs), 565-579 in benchmarks/ffi_gpu.py; there non-causal
+// 632 (0.96x cuDNN), head_dim 64 383, head_dim 256 663, paged KV (cp.async producer) 364-378.
 //
 // Semantics follow shared/DESIGN.md sec. 2-3, as csrc/fa2_kernel.cuh: bottom-right causal /
 // window masks, soft cap c*tanh(x/c), GQA (qo head h reads kv head h / group_size), lse base 2,
