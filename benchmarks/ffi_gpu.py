@@ -40,10 +40,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxinfer.batch import BatchSpec, PlanCapacity  # noqa: E402
+from jaxinfer.plan.batch import BatchSpec, PlanCapacity  # noqa: E402
 from jaxinfer.bench.harness import median_seconds  # noqa: E402
 from jaxinfer.backends import get_backend  # noqa: E402
-from jaxinfer.ffi import build, ops  # noqa: E402
+from jaxinfer.backends.ffi import build, ops  # noqa: E402
 from jaxinfer.variants import AttentionVariant  # noqa: E402
 
 B, S, H = 4, 4096, 32
@@ -294,7 +294,7 @@ def build_libraries(builds: list[tuple[str, str]]) -> None:
         except ValueError:
             continue
         env = dict(os.environ, **{f"JAXINFER_{kernel.upper()}_DEFINES": defines})
-        procs.append(subprocess.Popen([sys.executable, "-m", "jaxinfer.ffi.build", "--kernel", kernel, "--arch", arch],
+        procs.append(subprocess.Popen([sys.executable, "-m", "jaxinfer.backends.ffi.build", "--kernel", kernel, "--arch", arch],
                                       cwd=ROOT, env=env, stdout=subprocess.DEVNULL))
     for p in procs:
         p.wait()

@@ -34,11 +34,11 @@ import numpy as np
 
 import jaxinfer
 from jaxinfer.bench.harness import median_seconds
-from jaxinfer.batch import BatchSpec, PlanCapacity
-from jaxinfer.pallas.backend import PallasBackend
-from jaxinfer.pallas.config import TileConfig
-from jaxinfer.planner import plan_work
-from jaxinfer.reference import apply_rope_rotate_half
+from jaxinfer.plan.batch import BatchSpec, PlanCapacity
+from jaxinfer.backends.pallas.backend import PallasBackend
+from jaxinfer.backends.pallas.config import TileConfig
+from jaxinfer.plan.planner import plan_work
+from jaxinfer.backends.xla import apply_rope_rotate_half
 from jaxinfer.variants import AttentionVariant
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16

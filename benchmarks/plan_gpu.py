@@ -16,8 +16,8 @@ the previous result ready first):
   arrays), ``plan_work_packed`` (native, into one buffer with the page ids), the planner call
   that plan() makes (``plan_packed_at`` on the spec's recorded addresses), the numpy planner,
   ``jax.device_put`` of the plan buffer and the backend's direct form of it
-  (``jaxinfer.transfer.to_device``: jaxlib's ``batched_device_put``), and one address
-  lookup of a numpy array (``__array_interface__``, as jaxinfer.native does, against
+  (``jaxinfer.plan.transfer.to_device``: jaxlib's ``batched_device_put``), and one address
+  lookup of a numpy array (``__array_interface__``, as jaxinfer.plan.native does, against
   ``ctypes.c_char.from_buffer``, which an audit hook slows down);
 - minor page faults per call (``ru_minflt``) of plan() and of the before path;
 - a cProfile of 300 plan() calls (top functions by own time) and the native build time.
@@ -48,12 +48,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-import jaxinfer.batch as batch
-import jaxinfer.pallas.backend as pallas_backend
+import jaxinfer.plan.batch as batch
+import jaxinfer.backends.pallas.backend as pallas_backend
 from jaxinfer import BatchDecodeWithPagedKVCacheWrapper, native, page, transfer
-from jaxinfer.batch import BatchSpec, PlanCapacity
+from jaxinfer.plan.batch import BatchSpec, PlanCapacity
 from jaxinfer.bench.workloads import PageTable
-from jaxinfer.planner import count_query_tiles, plan_packed_at, plan_work, plan_work_packed
+from jaxinfer.plan.planner import count_query_tiles, plan_packed_at, plan_work, plan_work_packed
 from jaxinfer.variants import AttentionVariant
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

@@ -1,7 +1,7 @@
 """jaxinfer: FlashInfer for JAX — paged-KV attention kernels, a load-balanced planner, and
 FlashInfer's API as jit-compatible JAX functions (shared/DESIGN.md is the contract)."""
 
-from jaxinfer.batch import BatchSpec, PlanCapacity
+from jaxinfer.plan.batch import BatchSpec, PlanCapacity
 from jaxinfer.cascade import (
     MultiLevelCascadeAttentionWrapper,
     batch_cascade,

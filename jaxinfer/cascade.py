@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.batch import PlanCapacity
+from jaxinfer.plan.batch import PlanCapacity
 from jaxinfer.page import unpack_paged_kv_cache
 from jaxinfer.prefill import _prefill_spec
-from jaxinfer.reference import merge_states_reference
+from jaxinfer.backends.xla import merge_states_reference
 from jaxinfer.variants import AttentionVariant
 from jaxinfer.wrapper import BatchWrapper, Plan, make_plan, run_paged_plan
 
@@ -25,7 +25,7 @@ def _merge_impl(backend: str):
     on_gpu = jax.devices()[0].platform == "gpu"
     if backend == "pallas" or (backend == "auto" and on_gpu):
         try:
-            from jaxinfer.pallas import merge
+            from jaxinfer.backends.pallas import merge
         except ImportError:
             if backend == "pallas":
                 raise NotImplementedError("backend 'pallas' has no merge kernel in this installation") from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.batch import BatchSpec, PlanCapacity
+from jaxinfer.plan.batch import BatchSpec, PlanCapacity
 from jaxinfer.variants import AttentionVariant, make_variant
 from jaxinfer.wrapper import BatchWrapper, Plan, as_host_int, check_kv_layout, make_plan, run_paged_plan, run_plan
 

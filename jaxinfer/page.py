@@ -1,4 +1,4 @@
-"""Paged KV cache as a block-sparse-row (BSR) matrix: page-table checks and utilities.
+"""Paged KV cache as a block-sparse-row (BSR) matrix: the device-side page API.
 
 A page table is CSR over pages (shared/DESIGN.md section 3): request ``b`` owns pages
 ``kv_indices[kv_indptr[b]:kv_indptr[b+1]]`` and holds
@@ -7,10 +7,9 @@ Token ``pos`` of request ``b`` lives in page ``kv_indices[kv_indptr[b] + pos // 
 slot ``pos % page_size`` (PagedAttention, Kwon et al. 2023; FlashInfer paper, arXiv 2501.01005,
 sec. 3.1).
 
-The host-side checks validate a page table before planning (numpy, with one native pass of
-jaxinfer/csrc/planner.cc for the serving path's integer arrays, :func:`checked_batch`); the
-device-side functions are ``jax.jit``-compatible and never read or write outside the cache when
-given bad values.
+These device-side functions are ``jax.jit``-compatible and never read or write outside the cache
+when given bad values; the host-side checks of a page table, before planning, are in
+:mod:`jaxinfer.plan.checks`.
 """
 
 from __future__ import annotations
@@ -19,194 +18,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-
-from jaxinfer import native
 
 KV_LAYOUTS = ("NHD", "HND")
-_INT32_MAX = int(np.iinfo(np.int32).max)
-
-
-def check_indptr(name: str, indptr, *, batch_size: int | None = None) -> np.ndarray:
-    """Validate a CSR row pointer on the host.
-
-    Args:
-      name: argument name used in error messages.
-      indptr: ``[B+1]`` integer array-like.
-      batch_size: expected ``B`` when known.
-
-    Returns:
-      ``indptr`` as an int32 numpy array.
-
-    Raises:
-      ValueError: not 1-D, empty, non-integer, ``indptr[0] != 0``, decreasing, over int32, or
-        of the wrong length.
-    """
-    arr = np.asarray(indptr)
-    fast = _checked_indptr(arr, batch_size)
-    if fast is not None:
-        return fast
-    if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"{name} must be a 1-D array of length batch_size + 1, got shape {arr.shape}")
-    if arr.dtype.kind not in "iu":
-        raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
-    if batch_size is not None and arr.size != batch_size + 1:
-        raise ValueError(f"{name} must have length batch_size + 1 = {batch_size + 1}, got {arr.size}")
-    if arr[0] != 0:
-        raise ValueError(f"{name}[0] must be 0, got {arr[0]}")
-    if (arr[1:] < arr[:-1]).any():
-        raise ValueError(f"{name} must be non-decreasing (sorted), got {arr.tolist()[:16]}...")
-    if arr[-1] > _INT32_MAX:
-        raise ValueError(f"{name} exceeds the int32 range")
-    return arr.astype(np.int32, copy=False)
-
-
-@functools.cache
-def _native_lib():
-    """The host library, or ``None`` where it cannot be built (no C++ compiler): the checks then
-    stay in numpy, so the backends that need no native planner work without a compiler."""
-    try:
-        return native.load()
-    except native.NativeBuildError:
-        return None
-
-
-def _checked_indptr(arr: np.ndarray, batch_size: int | None) -> np.ndarray | None:
-    """The native pass of :func:`check_indptr` for a C-contiguous int32/int64 row pointer of the
-    right length: the int32 row pointer when valid, ``None`` when the numpy checks must run."""
-    lib = _native_lib()
-    if lib is None or arr.ndim != 1 or not arr.size or not arr.flags.c_contiguous or (
-        batch_size is not None and arr.size != batch_size + 1
-    ):
-        return None
-    if arr.dtype == np.int32:
-        return arr if lib.jaxinfer_check_indptr_i32(native.address(arr), arr.size, None) else None
-    if arr.dtype == np.int64:
-        out = np.empty(arr.size, np.int32)
-        return out if lib.jaxinfer_check_indptr_i64(native.address(arr), arr.size, native.address(out)) else None
-    return None
-
-
-def check_page_table(
-    kv_indptr, kv_indices, kv_last_page_len, page_size: int, num_pages: int | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Validate a BSR page table on the host.
-
-    Args:
-      kv_indptr: ``[B+1]`` page row pointer.
-      kv_indices: ``[nnz_pages]`` page ids, ``nnz_pages >= kv_indptr[-1]``.
-      kv_last_page_len: ``[B]`` tokens in each request's last page: ``1..page_size``, or ``0``
-        for a request with no pages.
-      page_size: tokens per page, ``>= 1``.
-      num_pages: pages in the cache when known; page ids must lie in ``[0, num_pages)``.
-
-    Returns:
-      ``(kv_indptr, kv_indices, kv_last_page_len)`` as int32 numpy arrays.
-
-    Raises:
-      ValueError: naming the argument and the rule it broke.
-    """
-    if int(page_size) != page_size or page_size < 1:
-        raise ValueError(f"page_size must be a positive integer, got {page_size}")
-    last = np.asarray(kv_last_page_len)
-    if last.ndim != 1:
-        raise ValueError(f"kv_last_page_len must be 1-D [batch_size], got shape {last.shape}")
-    indptr = check_indptr("kv_indptr", kv_indptr, batch_size=last.size)
-    indices = np.asarray(kv_indices)
-    if indices.ndim != 1 or (indices.size and indices.dtype.kind not in "iu"):
-        raise ValueError(f"kv_indices must be a 1-D integer array, got {indices.dtype}{indices.shape}")
-    if indices.size < indptr[-1]:
-        raise ValueError(
-            f"kv_indices has {indices.size} entries but kv_indptr[-1] = {indptr[-1]} pages"
-        )
-    used = indices[: indptr[-1]]
-    if used.size and used.min() < 0:
-        raise ValueError(f"kv_indices must be >= 0, got {used.min()}")
-    if num_pages is not None and used.size and used.max() >= num_pages:
-        raise ValueError(
-            f"kv_indices must be < num_pages = {num_pages} (pages in the cache), got {used.max()}"
-        )
-    has_pages = indptr[1:] > indptr[:-1]
-    if last.size and last.dtype.kind not in "iu":
-        raise ValueError(f"kv_last_page_len must hold integers, got dtype {last.dtype}")
-    bad = np.where(has_pages, (last < 1) | (last > page_size), last != 0)
-    if np.any(bad):
-        b = int(np.flatnonzero(bad)[0])
-        raise ValueError(
-            f"kv_last_page_len[{b}] = {last[b]} must be in 1..page_size={page_size} for a request "
-            f"with pages, and 0 for a request with none"
-        )
-    return indptr, indices.astype(np.int32, copy=False), last.astype(np.int32, copy=False)
-
-
-def check_page_table_lens(kv_indptr, kv_indices, kv_last_page_len, page_size: int) -> tuple[np.ndarray, ...]:
-    """:func:`check_page_table` and :func:`seq_lens_host` in one call.
-
-    Returns:
-      ``(kv_indptr, kv_indices, kv_last_page_len, kv_lens)`` as int32 numpy arrays.
-
-    Raises:
-      ValueError: as :func:`check_page_table`.
-    """
-    indptr, indices, last = check_page_table(kv_indptr, kv_indices, kv_last_page_len, page_size)
-    return indptr, indices, last, seq_lens_host(indptr, last, page_size)
-
-
-_WIDTH = {np.dtype(np.int32): 0, np.dtype(np.int64): 1}
-
-
-def _int_width(a) -> int | None:
-    """0 for a C-contiguous 1-D int32 numpy array, 1 for int64, ``None`` for anything else."""
-    if type(a) is not np.ndarray or a.ndim != 1 or not a.flags.c_contiguous:
-        return None
-    return _WIDTH.get(a.dtype)
-
-
-def checked_batch(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, page_size) -> tuple | None:
-    """The checks of :class:`~jaxinfer.batch.BatchSpec` in one native pass (jaxinfer/csrc/planner.cc):
-    :func:`check_indptr` of both row pointers and, for a page table, :func:`check_page_table`.
-
-    Takes C-contiguous 1-D numpy arrays: ``qo_indptr``, ``kv_indptr`` ``[B+1]`` and
-    ``kv_last_page_len`` ``[B]`` int32 or int64, ``kv_indices`` int32 (``None`` with
-    ``kv_last_page_len`` ``None``: ragged KV, ``kv_indptr`` over tokens).
-
-    Returns:
-      ``(qo_indptr, kv_indptr, kv_lens, kv_last_page_len, addresses)``: int32 views of one fresh
-      array (``kv_last_page_len`` ``None`` for ragged KV; ``kv_lens`` the tokens per request) and
-      the data addresses of ``qo_indptr``, ``kv_indptr``, ``kv_lens`` and ``kv_indices`` (0 for
-      ragged KV); or ``None`` where the numpy checks must run (another type, dtype or layout, a
-      batch that fails a check, so that numpy names the error, or no C++ compiler).
-    """
-    lib = _native_lib()
-    ragged = kv_indices is None
-    qo, kv = _int_width(qo_indptr), _int_width(kv_indptr)
-    last = 0 if ragged else _int_width(kv_last_page_len)
-    if lib is None or qo is None or kv is None or last is None:
-        return None
-    batch = kv_indptr.size - 1
-    if batch < 0 or qo_indptr.size != batch + 1 or batch >= 2**31:
-        return None
-    if not ragged and (
-        _int_width(kv_indices) != 0 or kv_last_page_len.size != batch or type(page_size) is not int
-        or not 1 <= page_size < 2**31
-    ):  # fmt: skip
-        return None
-    out = np.empty(4 * batch + 2, np.int32)
-    address, pages = native.address(out), 0 if ragged else native.address(kv_indices)
-    if not lib.jaxinfer_check_batch(batch, native.address(qo_indptr), native.address(kv_indptr), pages or None,
-                                    0 if ragged else kv_indices.size,
-                                    None if ragged else native.address(kv_last_page_len), 1 if ragged else page_size,
-                                    qo | kv << 1 | last << 2, address):
-        return None
-    n = batch + 1
-    return (out[:n], out[n : 2 * n], out[2 * n : 2 * n + batch], None if ragged else out[2 * n + batch :],
-            (address, address + 4 * n, address + 8 * n, pages))
-
-
-def seq_lens_host(kv_indptr: np.ndarray, kv_last_page_len: np.ndarray, page_size: int) -> np.ndarray:
-    """``[B]`` int32 tokens per request of a validated page table (numpy twin of get_seq_lens)."""
-    num_pages = kv_indptr[1:] - kv_indptr[:-1]
-    return np.where(num_pages > 0, (num_pages - 1) * page_size + kv_last_page_len, 0).astype(np.int32, copy=False)
 
 
 @functools.partial(jax.jit, static_argnames="page_size")

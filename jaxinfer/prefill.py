@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.batch import BatchSpec
+from jaxinfer.plan.batch import BatchSpec
 from jaxinfer.decode import _single_kv, run_single
 from jaxinfer.variants import AttentionVariant, make_variant
 from jaxinfer.wrapper import BatchWrapper, Plan, as_host_int, run_paged_plan, run_plan

@@ -13,8 +13,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.batch import BatchSpec, PlanCapacity
-from jaxinfer.page import check_indptr
+from jaxinfer.plan.batch import BatchSpec, PlanCapacity
+from jaxinfer.plan.checks import check_indptr
 from jaxinfer.variants import AttentionVariant, make_variant
 from jaxinfer.wrapper import BatchWrapper, Plan, as_host_int, run_plan
 
@@ -83,7 +83,7 @@ class BlockSparseAttentionWrapper(BatchWrapper):
 
     Args:
       backend: ``"auto"``, ``"pallas"``, ``"fa2"``, ``"fa3"`` or ``"xla"``.
-      capacity: static maxima of plans (see :class:`~jaxinfer.batch.PlanCapacity`).
+      capacity: static maxima of plans (see :class:`~jaxinfer.plan.batch.PlanCapacity`).
     """
 
     _op = "other"

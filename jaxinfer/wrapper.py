@@ -1,6 +1,6 @@
 """Plan/run machinery shared by every batch wrapper (decode, prefill, cascade, block-sparse).
 
-``plan`` validates a batch on the host (:class:`~jaxinfer.batch.BatchSpec`), picks a backend and
+``plan`` validates a batch on the host (:class:`~jaxinfer.plan.batch.BatchSpec`), picks a backend and
 lets it plan; the result is a :class:`Plan` pytree that a jitted step takes as an argument.
 ``run_plan`` is the one jit-compatible entry that every module-level run function calls.
 """
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import backends
-from jaxinfer.batch import BatchSpec, PlanCapacity
+from jaxinfer.plan.batch import BatchSpec, PlanCapacity
 from jaxinfer.page import unpack_paged_kv_cache
 
 KV_LAYOUTS = ("NHD", "HND")

@@ -1,4 +1,4 @@
-"""The numpy form of :func:`jaxinfer.planner.plan_work`: the independent oracle of the native planner.
+"""The numpy form of :func:`jaxinfer.plan.planner.plan_work`: the independent oracle of the native planner.
 
 This is the planner jaxinfer shipped before ``jaxinfer/csrc/planner.cc`` replaced it (same algorithm, see
 jaxinfer/planner.py's module doc); tests/test_planner.py compares the two bit for bit.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxinfer.planner import F, MERGE_FIELDS, WORK_FIELDS, WorkBuffers
+from jaxinfer.plan.planner import F, MERGE_FIELDS, WORK_FIELDS, WorkBuffers
 
 
 def _ceil_div(a, b):
@@ -146,7 +146,7 @@ def plan_work_ref(
     kv_major: bool = False,
     mask_offsets=None,
 ) -> WorkBuffers:
-    """:func:`jaxinfer.planner.plan_work` in numpy (same arguments but ``out``, same result).
+    """:func:`jaxinfer.plan.planner.plan_work` in numpy (same arguments but ``out``, same result).
 
     Raises:
       ValueError: the batch needs more than ``max_work_tiles`` tiles (``kv_major``: more than

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxinfer import backends
-from jaxinfer.batch import BatchSpec
+from jaxinfer.plan.batch import BatchSpec
 from jaxinfer.variants import AttentionVariant
 
 

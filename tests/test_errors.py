@@ -163,7 +163,7 @@ def test_last_page_len_out_of_range(batch, kind, value):
         _plan(kind, paged, qo_indptr, last=bad)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jaxinfer.pallas.backend") is None, reason="no Pallas backend yet")
+@pytest.mark.skipif(importlib.util.find_spec("jaxinfer.backends.pallas.backend") is None, reason="no Pallas backend yet")
 def test_unsupported_head_dim_on_named_backend(batch):
     """A head_dim that a kernel backend does not serve (40: not a power of 2, not in FlashInfer's
     set) raises NotImplementedError naming head_dim when that backend is asked for by name."""

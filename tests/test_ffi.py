@@ -22,9 +22,9 @@ from conftest import assert_close, indptr_of, make_paged_kv, rand
 from jax.export import DisabledSafetyCheck
 from ref64 import ref_batch
 
-from jaxinfer.batch import BatchSpec, PlanCapacity
-from jaxinfer.ffi import build, ops
-from jaxinfer.ffi.backend import BLOCK_M, get_backend
+from jaxinfer.plan.batch import BatchSpec, PlanCapacity
+from jaxinfer.backends.ffi import build, ops
+from jaxinfer.backends.ffi.backend import BLOCK_M, get_backend
 from jaxinfer.variants import AttentionVariant
 
 

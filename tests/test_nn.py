@@ -11,7 +11,7 @@ from flax import nnx
 import jaxinfer
 from jaxinfer.models.llama import LlamaConfig, LlamaModel, decode_step_benchmark_setup, paged_logits
 from jaxinfer.nn import KVCachePool, OutOfPagesError, StepPlanner
-from jaxinfer.page import check_page_table
+from jaxinfer.plan.checks import check_page_table
 
 TINY = LlamaConfig(
     vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_qo_heads=4, num_kv_heads=2,

@@ -10,15 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxinfer.page import (
-    append_paged_kv_cache,
-    check_indptr,
-    check_page_table,
-    get_batch_indices_positions,
-    get_seq_lens,
-    seq_lens_host,
-    unpack_paged_kv_cache,
-)
+from jaxinfer.page import append_paged_kv_cache, get_batch_indices_positions, get_seq_lens, unpack_paged_kv_cache
+from jaxinfer.plan.checks import check_indptr, check_page_table, seq_lens_host
 
 SETTINGS = settings(max_examples=25, deadline=None)
 

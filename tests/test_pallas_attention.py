@@ -13,10 +13,10 @@ import pytest
 from conftest import assert_close, rand, tol
 from ref64 import gather_paged_kv, random_page_table, ref_batch
 
-from jaxinfer.batch import BatchSpec, PlanCapacity
-from jaxinfer.pallas.backend import PallasBackend, get_backend
-from jaxinfer.pallas.config import TileConfig
-from jaxinfer.planner import F
+from jaxinfer.plan.batch import BatchSpec, PlanCapacity
+from jaxinfer.backends.pallas.backend import PallasBackend, get_backend
+from jaxinfer.backends.pallas.config import TileConfig
+from jaxinfer.plan.planner import F
 from jaxinfer.variants import AttentionVariant
 
 SPLIT = PallasBackend(num_ctas=4, split_factor=16, config=TileConfig(16, 16, 4, 1), min_chunk=16)

@@ -13,9 +13,9 @@ from jax.experimental.pallas import triton as pltriton
 from jax.export import DisabledSafetyCheck
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
-from jaxinfer.pallas.attention import KernelSpec, attention
-from jaxinfer.pallas.config import TileConfig, candidate_configs
-from jaxinfer.pallas.merge import force_triton_lowering, merge_state, merge_states
+from jaxinfer.backends.pallas.attention import KernelSpec, attention
+from jaxinfer.backends.pallas.config import TileConfig, candidate_configs
+from jaxinfer.backends.pallas.merge import force_triton_lowering, merge_state, merge_states
 from jaxinfer.variants import AttentionVariant
 
 S = jax.ShapeDtypeStruct

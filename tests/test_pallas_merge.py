@@ -8,7 +8,7 @@ import pytest
 from conftest import assert_close, rand
 from ref64 import ref_merge
 
-from jaxinfer.pallas.merge import merge_state, merge_states
+from jaxinfer.backends.pallas.merge import merge_state, merge_states
 
 
 def _lse(rng, shape, frac_neg_inf=0.2):

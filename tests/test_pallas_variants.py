@@ -20,9 +20,9 @@ from ref64 import alibi_slopes_ref, ref_attention, ref_batch
 from test_pallas_attention import AHEAD, SPLIT, _chunks_per_group, _run_case
 
 import jaxinfer
-from jaxinfer.batch import BatchSpec, PlanCapacity
-from jaxinfer.pallas.attention import alibi_slope
-from jaxinfer.pallas.backend import PallasBackend, get_backend
+from jaxinfer.plan.batch import BatchSpec, PlanCapacity
+from jaxinfer.backends.pallas.attention import alibi_slope
+from jaxinfer.backends.pallas.backend import PallasBackend, get_backend
 from jaxinfer.variants import AttentionVariant, alibi_slopes
 
 BF16, F16 = jnp.bfloat16, jnp.float16

@@ -1,4 +1,4 @@
-"""The planners' host-to-device copy of a plan (``jaxinfer.transfer.to_device``): jaxlib's
+"""The planners' host-to-device copy of a plan (``jaxinfer.plan.transfer.to_device``): jaxlib's
 ``batched_device_put`` called directly gives what ``jax.device_put`` gives, honours the transfer
 guard the same way, and falls back to ``jax.device_put`` where the private API is missing."""
 
@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxinfer import transfer
-from jaxinfer.pallas import backend
+from jaxinfer.plan import transfer
+from jaxinfer.backends.pallas import backend
 
 
 def _same_as_device_put(x: np.ndarray) -> jax.Array:

@@ -20,12 +20,13 @@ from hypothesis import strategies as st
 from planner_ref import plan_work_ref
 from ref64 import random_page_table
 
-from jaxinfer import native, page
-from jaxinfer.batch import BatchSpec, PlanCapacity
-from jaxinfer.page import check_indptr, check_page_table_lens
-from jaxinfer.pallas.backend import PallasBackend
-from jaxinfer.pallas.config import TileConfig
-from jaxinfer.planner import F, MERGE_FIELDS, WORK_FIELDS, plan_work, plan_work_in_jit, plan_work_packed
+from jaxinfer.plan import native
+from jaxinfer.plan import checks
+from jaxinfer.plan.batch import BatchSpec, PlanCapacity
+from jaxinfer.plan.checks import check_indptr, check_page_table_lens
+from jaxinfer.backends.pallas.backend import PallasBackend
+from jaxinfer.backends.pallas.config import TileConfig
+from jaxinfer.plan.planner import F, MERGE_FIELDS, WORK_FIELDS, plan_work, plan_work_in_jit, plan_work_packed
 from jaxinfer.variants import AttentionVariant
 
 
@@ -283,7 +284,7 @@ def test_without_compiler_page_checks_fall_back_and_planner_raises(rng, monkeypa
         raise native.NativeBuildError("no C++ compiler found (test)")
 
     monkeypatch.setattr(native, "load", no_library)
-    page._native_lib.cache_clear()
+    checks._native_lib.cache_clear()
     try:
         kv_indptr, kv_indices, last, _ = random_page_table(rng, np.array([30, 0, 7]), 16)
         spec = BatchSpec.create(np.array([0, 1, 2, 3], np.int32), kv_indptr.astype(np.int32), kv_indices.astype(np.int32),
@@ -297,7 +298,7 @@ def test_without_compiler_page_checks_fall_back_and_planner_raises(rng, monkeypa
             plan_work(spec.qo_indptr, spec.kv_lens, spec.kv_indptr[:-1], num_kv_heads=2, group_size=2, block_m=16,
                       block_n=16, causal=False, window_left=-1, num_ctas=2, split_budget=4, max_work_tiles=8)
     finally:
-        page._native_lib.cache_clear()
+        checks._native_lib.cache_clear()
 
 
 def test_out_buffer_of_wrong_shape_raises():
@@ -417,7 +418,7 @@ def test_mask_base_points_at_the_tiles_first_token(case):
 @st.composite
 def page_tables(draw):
     """A batch (``qo_indptr`` and a page table), valid or broken in one way (the rules of
-    jaxinfer.page.check_indptr and check_page_table)."""
+    jaxinfer.plan.checks.check_indptr and check_page_table)."""
     b = draw(st.integers(0, 8))
     page_size = draw(st.integers(1, 16))
     pages = np.array(draw(st.lists(st.integers(0, 4), min_size=b, max_size=b)), np.int64)
@@ -476,7 +477,7 @@ def test_native_batch_check_agrees_with_numpy(table, qo_dtype, indptr_dtype, las
     indices = None if ragged else indices.astype(np.int32)
     last = None if ragged else last
     want = _numpy_checks(qo, indptr, indices, last, page_size)
-    got = page.checked_batch(qo, indptr, indices, last, page_size)
+    got = checks.checked_batch(qo, indptr, indices, last, page_size)
     assert (got is None) == isinstance(want, ValueError)
 
     def create():
@@ -541,11 +542,11 @@ def test_native_batch_check_leaves_other_inputs_to_numpy():
     """Lists, other dtypes and strided arrays take the numpy checks."""
     indptr, indices, last = np.array([0, 2, 3], np.int32), np.arange(4, dtype=np.int32), np.array([5, 1], np.int32)
     qo = np.arange(3, dtype=np.int32)
-    assert page.checked_batch(qo, indptr, indices, last, 16) is not None
+    assert checks.checked_batch(qo, indptr, indices, last, 16) is not None
     for args in ((qo.tolist(), indptr, indices, last, 16), (qo, indptr.astype(np.uint32), indices, last, 16),
                  (qo, indptr, indices.astype(np.int64), last, 16), (qo, indptr, np.arange(8, dtype=np.int32)[::2], last, 16),
                  (qo, indptr, indices, last, 16.0), (qo[:2], indptr, indices, last, 16)):
-        assert page.checked_batch(*args) is None
+        assert checks.checked_batch(*args) is None
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.int64])

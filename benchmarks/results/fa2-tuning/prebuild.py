@@ -6,7 +6,7 @@ usage: prebuild.py ARCH VARIANTS_FILE [TAG...]
 """
 import subprocess, sys
 from pathlib import Path
-from jaxinfer.ffi import build
+from jaxinfer.backends.ffi import build
 
 arch, vfile, *only = sys.argv[1:]
 here = Path(__file__).resolve().parent

@@ -20,8 +20,8 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer import native
-from jaxinfer.page import check_indptr, check_page_table_lens, checked_batch
+from jaxinfer.plan import native
+from jaxinfer.plan.checks import check_indptr, check_page_table_lens, checked_batch
 from jaxinfer.variants import AttentionVariant
 
 

@@ -5,7 +5,7 @@ Plain C++17, no CUDA: compiled on first use with the system C++ compiler (``$CXX
 ``c++``, ``g++`` or ``clang++`` on ``PATH``; about 1 s) into the cache directory of the FFI
 kernels (``$JAXINFER_CACHE_DIR`` or ``~/.cache/jaxinfer``, see :mod:`jaxinfer.buildcache`), keyed
 by a hash of the source, the flags and the CPU architecture, and loaded with ``ctypes``. Build
-ahead of time with ``python -m jaxinfer.native``.
+ahead of time with ``python -m jaxinfer.plan.native``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from jaxinfer.buildcache import cache_dir, compile_library
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "planner.cc"
+SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "planner.cc"
 # -O3: GCC vectorizes the page-id scans only there (3x faster than -O2 on 16k ids).
 CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
 COMPILERS = ("c++", "g++", "clang++")

@@ -5,7 +5,7 @@ Every op of jaxinfer reduces to :func:`attention_dense` over a padded batch: que
 (jaxinfer/variants.py) applied in float32, and a numerically safe softmax (row max subtracted, a
 row with no visible key giving ``o = 0, lse = -inf``). The ``"xla"`` backend gathers a batch's
 ragged queries and paged or ragged KV into that padded form with index arrays planned on the host,
-so it is jit-compatible with static shapes fixed by a :class:`~jaxinfer.batch.PlanCapacity`.
+so it is jit-compatible with static shapes fixed by a :class:`~jaxinfer.plan.batch.PlanCapacity`.
 It is the "reference XLA attention" of the benchmarks: simple and exact, not fast.
 """
 
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxinfer.batch import BatchSpec, PlanCapacity
+from jaxinfer.plan.batch import BatchSpec, PlanCapacity
 from jaxinfer.variants import LOG2E, AttentionVariant, alibi_slopes, rope_inv_freq
 
 

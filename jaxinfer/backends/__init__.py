@@ -1,8 +1,8 @@
 """Backend registry and the ``"auto"`` choice.
 
 A backend serves the one batch attention op of jaxinfer: ``plan(spec, capacity)`` on the host
-turns a :class:`~jaxinfer.batch.BatchSpec` into a plan pytree of device arrays (static shapes
-fixed by the :class:`~jaxinfer.batch.PlanCapacity`), and ``run(plan, q, k, v, kv_layout=...,
+turns a :class:`~jaxinfer.plan.batch.BatchSpec` into a plan pytree of device arrays (static shapes
+fixed by the :class:`~jaxinfer.plan.batch.PlanCapacity`), and ``run(plan, q, k, v, kv_layout=...,
 return_lse=...)`` is jit-compatible and returns ``(o [nnz_q, Hq, D], lse [nnz_q, Hq] or None)``.
 A backend that cannot serve a spec says why in ``unsupported(spec)``; asking for it explicitly
 then raises ``NotImplementedError`` with that reason, and ``"auto"`` moves on to the next one.
@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import jax
 
-from jaxinfer.batch import BatchSpec, PlanCapacity
+from jaxinfer.plan.batch import BatchSpec, PlanCapacity
 
 BACKEND_NAMES = ("auto", "pallas", "fa2", "fa3", "xla")
 
@@ -30,10 +30,10 @@ class BackendUnsupportedError(NotImplementedError, ValueError):
 # Module that implements each backend, imported on first use so that a missing optional part
 # (a CUDA toolchain for the FFI kernels, say) never breaks ``import jaxinfer``.
 _MODULES = {
-    "xla": "jaxinfer.reference",
-    "pallas": "jaxinfer.pallas.backend",
-    "fa2": "jaxinfer.ffi.backend",
-    "fa3": "jaxinfer.ffi.backend",
+    "xla": "jaxinfer.backends.xla",
+    "pallas": "jaxinfer.backends.pallas.backend",
+    "fa2": "jaxinfer.backends.ffi.backend",
+    "fa3": "jaxinfer.backends.ffi.backend",
 }
 
 

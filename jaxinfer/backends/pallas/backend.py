@@ -1,8 +1,8 @@
 """The ``"pallas"`` backend: host planner + Pallas attention and merge kernels.
 
-``plan`` runs the compiled host planner (:func:`jaxinfer.planner.plan_packed_at`) on the spec's
+``plan`` runs the compiled host planner (:func:`jaxinfer.plan.planner.plan_packed_at`) on the spec's
 numpy arrays and returns a :class:`PallasPlan` pytree of int32 device arrays whose shapes depend
-only on the :class:`~jaxinfer.batch.PlanCapacity` and the backend's CTA budget; ``run`` is
+only on the :class:`~jaxinfer.plan.batch.PlanCapacity` and the backend's CTA budget; ``run`` is
 jit-compatible.
 """
 
@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer import native
-from jaxinfer.batch import BatchSpec, PlanCapacity, next_pow2
-from jaxinfer.pallas.attention import KernelSpec, attention
-from jaxinfer.pallas.config import TileConfig, heuristic_config
-from jaxinfer.transfer import to_device
-from jaxinfer.planner import MERGE_FIELDS, WORK_FIELDS, PlanArgs, count_query_tiles_at, plan_packed_at, plan_work_in_jit
+from jaxinfer.plan import native
+from jaxinfer.plan.batch import BatchSpec, PlanCapacity, next_pow2
+from jaxinfer.backends.pallas.attention import KernelSpec, attention
+from jaxinfer.backends.pallas.config import TileConfig, heuristic_config
+from jaxinfer.plan.transfer import to_device
+from jaxinfer.plan.planner import MERGE_FIELDS, WORK_FIELDS, PlanArgs, count_query_tiles_at, plan_packed_at, plan_work_in_jit
 from jaxinfer.variants import AttentionVariant
 
 H100_SMS = 132
@@ -33,9 +33,9 @@ class PallasPlan:
     Attributes:
       buffer: ``[kernel.buffer_size]`` int32 on the device: the work tiles, per-CTA ranges, merge
         groups and page ids packed into one array (one host-to-device copy; layout in
-        :class:`~jaxinfer.pallas.attention.KernelSpec`).
-      kernel: static :class:`~jaxinfer.pallas.attention.KernelSpec`.
-      config: static :class:`~jaxinfer.pallas.config.TileConfig`.
+        :class:`~jaxinfer.backends.pallas.attention.KernelSpec`).
+      kernel: static :class:`~jaxinfer.backends.pallas.attention.KernelSpec`.
+      config: static :class:`~jaxinfer.backends.pallas.config.TileConfig`.
       mask: ``[n]`` int8 flat custom mask (the spec's, 1 = keep, zero-padded to a power of 2) when
         ``kernel.custom_mask``, else ``None``.
     """
@@ -139,7 +139,7 @@ class PallasBackend:
         )
 
     def _plan_kwargs(self, spec: BatchSpec, cfg: TileConfig, max_work_tiles: int) -> dict:
-        """:func:`jaxinfer.planner.plan_work`'s keyword arguments for ``spec`` (the persistent grid)."""
+        """:func:`jaxinfer.plan.planner.plan_work`'s keyword arguments for ``spec`` (the persistent grid)."""
         return dataclasses.asdict(self._plan_args(spec.num_kv_heads, spec.group_size, spec.variant, cfg, max_work_tiles))
 
     def _page_capacity(self, spec: BatchSpec, capacity: PlanCapacity) -> int:
@@ -163,7 +163,7 @@ class PallasBackend:
 
     def _grid_backend(self, unsplit: int, cfg: TileConfig, capacity: PlanCapacity) -> PallasBackend:
         """This backend, or for a ``kv_major_grid`` plan the one with a CTA per tile (no split;
-        its plan is ``kv_major``, see :func:`jaxinfer.planner.plan_work`)."""
+        its plan is ``kv_major``, see :func:`jaxinfer.plan.planner.plan_work`)."""
         if (not self.kv_major_grid or self.num_ctas is not None or capacity.max_work_tiles is not None
                 or cfg.block_m < 64 or unsplit < self.grid_size(cfg)):
             return self
@@ -173,7 +173,7 @@ class PallasBackend:
         """Plan ``spec`` on the host (the compiled planner) into static-capacity device buffers.
 
         The planner writes the work buffers and page ids straight into one packed int32 host
-        buffer (layout of :class:`~jaxinfer.pallas.attention.KernelSpec`), which goes to the
+        buffer (layout of :class:`~jaxinfer.backends.pallas.attention.KernelSpec`), which goes to the
         device in one asynchronous copy: ``plan`` returns once the copy is enqueued, and the
         plan's ``buffer`` is ready when the copy lands (``jax.block_until_ready``; a jitted step
         that takes the plan waits for it on the device).
@@ -346,7 +346,7 @@ def _check_run_args(ks: KernelSpec, q, k, v) -> None:
 def get_backend(name: str = "pallas") -> PallasBackend:
     """The default Pallas backend (H100 CTA budget; one shared immutable object)."""
     if name != "pallas":
-        raise ValueError(f"jaxinfer.pallas.backend serves 'pallas', not {name!r}")
+        raise ValueError(f"jaxinfer.backends.pallas.backend serves 'pallas', not {name!r}")
     return _DEFAULT
 
 

@@ -2,7 +2,7 @@
 
 One kernel serves decode, prefill, append, paged and ragged KV (FlashInfer paper, arXiv
 2501.01005, sec. 3.1-3.3): a persistent grid of ``num_ctas`` programs, each running the work tiles
-``cta_indptr[c]:cta_indptr[c+1]`` of the planner's ``work`` buffer (see :mod:`jaxinfer.planner`).
+``cta_indptr[c]:cta_indptr[c+1]`` of the planner's ``work`` buffer (see :mod:`jaxinfer.plan.planner`).
 A tile's rows are query tokens x the GQA group's heads, gathered from ``q [nnz_q * Hq, D]``; its
 keys are gathered ``block_n`` at a time through the page table (page ids loaded from
 ``kv_indices`` inside the kernel, ``row = page * page_size + offset``) or from a contiguous range
@@ -11,7 +11,7 @@ of the ragged KV. Online softmax in float32 with ``exp2`` on logits scaled by
 next step's ``q.k`` before its softmax (FlashAttention-3's intra-warpgroup overlap, sec. 3.2, as
 software pipelining of the loop). The result goes to the final rows when the tile is its query
 tile's only chunk, else to a partial ``(o, lse)`` slot that
-:func:`jaxinfer.pallas.merge.merge_partials` folds afterwards.
+:func:`jaxinfer.backends.pallas.merge.merge_partials` folds afterwards.
 
 Attention variants (the pipeline of jaxinfer/variants.py) are static fields of the
 :class:`KernelSpec`, so each compiles away when unused: ALiBi adds ``slope * (kv_pos - q_pos)``
@@ -46,9 +46,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxinfer.pallas.config import TileConfig
-from jaxinfer.pallas.merge import NEG_INF, apply_output_transform, finish, interpret_mode, merge_partials, row_block
-from jaxinfer.planner import F, MERGE_FIELDS, WORK_FIELDS
+from jaxinfer.backends.pallas.config import TileConfig
+from jaxinfer.backends.pallas.merge import NEG_INF, apply_output_transform, finish, interpret_mode, merge_partials, row_block
+from jaxinfer.plan.planner import F, MERGE_FIELDS, WORK_FIELDS
 from jaxinfer.variants import LOG2E, AttentionVariant
 
 

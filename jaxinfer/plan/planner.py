@@ -24,11 +24,11 @@ After the dynamism-aware scheduler of the FlashInfer paper (arXiv 2501.01005, se
 Every buffer has a static capacity (``max_work_tiles`` tiles, ``split_budget`` partial slots,
 ``split_budget // 2`` merge groups), so a new batch composition never changes a shape.
 
-The planner runs in C++ (``jaxinfer/csrc/planner.cc``, built and loaded by :mod:`jaxinfer.native`), one
+The planner runs in C++ (``jaxinfer/csrc/planner.cc``, built and loaded by :mod:`jaxinfer.plan.native`), one
 call per plan, as FlashInfer's scheduler does: its numpy form cost ~50 numpy calls of 2-3 us each
 at B=256 (benchmarks/NOTES-planner.md) and is kept as the test oracle, tests/planner_ref.py. The
 ``*_at`` functions take data addresses for callers that already hold them (a numpy address
-lookup costs ~1.5 us; :attr:`jaxinfer.batch.BatchSpec.native_addresses`).
+lookup costs ~1.5 us; :attr:`jaxinfer.plan.batch.BatchSpec.native_addresses`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer import native
+from jaxinfer.plan import native
 
 _I32 = np.dtype(np.int32)
 
@@ -188,7 +188,7 @@ def plan_work(qo_indptr, kv_lens, kv_base, *, mask_offsets=None, out: tuple[np.n
       ValueError: the batch needs more than ``max_work_tiles`` tiles (``kv_major``: more than
         ``num_ctas``), an input has the wrong length, a size argument is out of range, or
         ``out`` has a wrong shape, dtype or layout.
-      jaxinfer.native.NativeBuildError: the planner library cannot be built (no C++ compiler).
+      jaxinfer.plan.native.NativeBuildError: the planner library cannot be built (no C++ compiler).
     """
     args = PlanArgs(**kw)
     if out is None:
@@ -212,7 +212,7 @@ def plan_work_packed(buffer: np.ndarray, qo_indptr, kv_lens, kv_base, *, kv_indi
       buffer: C-contiguous int32 ``work [max_work_tiles, len(WORK_FIELDS)] | cta_indptr
         [num_ctas+1] | merge_indptr [G+1] | merge_dest [G, 4] | kv_indices [rest]`` with
         ``G = split_budget // 2`` (the layout of
-        :class:`~jaxinfer.pallas.attention.KernelSpec`); every entry is written.
+        :class:`~jaxinfer.backends.pallas.attention.KernelSpec`); every entry is written.
       kv_indices: ``[nnz_pages]`` integer page ids to copy, zero-padded to the end of
         ``buffer`` (``None``: zeros).
       qo_indptr, kv_lens, kv_base, mask_offsets, **kw: as :func:`plan_work`.

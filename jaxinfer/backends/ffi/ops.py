@@ -1,6 +1,6 @@
 """``jax.ffi.ffi_call`` wrappers of jaxinfer's CUDA kernels (``jaxinfer/csrc/``), registered lazily.
 
-The handler library is built on first use (:mod:`jaxinfer.ffi.build`) for the arch of the local
+The handler library is built on first use (:mod:`jaxinfer.backends.ffi.build`) for the arch of the local
 GPU and registered with ``jax.ffi.register_ffi_target(..., platform="CUDA")``. Without a GPU
 nothing is built or registered, and the wrappers still trace and lower (for the ``cuda``
 platform through ``jax.export``), which is how CI checks the wiring.
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.ffi import build
+from jaxinfer.backends.ffi import build
 
 FA2_TARGET = "jaxinfer_fa2_forward"
 FA3_TARGET = "jaxinfer_fa3_forward"

@@ -21,8 +21,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxinfer.batch import next_pow2
-from jaxinfer.planner import MERGE_FIELDS
+from jaxinfer.plan.batch import next_pow2
+from jaxinfer.plan.planner import MERGE_FIELDS
 
 NEG_INF = float("-inf")
 MERGE_ROWS = 16  # rows (L*H) per program of the public merge kernels

@@ -4,7 +4,7 @@
 ``jaxinfer/csrc/fa2_kernel.cuh`` / ``jaxinfer/csrc/fa3_kernel.cuh``), orders the tiles longest KV range first (a
 longest-processing-time schedule: causal prefill tiles differ up to ``kv_len / BLOCK_M``-fold in
 work) and pads every array to the plan capacity, so a new batch of the same capacity never
-recompiles. ``run`` is one ``ffi_call`` (:func:`jaxinfer.ffi.ops.flash_forward`) over the work
+recompiles. ``run`` is one ``ffi_call`` (:func:`jaxinfer.backends.ffi.ops.flash_forward`) over the work
 items (tile, qo head), heavy tiles first.
 
 ``"fa2"``: mma.sync + cp.async, any sm80+ GPU, one CTA per work item. ``"fa3"``: sm90a only
@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.batch import BatchSpec, PlanCapacity
-from jaxinfer.ffi import build, ops
-from jaxinfer.transfer import to_device
+from jaxinfer.plan.batch import BatchSpec, PlanCapacity
+from jaxinfer.backends.ffi import build, ops
+from jaxinfer.plan.transfer import to_device
 
 # Query rows of one CTA per kernel and head_dim: fa2, 16 * kMT * kWarps of Fa2Traits in
 # jaxinfer/csrc/fa2_kernel.cuh; fa3, kBM of jaxinfer/csrc/fa3_kernel.cuh (two consumer warpgroups of 64 rows).
@@ -212,5 +212,5 @@ def get_backend(name: str) -> FlashAttentionBackend:
       ValueError: another name.
     """
     if name not in ("fa2", "fa3"):
-        raise ValueError(f"jaxinfer.ffi.backend serves 'fa2' and 'fa3', got {name!r}")
+        raise ValueError(f"jaxinfer.backends.ffi.backend serves 'fa2' and 'fa3', got {name!r}")
     return FlashAttentionBackend(name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxinfer.batch import next_pow2
+from jaxinfer.plan.batch import next_pow2
 
 MIN_DOT = 16  # smallest M/N/K of tl.dot
 MAX_BLOCK_M = 128

@@ -4,8 +4,8 @@ Like FlashInfer's JIT, a library is compiled once per (source hash, GPU arch, ja
 extra defines) into a cache directory (``$JAXINFER_CACHE_DIR`` or ``~/.cache/jaxinfer``) and
 reused afterwards. Build ahead of time with::
 
-    python -m jaxinfer.ffi.build --kernel fa2 --arch sm_90
-    python -m jaxinfer.ffi.build --kernel fa3 --arch sm_90a
+    python -m jaxinfer.backends.ffi.build --kernel fa2 --arch sm_90
+    python -m jaxinfer.backends.ffi.build --kernel fa3 --arch sm_90a
 
 The headers are jaxlib's XLA FFI API (``jax.ffi.include_dir()``; build against the oldest
 supported jaxlib, 0.11.2: a library built on newer headers breaks backend start-up on older
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from jaxinfer.buildcache import cache_dir, compile_library
 
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
 # Translation unit of each kernel family. FA2 runs on any sm80+ GPU, compiled for the device's
 # own arch (SASS of sm_80 does not run on sm_90); FA3 needs sm_90a (wgmma, setmaxnreg) and runs
@@ -204,7 +204,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     arch = args.arch
     if arch is None:
-        from jaxinfer.ffi.ops import device_arch
+        from jaxinfer.backends.ffi.ops import device_arch
 
         cc = device_arch()
         if cc is None:
