@@ -24,7 +24,7 @@ from jaxinfer.variants import AttentionVariant
     ],
 )
 def test_auto_order(monkeypatch, arch, op, want):
-    monkeypatch.setattr(backends, "_gpu_arch", lambda: arch)
+    monkeypatch.setattr(backends.device, "gpu_arch", lambda: arch)
     assert backends.auto_order(op) == want
 
 
@@ -41,7 +41,7 @@ def test_auto_falls_through_to_first_backend_that_serves(monkeypatch):
             return "not this one"
 
     real_get = backends.get_backend
-    monkeypatch.setattr(backends, "_gpu_arch", lambda: 80)
+    monkeypatch.setattr(backends.device, "gpu_arch", lambda: 80)
     monkeypatch.setattr(backends, "get_backend", lambda name: Refuses() if name == "fa2" else real_get(name))
     spec = BatchSpec.create(np.array([0, 3]), np.array([0, 5]), None, None, page_size=1, num_qo_heads=2,
                             num_kv_heads=1, head_dim=16, variant=AttentionVariant(), q_dtype=jnp.bfloat16)

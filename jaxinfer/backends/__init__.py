@@ -13,8 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Protocol
 
-import jax
-
+from jaxinfer.backends import device
 from jaxinfer.plan.batch import BatchSpec, PlanCapacity
 
 BACKEND_NAMES = ("auto", "pallas", "fa2", "fa3", "xla")
@@ -63,16 +62,18 @@ def get_backend(name: str) -> Backend:
     return module.get_backend(name)
 
 
-def _gpu_arch() -> int | None:
-    """Compute capability of the default device as ``major*10+minor``, ``None`` off GPU."""
-    dev = jax.devices()[0]
-    if dev.platform != "gpu":
-        return None
-    cc = getattr(dev, "compute_capability", None)
-    if cc is None:
-        return None
-    major, minor = (int(x) for x in str(cc).split("."))
-    return major * 10 + minor
+def unavailable(name: str) -> str | None:
+    """Why backend ``name`` cannot run on this machine at all (no device of its kind, a kernel
+    library that does not build), or ``None`` when it can serve some call here.
+
+    Raises:
+      ValueError: unknown name.
+    """
+    try:
+        backend = get_backend(name)
+    except NotImplementedError as e:
+        return str(e)
+    return backend.device_unsupported()
 
 
 OPS = ("decode", "prefill", "other")
@@ -93,7 +94,7 @@ def auto_order(op: str = "prefill") -> tuple[str, ...]:
     """
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    arch = _gpu_arch()
+    arch = device.gpu_arch()
     if arch is None:
         return ("xla",)
     if op != "prefill":

@@ -244,6 +244,9 @@ class ReferenceBackend:
     def unsupported(self, spec: BatchSpec) -> str | None:
         return None
 
+    def device_unsupported(self) -> str | None:
+        return None
+
     def plan(self, spec: BatchSpec, capacity: PlanCapacity) -> RefPlan:
         return plan_reference(spec, capacity)
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.plan.batch import BatchSpec, PlanCapacity
+from jaxinfer.backends import device
 from jaxinfer.backends.ffi import build, ops
 from jaxinfer.plan.transfer import to_device
 
@@ -118,10 +119,12 @@ class FlashAttentionBackend:
         Cheap on a machine without a GPU (no build is attempted there); on a GPU the first call
         builds the kernel library (cached on disk) so that a failing build is reported here.
         """
-        reason = self.spec_unsupported(spec)
-        if reason is not None:
-            return reason
-        cc = ops.device_arch()
+        return self.spec_unsupported(spec) or self.device_unsupported()
+
+    def device_unsupported(self) -> str | None:
+        """Why this backend cannot run on this machine (no NVIDIA GPU of its arch, a failing build),
+        or ``None``; never raises. On a GPU the first call builds the kernel library (cached)."""
+        cc = device.gpu_arch()
         if cc is None:
             return f"needs an NVIDIA GPU; jax's default device is {jax.devices()[0].platform}"
         if cc < 80:

@@ -97,6 +97,10 @@ class PallasBackend:
             return f"custom_mask of {spec.custom_mask.size} elements (int32 offsets need < 2**31)"
         return reason
 
+    def device_unsupported(self) -> str | None:
+        """``None``: the kernels run on a GPU and in interpret mode elsewhere."""
+        return None
+
     def tile_config(self, spec: BatchSpec, capacity: PlanCapacity) -> TileConfig:
         """The tile config of ``spec``: by its mean query length, or by ``capacity.max_qo_len``
         when that is fixed (a fixed capacity promises one compiled program for every batch that
