@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxinfer.plan.planner import F, MERGE_FIELDS, WORK_FIELDS, WorkBuffers
+from jaxinfer.plan.layout import F, MERGE_FIELDS, WORK_FIELDS
+from jaxinfer.plan.planner import WorkBuffers
 
 
 def _ceil_div(a, b):

@@ -16,7 +16,7 @@ from ref64 import gather_paged_kv, random_page_table, ref_batch
 from jaxinfer.plan.batch import BatchSpec, PlanCapacity
 from jaxinfer.backends.pallas.backend import PallasBackend, get_backend
 from jaxinfer.backends.pallas.config import TileConfig
-from jaxinfer.plan.planner import F
+from jaxinfer.plan.layout import F
 from jaxinfer.variants import AttentionVariant
 
 SPLIT = PallasBackend(num_ctas=4, split_factor=16, config=TileConfig(16, 16, 4, 1), min_chunk=16)

@@ -26,7 +26,8 @@ from jaxinfer.plan.batch import BatchSpec, PlanCapacity
 from jaxinfer.plan.checks import check_indptr, check_page_table_lens
 from jaxinfer.backends.pallas.backend import PallasBackend
 from jaxinfer.backends.pallas.config import TileConfig
-from jaxinfer.plan.planner import F, MERGE_FIELDS, WORK_FIELDS, plan_work, plan_work_in_jit, plan_work_packed
+from jaxinfer.plan.layout import F, MERGE_FIELDS, WORK_FIELDS
+from jaxinfer.plan.planner import plan_work, plan_work_in_jit, plan_work_packed
 from jaxinfer.variants import AttentionVariant
 
 
@@ -452,7 +453,7 @@ def page_tables(draw):
 def _numpy_checks(qo_indptr, kv_indptr, kv_indices, last, page_size):
     """``(qo_indptr, kv_indptr, kv_lens, kv_last_page_len)`` of BatchSpec.create's numpy checks
     (``kv_indices is None``: ragged KV), or the ValueError they raise."""
-    with mock.patch.object(page, "_checked_indptr", lambda arr, batch_size: None):
+    with mock.patch.object(checks, "_checked_indptr", lambda arr, batch_size: None):
         try:
             if kv_indices is None:
                 kv_indptr = check_indptr("kv_indptr", kv_indptr)
@@ -559,7 +560,7 @@ def test_native_indptr_check_agrees_with_numpy(dtype, values):
     if dtype == np.int32 and max(values) >= 2**31:
         return
     arr = np.array(values, dtype)
-    assert (page._checked_indptr(arr, None) is None) == isinstance(want, ValueError)
+    assert (checks._checked_indptr(arr, None) is None) == isinstance(want, ValueError)
     if isinstance(want, ValueError):
         with pytest.raises(ValueError, match=re.escape(str(want))):
             check_indptr("x", arr)

@@ -43,26 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.plan import native
+from jaxinfer.plan.layout import MERGE_FIELDS, WORK_FIELDS
 
 _I32 = np.dtype(np.int32)
-
-# Columns of the ``work`` buffer, one row per work tile.
-WORK_FIELDS = (
-    "kv_head",  # KV head of the tile; its rows are query heads kv_head*G .. kv_head*G+G-1
-    "q_row0",  # first query token of the tile (global row of the ragged q)
-    "q_len",  # query tokens of the tile (rows = q_len * group_size)
-    "q_pos0",  # position of the first token among the request's keys: index + kv_len - qo_len
-    "kv_lo",  # first key of the tile's chunk (token index inside the request)
-    "kv_hi",  # one past its last key
-    "kv_base",  # request's first page in kv_indices (paged) or first token of the ragged KV
-    "out_slot",  # -1: writes final rows; s >= 0: writes partial rows of slot s
-    "valid",  # 1 for a real tile, 0 for padding
-    "kv_len",  # keys of the request: the row stride of its custom mask
-    "mask_base",  # custom-mask index of the tile's (first token, key 0): request offset + tok0 * kv_len
-)
-F = {name: i for i, name in enumerate(WORK_FIELDS)}
-MERGE_FIELDS = ("kv_head", "q_row0", "q_len", "q_pos0")
-
 
 @dataclasses.dataclass(frozen=True)
 class WorkBuffers:
@@ -211,8 +194,8 @@ def plan_work_packed(buffer: np.ndarray, qo_indptr, kv_lens, kv_base, *, kv_indi
     Args:
       buffer: C-contiguous int32 ``work [max_work_tiles, len(WORK_FIELDS)] | cta_indptr
         [num_ctas+1] | merge_indptr [G+1] | merge_dest [G, 4] | kv_indices [rest]`` with
-        ``G = split_budget // 2`` (the layout of
-        :class:`~jaxinfer.backends.pallas.attention.KernelSpec`); every entry is written.
+        ``G = split_budget // 2`` (:class:`~jaxinfer.plan.layout.WorkLayout`); every entry is
+        written.
       kv_indices: ``[nnz_pages]`` integer page ids to copy, zero-padded to the end of
         ``buffer`` (``None``: zeros).
       qo_indptr, kv_lens, kv_base, mask_offsets, **kw: as :func:`plan_work`.

@@ -48,12 +48,12 @@ from jax.experimental.pallas import triton as pltriton
 
 from jaxinfer.backends.pallas.config import TileConfig
 from jaxinfer.backends.pallas.merge import NEG_INF, apply_output_transform, finish, interpret_mode, merge_partials, row_block
-from jaxinfer.plan.planner import F, MERGE_FIELDS, WORK_FIELDS
+from jaxinfer.plan.layout import WORK_FIELDS, F, WorkLayout
 from jaxinfer.variants import LOG2E, AttentionVariant
 
 
 @dataclasses.dataclass(frozen=True)
-class KernelSpec:
+class KernelSpec(WorkLayout):
     """Static parameters of one attention kernel instance (besides the tile config).
 
     Attributes:
@@ -63,10 +63,7 @@ class KernelSpec:
       sm_scale: resolved logits scale.
       causal, window_left, logits_soft_cap: mask and soft cap (bottom-right aligned; the planner
         already put ``kv_len - qo_len`` into each tile's ``q_pos0``).
-      num_ctas: persistent programs.
       num_slots: partial slots (0 when split-KV is off).
-      num_groups: merge groups of the merge kernel.
-      max_tiles, page_capacity: capacities of the work tiles and of ``kv_indices``.
       pos_encoding_mode, rope_scale, rope_theta: ``"ALIBI"`` adds ``slope[qo_head] * (kv_pos -
         q_pos)`` to the natural logits; ``"ROPE_LLAMA"`` rotates q and k on load (step 2 of
         jaxinfer/variants.py).
@@ -80,10 +77,9 @@ class KernelSpec:
 
     Every feature is a static flag: a plan without it compiles to the plain kernel.
 
-    The plan's int32 buffers travel as one array (one host-to-device copy) laid out as
-    ``work [max_tiles, len(WORK_FIELDS)] | cta_indptr [num_ctas+1] | merge_indptr
-    [num_groups+1] | merge_dest [num_groups, 4] | kv_indices [page_capacity]``; the ``off_*``
-    properties give the offsets.
+    The plan's int32 buffers travel as one array in the plan stage's
+    :class:`~jaxinfer.plan.layout.WorkLayout` (``num_ctas`` persistent programs, ``num_groups``
+    merge groups, ``max_tiles`` work rows, ``page_capacity`` page ids), which this spec extends.
     """
 
     paged: bool
@@ -96,11 +92,7 @@ class KernelSpec:
     causal: bool
     window_left: int
     logits_soft_cap: float | None
-    num_ctas: int
     num_slots: int
-    num_groups: int
-    max_tiles: int
-    page_capacity: int
     pos_encoding_mode: str = "NONE"
     rope_scale: float = 1.0
     rope_theta: float = 1e4
@@ -133,35 +125,6 @@ class KernelSpec:
     def masks_every_step(self) -> bool:
         """A custom mask or ``logits_mask`` can hide any key, so no step runs without masks."""
         return self.custom_mask or self.fn("logits_mask") is not None
-
-    @property
-    def off_cta(self) -> int:
-        return self.max_tiles * len(WORK_FIELDS)
-
-    @property
-    def off_merge_indptr(self) -> int:
-        return self.off_cta + self.num_ctas + 1
-
-    @property
-    def off_merge_dest(self) -> int:
-        return self.off_merge_indptr + self.num_groups + 1
-
-    @property
-    def off_kv_indices(self) -> int:
-        return self.off_merge_dest + self.num_groups * len(MERGE_FIELDS)
-
-    @property
-    def buffer_size(self) -> int:
-        return self.off_kv_indices + self.page_capacity
-
-    def pack(self, work, cta_indptr, merge_indptr, merge_dest, kv_indices):
-        """The one int32 buffer of a plan (numpy on the host, jnp inside jit)."""
-        xp = np if isinstance(work, np.ndarray) else jnp
-        parts = (work, cta_indptr, merge_indptr, merge_dest, kv_indices)
-        out = xp.concatenate([xp.asarray(a).astype(np.int32).reshape(-1) for a in parts])
-        if out.shape != (self.buffer_size,):
-            raise ValueError(f"plan buffers have {out.shape[0]} entries, the kernel spec expects {self.buffer_size}")
-        return out
 
 
 def _logits(s, rows, pos, kv_head, ks: KernelSpec):

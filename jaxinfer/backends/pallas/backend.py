@@ -20,7 +20,7 @@ from jaxinfer.plan.batch import BatchSpec, PlanCapacity, next_pow2
 from jaxinfer.backends.pallas.attention import KernelSpec, attention
 from jaxinfer.backends.pallas.config import TileConfig, heuristic_config
 from jaxinfer.plan.transfer import to_device
-from jaxinfer.plan.planner import MERGE_FIELDS, WORK_FIELDS, PlanArgs, count_query_tiles_at, plan_packed_at, plan_work_in_jit
+from jaxinfer.plan.planner import PlanArgs, count_query_tiles_at, plan_packed_at, plan_work_in_jit
 from jaxinfer.variants import AttentionVariant
 
 H100_SMS = 132
@@ -47,14 +47,7 @@ class PallasPlan:
 
     def unpack(self) -> dict[str, np.ndarray]:
         """The plan's buffers as named numpy arrays (for tests and debugging)."""
-        ks, buf = self.kernel, np.asarray(self.buffer)
-        return {
-            "work": buf[: ks.off_cta].reshape(ks.max_tiles, len(WORK_FIELDS)),
-            "cta_indptr": buf[ks.off_cta : ks.off_merge_indptr],
-            "merge_indptr": buf[ks.off_merge_indptr : ks.off_merge_dest],
-            "merge_dest": buf[ks.off_merge_dest : ks.off_kv_indices].reshape(ks.num_groups, len(MERGE_FIELDS)),
-            "kv_indices": buf[ks.off_kv_indices :],
-        }
+        return self.kernel.unpack(self.buffer)
 
 
 jax.tree_util.register_dataclass(PallasPlan, data_fields=["buffer", "mask"], meta_fields=["kernel", "config"])

@@ -22,7 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxinfer.plan.batch import next_pow2
-from jaxinfer.plan.planner import MERGE_FIELDS
+from jaxinfer.plan.layout import MERGE_FIELDS
 
 NEG_INF = float("-inf")
 MERGE_ROWS = 16  # rows (L*H) per program of the public merge kernels
