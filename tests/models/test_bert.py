@@ -24,7 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 from conftest import BACKENDS  # noqa: E402
 from jaxinfer.models.bert import SentenceEncoder  # noqa: E402
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "minilm"
+FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "minilm"  # <repo>/../shared
 
 
 @pytest.fixture(scope="module")
