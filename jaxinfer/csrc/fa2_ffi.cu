@@ -1,9 +1,9 @@
-// XLA FFI handler of the FlashAttention-2 forward kernel (fa2_kernel.cuh): custom call
-// "jaxinfer_fa2_forward", operands and checks in ffi_forward.cuh.
+// XLA FFI handler of the FlashAttention-2 forward kernel (fa2/kernel.cuh): custom call
+// "jaxinfer_fa2_forward", operands and checks in common/ffi_forward.cuh.
 #include <cstdint>
 
-#include "fa2_kernel.cuh"
-#include "ffi_forward.cuh"
+#include "common/ffi_forward.cuh"
+#include "fa2/kernel.cuh"
 
 namespace ffi = xla::ffi;
 

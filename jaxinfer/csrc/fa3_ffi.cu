@@ -1,5 +1,5 @@
-// XLA FFI handler of the FlashAttention-3 forward kernel (fa3_kernel.cuh), sm90a only: custom
-// call "jaxinfer_fa3_forward", operands and checks in ffi_forward.cuh, plus one more result: the
+// XLA FFI handler of the FlashAttention-3 forward kernel (fa3/kernel.cuh), sm90a only: custom
+// call "jaxinfer_fa3_forward", operands and checks in common/ffi_forward.cuh, plus one more result: the
 // work counter of the persistent grid (int32 [1], zeroed here on the stream before the launch).
 // It also encodes the TMA descriptors of q, of k and v with ragged KV, and of o with two Q
 // buffers (host work, no synchronisation).
@@ -11,8 +11,8 @@
 
 // XLA's header first: CuTe's SM100 MMA traits (pulled in by cute/tensor.hpp) turn
 // -Wmissing-field-initializers into an error for the rest of the translation unit.
-#include "ffi_forward.cuh"
-#include "fa3_kernel.cuh"
+#include "common/ffi_forward.cuh"
+#include "fa3/kernel.cuh"
 
 namespace ffi = xla::ffi;
 
@@ -37,7 +37,7 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 }
 
 // The tensor map of a dense [rows, heads, head_dim] tensor read in boxes of 64 columns x 1 head x
-// box_rows rows, 128-byte swizzled (fa3_kernel.cuh, Params); rows past `rows` read as zeros.
+// box_rows rows, 128-byte swizzled (fa3/config.cuh, Params); rows past `rows` read as zeros.
 ffi::Error encode_tensor_map(CUtensorMap* map, const void* data, bool bf16, int64_t rows, int64_t heads,
                              int64_t head_dim, int box_rows) {
   const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
@@ -62,7 +62,7 @@ template <typename T, int D, bool kPaged>
 ffi::Error launch(cudaStream_t stream, Params& p, int num_tiles, int num_batch, int64_t num_rows, int64_t num_kv_rows,
                   int64_t num_kv_heads) {
   using C = Config<T, D>;
-  constexpr int kSmem = C::kSmemBytes;
+  constexpr int kSmem = smem_bytes<T, D>();  // SharedStorage (fa3/smem_layout.cuh)
   constexpr bool kBf16 = std::is_same_v<T, cutlass::bfloat16_t>;
   if (ffi::Error e = encode_tensor_map(&p.tma_q, p.q, kBf16, num_rows, p.num_qo_heads, D, kBM); e.failure()) return e;
   if constexpr (C::kStagesQ > 1) {  // O goes out in boxes of 64 rows, one per consumer warpgroup

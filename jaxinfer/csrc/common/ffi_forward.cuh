@@ -1,5 +1,5 @@
 // The XLA FFI surface shared by the custom calls "jaxinfer_fa2_forward" (fa2_ffi.cu) and
-// "jaxinfer_fa3_forward" (fa3_ffi.cu), registered from jaxinfer/ffi/ops.py:
+// "jaxinfer_fa3_forward" (fa3_ffi.cu), registered from jaxinfer/backends/ffi/ops.py:
 //   args: q [nnz_q, Hq, D], k, v (ragged [nnz_kv, Hkv, D] or paged caches
 //         [P, page_size, Hkv, D] (NHD) / [P, Hkv, page_size, D] (HND)), qo_indptr [B+1],
 //         kv_indptr [B+1], kv_indices [nnz_pages], kv_lens [B], tile_batch [T], tile_qstart [T]

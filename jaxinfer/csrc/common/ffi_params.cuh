@@ -1,4 +1,4 @@
-// The kernel parameters the FFI handlers of fa2 and fa3 fill alike (ffi_forward.cuh): the
+// The kernel parameters the FFI handlers of fa2 and fa3 fill alike (common/ffi_forward.cuh): the
 // request and tile arrays, strides in elements, geometry and the logits pipeline's constants.
 // Each kernel's Params adds its own fields (Fa2Params: paged; fa3::Params: the TMA descriptors).
 #pragma once
@@ -28,20 +28,5 @@ struct ForwardParams {
   float logit_scale;  // sm_scale*log2(e) without soft cap, sm_scale/c with it
   float cap_log2;     // c*log2(e) (soft cap only)
 };
-
-// Work item `item` of num_tiles * num_heads (query tile, qo head) items, in the order the kernels
-// start them: heads in groups of `group`, and inside a group the planner's tile order (widest KV
-// range first) with the group's heads varying fastest. Heavy tiles start first and the work ends
-// on light ones (a short tail), while the items running at once read the K/V of only a few heads
-// (L2 reuse).
-__device__ __forceinline__ void work_tile_head(int item, int num_tiles, int num_heads, int group, int& tile,
-                                               int& head) {
-  group = min(group, num_heads);
-  const int first_head = (item / (group * num_tiles)) * group;
-  const int size = min(group, num_heads - first_head);
-  const int rest = item - first_head * num_tiles;
-  tile = rest / size;
-  head = first_head + rest - tile * size;
-}
 
 }  // namespace jaxinfer

@@ -7,8 +7,7 @@
 // cp.async atoms), online softmax in base 2 (ex2) with the division by the row sum deferred to
 // the end. Each warp owns 16*kMT query rows.
 //
-// What the inner loop keeps out (benchmarks/NOTES-ffi.md; H100, causal B=4 S=4096 H=32
-// head_dim 128: 341 TFLOP/s, 0.62 of cuDNN, from 307 / 0.555): no per-row branch, division or
+// What the inner loop keeps out (benchmarks/NOTES-ffi.md): no per-row branch, division or
 // 64-bit multiply for K/V addresses (the KV mode is a template parameter, ragged rows advance a
 // pointer, page ids are loaded a tile ahead, only a partial tile has predicates); no swizzled
 // ldmatrix address per (row block, chunk) held in registers (SwzRows); no rescaling of O on a
@@ -20,6 +19,9 @@
 // Semantics follow shared/DESIGN.md sec. 2-3: bottom-right causal / window masks, soft cap
 // c*tanh(x/c), GQA (qo head h reads kv head h / group_size), lse base 2, a row with no visible
 // key gives o = 0 and lse = -inf.
+//
+// Shared with fa3 (csrc/common/): the parameters and the work order, the SFU math, pack2 and the
+// quad reductions, cp.async, the KV addressing and the tail fill.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -30,7 +32,12 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "ffi_params.cuh"
+#include "../common/cp_async.cuh"
+#include "../common/ffi_params.cuh"
+#include "../common/kv_addressing.cuh"
+#include "../common/math.cuh"
+#include "../common/tail_fill.cuh"
+#include "../common/work_order.cuh"
 
 #include <cute/arch/copy_sm75.hpp>
 #include <cute/arch/copy_sm80.hpp>
@@ -38,17 +45,17 @@
 
 namespace jaxinfer {
 
-// Everything the kernel reads (ffi_params.cuh) and whether KV is paged.
+// Everything the kernel reads (common/ffi_params.cuh) and whether KV is paged.
 struct Fa2Params : ForwardParams {
   bool paged;
 };
 
 // Tile shapes per head_dim: kMT m16 tiles per warp, kWarps warps, kBN keys per KV tile.
 // Each field is overridable at build time (-DJAXINFER_FA2_BN_D128=64, ...) for tuning runs;
-// 16 * kMT * kWarps must stay BLOCK_M of jaxinfer/ffi/backend.py. kMinBlocks is the CTAs per SM
+// 16 * kMT * kWarps must stay BLOCK_M of jaxinfer/backends/ffi/backend.py. kMinBlocks is the CTAs per SM
 // the register allocation must allow (__launch_bounds__); kStages is the depth of the K/V
 // shared-memory ring (tiles loaded ahead = kStages - 1). Defaults: the fastest of the variants
-// timed on an H100 (benchmarks/NOTES-ffi.md).
+// timed (benchmarks/NOTES-ffi.md).
 #ifndef JAXINFER_FA2_MT_D64
 #define JAXINFER_FA2_MT_D64 2
 #endif
@@ -116,16 +123,6 @@ template <typename T> struct MmaAtom;
 template <> struct MmaAtom<__nv_bfloat16> { using type = cute::SM80_16x8x16_F32BF16BF16F32_TN; };
 template <> struct MmaAtom<__half> { using type = cute::SM80_16x8x16_F32F16F16F32_TN; };
 
-template <typename T> __device__ __forceinline__ uint32_t pack2(float a, float b);
-template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
-  __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-template <> __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
-  __half2 h = __floats2half2_rn(a, b);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-
 // Shared-memory rows of D elements in 16-byte chunks, chunk index XOR (row % 8): the 8 rows an
 // ldmatrix phase reads (or a cp.async phase writes) then hit 8 different bank groups.
 template <int D> __device__ __forceinline__ int swz(int row, int col) {
@@ -157,49 +154,10 @@ template <int N, typename Op> __device__ __forceinline__ float tree_reduce(float
   return x[0];
 }
 
-__device__ __forceinline__ float tanh_approx(float x) {
-  float y;
-  asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// 2^x on the SFU; -inf gives 0 (flush-to-zero is harmless: probabilities below 2^-126 vanish).
-__device__ __forceinline__ float exp2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-template <typename T> __device__ __forceinline__ void cp_async_16(const T* src, T* dst, bool pred) {
-  cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
-      *reinterpret_cast<const cute::uint128_t*>(src), *reinterpret_cast<cute::uint128_t*>(dst), pred);
-}
-
-// How a request's KV rows are addressed (a template parameter, so the copy loop has no branch):
-// ragged [nnz_kv, Hkv, D]; paged with a power-of-2 page_size (shift and mask); paged otherwise.
-enum KvMode : int { kKvRagged = 0, kKvPagedPow2 = 1, kKvPaged = 2 };
-
-// Page-table slot (index into kv_indices from the request's first page) of token t.
-template <int kMode> __host__ __device__ __forceinline__ int page_index(const Fa2Params& p, int t) {
-  return kMode == kKvPagedPow2 ? t >> p.page_shift : t / p.page_size;
-}
-
-// Offset (elements) of token t of a request's KV, head 0; `page` is kv_indices[kv_start +
-// page_index(t)] (paged modes; the kernel loads it one tile ahead so its latency stays hidden).
-template <int kMode>
-__host__ __device__ __forceinline__ int64_t kv_row_offset(const Fa2Params& p, int64_t kv_start, int t, int page) {
-  if constexpr (kMode == kKvRagged) {
-    return (kv_start + t) * p.kv_tok_stride;
-  } else {
-    const int slot = kMode == kKvPagedPow2 ? t & (p.page_size - 1) : t - (t / p.page_size) * p.page_size;
-    return int64_t(page) * p.kv_page_stride + int64_t(slot) * p.kv_tok_stride;
-  }
-}
-
 // One CTA per (tile, qo head) in a 1-D grid of num_tiles * num_heads CTAs, in the order of
-// work_tile_head (ffi_params.cuh); the hardware starts CTAs in index order. H100, causal B=4
-// S=4096 H=32 D=128: groups of 8 heads +3.6 % over the tile-major order (groups of 1), all 32
-// heads -4 %.
+// work_tile_head (common/work_order.cuh); the hardware starts CTAs in index order. Heads go in
+// groups of 8: faster than the tile-major order (groups of 1) and than all heads in one group
+// (benchmarks/NOTES-ffi.md).
 constexpr int kHeadGroup = 8;
 
 template <typename T, int D, int kMode>
@@ -215,7 +173,7 @@ __global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinB
   constexpr int kNT = kBN / 8;  // n8 tiles of S
   constexpr int kDT = D / 8;    // n8 tiles of O
   constexpr float kNegInf = -INFINITY;
-  // Lazy rescaling threshold, log2 units (H100: +5.5 % over rescaling O on every tile).
+  // Lazy rescaling threshold, log2 units (faster than rescaling O on every tile).
   constexpr float kRescaleThreshold = 8.f;
 
   int tile, head;
@@ -258,7 +216,7 @@ __global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinB
     for (int r = tid / kChunks; r < kBM; r += kThreads / kChunks) {
       const bool ok = r < rows_valid;
       const T* src = ok ? q + (q_start + qs + r) * p.q_tok_stride + head * p.q_head_stride + ch * 8 : q;
-      cp_async_16(src, sQ + swz<D>(r, ch * 8), ok);
+      cp_async_16<L2Prefetch::k128B>(src, sQ + swz<D>(r, ch * 8), ok);
     }
   }
   // KV ring of kStages (K, V) tile pairs: tile i lives in slot i % kStages; one cp.async group
@@ -298,7 +256,7 @@ __global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinB
     for (int j = 0; j < kRowsPerThread; ++j) {
       const bool ok = !decltype(partial)::value || j * kRowStep < rows_left;
       if constexpr (kMode != kKvRagged) src = base + kv_row_offset<kMode>(p, 0, t0 + ld_row + j * kRowStep, pages[j]);
-      cp_async_16(ok ? src : any, dst + swz<D>(ld_row + j * kRowStep, ld_ch * 8), ok);
+      cp_async_16<L2Prefetch::k128B>(ok ? src : any, dst + swz<D>(ld_row + j * kRowStep, ld_ch * 8), ok);
       if constexpr (kMode == kKvRagged) src += kRowStep * p.kv_tok_stride;
     }
   };
@@ -420,9 +378,7 @@ __global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinB
         float part[kNT];
 #pragma unroll
         for (int nt = 0; nt < kNT; ++nt) part[nt] = fmaxf(s[mt][nt][2 * hr], s[mt][nt][2 * hr + 1]);
-        float mx = tree_reduce(part, [](float a, float b) { return fmaxf(a, b); });
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+        const float mx = quad_max(tree_reduce(part, [](float a, float b) { return fmaxf(a, b); }));
         m_tile[mt][hr] = mx * scale;
         grow |= m_tile[mt][hr] > row_max[mt][hr] + kRescaleThreshold;
       }
@@ -524,9 +480,7 @@ __global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinB
   for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
-      float l = row_sum[mt][hr];
-      l += __shfl_xor_sync(0xffffffff, l, 1);
-      l += __shfl_xor_sync(0xffffffff, l, 2);
+      const float l = quad_sum(row_sum[mt][hr]);
       const float inv = l > 0.f ? 1.f / l : 0.f;
       const int r = warp_row0 + mt * 16 + g + hr * 8;
       if (r >= rows_valid) continue;
@@ -542,19 +496,11 @@ __global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinB
   }
 }
 
-// Rows [qo_indptr[num_batch], num_rows) belong to no request (q may be longer than the batch):
-// they get o = 0 and lse = -inf so the output is fully defined.
+// Rows [qo_indptr[num_batch], num_rows) belong to no request: o = 0, lse = -inf (fill_tail).
 template <typename T>
 __global__ void fa2_fill_tail_kernel(T* o, float* lse, const int32_t* qo_indptr, int num_batch, int64_t num_rows,
                                      int64_t row_elems, int num_qo_heads) {
-  const int64_t first = qo_indptr[num_batch];
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = first * row_elems + blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < num_rows * row_elems;
-       i += stride)
-    o[i] = T(0.f);
-  for (int64_t i = first * num_qo_heads + blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-       i < num_rows * num_qo_heads; i += stride)
-    lse[i] = -INFINITY;
+  fill_tail(o, lse, qo_indptr, num_batch, num_rows, row_elems, num_qo_heads);
 }
 
 }  // namespace jaxinfer

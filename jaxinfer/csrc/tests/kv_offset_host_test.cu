@@ -1,19 +1,20 @@
-// Host test of the kernel's KV addressing (page_index / kv_row_offset of fa2_kernel.cuh) against
+// Host test of the kernels' KV addressing (page_index / kv_row_offset of common/kv_addressing.cuh) against
 // the page-table definition of shared/DESIGN.md sec. 3, for ragged KV and for paged NHD/HND caches
 // of every page size 1..64 (every size through the general mode, power-of-2 sizes also through the
-// shift-and-mask mode). Built and run by tests/test_ffi.py; prints the number of mismatches and
-// exits non-zero on any.
+// shift-and-mask mode, and fa3's form: the run-time page_index, then the row within the page).
+// Built and run by tests/backends/ffi/test_ffi.py; prints the number of mismatches and exits
+// non-zero on any.
 #include <algorithm>
 #include <cstdio>
 #include <random>
 #include <vector>
 
-#include "../fa2_kernel.cuh"
+#include "../common/kv_addressing.cuh"
 
-using jaxinfer::Fa2Params;
+using jaxinfer::ForwardParams;
 
 // The kernel's offset of (token t, head h): page id looked up as the kernel does, plus the head.
-template <int kMode> int64_t kernel_offset(const Fa2Params& p, int64_t kv_start, int t, int h) {
+template <int kMode> int64_t kernel_offset(const ForwardParams& p, int64_t kv_start, int t, int h) {
   const int page = kMode == jaxinfer::kKvRagged ? 0 : p.kv_indices[kv_start + jaxinfer::page_index<kMode>(p, t)];
   return jaxinfer::kv_row_offset<kMode>(p, kv_start, t, page) + h * p.kv_head_stride;
 }
@@ -28,8 +29,7 @@ int main() {
       std::vector<int32_t> pages(num_pages);
       for (int i = 0; i < num_pages; ++i) pages[i] = i;
       std::shuffle(pages.begin(), pages.end(), rng);
-      Fa2Params p{};
-      p.paged = true;
+      ForwardParams p{};
       p.page_size = page_size;
       p.page_shift = (page_size & (page_size - 1)) == 0 ? __builtin_ctz(unsigned(page_size)) : -1;
       p.kv_indices = pages.data();
@@ -46,6 +46,11 @@ int main() {
                                    : ((page * page_size + slot) * heads + h) * head_dim;
           bad += kernel_offset<jaxinfer::kKvPaged>(p, first_page, t, h) != want;
           ++checked;
+          // paged_row_offset's arithmetic (fa3; it loads the page id with __ldg, device only).
+          const int idx = jaxinfer::page_index(p, t);
+          bad += jaxinfer::page_row_offset(p, p.kv_indices[first_page + idx], t - idx * p.page_size) +
+                     h * p.kv_head_stride != want;
+          ++checked;
           if (p.page_shift >= 0) {
             bad += kernel_offset<jaxinfer::kKvPagedPow2>(p, first_page, t, h) != want;
             ++checked;
@@ -54,7 +59,7 @@ int main() {
       }
     }
   }
-  Fa2Params r{};  // ragged: token kv_indptr[b] + t of [nnz_kv, H, D]
+  ForwardParams r{};  // ragged: token kv_indptr[b] + t of [nnz_kv, H, D]
   r.kv_tok_stride = int64_t(heads) * head_dim;
   r.kv_head_stride = head_dim;
   for (int t = 0; t < 1000; ++t)
