@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -108,19 +109,45 @@ def gencode(arch: str) -> list[str]:
     return ["-gencode", f"arch=compute_{arch[3:]},code={arch}"]
 
 
+SOURCE_SUFFIXES = (".cu", ".cuh", ".h", ".hpp")
+_QUOTED_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"', re.MULTILINE)
+
+
+def kernel_sources(kernel: str) -> list[Path]:
+    """The files of ``jaxinfer/csrc/`` that ``kernel``'s translation unit compiles: the unit and every
+    file it includes with ``#include "..."``, transitively, that resolves inside ``jaxinfer/csrc/``
+    (relative to the including file, as nvcc resolves it: csrc/ is not on the include path), e.g.
+    ``fa3_ffi.cu``, ``fa3/*.cuh`` and the ``common/*.cuh`` it uses. Includes found elsewhere (jaxlib's,
+    CUTLASS's) are not followed; an ``#include`` inside a disabled ``#if`` still counts.
+    """
+    root = CSRC / KERNELS[kernel]
+    found: set[Path] = set()
+    todo = [Path(os.path.normpath(root))]
+    while todo:
+        path = todo.pop()
+        if path in found or not path.is_file():
+            continue
+        found.add(path)
+        for name in _QUOTED_INCLUDE.findall(path.read_text(errors="replace")):
+            dep = Path(os.path.normpath(path.parent / name))
+            if dep.is_relative_to(CSRC) and dep.suffix in SOURCE_SUFFIXES:
+                todo.append(dep)
+    return sorted(found)
+
+
 def source_hash(defines: tuple[str, ...] = (), kernel: str | None = None) -> str:
     """SHA-256 (16 hex digits) of the sources and the flags: the cache key's code part.
 
-    With ``kernel``, only the files of that family (``jaxinfer/csrc/<kernel>_*``) and the FFI code
-    the families share (``ffi_*``), so that editing one kernel does not rebuild the other;
-    otherwise every file of ``jaxinfer/csrc/``.
+    With ``kernel``, exactly the files its translation unit includes (:func:`kernel_sources`: its own
+    ``<kernel>_ffi.cu`` and ``<kernel>/``, and the ``common/`` code the families share), so that
+    editing one kernel does not rebuild the other while editing shared code rebuilds both; otherwise
+    every source file under ``jaxinfer/csrc/``.
     """
     h = hashlib.sha256()
-    paths = [*CSRC.glob(f"{kernel}_*"), *CSRC.glob("ffi_*")] if kernel else CSRC.glob("*")
+    paths = kernel_sources(kernel) if kernel else [p for p in CSRC.rglob("*") if p.suffix in SOURCE_SUFFIXES]
     for path in sorted(paths):
-        if path.suffix in (".cu", ".cuh", ".h", ".hpp"):
-            h.update(path.name.encode())
-            h.update(path.read_bytes())
+        h.update(path.relative_to(CSRC).as_posix().encode())
+        h.update(path.read_bytes())
     h.update(" ".join(NVCC_FLAGS + tuple(defines)).encode())
     return h.hexdigest()[:16]
 

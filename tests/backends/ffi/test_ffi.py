@@ -101,15 +101,25 @@ def test_cache_key_depends_on_arch_and_defines(monkeypatch):
 
 
 def test_cache_key_covers_the_shared_ffi_code(monkeypatch, tmp_path):
-    """Editing the FFI code both families include (ffi_*) rebuilds both; a family's own file only itself."""
-    for name in ("fa2_ffi.cu", "fa3_ffi.cu", "ffi_forward.cuh"):
-        (tmp_path / name).write_text(name)
+    """Editing the code both families include (common/) rebuilds both; a family's own file only itself."""
+    files = {
+        "fa2_ffi.cu": '#include "common/ffi_forward.cuh"\n#include "fa2/kernel.cuh"\n',
+        "fa3_ffi.cu": '#include "common/ffi_forward.cuh"\n#include "fa3/kernel.cuh"\n',
+        "common/ffi_forward.cuh": '#include "ffi_params.cuh"\n#include "xla/ffi/api/ffi.h"\n',
+        "common/ffi_params.cuh": "params",
+        "fa2/kernel.cuh": '#include "../common/ffi_params.cuh"\n',
+        "fa3/kernel.cuh": '#include "pipeline.cuh"\n',
+        "fa3/pipeline.cuh": "pipeline",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
     monkeypatch.setattr(build, "CSRC", tmp_path)
     before = build.source_hash((), "fa2"), build.source_hash((), "fa3")
-    (tmp_path / "ffi_forward.cuh").write_text("changed")
+    (tmp_path / "common" / "ffi_params.cuh").write_text("changed")  # included by both, through common/ and fa2/
     shared = build.source_hash((), "fa2"), build.source_hash((), "fa3")
     assert shared[0] != before[0] and shared[1] != before[1]
-    (tmp_path / "fa3_ffi.cu").write_text("changed")
+    (tmp_path / "fa3" / "pipeline.cuh").write_text("changed")  # fa3's own, two includes deep
     assert build.source_hash((), "fa2") == shared[0] and build.source_hash((), "fa3") != shared[1]
 
 
