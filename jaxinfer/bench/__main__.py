@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
 from jaxinfer.bench import e2e, harness, report
-from jaxinfer.bench.workloads import SIZE_FACTORS, WORKLOADS, select
+from jaxinfer.bench.workloads import E2E, GROUPS, SIZE_FACTORS, WORKLOADS, expand, select
 
 GPU_REPEATS, CPU_REPEATS = 20, 3
 GPU_WARMUP = 3  # calls before timing on GPU (the first compiles); 1 on CPU
 GPU_MIN_REPEAT_S = 5e-3  # back-to-back calls per timed repeat on GPU (amortizes dispatch)
+GPU_PLAN_REPEATS, CPU_PLAN_REPEATS = 20, 2  # timed plan() calls per (workload, backend), after one warm-up
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -20,20 +22,24 @@ def _names(text: str | None) -> list[str] | None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="jaxinfer-bench", description="Benchmark jaxinfer's attention backends.")
-    p.add_argument("--workloads", help=f"comma-separated, default all: {','.join(WORKLOADS)},e2e")
+    groups = "; ".join(f"{g}: {','.join(m)}" for g, m in GROUPS.items() if g != "all")
+    p.add_argument("--workloads", help=f"comma-separated workload or group names (default: the default group). "
+                   f"Workloads: {','.join([*WORKLOADS, E2E])}. Groups: {groups}; all: every workload")
     p.add_argument("--backends", help=f"comma-separated from {','.join(harness.BACKENDS)}; "
                    "default: those that can run here (xla only on CPU)")
     p.add_argument("--repeats", type=int, help=f"timed repeats (default {GPU_REPEATS} on GPU, {CPU_REPEATS} on CPU)")
     p.add_argument("--size", choices=tuple(SIZE_FACTORS), help="full, cpu (1/8 of the sizes) or tiny (1/64, "
                    "for tests); default full on GPU, cpu otherwise")
-    p.add_argument("--out", type=Path, default=Path("bench_out"), help="directory of records.jsonl and "
-                   "throughput.png (default bench_out/)")
+    p.add_argument("--out", type=Path, default=Path("bench_out"), help="directory of records.jsonl, table.md "
+                   "and throughput.png (default bench_out/)")
     p.add_argument("--ceilings", action=argparse.BooleanOptionalAction, default=None,
                    help="measure copy bandwidth and bf16 matmul rate and report each workload's floor "
                    "(default on GPU)")
     p.add_argument("--min-repeat-ms", type=float, help="on GPU, back-to-back calls per timed repeat until it lasts "
                    f"this long (default {GPU_MIN_REPEAT_S * 1e3:g}); longer repeats amortize dispatch and the final "
                    "sync over more calls")
+    p.add_argument("--plan-repeats", type=int, help="timed plan() calls per workload and backend, after one "
+                   f"warm-up (default {GPU_PLAN_REPEATS} on GPU, {CPU_PLAN_REPEATS} on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     args = p.parse_args(argv)
@@ -43,11 +49,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown backends {unknown}; choose from {', '.join(harness.BACKENDS)}")
     names = _names(args.workloads)
     size = args.size or ("full" if harness.on_gpu() else "cpu")
-    args.e2e = e2e.E2EWorkload().scaled(SIZE_FACTORS[size]) if names is None or "e2e" in names else None
     try:
-        args.workloads = select(None if names is None else [n for n in names if n != "e2e"], size)
+        expanded = expand(names)
+        args.workloads = select(names, size)
     except ValueError as e:
         p.error(str(e))
+    args.e2e = e2e.E2EWorkload().scaled(SIZE_FACTORS[size]) if E2E in expanded else None
     return args
 
 
@@ -66,12 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         ceilings = harness.measure_ceilings(timer, full=gpu)
     records = harness.run_benchmark(
         args.workloads, args.backends or harness.default_backends(), timer, ceilings=ceilings, seed=args.seed,
-        plan_repeats=5 if gpu else 2, progress=args.progress,
+        plan_repeats=args.plan_repeats or (GPU_PLAN_REPEATS if gpu else CPU_PLAN_REPEATS), progress=args.progress,
     )
     if args.e2e is not None:
         records += e2e.run_e2e(args.e2e, args.backends or harness.default_backends(), timer)
     args.out.mkdir(parents=True, exist_ok=True)
-    paths = [report.write_records(records, args.out), report.plot(records, ceilings, args.out / report.CHART_FILE)]
+    command = shlex.join(["jaxinfer-bench", *(sys.argv[1:] if argv is None else argv)])
+    paths = [report.write_records(records, args.out), report.write_markdown(records, ceilings, command, args.out),
+             report.plot(records, ceilings, args.out / report.CHART_FILE)]
     print(report.table(records, ceilings))
     for line in report.notes(records, ceilings) + e2e.latency_lines(records):
         print(line)

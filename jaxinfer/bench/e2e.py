@@ -79,6 +79,7 @@ def run_e2e(workload: E2EWorkload, backends, timer: Timer) -> list[dict]:
         except Exception as e:  # one failing backend must not stop the others
             results[backend] = {"status": "error", "reason": f"{type(e).__name__}: {e}"[:500]}
     ref = results[REFERENCE]
+    peer_latency = results.get("dense-cudnn", {}).get("latency_ms")
     records = []
     for backend, r in results.items():
         latency = r.get("latency_ms")
@@ -88,9 +89,12 @@ def run_e2e(workload: E2EWorkload, backends, timer: Timer) -> list[dict]:
             "definition": workload.definition, "workload": workload.name, "axes": workload.axes(),
             "backend": backend, "status": r["status"], "reason": r.get("reason"), "max_error": err,
             "max_error_f64": None, "latency_ms": latency, "reference_latency_ms": ref_latency,
-            "speedup": ref_latency / latency if latency and ref_latency else None, "plan_ms": None,
+            "speedup": ref_latency / latency if latency and ref_latency else None,
+            "cudnn_latency_ms": peer_latency, "vs_cudnn": peer_latency / latency if latency and peer_latency else None,
+            "plan_ms": None, "plan_call_ms": None,
             "input_copies": 1, "throughput": workload.batch / (latency * 1e-3) if latency else None,
-            "unit": workload.unit, "bytes": None, "flops": None, "floor_ms": None, "of_floor": None, **env,
+            "unit": workload.unit, "bytes": None, "flops": None, "floor_ms": None, "of_floor": None,
+            "timing": timer.describe(), **env,
         })
     return records
 

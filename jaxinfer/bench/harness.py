@@ -1,17 +1,20 @@
 """Measurement of ``jaxinfer-bench``: run every (workload, backend), time it, check it, stamp it.
 
 For each workload the inputs are built once; the reference is the ``"xla"`` backend run on float32
-copies of the same inputs, and off GPU (scaled-down sizes) also a float64 numpy evaluation of the
-dense equivalent. Each backend then gets: ``plan()`` time on the host, the median latency of timed
-repeats after warm-up (``jax.block_until_ready``), and the max relative error
-``max|o - ref| / max|ref|`` against both references. ``"cudnn"`` is the peer
-``jax.nn.dot_product_attention(implementation="cudnn")`` on the padded dense equivalent.
+copies of the same inputs (for a batch whose padded float32 form would not fit a GPU, the dense
+equivalent in float32, request group by request group), and off GPU (scaled-down sizes) also a
+float64 numpy evaluation of the dense equivalent. Each backend then gets: ``plan()`` time on the
+host, the median latency of timed repeats after warm-up (:class:`Timer`, the one timing method of
+every figure), and the max relative error ``max|o - ref| / max|ref|`` against both references.
+``"cudnn"`` is the peer ``jax.nn.dot_product_attention(implementation="cudnn")`` on the padded
+dense equivalent.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import math
 import statistics
 import subprocess
@@ -40,6 +43,11 @@ F64_CHECK_MAX_FLOPS = 5e9
 DENSE_MAX_BYTES = 24 * 2**30
 # Error above which a result is reported as "mismatch" (bf16 inputs and output).
 BF16_TOLERANCE = 2e-2
+# Above this estimate of the float32 reference's footprint on the xla backend (padded K/V plus
+# scores), the reference is the dense form computed in request groups (decode_wide_zipf: 70 GB).
+REFERENCE_MAX_BYTES = 32 * 2**30
+# Float32 K/V and scores per request group of that chunked reference.
+REFERENCE_CHUNK_BYTES = 2**30
 
 
 def on_gpu() -> bool:
@@ -92,6 +100,14 @@ class Timer:
     warmup: int = 1
     min_repeat_s: float = 0.0
 
+    def describe(self) -> str:
+        """The timing method in words (printed with the table and stored in every record)."""
+        burst = (f"back-to-back calls for at least {self.min_repeat_s * 1e3:g} ms, then one "
+                 "jax.block_until_ready; latency = repeat time / calls" if self.min_repeat_s > 0
+                 else "one call ended by jax.block_until_ready")
+        return (f"median of {self.repeats} timed repeats after {self.warmup} warm-up call(s) (the first "
+                f"compiles); a repeat is {burst}")
+
     def __call__(self, fn: Callable, args_list: Sequence[tuple]):
         """``(latency in ms of fn(*args) rotating over args_list, the first call's output)``."""
         first = jax.block_until_ready(fn(*args_list[0]))
@@ -110,22 +126,6 @@ class Timer:
             jax.block_until_ready(out)
             samples.append((time.perf_counter() - start) / calls)
         return statistics.median(samples) * 1e3, first
-
-
-def median_seconds(fn: Callable, *args, iters: int = 20, reps: int = 7, warmup: int = 1) -> float:
-    """Median seconds per call of ``fn(*args)`` over ``reps`` bursts of ``iters`` back-to-back
-    calls, each burst synchronised once, after ``warmup`` calls (the first compiles). The GPU
-    scripts in benchmarks/ time with this; the CLI uses :class:`Timer`."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) / iters)
-    return statistics.median(times)
 
 
 def input_copies(args: tuple, nbytes: int) -> list[tuple]:
@@ -180,9 +180,92 @@ def rel_error(o, ref) -> float:
     return float(jnp.max(jnp.abs(o - ref)) / jnp.max(jnp.abs(ref)))
 
 
+def padded_reference_bytes(problem: Problem) -> int:
+    """Estimate of the float32 footprint of the xla backend on ``problem``: the batch padded to
+    its longest request (K and V, and the scores ``[B, Hq, T, S]``)."""
+    d = problem.dense
+    _, hkv, dim = problem.kv_flat[0].shape
+    hq = problem.q.shape[1]
+    t, s = int(d.qo_lens.max(initial=1)), int(d.kv_lens.max(initial=1))
+    return 4 * d.kv_lens.size * s * (2 * hkv * dim + hq * t)
+
+
+def _rope(xp, x, pos, theta: float):
+    """Rotate-half (ROPE_LLAMA) RoPE of ``x [..., L, H, D]`` at positions ``pos [..., L]``
+    (``xp``: numpy in float64, jax.numpy in float32): pairs ``(d, d + D/2)`` rotate by
+    ``pos * theta ** (-2d / D)``."""
+    dim = x.shape[-1]
+    freq = theta ** (-2.0 * xp.arange(dim // 2, dtype=x.dtype) / dim)
+    angle = pos[..., None, None].astype(x.dtype) * freq
+    cos, sin = xp.cos(angle), xp.sin(angle)
+    x1, x2 = x[..., : dim // 2], x[..., dim // 2 :]
+    return xp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames="rope_theta")
+def _attention32(q, k, v, visible, q_pos, rope_theta):
+    """Softmax attention in float32 of a request group: ``q [n, T, Hq, D]``, ``k/v [n, S, Hkv, D]``,
+    ``visible [n, T, S]``, ``q_pos [n, T]``; a row with no visible key gives 0."""
+    n, t, hq, dim = q.shape
+    hkv = k.shape[2]
+    if rope_theta is not None:
+        q = _rope(jnp, q, q_pos, rope_theta)
+        k = _rope(jnp, k, jnp.broadcast_to(jnp.arange(k.shape[1]), k.shape[:2]), rope_theta)
+    qg = q.reshape(n, t, hkv, hq // hkv, dim)
+    s = jnp.einsum("ntkgd,nskd->nkgts", qg, k, precision="highest") / math.sqrt(dim)
+    s = jnp.where(visible[:, None, None], s, -jnp.inf)
+    m = s.max(axis=-1, keepdims=True)
+    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    l = p.sum(axis=-1, keepdims=True)
+    o = jnp.einsum("nkgts,nskd->ntkgd", p / jnp.where(l > 0, l, 1.0), v, precision="highest")
+    return o.reshape(n, t, hq, dim)
+
+
+def _pad_edge(index: np.ndarray, width: int) -> np.ndarray:
+    return np.pad(index, ((0, 0), (0, width - index.shape[1])), mode="edge") if width > index.shape[1] else index[:, :width]
+
+
+def chunked_reference(problem: Problem, chunk_bytes: int = REFERENCE_CHUNK_BYTES) -> jax.Array:
+    """``o [nnz_q, Hq, D]`` float32 of the dense equivalent, request group by request group.
+
+    Requests are bucketed by the power of two above their KV length (and query length); a bucket
+    runs in groups of as many of its requests as fit ``chunk_bytes`` of float32 K/V and scores, the
+    last group padded with a repeated request, so there is one compiled shape per bucket.
+    """
+    d = problem.dense
+    q32 = problem.q.astype(jnp.float32)
+    k_flat, v_flat = problem.kv_flat
+    _, hkv, dim = k_flat.shape
+    hq = q32.shape[1]
+    visible = d.visible()
+    out = np.zeros(q32.shape, np.float32)
+    pow2 = lambda x: 1 << max(int(x) - 1, 0).bit_length()  # noqa: E731
+    buckets: dict[tuple[int, int], list[int]] = {}
+    for b in np.argsort(-d.kv_lens, kind="stable"):
+        buckets.setdefault((pow2(d.qo_lens[b]), pow2(d.kv_lens[b])), []).append(int(b))
+    for (t, s), reqs in buckets.items():
+        n = min(len(reqs), max(1, chunk_bytes // (4 * s * (2 * hkv * dim + hq * t))))
+        for i in range(0, len(reqs), n):
+            group = np.array(reqs[i : i + n] + reqs[i : i + 1] * (n - len(reqs[i : i + n])))
+            q_idx, kv_idx = _pad_edge(d.q_index[group], t), _pad_edge(d.kv_index[group], s)
+            vis = np.zeros((n, t, s), bool)
+            tv, sv = min(t, visible.shape[1]), min(s, visible.shape[2])
+            vis[:, :tv, :sv] = visible[group, :tv, :sv]
+            q_pos = (d.kv_lens[group] - d.qo_lens[group])[:, None] + np.arange(t)[None]
+            o = _attention32(q32[q_idx], k_flat[kv_idx].astype(jnp.float32), v_flat[kv_idx].astype(jnp.float32),
+                             jnp.asarray(vis), jnp.asarray(q_pos), d.rope_theta)
+            o = np.asarray(o)
+            for j, b in enumerate(reqs[i : i + n]):
+                out[d.q_index[b, : d.qo_lens[b]]] = o[j, : d.qo_lens[b]]
+    return jnp.asarray(out)
+
+
 def reference_output(problem: Problem) -> jax.Array:
     """``o`` of the ``"xla"`` backend on float32 copies of the inputs ``[nnz_q, Hq, D]`` (through
-    ``problem.reference`` when the problem names a cheaper form of its batch)."""
+    ``problem.reference`` when the problem names a cheaper form of its batch; by
+    :func:`chunked_reference` when the padded float32 batch would exceed ``REFERENCE_MAX_BYTES``)."""
+    if problem.reference is None and padded_reference_bytes(problem) > REFERENCE_MAX_BYTES:
+        return chunked_reference(problem)
     problem = problem.reference or problem
     wrapper = problem.make_wrapper(backend=REFERENCE_BACKEND)
     plan = wrapper.plan(*problem.plan_args, q_data_type=jnp.float32, **problem.plan_kwargs)
@@ -190,9 +273,15 @@ def reference_output(problem: Problem) -> jax.Array:
     return jax.jit(problem.step)(plan, problem.q.astype(jnp.float32), kv32)
 
 
-def _attention64(q: np.ndarray, k: np.ndarray, v: np.ndarray, visible: np.ndarray) -> np.ndarray:
+def _attention64(q: np.ndarray, k: np.ndarray, v: np.ndarray, visible: np.ndarray,
+                 rope_theta: float | None = None) -> np.ndarray:
     """Softmax attention of one request in float64: ``q [T, Hq, D]``, ``k/v [S, Hkv, D]``,
-    ``visible [T, S]``; GQA by repeating KV heads; a row with no visible key gives 0."""
+    ``visible [T, S]``; GQA by repeating KV heads; a row with no visible key gives 0; with
+    ``rope_theta``, RoPE at query positions ``S - T + i`` and key positions ``j``."""
+    if rope_theta is not None:
+        t, s = q.shape[0], k.shape[0]
+        q = _rope(np, q, np.arange(s - t, s), rope_theta)
+        k = _rope(np, k, np.arange(s), rope_theta)
     group = q.shape[1] // k.shape[1]
     k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
     s = np.einsum("thd,shd->hts", q, k) / math.sqrt(q.shape[2])
@@ -212,7 +301,7 @@ def f64_output(problem: Problem) -> np.ndarray:
     out = np.zeros_like(q)
     for b, (t, s) in enumerate(zip(d.qo_lens, d.kv_lens)):
         rows, keys = d.q_index[b, :t], d.kv_index[b, :s]
-        out[rows] = _attention64(q[rows], k[keys], v[keys], visible[b, :t, :s])
+        out[rows] = _attention64(q[rows], k[keys], v[keys], visible[b, :t, :s], d.rope_theta)
     return out
 
 
@@ -230,6 +319,7 @@ class Prepared:
     ``q_rows`` of the ragged reference."""
 
     plan_ms: float | None
+    plan_call_ms: float | None
     fn: Callable
     args: tuple
     rows: Callable
@@ -237,14 +327,22 @@ class Prepared:
 
 
 def _time_plan(problem: Problem, wrapper, repeats: int):
-    """Plan ``repeats`` times on the host; returns the plan and the median ms (until on device)."""
-    samples = []
+    """Plan once (warm-up), then ``repeats`` times on the host, each call alone (the previous plan
+    on the device first); returns ``(plan, median ms until the plan is on the device, median ms
+    until plan() returns)``. The second is what FlashInfer's plan() and issue 3's target count:
+    plan() returns with the host-to-device copy enqueued."""
+    def call():
+        return wrapper.plan(*problem.plan_args, q_data_type=problem.q.dtype, **problem.plan_kwargs)
+
+    plan = jax.block_until_ready(call())
+    ready, returned = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        plan = wrapper.plan(*problem.plan_args, q_data_type=problem.q.dtype, **problem.plan_kwargs)
+        plan = call()
+        returned.append(time.perf_counter() - start)
         jax.block_until_ready(plan)
-        samples.append(time.perf_counter() - start)
-    return plan, statistics.median(samples) * 1e3
+        ready.append(time.perf_counter() - start)
+    return plan, statistics.median(ready) * 1e3, statistics.median(returned) * 1e3
 
 
 def prepare_wrapper(problem: Problem, backend: str, plan_repeats: int) -> Prepared:
@@ -253,9 +351,10 @@ def prepare_wrapper(problem: Problem, backend: str, plan_repeats: int) -> Prepar
     Raises:
       NotImplementedError: the backend cannot serve the workload.
     """
-    plan, plan_ms = _time_plan(problem, problem.make_wrapper(backend=backend), plan_repeats)
+    plan, plan_ms, plan_call_ms = _time_plan(problem, problem.make_wrapper(backend=backend), plan_repeats)
     nnz_q = problem.q.shape[0]
-    return Prepared(plan_ms, jax.jit(problem.step), (plan, problem.q, problem.kv), lambda o: o, np.arange(nnz_q))
+    return Prepared(plan_ms, plan_call_ms, jax.jit(problem.step), (plan, problem.q, problem.kv), lambda o: o,
+                    np.arange(nnz_q))
 
 
 def prepare_dense_peer(problem: Problem, implementation: str) -> Prepared:
@@ -267,9 +366,12 @@ def prepare_dense_peer(problem: Problem, implementation: str) -> Prepared:
     ``qo_len != kv_len``, block-sparse) is passed as a dense bool mask.
 
     Raises:
-      NotImplementedError: a dense equivalent over ``DENSE_MAX_BYTES``.
+      NotImplementedError: a dense equivalent over ``DENSE_MAX_BYTES``, or a RoPE workload (the
+        peer has no fused RoPE; rotating q and k outside the timing would not be the same work).
     """
     d: Dense = problem.dense
+    if d.rope_theta is not None:
+        raise NotImplementedError("jax.nn.dot_product_attention has no fused RoPE")
     k_flat, v_flat = problem.kv_flat
     dense_bytes = 2 * d.kv_index.size * k_flat.shape[1] * k_flat.shape[2] * k_flat.dtype.itemsize
     if dense_bytes > DENSE_MAX_BYTES:
@@ -287,7 +389,7 @@ def prepare_dense_peer(problem: Problem, implementation: str) -> Prepared:
 
     args = (problem.q[d.q_index], k_flat[d.kv_index], v_flat[d.kv_index], extra)
     b, i = np.nonzero(np.arange(d.q_index.shape[1])[None] < d.qo_lens[:, None])
-    return Prepared(None, jax.jit(fn), args, lambda o: o[b, i], d.q_index[b, i])
+    return Prepared(None, None, jax.jit(fn), args, lambda o: o[b, i], d.q_index[b, i])
 
 
 def prepare_cudnn(problem: Problem) -> Prepared:
@@ -331,16 +433,19 @@ def measure(problem: Problem, backend: str, timer: Timer, ref, ref64, plan_repea
         "latency_ms": latency_ms,
         "input_copies": len(copies),
         "plan_ms": prep.plan_ms,
+        "plan_call_ms": prep.plan_call_ms,
         "max_error": err,
         "max_error_f64": err64,
     }
 
 
 def make_record(workload: Workload, problem: Problem, backend: str, result: dict, reference: dict | None,
-                ceilings: Ceilings | None, env: dict) -> dict:
-    """One JSON record (FlashInfer-Bench trace fields plus throughput, floor and environment)."""
+                ceilings: Ceilings | None, env: dict, peer: dict | None = None, timing: str | None = None) -> dict:
+    """One JSON record (FlashInfer-Bench trace fields plus throughput, floor, the same-run ratios
+    to the xla backend (``speedup``) and to cuDNN (``vs_cudnn``), timing method and environment)."""
     latency = result.get("latency_ms")
     ref_latency = reference.get("latency_ms") if reference else None
+    peer_latency = peer.get("latency_ms") if peer else None
     work = problem.flops if workload.unit == "TFLOP/s" else problem.bytes
     floor = ceilings.floor_ms(problem.bytes, problem.flops) if ceilings else None
     return {
@@ -355,7 +460,10 @@ def make_record(workload: Workload, problem: Problem, backend: str, result: dict
         "latency_ms": latency,
         "reference_latency_ms": ref_latency,
         "speedup": ref_latency / latency if latency and ref_latency else None,
+        "cudnn_latency_ms": peer_latency,
+        "vs_cudnn": peer_latency / latency if latency and peer_latency else None,
         "plan_ms": result.get("plan_ms"),
+        "plan_call_ms": result.get("plan_call_ms"),
         "input_copies": result.get("input_copies"),
         "throughput": work / (latency * 1e-3) / 1e12 if latency else None,
         "unit": workload.unit,
@@ -363,6 +471,7 @@ def make_record(workload: Workload, problem: Problem, backend: str, result: dict
         "flops": problem.flops,
         "floor_ms": floor,
         "of_floor": latency / floor if latency and floor else None,
+        "timing": timing,
         **env,
     }
 
@@ -380,7 +489,7 @@ def run_benchmark(
     """Measure every (workload, backend); returns one record per pair (see :func:`make_record`).
 
     The reference latency of a record is that of the ``"xla"`` backend in the same run (``None``
-    when ``"xla"`` is not among ``backends``).
+    when ``"xla"`` is not among ``backends``), the peer latency that of ``"cudnn"`` likewise.
     """
     env = environment()
     records = []
@@ -401,7 +510,8 @@ def run_benchmark(
                 if results[backend]["status"] == "unchecked":
                     results[backend]["reason"] = ref_failure
                 bar.update()
-            reference = results.get(REFERENCE_BACKEND)
-            records += [make_record(workload, problem, b, r, reference, ceilings, env) for b, r in results.items()]
+            reference, peer = results.get(REFERENCE_BACKEND), results.get("cudnn")
+            records += [make_record(workload, problem, b, r, reference, ceilings, env, peer, timer.describe())
+                        for b, r in results.items()]
             del problem, ref, ref64  # free the device before the next workload's inputs
     return records

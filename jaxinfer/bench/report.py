@@ -1,4 +1,4 @@
-"""Output of ``jaxinfer-bench``: the table, the JSON records and the throughput chart."""
+"""Output of ``jaxinfer-bench``: the table, the JSON records, the markdown summary and the chart."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ from jaxinfer.bench.harness import L2_BYTES, Ceilings  # noqa: E402
 
 RECORDS_FILE = "records.jsonl"
 CHART_FILE = "throughput.png"
+MARKDOWN_FILE = "table.md"
 UNITS = ("TB/s", "TFLOP/s")
+PEERS = ("cudnn", "dense-xla", "dense-cudnn")
 
 
 def cpu_notice(device: str) -> str:
@@ -32,17 +34,18 @@ def _fmt(x, spec: str) -> str:
 
 
 def table(records: Sequence[dict], ceilings: Ceilings | None) -> str:
-    """One row per record: latency, throughput, speedup over xla, errors, plan time, floor."""
-    headers = ["workload", "backend", "status", "latency ms", "throughput", "vs xla", "max err",
-               "err f64", "plan ms"]
+    """One row per record: latency, throughput, same-run ratios to xla and cuDNN, errors, plan()
+    time (until it returns / until the plan is on the device), floor."""
+    headers = ["workload", "backend", "status", "latency ms", "throughput", "vs xla", "vs cudnn", "max err",
+               "err f64", "plan call ms", "plan ms"]
     if ceilings:
         headers += ["floor ms", "x floor"]
     rows = []
     for r in records:
         row = [r["workload"], r["backend"], r["status"], _fmt(r["latency_ms"], ".4g"),
                "" if r["throughput"] is None else f"{r['throughput']:.3g} {r['unit']}",
-               _fmt(r["speedup"], ".2f"), _fmt(r["max_error"], ".1e"), _fmt(r["max_error_f64"], ".1e"),
-               _fmt(r["plan_ms"], ".3g")]
+               _fmt(r["speedup"], ".2f"), _fmt(r.get("vs_cudnn"), ".2f"), _fmt(r["max_error"], ".1e"),
+               _fmt(r["max_error_f64"], ".1e"), _fmt(r.get("plan_call_ms"), ".3g"), _fmt(r["plan_ms"], ".3g")]
         if ceilings:
             row += [_fmt(r["floor_ms"], ".4g"), _fmt(r["of_floor"], ".2f")]
         rows.append(row)
@@ -50,8 +53,10 @@ def table(records: Sequence[dict], ceilings: Ceilings | None) -> str:
 
 
 def notes(records: Sequence[dict], ceilings: Ceilings | None) -> list[str]:
-    """Lines under the table: ceilings, cascade against plain decode, why runs did not happen."""
-    lines = []
+    """Lines under the table: timing method, ceilings, cascade against plain decode, fused RoPE
+    against plain decode, why runs did not happen."""
+    timings = list(dict.fromkeys(r["timing"] for r in records if r.get("timing")))
+    lines = [f"timing: {t}" for t in timings]
     if ceilings:
         lines.append(
             f"ceilings: copy {ceilings.copy_tb_s:.3g} TB/s (read + write of {ceilings.copy_bytes / 2**30:.3g} GiB), "
@@ -70,6 +75,10 @@ def notes(records: Sequence[dict], ceilings: Ceilings | None) -> list[str]:
         flat = latency.get(("cascade_flat", backend))
         if workload == "cascade" and flat:
             lines.append(f"cascade vs plain batch decode of the same batch ({backend}): {flat / ms:.2f}x faster")
+        plain = latency.get(("decode_uniform", backend))
+        if workload == "decode_rope" and plain:
+            lines.append(f"decode_rope (fused ROPE_LLAMA) vs decode_uniform, same inputs ({backend}): "
+                         f"{ms / plain:.3f}x the latency")
     lines += [f"{r['workload']} / {r['backend']}: {r['status']}: {r['reason']}" for r in records if r["reason"]]
     return lines
 
@@ -78,6 +87,67 @@ def write_records(records: Sequence[dict], out_dir: Path) -> Path:
     """``out_dir/records.jsonl``: one JSON record per line."""
     path = out_dir / RECORDS_FILE
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _best(rows: Sequence[dict]) -> dict | None:
+    """The fastest jaxinfer backend's record among ``rows`` (status ok; peers and xla excluded)."""
+    own = [r for r in rows if r["status"] == "ok" and r["backend"] not in PEERS and r["backend"] != "xla"]
+    return min(own, key=lambda r: r["latency_ms"], default=None)
+
+
+def markdown(records: Sequence[dict], ceilings: Ceilings | None, command: str) -> str:
+    """The run as markdown for benchmarks/RESULTS.md: a header (device, commit, date, command,
+    timing), then one row per workload with each backend's throughput (latency) and the fastest
+    jaxinfer backend's same-run ratios to cuDNN and to the xla backend; then plan() times."""
+    if not records:
+        return ""
+    env = records[0]
+    backends = list(dict.fromkeys(r["backend"] for r in records))
+    workloads = list(dict.fromkeys(r["workload"] for r in records))
+    by = {(r["workload"], r["backend"]): r for r in records}
+    lines = [
+        f"- device: {env['device']} ({env['platform']}), jax {env['jax_version']}",
+        f"- commit: `{env['git_commit']}`, date {env['date']}",
+        f"- command: `{command}`",
+        *[f"- timing: {t}" for t in dict.fromkeys(r["timing"] for r in records if r.get("timing"))],
+    ]
+    if ceilings:
+        lines.append(f"- ceilings: copy {ceilings.copy_tb_s:.3g} TB/s, bf16 matmul {ceilings.matmul_tflop_s:.3g} TFLOP/s")
+    lines += ["", "| workload | unit | " + " | ".join(backends) + " | best | best / cuDNN | best / xla |",
+              "| --- " * (len(backends) + 5) + "|"]
+    for w in workloads:
+        rows = [by[(w, b)] for b in backends if (w, b) in by]
+        cells = []
+        for b in backends:
+            r = by.get((w, b))
+            if r is None:
+                cells.append("")
+            elif r["status"] in ("ok", "unchecked") and r["latency_ms"]:
+                mark = "" if r["status"] == "ok" else " (unchecked)"
+                cells.append(f"{r['throughput']:.3g} ({r['latency_ms']:.4g} ms){mark}")
+            else:
+                cells.append(r["status"])
+        best = _best(rows)
+        ratios = ["", "", ""] if best is None else [best["backend"], _fmt(best.get("vs_cudnn"), ".2f"),
+                                                    _fmt(best["speedup"], ".2f")]
+        lines.append(f"| {w} | {rows[0]['unit']} | " + " | ".join(cells + ratios) + " |")
+    planned = [r for r in records if r.get("plan_call_ms") is not None]
+    if planned:
+        plan_backends = list(dict.fromkeys(r["backend"] for r in planned))
+        lines += ["", "plan() on the host, ms: median until it returns / until the plan is on the device", "",
+                  "| workload | " + " | ".join(plan_backends) + " |", "| --- " * (len(plan_backends) + 1) + "|"]
+        for w in dict.fromkeys(r["workload"] for r in planned):
+            cells = [f"{by[(w, b)]['plan_call_ms']:.3g} / {by[(w, b)]['plan_ms']:.3g}"
+                     if (w, b) in by and by[(w, b)].get("plan_call_ms") is not None else "" for b in plan_backends]
+            lines.append(f"| {w} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(records: Sequence[dict], ceilings: Ceilings | None, command: str, out_dir: Path) -> Path:
+    """``out_dir/table.md``: :func:`markdown` of the run."""
+    path = out_dir / MARKDOWN_FILE
+    path.write_text(markdown(records, ceilings, command))
     return path
 
 

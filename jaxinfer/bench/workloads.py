@@ -1,4 +1,4 @@
-"""The named workloads of ``jaxinfer-bench`` (issue 2, item 6) and the inputs they build.
+"""The named workloads of ``jaxinfer-bench`` (issue 2, item 6), their groups, and the inputs they build.
 
 Each workload is a frozen dataclass of its shape parameters; :meth:`Workload.scaled` divides the
 fields marked as sizes (batch, lengths) by a factor, which gives the CPU and test sizes. ``build``
@@ -12,6 +12,11 @@ column per block) with ``R = 64`` query rows per block row, at the same 10% dens
 ``block_sparse`` (``R = C = 64``). Keeping ``R = 64`` makes the two differ only in column
 granularity (the KV gathered per token instead of per 64-token block); ``R = C = 1`` at
 ``M = 8192`` would give 6.7 M block indices whose planning, not attention, would dominate.
+
+Groups (:data:`GROUPS`): ``default`` is what a bare run measures (``make bench``); the others are
+opt-in by name: ``prefill_shapes`` (the prefill variations the FFI kernels are tuned on),
+``rope`` (fused ROPE_LLAMA decode, read against ``decode_uniform``), ``plan`` (the B=256
+decode batches whose host ``plan()`` time issue 3 targets) and ``all``.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ class Dense:
       qo_lens, kv_lens: ``[B]`` int.
       causal: bottom-right aligned causal mask (shared/DESIGN.md sec. 2).
       mask: ``[T, S]`` bool applied to every request (block-sparse pattern), or ``None``.
+      rope_theta: if set, rotate-half (ROPE_LLAMA) RoPE with this base is applied to q (at
+        position ``kv_len - qo_len + i``) and k (at ``j``) inside attention.
     """
 
     q_index: np.ndarray
@@ -51,6 +58,7 @@ class Dense:
     kv_lens: np.ndarray
     causal: bool = False
     mask: np.ndarray | None = None
+    rope_theta: float | None = None
 
     def visible(self) -> np.ndarray:
         """``[B, T, S]`` bool: key ``j`` is visible to query ``i`` of request ``b``."""
@@ -250,6 +258,8 @@ class DecodeWorkload(Workload):
       kv_len: tokens per request; with ``zipf_a``, the multiplier of the Zipf draw.
       zipf_a: if set, ``kv_len_b = clip(zipf(zipf_a) * kv_len, kv_len_min, kv_len_max)`` drawn
         from ``numpy.random.default_rng(0)`` (the lengths are part of the workload's definition).
+      rope_theta: if set, ROPE_LLAMA (rotate-half RoPE with this base) fused into attention
+        (``pos_encoding_mode="ROPE_LLAMA"``); the inputs are those of the same batch without it.
     """
 
     batch_size: int = dataclasses.field(metadata=SIZE)
@@ -257,10 +267,12 @@ class DecodeWorkload(Workload):
     zipf_a: float | None = None
     kv_len_min: int = dataclasses.field(default=16, metadata=SIZE)
     kv_len_max: int = dataclasses.field(default=32768, metadata=SIZE)
+    rope_theta: float | None = None
 
     @property
     def definition(self) -> str:
-        return f"gqa_paged_decode_{self._geometry()}_ps{self.page_size}"
+        rope = "_rope_llama" if self.rope_theta is not None else ""
+        return f"gqa_paged_decode{rope}_{self._geometry()}_ps{self.page_size}"
 
     def kv_lens(self) -> np.ndarray:
         if self.zipf_a is None:
@@ -276,22 +288,24 @@ class DecodeWorkload(Workload):
             make_wrapper=functools.partial(jaxinfer.BatchDecodeWithPagedKVCacheWrapper, "NHD"),
             plan_args=(table.indptr, table.indices, table.last_page_len, self.num_qo_heads,
                        self.num_kv_heads, self.head_dim, self.page_size),
-            plan_kwargs={},
+            plan_kwargs={} if self.rope_theta is None else {"pos_encoding_mode": "ROPE_LLAMA",
+                                                            "rope_theta": self.rope_theta},
             step=_decode_step,
             q=q,
             kv=self._paged_kv(kkv, table.num_pages),
-            dense=_decode_dense(table),
+            dense=dataclasses.replace(_decode_dense(table), rope_theta=self.rope_theta),
         )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PrefillWorkload(Workload):
-    """Causal batch prefill (``prefix_len = 0``) or append (``qo_len`` new tokens after a prefix).
+    """Batch prefill (``prefix_len = 0``) or append (``qo_len`` new tokens after a prefix).
 
     Attributes:
       batch_size: requests, each with ``qo_len`` queries over ``prefix_len + qo_len`` keys.
       paged: KV in a paged cache (BatchPrefillWithPagedKVCacheWrapper) or ragged
         (BatchPrefillWithRaggedKVCacheWrapper).
+      causal: bottom-right aligned causal mask (off: every query sees every key).
     """
 
     unit: ClassVar[str] = "TFLOP/s"
@@ -300,12 +314,14 @@ class PrefillWorkload(Workload):
     qo_len: int = dataclasses.field(metadata=SIZE)
     prefix_len: int = dataclasses.field(default=0, metadata=SIZE)
     paged: bool = False
+    causal: bool = True
 
     @property
     def definition(self) -> str:
+        mask = "causal" if self.causal else "noncausal"
         if self.paged:
-            return f"gqa_paged_prefill_causal_{self._geometry()}_ps{self.page_size}"
-        return f"gqa_ragged_prefill_causal_{self._geometry()}"
+            return f"gqa_paged_prefill_{mask}_{self._geometry()}_ps{self.page_size}"
+        return f"gqa_ragged_prefill_{mask}_{self._geometry()}"
 
     def build(self, seed: int) -> Problem:
         kv_len = self.prefix_len + self.qo_len
@@ -331,11 +347,11 @@ class PrefillWorkload(Workload):
         return Problem(
             make_wrapper=make,
             plan_args=plan_args,
-            plan_kwargs={"causal": True},
+            plan_kwargs={"causal": self.causal},
             step=step,
             q=q,
             kv=kv,
-            dense=Dense(q_index, kv_index, qo_lens, kv_lens, causal=True),
+            dense=Dense(q_index, kv_index, qo_lens, kv_lens, causal=self.causal),
         )
 
 
@@ -450,12 +466,16 @@ class BlockSparseWorkload(Workload):
         )
 
 
+# The same shape with one thing changed each: the prefill table of the FFI kernels (B=4, S=4096,
+# Hq=32, D=128, causal, ragged, unless the name says otherwise).
+_PREFILL = dict(batch_size=4, qo_len=4096, num_kv_heads=32)
+
 # prefill_causal runs first: its float32 reference takes ~26 GB of temporaries in one block, which
 # an H100's allocator could not find after five other workloads had run (benchmarks/RESULTS.md).
 WORKLOADS: dict[str, Workload] = {
     w.name: w
     for w in (
-        PrefillWorkload(name="prefill_causal", batch_size=4, qo_len=4096, num_kv_heads=32),
+        PrefillWorkload(name="prefill_causal", **_PREFILL),
         DecodeWorkload(name="decode_uniform", batch_size=64, kv_len=4096),
         DecodeWorkload(name="decode_zipf", batch_size=64, kv_len=256, zipf_a=1.5),
         DecodeWorkload(name="decode_long", batch_size=8, kv_len=32768),
@@ -465,20 +485,61 @@ WORKLOADS: dict[str, Workload] = {
         CascadeWorkload(name="cascade_flat", batch_size=128, shared_len=32768, unique_len=256, flat=True),
         BlockSparseWorkload(name="block_sparse", M=8192, N=8192, R=64, C=64),
         BlockSparseWorkload(name="vector_sparse", M=8192, N=8192, R=64, C=1),
+        # Opt-in (see GROUPS). The prefill shapes of the retired benchmarks/ffi_gpu.py:
+        PrefillWorkload(name="prefill_noncausal", **_PREFILL, causal=False),
+        PrefillWorkload(name="prefill_gqa_hkv8", **{**_PREFILL, "num_kv_heads": 8}),
+        PrefillWorkload(name="prefill_d64", **_PREFILL, head_dim=64),
+        PrefillWorkload(name="prefill_d256", **_PREFILL, head_dim=256),
+        PrefillWorkload(name="prefill_paged16", **_PREFILL, paged=True, page_size=16),
+        PrefillWorkload(name="prefill_paged1", **_PREFILL, paged=True, page_size=1),
+        # decode_uniform's batch and inputs with ROPE_LLAMA fused (issue 4: <= 1.1x decode_uniform;
+        # theta 5e5 as Llama 3), from the retired benchmarks/pallas_gpu.py.
+        DecodeWorkload(name="decode_rope", batch_size=64, kv_len=4096, rope_theta=5e5),
+        # decode_zipf's draw at B=256 (85,536 pages): with decode_wide (uniform 1024), the batches
+        # of issue 3's plan() target (under 300 us on the host), from the retired plan_gpu.py.
+        DecodeWorkload(name="decode_wide_zipf", batch_size=256, kv_len=256, zipf_a=1.5),
     )
 }
 
+# Named sets of workloads for ``--workloads`` (``e2e`` is the Llama decode step of bench/e2e.py).
+GROUPS: dict[str, tuple[str, ...]] = {
+    "default": ("prefill_causal", "decode_uniform", "decode_zipf", "decode_long", "decode_wide", "append",
+                "cascade", "cascade_flat", "block_sparse", "vector_sparse", "e2e"),
+    "prefill_shapes": ("prefill_causal", "prefill_noncausal", "prefill_gqa_hkv8", "prefill_d64", "prefill_d256",
+                       "prefill_paged16", "prefill_paged1"),
+    "rope": ("decode_uniform", "decode_rope"),
+    "plan": ("decode_wide", "decode_wide_zipf"),
+}
+# Every workload, the large prefill references first (see the note on prefill_causal above).
+GROUPS["all"] = tuple(dict.fromkeys([*GROUPS["prefill_shapes"], *GROUPS["default"], *WORKLOADS]))
+E2E = "e2e"
+
+
+def expand(names: list[str] | None) -> list[str]:
+    """Workload names of ``names`` (workload or group names, in order, each once; ``None`` is the
+    ``default`` group); may include ``"e2e"``.
+
+    Raises:
+      ValueError: a name that is neither a workload, ``e2e`` nor a group.
+    """
+    out = []
+    for name in GROUPS["default"] if names is None else names:
+        members = GROUPS.get(name, (name,))
+        unknown = [n for n in members if n not in WORKLOADS and n != E2E]
+        if unknown:
+            raise ValueError(f"unknown workloads {unknown}; known: {', '.join([*WORKLOADS, E2E])}; "
+                             f"groups: {', '.join(GROUPS)}")
+        out += [n for n in members if n not in out]
+    return out
+
 
 def select(names: list[str] | None, size: str) -> list[Workload]:
-    """The workloads ``names`` (all when ``None``) at ``size`` (``"full"``, ``"cpu"``, ``"tiny"``).
+    """The attention workloads of ``names`` (workload or group names, see :func:`expand`; the
+    ``default`` group when ``None``; ``e2e`` left out) at ``size`` (``"full"``, ``"cpu"``, ``"tiny"``).
 
     Raises:
       ValueError: unknown workload name or size.
     """
     if size not in SIZE_FACTORS:
         raise ValueError(f"size must be one of {tuple(SIZE_FACTORS)}, got {size!r}")
-    names = list(WORKLOADS) if names is None else names
-    unknown = [n for n in names if n not in WORKLOADS]
-    if unknown:
-        raise ValueError(f"unknown workloads {unknown}; known: {', '.join(WORKLOADS)}")
-    return [WORKLOADS[n].scaled(SIZE_FACTORS[size]) for n in names]
+    return [WORKLOADS[n].scaled(SIZE_FACTORS[size]) for n in expand(names) if n != E2E]
