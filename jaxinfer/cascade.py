@@ -8,30 +8,14 @@ its own page table with ``return_lse``, and the levels' states merge into the ou
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer import backends
 from jaxinfer.plan.batch import PlanCapacity
 from jaxinfer.page import unpack_paged_kv_cache
-from jaxinfer.prefill import _prefill_spec
-from jaxinfer.backends.xla import merge_states_reference
 from jaxinfer.variants import AttentionVariant
-from jaxinfer.wrapper import BatchWrapper, Plan, make_plan, run_paged_plan
-
-
-def _merge_impl(backend: str):
-    """Merge implementation: the Pallas kernel on GPU for "auto"/"pallas", jnp otherwise."""
-    on_gpu = jax.devices()[0].platform == "gpu"
-    if backend == "pallas" or (backend == "auto" and on_gpu):
-        try:
-            from jaxinfer.backends.pallas import merge
-        except ImportError:
-            if backend == "pallas":
-                raise NotImplementedError("backend 'pallas' has no merge kernel in this installation") from None
-        else:
-            return merge.merge_states
-    return merge_states_reference
+from jaxinfer.wrapper import BatchWrapper, Plan, batch_spec, check_spec_run_args, make_plan, run_paged_plan
 
 
 def merge_states(v, s, *, backend: str = "auto"):
@@ -50,7 +34,7 @@ def merge_states(v, s, *, backend: str = "auto"):
     """
     if v.ndim != 4 or s.shape != v.shape[:3]:
         raise ValueError(f"merge_states needs v [L, N, H, D] and s [L, N, H], got {v.shape} and {s.shape}")
-    return _merge_impl(backend)(v, s)
+    return backends.merge_states_impl(backend)(v, s)
 
 
 def merge_state(v_a, s_a, v_b, s_b, *, backend: str = "auto"):
@@ -123,7 +107,7 @@ class MultiLevelCascadeAttentionWrapper(BatchWrapper):
             raise ValueError(f"each *_arr argument must have num_levels = {self._num_levels} entries")
         specs = []
         for level, (qo, kv_ptr, kv_idx, last) in enumerate(zip(*arrs)):
-            specs.append(_prefill_spec(
+            specs.append(batch_spec(
                 qo, kv_ptr, kv_idx, last, num_qo_heads, num_kv_heads, head_dim, page_size, None,
                 q_data_type, kv_data_type, variant, causal=causal and level == self._num_levels - 1,
                 window_left=window_left, logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
@@ -147,7 +131,7 @@ class MultiLevelCascadeAttentionWrapper(BatchWrapper):
             raise ValueError("MultiLevelCascadeAttentionWrapper.run called before plan")
         k, v = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
         for spec in self._specs:
-            spec.check_run_args(q, k, v, self._kv_layout)
+            check_spec_run_args(spec, q, k, v, self._kv_layout)
         return batch_cascade(q, paged_kv_cache, self._plans, return_lse=return_lse)
 
 

@@ -9,40 +9,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.plan.batch import BatchSpec, PlanCapacity
+from jaxinfer.plan.batch import BatchSpec
 from jaxinfer.variants import AttentionVariant, make_variant
-from jaxinfer.wrapper import BatchWrapper, Plan, as_host_int, check_kv_layout, make_plan, run_paged_plan, run_plan
-
-
-def _single_kv(k, v, kv_layout: str):
-    """Single-request ``k``/``v`` as ragged NHD ``[L, Hkv, D]``."""
-    check_kv_layout(kv_layout)
-    if k.ndim != 3 or k.shape != v.shape:
-        raise ValueError(f"k and v must be 3-D of equal shape, got {k.shape} and {v.shape}")
-    if kv_layout == "HND":
-        k, v = jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1)
-    return k, v
-
-
-def run_single(q, k, v, variant: AttentionVariant, backend: str, *, op: str, return_lse: bool, custom_mask=None):
-    """Attention of one request ``q [Lq, Hq, D]``, ``k/v [Lk, Hkv, D]`` as a batch of one."""
-    lq, hq, d = q.shape
-    lk, hkv = k.shape[0], k.shape[1]
-    if d != k.shape[2]:
-        raise ValueError(f"q head_dim {d} differs from k head_dim {k.shape[2]}")
-    if custom_mask is not None:
-        if tuple(custom_mask.shape) != (lq, lk):
-            raise ValueError(f"custom_mask must be [qo_len={lq}, kv_len={lk}] bool, got {tuple(custom_mask.shape)}")
-        custom_mask = as_host_int("custom_mask", custom_mask).astype(bool).reshape(-1)
-    spec = BatchSpec.create(
-        np.array([0, lq]), np.array([0, lk]), None, None,
-        page_size=1, num_qo_heads=hq, num_kv_heads=hkv, head_dim=d, variant=variant,
-        custom_mask=custom_mask, q_dtype=q.dtype, kv_dtype=k.dtype,
-    )
-    spec.check_run_args(q, k, v, "NHD")
-    capacity = PlanCapacity(max_batch_size=1, max_qo_len=max(lq, 1), max_kv_len=max(lk, 1))
-    plan = make_plan(spec, backend, "NHD", capacity, op=op)
-    return run_plan(plan, q, k, v, return_lse=return_lse)
+from jaxinfer.wrapper import BatchWrapper, Plan, as_host_int, run_paged_plan, run_single, single_kv
 
 
 def single_decode_with_kv_cache(
@@ -73,7 +42,7 @@ def single_decode_with_kv_cache(
         raise ValueError(f"q must be [num_qo_heads, head_dim], got shape {q.shape}")
     variant = make_variant(variant, window_left=window_left, logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
                            pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale, rope_theta=rope_theta)
-    k, v = _single_kv(k, v, kv_layout)
+    k, v = single_kv(k, v, kv_layout)
     out = run_single(q[None], k, v, variant, backend, op="decode", return_lse=return_lse)
     return (out[0][0], out[1][0]) if return_lse else out[0]
 

@@ -93,7 +93,7 @@ def unpack_paged_kv_cache(paged_kv_cache, kv_layout: str = "NHD") -> tuple[jax.A
       ValueError: on an unknown ``kv_layout``, or a ``paged_kv_cache`` of the wrong structure,
         rank, shape or dtype (k and v must agree).
     """
-    _check_layout(kv_layout)
+    check_kv_layout(kv_layout)
     if isinstance(paged_kv_cache, (tuple, list)):
         if len(paged_kv_cache) != 2:
             raise ValueError(
@@ -200,9 +200,15 @@ def _page_and_slot(batch_indices, positions, kv_indices, kv_indptr, kv_last_page
     return jnp.where(valid, page, num_pages), jnp.where(valid, pos % page_size, 0)
 
 
-def _check_layout(kv_layout) -> None:
+def check_kv_layout(kv_layout: str) -> str:
+    """``kv_layout`` itself.
+
+    Raises:
+      ValueError: not ``"NHD"`` or ``"HND"``.
+    """
     if kv_layout not in KV_LAYOUTS:
         raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
+    return kv_layout
 
 
 def _layout_dims(kv_layout: str) -> str:

@@ -7,12 +7,9 @@ aligned causal mask (shared/DESIGN.md sec. 2) makes the two one op.
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 
-from jaxinfer.plan.batch import BatchSpec
-from jaxinfer.decode import _single_kv, run_single
 from jaxinfer.variants import AttentionVariant, make_variant
-from jaxinfer.wrapper import BatchWrapper, Plan, as_host_int, run_paged_plan, run_plan
+from jaxinfer.wrapper import BatchWrapper, Plan, batch_spec, check_spec_run_args, run_paged_plan, run_plan, run_single, single_kv
 
 
 def single_prefill_with_kv_cache(
@@ -42,21 +39,8 @@ def single_prefill_with_kv_cache(
     variant = make_variant(variant, causal=causal, window_left=window_left, logits_soft_cap=logits_soft_cap,
                            sm_scale=sm_scale, pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale,
                            rope_theta=rope_theta)
-    k, v = _single_kv(k, v, kv_layout)
+    k, v = single_kv(k, v, kv_layout)
     return run_single(q, k, v, variant, backend, op="prefill", return_lse=return_lse, custom_mask=custom_mask)
-
-
-def _prefill_spec(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim,
-                  page_size, custom_mask, q_data_type, kv_data_type, variant, **options) -> BatchSpec:
-    variant = make_variant(variant, **options)
-    return BatchSpec.create(
-        as_host_int("qo_indptr", qo_indptr), as_host_int("kv_indptr", kv_indptr),
-        None if kv_indices is None else as_host_int("kv_indices", kv_indices),
-        None if kv_last_page_len is None else as_host_int("kv_last_page_len", kv_last_page_len),
-        page_size=page_size, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-        variant=variant, custom_mask=None if custom_mask is None else np.asarray(custom_mask),
-        q_dtype=q_data_type, kv_dtype=kv_data_type,
-    )
 
 
 class BatchPrefillWithPagedKVCacheWrapper(BatchWrapper):
@@ -85,7 +69,7 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchWrapper):
           ValueError: invalid indptr, page table, mask or options (message names the argument).
           NotImplementedError: the wrapper's named backend cannot serve the batch.
         """
-        spec = _prefill_spec(
+        spec = batch_spec(
             qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads, num_kv_heads,
             head_dim, page_size, custom_mask, q_data_type, kv_data_type, variant, causal=causal,
             window_left=window_left, logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
@@ -114,7 +98,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchWrapper):
           ValueError: invalid indptr, mask or options (message names the argument).
           NotImplementedError: the wrapper's named backend cannot serve the batch.
         """
-        spec = _prefill_spec(
+        spec = batch_spec(
             qo_indptr, kv_indptr, None, None, num_qo_heads, num_kv_heads, head_dim, 1, custom_mask,
             q_data_type, kv_data_type, variant, causal=causal, window_left=window_left,
             logits_soft_cap=logits_soft_cap, sm_scale=sm_scale, pos_encoding_mode=pos_encoding_mode,
@@ -125,7 +109,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchWrapper):
     def run(self, q, k, v, *, return_lse: bool = False):
         """``q [nnz_q, Hq, D]``, ``k/v [nnz_kv, Hkv, D]`` -> ``o [nnz_q, Hq, D]`` (, ``lse``)."""
         spec, plan = self._require_plan()
-        spec.check_run_args(q, k, v, "NHD")
+        check_spec_run_args(spec, q, k, v, "NHD")
         return run_plan(plan, q, k, v, return_lse=return_lse)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from jaxinfer.plan.batch import BatchSpec, PlanCapacity
 from jaxinfer.plan.checks import check_indptr
 from jaxinfer.variants import AttentionVariant, make_variant
-from jaxinfer.wrapper import BatchWrapper, Plan, as_host_int, run_plan
+from jaxinfer.wrapper import BatchWrapper, Plan, as_host_int, check_spec_run_args, run_plan
 
 
 def dense_to_bsr(mask: np.ndarray, R: int, C: int):
@@ -152,7 +152,7 @@ class BlockSparseAttentionWrapper(BatchWrapper):
         M, N, C = int(spec.qo_indptr[-1]), self._num_cols, spec.page_size
         if q.shape[0] != M or k.shape[0] != N:
             raise ValueError(f"q must have M = {M} rows and k, v N = {N} rows, got {q.shape[0]} and {k.shape[0]}")
-        spec.check_run_args(q, *(_as_pages(x, C) for x in (k, v)), "NHD")
+        check_spec_run_args(spec, q, *(_as_pages(x, C) for x in (k, v)), "NHD")
         return batch_block_sparse(q, k, v, plan, return_lse=return_lse)
 
 

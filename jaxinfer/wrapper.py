@@ -1,4 +1,4 @@
-"""Plan/run machinery shared by every batch wrapper (decode, prefill, cascade, block-sparse).
+"""Plan/run machinery shared by every front door (decode, prefill, cascade, block-sparse).
 
 ``plan`` validates a batch on the host (:class:`~jaxinfer.plan.batch.BatchSpec`), picks a backend and
 lets it plan; the result is a :class:`Plan` pytree that a jitted step takes as an argument.
@@ -16,11 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import backends
+from jaxinfer.backends.base import check_run_args
+from jaxinfer.page import check_kv_layout, unpack_paged_kv_cache
 from jaxinfer.plan.batch import BatchSpec, PlanCapacity
-from jaxinfer.page import unpack_paged_kv_cache
-
-KV_LAYOUTS = ("NHD", "HND")
-
+from jaxinfer.variants import AttentionVariant, make_variant
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -31,12 +30,6 @@ class Plan:
     backend: str = dataclasses.field(metadata=dict(static=True))
     kv_layout: str = dataclasses.field(metadata=dict(static=True))
     page_size: int = dataclasses.field(metadata=dict(static=True))
-
-
-def check_kv_layout(kv_layout: str) -> str:
-    if kv_layout not in KV_LAYOUTS:
-        raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
-    return kv_layout
 
 
 def make_plan(
@@ -126,7 +119,7 @@ class BatchWrapper:
     def _run_paged(self, q, paged_kv_cache, return_lse: bool):
         spec, plan = self._require_plan()
         k, v = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
-        spec.check_run_args(q, k, v, self._kv_layout)
+        check_spec_run_args(spec, q, k, v, self._kv_layout)
         return run_plan(plan, q, k, v, return_lse=return_lse)
 
 
@@ -136,3 +129,65 @@ def as_host_int(name: str, x) -> np.ndarray:
         return np.asarray(x)
     except jax.errors.TracerArrayConversionError as e:
         raise ValueError(f"{name} must be a concrete host array at plan time, not a traced value") from e
+
+
+def check_spec_run_args(spec: BatchSpec, q, k, v, kv_layout: str) -> None:
+    """Trace-time checks of ``run``'s arrays against the batch a wrapper planned
+    (:func:`jaxinfer.backends.base.check_run_args`), and its page ids against the cache.
+
+    Raises:
+      ValueError: naming the argument whose shape or dtype disagrees with the plan.
+    """
+    check_run_args(q, k, v, paged=spec.paged, kv_layout=kv_layout, page_size=spec.page_size,
+                   num_qo_heads=spec.num_qo_heads, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+                   q_dtype=spec.q_dtype, kv_dtype=spec.kv_dtype, nnz_q=int(spec.qo_indptr[-1]),
+                   nnz_kv=0 if spec.paged else int(spec.kv_indptr[-1]))
+    if spec.paged:
+        used = spec.kv_indices[: spec.kv_indptr[-1]]
+        if used.size and used.max() >= k.shape[0]:
+            raise ValueError(f"kv_indices must be < num_pages = {k.shape[0]} (pages in the cache), got {used.max()}")
+
+
+def batch_spec(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim,
+                  page_size, custom_mask, q_data_type, kv_data_type, variant, **options) -> BatchSpec:
+    """The validated :class:`BatchSpec` of a batch wrapper's ``plan`` arguments (host arrays)."""
+    variant = make_variant(variant, **options)
+    return BatchSpec.create(
+        as_host_int("qo_indptr", qo_indptr), as_host_int("kv_indptr", kv_indptr),
+        None if kv_indices is None else as_host_int("kv_indices", kv_indices),
+        None if kv_last_page_len is None else as_host_int("kv_last_page_len", kv_last_page_len),
+        page_size=page_size, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        variant=variant, custom_mask=None if custom_mask is None else np.asarray(custom_mask),
+        q_dtype=q_data_type, kv_dtype=kv_data_type,
+    )
+
+
+def single_kv(k, v, kv_layout: str):
+    """Single-request ``k``/``v`` as ragged NHD ``[L, Hkv, D]``."""
+    check_kv_layout(kv_layout)
+    if k.ndim != 3 or k.shape != v.shape:
+        raise ValueError(f"k and v must be 3-D of equal shape, got {k.shape} and {v.shape}")
+    if kv_layout == "HND":
+        k, v = jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1)
+    return k, v
+
+
+def run_single(q, k, v, variant: AttentionVariant, backend: str, *, op: str, return_lse: bool, custom_mask=None):
+    """Attention of one request ``q [Lq, Hq, D]``, ``k/v [Lk, Hkv, D]`` as a batch of one."""
+    lq, hq, d = q.shape
+    lk, hkv = k.shape[0], k.shape[1]
+    if d != k.shape[2]:
+        raise ValueError(f"q head_dim {d} differs from k head_dim {k.shape[2]}")
+    if custom_mask is not None:
+        if tuple(custom_mask.shape) != (lq, lk):
+            raise ValueError(f"custom_mask must be [qo_len={lq}, kv_len={lk}] bool, got {tuple(custom_mask.shape)}")
+        custom_mask = as_host_int("custom_mask", custom_mask).astype(bool).reshape(-1)
+    spec = BatchSpec.create(
+        np.array([0, lq]), np.array([0, lk]), None, None,
+        page_size=1, num_qo_heads=hq, num_kv_heads=hkv, head_dim=d, variant=variant,
+        custom_mask=custom_mask, q_dtype=q.dtype, kv_dtype=k.dtype,
+    )
+    check_spec_run_args(spec, q, k, v, "NHD")
+    capacity = PlanCapacity(max_batch_size=1, max_qo_len=max(lq, 1), max_kv_len=max(lk, 1))
+    plan = make_plan(spec, backend, "NHD", capacity, op=op)
+    return run_plan(plan, q, k, v, return_lse=return_lse)

@@ -145,6 +145,7 @@ def plan_work_ref(
     split_kv: bool = True,
     min_chunk: int = 256,
     kv_major: bool = False,
+    row_cost: int = 2,
     mask_offsets=None,
 ) -> WorkBuffers:
     """:func:`jaxinfer.plan.planner.plan_work` in numpy (same arguments but ``out``, same result).
@@ -163,7 +164,7 @@ def plan_work_ref(
     work, cta_indptr, merge_indptr, merge_dest = (np.empty(s, np.int32) for s in shapes)
 
     # Tiles are ordered (query tile, KV head, chunk), so a split group's slots are contiguous.
-    q_cost = span + 2 * group_size * q_tiles[:, F["q_len"]].astype(np.int64)
+    q_cost = span + row_cost * group_size * q_tiles[:, F["q_len"]].astype(np.int64)
     nch = np.maximum(1, _ceil_div(span, chunk)) if chunk else None
     pair_nch = np.repeat(nch, num_kv_heads) if nch is not None and nch.max(initial=1) > 1 else None
     if pair_nch is not None:

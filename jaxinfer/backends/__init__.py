@@ -1,20 +1,38 @@
 """Backend registry and the ``"auto"`` choice.
 
-A backend serves the one batch attention op of jaxinfer: ``plan(spec, capacity)`` on the host
-turns a :class:`~jaxinfer.plan.batch.BatchSpec` into a plan pytree of device arrays (static shapes
-fixed by the :class:`~jaxinfer.plan.batch.PlanCapacity`), and ``run(plan, q, k, v, kv_layout=...,
-return_lse=...)`` is jit-compatible and returns ``(o [nnz_q, Hq, D], lse [nnz_q, Hq] or None)``.
-A backend that cannot serve a spec says why in ``unsupported(spec)``; asking for it explicitly
-then raises ``NotImplementedError`` with that reason, and ``"auto"`` moves on to the next one.
+A backend serves the one batch attention op of jaxinfer (the interface is
+:class:`jaxinfer.backends.base.Backend`): ``plan(spec, capacity)`` on the host turns a
+:class:`~jaxinfer.plan.batch.BatchSpec` into a plan pytree of device arrays (static shapes fixed by
+the :class:`~jaxinfer.plan.batch.PlanCapacity`), ``run(plan, q, k, v, kv_layout=...,
+return_lse=...)`` is jit-compatible and returns ``(o [nnz_q, Hq, D], lse [nnz_q, Hq] or None)``,
+and ``merge_states`` folds attention states. A backend that cannot serve a spec says why in
+``unsupported(spec)``, derived from its :class:`~jaxinfer.backends.base.Capabilities`; asking
+for it explicitly then raises :class:`BackendUnsupportedError` with that reason, and ``"auto"``
+moves on to the next one.
+
+Adding a backend:
+
+1. Write ``jaxinfer/backends/<name>.py`` (or a package) with a ``get_backend(name)`` returning an
+   object of the :class:`~jaxinfer.backends.base.Backend` interface: ``name``, a frozen
+   ``capabilities`` record (dtypes, head dims, variants, GPU archs it serves), ``unsupported``
+   and ``device_unsupported`` derived from it, ``plan`` (planning through
+   :mod:`jaxinfer.plan.planner` with the kernel's tile size, cost model and CTA budget as
+   parameters), ``run`` (checking its arrays with :func:`~jaxinfer.backends.base.check_run_args`)
+   and ``merge_states`` (or ``None``).
+2. Add its name to :data:`BACKEND_NAMES` and its module to ``_MODULES``; place it in
+   :func:`auto_order` where same-run measurements put it.
+3. The conformance suite (tests/conftest.py) then runs every shared API test on it; the cases
+   it declines skip with its reason.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any, Protocol
+from collections.abc import Callable
 
 from jaxinfer.backends import device
-from jaxinfer.plan.batch import BatchSpec, PlanCapacity
+from jaxinfer.backends.base import Backend
+from jaxinfer.plan.batch import BatchSpec
 
 BACKEND_NAMES = ("auto", "pallas", "fa2", "fa3", "xla")
 
@@ -34,16 +52,6 @@ _MODULES = {
     "fa2": "jaxinfer.backends.ffi.backend",
     "fa3": "jaxinfer.backends.ffi.backend",
 }
-
-
-class Backend(Protocol):
-    name: str
-
-    def unsupported(self, spec: BatchSpec) -> str | None: ...
-
-    def plan(self, spec: BatchSpec, capacity: PlanCapacity) -> Any: ...
-
-    def run(self, plan: Any, q, k, v, *, kv_layout: str, return_lse: bool): ...
 
 
 def get_backend(name: str) -> Backend:
@@ -129,3 +137,24 @@ def resolve(name: str, spec: BatchSpec, *, op: str = "prefill") -> Backend:
         if backend.unsupported(spec) is None:
             return backend
     return get_backend("xla")
+
+
+def merge_states_impl(name: str) -> Callable:
+    """The merge of attention states of backend ``name``: its own, else the reference's; for
+    ``"auto"`` that of the first backend of :func:`auto_order` (``"other"``) that has one.
+
+    Raises:
+      ValueError: unknown backend name.
+      NotImplementedError: a named backend is not part of this installation.
+    """
+    names = auto_order("other") if name == "auto" else (name,)
+    for candidate in names:
+        try:
+            merge = get_backend(candidate).merge_states
+        except NotImplementedError:
+            if name != "auto":
+                raise
+            continue
+        if merge is not None:
+            return merge
+    return get_backend("xla").merge_states

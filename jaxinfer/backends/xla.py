@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxinfer.plan.batch import BatchSpec, PlanCapacity
+from jaxinfer.backends.base import Capabilities
+from jaxinfer.plan.batch import BatchSpec, PlanCapacity, pad_batch
 from jaxinfer.variants import LOG2E, AttentionVariant, alibi_slopes, rope_inv_freq
 
 
@@ -160,14 +161,10 @@ def plan_reference(spec: BatchSpec, capacity: PlanCapacity) -> RefPlan:
     Raises:
       ValueError: the batch exceeds a fixed capacity.
     """
-    B = spec.batch_size
-    Bc = capacity.resolve("max_batch_size", B)
-    Lq = capacity.resolve("max_qo_len", int(spec.qo_lens.max(initial=0)))
-    Lk = capacity.resolve("max_kv_len", int(spec.kv_lens.max(initial=0)))
-    pad = Bc - B
-    qo_lens = np.pad(spec.qo_lens, (0, pad)).astype(np.int32)
-    kv_lens = np.pad(spec.kv_lens, (0, pad)).astype(np.int32)
-    qo_indptr = np.concatenate([spec.qo_indptr, np.full(pad, spec.qo_indptr[-1])]).astype(np.int32)
+    padded = pad_batch(spec, capacity)
+    Bc, Lq, Lk = padded.max_batch_size, padded.max_qo_len, padded.max_kv_len
+    pad = Bc - spec.batch_size
+    qo_indptr, qo_lens, kv_lens = padded.qo_indptr, padded.qo_lens, padded.kv_lens
     q_rows = _padded_rows(qo_indptr[:-1], qo_lens, Lq)
     if spec.paged:
         tok = _padded_rows(np.zeros(Bc, np.int64), kv_lens, Lk)
@@ -181,7 +178,7 @@ def plan_reference(spec: BatchSpec, capacity: PlanCapacity) -> RefPlan:
     if spec.custom_mask is not None:
         mask = np.zeros((Bc, Lq, Lk), dtype=bool)
         offs = spec.mask_indptr
-        for b in range(B):
+        for b in range(spec.batch_size):
             ql, kl = spec.qo_lens[b], spec.kv_lens[b]
             mask[b, :ql, :kl] = spec.custom_mask[offs[b] : offs[b + 1]].reshape(ql, kl)
         mask = jnp.asarray(mask)
@@ -240,12 +237,17 @@ class ReferenceBackend:
     """The ``"xla"`` backend: serves every spec, on any device."""
 
     name = "xla"
+    capabilities = Capabilities()
 
     def unsupported(self, spec: BatchSpec) -> str | None:
-        return None
+        return self.capabilities.unsupported(spec)
 
     def device_unsupported(self) -> str | None:
         return None
+
+    @staticmethod
+    def merge_states(v, s):
+        return merge_states_reference(v, s)
 
     def plan(self, spec: BatchSpec, capacity: PlanCapacity) -> RefPlan:
         return plan_reference(spec, capacity)

@@ -1,11 +1,12 @@
-// jaxinfer's host library (plain C++17, loaded with ctypes by jaxinfer/native.py): the Pallas
-// backend's planner (jaxinfer/planner.py's plan_work / plan_work_packed) and the batch checks of
-// BatchSpec.create (jaxinfer/page.py). At B=256 their numpy forms were ~70 numpy calls whose
+// jaxinfer's host library (plain C++17, loaded with ctypes by jaxinfer/plan/native.py): the
+// planner of every kernel backend (jaxinfer/plan/planner.py's plan_work / plan_work_packed) and
+// the batch checks of BatchSpec.create (jaxinfer/plan/checks.py). At B=256 their numpy forms were ~70 numpy calls whose
 // fixed cost (2-3 us each on the GPU machine's host) dominated plan(); here each is one call, as
 // FlashInfer's scheduler runs in C++ (FlashInfer paper, arXiv 2501.01005, sec. 3.3).
 //
-// The algorithm, the buffer layout and every tie-break are plan_work's (module doc of
-// jaxinfer/planner.py); tests/planner_ref.py keeps the numpy planner as the bit-for-bit oracle.
+// The algorithm and every tie-break are plan_work's (module doc of jaxinfer/plan/planner.py), the
+// buffer layout is jaxinfer/plan/layout.py's; tests keep the numpy planner (planner_ref.py) as the
+// bit-for-bit oracle.
 
 #include <algorithm>
 #include <cstdint>
@@ -16,18 +17,18 @@
 
 namespace {
 
-// Columns of a work row (jaxinfer.planner.WORK_FIELDS).
+// Columns of a work row (jaxinfer.plan.layout.WORK_FIELDS).
 enum Field { kKvHead, kQRow0, kQLen, kQPos0, kKvLo, kKvHi, kKvBase, kOutSlot, kValid, kKvLen, kMaskBase, kNumFields };
 constexpr int kMergeFields = 4;  // MERGE_FIELDS: kv_head, q_row0, q_len, q_pos0
 
 enum Status { kOk = 0, kCapacity = 1, kBadArgument = 2 };
 
-// The static arguments of a plan, int64 each, in the order of jaxinfer.planner.PlanArgs.
+// The static arguments of a plan, int64 each, in the order of jaxinfer.plan.planner.PlanArgs.
 struct Params {
   int64_t num_kv_heads, group_size, block_m, block_n, causal, window_left, num_ctas, split_budget, max_work_tiles,
-      split_kv, min_chunk, kv_major;
+      split_kv, min_chunk, kv_major, row_cost;
 };
-static_assert(sizeof(Params) == 12 * sizeof(int64_t), "Params is read from an int64 array");
+static_assert(sizeof(Params) == 13 * sizeof(int64_t), "Params is read from an int64 array");
 
 struct Outputs {
   int32_t* work;          // [max_work_tiles, kNumFields]
@@ -213,10 +214,11 @@ int plan(int32_t batch, const int32_t* qo_indptr, const int32_t* kv_lens, const 
          const int64_t* mask_offsets, const Params& p, const Outputs& out, const Pages& pages, int64_t* result) {
   if (batch < 0 || !in_int32(p.num_kv_heads, 1) || !in_int32(p.group_size, 1) || !in_int32(p.block_m, 1) ||
       !in_int32(p.block_n, 1) || !in_int32(p.num_ctas, 1) || !in_int32(p.split_budget, 2) ||
-      !in_int32(p.max_work_tiles, 0) || !in_int32(p.min_chunk, 0) || !in_int32(p.window_left, -1)) {
+      !in_int32(p.max_work_tiles, 0) || !in_int32(p.min_chunk, 0) || !in_int32(p.window_left, -1) ||
+      !in_int32(p.row_cost, 0)) {
     return fail(kBadArgument,
                 "plan_work needs batch >= 0, num_kv_heads, group_size, block_m, block_n, num_ctas >= 1, "
-                "split_budget >= 2, max_work_tiles, min_chunk >= 0, window_left >= -1, all < 2**31 "
+                "split_budget >= 2, max_work_tiles, min_chunk, row_cost >= 0, window_left >= -1, all < 2**31 "
                 "(got batch=%lld, split_budget=%lld)",
                 batch, p.split_budget);
   }
@@ -233,7 +235,7 @@ int plan(int32_t batch, const int32_t* qo_indptr, const int32_t* kv_lens, const 
   for (int64_t q = 0; q < nq; ++q) {
     const int32_t* t = &s.q_tiles[q * kNumFields];
     const int64_t span = int64_t(t[kKvHi]) - t[kKvLo];
-    s.q_cost[q] = span + 2 * p.group_size * t[kQLen];
+    s.q_cost[q] = span + p.row_cost * p.group_size * t[kQLen];
     s.nch[q] = chunk ? std::max<int64_t>(1, ceil_div(span, chunk)) : 1;
     split |= s.nch[q] > 1;
   }
@@ -398,7 +400,7 @@ extern "C" {
 // The message of the calling thread's last failed jaxinfer_plan_* call.
 const char* jaxinfer_error() { return last_error; }
 
-// Plan one batch into caller buffers (jaxinfer.planner.plan_work; every entry of the outputs is
+// Plan one batch into caller buffers (jaxinfer.plan.planner.plan_work; every entry of the outputs is
 // written). params: the static arguments (Params, int64 each). Inputs: batch = B, qo_indptr
 // [B+1], kv_lens [B], kv_base [B] int32, mask_offsets [B] int64 or null. Outputs: work,
 // cta_indptr, merge_indptr, merge_dest (shapes in Outputs). result [3] (or null): num_tiles,
@@ -411,8 +413,8 @@ int jaxinfer_plan_work(const int64_t* params, int32_t batch, const int32_t* qo_i
               Outputs{work, cta_indptr, merge_indptr, merge_dest}, Pages{nullptr, 0, nullptr, 0}, result);
 }
 
-// jaxinfer_plan_work into one packed buffer of buffer_size int32 entries (jaxinfer.planner.
-// plan_work_packed; KernelSpec's layout): work [max_work_tiles, kNumFields] | cta_indptr
+// jaxinfer_plan_work into one packed buffer of buffer_size int32 entries (jaxinfer.plan.planner.
+// plan_work_packed; jaxinfer.plan.layout.WorkLayout): work [max_work_tiles, kNumFields] | cta_indptr
 // [num_ctas+1] | merge_indptr [G+1] | merge_dest [G, 4] | page ids, G = split_budget / 2; the
 // first num_pages ids of pages are copied there and zero-padded to the end of the buffer.
 int jaxinfer_plan_packed(const int64_t* params, int32_t batch, const int32_t* qo_indptr, const int32_t* kv_lens,
@@ -447,7 +449,7 @@ int64_t jaxinfer_count_query_tiles(int32_t batch, const int32_t* qo_indptr, int3
 int jaxinfer_check_indptr_i32(const int32_t* indptr, int64_t n, int32_t* out) { return check_indptr(indptr, n, out); }
 int jaxinfer_check_indptr_i64(const int64_t* indptr, int64_t n, int32_t* out) { return check_indptr(indptr, n, out); }
 
-// One pass over a batch (the checks of BatchSpec.create: jaxinfer.page.check_indptr and
+// One pass over a batch (the checks of BatchSpec.create: jaxinfer.plan.checks.check_indptr and
 // check_page_table): qo_indptr and kv_indptr [B+1] start at 0, never decrease and end within
 // int32; for a page table (kv_indices not null) also kv_indptr[B] <= num_indices, the used page
 // ids are >= 0, and kv_last_page_len [B] is in 1..page_size for a request with pages and 0

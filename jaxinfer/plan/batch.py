@@ -59,6 +59,50 @@ class PlanCapacity:
         return int(cap)
 
 
+def pad_to(a: np.ndarray, size: int, value: int) -> np.ndarray:
+    """``[max(size, 1)]`` int32: ``a`` followed by ``value``."""
+    out = np.full(max(size, 1), value, dtype=np.int32)
+    out[: a.size] = a
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class PaddedBatch:
+    """A batch's per-request arrays padded to the plan capacity (int32 numpy): the padded requests
+    are empty (their row pointers repeat the last value, their lengths are 0).
+
+    Attributes:
+      max_batch_size, max_qo_len, max_kv_len: the resolved capacities ``Bc``, ``Lq``, ``Lk``.
+      qo_indptr, kv_indptr: ``[Bc+1]``; qo_lens, kv_lens: ``[Bc]``.
+    """
+
+    max_batch_size: int
+    max_qo_len: int
+    max_kv_len: int
+    qo_indptr: np.ndarray
+    kv_indptr: np.ndarray
+    qo_lens: np.ndarray
+    kv_lens: np.ndarray
+
+
+def pad_batch(spec: BatchSpec, capacity: PlanCapacity) -> PaddedBatch:
+    """``spec``'s requests padded to ``capacity`` (its batch size, query and key lengths).
+
+    Raises:
+      ValueError: the batch is larger than a fixed field of ``capacity``.
+    """
+    bc = capacity.resolve("max_batch_size", spec.batch_size)
+    return PaddedBatch(
+        max_batch_size=bc,
+        max_qo_len=capacity.resolve("max_qo_len", int(spec.qo_lens.max(initial=0))),
+        max_kv_len=capacity.resolve("max_kv_len", int(spec.kv_lens.max(initial=0))),
+        qo_indptr=pad_to(spec.qo_indptr, bc + 1, int(spec.qo_indptr[-1])),
+        kv_indptr=pad_to(spec.kv_indptr, bc + 1, int(spec.kv_indptr[-1])),
+        qo_lens=pad_to(spec.qo_lens, bc, 0),
+        kv_lens=pad_to(spec.kv_lens, bc, 0),
+    )
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class BatchSpec:
     """A validated batch on the host (numpy int32 arrays).
@@ -202,38 +246,3 @@ class BatchSpec:
             # The native check looked them up already (~1.5 us each): fill the cached property.
             spec.__dict__["native_addresses"] = addresses
         return spec
-
-    def check_run_args(self, q, k, v, kv_layout: str) -> None:
-        """Trace-time checks of ``run``'s arrays against the plan (shapes and dtypes are static).
-
-        ``k``/``v`` are caches ``[num_pages, page_size, Hkv, D]`` (NHD) / ``[num_pages, Hkv,
-        page_size, D]`` (HND) when paged, ragged ``[nnz_kv, Hkv, D]`` otherwise.
-
-        Raises:
-          ValueError: naming the argument whose shape or dtype disagrees with the plan.
-        """
-        nnz_q = int(self.qo_indptr[-1])
-        want_q = (self.num_qo_heads, self.head_dim)
-        if q.ndim != 3 or tuple(q.shape[1:]) != want_q or q.shape[0] < nnz_q:
-            raise ValueError(f"q must be [>= {nnz_q}, {want_q[0]}, {want_q[1]}], got {tuple(q.shape)}")
-        if k.shape != v.shape or k.dtype != v.dtype:
-            raise ValueError(f"k and v must agree in shape and dtype, got {k.shape}{k.dtype} and {v.shape}{v.dtype}")
-        if self.paged:
-            if kv_layout == "NHD":
-                want = (self.page_size, self.num_kv_heads, self.head_dim)
-            else:
-                want = (self.num_kv_heads, self.page_size, self.head_dim)
-            if k.ndim != 4 or tuple(k.shape[1:]) != want:
-                raise ValueError(f"paged_kv_cache must be [num_pages, {', '.join(map(str, want))}] ({kv_layout}), got {tuple(k.shape)}")
-            used = self.kv_indices[: self.kv_indptr[-1]]
-            if used.size and used.max() >= k.shape[0]:
-                raise ValueError(f"kv_indices must be < num_pages = {k.shape[0]} (pages in the cache), got {used.max()}")
-        else:
-            nnz_kv = int(self.kv_indptr[-1])
-            want = (self.num_kv_heads, self.head_dim)
-            if k.ndim != 3 or tuple(k.shape[1:]) != want or k.shape[0] < nnz_kv:
-                raise ValueError(f"k must be [>= {nnz_kv}, {want[0]}, {want[1]}], got {tuple(k.shape)}")
-        if q.dtype != self.q_dtype:
-            raise ValueError(f"q has dtype {q.dtype} but the plan was made for q_data_type {self.q_dtype}")
-        if k.dtype != self.kv_dtype:
-            raise ValueError(f"the KV has dtype {k.dtype} but the plan was made for kv_data_type {self.kv_dtype}")

@@ -10,13 +10,15 @@ After the dynamism-aware scheduler of the FlashInfer paper (arXiv 2501.01005, se
    (split-KV). ``chunk`` is the smallest multiple of ``block_n`` (and at least ``min_chunk``)
    whose total tile count fits ``split_budget``; when the unsplit tiles already fill it, no
    request is split.
-3. Tiles are sorted by cost ``kv_len + 2 * rows`` (the paper's cost model), stable, and assigned
-   to ``num_ctas`` persistent CTAs longest-processing-time first, a round of ``num_ctas`` tiles at
-   a time against the loads sorted ascending (ties by CTA id): the round form of the min-heap
-   assignment, with the same bound (a CTA's load exceeds the mean by at most one tile's cost).
+3. Tiles are sorted by cost ``kv_len + row_cost * rows`` (the paper's cost model has
+   ``row_cost = 2``), stable, and assigned to ``num_ctas`` persistent CTAs
+   longest-processing-time first, a round of ``num_ctas`` tiles at a time against the loads
+   sorted ascending (ties by CTA id): the round form of the min-heap assignment, with the same bound (a CTA's load exceeds the mean by at most one tile's cost).
    With ``kv_major`` (a grid of one CTA per tile, for prefill plans that fill the GPU) CTA ``c``
    runs the ``c``-th tile of the (request, KV head)-major order instead, longest first within:
-   CTAs that run together then share a few requests' KV in L2.
+   CTAs that run together then share a few requests' KV in L2. With ``num_ctas = 1`` the plan is
+   one queue, longest first: the order in which a grid that takes its work from a counter (the
+   FFI kernels) should run it.
 4. Tiles of a split (request, KV head, query tile) write partial ``(o, lse)`` rows into
    contiguous *partial slots*; ``merge_indptr`` delimits each group of slots, which the merge
    kernel folds into the final rows.
@@ -25,8 +27,8 @@ Every buffer has a static capacity (``max_work_tiles`` tiles, ``split_budget`` p
 ``split_budget // 2`` merge groups), so a new batch composition never changes a shape.
 
 The planner runs in C++ (``jaxinfer/csrc/planner.cc``, built and loaded by :mod:`jaxinfer.plan.native`), one
-call per plan, as FlashInfer's scheduler does: its numpy form cost ~50 numpy calls of 2-3 us each
-at B=256 (benchmarks/NOTES-planner.md) and is kept as the test oracle, tests/planner_ref.py. The
+call per plan, as FlashInfer's scheduler does (its numpy form, many small numpy calls, was slower
+at B=256: benchmarks' planner decisions) and is kept as the test oracle, tests/planner_ref.py. The
 ``*_at`` functions take data addresses for callers that already hold them (a numpy address
 lookup costs ~1.5 us; :attr:`jaxinfer.plan.batch.BatchSpec.native_addresses`).
 """
@@ -86,11 +88,13 @@ class PlanArgs:
     split_kv: bool = True
     min_chunk: int = 256
     kv_major: bool = False
+    row_cost: int = 2
 
     @functools.cached_property
     def native(self) -> ctypes.Array:
         """The fields as the native planner's ``int64`` params array (jaxinfer/csrc/planner.cc)."""
-        return (ctypes.c_int64 * 12)(*(int(getattr(self, f.name)) for f in dataclasses.fields(self)))
+        fields = dataclasses.fields(self)
+        return (ctypes.c_int64 * len(fields))(*(int(getattr(self, f.name)) for f in fields))
 
     @functools.cached_property
     def shapes(self) -> tuple[tuple[int, ...], ...]:
@@ -158,6 +162,9 @@ def plan_work(qo_indptr, kv_lens, kv_base, *, mask_offsets=None, out: tuple[np.n
         ``cta_indptr = min(arange(num_ctas + 1), num_tiles)``), rows ordered by (``kv_base``,
         KV head, longest key range first), stable over the cost order: CTAs that run together
         share a few requests' KV in L2 (default ``False``; needs ``num_ctas >= num_tiles``).
+      row_cost: cost of a query row (query token x group head) in keys, the tile cost being
+        ``kv_hi - kv_lo + row_cost * rows`` (default 2, the FlashInfer paper's model; 0 orders
+        by the key range alone).
       mask_offsets: ``[B]`` offset of each request's row-major ``[qo_len, kv_len]`` custom mask in
         the flat mask (``None``: no custom mask; ``mask_base`` is then 0).
       out: ``(work, cta_indptr, merge_indptr, merge_dest)`` C-contiguous int32 arrays of the

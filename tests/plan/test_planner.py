@@ -49,6 +49,7 @@ def batches(draw, max_batch=6):
         num_ctas=draw(st.integers(1, 9)),
         split_budget=draw(st.integers(2, 80)),
         min_chunk=draw(st.sampled_from([16, 48])),
+        row_cost=draw(st.sampled_from([0, 2, 5])),
     )
 
 

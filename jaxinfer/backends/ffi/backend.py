@@ -1,9 +1,10 @@
 """Backends ``"fa2"`` and ``"fa3"``: jaxinfer's CUDA FlashAttention kernels behind the backend API.
 
-``plan`` cuts every request's queries into tiles of ``BLOCK_M`` rows (the CTA tile of
-``jaxinfer/csrc/fa2_kernel.cuh`` / ``jaxinfer/csrc/fa3_kernel.cuh``), orders the tiles longest KV range first (a
-longest-processing-time schedule: causal prefill tiles differ up to ``kv_len / BLOCK_M``-fold in
-work) and pads every array to the plan capacity, so a new batch of the same capacity never
+``plan`` runs the plan stage's native planner (:func:`jaxinfer.plan.planner.plan_work`) with the
+kernels' tile size, cost model and CTA budget as its parameters: every request's queries cut into
+tiles of ``BLOCK_M`` rows (the CTA tile of the kernels in ``jaxinfer/csrc/``), one queue ordered
+longest KV range first (a longest-processing-time schedule: causal prefill tiles differ up to
+``kv_len / BLOCK_M``-fold in work), and every array padded to the plan capacity, so a new batch of the same capacity never
 recompiles. ``run`` is one ``ffi_call`` (:func:`jaxinfer.backends.ffi.ops.flash_forward`) over the work
 items (tile, qo head), heavy tiles first.
 
@@ -20,12 +21,14 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.plan.batch import BatchSpec, PlanCapacity
 from jaxinfer.backends import device
+from jaxinfer.backends.base import Capabilities, check_run_args
 from jaxinfer.backends.ffi import build, ops
+from jaxinfer.plan.batch import BatchSpec, PlanCapacity, pad_batch, pad_to
+from jaxinfer.plan.layout import F
+from jaxinfer.plan.planner import PlanArgs, plan_work
 from jaxinfer.plan.transfer import to_device
 
 # Query rows of one CTA per kernel and head_dim: fa2, 16 * kMT * kWarps of Fa2Traits in
@@ -69,28 +72,25 @@ class Fa2Plan:
     q_dtype: np.dtype
 
 
-def _pad(a: np.ndarray, size: int, value: int) -> np.ndarray:
-    out = np.full(max(size, 1), value, dtype=np.int32)
-    out[: a.size] = a
-    return out
+# What both kernel families serve (fa2 on sm80+, fa3 on sm90a alone): the head dims they were
+# instantiated for, 16-bit q and KV of one dtype, the plain softmax with causal / window / soft cap.
+CAPABILITIES = {
+    name: Capabilities(dtypes=ops.DTYPES, kv_dtype_is_q_dtype=True, head_dims=ops.HEAD_DIMS,
+                       pos_encoding_modes=("NONE",), custom_mask=False, user_callables=False, non_softmax=False,
+                       gpu=True, min_arch=80, archs=archs)
+    for name, archs in (("fa2", None), ("fa3", (90,)))
+}
 
 
-def query_tiles(spec: BatchSpec, block_m: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(tile_batch, tile_qstart)`` of every query tile, the widest KV range first.
-
-    A tile's cost is the number of keys any of its rows can see (causal and window clip it).
-    """
-    batch, qstart, cost = [], [], []
-    for b, (qo_len, kv_len) in enumerate(zip(spec.qo_lens.tolist(), spec.kv_lens.tolist())):
-        for qs in range(0, qo_len, block_m):
-            last = min(qs + block_m, qo_len) - 1 + kv_len - qo_len
-            hi = min(kv_len, last + 1) if spec.variant.causal else kv_len
-            lo = max(0, qs + kv_len - qo_len - spec.variant.window_left) if spec.variant.window_left >= 0 else 0
-            batch.append(b)
-            qstart.append(qs)
-            cost.append(max(hi - lo, 0))
-    order = np.argsort(-np.asarray(cost, dtype=np.int64), kind="stable")
-    return np.asarray(batch, np.int32)[order], np.asarray(qstart, np.int32)[order]
+@functools.lru_cache(maxsize=256)
+def _plan_args(causal: bool, window_left: int, block_m: int, max_tiles: int) -> PlanArgs:
+    """The planner's arguments for the FFI kernels: query tiles of ``block_m`` tokens over all heads
+    (the kernels run every head of a tile), never split, ordered by visible keys alone
+    (``row_cost=0``) into one queue (``num_ctas=1``): fa3's persistent CTAs take work items from
+    an atomic counter in this order, fa2's grid launches them in it."""
+    return PlanArgs(num_kv_heads=1, group_size=1, block_m=block_m, block_n=block_m, causal=causal,
+                    window_left=window_left, num_ctas=1, split_budget=2, max_work_tiles=max_tiles, split_kv=False,
+                    min_chunk=0, row_cost=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,19 +99,11 @@ class FlashAttentionBackend:
 
     name: str
 
-    def spec_unsupported(self, spec: BatchSpec) -> str | None:
-        """The part of :meth:`unsupported` that depends on ``spec`` alone (no device, no build)."""
-        v = spec.variant
-        checks = (
-            (spec.head_dim not in ops.HEAD_DIMS, f"head_dim must be one of {ops.HEAD_DIMS}, got {spec.head_dim}"),
-            (jnp.dtype(spec.q_dtype) not in ops.DTYPES, f"q dtype must be bfloat16 or float16, got {spec.q_dtype}"),
-            (spec.kv_dtype != spec.q_dtype, f"kv dtype {spec.kv_dtype} must equal q dtype {spec.q_dtype}"),
-            (v.pos_encoding_mode != "NONE", f"pos_encoding_mode={v.pos_encoding_mode!r} is not implemented (only 'NONE')"),
-            (spec.custom_mask is not None, "custom_mask is not implemented"),
-            (v.has_user_callables, "user callables (logits/query/key/output transforms, logits_mask) are not supported"),
-            (not v.use_softmax, "use_softmax=False is not implemented"),
-        )
-        return next((reason for failed, reason in checks if failed), None)
+    @property
+    def capabilities(self) -> Capabilities:
+        return CAPABILITIES[self.name]
+
+    merge_states = None  # no merge kernel: the kernels write final rows (no split-KV)
 
     def unsupported(self, spec: BatchSpec) -> str | None:
         """Why this backend cannot serve ``spec``, or ``None``; never raises.
@@ -119,16 +111,15 @@ class FlashAttentionBackend:
         Cheap on a machine without a GPU (no build is attempted there); on a GPU the first call
         builds the kernel library (cached on disk) so that a failing build is reported here.
         """
-        return self.spec_unsupported(spec) or self.device_unsupported()
+        return self.capabilities.unsupported(spec) or self.device_unsupported()
 
     def device_unsupported(self) -> str | None:
         """Why this backend cannot run on this machine (no NVIDIA GPU of its arch, a failing build),
         or ``None``; never raises. On a GPU the first call builds the kernel library (cached)."""
         cc = device.gpu_arch()
-        if cc is None:
-            return f"needs an NVIDIA GPU; jax's default device is {jax.devices()[0].platform}"
-        if cc < 80:
-            return f"needs compute capability 8.0 or newer, got {cc / 10:.1f}"
+        reason = self.capabilities.device_unsupported(device.platform(), cc)
+        if reason is not None:
+            return reason
         try:
             build.kernel_arch(self.name, cc)  # fa3: sm_90 only
         except ValueError as e:
@@ -140,35 +131,39 @@ class FlashAttentionBackend:
         return None
 
     def plan(self, spec: BatchSpec, capacity: PlanCapacity) -> Fa2Plan:
-        """Host planning: query tiles (LPT order) and the padded page table.
+        """Host planning: the query tiles in the native planner's order (widest key range first)
+        and the padded page table.
 
         Raises:
-          NotImplementedError: the backend cannot serve ``spec`` (see :meth:`spec_unsupported`; the
+          NotImplementedError: the backend cannot serve ``spec`` (see :attr:`capabilities`; the
             device is checked by :meth:`unsupported`, which the wrappers call first).
           ValueError: the batch exceeds a fixed capacity.
         """
-        reason = self.spec_unsupported(spec)
+        reason = self.capabilities.unsupported(spec)
         if reason is not None:
             raise NotImplementedError(f"backend {self.name!r}: {reason}")
         block_m = BLOCK_M[self.name][spec.head_dim]
-        b = spec.batch_size
-        b_cap = capacity.resolve("max_batch_size", b)
-        qo_cap = capacity.resolve("max_qo_len", int(spec.qo_lens.max(initial=0)))
-        kv_cap = capacity.resolve("max_kv_len", int(spec.kv_lens.max(initial=0)))
-        tile_batch, tile_qstart = query_tiles(spec, block_m)
-        t_cap = b_cap * -(-qo_cap // block_m)
+        padded = pad_batch(spec, capacity)
+        max_tiles = padded.max_batch_size * -(-padded.max_qo_len // block_m)
+        # kv_base = the request's index: the kernels look a request's rows up themselves.
+        wb = plan_work(spec.qo_indptr, spec.kv_lens, np.arange(spec.batch_size, dtype=np.int32),
+                       **dataclasses.asdict(_plan_args(spec.variant.causal, spec.variant.window_left, block_m,
+                                                       max_tiles)))
+        tiles = wb.work[: wb.num_tiles]
+        tile_batch = tiles[:, F["kv_base"]]
+        tile_qstart = tiles[:, F["q_row0"]] - spec.qo_indptr[tile_batch]
         if spec.paged:
             pages = spec.kv_indices[: spec.kv_indptr[-1]]
-            kv_indices = _pad(pages, b_cap * -(-kv_cap // spec.page_size), 0)
+            kv_indices = pad_to(pages, padded.max_batch_size * -(-padded.max_kv_len // spec.page_size), 0)
         else:
             kv_indices = np.zeros(1, np.int32)
         return Fa2Plan(
-            qo_indptr=to_device(_pad(spec.qo_indptr, b_cap + 1, int(spec.qo_indptr[-1]))),
-            kv_indptr=to_device(_pad(spec.kv_indptr, b_cap + 1, int(spec.kv_indptr[-1]))),
+            qo_indptr=to_device(padded.qo_indptr),
+            kv_indptr=to_device(padded.kv_indptr),
             kv_indices=to_device(kv_indices),
-            kv_lens=to_device(_pad(spec.kv_lens, b_cap, 0)),
-            tile_batch=to_device(_pad(tile_batch, t_cap, -1)),
-            tile_qstart=to_device(_pad(tile_qstart, t_cap, 0)),
+            kv_lens=to_device(padded.kv_lens),
+            tile_batch=to_device(pad_to(tile_batch, max_tiles, -1)),
+            tile_qstart=to_device(pad_to(tile_qstart, max_tiles, 0)),
             causal=bool(spec.variant.causal),
             window_left=int(spec.variant.window_left),
             logits_soft_cap=spec.variant.logits_soft_cap,
@@ -187,13 +182,9 @@ class FlashAttentionBackend:
         Raises:
           ValueError: q/k/v shapes or dtypes disagree with the plan (at trace time).
         """
-        want = (plan.num_qo_heads, plan.head_dim)
-        if q.ndim != 3 or tuple(q.shape[1:]) != want or np.dtype(q.dtype) != plan.q_dtype:
-            raise ValueError(f"q must be [nnz_q, {want[0]}, {want[1]}] {plan.q_dtype}, got {q.shape} {q.dtype}")
-        hkv_axis = (2 if kv_layout == "NHD" else 1) if plan.paged else 1
-        if k.ndim != (4 if plan.paged else 3) or k.shape[hkv_axis] != plan.num_kv_heads:
-            raise ValueError(f"k must have {plan.num_kv_heads} kv heads on axis {hkv_axis} "
-                             f"({'paged ' + kv_layout if plan.paged else 'ragged'}), got {k.shape}")
+        check_run_args(q, k, v, paged=plan.paged, kv_layout=kv_layout, page_size=plan.page_size,
+                       num_qo_heads=plan.num_qo_heads, num_kv_heads=plan.num_kv_heads, head_dim=plan.head_dim,
+                       q_dtype=plan.q_dtype, kv_dtype=plan.q_dtype)
         o, lse = ops.flash_forward(
             q, k, v, plan.qo_indptr, plan.kv_indptr, plan.kv_indices, plan.kv_lens, plan.tile_batch, plan.tile_qstart,
             causal=plan.causal,

@@ -15,15 +15,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer.backends import device
+from jaxinfer.backends.base import Capabilities, check_run_args
+from jaxinfer.backends.pallas import merge
+from jaxinfer.backends.pallas.attention import KernelSpec, attention
+from jaxinfer.backends.pallas.config import MAX_BLOCK_M, TileConfig, heuristic_config
 from jaxinfer.plan import native
 from jaxinfer.plan.batch import BatchSpec, PlanCapacity, next_pow2
-from jaxinfer.backends.pallas.attention import KernelSpec, attention
-from jaxinfer.backends.pallas.config import TileConfig, heuristic_config
 from jaxinfer.plan.transfer import to_device
 from jaxinfer.plan.planner import PlanArgs, count_query_tiles_at, plan_packed_at, plan_work_in_jit
 from jaxinfer.variants import AttentionVariant
 
-H100_SMS = 132
+# What the Pallas kernels serve: tl.dot needs power-of-2 head dims of at least 16 (and RoPE's
+# rotated halves at least 16 each), a GQA group fits one row tile of at most MAX_BLOCK_M rows, and
+# the custom mask is addressed with int32 offsets.
+CAPABILITIES = Capabilities(
+    dtypes=(jnp.bfloat16, jnp.float16),
+    kv_dtype_is_q_dtype=True,
+    head_dims=(16, 32, 64, 128, 256),
+    max_group_size=MAX_BLOCK_M,
+    rope_min_head_dim=32,
+    max_mask_elements=2**31 - 1,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +72,8 @@ class PallasBackend:
 
     Attributes:
       name: ``"pallas"``.
-      num_sms: SMs of the target GPU (H100: 132); the grid is ``num_sms * config.ctas_per_sm``
+      num_sms: SMs of the target GPU, ``None`` for the device's
+        (:func:`jaxinfer.backends.device.num_sms`); the grid is ``num_sms * config.ctas_per_sm``
         persistent CTAs.
       num_ctas: overrides that grid size when set.
       split_factor: split-KV plans may have up to ``split_factor * num_ctas`` tiles (also the
@@ -75,24 +89,27 @@ class PallasBackend:
     """
 
     name: str = "pallas"
-    num_sms: int = H100_SMS
+    num_sms: int | None = None
     num_ctas: int | None = None
     split_factor: int = 4
     config: TileConfig | None = None
     min_chunk: int = 256
     kv_major_grid: bool = True
 
+    capabilities = CAPABILITIES
+
     def unsupported(self, spec: BatchSpec) -> str | None:
         """Why this backend cannot serve ``spec`` (``None`` if it can)."""
-        reason = _unsupported_geometry(spec.head_dim, spec.group_size, spec.variant.pos_encoding_mode, spec.q_dtype,
-                                       spec.kv_dtype)
-        if reason is None and spec.custom_mask is not None and spec.custom_mask.size >= 2**31:
-            return f"custom_mask of {spec.custom_mask.size} elements (int32 offsets need < 2**31)"
-        return reason
+        return CAPABILITIES.unsupported(spec)
 
     def device_unsupported(self) -> str | None:
         """``None``: the kernels run on a GPU and in interpret mode elsewhere."""
         return None
+
+    @property
+    def merge_states(self):
+        """The Pallas merge kernel of attention states (:func:`jaxinfer.backends.pallas.merge.merge_states`)."""
+        return merge.merge_states
 
     def tile_config(self, spec: BatchSpec, capacity: PlanCapacity) -> TileConfig:
         """The tile config of ``spec``: by its mean query length, or by ``capacity.max_qo_len``
@@ -107,7 +124,9 @@ class PallasBackend:
 
     def grid_size(self, cfg: TileConfig) -> int:
         """Persistent CTAs of the attention kernel for tile config ``cfg``."""
-        return self.num_ctas if self.num_ctas is not None else self.num_sms * cfg.ctas_per_sm
+        if self.num_ctas is not None:
+            return self.num_ctas
+        return (self.num_sms if self.num_sms is not None else device.num_sms()) * cfg.ctas_per_sm
 
     def _kernel_spec(self, spec: BatchSpec, cfg: TileConfig, max_tiles: int, page_capacity: int, custom_mask: bool,
                      kv_major: bool = False) -> tuple[KernelSpec, PlanArgs]:
@@ -252,23 +271,6 @@ _cached_heuristic_config = functools.lru_cache(maxsize=256)(heuristic_config)
 
 
 @functools.lru_cache(maxsize=256)
-def _unsupported_geometry(d: int, group_size: int, pos_encoding_mode: str, q_dtype, kv_dtype) -> str | None:
-    """:meth:`PallasBackend.unsupported` for the static geometry of a spec."""
-    if d < 16 or d > 256 or d & (d - 1):
-        return f"head_dim={d} (the pallas backend needs a power of 2 in 16..256)"
-    if group_size > 128:
-        return f"num_qo_heads / num_kv_heads = {group_size} > 128"
-    if pos_encoding_mode == "ROPE_LLAMA" and d < 32:
-        return f"ROPE_LLAMA with head_dim={d} (the rotated halves need head_dim >= 32 for tl.dot)"
-    for name, dt in (("q", q_dtype), ("kv", kv_dtype)):
-        if jnp.dtype(dt) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-            return f"{name} dtype {jnp.dtype(dt).name} (pallas needs bfloat16 or float16)"
-    if jnp.dtype(q_dtype) != jnp.dtype(kv_dtype):
-        return "q and kv dtypes differ"
-    return None
-
-
-@functools.lru_cache(maxsize=256)
 def _cached_layout(backend: PallasBackend, paged: bool, page_size: int, num_qo_heads: int, num_kv_heads: int,
                    head_dim: int, v: AttentionVariant, cfg: TileConfig, max_tiles: int, page_capacity: int,
                    custom_mask: bool, kv_major: bool) -> tuple[KernelSpec, PlanArgs]:
@@ -320,24 +322,11 @@ def _device_mask(custom_mask: np.ndarray | None) -> jax.Array | None:
 
 def _check_run_args(ks: KernelSpec, q, k, v) -> None:
     """Trace-time shape/dtype checks of ``run``'s arrays against the plan."""
-    if ks.kv_layout not in ("NHD", "HND"):
-        raise ValueError(f"kv_layout must be 'NHD' or 'HND', got {ks.kv_layout!r}")
-    if q.ndim != 3 or tuple(q.shape[1:]) != (ks.num_qo_heads, ks.head_dim):
-        raise ValueError(f"q must be [nnz_q, {ks.num_qo_heads}, {ks.head_dim}], got {tuple(q.shape)}")
-    if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        raise ValueError(f"q must be bfloat16 or float16 for the pallas backend, got {q.dtype}")
-    if k.shape != v.shape or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"k and v must share a shape and q's dtype {q.dtype}, got {k.shape}{k.dtype}, {v.shape}{v.dtype}")
-    if ks.paged:
-        tail = (ks.page_size, ks.num_kv_heads, ks.head_dim)
-        if ks.kv_layout == "HND":
-            tail = (ks.num_kv_heads, ks.page_size, ks.head_dim)
-        want = f"[num_pages, {', '.join(map(str, tail))}] ({ks.kv_layout})"
-    else:
-        tail = (ks.num_kv_heads, ks.head_dim)
-        want = f"[nnz_kv, {ks.num_kv_heads}, {ks.head_dim}]"
-    if k.ndim != len(tail) + 1 or tuple(k.shape[1:]) != tail:
-        raise ValueError(f"k and v must be {want}, got {tuple(k.shape)}")
+    check_run_args(q, k, v, paged=ks.paged, kv_layout=ks.kv_layout, page_size=ks.page_size,
+                   num_qo_heads=ks.num_qo_heads, num_kv_heads=ks.num_kv_heads, head_dim=ks.head_dim)
+    reason = CAPABILITIES.dtype_unsupported(q.dtype, k.dtype)
+    if reason is not None:
+        raise ValueError(f"the pallas backend cannot run {reason}")
 
 
 def get_backend(name: str = "pallas") -> PallasBackend:
