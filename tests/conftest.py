@@ -1,7 +1,10 @@
 """Shared pytest fixtures: per-test random generator, tolerances by dtype, backends under test.
 
-API tests are parametrized by ``backend`` over :data:`BACKENDS`; a kernel backend that declines a
-case (NotImplementedError) skips it, so adding a backend name to the list is all a backend needs.
+API tests are parametrized by ``backend`` over :data:`BACKENDS`, every backend of the registry
+(``jaxinfer.backends.BACKEND_NAMES``), so one conformance suite covers them all. A backend with no
+device here (``jaxinfer.backends.unavailable``: fa2/fa3 off an NVIDIA GPU) skips with its reason
+before the test does any work; one that declines a case (NotImplementedError, e.g.
+``BackendUnsupportedError``) skips that case with its reason; the "xla" reference never skips.
 
 Set ``JAXINFER_TEST_SEED=<int>`` to replay a failing test with the seed it printed.
 """
@@ -9,6 +12,7 @@ Set ``JAXINFER_TEST_SEED=<int>`` to replay a failing test with the seed it print
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -16,10 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxinfer import backends as backend_registry
 from ref64 import gather_paged_kv, random_page_table
 
-# Backends every API test runs on; adding a name here is all a new backend needs.
-BACKENDS = ["xla", "pallas"]
+# Backends every API test runs on: all of the registry's (the "xla" reference first), so a backend
+# registered in jaxinfer.backends is tested with no change here.
+BACKENDS = ["xla", *(n for n in backend_registry.BACKEND_NAMES if n not in ("auto", "xla"))]
 
 # Variant options of the decode and prefill grids (single and batch tests).
 DECODE_OPTIONS = [
@@ -51,6 +57,31 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+def backend_param(item) -> str | None:
+    """The registered backend name a test is parametrized with (``backend``), else ``None``."""
+    callspec = getattr(item, "callspec", None)
+    backend = callspec.params.get("backend") if callspec else None
+    return backend if isinstance(backend, str) and backend in BACKENDS else None
+
+
+@functools.cache
+def backend_unavailable(name: str) -> str | None:
+    """``jaxinfer.backends.unavailable(name)``, asked once per session (on a GPU the FFI backends
+    build their kernel library on the first ask), and only by a test that runs."""
+    return backend_registry.unavailable(name)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """A test parametrized by a backend that cannot run on this machine at all skips with the
+    registry's reason before its fixtures are set up; the "xla" reference never skips."""
+    backend = backend_param(item)
+    if backend is not None and backend != "xla":
+        reason = backend_unavailable(backend)
+        if reason is not None:
+            pytest.skip(f"backend {backend!r} is unavailable here: {reason}")
 
 
 @pytest.hookimpl(wrapper=True)

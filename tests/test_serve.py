@@ -94,8 +94,10 @@ def test_continuous_batching_matches_dense_greedy(served, expected, backend):
     assert engine.idle and engine.pool.requests == () and engine.pool.num_free_pages == engine.pool.num_pages
 
 
-def test_backends_give_the_same_tokens(served):
-    outputs = {b: served(b)[0] for b in BACKENDS}
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "xla"])
+def test_backends_give_the_same_tokens(served, backend):
+    # Each backend against the reference: together, every backend that runs gives the same tokens.
+    outputs = {b: served(b)[0] for b in ("xla", backend)}
     assert len(set(map(str, outputs.values()))) == 1, outputs
 
 

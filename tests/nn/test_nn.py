@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import BACKENDS
 from flax import nnx
 
 import jaxinfer
@@ -265,18 +266,7 @@ def test_planner_errors():
 # ---------------------------------------------------------------- e2e benchmark step
 
 
-def available_backends() -> list[str]:
-    names = []
-    for name in ("xla", "pallas"):
-        try:
-            jaxinfer.backends.get_backend(name)
-        except NotImplementedError:
-            continue
-        names.append(name)
-    return names
-
-
-@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_decode_benchmark_paged_matches_dense(backend):
     # The paged jaxinfer step and the dense jax.nn.dot_product_attention step hold the same cache
     # contents and weights; batch 3 is not a power of two (padded decode rows). Pallas takes
