@@ -90,11 +90,9 @@ OPS = ("decode", "prefill", "other")
 def auto_order(op: str = "prefill") -> tuple[str, ...]:
     """Backends ``"auto"`` tries for ``op`` on the current default device, fastest first.
 
-    From same-run H100 measurements (benchmarks/RESULTS.md, 2026-11-22): plain prefill and
-    append are fastest on the FFI kernels (prefill_causal: fa3 579, fa2 331, pallas 339 TFLOP/s;
-    append: fa3 301, fa2 269, pallas 224; run 34b of the seventh session; fa3 leads fa2 and pallas
-    on all seven prefill shapes of benchmarks/ffi_gpu.py); decode, cascade levels and block-sparse patterns on pallas (fa2 reads
-    decode at 0.55 TB/s against 2.6, and is 1.4-3x slower on cascade and block-sparse).
+    From same-run H100 measurements (benchmarks/RESULTS.md): the FFI kernels lead plain prefill and
+    append (fa3, then fa2, then pallas, on every prefill shape), pallas leads decode, cascade levels
+    and block-sparse patterns, where the FFI kernels run several times slower.
 
     Args:
       op: ``"decode"``, ``"prefill"`` (plain batch or single prefill/append) or ``"other"``

@@ -159,8 +159,8 @@ def check_run_args(q, k, v, *, paged: bool, kv_layout: str, page_size: int, num_
     if paged:
         tail = (page_size, num_kv_heads, head_dim) if kv_layout == "NHD" else (num_kv_heads, page_size, head_dim)
         if k.ndim != 4 or tuple(k.shape[1:]) != tail:
-            raise ValueError(f"paged_kv_cache must be [num_pages, {', '.join(map(str, tail))}] ({kv_layout}: "
-                             f"{num_kv_heads} kv heads, page_size {page_size}), got {tuple(k.shape)}")
+            raise ValueError(f"paged_kv_cache must be [num_pages, {', '.join(map(str, tail))}] ({kv_layout}) with "
+                             f"{num_kv_heads} kv heads and page_size {page_size}, got {tuple(k.shape)}")
     else:
         want = (num_kv_heads, head_dim)
         if k.ndim != 3 or tuple(k.shape[1:]) != want or k.shape[0] < nnz_kv:

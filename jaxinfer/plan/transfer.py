@@ -18,7 +18,7 @@ def to_device(host: np.ndarray) -> jax.Array:
     0.11.2 on an H100: 0.28 ms for 64 MiB that land 10.7 ms later); ``jnp.asarray`` and a
     jitted identity wait for it. The copy reads ``host`` after the call returns (even with
     ``may_alias=False``), so the planners (the Pallas and FFI backends' ``plan``) never reuse or
-    change it (benchmarks/NOTES-planner.md). Where it can, this makes ``jax.device_put``'s C++ call
+    change it (benchmarks/decisions/plan.md). Where it can, this makes ``jax.device_put``'s C++ call
     directly (:func:`direct_device_put`).
     """
     put = direct_device_put()
@@ -30,7 +30,7 @@ def direct_device_put() -> Callable[[np.ndarray], jax.Array] | None:
     """``jax.device_put`` of a numpy array without its Python: jaxlib's ``batched_device_put``
     with the default device's sharding, uncommitted, zero-copy host semantics and the transfer
     guard's explicit scope, the C++ call ``jax.device_put`` ends in after ~60-90 us of tree
-    flattening, aval and sharding checks (~5 us instead; benchmarks/NOTES-planner.md).
+    flattening, aval and sharding checks (~5 us instead; benchmarks/decisions/plan.md).
 
     Private jax API, so decided once per process: ``None`` (callers use ``jax.device_put``) when
     it is missing, raises, or gives an array that differs from ``jax.device_put``'s on a probe.

@@ -32,7 +32,7 @@ from jaxinfer.plan.planner import PlanArgs, plan_work
 from jaxinfer.plan.transfer import to_device
 
 # Query rows of one CTA per kernel and head_dim: fa2, 16 * kMT * kWarps of Fa2Traits in
-# jaxinfer/csrc/fa2_kernel.cuh; fa3, kBM of jaxinfer/csrc/fa3_kernel.cuh (two consumer warpgroups of 64 rows).
+# jaxinfer/csrc/fa2/kernel.cuh; fa3, kBM of jaxinfer/csrc/fa3/config.cuh (two consumer warpgroups of 64 rows).
 BLOCK_M = {"fa2": {64: 128, 128: 128, 256: 64}, "fa3": {64: 128, 128: 128, 256: 128}}
 
 

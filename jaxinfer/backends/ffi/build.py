@@ -231,9 +231,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     arch = args.arch
     if arch is None:
-        from jaxinfer.backends.ffi.ops import device_arch
+        from jaxinfer.backends.device import gpu_arch
 
-        cc = device_arch()
+        cc = gpu_arch()
         if cc is None:
             parser.error("no GPU found: pass --arch")
         arch = kernel_arch(args.kernel, cc)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer.backends import device
 from jaxinfer.backends.ffi import build
 
 FA2_TARGET = "jaxinfer_fa2_forward"
@@ -24,19 +25,6 @@ TARGETS = {"fa2": FA2_TARGET, "fa3": FA3_TARGET}
 SYMBOLS = {"fa2": "JaxinferFa2Forward", "fa3": "JaxinferFa3Forward"}
 HEAD_DIMS = (64, 128, 256)
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
-def device_arch() -> int | None:
-    """Compute capability ``major*10+minor`` of jax's default device, ``None`` when it is no GPU."""
-    try:
-        dev = jax.devices()[0]
-    except RuntimeError:
-        return None
-    cc = getattr(dev, "compute_capability", None)
-    if dev.platform != "gpu" or cc is None:
-        return None
-    major, minor = (int(x) for x in str(cc).split("."))
-    return major * 10 + minor
 
 
 _REGISTERED: dict[str, str | Exception] = {}
@@ -53,7 +41,7 @@ def ensure_registered(kernel: str = "fa2") -> str:
     """
     if kernel not in _REGISTERED:
         try:
-            cc = device_arch()
+            cc = device.gpu_arch()
             if cc is None or f"sm_{cc}" not in build.ARCHS:
                 raise RuntimeError(f"jaxinfer's {kernel} kernels need an NVIDIA GPU of arch {build.ARCHS}, got {cc}")
             try:
@@ -140,7 +128,7 @@ def flash_forward(
     _check(qo_indptr.shape == kv_indptr.shape and qo_indptr.shape[0] == kv_lens.shape[0] + 1,
            f"qo_indptr {qo_indptr.shape}, kv_indptr {kv_indptr.shape} must be [B+1] for kv_lens {kv_lens.shape}")
     _check(tile_batch.shape == tile_qstart.shape, "tile_batch and tile_qstart must have one shape")
-    if device_arch() is not None:
+    if device.gpu_arch() is not None:
         ensure_registered(kernel)
     results = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:2], jnp.float32))
     if kernel == "fa3":  # the persistent grid's work counter (scratch, zeroed by the handler)

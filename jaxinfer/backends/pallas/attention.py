@@ -188,7 +188,7 @@ def _cos_sin(pos, inv_freq, native: bool):
     the order of bf16's rounding of the rotated keys), and at two SFU operations per element
     the kernel evaluates them per key step, holding no table in registers (libdevice's
     range-reduced ``cosf``/``sinf`` there raised the register count so far that fewer CTAs fit
-    an SM: benchmarks/NOTES-pallas.md).
+    an SM: benchmarks/decisions/pallas.md).
     """
     angle = pos.astype(jnp.float32)[:, None] * inv_freq[None, :]
     return _approx("cos", angle, native), _approx("sin", angle, native)

@@ -84,7 +84,7 @@ class PallasBackend:
         persistent grid run one tile per CTA instead, in (request, KV head)-major order, longest
         first within: CTAs the hardware runs together then share a few requests' KV in L2,
         where the persistent grid's cost order spreads them over every (request, KV head)
-        (H100, prefill_causal: +10 %, benchmarks/NOTES-pallas.md). Only with ``num_ctas``
+        (H100, prefill_causal: +10 %, benchmarks/decisions/pallas.md). Only with ``num_ctas``
         and ``max_work_tiles`` unset: the grid is the tile capacity, a per-batch shape.
     """
 

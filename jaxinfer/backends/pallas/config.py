@@ -71,13 +71,13 @@ def heuristic_config(head_dim: int, page_size: int, group_size: int, avg_qo_len:
     block_m = min(MAX_BLOCK_M, max(MIN_DOT, next_pow2(int(rows + 0.999)), next_pow2(group_size)))
     if block_m <= 32:
         block_n = 128 if head_dim <= 64 else 64 if head_dim <= 128 else 32
-        # Measured on an H100 (benchmarks/NOTES-pallas.md): 3 CTAs per SM beat 2 on skewed
+        # Measured on an H100 (benchmarks/decisions/pallas.md): 3 CTAs per SM beat 2 on skewed
         # batches (decode_zipf 2.78 vs 2.65 TB/s) and tie on uniform ones.
         return TileConfig(block_m=block_m, block_n=block_n, num_warps=4, num_stages=3, ctas_per_sm=3)
     if block_m == 64:
         return TileConfig(block_m=64, block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=3)
     # 128-row tiles issue the next key step's q.k dot before the softmax (qk_ahead). Measured on
-    # an H100 (benchmarks/NOTES-pallas.md, pallas-2 run 2): prefill_causal 128x64, 8 warps,
+    # an H100 (benchmarks/decisions/pallas.md, pallas-2 run 2): prefill_causal 128x64, 8 warps,
     # 3 stages went 285 -> 307-311 TFLOP/s with it (4 stages: 299). 64-row tiles with it gave
     # 177 (237 without, an earlier run), so they keep the plain loop. Only the 8-warp tiles of
     # head_dim 64/128 take it (offline ptxas: 221/255 registers, no spills); head_dim 256

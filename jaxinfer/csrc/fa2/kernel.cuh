@@ -7,7 +7,7 @@
 // cp.async atoms), online softmax in base 2 (ex2) with the division by the row sum deferred to
 // the end. Each warp owns 16*kMT query rows.
 //
-// What the inner loop keeps out (benchmarks/NOTES-ffi.md): no per-row branch, division or
+// What the inner loop keeps out (benchmarks/decisions/ffi.md): no per-row branch, division or
 // 64-bit multiply for K/V addresses (the KV mode is a template parameter, ragged rows advance a
 // pointer, page ids are loaded a tile ahead, only a partial tile has predicates); no swizzled
 // ldmatrix address per (row block, chunk) held in registers (SwzRows); no rescaling of O on a
@@ -55,7 +55,7 @@ struct Fa2Params : ForwardParams {
 // 16 * kMT * kWarps must stay BLOCK_M of jaxinfer/backends/ffi/backend.py. kMinBlocks is the CTAs per SM
 // the register allocation must allow (__launch_bounds__); kStages is the depth of the K/V
 // shared-memory ring (tiles loaded ahead = kStages - 1). Defaults: the fastest of the variants
-// timed (benchmarks/NOTES-ffi.md).
+// timed (benchmarks/decisions/ffi.md).
 #ifndef JAXINFER_FA2_MT_D64
 #define JAXINFER_FA2_MT_D64 2
 #endif
@@ -157,7 +157,7 @@ template <int N, typename Op> __device__ __forceinline__ float tree_reduce(float
 // One CTA per (tile, qo head) in a 1-D grid of num_tiles * num_heads CTAs, in the order of
 // work_tile_head (common/work_order.cuh); the hardware starts CTAs in index order. Heads go in
 // groups of 8: faster than the tile-major order (groups of 1) and than all heads in one group
-// (benchmarks/NOTES-ffi.md).
+// (benchmarks/decisions/ffi.md).
 constexpr int kHeadGroup = 8;
 
 template <typename T, int D, int kMode>

@@ -23,6 +23,7 @@ from jax.export import DisabledSafetyCheck
 from ref64 import ref_batch
 
 from jaxinfer.plan.batch import BatchSpec, PlanCapacity
+from jaxinfer.backends import device
 from jaxinfer.backends.ffi import build, ops
 from jaxinfer.backends.ffi.backend import BLOCK_M, get_backend
 from jaxinfer.variants import AttentionVariant
@@ -200,7 +201,7 @@ def test_unsupported_custom_mask_and_cpu(name):
     masked = BatchSpec.create(indptr_of([2]), indptr_of([3]), None, None, page_size=1, num_qo_heads=2,
                               num_kv_heads=2, head_dim=64, variant=AttentionVariant(), custom_mask=np.ones(6, bool))
     assert "custom_mask" in get_backend(name).unsupported(masked)
-    if ops.device_arch() is None:
+    if device.gpu_arch() is None:
         assert "GPU" in get_backend(name).unsupported(spec)
 
 
@@ -218,7 +219,7 @@ def _run_poisoned(backend, plan, q, k, v, kv_layout):
 @pytest.fixture(params=BACKENDS)
 def gpu_backend(request):
     """Each FFI backend, skipped where the device cannot run it (fa3: sm_90 only)."""
-    cc = ops.device_arch()
+    cc = device.gpu_arch()
     if cc is not None:
         try:
             build.kernel_arch(request.param, cc)
@@ -323,7 +324,7 @@ def test_gpu_vmap_sequential(gpu_backend, rng):
 
 
 def test_no_gpu_means_nothing_is_built(monkeypatch):
-    if ops.device_arch() is not None:
+    if device.gpu_arch() is not None:
         pytest.skip("a GPU is present")
     monkeypatch.setattr(shutil, "which", lambda *_: pytest.fail("unsupported() looked for nvcc on CPU"))
     assert get_backend("fa2").unsupported(ragged_spec([1], [1], 1, 1, 64, AttentionVariant())) is not None
