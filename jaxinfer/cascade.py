@@ -83,8 +83,6 @@ class MultiLevelCascadeAttentionWrapper(BatchWrapper):
             raise ValueError(f"num_levels must be a positive integer, got {num_levels}")
         super().__init__(kv_layout, backend, capacity=capacity)
         self._num_levels = int(num_levels)
-        self._plans: list[Plan] | None = None
-        self._specs = None
 
     def plan(
         self, qo_indptr_arr, paged_kv_indptr_arr, paged_kv_indices_arr, paged_kv_last_page_len_arr,
@@ -121,18 +119,16 @@ class MultiLevelCascadeAttentionWrapper(BatchWrapper):
         nnz = {int(s.qo_indptr[-1]) for s in specs}
         if len(nnz) != 1:
             raise ValueError(f"qo_indptr_arr levels must cover the same queries, got totals {sorted(nnz)}")
-        self._specs = specs
-        self._plans = [make_plan(s, self._backend, self._kv_layout, self._capacity, op="other") for s in specs]
-        return self._plans
+        return self._keep(specs, [make_plan(s, self._backend, self._kv_layout, self._capacity, op="other")
+                                  for s in specs])
 
     def run(self, q, paged_kv_cache, *, return_lse: bool = False):
         """``q [nnz_q, Hq, D]`` -> ``o [nnz_q, Hq, D]`` (, ``lse [nnz_q, Hq]``), jit-compatible."""
-        if self._plans is None:
-            raise ValueError("MultiLevelCascadeAttentionWrapper.run called before plan")
+        specs, plans = self._require_plan()
         k, v = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
-        for spec in self._specs:
+        for spec in specs:
             check_spec_run_args(spec, q, k, v, self._kv_layout)
-        return batch_cascade(q, paged_kv_cache, self._plans, return_lse=return_lse)
+        return batch_cascade(q, paged_kv_cache, plans, return_lse=return_lse)
 
 
 def batch_cascade(q, paged_kv_cache, plans: list[Plan], *, return_lse: bool = False):

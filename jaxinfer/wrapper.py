@@ -24,12 +24,20 @@ from jaxinfer.variants import AttentionVariant, make_variant
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """A backend's plan (pytree of int32 device arrays) with the static facts ``run`` needs."""
+    """A backend's plan (pytree of int32 device arrays) with the static facts ``run`` needs and
+    checks its arrays against at trace time: the backend, the KV layout and page size (``paged``:
+    a page table over a cache, else ragged KV), the head geometry and the dtypes (names)."""
 
     inner: Any
     backend: str = dataclasses.field(metadata=dict(static=True))
     kv_layout: str = dataclasses.field(metadata=dict(static=True))
     page_size: int = dataclasses.field(metadata=dict(static=True))
+    paged: bool = dataclasses.field(metadata=dict(static=True))
+    num_qo_heads: int = dataclasses.field(metadata=dict(static=True))
+    num_kv_heads: int = dataclasses.field(metadata=dict(static=True))
+    head_dim: int = dataclasses.field(metadata=dict(static=True))
+    q_dtype: str = dataclasses.field(metadata=dict(static=True))
+    kv_dtype: str = dataclasses.field(metadata=dict(static=True))
 
 
 def make_plan(
@@ -47,7 +55,9 @@ def make_plan(
       NotImplementedError: an explicitly named backend cannot serve the spec.
     """
     impl = backends.resolve(backend, spec, op=op)
-    return Plan(inner=impl.plan(spec, capacity), backend=impl.name, kv_layout=kv_layout, page_size=spec.page_size)
+    return Plan(inner=impl.plan(spec, capacity), backend=impl.name, kv_layout=kv_layout, page_size=spec.page_size,
+                paged=spec.paged, num_qo_heads=spec.num_qo_heads, num_kv_heads=spec.num_kv_heads,
+                head_dim=spec.head_dim, q_dtype=jnp.dtype(spec.q_dtype).name, kv_dtype=jnp.dtype(spec.kv_dtype).name)
 
 
 @functools.partial(jax.jit, static_argnames="return_lse")
@@ -55,8 +65,22 @@ def run_plan(plan: Plan, q, k, v, *, return_lse: bool = False):
     """Run a plan; ``k``/``v`` are caches (paged) or ragged tensors.
 
     Jitted so that an eager ``wrapper.run`` is one compiled program, not op-by-op dispatch;
-    inside a caller's jit it inlines.
+    inside a caller's jit it inlines. The module-level run functions of the front doors come
+    here: the arrays' shapes and dtypes are checked against the plan's static facts at trace time
+    (the row counts live in the plan's device arrays: rows of ``q`` past the plan's queries come
+    back as zeros, and a ``q`` with fewer rows than the plan's queries is the caller's error, which
+    the wrapper's ``run`` checks on the host).
+
+    Raises:
+      ValueError: an array's shape, layout or dtype disagrees with the plan (trace time).
     """
+    check_run_args(q, k, v, paged=plan.paged, kv_layout=plan.kv_layout, page_size=plan.page_size,
+                   num_qo_heads=plan.num_qo_heads, num_kv_heads=plan.num_kv_heads, head_dim=plan.head_dim,
+                   q_dtype=jnp.dtype(plan.q_dtype), kv_dtype=jnp.dtype(plan.kv_dtype))
+    if q.shape[0] == 0:
+        # No query rows (a batch of zero requests): empty outputs, no kernel to launch.
+        o = jnp.zeros(q.shape, q.dtype)
+        return (o, jnp.zeros(q.shape[:2], jnp.float32)) if return_lse else o
     if k.shape[0] == 0:
         # A batch with no keys at all: give the kernels one row to gather from (nothing is
         # visible, every output row is o = 0, lse = -inf).
@@ -79,6 +103,9 @@ def run_paged_plan(plan: Plan, q, paged_kv_cache, *, return_lse: bool = False):
 class BatchWrapper:
     """Base of the FlashInfer-style wrappers: keeps the host spec and the plan between calls.
 
+    ``plan`` may be called from several threads: each call returns its own plan, and ``run`` uses
+    the spec and plan of one call (the last to finish), never a mix.
+
     Args:
       kv_layout: ``"NHD"`` or ``"HND"`` layout of paged caches.
       backend: ``"auto"``, ``"pallas"``, ``"fa2"``, ``"fa3"`` or ``"xla"``.
@@ -98,23 +125,33 @@ class BatchWrapper:
         self._kv_layout = check_kv_layout(kv_layout)
         self._backend = backend
         self._capacity = capacity or PlanCapacity()
-        self._spec: BatchSpec | None = None
-        self._plan: Plan | None = None
+        # (spec, plan) of the last plan() call, replaced in one assignment: plan() may run in
+        # several threads, each gets its own plan back and run() always sees a matching pair.
+        self._planned: tuple[Any, Any] | None = None
 
     @property
     def backend(self) -> str | None:
         """The backend the last plan resolved to (``None`` before ``plan``)."""
-        return None if self._plan is None else self._plan.backend
+        planned = self._planned
+        if planned is None:
+            return None
+        plan = planned[1]
+        return (plan[0] if isinstance(plan, list) else plan).backend
+
+    def _keep(self, spec, plan):
+        """Keep a batch's spec(s) and plan(s) for ``run`` (the last ``plan`` call wins) and
+        return the plan."""
+        self._planned = (spec, plan)
+        return plan
 
     def _set_plan(self, spec: BatchSpec) -> Plan:
-        self._plan = make_plan(spec, self._backend, self._kv_layout, self._capacity, op=self._op)
-        self._spec = spec
-        return self._plan
+        return self._keep(spec, make_plan(spec, self._backend, self._kv_layout, self._capacity, op=self._op))
 
-    def _require_plan(self) -> tuple[BatchSpec, Plan]:
-        if self._plan is None:
+    def _require_plan(self) -> tuple[Any, Any]:
+        planned = self._planned
+        if planned is None:
             raise ValueError(f"{type(self).__name__}.run called before plan")
-        return self._spec, self._plan
+        return planned
 
     def _run_paged(self, q, paged_kv_cache, return_lse: bool):
         spec, plan = self._require_plan()

@@ -153,7 +153,8 @@ def check_run_args(q, k, v, *, paged: bool, kv_layout: str, page_size: int, num_
     check_kv_layout(kv_layout)
     want_q = (num_qo_heads, head_dim)
     if q.ndim != 3 or tuple(q.shape[1:]) != want_q or q.shape[0] < nnz_q:
-        raise ValueError(f"q must be [>= {nnz_q}, {want_q[0]}, {want_q[1]}], got {tuple(q.shape)}")
+        rows = f">= {nnz_q}" if nnz_q else "nnz_q"
+        raise ValueError(f"q must be [{rows}, {want_q[0]}, {want_q[1]}], got {tuple(q.shape)}")
     if k.shape != v.shape or k.dtype != v.dtype:
         raise ValueError(f"k, v must match in shape and dtype, got {k.shape}{k.dtype} and {v.shape}{v.dtype}")
     if paged:
@@ -164,7 +165,8 @@ def check_run_args(q, k, v, *, paged: bool, kv_layout: str, page_size: int, num_
     else:
         want = (num_kv_heads, head_dim)
         if k.ndim != 3 or tuple(k.shape[1:]) != want or k.shape[0] < nnz_kv:
-            raise ValueError(f"k must be [>= {nnz_kv}, {want[0]}, {want[1]}] (ragged: {num_kv_heads} kv heads), "
+            rows = f">= {nnz_kv}" if nnz_kv else "nnz_kv"
+            raise ValueError(f"k must be [{rows}, {want[0]}, {want[1]}] (ragged: {num_kv_heads} kv heads), "
                              f"got {tuple(k.shape)}")
     if q_dtype is not None and q.dtype != q_dtype:
         raise ValueError(f"q has dtype {q.dtype} but the plan was made for q_data_type {jnp.dtype(q_dtype)}")

@@ -1,0 +1,142 @@
+"""Hardening of the run side (issue 16): the module-level run functions check their arrays against
+the plan at trace time, a batch of zero requests gives empty outputs, and ``plan`` is safe to call
+from several threads."""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import BACKENDS, assert_close, indptr_of, make_paged_kv, rand
+from ref64 import ref_batch
+
+import jaxinfer
+
+HQ, HKV, D, PAGE = 4, 2, 64, 4
+
+
+def _decode_plan(backend, kv_layout="NHD"):
+    w = jaxinfer.BatchDecodeWithPagedKVCacheWrapper(kv_layout=kv_layout, backend=backend)
+    plan = w.plan(np.array([0, 1, 2]), np.array([0, 1]), np.array([3, 4]), HQ, HKV, D, PAGE)
+    return w, plan
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "q_shape,cache_shape,layout_of_cache,what",
+    [
+        ((2, 2, D), (2, PAGE, HKV, D), "NHD", "q"),  # 2 query heads for a 4-head plan
+        ((2, 8, D), (2, PAGE, HKV, D), "NHD", "q"),  # 8 query heads
+        ((2, HQ, 32), (2, PAGE, HKV, D), "NHD", "q"),  # head_dim
+        ((2, HQ, D), (2, 8, HKV, D), "NHD", "paged_kv_cache"),  # page_size 8 for a page_size-4 plan
+        ((2, HQ, D), (2, HKV, PAGE, D), "NHD", "paged_kv_cache"),  # an HND cache for an NHD plan
+    ],
+)
+def test_batch_decode_checks_the_plan_at_trace_time(backend, q_shape, cache_shape, layout_of_cache, what):
+    _, plan = _decode_plan(backend)
+    q = jnp.zeros(q_shape, jnp.bfloat16)
+    cache = jnp.zeros(cache_shape, jnp.bfloat16)
+    with pytest.raises(ValueError, match=what):
+        jax.jit(jaxinfer.batch_decode)(q, (cache, cache), plan)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_level_runs_check_dtype_and_kind(backend, rng):
+    _, plan = _decode_plan(backend)
+    cache = jnp.zeros((2, PAGE, HKV, D), jnp.bfloat16)
+    with pytest.raises(ValueError, match="q_data_type"):
+        jaxinfer.batch_decode(jnp.zeros((2, HQ, D), jnp.float16), (cache, cache), plan)
+    # A ragged prefill plan run as a paged one, and the other way round.
+    w = jaxinfer.BatchPrefillWithRaggedKVCacheWrapper(backend=backend)
+    ragged = w.plan(np.array([0, 2]), np.array([0, 5]), HQ, HKV, D)
+    with pytest.raises(ValueError, match="k must be"):
+        jaxinfer.batch_prefill_paged(jnp.zeros((2, HQ, D), jnp.bfloat16), (cache, cache), ragged)
+    k = jnp.zeros((5, HKV, D), jnp.bfloat16)
+    with pytest.raises(ValueError, match="paged_kv_cache"):
+        jaxinfer.batch_prefill_ragged(jnp.zeros((2, HQ, D), jnp.bfloat16), k, k, plan)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_gives_empty_outputs(backend, rng):
+    kv = make_paged_kv(rng, [3, 5], PAGE, HKV, D, jnp.bfloat16)
+    w = jaxinfer.BatchDecodeWithPagedKVCacheWrapper(backend=backend)
+    plan = w.plan(np.array([0]), np.array([], np.int32), np.array([], np.int32), HQ, HKV, D, PAGE)
+    q = jnp.zeros((0, HQ, D), jnp.bfloat16)
+    o, lse = w.run(q, kv.cache, return_lse=True)
+    assert o.shape == (0, HQ, D) and lse.shape == (0, HQ)
+    o = jax.jit(jaxinfer.batch_decode)(q, kv.cache, plan)
+    assert o.shape == (0, HQ, D)
+    w = jaxinfer.BatchPrefillWithPagedKVCacheWrapper(backend=backend)
+    w.plan(np.array([0]), np.array([0]), np.array([], np.int32), np.array([], np.int32), HQ, HKV, D, PAGE, causal=True)
+    assert w.run(q, kv.cache).shape == (0, HQ, D)
+    w = jaxinfer.BatchPrefillWithRaggedKVCacheWrapper(backend=backend)
+    w.plan(np.array([0]), np.array([0]), HQ, HKV, D)
+    k = rand(rng, (0, HKV, D), jnp.bfloat16)
+    assert w.run(q, k, k).shape == (0, HQ, D)
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_plan_from_several_threads_returns_each_callers_plan(backend, rng):
+    """4 threads share one wrapper; each plans its own batches and must get its own plan back,
+    and the wrapper must keep a matching (spec, plan) pair."""
+    w = jaxinfer.BatchDecodeWithPagedKVCacheWrapper(backend=backend,
+                                                    capacity=jaxinfer.PlanCapacity(max_batch_size=8, max_kv_len=64))
+    batches = []
+    for t in range(4):
+        lens = rng.integers(1, 60, size=t + 2)
+        pages = -(-lens // PAGE)
+        indptr = indptr_of(pages)
+        last = (lens - PAGE * (pages - 1)).astype(np.int32)
+        batches.append((indptr, np.arange(indptr[-1], dtype=np.int32), last, lens.astype(np.int32)))
+    wrong, barrier = [], threading.Barrier(4)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, as a loaded serving host does
+
+    def worker(t):
+        indptr, indices, last, lens = batches[t]
+        barrier.wait()
+        for _ in range(200):
+            # No reference to the plan outlives the check: replacing the wrapper's previous plan
+            # then frees it, and freeing device arrays releases the GIL (where threads switch).
+            if not np.array_equal(_kv_lens(w.plan(indptr, indices, last, HQ, HKV, D, PAGE), lens.size), lens):
+                wrong.append(t)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    sys.setswitchinterval(interval)
+    assert not wrong, f"{len(wrong)} of 800 plan() calls returned another thread's plan"
+    spec, plan = w._require_plan()
+    np.testing.assert_array_equal(_kv_lens(plan, spec.batch_size), spec.kv_lens)
+
+
+def _kv_lens(plan, batch_size: int) -> np.ndarray:
+    """Keys per request that a plan was made for (xla: its kv_lens; pallas: from its work tiles)."""
+    if plan.backend == "xla":
+        return np.asarray(plan.inner.kv_lens)[:batch_size]
+    work = plan.inner.unpack()["work"]
+    from jaxinfer.plan.layout import F
+
+    lens = np.zeros(batch_size, np.int64)
+    tiles = work[work[:, F["valid"]] == 1]
+    # Decode: one query per request, so q_row0 is the request's index.
+    lens[tiles[:, F["q_row0"]]] = tiles[:, F["kv_len"]]
+    return lens
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_level_decode_still_matches_reference(backend, rng):
+    kv_lens = [3, 9, 1]
+    kv = make_paged_kv(rng, kv_lens, PAGE, HKV, D, jnp.bfloat16)
+    w = jaxinfer.BatchDecodeWithPagedKVCacheWrapper(backend=backend)
+    plan = w.plan(kv.kv_indptr, kv.kv_indices, kv.kv_last_page_len, HQ, HKV, D, PAGE)
+    q = rand(rng, (3, HQ, D), jnp.bfloat16)
+    o = jax.jit(jaxinfer.batch_decode)(q, kv.cache, plan)
+    want, _ = ref_batch(q, kv.k_list, kv.v_list, indptr_of([1, 1, 1]))
+    assert_close(o, want, jnp.bfloat16)
