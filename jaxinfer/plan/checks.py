@@ -54,11 +54,16 @@ def check_indptr(name: str, indptr, *, batch_size: int | None = None) -> np.ndar
 
 @functools.cache
 def _native_lib():
-    """The host library, or ``None`` where it cannot be built (no C++ compiler): the checks then
-    stay in numpy, so the backends that need no native planner work without a compiler."""
+    """The host library, or ``None`` where it cannot be built or loaded (no C++ compiler, no
+    writable directory, a library that does not load): the checks then stay in numpy, with one
+    warning, so the backends that need no native planner never fail on the build cache."""
     try:
         return native.load()
-    except native.NativeBuildError:
+    except Exception as e:  # noqa: BLE001 - any failure here only costs the fast path
+        import warnings
+
+        warnings.warn(f"jaxinfer's native batch checks are unavailable, checking in numpy instead: {e}",
+                      RuntimeWarning, stacklevel=2)
         return None
 
 

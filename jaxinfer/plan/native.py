@@ -4,8 +4,10 @@ the page-table check of the serving path).
 Plain C++17, no CUDA: compiled on first use with the system C++ compiler (``$CXX``, else
 ``c++``, ``g++`` or ``clang++`` on ``PATH``; about 1 s) into the cache directory of the FFI
 kernels (``$JAXINFER_CACHE_DIR`` or ``~/.cache/jaxinfer``, see :mod:`jaxinfer.buildcache`), keyed
-by a hash of the source, the flags and the CPU architecture, and loaded with ``ctypes``. Build
-ahead of time with ``python -m jaxinfer.plan.native``.
+by a hash of the source, the flags and the CPU architecture, verified against the checksum its
+build recorded (:func:`jaxinfer.buildcache.cached_library`: a damaged or replaced library is
+rebuilt, an unwritable cache falls back to a temporary directory) and loaded with ``ctypes``.
+Build ahead of time with ``python -m jaxinfer.plan.native``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import platform
 import shutil
 from pathlib import Path
 
-from jaxinfer.buildcache import cache_dir, compile_library
+from jaxinfer.buildcache import cache_dir, cached_library
 
 SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "planner.cc"
 # -O3: GCC vectorizes the page-id scans only there (3x faster than -O2 on 16k ids).
@@ -61,18 +63,17 @@ def library_path() -> Path:
 
 
 def build(force: bool = False) -> Path:
-    """Compile ``jaxinfer/csrc/planner.cc`` (cached) and return the library's path.
+    """Compile ``jaxinfer/csrc/planner.cc`` (cached) and return the path of the library, verified
+    and safe to load: :func:`library_path`, or a temporary directory of this process where the
+    cache cannot be written (with a :class:`jaxinfer.buildcache.CacheWarning`).
 
     Raises:
-      NativeBuildError: no compiler, no source, or the compiler failed (its output is in the
-        message).
+      NativeBuildError: no compiler, no source, the compiler failed (its output is in the
+        message), or no writable directory to build in.
     """
     target = library_path()
-    if target.is_file() and not force:
-        return target
-    compiler = find_compiler()
-    return compile_library(target, lambda tmp: [compiler, *CXX_FLAGS, str(SOURCE), "-o", tmp], NativeBuildError,
-                           "building jaxinfer's host planner")
+    return cached_library(target, lambda tmp: [find_compiler(), *CXX_FLAGS, str(SOURCE), "-o", tmp], NativeBuildError,
+                          "building jaxinfer's host planner", force=force)
 
 
 @functools.cache
@@ -81,9 +82,23 @@ def load() -> ctypes.CDLL:
     documents them), built on first use and loaded once per process.
 
     Raises:
-      NativeBuildError: see :func:`build`.
+      NativeBuildError: see :func:`build`; or the library does not load (the message names it and
+        the fix).
     """
-    lib = ctypes.CDLL(str(build()))
+    path = build()
+    try:
+        lib = ctypes.CDLL(str(path))
+        _declare(lib)
+    except (OSError, AttributeError) as e:  # verified bytes that still do not load (another libc/libstdc++)
+        raise NativeBuildError(
+            f"jaxinfer's host planner {path} does not load ({e}): rebuild it with `python -m jaxinfer.plan.native` "
+            "(or delete the directory), or set $JAXINFER_CACHE_DIR to a cache of this machine's own"
+        ) from e
+    return lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """Set the ctypes signatures of the library's entry points (AttributeError: one is missing)."""
     i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
     lib.jaxinfer_error.argtypes = []
     lib.jaxinfer_error.restype = ctypes.c_char_p
@@ -97,7 +112,6 @@ def load() -> ctypes.CDLL:
     for fn in (lib.jaxinfer_plan_work, lib.jaxinfer_plan_packed, lib.jaxinfer_check_batch,
                lib.jaxinfer_check_indptr_i32, lib.jaxinfer_check_indptr_i64):
         fn.restype = ctypes.c_int
-    return lib
 
 
 def address(a) -> int:

@@ -22,7 +22,7 @@ import re
 import shutil
 from pathlib import Path
 
-from jaxinfer.buildcache import cache_dir, compile_library
+from jaxinfer.buildcache import cache_dir, cached_library, compile_library
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
@@ -203,11 +203,13 @@ def build(kernel: str = "fa2", arch: str = "sm_80", *, output: Path | None = Non
       BuildError: nvcc or CUTLASS missing, or nvcc failed (its output is in the message).
       ValueError: unknown kernel or arch.
     """
-    target = Path(output) if output is not None else library_path(kernel, arch, tuple(defines))
-    if target.is_file() and not force and output is None:
-        return target
-    return compile_library(target, lambda tmp: nvcc_command(kernel, arch, Path(tmp), tuple(defines)), BuildError,
-                           f"nvcc building {kernel} for {arch}")
+    command = lambda tmp: nvcc_command(kernel, arch, Path(tmp), tuple(defines))  # noqa: E731
+    what = f"nvcc building {kernel} for {arch}"
+    if output is not None:
+        return compile_library(Path(output), command, BuildError, what)
+    # Verified against the checksum of its build, rebuilt when damaged; a temporary directory when
+    # the cache cannot be written (jaxinfer.buildcache.cached_library).
+    return cached_library(library_path(kernel, arch, tuple(defines)), command, BuildError, what, force=force)
 
 
 def kernel_arch(kernel: str, cc: int) -> str:
