@@ -47,6 +47,10 @@ def single_decode_with_kv_cache(
     return (out[0][0], out[1][0]) if return_lse else out[0]
 
 
+# FlashInfer's names of the decode page table, for the messages of BatchSpec.create.
+_PAGE_TABLE_NAMES = {"kv_indptr": "indptr", "kv_indices": "indices", "kv_last_page_len": "last_page_len"}
+
+
 class BatchDecodeWithPagedKVCacheWrapper(BatchWrapper):
     """Batch decode over a paged KV cache (FlashInfer's wrapper of the same name).
 
@@ -85,7 +89,7 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchWrapper):
         spec = BatchSpec.create(
             np.arange(np.size(last) + 1), as_host_int("indptr", indptr), as_host_int("indices", indices), last,
             page_size=page_size, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-            variant=variant, q_dtype=q_data_type, kv_dtype=kv_data_type,
+            variant=variant, q_dtype=q_data_type, kv_dtype=kv_data_type, names=_PAGE_TABLE_NAMES,
         )
         return self._set_plan(spec)
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.plan.batch import BatchSpec, PlanCapacity
-from jaxinfer.plan.checks import check_indptr
+from jaxinfer.plan.checks import check_indptr, check_int
 from jaxinfer.variants import AttentionVariant, make_variant
 from jaxinfer.wrapper import BatchWrapper, Plan, as_host_int, check_spec_run_args, run_plan
 
@@ -114,9 +114,7 @@ class BlockSparseAttentionWrapper(BatchWrapper):
           NotImplementedError: ``pos_encoding_mode`` other than ``"NONE"``, or a named backend
             that cannot serve the pattern.
         """
-        for name, val in (("M", M), ("N", N), ("R", R), ("C", C)):
-            if int(val) != val or val < 1:
-                raise ValueError(f"{name} must be a positive integer, got {val}")
+        M, N, R, C = (check_int(name, val, minimum=1) for name, val in (("M", M), ("N", N), ("R", R), ("C", C)))
         if N % C:
             raise ValueError(f"N = {N} must be a multiple of C = {C}")
         if pos_encoding_mode != "NONE":
@@ -126,9 +124,13 @@ class BlockSparseAttentionWrapper(BatchWrapper):
             )
         MB = -(-M // R)
         indptr = check_indptr("indptr", as_host_int("indptr", indptr), batch_size=MB)
-        indices = as_host_int("indices", indices).astype(np.int32)
+        indices = as_host_int("indices", indices)
+        if indices.ndim != 1 or (indices.size and indices.dtype.kind not in "iu"):
+            raise ValueError(f"indices must be a 1-D integer array, got {indices.dtype}{indices.shape}")
+        # Range before the int32 cast (a wider id would wrap); N/C <= N fits int32 (check_int).
         if indices.size < indptr[-1] or (indices.size and (indices.min() < 0 or indices.max() >= N // C)):
             raise ValueError(f"indices must hold indptr[-1] = {indptr[-1]} column blocks in [0, N/C = {N // C})")
+        indices = indices.astype(np.int32, copy=False)
         block_mask = None
         if mask is not None:
             block_mask = np.asarray(mask)

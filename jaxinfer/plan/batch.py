@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.plan import native
-from jaxinfer.plan.checks import check_indptr, check_page_table_lens, checked_batch
+from jaxinfer.plan.checks import check_indptr, check_int, check_page_table_lens, check_seq_lens_fit, checked_batch
 from jaxinfer.variants import AttentionVariant
 
 
@@ -189,15 +189,19 @@ class BatchSpec:
         custom_mask=None,
         q_dtype=jnp.bfloat16,
         kv_dtype=None,
+        names=None,
     ) -> BatchSpec:
         """Validate and build a spec; ``kv_indices is None`` means ragged KV (``kv_indptr`` in tokens).
+
+        ``names`` maps ``"kv_indptr"``, ``"kv_indices"``, ``"kv_last_page_len"`` to the caller's
+        argument names for messages (:func:`~jaxinfer.plan.checks.check_page_table`).
 
         Raises:
           ValueError: on any rule of shared/DESIGN.md section 5 (the message names the argument).
         """
-        for name, val in (("num_qo_heads", num_qo_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
-            if int(val) != val or val < 1:
-                raise ValueError(f"{name} must be a positive integer, got {val}")
+        num_qo_heads = check_int("num_qo_heads", num_qo_heads, minimum=1)
+        num_kv_heads = check_int("num_kv_heads", num_kv_heads, minimum=1)
+        head_dim = check_int("head_dim", head_dim, minimum=1)
         if num_qo_heads % num_kv_heads:
             raise ValueError(
                 f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
@@ -206,11 +210,14 @@ class BatchSpec:
             raise ValueError(f"variant must be an AttentionVariant, got {type(variant).__name__}")
         if variant.pos_encoding_mode == "ROPE_LLAMA" and head_dim % 2:
             raise ValueError(f"head_dim must be even for ROPE_LLAMA, got {head_dim}")
-        if kv_indices is None:
-            page_size = 1
+        page_size = 1 if kv_indices is None else check_int("page_size", page_size, minimum=1)
         checked = checked_batch(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, page_size)
         if checked is not None:
+            # The native pass only takes int32 page ids and int32/int64 row pointers and last page
+            # lengths that it bounds by int32: nothing wrapped; only a request's length may have.
             qo_indptr, kv_indptr, kv_lens, last, addresses = checked
+            if last is not None:
+                check_seq_lens_fit(kv_indptr, last, page_size, names=names)
         else:
             addresses = None
             if kv_indices is None:
@@ -218,7 +225,7 @@ class BatchSpec:
                 kv_lens, last = np.diff(kv_indptr).astype(np.int32), None
             else:
                 kv_indptr, kv_indices, last, kv_lens = check_page_table_lens(kv_indptr, kv_indices, kv_last_page_len,
-                                                                             page_size)
+                                                                             page_size, names=names)
             qo_indptr = check_indptr("qo_indptr", qo_indptr, batch_size=kv_lens.size)
         spec = cls(
             qo_indptr=qo_indptr,
@@ -226,10 +233,10 @@ class BatchSpec:
             kv_indices=kv_indices,
             kv_last_page_len=last,
             kv_lens=kv_lens,
-            page_size=int(page_size),
-            num_qo_heads=int(num_qo_heads),
-            num_kv_heads=int(num_kv_heads),
-            head_dim=int(head_dim),
+            page_size=page_size,
+            num_qo_heads=num_qo_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
             variant=variant,
             q_dtype=jnp.dtype(q_dtype),
             kv_dtype=jnp.dtype(kv_dtype if kv_dtype is not None else q_dtype),

@@ -10,12 +10,58 @@ pages); see :mod:`jaxinfer.page` for the device side.
 from __future__ import annotations
 
 import functools
+import operator
+from collections.abc import Mapping
 
 import numpy as np
 
 from jaxinfer.plan import native
 
 _INT32_MAX = int(np.iinfo(np.int32).max)
+_INT32_MIN = int(np.iinfo(np.int32).min)
+
+# The argument names of a page table in messages; a front door with FlashInfer's other names
+# (the decode wrapper's ``indptr``, ``indices``, ``last_page_len``) passes its own.
+PAGE_TABLE_NAMES = {"kv_indptr": "kv_indptr", "kv_indices": "kv_indices", "kv_last_page_len": "kv_last_page_len"}
+
+
+def check_int(name: str, value, *, minimum: int | None = None, maximum: int | None = _INT32_MAX) -> int:
+    """A host integer argument (a count, a size, a length) as a Python ``int``.
+
+    Accepts Python and numpy integers (and 0-d integer arrays); rejects bools, floats (even
+    integral ones: ``2.0`` is not a head count), NaN and anything else.
+
+    Args:
+      name: argument name used in error messages.
+      value: the argument.
+      minimum, maximum: inclusive bounds (``None``: unbounded); ``maximum`` defaults to the int32
+        limit, as every size ends up in an int32 buffer.
+
+    Raises:
+      ValueError: naming ``name``: not an integer, or out of bounds.
+    """
+    if type(value) is not int:
+        if isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"{name} must be an integer, got the bool {value!r}")
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})") from None
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        bounds = f"in {minimum}..{maximum}" if minimum is not None and maximum is not None else (
+            f">= {minimum}" if minimum is not None else f"<= {maximum}")
+        raise ValueError(f"{name} must be an integer {bounds}, got {value}")
+    return value
+
+
+def _check_int32_range(name: str, arr: np.ndarray) -> None:
+    """``arr`` (integer dtype) fits int32, checked before any int32 cast (which would wrap)."""
+    if arr.size and arr.dtype.itemsize >= 4 and arr.dtype != np.int32 and (
+        arr.max() > _INT32_MAX or arr.min() < _INT32_MIN
+    ):  # fmt: skip
+        raise ValueError(
+            f"{name} must fit int32 ({_INT32_MIN}..{_INT32_MAX}), got values in {arr.min()}..{arr.max()}"
+        )
 
 
 def check_indptr(name: str, indptr, *, batch_size: int | None = None) -> np.ndarray:
@@ -84,17 +130,20 @@ def _checked_indptr(arr: np.ndarray, batch_size: int | None) -> np.ndarray | Non
 
 
 def check_page_table(
-    kv_indptr, kv_indices, kv_last_page_len, page_size: int, num_pages: int | None = None
+    kv_indptr, kv_indices, kv_last_page_len, page_size: int, num_pages: int | None = None,
+    *, names: Mapping[str, str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Validate a BSR page table on the host.
 
     Args:
       kv_indptr: ``[B+1]`` page row pointer.
-      kv_indices: ``[nnz_pages]`` page ids, ``nnz_pages >= kv_indptr[-1]``.
+      kv_indices: ``[nnz_pages]`` page ids, ``nnz_pages >= kv_indptr[-1]``, all within int32.
       kv_last_page_len: ``[B]`` tokens in each request's last page: ``1..page_size``, or ``0``
         for a request with no pages.
       page_size: tokens per page, ``>= 1``.
       num_pages: pages in the cache when known; page ids must lie in ``[0, num_pages)``.
+      names: the caller's names of the three arrays in messages, keyed by the names above
+        (default: :data:`PAGE_TABLE_NAMES`).
 
     Returns:
       ``(kv_indptr, kv_indices, kv_last_page_len)`` as int32 numpy arrays.
@@ -102,50 +151,77 @@ def check_page_table(
     Raises:
       ValueError: naming the argument and the rule it broke.
     """
-    if int(page_size) != page_size or page_size < 1:
-        raise ValueError(f"page_size must be a positive integer, got {page_size}")
+    n = PAGE_TABLE_NAMES if names is None else {**PAGE_TABLE_NAMES, **names}
+    n_indptr, n_indices, n_last = n["kv_indptr"], n["kv_indices"], n["kv_last_page_len"]
+    page_size = check_int("page_size", page_size, minimum=1)
     last = np.asarray(kv_last_page_len)
     if last.ndim != 1:
-        raise ValueError(f"kv_last_page_len must be 1-D [batch_size], got shape {last.shape}")
-    indptr = check_indptr("kv_indptr", kv_indptr, batch_size=last.size)
+        raise ValueError(f"{n_last} must be 1-D [batch_size], got shape {last.shape}")
+    if last.size and last.dtype.kind not in "iu":
+        raise ValueError(f"{n_last} must hold integers, got dtype {last.dtype}")
+    indptr = check_indptr(n_indptr, kv_indptr)
+    if last.size != indptr.size - 1:
+        raise ValueError(
+            f"{n_last} has {last.size} entries and {n_indptr} {indptr.size}: {n_last} must have one entry "
+            f"per request and {n_indptr} must have length batch_size + 1"
+        )
     indices = np.asarray(kv_indices)
     if indices.ndim != 1 or (indices.size and indices.dtype.kind not in "iu"):
-        raise ValueError(f"kv_indices must be a 1-D integer array, got {indices.dtype}{indices.shape}")
+        raise ValueError(f"{n_indices} must be a 1-D integer array, got {indices.dtype}{indices.shape}")
+    _check_int32_range(n_indices, indices)
     if indices.size < indptr[-1]:
         raise ValueError(
-            f"kv_indices has {indices.size} entries but kv_indptr[-1] = {indptr[-1]} pages"
+            f"{n_indices} has {indices.size} entries but {n_indptr}[-1] = {indptr[-1]} pages"
         )
     used = indices[: indptr[-1]]
     if used.size and used.min() < 0:
-        raise ValueError(f"kv_indices must be >= 0, got {used.min()}")
+        raise ValueError(f"{n_indices} must be >= 0, got {used.min()}")
     if num_pages is not None and used.size and used.max() >= num_pages:
         raise ValueError(
-            f"kv_indices must be < num_pages = {num_pages} (pages in the cache), got {used.max()}"
+            f"{n_indices} must be < num_pages = {num_pages} (pages in the cache), got {used.max()}"
         )
     has_pages = indptr[1:] > indptr[:-1]
-    if last.size and last.dtype.kind not in "iu":
-        raise ValueError(f"kv_last_page_len must hold integers, got dtype {last.dtype}")
     bad = np.where(has_pages, (last < 1) | (last > page_size), last != 0)
     if np.any(bad):
         b = int(np.flatnonzero(bad)[0])
         raise ValueError(
-            f"kv_last_page_len[{b}] = {last[b]} must be in 1..page_size={page_size} for a request "
+            f"{n_last}[{b}] = {last[b]} must be in 1..page_size={page_size} for a request "
             f"with pages, and 0 for a request with none"
         )
     return indptr, indices.astype(np.int32, copy=False), last.astype(np.int32, copy=False)
 
 
-def check_page_table_lens(kv_indptr, kv_indices, kv_last_page_len, page_size: int) -> tuple[np.ndarray, ...]:
-    """:func:`check_page_table` and :func:`seq_lens_host` in one call.
+def check_page_table_lens(kv_indptr, kv_indices, kv_last_page_len, page_size: int, *,
+                          names: Mapping[str, str] | None = None) -> tuple[np.ndarray, ...]:
+    """:func:`check_page_table`, :func:`check_seq_lens_fit` and :func:`seq_lens_host` in one call.
 
     Returns:
       ``(kv_indptr, kv_indices, kv_last_page_len, kv_lens)`` as int32 numpy arrays.
 
     Raises:
-      ValueError: as :func:`check_page_table`.
+      ValueError: as :func:`check_page_table` and :func:`check_seq_lens_fit`.
     """
-    indptr, indices, last = check_page_table(kv_indptr, kv_indices, kv_last_page_len, page_size)
+    indptr, indices, last = check_page_table(kv_indptr, kv_indices, kv_last_page_len, page_size, names=names)
+    check_seq_lens_fit(indptr, last, page_size, names=names)
     return indptr, indices, last, seq_lens_host(indptr, last, page_size)
+
+
+def check_seq_lens_fit(kv_indptr: np.ndarray, kv_last_page_len: np.ndarray, page_size: int, *,
+                       names: Mapping[str, str] | None = None) -> None:
+    """Every request of a validated page table holds at most int32-max tokens (its length is an
+    int32 everywhere). One comparison unless the whole table spans more than 2**31 - 1 tokens.
+
+    Raises:
+      ValueError: naming ``kv_indptr``: a request longer than the int32 range.
+    """
+    if int(kv_indptr[-1]) * page_size <= _INT32_MAX:
+        return
+    pages = np.diff(kv_indptr.astype(np.int64))
+    lens = np.where(pages > 0, (pages - 1) * page_size + kv_last_page_len.astype(np.int64), 0)
+    if lens.size and lens.max() > _INT32_MAX:
+        b = int(lens.argmax())
+        name = (names or PAGE_TABLE_NAMES).get("kv_indptr", "kv_indptr")
+        raise ValueError(f"{name}: request {b} holds {lens[b]} tokens, more than the int32 range")
 
 
 _WIDTH = {np.dtype(np.int32): 0, np.dtype(np.int64): 1}
