@@ -69,6 +69,9 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchWrapper):
           ValueError: invalid indptr, page table, mask or options (message names the argument).
           NotImplementedError: the wrapper's named backend cannot serve the batch.
         """
+        for name, val in (("paged_kv_indices", paged_kv_indices), ("paged_kv_last_page_len", paged_kv_last_page_len)):
+            if val is None:  # batch_spec would plan ragged KV: BatchPrefillWithRaggedKVCacheWrapper's job
+                raise ValueError(f"{name} must be an array (the page table), got None")
         spec = batch_spec(
             qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads, num_kv_heads,
             head_dim, page_size, custom_mask, q_data_type, kv_data_type, variant, causal=causal,

@@ -37,6 +37,8 @@ from typing import Literal
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer.plan.checks import check_int
+
 PosEncodingMode = Literal["NONE", "ROPE_LLAMA", "ALIBI"]
 POS_ENCODING_MODES = ("NONE", "ROPE_LLAMA", "ALIBI")
 LOG2E = 1.4426950408889634
@@ -60,8 +62,9 @@ class AttentionVariant:
       use_softmax: ``False`` gives the plain weighted sum ``sum_j x_j v_j``.
 
     Raises:
-      ValueError: on an unknown ``pos_encoding_mode``, ``window_left < -1``, a negative soft cap,
-        a non-positive ``sm_scale``/``rope_scale``/``rope_theta``, or soft cap without softmax.
+      ValueError: on an unknown ``pos_encoding_mode``, a ``window_left`` that is not an integer
+        ``>= -1``, a negative or non-finite soft cap, or a ``sm_scale``/``rope_scale``/``rope_theta``
+        that is not a finite number ``> 0`` (inf or NaN would make every output NaN).
     """
 
     causal: bool = False
@@ -83,18 +86,15 @@ class AttentionVariant:
             raise ValueError(
                 f"pos_encoding_mode must be one of {POS_ENCODING_MODES}, got {self.pos_encoding_mode!r}"
             )
-        if int(self.window_left) != self.window_left or self.window_left < -1:
-            raise ValueError(f"window_left must be an integer >= -1, got {self.window_left}")
-        if self.logits_soft_cap is not None and self.logits_soft_cap < 0:
-            raise ValueError(f"logits_soft_cap must be >= 0 or None, got {self.logits_soft_cap}")
-        if self.sm_scale is not None and not self.sm_scale > 0:
-            raise ValueError(f"sm_scale must be > 0, got {self.sm_scale}")
-        if not (self.rope_scale > 0 and self.rope_theta > 0):
-            raise ValueError(
-                f"rope_scale and rope_theta must be > 0, got {self.rope_scale}, {self.rope_theta}"
-            )
+        window_left = check_int("window_left", self.window_left, minimum=-1)
+        if self.logits_soft_cap is not None and not (_is_finite(self.logits_soft_cap) and self.logits_soft_cap >= 0):
+            raise ValueError(f"logits_soft_cap must be a finite number >= 0, or None, got {self.logits_soft_cap}")
+        for name in ("sm_scale", "rope_scale", "rope_theta"):
+            val = getattr(self, name)
+            if (val is not None or name != "sm_scale") and not (_is_finite(val) and val > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {val}")
         # Normalise so that equal variants hash equal (one compiled program each).
-        object.__setattr__(self, "window_left", int(self.window_left))
+        object.__setattr__(self, "window_left", window_left)
         if self.logits_soft_cap == 0.0:
             object.__setattr__(self, "logits_soft_cap", None)
         if self.logits_soft_cap is not None:
@@ -125,6 +125,14 @@ class AttentionVariant:
 
     def replace(self, **changes) -> AttentionVariant:
         return dataclasses.replace(self, **changes)
+
+
+def _is_finite(x) -> bool:
+    """``x`` is a real, finite number (not a bool, a string or a complex)."""
+    try:
+        return not isinstance(x, (bool, np.bool_, str)) and math.isfinite(x)
+    except TypeError:
+        return False
 
 
 def make_variant(

@@ -17,6 +17,8 @@ from collections.abc import Hashable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer.plan.checks import check_int
+
 
 class OutOfPagesError(RuntimeError):
     """The pool has fewer free pages than an allocation needs (nothing was allocated)."""
@@ -53,21 +55,22 @@ class KVCachePool:
         dtype=jnp.bfloat16,
         kv_layout: str = "NHD",
     ):
-        for name, val in (
-            ("num_pages", num_pages),
-            ("page_size", page_size),
-            ("num_layers", num_layers),
-            ("num_kv_heads", num_kv_heads),
-            ("head_dim", head_dim),
-        ):
-            if int(val) != val or val < 1:
-                raise ValueError(f"{name} must be a positive integer, got {val}")
+        num_pages, page_size, num_layers, num_kv_heads, head_dim = (
+            check_int(name, val, minimum=1)
+            for name, val in (
+                ("num_pages", num_pages),
+                ("page_size", page_size),
+                ("num_layers", num_layers),
+                ("num_kv_heads", num_kv_heads),
+                ("head_dim", head_dim),
+            )
+        )
         if kv_layout not in ("NHD", "HND"):
             raise ValueError(f"kv_layout must be 'NHD' or 'HND', got {kv_layout!r}")
-        self.num_pages = int(num_pages)
-        self.page_size = int(page_size)
-        self.num_kv_heads = int(num_kv_heads)
-        self.head_dim = int(head_dim)
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
         self.kv_layout = kv_layout
         self.dtype = jnp.dtype(dtype)
         if kv_layout == "NHD":
@@ -89,8 +92,12 @@ class KVCachePool:
         return tuple(self._pages)
 
     def pages_for(self, num_tokens: int) -> int:
-        """Pages that hold ``num_tokens`` tokens."""
-        return -(-int(num_tokens) // self.page_size)
+        """Pages that hold ``num_tokens`` tokens.
+
+        Raises:
+          ValueError: ``num_tokens`` is not an integer ``>= 0`` (bools and floats are not).
+        """
+        return -(-check_int("num_tokens", num_tokens, minimum=0, maximum=None) // self.page_size)
 
     def seq_len(self, rid: Hashable) -> int:
         """Tokens stored (or reserved by ``extend``) for request ``rid``."""
@@ -118,12 +125,12 @@ class KVCachePool:
 
         Raises:
           KeyError: unknown ``rid``.
-          ValueError: ``num_tokens < 0``.
+          ValueError: ``num_tokens`` is not an integer ``>= 0`` (bools and floats are not), or the
+            request would grow past the int32 range of positions.
           OutOfPagesError: not enough free pages; the pool is left unchanged.
         """
-        if num_tokens < 0:
-            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
         old = self._lens[rid]
+        num_tokens = check_int("num_tokens", num_tokens, minimum=0, maximum=np.iinfo(np.int32).max - old)
         need = self.pages_for(old + num_tokens) - len(self._pages[rid])
         if need > len(self._free):
             raise OutOfPagesError(
