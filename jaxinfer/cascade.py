@@ -13,6 +13,7 @@ import numpy as np
 
 from jaxinfer import backends
 from jaxinfer.plan.batch import PlanCapacity
+from jaxinfer.plan.checks import check_int
 from jaxinfer.page import unpack_paged_kv_cache
 from jaxinfer.variants import AttentionVariant
 from jaxinfer.wrapper import BatchWrapper, Plan, batch_spec, check_spec_run_args, make_plan, run_paged_plan
@@ -79,10 +80,8 @@ class MultiLevelCascadeAttentionWrapper(BatchWrapper):
 
     def __init__(self, num_levels: int, kv_layout: str = "NHD", backend: str = "auto", *,
                  capacity: PlanCapacity | None = None):
-        if int(num_levels) != num_levels or num_levels < 1:
-            raise ValueError(f"num_levels must be a positive integer, got {num_levels}")
+        self._num_levels = check_int("num_levels", num_levels, minimum=1)
         super().__init__(kv_layout, backend, capacity=capacity)
-        self._num_levels = int(num_levels)
 
     def plan(
         self, qo_indptr_arr, paged_kv_indptr_arr, paged_kv_indices_arr, paged_kv_last_page_len_arr,

@@ -140,3 +140,9 @@ def test_module_level_decode_still_matches_reference(backend, rng):
     o = jax.jit(jaxinfer.batch_decode)(q, kv.cache, plan)
     want, _ = ref_batch(q, kv.k_list, kv.v_list, indptr_of([1, 1, 1]))
     assert_close(o, want, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("num_levels", [float("nan"), True, 2.0, 0])
+def test_cascade_num_levels_must_be_a_positive_integer(num_levels):
+    with pytest.raises(ValueError, match="num_levels"):
+        jaxinfer.MultiLevelCascadeAttentionWrapper(num_levels)
