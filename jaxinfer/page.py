@@ -130,10 +130,19 @@ def append_paged_kv_cache(
 
     Row ``i`` goes to page ``kv_indices[kv_indptr[b] + positions[i] // page_size]``, slot
     ``positions[i] % page_size``, with ``b = batch_indices[i]``. The page table describes the cache
-    *after* the append (as in FlashInfer). A row writes nothing when it is padding or invalid:
-    ``b`` outside ``[0, B)``, ``positions[i]`` outside ``[0, seq_len_b)`` (``seq_len_b`` from
-    ``kv_indptr`` and ``kv_last_page_len``, so a row never lands in another request's pages), or a
-    page id outside ``[0, num_pages)``. Two valid rows aimed at one slot leave either value.
+    *after* the append (as in FlashInfer). A row writes nothing when it is padding or invalid, so
+    that it never lands in another request's pages, whatever values a jitted step passes:
+
+    - ``b`` outside ``[0, B)`` or ``positions[i] < 0``;
+    - page ``j = positions[i] // page_size`` not one of the request's own: ``j >= num_pages_b =
+      kv_indptr[b+1] - kv_indptr[b]`` (a non-monotone ``kv_indptr`` owns nothing), or the entry
+      ``kv_indptr[b] + j`` outside ``[0, len(kv_indices))`` (no other entry of ``kv_indices`` is
+      ever read: neither the next request's nor padding entries past ``kv_indptr[B]``);
+    - in the last page (``j = num_pages_b - 1``), slot ``positions[i] % page_size`` not below
+      ``kv_last_page_len[b]`` clamped to ``1..page_size``: together, ``positions[i] < seq_len_b``;
+    - a page id outside ``[0, num_pages)``.
+
+    Two valid rows aimed at one slot leave either value.
 
     Pure: returns new arrays. The whole update is one scatter per cache array, so under
     ``jax.jit(..., donate_argnums=...)`` donating ``paged_kv_cache`` updates it in place.
@@ -182,22 +191,36 @@ def append_paged_kv_cache(
 
 
 def _page_and_slot(batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len, page_size, num_pages):
-    """``[nnz]`` page id and slot of each row; invalid rows get page ``num_pages`` (dropped)."""
+    """``[nnz]`` page id and slot of each row; invalid rows get page ``num_pages`` (dropped).
+
+    A row is valid only when its page is one of its own request's (see
+    :func:`append_paged_kv_cache`); every bound is checked with comparisons that cannot overflow
+    int32, whatever garbage ``kv_indptr`` or ``kv_last_page_len`` hold.
+    """
     batch_size = kv_last_page_len.shape[0]
+    n_entries = kv_indices.shape[0]
     kv_indptr = kv_indptr.astype(jnp.int32)
     kv_indices = kv_indices.astype(jnp.int32)
     b = batch_indices.astype(jnp.int32)
     pos = positions.astype(jnp.int32)
-    b_safe = jnp.clip(b, 0, batch_size - 1)
-    seq_lens = get_seq_lens(kv_indptr, kv_last_page_len, page_size)
-    valid = (b >= 0) & (b < batch_size) & (pos >= 0) & (pos < seq_lens[b_safe])
-    flat = kv_indptr[b_safe] + pos // page_size
-    # jnp.take wraps negative indices, so invalid entries are sent past the end instead.
-    flat = jnp.where(valid & (flat >= 0), flat, kv_indices.shape[0])
-    page = jnp.take(kv_indices, flat, mode="fill", fill_value=-1)
+    valid = (b >= 0) & (b < batch_size) & (pos >= 0)
+    b_safe = jnp.where(valid, b, 0)
+    pos_safe = jnp.where(valid, pos, 0)
+    start, end = kv_indptr[b_safe], kv_indptr[b_safe + 1]
+    page_of_req, slot = pos_safe // page_size, pos_safe % page_size
+    # Entry start + j of kv_indices: in range and inside [start, end). start <= n - 1 - j first,
+    # so that start + j cannot overflow (n - 1 - j >= -2**31 for j >= 0).
+    valid &= start <= (n_entries - 1) - page_of_req
+    flat = jnp.where(valid, start + page_of_req, 0)
+    valid &= (flat >= 0) & (flat < end)
+    # The last page holds kv_last_page_len tokens, read as 1..page_size (0 or garbage for a
+    # request with pages would otherwise let positions past its length through).
+    last = jnp.clip(kv_last_page_len.astype(jnp.int32)[b_safe], 1, page_size)
+    valid &= (flat != end - 1) | (slot < last)
+    page = jnp.take(kv_indices, jnp.where(valid, flat, 0), mode="clip")
     valid &= (page >= 0) & (page < num_pages)
     # scatter's mode="drop" drops an update only for a positive out-of-bounds index.
-    return jnp.where(valid, page, num_pages), jnp.where(valid, pos % page_size, 0)
+    return jnp.where(valid, page, num_pages), jnp.where(valid, slot, 0)
 
 
 def check_kv_layout(kv_layout: str) -> str:

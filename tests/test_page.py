@@ -329,3 +329,121 @@ def test_check_page_table_ok():
     indptr, indices, last = check_page_table(np.array([0, 2, 2, 3]), np.array([0, 1, 2, 9]), np.array([2, 0, 4]), 4, 3)
     assert indptr.dtype == indices.dtype == last.dtype == np.int32
     np.testing.assert_array_equal(seq_lens_host(indptr, last, 4), [6, 0, 4])
+
+
+def model_append_targets(batch_indices, positions, kv_indices, kv_indptr, last, page_size, num_pages):
+    """Numpy model of where each row lands (``None``: writes nothing), from the docstring's rules:
+    its own request's page ``j = pos // page_size < kv_indptr[b+1] - kv_indptr[b]``, entry
+    ``kv_indptr[b] + j`` inside ``kv_indices``, in the last page a slot below ``last`` clamped to
+    ``1..page_size``, and a page id inside the cache (Python ints: no overflow)."""
+    out = []
+    B = len(last)
+    for b, pos in zip(batch_indices.tolist(), positions.tolist()):
+        if not (0 <= b < B and pos >= 0):
+            out.append(None)
+            continue
+        start, end = int(kv_indptr[b]), int(kv_indptr[b + 1])
+        j, slot = divmod(pos, page_size)
+        flat = start + j
+        ok = flat < end and 0 <= flat < len(kv_indices)
+        ok = ok and (flat != end - 1 or slot < min(max(int(last[b]), 1), page_size))
+        page = int(kv_indices[flat]) if ok else -1
+        out.append((page, slot) if ok and 0 <= page < num_pages else None)
+    return out
+
+
+def own_pages(b, kv_indices, kv_indptr):
+    """Page ids request ``b`` owns: entries ``[kv_indptr[b], kv_indptr[b+1]) ∩ [0, len)``."""
+    lo, hi = max(int(kv_indptr[b]), 0), min(int(kv_indptr[b + 1]), len(kv_indices))
+    return set(kv_indices[lo:hi].tolist()) if lo < hi else set()
+
+
+LAST_KINDS = ["keep", "zero", "negative", "big"]
+INT32 = np.iinfo(np.int32)
+
+
+@SETTINGS
+@given(
+    page_size=st.sampled_from([1, 4, 5]),
+    lens=batches,
+    last_kinds=st.lists(st.sampled_from(LAST_KINDS), min_size=4, max_size=4),
+    bad_indptr=st.sampled_from(["no", "shuffle", "random", "extreme"]),
+    extra_rows=st.integers(0, 6),
+    kv_layout=st.sampled_from(["NHD", "HND"]),
+    single=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_append_with_garbage_last_page_len_and_indptr_writes_only_own_pages(
+    page_size, lens, last_kinds, bad_indptr, extra_rows, kv_layout, single, seed
+):
+    """Traced kv_last_page_len > page_size, 0 or negative (and garbage kv_indptr): every slot the
+    append changes is in a page of the writing row's own request, and where the rows land is the
+    docstring's rule; kv_indices' padding entries (page 0, as StepPlanner fills them) stay unread."""
+    rng = np.random.default_rng(seed)
+    old_lens, app_lens = lens
+    B, hkv, d = len(old_lens), 2, 4
+    num_pages, kv_indptr, kv_indices, last, append_indptr, _ = make_batch(rng, page_size, old_lens, app_lens)
+    kv_indices = np.concatenate([kv_indices, np.zeros(3, np.int32)])  # StepPlanner-style padding
+    for b in range(B):
+        kind = last_kinds[b]
+        if kind == "zero":
+            last[b] = 0
+        elif kind == "negative":
+            last[b] = -int(rng.integers(1, 2 * page_size + 2))
+        elif kind == "big":
+            last[b] = page_size + int(rng.integers(1, 3 * page_size + 2))
+    if bad_indptr == "shuffle":
+        kv_indptr = rng.permutation(kv_indptr).astype(np.int32)
+    elif bad_indptr == "random":
+        kv_indptr = rng.integers(-3, len(kv_indices) + 4, size=B + 1).astype(np.int32)
+    elif bad_indptr == "extreme":
+        kv_indptr = rng.choice([INT32.min, INT32.min + 1, -1, 0, 1, INT32.max - 1, INT32.max], size=B + 1).astype(np.int32)
+    cache, (k0, v0) = make_cache(rng, num_pages, page_size, hkv, d, kv_layout, single)
+    # The rows a jitted step would compute from these tables (positions from get_seq_lens, which
+    # trusts last_page_len), then random rows (any batch index, positions up to far past the end).
+    seq_lens = get_seq_lens(kv_indptr, last, page_size)
+    nnz = int(append_indptr[-1])
+    batch_indices, positions = (np.asarray(x) for x in get_batch_indices_positions(append_indptr, seq_lens, nnz))
+    batch_indices = np.concatenate([batch_indices, rng.integers(-1, B + 1, extra_rows)]).astype(np.int32)
+    positions = np.concatenate([positions, rng.integers(-2, 4 * page_size * 8, extra_rows)]).astype(np.int32)
+    n = batch_indices.size
+    # Row r writes the values r + 1 (keys) and -(r + 1) (values): the cache tells who wrote a slot.
+    keys = np.broadcast_to(np.arange(1, n + 1, dtype=np.float32)[:, None, None], (n, hkv, d)).copy()
+    out = jax.jit(append_paged_kv_cache, static_argnames="kv_layout")(
+        jnp.asarray(keys), jnp.asarray(-keys), jnp.asarray(batch_indices), jnp.asarray(positions), cache,
+        jnp.asarray(kv_indices), jnp.asarray(kv_indptr), jnp.asarray(last), kv_layout=kv_layout,
+    )
+    k, v = to_nhd(out, kv_layout)
+    np.testing.assert_array_equal(v, np.where(k != k0, -k, v0))  # k and v move together
+    targets = model_append_targets(batch_indices, positions, kv_indices, kv_indptr, last, page_size, num_pages)
+    for page, slot in zip(*np.nonzero((k != k0).any(axis=(2, 3)))):
+        writer = int(k[page, slot, 0, 0]) - 1
+        assert (k[page, slot] == writer + 1).all(), (page, slot)
+        b = int(batch_indices[writer])
+        assert 0 <= b < B and page in own_pages(b, kv_indices, kv_indptr), (
+            f"row {writer} (request {b}, position {positions[writer]}) wrote page {page}, not one of its own "
+            f"{sorted(own_pages(b, kv_indices, kv_indptr)) if 0 <= b < B else []}"
+        )
+        assert targets[writer] == (page, slot), (writer, targets[writer], (page, slot))
+    for row, target in enumerate(targets):
+        if target is not None:  # written by this row or another aimed at the same slot
+            assert targets[int(k[target][0, 0]) - 1] == target, (row, target)
+
+
+@pytest.mark.parametrize("last_len", [5, 9, 0, -1, -4])
+def test_append_last_page_len_out_of_range_stays_in_own_pages(last_len):
+    """Request 0 owns page 2 only (page_size 4); its traced last_page_len is out of range: rows
+    past its page must not reach request 1's page 3 nor kv_indices' padding entry (page 0)."""
+    page_size, hkv, d = 4, 1, 2
+    kv_indptr = jnp.array([0, 1, 2], jnp.int32)
+    kv_indices = jnp.array([2, 3, 0], jnp.int32)  # entry 2: padding (page 0)
+    last = jnp.array([last_len, 2], jnp.int32)
+    cache = (jnp.zeros((4, page_size, hkv, d)), jnp.zeros((4, page_size, hkv, d)))
+    positions = jnp.arange(12, dtype=jnp.int32)  # request 0, positions 0..11
+    keys = jnp.ones((12, hkv, d))
+    k, v = jax.jit(append_paged_kv_cache)(keys, keys, jnp.zeros(12, jnp.int32), positions, cache, kv_indices, kv_indptr, last)
+    written = np.asarray(k[..., 0, 0]) != 0
+    want = np.zeros_like(written)
+    want[2, : min(max(last_len, 1), page_size)] = True
+    np.testing.assert_array_equal(written, want)
+    np.testing.assert_array_equal(np.asarray(v[..., 0, 0]) != 0, want)
