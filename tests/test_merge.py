@@ -83,3 +83,31 @@ def test_merged_partial_attention_equals_full_attention(rng, backend):
     want_v, want_s = ref_attention(q, k, v)
     assert_close(out_v, want_v, F32, "v")
     assert_close(out_s, want_s, F32, "s")
+
+
+@pytest.mark.parametrize("backend", MERGE_BACKENDS)
+def test_empty_states_values_are_never_read(rng, backend):
+    """States with lse = -inf contribute nothing even when their values hold inf or NaN (they
+    are what an attention pass over no visible key may leave); rows of only such states give
+    (0, -inf)."""
+    L, n, H, D = 11, 3, 2, 32
+    v = rand(rng, (L, n, H, D), F32)
+    s = np.asarray(_lse(rng, (L, n, H), p_minus_inf=0.4)).copy()
+    s[0] = -np.inf  # a row of only empty states
+    s[1, :2] = -np.inf  # one live state
+    s[1, 2] = 1.5
+    empty = s == -np.inf
+    poison = rng.choice(np.array([np.inf, -np.inf, np.nan], np.float32), size=v.shape)
+    v_bad = jnp.asarray(np.where(empty[..., None], poison, np.asarray(v)))
+    s = jnp.asarray(s)
+    want_v, want_s = ref_merge([v[:, i] for i in range(n)], [s[:, i] for i in range(n)])
+    out_v, out_s = jaxinfer.merge_states(v_bad, s, backend=backend)
+    assert_close(out_v, want_v, F32, "merge_states v")
+    assert_close(out_s, want_s, F32, "merge_states s")
+    assert not np.asarray(out_v)[0].any()
+    want_v, want_s = ref_merge([v[:, 0], v[:, 1]], [s[:, 0], s[:, 1]])
+    out_v, out_s = jaxinfer.merge_state(v_bad[:, 0], s[:, 0], v_bad[:, 1], s[:, 1], backend=backend)
+    assert_close(out_v, want_v, F32, "merge_state v")
+    assert_close(out_s, want_s, F32, "merge_state s")
+    out_v, out_s = jaxinfer.merge_state_in_place(v_bad[:, 0], s[:, 0], v_bad[:, 1], s[:, 1], backend=backend)
+    assert_close(out_v, want_v, F32, "merge_state_in_place v")

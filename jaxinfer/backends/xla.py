@@ -3,9 +3,11 @@
 Every op of jaxinfer reduces to :func:`attention_dense` over a padded batch: queries
 ``[B, Lq, Hq, D]`` and keys ``[B, Lk, Hkv, D]`` with per-request lengths, the variant's pipeline
 (jaxinfer/variants.py) applied in float32, and a numerically safe softmax (row max subtracted, a
-row with no visible key giving ``o = 0, lse = -inf``). The ``"xla"`` backend gathers a batch's
+row with no visible key giving ``o = 0, lse = -inf``, keys a row does not see contributing nothing
+even when they hold inf or NaN). The ``"xla"`` backend gathers a batch's
 ragged queries and paged or ragged KV into that padded form with index arrays planned on the host,
-so it is jit-compatible with static shapes fixed by a :class:`~jaxinfer.plan.batch.PlanCapacity`.
+so it is jit-compatible with static shapes fixed by a :class:`~jaxinfer.plan.batch.PlanCapacity`;
+padding every request to the longest one, it refuses batches past :data:`MAX_PADDED_ELEMENTS`.
 It is the "reference XLA attention" of the benchmarks: simple and exact, not fast.
 """
 
@@ -39,6 +41,19 @@ def _matmul_dtype(x):
     return jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
 
 
+def _product_without_hidden_poison(product, v, visible, group: int, Lq: int):
+    """``product(v)`` ``[B, Lq, Hkv, G, D]`` with V's non-finite entries zeroed, and NaN in the rows
+    that see a key holding one (as the plain product makes them): poison reaches only the rows
+    that see it. Exact: finite values are unchanged."""
+    B, _, Hkv, _ = v.shape
+    finite = jnp.isfinite(v)
+    o = product(jnp.where(finite, v, jnp.zeros((), v.dtype)))
+    bad_key = jnp.transpose(~jnp.all(finite, axis=-1), (0, 2, 1))[:, :, None, None, :]  # [B, Hkv, 1, 1, Lk]
+    sees_bad = jnp.any(visible & bad_key, axis=-1)  # [B, Hkv, G or 1, Lq]
+    sees_bad = jnp.transpose(jnp.broadcast_to(sees_bad, (B, Hkv, group, Lq)), (0, 3, 1, 2))[..., None]
+    return jnp.where(sees_bad, jnp.nan, o)
+
+
 def attention_dense(
     q: Float[Array, "B Lq Hq D"],
     k: Float[Array, "B Lk Hkv D"],
@@ -52,7 +67,9 @@ def attention_dense(
 
     Args:
       q: queries; rows ``i >= qo_lens[b]`` are padding (their output is unspecified).
-      k, v: keys and values; rows ``j >= kv_lens[b]`` are masked out.
+      k, v: keys and values; rows ``j >= kv_lens[b]`` are masked out. A key a row does not see
+        contributes nothing to it even when it holds inf or NaN; a row that sees a non-finite
+        value of ``v`` gets NaN (only that row).
       qo_lens, kv_lens: ``[B]`` int32 lengths.
       variant: the attention variant (static).
       custom_mask: optional ``[B, Lq, Lk]`` bool, True keeps a key.
@@ -107,14 +124,27 @@ def attention_dense(
         m = jnp.where(jnp.isfinite(m), m, 0.0)
         p = jnp.exp(x - m)
         denom = jnp.sum(p, axis=-1, keepdims=True)
-        o = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(vdt), v, precision=_matmul_dtype(v), preferred_element_type=jnp.float32)
+        weights, values, precision = p.astype(vdt), v, _matmul_dtype(v)
+    else:
+        weights, values, precision = jnp.where(visible, x, 0.0), v.astype(jnp.float32), jax.lax.Precision.HIGHEST
+
+    def product(vals):
+        return jnp.einsum("bhgqk,bkhd->bqhgd", weights, vals, precision=precision, preferred_element_type=jnp.float32)
+
+    o = product(values)
+    # Hidden keys have weight 0, but 0 * inf = NaN: a non-finite value anywhere in the gathered V
+    # (a padding key, another request's row read for an empty one, a key that causal or a mask
+    # hides) would reach rows that cannot see it. A finite product proves no such value was
+    # touched; otherwise (rare: the check is on the small output) the product is redone without
+    # the poison (_product_without_hidden_poison), exactly.
+    o = jax.lax.cond(jnp.all(jnp.isfinite(o)), lambda: o,
+                     lambda: _product_without_hidden_poison(product, values, visible, group, Lq))
+    if variant.use_softmax:
         inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)[..., 0]  # [B,Hkv,G,Lq]
         o = o * jnp.transpose(inv, (0, 3, 1, 2))[..., None]
         lse = jnp.where(denom[..., 0] > 0, (m[..., 0] + jnp.log(jnp.where(denom[..., 0] > 0, denom[..., 0], 1.0))) * LOG2E, -jnp.inf)
         lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(B, Lq, Hq)
     else:
-        p = jnp.where(visible, x, 0.0)
-        o = jnp.einsum("bhgqk,bkhd->bqhgd", p, v.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
         lse = None
     o = o.reshape(B, Lq, Hq, D)
     if variant.output_transform:
@@ -149,6 +179,42 @@ class RefPlan:
     backend: str = dataclasses.field(default="xla", metadata=dict(static=True))
 
 
+MAX_PADDED_ELEMENTS = 2**28
+"""Most elements one padded index array of an ``"xla"`` plan may hold: ``q_rows`` (max_batch_size
+x max_qo_len query slots), ``kv_page``/``kv_slot`` (max_batch_size x max_kv_len key slots) and a
+custom mask (max_batch_size x max_qo_len x max_kv_len). The reference pads every request to the
+longest one, so its host and device memory grow with ``batch x longest request``: planning takes
+about 24 bytes of host memory per key slot (measured; 2**28 slots: ~6 GB), and running gathers K
+and V to ``[slots, Hkv, D]`` each (2**28 slots of one bf16 KV head of 64 dims: 64 GB for the
+two). A larger batch gets a ``ValueError`` at plan time instead of an out-of-memory kill.
+The largest benchmark on this backend, decode_wide_zipf, pads to 256 x 32768 = 2**23 key slots.
+"""
+
+
+def check_padded_size(spec: BatchSpec, Bc: int, Lq: int, Lk: int) -> None:
+    """Raise a ``ValueError`` naming the lengths when a padded array would exceed
+    :data:`MAX_PADDED_ELEMENTS` (before anything of that size is allocated)."""
+    kv_args = "kv_indptr and kv_last_page_len" if spec.paged else "kv_indptr"
+    longest_kv = int(spec.kv_lens.max(initial=0))
+    longest_qo = int(spec.qo_lens.max(initial=0))
+    arrays = [
+        ("key slots", Bc * Lk, f"max_batch_size={Bc} x max_kv_len={Lk} (the longest request has kv_len={longest_kv}, "
+                               f"from {kv_args})"),
+        ("query slots", Bc * Lq, f"max_batch_size={Bc} x max_qo_len={Lq} (the longest request has "
+                                 f"qo_len={longest_qo}, from qo_indptr)"),
+    ]
+    if spec.custom_mask is not None:
+        arrays.append(("custom_mask elements", Bc * Lq * Lk, f"max_batch_size={Bc} x max_qo_len={Lq} x max_kv_len={Lk}"))
+    for what, n, dims in arrays:
+        if n > MAX_PADDED_ELEMENTS:
+            raise ValueError(
+                f"backend 'xla' pads every request of a batch to the longest one: {dims} gives {n} padded {what}, "
+                f"over its limit of {MAX_PADDED_ELEMENTS} (2**{MAX_PADDED_ELEMENTS.bit_length() - 1}, "
+                "jaxinfer.backends.xla.MAX_PADDED_ELEMENTS); use backend='pallas' (or 'fa2'/'fa3'), "
+                "or plan smaller batches"
+            )
+
+
 def _padded_rows(starts: np.ndarray, lens: np.ndarray, width: int) -> np.ndarray:
     """``[B, width]`` of ``starts[b] + j``, clamped to the request's last row (or its start)."""
     j = np.arange(width)[None, :]
@@ -159,10 +225,12 @@ def plan_reference(spec: BatchSpec, capacity: PlanCapacity) -> RefPlan:
     """Host planning of the ``"xla"`` backend (numpy; see :class:`RefPlan`).
 
     Raises:
-      ValueError: the batch exceeds a fixed capacity.
+      ValueError: the batch exceeds a fixed capacity, or a padded index array would hold more
+        than :data:`MAX_PADDED_ELEMENTS` elements.
     """
     padded = pad_batch(spec, capacity)
     Bc, Lq, Lk = padded.max_batch_size, padded.max_qo_len, padded.max_kv_len
+    check_padded_size(spec, Bc, Lq, Lk)
     pad = Bc - spec.batch_size
     qo_indptr, qo_lens, kv_lens = padded.qo_indptr, padded.qo_lens, padded.kv_lens
     q_rows = _padded_rows(qo_indptr[:-1], qo_lens, Lq)
@@ -264,7 +332,8 @@ def merge_states_reference(v: Float[Array, "L N H D"], s: Float[Array, "L N H"])
     """Merge ``N`` attention states per row (FlashInfer paper, sec. 2.2, eq. 3; lse base 2).
 
     ``s = log2(sum_n 2^s_n)``, ``v = sum_n 2^(s_n - s) v_n``; states with ``s_n = -inf``
-    contribute nothing and a row of only ``-inf`` states gives ``v = 0, s = -inf``.
+    contribute nothing (whatever their ``v_n`` holds, inf and NaN included) and a row of only
+    ``-inf`` states gives ``v = 0, s = -inf``.
     Returns ``(v [L, H, D] in v.dtype, s [L, H] float32)``.
     """
     s = s.astype(jnp.float32)
@@ -273,7 +342,9 @@ def merge_states_reference(v: Float[Array, "L N H D"], s: Float[Array, "L N H"])
     w = jnp.exp2(s - m)  # [L, N, H]
     total = jnp.sum(w, axis=1)
     safe = jnp.where(total > 0, total, 1.0)
-    out = jnp.einsum("lnh,lnhd->lhd", w, v.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST) / safe[..., None]
+    # A -inf state's values are never read (weight 0 times inf or NaN would be NaN).
+    v_live = jnp.where((s == -jnp.inf)[..., None], 0.0, v.astype(jnp.float32))
+    out = jnp.einsum("lnh,lnhd->lhd", w, v_live, precision=jax.lax.Precision.HIGHEST) / safe[..., None]
     lse = jnp.where(total > 0, m[:, 0] + jnp.log2(safe), -jnp.inf)
     return out.astype(v.dtype), lse
 
@@ -286,4 +357,5 @@ __all__ = [
     "run_reference",
     "merge_states_reference",
     "get_backend",
+    "MAX_PADDED_ELEMENTS",
 ]

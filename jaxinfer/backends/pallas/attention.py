@@ -11,7 +11,10 @@ of the ragged KV. Online softmax in float32 with ``exp2`` on logits scaled by
 next step's ``q.k`` before its softmax (FlashAttention-3's intra-warpgroup overlap, sec. 3.2, as
 software pipelining of the loop). The result goes to the final rows when the tile is its query
 tile's only chunk, else to a partial ``(o, lse)`` slot that
-:func:`jaxinfer.backends.pallas.merge.merge_partials` folds afterwards.
+:func:`jaxinfer.backends.pallas.merge.merge_partials` folds afterwards. Keys a row cannot see
+contribute nothing to it even when they hold inf or NaN (shared/DESIGN.md sec. 5): keys past the
+chunk load as 0, and masked steps that hide a key from some rows only zero V's non-finite
+entries and mark the rows that do see one (:func:`_finite_values`).
 
 Attention variants (the pipeline of jaxinfer/variants.py) are static fields of the
 :class:`KernelSpec`, so each compiles away when unused: ALiBi adds ``slope * (kv_pos - q_pos)``
@@ -124,6 +127,14 @@ class KernelSpec(WorkLayout):
     def masks_every_step(self) -> bool:
         """A custom mask or ``logits_mask`` can hide any key, so no step runs without masks."""
         return self.custom_mask or self.fn("logits_mask") is not None
+
+    @property
+    def rows_see_different_keys(self) -> bool:
+        """Causal, a window or a mask can hide a key of a tile's chunk from some of its rows while
+        others see it; masked steps then guard the ``P.V`` dot against non-finite values
+        (:func:`_finite_values`). Without them every row sees every key of the chunk, and the
+        keys past it load as 0."""
+        return self.causal or self.window_left >= 0 or self.masks_every_step
 
 
 def _logits(s, rows, pos, kv_head, ks: KernelSpec):
@@ -288,6 +299,30 @@ def _visible(ok, pos, rows, kv_head, mask, ks: KernelSpec):
     return visible
 
 
+def _finite_values(v, visible):
+    """V ``[bn, D]`` of a masked step with its non-finite entries zeroed, and the ``[bm]`` rows
+    that see a key holding one.
+
+    Masks give hidden keys ``p = 0``, but ``0 * inf = NaN`` in the ``P.V`` dot: a key that some
+    rows of the tile see and others do not (causal diagonal, window edge, custom mask) would
+    poison the rows that cannot see it. With V made finite those rows are exact; the rows that
+    do see a non-finite value are set to NaN afterwards (:func:`_poison_rows`), as the plain dot
+    would make them. Elementwise work and two max-reductions (over D per key, over the step's
+    keys per row), on masked steps of kernels whose rows can see different keys
+    (:attr:`KernelSpec.rows_see_different_keys`) only: mask-free steps (every key visible to
+    every row) keep the plain product, and keys past the chunk already load as 0.
+    """
+    finite = jnp.abs(v.astype(jnp.float32)) < jnp.inf  # False for inf and NaN
+    bad_key = jnp.max(jnp.where(finite, 0.0, 1.0), axis=1)  # [bn]
+    sees_bad = jnp.max(jnp.where(visible, bad_key[None, :], 0.0), axis=1) > 0.0  # [bm]
+    return jnp.where(finite, v, jnp.zeros((), v.dtype)), sees_bad
+
+
+def _poison_rows(acc, sees_bad):
+    """``acc`` with the rows that saw a non-finite value set to NaN (they stay NaN)."""
+    return jnp.where(sees_bad[:, None], jnp.nan, acc)
+
+
 def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, native: bool):
     buf_ref, q_ref, k_ref, v_ref = refs[:4]
     mask_ref = refs[4] if ks.custom_mask else None
@@ -338,18 +373,26 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, na
                 (raw, kv_rows), nxt = qk(i, masked), ()
             v = _load(v_ref, kv_rows, ok, d)
             s, scale = _logits(raw, rows, pos, kv_head, ks)
+            guard = masked and ks.rows_see_different_keys
+            if masked:
+                visible = _visible(ok, pos, rows, kv_head, mask, ks)
+            if guard:
+                v, sees_bad = _finite_values(v, visible)
             if not ks.use_softmax:
                 if masked:
-                    s = jnp.where(_visible(ok, pos, rows, kv_head, mask, ks), s, 0.0)
-                return (m, l, acc + pltriton.dot(s, v.astype(jnp.float32))) + nxt
+                    s = jnp.where(visible, s, 0.0)
+                acc = acc + pltriton.dot(s, v.astype(jnp.float32))
+                return (m, l, _poison_rows(acc, sees_bad) if guard else acc) + nxt
             if masked:
-                s = jnp.where(_visible(ok, pos, rows, kv_head, mask, ks), s, NEG_INF)
+                s = jnp.where(visible, s, NEG_INF)
             m_new = jnp.maximum(m, jnp.max(s, axis=1) * scale)
             # Only masked steps can leave a row with no key so far (m = -inf).
             m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new) if masked else m_new
             p = jnp.exp2(s * scale - m_safe[:, None])
             alpha = jnp.exp2(m - m_safe)
             acc = acc * alpha[:, None] + pltriton.dot(p.astype(v.dtype), v)
+            if guard:
+                acc = _poison_rows(acc, sees_bad)
             return (m_new, l * alpha + jnp.sum(p, axis=1), acc) + nxt
 
         state = (jnp.full((bm,), NEG_INF, jnp.float32), jnp.zeros((bm,), jnp.float32), jnp.zeros((bm, d), jnp.float32))

@@ -3,7 +3,8 @@
 An attention state over a key set is ``(v, s)``: the softmax-weighted value and the base-2 LSE of
 the scaled logits. States over disjoint key sets compose (FlashInfer paper, arXiv 2501.01005,
 sec. 2.2): ``s = log2(sum_i 2**s_i)``, ``v = sum_i 2**(s_i - s) v_i``. States with ``s_i = -inf``
-add nothing; if all are ``-inf`` the result is ``v = 0, s = -inf`` (never NaN).
+add nothing, whatever their ``v_i`` holds (inf and NaN included); if all are ``-inf`` the result
+is ``v = 0, s = -inf`` (never NaN).
 
 Two users: :func:`merge_partials` folds the split-KV partial rows of the attention kernel over
 variable-length groups (``merge_indptr``), and :func:`merge_state` / :func:`merge_states`
@@ -65,13 +66,17 @@ def fold_init(rows: int, cols: int):
 
 
 def fold(state, v_i, s_i):
-    """Add state ``(v_i [R, C], s_i [R])`` to the running ``(m, w, acc)`` (base 2, max-shifted)."""
+    """Add state ``(v_i [R, C], s_i [R])`` to the running ``(m, w, acc)`` (base 2, max-shifted).
+
+    A state with ``s_i = -inf`` adds nothing whatever ``v_i`` holds (its weight is 0, and
+    ``0 * inf`` or ``0 * NaN`` would be NaN), so its values are not read.
+    """
     m, w, acc = state
     m_new = jnp.maximum(m, s_i)
     m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
     a = jnp.exp2(m - m_safe)
     b = jnp.exp2(s_i - m_safe)
-    return m_new, w * a + b, acc * a[:, None] + b[:, None] * v_i
+    return m_new, w * a + b, acc * a[:, None] + jnp.where((s_i == NEG_INF)[:, None], 0.0, b[:, None] * v_i)
 
 
 def finish(state):

@@ -185,3 +185,29 @@ def test_kv_major_grid(rng, page_size):
     spec = BatchSpec.create(np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32), indptr, None, None, page_size=1,
                             num_qo_heads=4, num_kv_heads=2, head_dim=32, variant=AttentionVariant(causal=True))
     assert KV_MAJOR.plan(spec, PlanCapacity(max_work_tiles=64)).kernel.num_ctas == KV_MAJOR.grid_size(KV_MAJOR.config)
+
+
+@pytest.mark.parametrize("backend", [SPLIT, AHEAD, NO_SPLIT], ids=["split", "qk-ahead", "no-split"])
+@pytest.mark.parametrize("poison", [np.inf, np.nan], ids=["inf", "nan"])
+def test_poison_on_causal_diagonal_and_split_chunks(rng, backend, poison):
+    """Causal ragged prefill whose last key (seen only by each request's last query) and the rows
+    past the batch hold poison: every other row equals the reference, through masked diagonal
+    steps and split chunks that some rows see nothing of (partials (0, -inf))."""
+    qo_lens, kv_lens, hq, hkv, d, dtype = [40, 3, 17], [40, 21, 17], 4, 2, 32, jnp.bfloat16
+    qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
+    kv_indptr = np.concatenate([[0], np.cumsum(kv_lens)]).astype(np.int32)
+    q = rand(rng, (int(qo_indptr[-1]), hq, d), dtype)
+    k = rand(rng, (int(kv_indptr[-1]) + 3, hkv, d), dtype)
+    v = rand(rng, k.shape, dtype)
+    k_list = [np.asarray(k[a:b], np.float64) for a, b in zip(kv_indptr[:-1], kv_indptr[1:])]
+    v_list = [np.asarray(v[a:b], np.float64) for a, b in zip(kv_indptr[:-1], kv_indptr[1:])]
+    bad = np.concatenate([kv_indptr[1:] - 1, np.arange(kv_indptr[-1], k.shape[0])])
+    k, v = k.at[bad].set(poison), v.at[bad].set(poison)
+    spec = BatchSpec.create(qo_indptr, kv_indptr, None, None, page_size=1, num_qo_heads=hq, num_kv_heads=hkv,
+                            head_dim=d, variant=AttentionVariant(causal=True), q_dtype=dtype)
+    o, lse = jax.jit(lambda p, q, k, v: backend.run(p, q, k, v, return_lse=True))(backend.plan(spec, PlanCapacity()), q, k, v)
+    o_ref, lse_ref = ref_batch(q, k_list, v_list, qo_indptr, causal=True)
+    clean = np.ones(int(qo_indptr[-1]), bool)
+    clean[qo_indptr[1:] - 1] = False  # the last query of each request sees the poisoned key
+    assert_close(np.asarray(o, np.float32)[clean], o_ref[clean], dtype, "o")
+    assert_close(np.asarray(lse)[clean], lse_ref[clean], dtype, "lse")
