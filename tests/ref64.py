@@ -198,8 +198,9 @@ def ref_batch(q, k_list, v_list, qo_indptr, *, custom_mask=None, **options):
     if mask is not None and mask_off != mask.size:
         raise ValueError(f"custom_mask has {mask.size} elements, the batch needs {mask_off}")
     o = np.concatenate(os, axis=0) if os else np.zeros((0,) + q.shape[1:])
-    lse = None if any(x is None for x in lses) else np.concatenate(lses, axis=0)
-    return o, lse
+    if any(x is None for x in lses):
+        return o, None
+    return o, np.concatenate(lses, axis=0) if lses else np.zeros(q.shape[:2])
 
 
 def split_kv_cache(paged_kv_cache):
