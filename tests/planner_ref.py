@@ -1,7 +1,7 @@
 """The numpy form of :func:`jaxinfer.plan.planner.plan_work`: the independent oracle of the native planner.
 
 This is the planner jaxinfer shipped before ``jaxinfer/csrc/planner.cc`` replaced it (same algorithm, see
-jaxinfer/planner.py's module doc); tests/test_planner.py compares the two bit for bit.
+jaxinfer/plan/planner.py's module doc); tests/plan/test_planner.py compares the two bit for bit.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Independent float64 numpy reference of jaxinfer's attention semantics, for tests only.
 
 Written from the contract (shared/DESIGN.md sections 2-3 and the logits pipeline of
-``jaxinfer/variants.py``), not from ``jaxinfer/reference.py``: tests compare the library against
+``jaxinfer/variants.py``), not from ``jaxinfer/backends/xla.py``: tests compare the library against
 this file, so it must not share code with what it checks. Everything is computed in float64 with
 explicit loops over requests and dense ``[Hq, Lq, Lk]`` logits; speed does not matter, clarity does.
 
