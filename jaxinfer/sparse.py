@@ -25,8 +25,14 @@ def dense_to_bsr(mask: np.ndarray, R: int, C: int):
     Returns:
       ``(indptr [MB+1], indices [nnz_blocks], block_mask [nnz_blocks, R, C] bool)`` with
       ``MB = ceil(M / R)``; a block is kept when any of its elements is True.
+
+    Raises:
+      ValueError: ``mask`` is not 2-D, ``R``/``C`` are not positive integers, or ``N % C != 0``.
     """
     mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be a 2-D [M, N] array, got shape {mask.shape}")
+    R, C = check_int("R", R, minimum=1), check_int("C", C, minimum=1)
     M, N = mask.shape
     if N % C:
         raise ValueError(f"N = {N} must be a multiple of C = {C}")
@@ -41,7 +47,12 @@ def dense_to_bsr(mask: np.ndarray, R: int, C: int):
 
 
 def bsr_to_dense(indptr, indices, M: int, N: int, R: int, C: int, block_mask=None) -> np.ndarray:
-    """Dense bool mask ``[M, N]`` of a BSR pattern (``block_mask [nnz_blocks, R, C]`` optional)."""
+    """Dense bool mask ``[M, N]`` of a BSR pattern (``block_mask [nnz_blocks, R, C]`` optional).
+
+    Raises:
+      ValueError: ``M``, ``N``, ``R`` or ``C`` is not a positive integer.
+    """
+    M, N, R, C = (check_int(name, val, minimum=1) for name, val in (("M", M), ("N", N), ("R", R), ("C", C)))
     indptr, indices = np.asarray(indptr), np.asarray(indices)
     MB = -(-M // R)
     dense = np.zeros((MB * R, N), dtype=bool)

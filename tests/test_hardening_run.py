@@ -146,3 +146,12 @@ def test_module_level_decode_still_matches_reference(backend, rng):
 def test_cascade_num_levels_must_be_a_positive_integer(num_levels):
     with pytest.raises(ValueError, match="num_levels"):
         jaxinfer.MultiLevelCascadeAttentionWrapper(num_levels)
+
+
+@pytest.mark.parametrize("R,C", [(4, 0), (0, 4), (2.5, 4), (4, float("nan"))])
+def test_bsr_helpers_name_bad_block_shapes(R, C):
+    mask = np.ones((8, 8), bool)
+    with pytest.raises(ValueError, match=r"\b[RC]\b"):
+        jaxinfer.dense_to_bsr(mask, R, C)
+    with pytest.raises(ValueError, match=r"\b[RC]\b"):
+        jaxinfer.bsr_to_dense(np.array([0, 1]), np.array([0]), 8, 8, R, C)
