@@ -22,8 +22,8 @@ from jaxinfer.backends.pallas.attention import KernelSpec, attention
 from jaxinfer.backends.pallas.config import MAX_BLOCK_M, TileConfig, heuristic_config
 from jaxinfer.plan import native
 from jaxinfer.plan.batch import BatchSpec, PlanCapacity, next_pow2
-from jaxinfer.plan.transfer import to_device
 from jaxinfer.plan.planner import PlanArgs, count_query_tiles_at, plan_packed_at, plan_work_in_jit
+from jaxinfer.plan.transfer import to_device
 from jaxinfer.variants import AttentionVariant
 
 # What the Pallas kernels serve: tl.dot needs power-of-2 head dims of at least 16 (and RoPE's
@@ -45,8 +45,8 @@ class PallasPlan:
 
     Attributes:
       buffer: ``[kernel.buffer_size]`` int32 on the device: the work tiles, per-CTA ranges, merge
-        groups and page ids packed into one array (one host-to-device copy; layout in
-        :class:`~jaxinfer.backends.pallas.attention.KernelSpec`).
+        groups and page ids packed into one array (one host-to-device copy; layout
+        :class:`~jaxinfer.plan.layout.WorkLayout`, which the plan's ``kernel`` extends).
       kernel: static :class:`~jaxinfer.backends.pallas.attention.KernelSpec`.
       config: static :class:`~jaxinfer.backends.pallas.config.TileConfig`.
       mask: ``[n]`` int8 flat custom mask (the spec's, 1 = keep, zero-padded to a power of 2) when
@@ -189,7 +189,7 @@ class PallasBackend:
         """Plan ``spec`` on the host (the compiled planner) into static-capacity device buffers.
 
         The planner writes the work buffers and page ids straight into one packed int32 host
-        buffer (layout of :class:`~jaxinfer.backends.pallas.attention.KernelSpec`), which goes to the
+        buffer (layout of :class:`~jaxinfer.plan.layout.WorkLayout`), which goes to the
         device in one asynchronous copy: ``plan`` returns once the copy is enqueued, and the
         plan's ``buffer`` is ready when the copy lands (``jax.block_until_ready``; a jitted step
         that takes the plan waits for it on the device).
