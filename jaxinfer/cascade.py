@@ -149,6 +149,18 @@ def batch_cascade(q, paged_kv_cache, plans: list[Plan], *, return_lse: bool = Fa
                               backend=merge_backend)
     return (o, lse) if return_lse else o
 
+
+def _int32_values(name: str, values, *, minimum: int, maximum: int = np.iinfo(np.int32).max) -> np.ndarray:
+    """``values`` as a 1-D int64 array, checked to be integers in ``[minimum, maximum]`` before the
+    int32 cast of the levels (which would wrap a wider id)."""
+    arr = np.asarray(values)
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise ValueError(f"{name} must be a 1-D sequence of integers, got {arr.dtype} of shape {arr.shape}")
+    if arr.size and (arr.min() < minimum or arr.max() > maximum):
+        raise ValueError(f"{name} must hold integers in {minimum}..{maximum}, got values in {arr.min()}..{arr.max()}")
+    return arr.astype(np.int64)
+
+
 def cascade_levels_from_prefix_tree(page_lists, kv_last_page_len, qo_lens, page_size: int):
     """Cascade levels of a batch whose requests share prefix pages (radix-tree style).
 
@@ -174,11 +186,14 @@ def cascade_levels_from_prefix_tree(page_lists, kv_last_page_len, qo_lens, page_
       some level sit in a group with no pages there (it contributes nothing to the merge).
 
     Raises:
-      ValueError: lengths that disagree.
+      ValueError: lengths that disagree; page ids, last page lengths or query counts that are not
+        integers in range (checked before the int32 cast, which would wrap them).
     """
+    check_int("page_size", page_size, minimum=1)
+    page_lists = [_int32_values(f"page_lists[{r}]", pages, minimum=0) for r, pages in enumerate(page_lists)]
     B = len(page_lists)
-    last = np.asarray(kv_last_page_len)
-    qo_lens = np.asarray(qo_lens)
+    last = _int32_values("kv_last_page_len", kv_last_page_len, minimum=0, maximum=page_size)
+    qo_lens = _int32_values("qo_lens", qo_lens, minimum=0)
     if last.shape != (B,) or qo_lens.shape != (B,):
         raise ValueError(f"kv_last_page_len and qo_lens must be [B = {B}], got {last.shape} and {qo_lens.shape}")
     shareable = [tuple(p[:-1]) for p in page_lists]

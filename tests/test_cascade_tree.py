@@ -35,7 +35,7 @@ def test_levels_from_prefix_tree_match_flat_attention(rng, backend, causal):
     page_lists, last = _random_radix_batch(rng, page_size)
     B = len(page_lists)
     # Queries are each request's newest tokens, so they lie in its own (last-level) pages.
-    _, own_indptr, _, own_last = (x[-1] for x in jaxinfer.cascade_levels_from_prefix_tree(page_lists, last, np.ones(B), page_size))
+    _, own_indptr, _, own_last = (x[-1] for x in jaxinfer.cascade_levels_from_prefix_tree(page_lists, last, np.ones(B, int), page_size))
     own_len = (np.diff(own_indptr) - 1) * page_size + own_last
     qo_lens = rng.integers(1, np.minimum(own_len, 3) + 1)
     k_cache = rand(rng, (400, page_size, Hkv, D), dtype)

@@ -202,3 +202,20 @@ def test_check_int():
         check_int("x", 0, minimum=1)
     with pytest.raises(ValueError, match="^x must be an integer"):
         check_int("x", 2**31)
+
+
+@pytest.mark.parametrize(
+    "page_lists,last,qo_lens,page_size,what",
+    [
+        ([[0, 2**32 + 3]], [4], [1], 4, "page_lists"),  # would wrap to page 3
+        ([[0, -1]], [4], [1], 4, "page_lists"),
+        ([[0, 1.0]], [4], [1], 4, "page_lists"),
+        ([[0, 1]], [5], [1], 4, "kv_last_page_len"),
+        ([[0, 1]], [4], [-1], 4, "qo_lens"),
+        ([[0, 1]], [4], [1], 0, "page_size"),
+    ],
+)
+def test_cascade_levels_from_prefix_tree_checks_before_the_int32_cast(page_lists, last, qo_lens, page_size, what):
+    assert len(jaxinfer.cascade_levels_from_prefix_tree([[0, 1], [0, 2]], [4, 4], [1, 1], 4)[0]) == 2
+    with pytest.raises(ValueError, match=what):
+        jaxinfer.cascade_levels_from_prefix_tree(page_lists, last, qo_lens, page_size)
