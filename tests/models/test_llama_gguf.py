@@ -151,6 +151,9 @@ def test_config_from_gguf_metadata(contents):
         pytest.param("xla", jnp.float32, 1e-3, 16, ("france", "page", "chat"), 2, id="xla-float32"),
         # Pallas runs in interpret mode on CPU: one short prompt, over 2 pages of 4 tokens.
         pytest.param("pallas", jnp.bfloat16, 3e-2, 4, ("france",), 1, id="pallas-bfloat16"),
+        # The CUDA backends skip off an NVIDIA GPU (conftest).
+        pytest.param("fa2", jnp.bfloat16, 3e-2, 16, ("france", "page", "chat"), 2, id="fa2-bfloat16"),
+        pytest.param("fa3", jnp.bfloat16, 3e-2, 16, ("france", "page", "chat"), 2, id="fa3-bfloat16"),
     ],
 )
 def test_logits_match_float64_reference(
@@ -165,9 +168,11 @@ def test_logits_match_float64_reference(
     assert len(prompts["page"]) == 16 and len(prompts["chat"]) > 2 * 16
     model = load_model(dtype)
     assert model.config.dtype == dtype and model.config.tie_word_embeddings and model.lm_head is None
-    seqs, logits = run_prompts(
-        model, [prompts[n] for n in prompt_names], backend=backend, page_size=page_size, decode_steps=decode_steps
-    )
+    # A float32 model means float32 matmuls, also where XLA would pick TF32 (GPU).
+    with jax.default_matmul_precision("highest" if dtype == jnp.float32 else None):
+        seqs, logits = run_prompts(
+            model, [prompts[n] for n in prompt_names], backend=backend, page_size=page_size, decode_steps=decode_steps
+        )
     refs = llama_logits64(contents.tensors, contents.metadata, seqs)
     for name, got, want in zip(prompt_names, logits, refs):
         err = relative_error(got, want)
