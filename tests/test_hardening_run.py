@@ -155,3 +155,41 @@ def test_bsr_helpers_name_bad_block_shapes(R, C):
         jaxinfer.dense_to_bsr(mask, R, C)
     with pytest.raises(ValueError, match=r"\b[RC]\b"):
         jaxinfer.bsr_to_dense(np.array([0, 1]), np.array([0]), 8, 8, R, C)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_level_ragged_run_stays_inside_short_arrays(backend, rng):
+    """Row counts are data of the traced plan, so a module-level run cannot check q or k rows against
+    it. With fewer rows than the plan covers, the kernels compute the rows that exist as planned,
+    never touch rows past the arrays (on the GPU: compute-sanitizer), and give finite values."""
+    qo_lens, kv_lens = [5, 150], [9, 150]
+    w = jaxinfer.BatchPrefillWithRaggedKVCacheWrapper(backend=backend)
+    plan = w.plan(indptr_of(qo_lens), indptr_of(kv_lens), HQ, HKV, D, causal=True)
+    q = rand(rng, (sum(qo_lens), HQ, D), jnp.bfloat16)
+    k, v = (rand(rng, (sum(kv_lens), HKV, D), jnp.bfloat16) for _ in range(2))
+    want, _ = ref_batch(q, [k[:9], k[9:]], [v[:9], v[9:]], indptr_of(qo_lens), causal=True)
+    run = jax.jit(jaxinfer.batch_prefill_ragged)
+    short_q = run(q[:40], k, v, plan)
+    assert short_q.shape == (40, HQ, D)
+    assert_close(short_q, want[:40], jnp.bfloat16)
+    short_kv = np.asarray(run(q, k[:100], v[:100], plan), np.float32)
+    assert np.isfinite(short_kv).all()
+    assert_close(short_kv[:5], want[:5], jnp.bfloat16)  # request 0's keys are all inside k
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_level_paged_run_stays_inside_a_small_cache(backend, rng):
+    """A traced plan's page ids cannot be checked against the cache a module-level run passes: ids
+    past the cache are clamped to it (finite values; on the GPU: compute-sanitizer finds no access
+    outside the cache), and the request whose pages exist is exact."""
+    k_cache, v_cache = (rand(rng, (13, PAGE, HKV, D), jnp.bfloat16) for _ in range(2))
+    kv_indptr, kv_indices, last = np.array([0, 3, 13]), np.arange(13), np.array([1, PAGE])  # 9 and 40 keys
+    qo_lens = [3, 70]
+    w = jaxinfer.BatchPrefillWithPagedKVCacheWrapper(backend=backend)
+    plan = w.plan(indptr_of(qo_lens), kv_indptr, kv_indices, last, HQ, HKV, D, PAGE, causal=True)
+    q = rand(rng, (sum(qo_lens), HQ, D), jnp.bfloat16)
+    want, _ = ref_batch(q[:3], [k_cache[:3].reshape(-1, HKV, D)[:9]], [v_cache[:3].reshape(-1, HKV, D)[:9]],
+                        indptr_of(qo_lens[:1]), causal=True)
+    o = np.asarray(jax.jit(jaxinfer.batch_prefill_paged)(q, (k_cache[:3], v_cache[:3]), plan), np.float32)
+    assert np.isfinite(o).all()
+    assert_close(o[:3], want, jnp.bfloat16)

@@ -21,6 +21,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.backends import device
@@ -185,8 +186,11 @@ class FlashAttentionBackend:
         check_run_args(q, k, v, paged=plan.paged, kv_layout=kv_layout, page_size=plan.page_size,
                        num_qo_heads=plan.num_qo_heads, num_kv_heads=plan.num_kv_heads, head_dim=plan.head_dim,
                        q_dtype=plan.q_dtype, kv_dtype=plan.q_dtype)
+        # A module-level run may pass a smaller cache than the traced plan's page ids address (the
+        # wrapper checks them on the host): clamped here, once per call, not per key in the kernels.
+        kv_indices = jnp.clip(plan.kv_indices, 0, k.shape[0] - 1) if plan.paged else plan.kv_indices
         o, lse = ops.flash_forward(
-            q, k, v, plan.qo_indptr, plan.kv_indptr, plan.kv_indices, plan.kv_lens, plan.tile_batch, plan.tile_qstart,
+            q, k, v, plan.qo_indptr, plan.kv_indptr, kv_indices, plan.kv_lens, plan.tile_batch, plan.tile_qstart,
             causal=plan.causal,
             window_left=plan.window_left,
             logits_soft_cap=plan.logits_soft_cap,

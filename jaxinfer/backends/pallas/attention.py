@@ -324,6 +324,7 @@ def _poison_rows(acc, sees_bad):
 
 
 def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, native: bool):
+    """``num_pages``: ``k.shape[0]``, pages of a paged cache or tokens of a ragged K/V."""
     buf_ref, q_ref, k_ref, v_ref = refs[:4]
     mask_ref = refs[4] if ks.custom_mask else None
     o_ref, lse_ref, po_ref, plse_ref = refs[-4:]
@@ -339,7 +340,12 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, na
 
         kv_head, q_row0, q_len, q_pos0 = field("kv_head"), field("q_row0"), field("q_len"), field("q_pos0")
         kv_lo, kv_hi, kv_base, out_slot = field("kv_lo"), field("kv_hi"), field("kv_base"), field("out_slot")
-        row_ok = tok < q_len
+        # A module-level run may pass q, or a ragged K/V, with fewer rows than the traced plan
+        # covers (shapes are static, the plan's row counts are not): the tile keeps to the rows
+        # that exist. Scalar clamps, so that the per-key code is the same as without them.
+        row_ok = tok < jnp.minimum(q_len, q_ref.shape[0] // ks.num_qo_heads - q_row0)
+        if not ks.paged:
+            kv_hi = jnp.minimum(kv_hi, num_pages - kv_base)
         row_ok2 = jnp.broadcast_to(row_ok[:, None], (bm, d))
         qo_head = kv_head * g + head_in_group
         rows_raw = (q_row0 + tok) * ks.num_qo_heads + qo_head
@@ -452,7 +458,7 @@ def attention(plan_buffer, q, k, v, mask=None, *, ks: KernelSpec, cfg: TileConfi
     rows = nnz_q * ks.num_qo_heads
     d = ks.head_dim
     slots = max(ks.num_slots, 1) * cfg.block_m
-    num_pages = k.shape[0] if ks.paged else 1
+    num_pages = k.shape[0]
     interpret = interpret_mode()
     kernel = functools.partial(_attention_kernel, ks=ks, cfg=cfg, num_pages=num_pages, native=not interpret)
     extra = () if mask is None else (mask,)

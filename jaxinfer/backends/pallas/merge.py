@@ -101,7 +101,7 @@ def _partials_kernel(buf_ref, po_ref, plse_ref, _o_in, _lse_in, o_ref, lse_ref, 
     kv_head, q_row0, q_len = buf_ref[dest], buf_ref[dest + 1], buf_ref[dest + 2]
     r = lax.iota(jnp.int32, block_m)
     tok = r // group_size
-    ok = (tok < q_len) & (p1 > p0)
+    ok = (tok < jnp.minimum(q_len, o_ref.shape[0] // num_qo_heads - q_row0)) & (p1 > p0)  # rows inside o
     qo_head = kv_head * group_size + r % group_size
     out_rows = jnp.where(ok, (q_row0 + tok) * num_qo_heads + qo_head, o_ref.shape[0])
     ok2 = jnp.broadcast_to(ok[:, None], (block_m, head_dim))

@@ -95,6 +95,8 @@ inline xla::ffi::Error forward_params(const char* call, xla::ffi::AnyBuffer q, x
     p.kv_page_stride = int64_t(page_size) * p.kv_tok_stride;
   }
   p.num_qo_heads = int(hq);
+  p.num_q_rows = s.num_rows;
+  p.num_kv_tokens = paged ? INT64_MAX : s.num_kv_rows;
   p.group_size = int(hq / hkv);
   p.page_size = paged ? page_size : 1;
   p.page_shift = (p.page_size & (p.page_size - 1)) == 0 ? __builtin_ctz(unsigned(p.page_size)) : -1;

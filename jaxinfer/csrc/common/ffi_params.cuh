@@ -22,6 +22,10 @@ struct ForwardParams {
   int64_t q_tok_stride, q_head_stride;
   int64_t kv_page_stride, kv_tok_stride, kv_head_stride;
   int num_qo_heads, group_size, page_size;
+  // Extents of q and a ragged K/V (kv_addressing.cuh: the tiles stay inside them whatever the
+  // traced plan says).
+  int64_t num_q_rows;     // q.shape[0]
+  int64_t num_kv_tokens;  // ragged: k.shape[0]; paged: INT64_MAX (no limit: page ids address the cache)
   int page_shift;   // log2(page_size) when a power of 2, else -1
   int window_left;  // -1: no window
   bool causal, soft_cap_on;

@@ -24,6 +24,22 @@ __host__ __device__ __forceinline__ int page_index(const ForwardParams& p, int t
   return p.page_shift >= 0 ? t >> p.page_shift : t / p.page_size;
 }
 
+// A module-level run (jaxinfer.batch_prefill_ragged, ...) passes q and K/V whose row counts jit
+// cannot check against the traced plan: each tile clamps its rows and keys to the arrays it was
+// given, so a mismatched call never reads or writes outside them. (Page ids are clamped to the
+// cache before the call: jaxinfer/backends/ffi/backend.py.)
+
+// Rows of a query tile starting at q row `q_row0` that lie inside q (<= rows).
+__host__ __device__ __forceinline__ int rows_inside(const ForwardParams& p, int64_t q_row0, int rows) {
+  return int(rows < p.num_q_rows - q_row0 ? int64_t(rows) : p.num_q_rows - q_row0);
+}
+
+// Keys of a request starting at KV row `kv_start` that lie inside a ragged K/V (paged: kv_len).
+__host__ __device__ __forceinline__ int keys_inside(const ForwardParams& p, int64_t kv_start, int kv_len) {
+  const int64_t room = p.num_kv_tokens - kv_start;
+  return int(kv_len < room ? int64_t(kv_len) : (room > 0 ? room : 0));
+}
+
 // Offset of row `in_page` of page `page` (a page id, an entry of kv_indices).
 __host__ __device__ __forceinline__ int64_t page_row_offset(const ForwardParams& p, int page, int in_page) {
   return int64_t(page) * p.kv_page_stride + int64_t(in_page) * p.kv_tok_stride;

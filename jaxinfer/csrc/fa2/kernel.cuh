@@ -183,11 +183,11 @@ __global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinB
   const int kv_head = head / p.group_size;
   const int q_start = p.qo_indptr[batch];
   const int qo_len = p.qo_indptr[batch + 1] - q_start;
-  const int kv_len = p.kv_lens[batch];
   const int64_t kv_start = p.kv_indptr[batch];
   const int qs = p.tile_qstart[tile];
-  const int rows_valid = min(kBM, qo_len - qs);
-  const int delta = kv_len - qo_len;  // q_pos = row + delta
+  const int rows_valid = rows_inside(p, q_start + qs, min(kBM, qo_len - qs));
+  const int delta = p.kv_lens[batch] - qo_len;  // q_pos = row + delta
+  const int kv_len = keys_inside(p, kv_start, p.kv_lens[batch]);
   const int qpos_min = qs + delta;
   const int qpos_max = qs + rows_valid - 1 + delta;
 

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "../common/kv_addressing.cuh"
 #include "../common/work_order.cuh"
 #include "config.cuh"
 
@@ -27,11 +28,11 @@ template <int kBN> __device__ __forceinline__ TileWork tile_work(const Params& p
   TileWork w;
   w.q_start = p.qo_indptr[batch];
   w.qo_len = p.qo_indptr[batch + 1] - w.q_start;
-  w.kv_len = p.kv_lens[batch];
   w.kv_start = p.kv_indptr[batch];
   w.qs = p.tile_qstart[tile];
-  w.rows_valid = min(kBM, w.qo_len - w.qs);
-  w.delta = w.kv_len - w.qo_len;  // q_pos = row + delta
+  w.rows_valid = rows_inside(p, w.q_start + w.qs, min(kBM, w.qo_len - w.qs));
+  w.delta = p.kv_lens[batch] - w.qo_len;  // q_pos = row + delta
+  w.kv_len = keys_inside(p, w.kv_start, p.kv_lens[batch]);
   w.qpos_min = w.qs + w.delta;
   w.qpos_max = w.qs + w.rows_valid - 1 + w.delta;
   int n_hi = w.kv_len;
