@@ -19,6 +19,7 @@ from jaxinfer.prefill import (
     batch_prefill_ragged,
     single_prefill_with_kv_cache,
 )
+from jaxinfer import sampling
 from jaxinfer.rope import apply_llama31_rope, apply_llama31_rope_pos_ids, apply_rope, apply_rope_pos_ids
 from jaxinfer.sparse import BlockSparseAttentionWrapper, batch_block_sparse, bsr_to_dense, dense_to_bsr
 from jaxinfer.variants import AttentionVariant, alibi_slopes
@@ -55,6 +56,7 @@ __all__ = [
     "merge_state",
     "merge_state_in_place",
     "merge_states",
+    "sampling",
     "single_decode_with_kv_cache",
     "single_prefill_with_kv_cache",
 ]
