@@ -1,7 +1,10 @@
-"""Continuous-batching serving loop: tokens against an independent dense greedy decode, per backend."""
+"""Serving engine: tokens against an independent dense greedy decode per backend, admission, the
+step-program bound, sampling parameters, validation."""
 
 import dataclasses
+import io
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,8 +12,7 @@ from flax import nnx
 
 from conftest import BACKENDS
 from jaxinfer.models.llama import LlamaConfig, LlamaModel, dense_decode_logits
-from jaxinfer.nn import bucket
-from jaxinfer.serve import ServingEngine, greedy_step
+from jaxinfer.serve import EngineConfig, SamplingParams, ServingEngine, serve_step
 
 CFG = LlamaConfig(
     vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_qo_heads=4, num_kv_heads=2,
@@ -20,8 +22,12 @@ CFG = LlamaConfig(
 # exactly: on this seeded workload the reference's smallest top-2 logit gap is about 0.03 (logits
 # ~2.5, computed in float32), well above the backends' rounding differences.
 MAX_SEQ_LEN = 32
-# (prompt length, max_new_tokens, step at which the request arrives)
-WORKLOAD = [(5, 5, 0), (11, 3, 0), (3, 6, 2), (14, 2, 3)]
+# (prompt length, max_new_tokens, step at which the request arrives). Prompt 3 starts with the
+# first 8 tokens of prompt 1 (two full pages of 4), and request 1 still decodes when 3 arrives:
+# 3 attaches them from the prefix cache and the two decode through a shared cascade level. With
+# 8 prompt tokens per step, prompt 1 is prefilled in two chunks.
+WORKLOAD = [(5, 5, 0), (11, 7, 0), (3, 6, 2), (14, 3, 3)]
+ENGINE = dict(num_pages=32, page_size=4, max_seq_len=MAX_SEQ_LEN, max_batch_size=4, max_prefill_tokens=8)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +38,9 @@ def model():
 @pytest.fixture(scope="module")
 def prompts():
     rng = np.random.default_rng(0)
-    return [rng.integers(0, CFG.vocab_size, n).tolist() for n, _, _ in WORKLOAD]
+    out = [rng.integers(0, CFG.vocab_size, n).tolist() for n, _, _ in WORKLOAD]
+    out[3][:8] = out[1][:8]
+    return out
 
 
 def dense_greedy(model, prompt, max_new_tokens) -> list[int]:
@@ -54,12 +62,9 @@ def expected(model, prompts):
     return [dense_greedy(model, p, n) for p, (_, n, _) in zip(prompts, WORKLOAD)]
 
 
-def serve(model, prompts, *, backend, num_pages=32, max_batch_size=4, workload=WORKLOAD, **kw):
+def serve(model, prompts, *, workload=WORKLOAD, log=None, **kw):
     """Run ``workload`` with its arrivals; returns (outputs by submission order, step results, engine)."""
-    engine = ServingEngine(
-        model, num_pages=num_pages, page_size=4, max_seq_len=MAX_SEQ_LEN, max_batch_size=max_batch_size,
-        max_prefill_tokens=16, backend=backend, **kw,
-    )
+    engine = ServingEngine(model, EngineConfig(**(ENGINE | kw)), log=log)
     rids, results, step = {}, [], 0
     while step <= max(a for _, _, a in workload) or not engine.idle:
         for i, (_, n, arrival) in enumerate(workload):
@@ -71,6 +76,13 @@ def serve(model, prompts, *, backend, num_pages=32, max_batch_size=4, workload=W
     return [engine.finished[rids[i]].output for i in range(len(workload))], results, engine
 
 
+def assert_pool_released(engine):
+    pool = engine.pool
+    assert engine.idle and pool.requests == ()
+    assert all(pool.refcount(p) == 0 for p in range(pool.num_pages))
+    assert pool.num_available_pages == pool.num_pages
+
+
 @pytest.fixture(scope="module")
 def served(model, prompts):
     """``served(backend)``: the WORKLOAD's run on ``backend``, computed once per module."""
@@ -78,8 +90,7 @@ def served(model, prompts):
 
     def get(backend):
         if backend not in cache:
-            # Few row buckets keep the number of compilations (and the Pallas interpret time) small.
-            cache[backend] = serve(model, prompts, backend=backend, min_prefill_rows=32, min_decode_rows=4)
+            cache[backend] = serve(model, prompts, backend=backend)
         return cache[backend]
 
     return get
@@ -89,9 +100,13 @@ def served(model, prompts):
 def test_continuous_batching_matches_dense_greedy(served, expected, backend):
     outputs, results, engine = served(backend)
     assert outputs == expected
-    # Requests joined while others decoded (mixed prefill + decode steps) and all left again.
+    # Requests joined while others decoded (mixed steps), prompt 1 ran in two chunks, request 3
+    # attached prompt 1's first two pages and decoded next to request 1, and all left again.
     assert any(r.prefill and r.decode for r in results)
-    assert engine.idle and engine.pool.requests == () and engine.pool.num_free_pages == engine.pool.num_pages
+    assert sum(1 in r.prefill for r in results) == 2
+    assert engine.finished[3].num_cached == 8
+    assert any({1, 3} <= set(r.decode) for r in results)
+    assert_pool_released(engine)
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "xla"])
@@ -101,42 +116,115 @@ def test_backends_give_the_same_tokens(served, backend):
     assert len(set(map(str, outputs.values()))) == 1, outputs
 
 
-def test_small_pool_queues_requests_instead_of_running_dry(model, prompts, expected):
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_small_pool_queues_requests_instead_of_running_dry(model, prompts, expected, prefix_caching):
     # 6 pages of 4 tokens hold at most two requests' worst cases at once: later requests wait.
-    outputs, results, _ = serve(model, prompts, backend="xla", num_pages=6, min_prefill_rows=32, min_decode_rows=4)
+    outputs, results, engine = serve(model, prompts, backend="xla", num_pages=6, prefix_caching=prefix_caching)
     assert outputs == expected
-    assert max(len(r.prefill) + len(r.decode) for r in results) <= 2
-
-
-def test_step_compiles_once_per_bucket(prompts):
-    # A model of its own (one layer, another vocab size) so that no other test's compilations count.
-    model = LlamaModel(dataclasses.replace(CFG, vocab_size=65, num_layers=1), rngs=nnx.Rngs(1))
-    before = greedy_step._cache_size()
-    workload = WORKLOAD[:3]
-    _, results, _ = serve(model, prompts, backend="xla", max_batch_size=2, min_prefill_rows=32, workload=workload)
-    # rids are given in submission order, which is the workload's order.
-    buckets = {(bucket(sum(workload[i][0] for i in r.prefill), 32), bucket(len(r.decode))) for r in results}
-    assert len(results) > len(buckets) > 2
-    assert greedy_step._cache_size() - before == len(buckets)
-
-
-def test_submit_validation(model):
-    engine = ServingEngine(model, num_pages=2, page_size=4, max_seq_len=16, backend="xla")
-    with pytest.raises(ValueError, match="non-empty prompt"):
-        engine.submit([], 3)
-    with pytest.raises(ValueError, match="max_seq_len"):
-        engine.submit([1] * 10, 7)
-    with pytest.raises(ValueError, match="pool"):
-        engine.submit([1] * 10, 3)  # 12 cached tokens need 3 pages of 4
-    assert engine.step().tokens == {} and engine.idle
+    assert max(len(set(r.prefill + r.decode)) for r in results) <= 2
+    assert_pool_released(engine)
 
 
 def test_run_drains_the_queue(model, prompts, expected):
     # Same engine geometry as the served fixture: the compiled xla steps are reused.
-    engine = ServingEngine(
-        model, num_pages=32, page_size=4, max_seq_len=MAX_SEQ_LEN, max_batch_size=4, max_prefill_tokens=16,
-        backend="xla", min_prefill_rows=32, min_decode_rows=4,
-    )
+    engine = ServingEngine(model, EngineConfig(**ENGINE, backend="xla"), log=None)
     rids = [engine.submit(p, n) for p, (_, n, _) in zip(prompts, WORKLOAD)]
     assert engine.run() == dict(zip(rids, expected))
-    assert engine.idle and engine.pool.num_free_pages == 32
+    assert {r.finish_reason for r in engine.finished.values()} == {"length"}
+    assert_pool_released(engine)
+
+
+def test_compile_count_equals_the_printed_bound(prompts):
+    # A model of its own (one layer, another vocab size) so that no other test's compilations count.
+    model = LlamaModel(dataclasses.replace(CFG, vocab_size=65, num_layers=1), rngs=nnx.Rngs(1))
+    before = serve_step._cache_size()
+    log = io.StringIO()
+    _, results, engine = serve(model, prompts, backend="xla", log=log)
+    assert f"at most {engine.num_step_programs} step program(s)" in log.getvalue()
+    assert engine.num_step_programs == 3
+    # Every kind of step ran: prompt chunks only, mixed, decode only.
+    kinds = {(bool(r.prefill), bool(r.decode)) for r in results}
+    assert kinds == {(True, False), (True, True), (False, True)}
+    assert serve_step._cache_size() - before == engine.num_step_programs
+    # Another run with other requests and arrivals compiles nothing at all.
+    compiles = []
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    rng = np.random.default_rng(7)
+    other = [rng.integers(0, 65, int(n)).tolist() for n in rng.integers(1, 15, 6)]
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        serve(model, other, workload=[(len(p), 2 + i % 4, i) for i, p in enumerate(other)], backend="xla")
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+
+
+def test_more_row_buckets_compile_within_the_bound(model, prompts):
+    engine = ServingEngine(model, EngineConfig(**ENGINE, backend="xla", min_prefill_rows=4, min_decode_rows=2), log=None)
+    assert engine.planner.prefill_buckets == (4, 8) and engine.planner.decode_buckets == (2, 4)
+    assert engine.num_step_programs == 8
+
+
+def test_sampling_is_per_request_and_reproducible(model, prompts, expected):
+    engine = ServingEngine(model, EngineConfig(**ENGINE, backend="xla"), log=None)
+    hot = [SamplingParams(temperature=3.0, seed=s) for s in (1, 1, 2)]
+    rids = [engine.submit(prompts[0], 5, s) for s in hot]
+    # top_k=1 (and tiny top_p, min_p=1) leave only the most probable token: greedy.
+    rids += [engine.submit(prompts[0], 5, s) for s in (SamplingParams(temperature=3.0, top_k=1, seed=5),
+                                                        SamplingParams(temperature=3.0, top_p=1e-6, seed=6),
+                                                        SamplingParams(temperature=3.0, min_p=1.0, seed=7))]
+    out = engine.run()
+    assert out[rids[0]] == out[rids[1]] != out[rids[2]]  # same seed, same draws; another seed differs
+    assert out[rids[0]] != expected[0]
+    for rid in rids[3:]:
+        assert out[rid] == expected[0]
+
+
+def test_cancel_frees_pages(model, prompts):
+    engine = ServingEngine(model, EngineConfig(**ENGINE, backend="xla"), log=None)
+    a, b = engine.submit(prompts[1], 6), engine.submit(prompts[0], 6)
+    engine.step()
+    assert engine.cancel(a) and not engine.cancel(a) and not engine.cancel(99)
+    assert engine.finished[a].finish_reason == "cancelled" and a not in engine.pool.requests
+    engine.run()
+    assert engine.finished[b].finish_reason == "length" and len(engine.finished[b].output) == 6
+    assert_pool_released(engine)
+
+
+def test_stop_tokens_finish_a_request(model, prompts, expected):
+    stop = expected[0][2]
+    engine = ServingEngine(model, EngineConfig(**ENGINE, backend="xla", stop_token_ids=(stop,)), log=None)
+    rid = engine.submit(prompts[0], 5)
+    out = engine.run()[rid]
+    assert out == expected[0][: expected[0].index(stop) + 1] and engine.finished[rid].finish_reason == "stop"
+
+
+def test_validation(model):
+    engine = ServingEngine(model, EngineConfig(num_pages=2, page_size=4, max_seq_len=16, backend="xla"), log=None)
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        engine.submit([], 3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.submit([1], 0)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        engine.submit([1] * 10, 7)
+    with pytest.raises(ValueError, match="pool"):
+        engine.submit([1] * 10, 3)  # 12 cached tokens need 3 pages of 4
+    with pytest.raises(ValueError, match="sampling"):
+        engine.submit([1], 3, dict(temperature=1.0))
+    assert engine.step().tokens == {} and engine.idle
+    for kw, name in ((dict(temperature=-1.0), "temperature"), (dict(temperature=float("nan")), "temperature"),
+                     (dict(top_k=-1), "top_k"), (dict(top_k=2.0), "top_k"), (dict(top_p=0.0), "top_p"),
+                     (dict(top_p=1.5), "top_p"), (dict(min_p=-0.1), "min_p"), (dict(seed=1.5), "seed")):
+        with pytest.raises(ValueError, match=name):
+            SamplingParams(**kw)
+    for kw, name in ((dict(num_pages=0), "num_pages"), (dict(max_prefill_tokens=0), "max_prefill_tokens"),
+                     (dict(kv_dtype=jnp.float8_e4m3fn), "float8"), (dict(kv_dtype="int8"), "kv_dtype"),
+                     (dict(kv_layout="NDH"), "kv_layout"), (dict(stop_token_ids=(-1,)), "stop_token_ids")):
+        with pytest.raises(ValueError, match=name):
+            EngineConfig(**({"num_pages": 4} | kw))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        ServingEngine(model, EngineConfig(num_pages=4, max_seq_len=10**6), log=None)

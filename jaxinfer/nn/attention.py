@@ -1,22 +1,26 @@
 """Paged attention layer for Flax nnx models, and the host planning of one serving step.
 
-A serving step runs the rows of a mixed batch through one jitted function: first the prompt rows
-of newly admitted requests (prefill: ragged, causal, each request attending to its own new
-tokens), then one row per running request (decode: paged, against everything the request has
-cached). Every row's key and value are appended to the paged cache first, so a prefilled request
-decodes from the cache on the next step. This is FlashInfer's serving recipe (FlashInfer paper,
-arXiv 2501.01005, sec. 3.3: plan once per step on the host, run the same plan in every layer).
+A serving step runs the rows of a mixed batch through one jitted function: first the prefill rows
+(a chunk of new tokens per request: the request's whole prompt, or a piece of it under a per-step
+token budget, on top of whatever the request already has in the cache), then one decode row per
+running request. Every row's key and value are appended to the paged cache first; then the
+prefill rows attend through a paged, causal prefill plan over each request's pages (append
+attention, ``qo_len <= kv_len``, the causal mask aligned bottom-right: chunked prefill, Sarathi,
+Agrawal et al. OSDI 2024) and the decode rows through a decode plan, or through cascade levels
+(FlashInfer paper, arXiv 2501.01005, sec. 3.1) when requests share prefix pages, so a shared
+prefix is read once per group of requests instead of once per request. This is FlashInfer's
+serving recipe (ibid., sec. 3.3: plan once per step on the host, run the same plan in every layer).
 
-:class:`StepPlanner` builds a :class:`StepBatch` on the host from a :class:`KVCachePool`; row
-counts are padded to power-of-two buckets, request counts to the planner's ``max_batch_size`` and
-the page table to the pool's size, so the jitted step compiles once per bucket and never for a new
-batch composition.
+:class:`StepPlanner` builds a :class:`StepBatch` on the host from a :class:`KVCachePool`. Every
+plan capacity comes from the planner's configuration (batch size, prefill rows, sequence length):
+row counts are padded to a few fixed buckets and nothing else about a batch changes a shape, so
+the jitted step compiles at most :attr:`StepPlanner.num_step_programs` programs in a whole run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +28,15 @@ import numpy as np
 from flax import nnx
 
 import jaxinfer
-from jaxinfer.plan.batch import PlanCapacity, next_pow2
+from jaxinfer.backends import device
 from jaxinfer.nn.kv_pool import KVCachePool
+from jaxinfer.plan.batch import PlanCapacity
+from jaxinfer.plan.checks import check_int
 from jaxinfer.wrapper import Plan
+
+# Work tiles the Pallas planner may split long key ranges into: up to its split_factor (4) times
+# its persistent grid (SMs x ctas_per_sm, at most 3), what it allows when max_work_tiles is unset.
+_SPLIT_TILES_PER_SM = 12
 
 
 @jax.tree_util.register_dataclass
@@ -39,12 +49,14 @@ class StepBatch:
       batch_indices: ``[T]`` int32 request of each row in the page table below; ``-1`` for padding
         rows, which write nothing.
       kv_indptr, kv_indices, kv_last_page_len: page table of the prefill then the decode requests
-        *after* this step's append (``[Bc+1]``, ``[num_pages]``, ``[Bc]`` int32 with ``Bc`` the
-        planner's ``max_batch_size``, padded with empty requests and unused page ids).
+        *after* this step's append (``[Bc+1]``, ``[Bc * pages_per_seq]``, ``[Bc]`` int32 with
+        ``Bc`` the planner's ``max_batch_size`` and ``pages_per_seq`` the pages of
+        ``max_seq_len`` tokens, padded with empty requests and page 0).
       last_rows: ``[Bc]`` int32 last row of each prefill then decode request (padded with 0): the
         rows whose logits sample the next token.
-      prefill_plan: ragged causal plan of rows ``[0, num_prefill_rows)``, or ``None``.
-      decode_plan: paged decode plan of rows ``[num_prefill_rows, T)``, or ``None``.
+      prefill_plan: paged causal prefill plan of rows ``[0, num_prefill_rows)``, or ``None``.
+      decode_plan: rows ``[num_prefill_rows, T)``: a paged decode plan, a tuple of cascade level
+        plans (the most shared level first, the requests' own pages last), or ``None``.
       num_prefill_rows: static; prefill rows including padding.
       kv_layout: static; layout of the caches.
     """
@@ -56,7 +68,7 @@ class StepBatch:
     kv_last_page_len: jax.Array
     last_rows: jax.Array
     prefill_plan: Plan | None
-    decode_plan: Plan | None
+    decode_plan: Plan | tuple[Plan, ...] | None
     num_prefill_rows: int = dataclasses.field(metadata=dict(static=True))
     kv_layout: str = dataclasses.field(metadata=dict(static=True))
 
@@ -65,9 +77,35 @@ class StepBatch:
         return self.positions.shape[0]
 
 
-def bucket(n: int, minimum: int = 1) -> int:
-    """Padded size of ``n`` rows or requests: 0 stays 0, else a power of two ``>= minimum``."""
-    return 0 if n == 0 else max(next_pow2(n), minimum)
+def row_buckets(minimum: int, maximum: int) -> tuple[int, ...]:
+    """Padded row counts from ``minimum`` up to ``maximum``: powers of two, then ``maximum``.
+
+    Raises:
+      ValueError: ``minimum`` or ``maximum`` not a positive integer.
+    """
+    minimum = check_int("minimum", minimum, minimum=1)
+    maximum = check_int("maximum", maximum, minimum=1)
+    out, b = [], 1
+    while b < min(minimum, maximum):
+        b *= 2
+    while b < maximum:
+        out.append(b)
+        b *= 2
+    return (*out, maximum)
+
+
+def bucket(n: int, buckets: Sequence[int]) -> int:
+    """Padded size of ``n`` rows: 0 stays 0, else the smallest of ``buckets`` (ascending) ``>= n``.
+
+    Raises:
+      ValueError: ``n`` is larger than every bucket.
+    """
+    if n == 0:
+        return 0
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{n} rows do not fit the largest row bucket ({buckets[-1]})")
 
 
 class StepPlanner:
@@ -76,14 +114,30 @@ class StepPlanner:
     Args:
       pool: the KV-cache pool the requests live in.
       num_qo_heads: query heads (``num_kv_heads`` and ``head_dim`` come from the pool).
-      max_seq_len: longest request (tokens); fixes the decode plan's KV capacity.
+      max_seq_len: longest request (tokens); every plan's KV capacity.
       max_batch_size: most requests (prefill plus decode) in one step.
+      max_prefill_tokens: most prefill rows (new tokens of prefill requests) in one step; default
+        ``max_seq_len``.
       backend: jaxinfer attention backend.
-      q_data_type: dtype of the queries the step passes to attention.
-      min_prefill_rows, min_decode_rows: smallest row buckets (fewer buckets, more padding).
+      q_data_type: dtype of the queries the step passes to attention (the KV dtype is the pool's).
+      min_prefill_rows, min_decode_rows: smallest row buckets; the buckets are powers of two from
+        there up to ``max_prefill_tokens`` / ``max_batch_size``, which are buckets too. Default
+        (``None``): one bucket each, the maximum (more padding, fewest programs).
+      cascade_levels: levels of the decode rows' attention. 1: a decode plan over each request's
+        pages. ``L >= 2``: cascade over the prefix pages the decode requests share
+        (:func:`jaxinfer.cascade_levels_from_prefix_tree`, order the decode requests by their page
+        lists, e.g. ``sorted(decode, key=pool.pages)``, so that sharers stand together), always
+        ``L`` levels: missing ones are empty, sharing deeper than ``L - 1`` levels is read per
+        request in the last level.
+
+    Attributes:
+      prefill_buckets, decode_buckets: the padded row counts.
+      num_step_programs: the most programs a jitted step over these batches compiles: one per
+        pair of (prefill bucket or none, decode bucket or none), not both none.
 
     Raises:
-      ValueError: ``num_qo_heads`` not a multiple of the pool's ``num_kv_heads``.
+      ValueError: ``num_qo_heads`` not a multiple of the pool's ``num_kv_heads``, or a size that
+        is not a positive integer.
     """
 
     def __init__(
@@ -93,28 +147,44 @@ class StepPlanner:
         *,
         max_seq_len: int,
         max_batch_size: int,
+        max_prefill_tokens: int | None = None,
         backend: str = "auto",
         q_data_type=jnp.bfloat16,
-        min_prefill_rows: int = 16,
-        min_decode_rows: int = 1,
+        min_prefill_rows: int | None = None,
+        min_decode_rows: int | None = None,
+        cascade_levels: int = 1,
     ):
         if num_qo_heads % pool.num_kv_heads:
             raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({pool.num_kv_heads})")
         self.pool = pool
         self.num_qo_heads = num_qo_heads
-        self.max_seq_len = int(max_seq_len)
-        self.max_batch_size = int(max_batch_size)
+        self.max_seq_len = check_int("max_seq_len", max_seq_len, minimum=1)
+        self.max_batch_size = check_int("max_batch_size", max_batch_size, minimum=1)
+        self.max_prefill_tokens = check_int(
+            "max_prefill_tokens", self.max_seq_len if max_prefill_tokens is None else max_prefill_tokens, minimum=1
+        )
+        self.cascade_levels = check_int("cascade_levels", cascade_levels, minimum=1)
         self.backend = backend
         self.q_data_type = jnp.dtype(q_data_type)
-        self.min_prefill_rows = min_prefill_rows
-        self.min_decode_rows = min_decode_rows
+        self.prefill_buckets = row_buckets(
+            self.max_prefill_tokens if min_prefill_rows is None else min_prefill_rows, self.max_prefill_tokens
+        )
+        self.decode_buckets = row_buckets(
+            self.max_batch_size if min_decode_rows is None else min_decode_rows, self.max_batch_size
+        )
+        self.pages_per_seq = pool.pages_for(self.max_seq_len)
 
-    def plan(self, prefill: Sequence[Hashable], decode: Sequence[Hashable]) -> StepBatch:
+    @property
+    def num_step_programs(self) -> int:
+        return (len(self.prefill_buckets) + 1) * (len(self.decode_buckets) + 1) - 1
+
+    def plan(self, prefill: Mapping[Hashable, int] | Sequence[tuple[Hashable, int]], decode: Sequence[Hashable]) -> StepBatch:
         """Plan a step after the pool was extended for it.
 
         Args:
-          prefill: requests whose whole content was just added to the pool (``pool.extend`` with
-            the prompt length); they attend to their own tokens only.
+          prefill: ``{rid: n}`` (or ``(rid, n)`` pairs): request ``rid`` was extended by ``n >= 1``
+            tokens for this step (a whole prompt or a chunk of one); they are its last ``n``
+            tokens and attend, causally, to everything the request holds.
           decode: requests extended by one token; the row attends to all of the request's tokens.
 
         Returns:
@@ -122,72 +192,148 @@ class StepPlanner:
           tokens in request order, padding).
 
         Raises:
-          ValueError: a request listed twice, more than ``max_batch_size`` requests, a prefill
-            request with no tokens or a decode request longer than ``max_seq_len``.
+          ValueError: no request, a request listed twice or not in the pool, more than
+            ``max_batch_size`` requests or ``max_prefill_tokens`` prefill rows, a prefill count
+            that is not an integer in ``1..seq_len``, an empty decode request, or a request longer
+            than ``max_seq_len``.
         """
-        rids = list(prefill) + list(decode)
+        pairs = list(prefill.items()) if isinstance(prefill, Mapping) else [tuple(x) for x in prefill]
+        prefill_ids = [r for r, _ in pairs]
+        decode = list(decode)
+        rids = prefill_ids + decode
+        if not rids:
+            raise ValueError("a step needs at least one prefill or decode request")
         if len(set(rids)) != len(rids):
             raise ValueError("a request may appear only once per step (prefill or decode)")
         if len(rids) > self.max_batch_size:
             raise ValueError(f"{len(rids)} requests in one step, over max_batch_size={self.max_batch_size}")
         pool = self.pool
-        prefill_lens = np.asarray([pool.seq_len(r) for r in prefill], np.int32)
-        decode_lens = np.asarray([pool.seq_len(r) for r in decode], np.int32)
-        if prefill_lens.size and prefill_lens.min() == 0:
-            raise ValueError("every prefill request needs at least one token in the pool")
-        if decode_lens.size and decode_lens.max() > self.max_seq_len:
-            raise ValueError(f"a decode request has {decode_lens.max()} tokens, over max_seq_len={self.max_seq_len}")
-        qo_indptr = np.concatenate([[0], np.cumsum(prefill_lens)]).astype(np.int32)
-        p_rows = bucket(int(qo_indptr[-1]), self.min_prefill_rows)
-        d_rows = bucket(len(decode), self.min_decode_rows)
-        rows = p_rows + d_rows
+        known = set(pool.requests)
+        for r in rids:
+            if r not in known:
+                raise ValueError(f"request {r!r} is not in the pool")
+        seq_lens = np.asarray([pool.seq_len(r) for r in rids], np.int64)
+        qo_lens = np.ones(len(rids), np.int64)
+        for i, (r, n) in enumerate(pairs):
+            qo_lens[i] = check_int(f"prefill[{r!r}]", n, minimum=1, maximum=int(seq_lens[i]))
+        if (seq_lens[len(pairs) :] == 0).any():
+            raise ValueError("every decode request needs at least one token in the pool")
+        if seq_lens.max() > self.max_seq_len:
+            raise ValueError(f"a request has {seq_lens.max()} tokens, over max_seq_len={self.max_seq_len}")
+        nnz_prefill = int(qo_lens[: len(pairs)].sum())
+        if nnz_prefill > self.max_prefill_tokens:
+            raise ValueError(f"{nnz_prefill} prefill rows in one step, over max_prefill_tokens={self.max_prefill_tokens}")
+        p_rows = bucket(nnz_prefill, self.prefill_buckets)
+        d_rows = bucket(len(decode), self.decode_buckets)
 
-        positions = np.zeros(rows, np.int32)
-        batch_indices = np.full(rows, -1, np.int32)
-        prefill_req = np.repeat(np.arange(len(prefill), dtype=np.int32), prefill_lens)
-        positions[: qo_indptr[-1]] = np.arange(qo_indptr[-1]) - qo_indptr[prefill_req]
-        batch_indices[: qo_indptr[-1]] = prefill_req
-        positions[p_rows : p_rows + len(decode)] = decode_lens - 1
-        batch_indices[p_rows : p_rows + len(decode)] = len(prefill) + np.arange(len(decode))
+        # Rows of request i: [row_start[i], row_start[i] + qo_lens[i]); its tokens are its last qo_len.
+        row_start = np.concatenate([np.cumsum(qo_lens[: len(pairs)]) - qo_lens[: len(pairs)],
+                                    p_rows + np.arange(len(decode))]).astype(np.int64)
+        req = np.repeat(np.arange(len(rids)), qo_lens)
+        local = np.arange(req.size) - np.repeat(np.cumsum(qo_lens) - qo_lens, qo_lens)
+        rows = np.repeat(row_start, qo_lens) + local
+        positions = np.zeros(p_rows + d_rows, np.int32)
+        batch_indices = np.full(p_rows + d_rows, -1, np.int32)
+        positions[rows] = np.repeat(seq_lens - qo_lens, qo_lens) + local
+        batch_indices[rows] = req
 
         kv_indptr, kv_indices, last = pool.page_table(rids)
         pad = self.max_batch_size - len(rids)
         last_rows = np.zeros(self.max_batch_size, np.int32)
-        last_rows[: len(prefill)] = qo_indptr[1:] - 1
-        last_rows[len(prefill) : len(rids)] = p_rows + np.arange(len(decode))
+        last_rows[: len(rids)] = row_start + qo_lens - 1
         return StepBatch(
             positions=jnp.asarray(positions),
             batch_indices=jnp.asarray(batch_indices),
             kv_indptr=jnp.asarray(np.pad(kv_indptr, (0, pad), mode="edge")),
-            kv_indices=jnp.asarray(np.pad(kv_indices, (0, pool.num_pages - kv_indices.size))),
+            kv_indices=jnp.asarray(np.pad(kv_indices, (0, self.max_batch_size * self.pages_per_seq - kv_indices.size))),
             kv_last_page_len=jnp.asarray(np.pad(last, (0, pad))),
             last_rows=jnp.asarray(last_rows),
-            prefill_plan=self._prefill_plan(qo_indptr, p_rows) if len(prefill) else None,
-            decode_plan=self._decode_plan(decode, d_rows) if len(decode) else None,
+            prefill_plan=self._prefill_plan(prefill_ids, qo_lens[: len(pairs)], p_rows) if pairs else None,
+            decode_plan=self._decode_plan(decode, d_rows) if decode else None,
             num_prefill_rows=p_rows,
             kv_layout=pool.kv_layout,
         )
 
-    def _prefill_plan(self, qo_indptr: np.ndarray, p_rows: int) -> Plan:
-        # One prompt is at most p_rows long, so that bound keeps the plan's shapes per bucket.
-        capacity = PlanCapacity(max_batch_size=self.max_batch_size, max_qo_len=p_rows, max_kv_len=p_rows)
-        wrapper = jaxinfer.BatchPrefillWithRaggedKVCacheWrapper(backend=self.backend, capacity=capacity)
-        pool = self.pool
-        return wrapper.plan(
-            qo_indptr, qo_indptr, self.num_qo_heads, pool.num_kv_heads, pool.head_dim, causal=True,
-            q_data_type=self.q_data_type, kv_data_type=pool.dtype,
-        )
+    def _capacity(self, batch: int, qo_len: int, num_queries: int) -> PlanCapacity:
+        """Fixed capacity of a plan of ``batch`` requests, ``qo_len`` queries each at most and
+        ``num_queries`` in all: the same for every batch of a bucket, so the step's shapes are."""
+        # The Pallas planner cuts each request's queries into tiles of >= 1 token per KV head.
+        tiles = max((num_queries + batch) * self.pool.num_kv_heads, _SPLIT_TILES_PER_SM * device.num_sms())
+        return PlanCapacity(max_batch_size=batch, max_qo_len=qo_len, max_kv_len=self.max_seq_len,
+                            max_work_tiles=1 << (tiles - 1).bit_length())
 
-    def _decode_plan(self, decode: Sequence[Hashable], d_rows: int) -> Plan:
-        capacity = PlanCapacity(max_batch_size=d_rows, max_qo_len=1, max_kv_len=self.max_seq_len)
-        wrapper = jaxinfer.BatchDecodeWithPagedKVCacheWrapper(
+    def _geometry(self) -> tuple:
+        pool = self.pool
+        return self.num_qo_heads, pool.num_kv_heads, pool.head_dim, pool.page_size
+
+    def _prefill_plan(self, prefill: Sequence[Hashable], qo_lens: np.ndarray, p_rows: int) -> Plan:
+        qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
+        capacity = self._capacity(min(self.max_batch_size, p_rows), p_rows, p_rows)
+        wrapper = jaxinfer.BatchPrefillWithPagedKVCacheWrapper(
             kv_layout=self.pool.kv_layout, backend=self.backend, capacity=capacity
         )
-        pool = self.pool
         return wrapper.plan(
-            *pool.page_table(decode), self.num_qo_heads, pool.num_kv_heads, pool.head_dim, pool.page_size,
-            q_data_type=self.q_data_type, kv_data_type=pool.dtype,
+            qo_indptr, *self.pool.page_table(prefill), *self._geometry(), causal=True,
+            q_data_type=self.q_data_type, kv_data_type=self.pool.dtype,
         )
+
+    def _decode_plan(self, decode: Sequence[Hashable], d_rows: int) -> Plan | tuple[Plan, ...]:
+        pool = self.pool
+        wrapper = jaxinfer.BatchDecodeWithPagedKVCacheWrapper(
+            kv_layout=pool.kv_layout, backend=self.backend, capacity=self._capacity(d_rows, 1, d_rows)
+        )
+        if self.cascade_levels == 1:
+            return wrapper.plan(*pool.page_table(decode), *self._geometry(),
+                                q_data_type=self.q_data_type, kv_data_type=pool.dtype)
+        qo, indptr, indices, last = self.decode_levels(decode)
+        shared = jaxinfer.MultiLevelCascadeAttentionWrapper(
+            1, kv_layout=pool.kv_layout, backend=self.backend, capacity=self._capacity(d_rows, d_rows, d_rows)
+        )
+        plans = [
+            shared.plan([qo[lvl]], [indptr[lvl]], [indices[lvl]], [last[lvl]], *self._geometry(),
+                        q_data_type=self.q_data_type, kv_data_type=pool.dtype)[0]
+            for lvl in range(self.cascade_levels - 1)
+        ]
+        own = wrapper.plan(indptr[-1], indices[-1], last[-1], *self._geometry(),
+                           q_data_type=self.q_data_type, kv_data_type=pool.dtype)
+        return (*plans, own)
+
+    def decode_levels(self, decode: Sequence[Hashable]) -> tuple[list, list, list, list]:
+        """The ``cascade_levels`` levels of the decode requests' pages (one query each): the
+        prefix-tree levels of :func:`jaxinfer.cascade_levels_from_prefix_tree`, empty ones in
+        front when there are fewer, the deepest shared ones folded into each request's own pages
+        when there are more.
+
+        Returns:
+          ``(qo_indptr_arr, kv_indptr_arr, kv_indices_arr, kv_last_page_len_arr)``, one int32
+          array per level, the most shared first (the cascade wrapper's ``plan`` arguments).
+        """
+        pool = self.pool
+        _, _, last_page = pool.page_table(decode)
+        page_lists = [list(pool.pages(r)) for r in decode]
+        n = len(decode)
+        qo, indptr, indices, last = jaxinfer.cascade_levels_from_prefix_tree(
+            page_lists, last_page, np.ones(n, np.int32), pool.page_size
+        )
+        keep = self.cascade_levels - 1
+        if len(qo) - 1 > keep:
+            depth = [sum(len(_level_pages(qo[l], indptr[l], indices[l], r)) for l in range(keep)) for r in range(n)]
+            own = [page_lists[r][depth[r] :] for r in range(n)]
+            qo, indptr, indices, last = qo[:keep], indptr[:keep], indices[:keep], last[:keep]
+            qo.append(np.arange(n + 1, dtype=np.int32))
+            indptr.append(np.concatenate([[0], np.cumsum([len(p) for p in own])]).astype(np.int32))
+            indices.append(np.asarray([p for pages in own for p in pages], np.int32))
+            last.append(np.asarray(last_page, np.int32))
+        empty = (np.array([0, n], np.int32), np.zeros(2, np.int32), np.zeros(0, np.int32), np.zeros(1, np.int32))
+        missing = self.cascade_levels - len(qo)
+        return ([empty[0]] * missing + qo, [empty[1]] * missing + indptr, [empty[2]] * missing + indices,
+                [empty[3]] * missing + last)
+
+
+def _level_pages(qo_indptr: np.ndarray, kv_indptr: np.ndarray, kv_indices: np.ndarray, query: int) -> np.ndarray:
+    """Pages of one cascade level that query row ``query`` reads (those of its group)."""
+    g = int(np.searchsorted(qo_indptr, query, side="right")) - 1
+    return kv_indices[kv_indptr[g] : kv_indptr[g + 1]]
 
 
 class PagedAttention(nnx.Module):
@@ -264,8 +410,10 @@ class PagedAttention(nnx.Module):
         p = batch.num_prefill_rows
         parts = []
         if batch.prefill_plan is not None:
-            parts.append(jaxinfer.batch_prefill_ragged(q[:p], k[:p], v[:p], batch.prefill_plan))
-        if batch.decode_plan is not None:
+            parts.append(jaxinfer.batch_prefill_paged(q[:p], kv_cache, batch.prefill_plan))
+        if isinstance(batch.decode_plan, tuple):
+            parts.append(jaxinfer.batch_cascade(q[p:], kv_cache, list(batch.decode_plan)))
+        elif batch.decode_plan is not None:
             parts.append(jaxinfer.batch_decode(q[p:], kv_cache, batch.decode_plan))
         o = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
         return self.o_proj(o.reshape(x.shape[0], -1).astype(x.dtype)), kv_cache

@@ -1,17 +1,32 @@
-"""A pool of KV-cache pages shared by the requests of a serving engine.
+"""A pool of KV-cache pages shared by the requests of a serving engine, with a prefix cache.
 
 The host keeps the bookkeeping in numpy and plain Python (free list, pages and length of each
-request); the device keeps the cache arrays, one ``(k_cache, v_cache)`` pair per layer in
-jaxinfer's paged layout (shared/DESIGN.md section 3). The page table of any subset of requests
-comes out as a BSR triple ``(kv_indptr, kv_indices, kv_last_page_len)`` ready for a wrapper's
-``plan`` (FlashInfer paper, arXiv 2501.01005, sec. 3.1: the KV cache as a block-sparse matrix).
+request, reference counts, the prefix tree); the device keeps the cache arrays, one
+``(k_cache, v_cache)`` pair per layer in jaxinfer's paged layout (shared/DESIGN.md section 3). The
+page table of any subset of requests comes out as a BSR triple ``(kv_indptr, kv_indices,
+kv_last_page_len)`` ready for a wrapper's ``plan`` (FlashInfer paper, arXiv 2501.01005, sec. 3.1:
+the KV cache as a block-sparse matrix).
 
-A page is owned by at most one request from ``extend`` until ``free``; it is never handed out twice,
-so appending to one request never writes into another's tokens.
+Prefix caching (the radix KV cache of SGLang, Zheng et al. 2024, "SGLang: Efficient Execution of
+Structured Language Model Programs", sec. 3, restricted to whole pages): a *full* page whose
+tokens were written can be registered in a prefix tree whose edges are the page's token ids, so a
+later request that starts with the same tokens attaches those pages instead of computing them
+again. Pages are reference-counted: ``refcount(page)`` is the number of live requests holding it.
+Only full pages are ever shared and a request writes only past its attached prefix, so a shared
+page is never written (no copy-on-write). A page is in exactly one state:
+
+- free: refcount 0, not in the tree (on the free list);
+- cached: refcount 0, in the tree (its contents kept for a later match; reclaimed least recently
+  used first when the free list runs dry);
+- held: refcount >= 1; a page held by two or more requests is full and was matched through
+  the tree (a request holding a page of the tree holds the page's whole path from the root).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import heapq
+import itertools
 from collections.abc import Hashable, Sequence
 
 import jax.numpy as jnp
@@ -21,7 +36,18 @@ from jaxinfer.plan.checks import check_int
 
 
 class OutOfPagesError(RuntimeError):
-    """The pool has fewer free pages than an allocation needs (nothing was allocated)."""
+    """The pool has fewer free and cached pages than an allocation needs (nothing was allocated)."""
+
+
+@dataclasses.dataclass(eq=False)
+class _Node:
+    """A page of the prefix tree: its id, its token ids (the edge from ``parent``) and children."""
+
+    page: int
+    key: tuple[int, ...]
+    parent: _Node | None
+    children: dict[tuple[int, ...], _Node] = dataclasses.field(default_factory=dict)
+    last_use: int = 0
 
 
 class KVCachePool:
@@ -80,16 +106,44 @@ class KVCachePool:
         self.caches = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers))
         # Pop from the end: lowest page ids are handed out first, which keeps runs reproducible.
         self._free = list(range(num_pages - 1, -1, -1))
+        self._refs = np.zeros(num_pages, np.int64)
         self._pages: dict[Hashable, list[int]] = {}
         self._lens: dict[Hashable, int] = {}
+        self._root = _Node(page=-1, key=(), parent=None)
+        self._nodes: dict[int, _Node] = {}  # page id -> its tree node
+        self._num_cached = 0  # pages in the tree with refcount 0
+        # Deepest tree node on each request's path (None: the request no longer registers pages)
+        # and how many of its pages lie on that path.
+        self._path: dict[Hashable, tuple[_Node | None, int]] = {}
+        self._clock = itertools.count(1)
+
+    # ------------------------------------------------------------------ counts
 
     @property
     def num_free_pages(self) -> int:
+        """Pages on the free list (refcount 0, not in the prefix tree)."""
         return len(self._free)
+
+    @property
+    def num_cached_pages(self) -> int:
+        """Pages kept by the prefix tree that no request holds (reclaimable)."""
+        return self._num_cached
+
+    @property
+    def num_available_pages(self) -> int:
+        """Pages an allocation may take: free plus cached (reclaimed least recently used first)."""
+        return len(self._free) + self._num_cached
 
     @property
     def requests(self) -> tuple[Hashable, ...]:
         return tuple(self._pages)
+
+    def refcount(self, page: int) -> int:
+        """Live requests holding ``page``."""
+        return int(self._refs[page])
+
+    def in_prefix_tree(self, page: int) -> bool:
+        return page in self._nodes
 
     def pages_for(self, num_tokens: int) -> int:
         """Pages that hold ``num_tokens`` tokens.
@@ -106,19 +160,46 @@ class KVCachePool:
     def pages(self, rid: Hashable) -> tuple[int, ...]:
         return tuple(self._pages[rid])
 
-    def add(self, rid: Hashable) -> None:
-        """Register an empty request (no pages yet).
+    # ------------------------------------------------------------------ requests
+
+    def add(self, rid: Hashable, prefix_tokens: Sequence[int] = ()) -> int:
+        """Register request ``rid``, attaching the longest cached prefix of ``prefix_tokens``.
+
+        Only whole pages are matched: the request starts with ``k * page_size`` tokens, its
+        first ``k`` pages shared with the requests that hold them (``refcount`` + 1). Pass the
+        tokens whose keys and values the request may reuse (a serving engine passes the prompt
+        less its last token, whose logits it needs).
+
+        Returns:
+          Tokens attached (a multiple of ``page_size``; 0 without a match).
 
         Raises:
           ValueError: ``rid`` is already in the pool.
         """
         if rid in self._pages:
             raise ValueError(f"request {rid!r} is already in the pool")
-        self._pages[rid] = []
-        self._lens[rid] = 0
+        node, pages = self._root, []
+        ps, tokens = self.page_size, [int(t) for t in prefix_tokens]
+        now = next(self._clock)
+        for start in range(0, len(tokens) - ps + 1, ps):
+            child = node.children.get(tuple(tokens[start : start + ps]))
+            if child is None:
+                break
+            node = child
+            node.last_use = now
+            pages.append(node.page)
+        for p in pages:
+            self._hold(p)
+        self._pages[rid] = pages
+        self._lens[rid] = len(pages) * ps
+        self._path[rid] = (node, len(pages))
+        return len(pages) * ps
 
     def extend(self, rid: Hashable, num_tokens: int) -> np.ndarray:
         """Grow request ``rid`` by ``num_tokens`` tokens, allocating the pages this needs.
+
+        Free pages go first; when they run out, cached pages that no request holds are reclaimed,
+        least recently used leaves of the prefix tree first.
 
         Returns:
           ``[num_tokens]`` int32 positions of the new tokens in the request (its old length on).
@@ -127,33 +208,93 @@ class KVCachePool:
           KeyError: unknown ``rid``.
           ValueError: ``num_tokens`` is not an integer ``>= 0`` (bools and floats are not), or the
             request would grow past the int32 range of positions.
-          OutOfPagesError: not enough free pages; the pool is left unchanged.
+          OutOfPagesError: not enough free and cached pages; the pool is left unchanged.
         """
         old = self._lens[rid]
         num_tokens = check_int("num_tokens", num_tokens, minimum=0, maximum=np.iinfo(np.int32).max - old)
         need = self.pages_for(old + num_tokens) - len(self._pages[rid])
-        if need > len(self._free):
+        if need > self.num_available_pages:
             raise OutOfPagesError(
                 f"request {rid!r} needs {need} more page(s) of {self.page_size} tokens for "
-                f"{num_tokens} new token(s), but only {len(self._free)} of {self.num_pages} pages are free"
+                f"{num_tokens} new token(s), but only {len(self._free)} free and {self._num_cached} cached "
+                f"of {self.num_pages} pages are available"
             )
+        if need > len(self._free):
+            self._reclaim(need - len(self._free))
         for _ in range(need):
-            self._pages[rid].append(self._free.pop())
+            page = self._free.pop()
+            self._refs[page] = 1
+            self._pages[rid].append(page)
         self._lens[rid] = old + num_tokens
         return np.arange(old, old + num_tokens, dtype=np.int32)
 
+    def cache_prefix(self, rid: Hashable, tokens: Sequence[int]) -> None:
+        """Register the full pages of request ``rid`` that hold ``tokens`` in the prefix tree.
+
+        ``tokens`` are the request's first ``len(tokens)`` tokens, whose keys and values are in
+        the cache (written by a step that already ran). Pages already registered are skipped;
+        a page whose tokens the tree already holds on another page (two requests computed the
+        same prefix at once) ends the request's registration: its later pages would hang below
+        a page it does not hold.
+
+        Raises:
+          KeyError: unknown ``rid``.
+          ValueError: more tokens than the request holds.
+        """
+        node, done = self._path[rid]
+        if len(tokens) > self._lens[rid]:
+            raise ValueError(f"request {rid!r} holds {self._lens[rid]} tokens, got {len(tokens)} to cache")
+        if node is None:
+            return
+        ps, pages = self.page_size, self._pages[rid]
+        now = next(self._clock)
+        for i in range(done, len(tokens) // ps):
+            key = tuple(int(t) for t in tokens[i * ps : (i + 1) * ps])
+            child = node.children.get(key)
+            if child is not None:
+                if child.page != pages[i]:
+                    self._path[rid] = (None, i)
+                    return
+            else:
+                child = _Node(page=pages[i], key=key, parent=node)
+                node.children[key] = child
+                self._nodes[pages[i]] = child
+            child.last_use = now
+            node, done = child, i + 1
+        self._path[rid] = (node, done)
+
     def free(self, rid: Hashable) -> None:
-        """Remove request ``rid`` and return its pages to the free list.
+        """Remove request ``rid``: its pages' refcounts drop; a page no request holds goes back to
+        the free list, or stays cached when the prefix tree has it.
 
         Raises:
           KeyError: unknown ``rid``.
         """
         pages = self._pages.pop(rid)
-        del self._lens[rid]
-        self._free.extend(reversed(pages))
+        del self._lens[rid], self._path[rid]
+        now = next(self._clock)
+        for page in reversed(pages):
+            self._refs[page] -= 1
+            if self._refs[page] == 0:
+                if page in self._nodes:
+                    self._nodes[page].last_use = now
+                    self._num_cached += 1
+                else:
+                    self._free.append(page)
+
+    def clear_prefix_cache(self) -> None:
+        """Return every cached page (in the tree, held by no request) to the free list; pages that
+        live requests hold stay (they leave the tree, so nothing new attaches to them)."""
+        self._reclaim(self._num_cached)
+        for node in self._nodes.values():
+            node.children.clear()
+        self._nodes.clear()
+        self._root.children.clear()
+        for rid in self._path:
+            self._path[rid] = (None, 0)
 
     def page_table(self, rids: Sequence[Hashable]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """BSR page table of ``rids`` in that order.
+        """BSR page table of ``rids`` in that order (shared pages appear once per request).
 
         Returns:
           ``(kv_indptr [B+1], kv_indices [nnz_pages], kv_last_page_len [B])`` int32; a request with
@@ -169,3 +310,27 @@ class KVCachePool:
         lens = np.asarray([self._lens[r] for r in rids], np.int64)
         last = np.where(lens > 0, (lens - 1) % self.page_size + 1, 0)
         return kv_indptr, kv_indices, last.astype(np.int32)
+
+    # ------------------------------------------------------------------ internals
+
+    def _hold(self, page: int) -> None:
+        if self._refs[page] == 0:
+            self._num_cached -= 1  # only cached pages (in the tree) are attached with refcount 0
+        self._refs[page] += 1
+
+    def _reclaim(self, n: int) -> None:
+        """Move ``n`` cached pages to the free list: least recently used leaves first (a parent
+        becomes a leaf once its children are gone; nobody holds a child of an unheld page, since
+        a request holding a page holds its whole path)."""
+        heap = [(node.last_use, node.page) for node in self._nodes.values()
+                if not node.children and self._refs[node.page] == 0]
+        heapq.heapify(heap)
+        for _ in range(n):
+            _, page = heapq.heappop(heap)
+            node = self._nodes.pop(page)
+            parent = node.parent
+            del parent.children[node.key]
+            self._num_cached -= 1
+            self._free.append(page)
+            if parent is not self._root and not parent.children and self._refs[parent.page] == 0:
+                heapq.heappush(heap, (parent.last_use, parent.page))
