@@ -344,9 +344,8 @@ class ServingEngine:
             raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         req = Request(self._next_rid, tokens, max_new_tokens, sampling)
         if len(tokens) + max_new_tokens > self.config.max_seq_len:
-            raise ValueError(
-                f"prompt ({len(tokens)}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={self.config.max_seq_len}"
-            )
+            raise ValueError(f"prompt ({len(tokens)}) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"max_seq_len={self.config.max_seq_len}")
         if self.pool.pages_for(req.cached_tokens_at_most) > self.pool.num_pages:
             raise ValueError(f"request needs more than the pool's {self.pool.num_pages} pages")
         self._next_rid += 1

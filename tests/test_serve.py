@@ -164,7 +164,8 @@ def test_compile_count_equals_the_printed_bound(prompts):
 
 
 def test_more_row_buckets_compile_within_the_bound(model, prompts):
-    engine = ServingEngine(model, EngineConfig(**ENGINE, backend="xla", min_prefill_rows=4, min_decode_rows=2), log=None)
+    config = EngineConfig(**ENGINE, backend="xla", min_prefill_rows=4, min_decode_rows=2)
+    engine = ServingEngine(model, config, log=None)
     assert engine.planner.prefill_buckets == (4, 8) and engine.planner.decode_buckets == (2, 4)
     assert engine.num_step_programs == 8
 

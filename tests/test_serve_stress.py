@@ -53,15 +53,16 @@ def test_random_traffic_keeps_the_pool_consistent_and_outputs_equal_to_alone():
     requests = {}  # rid -> (prompt, max_new_tokens, sampling)
     submitted = cancelled = 0
     while submitted < 200 or not engine.idle:
-        if submitted < 200:
-            for _ in range(rng.integers(0, 3)):
-                prompt = system[rng.integers(3)][: rng.integers(13)] + rng.integers(0, CFG.vocab_size, rng.integers(1, 9)).tolist()
-                n = int(rng.integers(1, 7))
-                temperature = float(rng.choice([0.0, 0.7, 1.5]))
-                s = SamplingParams(temperature=temperature, top_k=int(rng.integers(0, 6)), top_p=float(rng.choice([1.0, 0.8])),
-                                   min_p=float(rng.choice([0.0, 0.1])), seed=int(rng.integers(1 << 31)))
-                requests[engine.submit(prompt, n, s)] = (prompt, n, s)
-                submitted += 1
+        for _ in range(min(int(rng.integers(0, 3)), 200 - submitted)):
+            tail = rng.integers(0, CFG.vocab_size, rng.integers(1, 9)).tolist()
+            prompt = system[rng.integers(3)][: rng.integers(13)] + tail
+            n = int(rng.integers(1, 7))
+            temperature = float(rng.choice([0.0, 0.7, 1.5]))
+            s = SamplingParams(temperature=temperature, top_k=int(rng.integers(0, 6)),
+                               top_p=float(rng.choice([1.0, 0.8])), min_p=float(rng.choice([0.0, 0.1])),
+                               seed=int(rng.integers(1 << 31)))
+            requests[engine.submit(prompt, n, s)] = (prompt, n, s)
+            submitted += 1
         if rng.random() < 0.1:
             live = [r.rid for r in (*engine.waiting, *engine.running)]
             if live:

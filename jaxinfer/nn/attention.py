@@ -178,7 +178,8 @@ class StepPlanner:
     def num_step_programs(self) -> int:
         return (len(self.prefill_buckets) + 1) * (len(self.decode_buckets) + 1) - 1
 
-    def plan(self, prefill: Mapping[Hashable, int] | Sequence[tuple[Hashable, int]], decode: Sequence[Hashable]) -> StepBatch:
+    def plan(self, prefill: Mapping[Hashable, int] | Sequence[tuple[Hashable, int]],
+             decode: Sequence[Hashable]) -> StepBatch:
         """Plan a step after the pool was extended for it.
 
         Args:
@@ -222,7 +223,9 @@ class StepPlanner:
             raise ValueError(f"a request has {seq_lens.max()} tokens, over max_seq_len={self.max_seq_len}")
         nnz_prefill = int(qo_lens[: len(pairs)].sum())
         if nnz_prefill > self.max_prefill_tokens:
-            raise ValueError(f"{nnz_prefill} prefill rows in one step, over max_prefill_tokens={self.max_prefill_tokens}")
+            raise ValueError(
+                f"{nnz_prefill} prefill rows in one step, over max_prefill_tokens={self.max_prefill_tokens}"
+            )
         p_rows = bucket(nnz_prefill, self.prefill_buckets)
         d_rows = bucket(len(decode), self.decode_buckets)
 

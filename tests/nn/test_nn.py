@@ -317,7 +317,8 @@ def run_step(planner, graphdef, params, seqs, prefill: dict, decode: list):
     for r, n in prefill.items():
         tokens[row : row + n] = seqs[r][pool.seq_len(r) - n : pool.seq_len(r)]
         row += n
-    tokens[batch.num_prefill_rows : batch.num_prefill_rows + len(decode)] = [seqs[r][pool.seq_len(r) - 1] for r in decode]
+    p = batch.num_prefill_rows
+    tokens[p : p + len(decode)] = [seqs[r][pool.seq_len(r) - 1] for r in decode]
     logits, pool.caches = paged_logits(graphdef, params, pool.caches, tokens, batch)
     return dict(zip([*prefill, *decode], np.asarray(logits)))
 
@@ -457,7 +458,8 @@ def test_prefix_cached_request_gives_the_logits_of_the_request_alone(tiny_model)
         for r, n in prefill.items():
             tokens[row : row + n] = seqs[r][pool.seq_len(r) - n : pool.seq_len(r)]
             row += n
-        tokens[batch.num_prefill_rows : batch.num_prefill_rows + len(decode)] = [seqs[r][pool.seq_len(r) - 1] for r in decode]
+        p = batch.num_prefill_rows
+        tokens[p : p + len(decode)] = [seqs[r][pool.seq_len(r) - 1] for r in decode]
         logits, pool.caches = all_row_logits(graphdef, params, pool.caches, tokens, batch)
         logits, rows = np.asarray(logits), {}
         row = 0
