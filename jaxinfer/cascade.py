@@ -121,26 +121,30 @@ class MultiLevelCascadeAttentionWrapper(BatchWrapper):
         return self._keep(specs, [make_plan(s, self._backend, self._kv_layout, self._capacity, op="other")
                                   for s in specs])
 
-    def run(self, q, paged_kv_cache, *, return_lse: bool = False):
-        """``q [nnz_q, Hq, D]`` -> ``o [nnz_q, Hq, D]`` (, ``lse [nnz_q, Hq]``), jit-compatible."""
+    def run(self, q, paged_kv_cache, *, return_lse: bool = False, k_scale=None, v_scale=None):
+        """``q [nnz_q, Hq, D]`` -> ``o [nnz_q, Hq, D]`` (, ``lse [nnz_q, Hq]``), jit-compatible;
+        ``k_scale``/``v_scale``: :data:`jaxinfer.wrapper.SCALES_DOC`."""
         specs, plans = self._require_plan()
         k, v = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
         for spec in specs:
             check_spec_run_args(spec, q, k, v, self._kv_layout)
-        return batch_cascade(q, paged_kv_cache, plans, return_lse=return_lse)
+        return batch_cascade(q, paged_kv_cache, plans, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
 
 
-def batch_cascade(q, paged_kv_cache, plans: list[Plan], *, return_lse: bool = False):
+def batch_cascade(q, paged_kv_cache, plans: list[Plan], *, return_lse: bool = False, k_scale=None, v_scale=None):
     """Run cascade level plans inside jit: each level's state, merged over levels.
 
     Args:
       q: ``[nnz_q, Hq, D]``; paged_kv_cache: the cache every level's page table indexes.
       plans: the list returned by :meth:`MultiLevelCascadeAttentionWrapper.plan`.
+      k_scale, v_scale: :data:`jaxinfer.wrapper.SCALES_DOC`, applied in every level (the merge
+        of the levels' states is linear in their outputs, so ``v_scale`` commutes with it).
 
     Returns:
       ``o [nnz_q, Hq, D]`` (, ``lse [nnz_q, Hq]``).
     """
-    states = [run_paged_plan(plan, q, paged_kv_cache, return_lse=True) for plan in plans]
+    states = [run_paged_plan(plan, q, paged_kv_cache, return_lse=True, k_scale=k_scale, v_scale=v_scale)
+              for plan in plans]
     if len(states) == 1:
         o, lse = states[0]
     else:

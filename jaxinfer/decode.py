@@ -18,18 +18,20 @@ def single_decode_with_kv_cache(
     q, k, v, *, kv_layout: str = "NHD", pos_encoding_mode: str = "NONE", window_left: int = -1,
     logits_soft_cap: float | None = None, sm_scale: float | None = None, rope_scale: float = 1.0,
     rope_theta: float = 1e4, return_lse: bool = False, backend: str = "auto",
-    variant: AttentionVariant | None = None,
+    variant: AttentionVariant | None = None, k_scale=None, v_scale=None,
 ):
     """Decode attention of one request.
 
     Args:
       q: ``[Hq, D]`` query (bf16, fp16 or float32).
-      k, v: ``[L, Hkv, D]`` (NHD) or ``[Hkv, L, D]`` (HND), same dtype as each other.
+      k, v: ``[L, Hkv, D]`` (NHD) or ``[Hkv, L, D]`` (HND), same dtype as each other: q's, or
+        fp8 (``float8_e4m3fn``/``float8_e5m2``, :mod:`jaxinfer.fp8`).
       kv_layout, pos_encoding_mode, window_left, logits_soft_cap, sm_scale, rope_scale,
         rope_theta: see :class:`~jaxinfer.variants.AttentionVariant`.
       return_lse: also return ``lse [Hq]`` float32 (base 2).
       backend: ``"auto"``, ``"pallas"``, ``"fa2"``, ``"fa3"`` or ``"xla"``.
       variant: optional user variant (callables); keyword options override its fields.
+      k_scale, v_scale: see :data:`jaxinfer.wrapper.SCALES_DOC`.
 
     Returns:
       ``o [Hq, D]`` in q's dtype, or ``(o, lse)``. With no keys (``L = 0``): ``o = 0``, ``lse = -inf``.
@@ -43,7 +45,8 @@ def single_decode_with_kv_cache(
     variant = make_variant(variant, window_left=window_left, logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
                            pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale, rope_theta=rope_theta)
     k, v = single_kv(k, v, kv_layout)
-    out = run_single(q[None], k, v, variant, backend, op="decode", return_lse=return_lse)
+    out = run_single(q[None], k, v, variant, backend, op="decode", return_lse=return_lse, k_scale=k_scale,
+                     v_scale=v_scale)
     return (out[0][0], out[1][0]) if return_lse else out[0]
 
 
@@ -73,7 +76,8 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchWrapper):
           indptr: ``[B+1]`` page row pointer; indices ``[nnz_pages]`` page ids; last_page_len
             ``[B]`` (shared/DESIGN.md section 3).
           num_qo_heads, num_kv_heads, head_dim, page_size: geometry.
-          q_data_type, kv_data_type: dtypes ``run`` will receive (kv defaults to q's).
+          q_data_type, kv_data_type: dtypes ``run`` will receive (kv defaults to q's; an fp8
+            cache, ``float8_e4m3fn``/``float8_e5m2``, goes with a bf16/fp16 q).
           Other options: see :class:`~jaxinfer.variants.AttentionVariant`.
 
         Returns:
@@ -93,11 +97,13 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchWrapper):
         )
         return self._set_plan(spec)
 
-    def run(self, q, paged_kv_cache, *, return_lse: bool = False):
-        """Decode ``q [B, Hq, D]`` against ``paged_kv_cache`` -> ``o [B, Hq, D]`` (, ``lse [B, Hq]``)."""
-        return self._run_paged(q, paged_kv_cache, return_lse)
+    def run(self, q, paged_kv_cache, *, return_lse: bool = False, k_scale=None, v_scale=None):
+        """Decode ``q [B, Hq, D]`` against ``paged_kv_cache`` -> ``o [B, Hq, D]`` (, ``lse [B, Hq]``);
+        ``k_scale``/``v_scale``: :data:`jaxinfer.wrapper.SCALES_DOC`."""
+        return self._run_paged(q, paged_kv_cache, return_lse, k_scale, v_scale)
 
 
-def batch_decode(q, paged_kv_cache, plan: Plan, *, return_lse: bool = False):
-    """Run a decode plan inside jit: ``q [B, Hq, D]`` -> ``o [B, Hq, D]`` (, ``lse [B, Hq]``)."""
-    return run_paged_plan(plan, q, paged_kv_cache, return_lse=return_lse)
+def batch_decode(q, paged_kv_cache, plan: Plan, *, return_lse: bool = False, k_scale=None, v_scale=None):
+    """Run a decode plan inside jit: ``q [B, Hq, D]`` -> ``o [B, Hq, D]`` (, ``lse [B, Hq]``);
+    ``k_scale``/``v_scale``: :data:`jaxinfer.wrapper.SCALES_DOC`."""
+    return run_paged_plan(plan, q, paged_kv_cache, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)

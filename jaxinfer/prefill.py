@@ -17,14 +17,16 @@ def single_prefill_with_kv_cache(
     pos_encoding_mode: str = "NONE", sm_scale: float | None = None, window_left: int = -1,
     logits_soft_cap: float | None = None, rope_scale: float = 1.0, rope_theta: float = 1e4,
     return_lse: bool = False, backend: str = "auto", variant: AttentionVariant | None = None,
+    k_scale=None, v_scale=None,
 ):
     """Prefill attention of one request.
 
     Args:
       q: ``[Lq, Hq, D]``.
-      k, v: ``[Lk, Hkv, D]`` (NHD) or ``[Hkv, Lk, D]`` (HND).
+      k, v: ``[Lk, Hkv, D]`` (NHD) or ``[Hkv, Lk, D]`` (HND), in q's dtype or fp8.
       custom_mask: optional ``[Lq, Lk]`` bool (True keeps the key), a concrete host array.
       causal: bottom-right aligned causal mask.
+      k_scale, v_scale: see :data:`jaxinfer.wrapper.SCALES_DOC`.
       Other options: see :class:`~jaxinfer.variants.AttentionVariant`.
 
     Returns:
@@ -40,7 +42,8 @@ def single_prefill_with_kv_cache(
                            sm_scale=sm_scale, pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale,
                            rope_theta=rope_theta)
     k, v = single_kv(k, v, kv_layout)
-    return run_single(q, k, v, variant, backend, op="prefill", return_lse=return_lse, custom_mask=custom_mask)
+    return run_single(q, k, v, variant, backend, op="prefill", return_lse=return_lse, custom_mask=custom_mask,
+                      k_scale=k_scale, v_scale=v_scale)
 
 
 class BatchPrefillWithPagedKVCacheWrapper(BatchWrapper):
@@ -60,6 +63,8 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchWrapper):
             ``[nnz_pages]``, paged_kv_last_page_len ``[B]``: the page table (DESIGN.md sec. 3).
           custom_mask: flat bool, the concatenation of each request's row-major
             ``[qo_len, kv_len]`` mask.
+          q_data_type, kv_data_type: dtypes ``run`` will receive (kv defaults to q's; an fp8
+            cache, ``float8_e4m3fn``/``float8_e5m2``, goes with a bf16/fp16 q).
           Other options: see :class:`~jaxinfer.variants.AttentionVariant`.
 
         Returns:
@@ -80,9 +85,10 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchWrapper):
         )
         return self._set_plan(spec)
 
-    def run(self, q, paged_kv_cache, *, return_lse: bool = False):
-        """``q [nnz_q, Hq, D]`` -> ``o [nnz_q, Hq, D]`` (, ``lse [nnz_q, Hq]``)."""
-        return self._run_paged(q, paged_kv_cache, return_lse)
+    def run(self, q, paged_kv_cache, *, return_lse: bool = False, k_scale=None, v_scale=None):
+        """``q [nnz_q, Hq, D]`` -> ``o [nnz_q, Hq, D]`` (, ``lse [nnz_q, Hq]``); ``k_scale``/``v_scale``:
+        :data:`jaxinfer.wrapper.SCALES_DOC`."""
+        return self._run_paged(q, paged_kv_cache, return_lse, k_scale, v_scale)
 
 
 class BatchPrefillWithRaggedKVCacheWrapper(BatchWrapper):
@@ -109,18 +115,21 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchWrapper):
         )
         return self._set_plan(spec)
 
-    def run(self, q, k, v, *, return_lse: bool = False):
-        """``q [nnz_q, Hq, D]``, ``k/v [nnz_kv, Hkv, D]`` -> ``o [nnz_q, Hq, D]`` (, ``lse``)."""
+    def run(self, q, k, v, *, return_lse: bool = False, k_scale=None, v_scale=None):
+        """``q [nnz_q, Hq, D]``, ``k/v [nnz_kv, Hkv, D]`` -> ``o [nnz_q, Hq, D]`` (, ``lse``);
+        ``k_scale``/``v_scale``: :data:`jaxinfer.wrapper.SCALES_DOC`."""
         spec, plan = self._require_plan()
         check_spec_run_args(spec, q, k, v, "NHD")
-        return run_plan(plan, q, k, v, return_lse=return_lse)
+        return run_plan(plan, q, k, v, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
 
 
-def batch_prefill_paged(q, paged_kv_cache, plan: Plan, *, return_lse: bool = False):
-    """Run a paged prefill plan inside jit: ``q [nnz_q, Hq, D]`` -> ``o`` (, ``lse``)."""
-    return run_paged_plan(plan, q, paged_kv_cache, return_lse=return_lse)
+def batch_prefill_paged(q, paged_kv_cache, plan: Plan, *, return_lse: bool = False, k_scale=None, v_scale=None):
+    """Run a paged prefill plan inside jit: ``q [nnz_q, Hq, D]`` -> ``o`` (, ``lse``);
+    ``k_scale``/``v_scale``: :data:`jaxinfer.wrapper.SCALES_DOC`."""
+    return run_paged_plan(plan, q, paged_kv_cache, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
 
 
-def batch_prefill_ragged(q, k, v, plan: Plan, *, return_lse: bool = False):
-    """Run a ragged prefill plan inside jit: ``q [nnz_q, Hq, D]``, ``k/v [nnz_kv, Hkv, D]``."""
-    return run_plan(plan, q, k, v, return_lse=return_lse)
+def batch_prefill_ragged(q, k, v, plan: Plan, *, return_lse: bool = False, k_scale=None, v_scale=None):
+    """Run a ragged prefill plan inside jit: ``q [nnz_q, Hq, D]``, ``k/v [nnz_kv, Hkv, D]``;
+    ``k_scale``/``v_scale``: :data:`jaxinfer.wrapper.SCALES_DOC`."""
+    return run_plan(plan, q, k, v, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)

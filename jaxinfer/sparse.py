@@ -159,14 +159,15 @@ class BlockSparseAttentionWrapper(BatchWrapper):
         self._num_cols = int(N)
         return self._set_plan(spec)
 
-    def run(self, q, k, v, *, return_lse: bool = False):
-        """``q [M, Hq, D]``, ``k/v [N, Hkv, D]`` -> ``o [M, Hq, D]`` (, ``lse [M, Hq]``)."""
+    def run(self, q, k, v, *, return_lse: bool = False, k_scale=None, v_scale=None):
+        """``q [M, Hq, D]``, ``k/v [N, Hkv, D]`` -> ``o [M, Hq, D]`` (, ``lse [M, Hq]``); ``k_scale``/``v_scale``:
+        :data:`jaxinfer.wrapper.SCALES_DOC`."""
         spec, plan = self._require_plan()
         M, N, C = int(spec.qo_indptr[-1]), self._num_cols, spec.page_size
         if q.shape[0] != M or k.shape[0] != N:
             raise ValueError(f"q must have M = {M} rows and k, v N = {N} rows, got {q.shape[0]} and {k.shape[0]}")
         check_spec_run_args(spec, q, *(_as_pages(x, C) for x in (k, v)), "NHD")
-        return batch_block_sparse(q, k, v, plan, return_lse=return_lse)
+        return batch_block_sparse(q, k, v, plan, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
 
 
 def _as_pages(x, C: int):
@@ -174,10 +175,12 @@ def _as_pages(x, C: int):
     return x.reshape(x.shape[0] // C, C, *x.shape[1:])
 
 
-def batch_block_sparse(q, k, v, plan: Plan, *, return_lse: bool = False):
+def batch_block_sparse(q, k, v, plan: Plan, *, return_lse: bool = False, k_scale=None, v_scale=None):
     """Run a block-sparse plan inside jit: ``q [M, Hq, D]``, ``k/v [N, Hkv, D]`` -> ``o [M, Hq, D]``.
 
-    The plan (from :meth:`BlockSparseAttentionWrapper.plan`) knows the block width ``C``.
+    The plan (from :meth:`BlockSparseAttentionWrapper.plan`) knows the block width ``C``;
+    ``k_scale``/``v_scale``: :data:`jaxinfer.wrapper.SCALES_DOC`.
     """
     C = plan.page_size
-    return run_plan(plan, q, _as_pages(k, C), _as_pages(v, C), return_lse=return_lse)
+    return run_plan(plan, q, _as_pages(k, C), _as_pages(v, C), return_lse=return_lse, k_scale=k_scale,
+                    v_scale=v_scale)

@@ -3,6 +3,8 @@
 ``plan`` validates a batch on the host (:class:`~jaxinfer.plan.batch.BatchSpec`), picks a backend and
 lets it plan; the result is a :class:`Plan` pytree that a jitted step takes as an argument.
 ``run_plan`` is the one jit-compatible entry that every module-level run function calls.
+
+Every run takes FlashInfer's ``k_scale``/``v_scale`` (:data:`SCALES_DOC`, :mod:`jaxinfer.fp8`).
 """
 
 from __future__ import annotations
@@ -17,9 +19,19 @@ import numpy as np
 
 from jaxinfer import backends
 from jaxinfer.backends.base import check_run_args
+from jaxinfer.fp8 import check_scale_value, scale_array
 from jaxinfer.page import check_kv_layout, unpack_paged_kv_cache
 from jaxinfer.plan.batch import BatchSpec, PlanCapacity
 from jaxinfer.variants import AttentionVariant, make_variant
+
+SCALES_DOC = """k_scale, v_scale: optional dequantization scales (FlashInfer's): a Python float or a float
+        array of shape ``()`` or ``[num_kv_heads]`` (per KV head), traced or not (new values never
+        recompile). Attention reads ``k * k_scale`` and ``v * v_scale``: ``k_scale`` multiplies
+        the logits ``q . k`` as ``sm_scale`` does (step 3 of jaxinfer/variants.py, before the soft
+        cap, ALiBi and a logits transform; the lse includes it), ``v_scale`` the output (before
+        an output transform). A Python or numpy value must be finite and > 0 (``ValueError``); an
+        array of another shape or a non-float dtype is a ``ValueError``."""
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -60,20 +72,28 @@ def make_plan(
                 head_dim=spec.head_dim, q_dtype=jnp.dtype(spec.q_dtype).name, kv_dtype=jnp.dtype(spec.kv_dtype).name)
 
 
-@functools.partial(jax.jit, static_argnames="return_lse")
-def run_plan(plan: Plan, q, k, v, *, return_lse: bool = False):
-    """Run a plan; ``k``/``v`` are caches (paged) or ragged tensors.
+def run_plan(plan: Plan, q, k, v, *, return_lse: bool = False, k_scale=None, v_scale=None):
+    """Run a plan; ``k``/``v`` are caches (paged) or ragged tensors, ``k_scale``/``v_scale`` as
+    in :data:`SCALES_DOC`.
 
-    Jitted so that an eager ``wrapper.run`` is one compiled program, not op-by-op dispatch;
-    inside a caller's jit it inlines. The module-level run functions of the front doors come
+    The run is jitted so that an eager ``wrapper.run`` is one compiled program, not op-by-op
+    dispatch; inside a caller's jit it inlines. The module-level run functions of the front doors come
     here: the arrays' shapes and dtypes are checked against the plan's static facts at trace time
     (the row counts live in the plan's device arrays: rows of ``q`` past the plan's queries come
     back as zeros, and a ``q`` with fewer rows than the plan's queries is the caller's error, which
     the wrapper's ``run`` checks on the host).
 
     Raises:
-      ValueError: an array's shape, layout or dtype disagrees with the plan (trace time).
+      ValueError: an array's shape, layout or dtype disagrees with the plan (trace time), or a
+        bad scale.
     """
+    check_scale_value("k_scale", k_scale)
+    check_scale_value("v_scale", v_scale)
+    return _run_plan(plan, q, k, v, k_scale, v_scale, return_lse=return_lse)
+
+
+@functools.partial(jax.jit, static_argnames="return_lse")
+def _run_plan(plan: Plan, q, k, v, k_scale, v_scale, *, return_lse: bool):
     check_run_args(q, k, v, paged=plan.paged, kv_layout=plan.kv_layout, page_size=plan.page_size,
                    num_qo_heads=plan.num_qo_heads, num_kv_heads=plan.num_kv_heads, head_dim=plan.head_dim,
                    q_dtype=jnp.dtype(plan.q_dtype), kv_dtype=jnp.dtype(plan.kv_dtype))
@@ -85,19 +105,22 @@ def run_plan(plan: Plan, q, k, v, *, return_lse: bool = False):
         # A batch with no keys at all: give the kernels one row to gather from (nothing is
         # visible, every output row is o = 0, lse = -inf).
         k = v = jnp.zeros((1, *k.shape[1:]), k.dtype)
+    k_scale = scale_array("k_scale", k_scale, plan.num_kv_heads)
+    v_scale = scale_array("v_scale", v_scale, plan.num_kv_heads)
     impl = backends.get_backend(plan.backend)
-    o, lse = impl.run(plan.inner, q, k, v, kv_layout=plan.kv_layout, return_lse=return_lse)
+    o, lse = impl.run(plan.inner, q, k, v, kv_layout=plan.kv_layout, return_lse=return_lse, k_scale=k_scale,
+                      v_scale=v_scale)
     return (o, lse) if return_lse else o
 
 
-def run_paged_plan(plan: Plan, q, paged_kv_cache, *, return_lse: bool = False):
+def run_paged_plan(plan: Plan, q, paged_kv_cache, *, return_lse: bool = False, k_scale=None, v_scale=None):
     """Run a plan over a paged cache (tuple or single array, in the plan's layout) inside jit.
 
     Page ids outside the cache are clamped (never read out of bounds); validation happens in the
-    wrapper's ``plan``.
+    wrapper's ``plan``. ``k_scale``/``v_scale``: :data:`SCALES_DOC`.
     """
     k, v = unpack_paged_kv_cache(paged_kv_cache, plan.kv_layout)
-    return run_plan(plan, q, k, v, return_lse=return_lse)
+    return run_plan(plan, q, k, v, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
 
 
 class BatchWrapper:
@@ -153,11 +176,11 @@ class BatchWrapper:
             raise ValueError(f"{type(self).__name__}.run called before plan")
         return planned
 
-    def _run_paged(self, q, paged_kv_cache, return_lse: bool):
+    def _run_paged(self, q, paged_kv_cache, return_lse: bool, k_scale=None, v_scale=None):
         spec, plan = self._require_plan()
         k, v = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
         check_spec_run_args(spec, q, k, v, self._kv_layout)
-        return run_plan(plan, q, k, v, return_lse=return_lse)
+        return run_plan(plan, q, k, v, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
 
 
 def as_host_int(name: str, x) -> np.ndarray:
@@ -209,7 +232,8 @@ def single_kv(k, v, kv_layout: str):
     return k, v
 
 
-def run_single(q, k, v, variant: AttentionVariant, backend: str, *, op: str, return_lse: bool, custom_mask=None):
+def run_single(q, k, v, variant: AttentionVariant, backend: str, *, op: str, return_lse: bool, custom_mask=None,
+               k_scale=None, v_scale=None):
     """Attention of one request ``q [Lq, Hq, D]``, ``k/v [Lk, Hkv, D]`` as a batch of one."""
     lq, hq, d = q.shape
     lk, hkv = k.shape[0], k.shape[1]
@@ -227,4 +251,4 @@ def run_single(q, k, v, variant: AttentionVariant, backend: str, *, op: str, ret
     check_spec_run_args(spec, q, k, v, "NHD")
     capacity = PlanCapacity(max_batch_size=1, max_qo_len=max(lq, 1), max_kv_len=max(lk, 1))
     plan = make_plan(spec, backend, "NHD", capacity, op=op)
-    return run_plan(plan, q, k, v, return_lse=return_lse)
+    return run_plan(plan, q, k, v, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)

@@ -10,8 +10,11 @@ Every backend serves both paged-cache layouts (NHD, HND) and ragged KV. A backen
   ``device_unsupported()`` (why it cannot run on this machine) are derived;
 - ``plan(spec, capacity)`` on the host: a plan pytree of device arrays whose shapes depend only on
   the :class:`~jaxinfer.plan.batch.PlanCapacity`;
-- ``run(plan, q, k, v, kv_layout=, return_lse=)``, jit-compatible: ``(o [nnz_q, Hq, D], lse
-  [nnz_q, Hq] float32 base 2 or None)``; its trace-time checks go through :func:`check_run_args`;
+- ``run(plan, q, k, v, kv_layout=, return_lse=, k_scale=None, v_scale=None)``, jit-compatible:
+  ``(o [nnz_q, Hq, D], lse [nnz_q, Hq] float32 base 2 or None)``; its trace-time checks go
+  through :func:`check_run_args`. ``k_scale``/``v_scale`` arrive as ``[Hkv]`` float32 (or
+  ``None``) and must be honoured (:mod:`jaxinfer.fp8`: ``k_scale`` multiplies the logits of KV
+  head ``h``'s queries, ``v_scale`` their output, before any output transform);
 - ``merge_states(v [L, N, H, D], s [L, N, H])``: folds attention states (``None`` when the
   backend has no merge of its own; the front doors then use the reference's).
 """
@@ -25,6 +28,7 @@ from typing import Any, Protocol
 
 import jax.numpy as jnp
 
+from jaxinfer.fp8 import is_fp8
 from jaxinfer.page import check_kv_layout
 from jaxinfer.plan.batch import BatchSpec, PlanCapacity
 from jaxinfer.variants import POS_ENCODING_MODES, AttentionVariant
@@ -39,8 +43,10 @@ class Capabilities:
     """What a backend serves; ``None`` in a field means "any".
 
     Attributes:
-      dtypes: q (and KV) dtypes served.
-      kv_dtype_is_q_dtype: the KV cache must have q's dtype.
+      dtypes: q (and 16-bit KV) dtypes served.
+      kv_dtype_is_q_dtype: a KV cache of one of ``dtypes`` must have q's dtype.
+      fp8_kv: fp8 KV cache dtypes (:data:`jaxinfer.fp8.FP8_KV_DTYPES`) served with any q of
+        ``dtypes``; fp8_kv_declined: why the others are not (the reason a call gets).
       head_dims: head dims served.
       max_group_size: largest ``num_qo_heads / num_kv_heads``.
       pos_encoding_modes: ``pos_encoding_mode`` values served.
@@ -53,6 +59,8 @@ class Capabilities:
 
     dtypes: tuple[Any, ...] | None = None
     kv_dtype_is_q_dtype: bool = False
+    fp8_kv: tuple[Any, ...] | None = None
+    fp8_kv_declined: str = "not implemented"
     head_dims: tuple[int, ...] | None = None
     max_group_size: int | None = None
     pos_encoding_modes: tuple[str, ...] = POS_ENCODING_MODES
@@ -67,13 +75,19 @@ class Capabilities:
 
     def dtype_unsupported(self, q_dtype, kv_dtype) -> str | None:
         """Why ``(q_dtype, kv_dtype)`` cannot be served, or ``None``."""
-        if self.dtypes is not None:
-            allowed = tuple(jnp.dtype(d) for d in self.dtypes)
-            for name, dt in (("q", q_dtype), ("kv", kv_dtype)):
-                if jnp.dtype(dt) not in allowed:
-                    return f"{name} dtype {jnp.dtype(dt).name} (needs {_dtype_names(allowed)})"
-        if self.kv_dtype_is_q_dtype and jnp.dtype(q_dtype) != jnp.dtype(kv_dtype):
-            return f"kv dtype {jnp.dtype(kv_dtype).name} differs from q dtype {jnp.dtype(q_dtype).name}"
+        q_dtype, kv_dtype = jnp.dtype(q_dtype), jnp.dtype(kv_dtype)
+        allowed = None if self.dtypes is None else tuple(jnp.dtype(d) for d in self.dtypes)
+        if allowed is not None and q_dtype not in allowed:
+            return f"q dtype {q_dtype.name} (needs {_dtype_names(allowed)})"
+        if is_fp8(kv_dtype):
+            if self.fp8_kv is None or kv_dtype in self.fp8_kv:
+                return None
+            served = f" (serves {_dtype_names(self.fp8_kv)})" if self.fp8_kv else ""
+            return f"kv dtype {kv_dtype.name}{served}: {self.fp8_kv_declined}"
+        if allowed is not None and kv_dtype not in allowed:
+            return f"kv dtype {kv_dtype.name} (needs {_dtype_names(allowed)})"
+        if self.kv_dtype_is_q_dtype and q_dtype != kv_dtype:
+            return f"kv dtype {kv_dtype.name} differs from q dtype {q_dtype.name}"
         return None
 
     def unsupported(self, spec: BatchSpec) -> str | None:
@@ -134,7 +148,7 @@ class Backend(Protocol):
 
     def plan(self, spec: BatchSpec, capacity: PlanCapacity) -> Any: ...
 
-    def run(self, plan: Any, q, k, v, *, kv_layout: str, return_lse: bool): ...
+    def run(self, plan: Any, q, k, v, *, kv_layout: str, return_lse: bool, k_scale=None, v_scale=None): ...
 
 
 def check_run_args(q, k, v, *, paged: bool, kv_layout: str, page_size: int, num_qo_heads: int, num_kv_heads: int,

@@ -8,7 +8,10 @@ even when they hold inf or NaN). The ``"xla"`` backend gathers a batch's
 ragged queries and paged or ragged KV into that padded form with index arrays planned on the host,
 so it is jit-compatible with static shapes fixed by a :class:`~jaxinfer.plan.batch.PlanCapacity`;
 padding every request to the longest one, it refuses batches past :data:`MAX_PADDED_ELEMENTS`.
-It is the "reference XLA attention" of the benchmarks: simple and exact, not fast.
+It is the "reference XLA attention" of the benchmarks: simple and exact, not fast. fp8 caches
+(:mod:`jaxinfer.fp8`) are gathered as fp8 and widened exactly; their ``P . V`` runs in float32
+(probabilities rounded to the cache's 3 mantissa bits would cost a 10x larger error), and the
+``k_scale``/``v_scale`` of a run multiply the logits and the output in float32.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxinfer.backends.base import Capabilities
+from jaxinfer.fp8 import is_fp8
 from jaxinfer.plan.batch import BatchSpec, PlanCapacity, pad_batch
 from jaxinfer.variants import LOG2E, AttentionVariant, alibi_slopes, rope_inv_freq
 
@@ -62,6 +66,8 @@ def attention_dense(
     kv_lens: Int[Array, "B"],
     variant: AttentionVariant,
     custom_mask: Bool[Array, "B Lq Lk"] | None = None,
+    k_scale: Float[Array, "Hkv"] | None = None,
+    v_scale: Float[Array, "Hkv"] | None = None,
 ) -> tuple[Float[Array, "B Lq Hq D"], Float[Array, "B Lq Hq"] | None]:
     """Attention of a padded batch, the variant pipeline of jaxinfer/variants.py.
 
@@ -69,10 +75,14 @@ def attention_dense(
       q: queries; rows ``i >= qo_lens[b]`` are padding (their output is unspecified).
       k, v: keys and values; rows ``j >= kv_lens[b]`` are masked out. A key a row does not see
         contributes nothing to it even when it holds inf or NaN; a row that sees a non-finite
-        value of ``v`` gets NaN (only that row).
+        value of ``v`` gets NaN (only that row). fp8 K is widened (exactly) to q's dtype for
+        ``q . k`` and fp8 V to float32, so that ``P . V`` keeps float32 probabilities.
       qo_lens, kv_lens: ``[B]`` int32 lengths.
       variant: the attention variant (static).
       custom_mask: optional ``[B, Lq, Lk]`` bool, True keeps a key.
+      k_scale, v_scale: optional ``[Hkv]`` float32 (:mod:`jaxinfer.fp8`): ``k_scale[h]``
+        multiplies the logits ``q . k`` of KV head ``h``, ``v_scale[h]`` its output (before the
+        output transform), i.e. attention over ``k * k_scale`` and ``v * v_scale``.
 
     Returns:
       ``(o [B, Lq, Hq, D] float32, lse [B, Lq, Hq] float32 base 2)``; ``lse`` is ``None`` without
@@ -81,6 +91,12 @@ def attention_dense(
     B, Lq, Hq, D = q.shape
     Lk, Hkv = k.shape[1], k.shape[2]
     group = Hq // Hkv
+    if is_fp8(q.dtype):
+        q = q.astype(jnp.float32)
+    if is_fp8(k.dtype):
+        k = k.astype(q.dtype)
+    if is_fp8(v.dtype):
+        v = v.astype(jnp.float32)
     q_pos = jnp.arange(Lq)[None, :] + (kv_lens - qo_lens)[:, None]  # [B, Lq]
     kv_pos = jnp.arange(Lk)
     if variant.query_transform or variant.key_transform or variant.pos_encoding_mode == "ROPE_LLAMA":
@@ -95,6 +111,8 @@ def attention_dense(
     qg = q.reshape(B, Lq, Hkv, group, D)
     x = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, precision=_matmul_dtype(q), preferred_element_type=jnp.float32)
     x = x * variant.scale(D)
+    if k_scale is not None:
+        x = x * k_scale[None, :, None, None, None]
     if variant.has_soft_cap:
         c = variant.logits_soft_cap
         x = c * jnp.tanh(x / c)
@@ -146,6 +164,8 @@ def attention_dense(
         lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(B, Lq, Hq)
     else:
         lse = None
+    if v_scale is not None:
+        o = o * v_scale[None, None, :, None, None]
     o = o.reshape(B, Lq, Hq, D)
     if variant.output_transform:
         o = variant.output_transform(o, lse, q_pos[:, :, None], jnp.arange(Hq)[None, None, :])
@@ -266,7 +286,8 @@ def plan_reference(spec: BatchSpec, capacity: PlanCapacity) -> RefPlan:
     )
 
 
-def run_reference(plan: RefPlan, q, k, v, *, kv_layout: str = "NHD", return_lse: bool = False):
+def run_reference(plan: RefPlan, q, k, v, *, kv_layout: str = "NHD", return_lse: bool = False, k_scale=None,
+                  v_scale=None):
     """Run a :class:`RefPlan` (jit-compatible).
 
     Args:
@@ -276,6 +297,7 @@ def run_reference(plan: RefPlan, q, k, v, *, kv_layout: str = "NHD", return_lse:
         never read outside the arrays.
       kv_layout: ``"NHD"`` or ``"HND"`` (paged only).
       return_lse: also return ``lse [nnz_q, Hq]`` float32, base 2.
+      k_scale, v_scale: ``[Hkv]`` float32 scales or ``None`` (see :func:`attention_dense`).
 
     Returns:
       ``(o [nnz_q, Hq, D] in q.dtype, lse or None)``; rows past ``qo_indptr[-1]`` are zero.
@@ -287,7 +309,7 @@ def run_reference(plan: RefPlan, q, k, v, *, kv_layout: str = "NHD", return_lse:
         kp, vp = (c[plan.kv_page, plan.kv_slot] for c in (k, v))
     else:
         kp, vp = k[plan.kv_page], v[plan.kv_page]
-    o, lse = attention_dense(qp, kp, vp, plan.qo_lens, plan.kv_lens, plan.variant, plan.custom_mask)
+    o, lse = attention_dense(qp, kp, vp, plan.qo_lens, plan.kv_lens, plan.variant, plan.custom_mask, k_scale, v_scale)
     # Scatter back: token t of the ragged q is query t - qo_indptr[b] of request b.
     t = jnp.arange(q.shape[0])
     b = jnp.clip(jnp.searchsorted(plan.qo_indptr, t, side="right") - 1, 0, plan.qo_lens.shape[0] - 1)
@@ -320,8 +342,10 @@ class ReferenceBackend:
     def plan(self, spec: BatchSpec, capacity: PlanCapacity) -> RefPlan:
         return plan_reference(spec, capacity)
 
-    def run(self, plan: RefPlan, q, k, v, *, kv_layout: str = "NHD", return_lse: bool = False):
-        return run_reference(plan, q, k, v, kv_layout=kv_layout, return_lse=return_lse)
+    def run(self, plan: RefPlan, q, k, v, *, kv_layout: str = "NHD", return_lse: bool = False, k_scale=None,
+            v_scale=None):
+        return run_reference(plan, q, k, v, kv_layout=kv_layout, return_lse=return_lse, k_scale=k_scale,
+                             v_scale=v_scale)
 
 
 def get_backend(name: str) -> ReferenceBackend:

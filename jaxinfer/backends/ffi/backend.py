@@ -75,8 +75,14 @@ class Fa2Plan:
 
 # What both kernel families serve (fa2 on sm80+, fa3 on sm90a alone): the head dims they were
 # instantiated for, 16-bit q and KV of one dtype, the plain softmax with causal / window / soft cap.
+# fp8 KV caches are declined: widening a cache in JAX before the call would read and write the
+# whole cache on every call (more bytes than the 16-bit cache moves), so the FFI kernels would
+# need widening loads of their own.
+FP8_KV_DECLINED = ("the fa2/fa3 CUDA kernels are built for K/V in q's 16-bit dtype (no fp8 widening load in "
+                   "jaxinfer/csrc); backend='pallas' serves fp8 KV caches, and 'auto' routes them there")
 CAPABILITIES = {
-    name: Capabilities(dtypes=ops.DTYPES, kv_dtype_is_q_dtype=True, head_dims=ops.HEAD_DIMS,
+    name: Capabilities(dtypes=ops.DTYPES, kv_dtype_is_q_dtype=True, fp8_kv=(), fp8_kv_declined=FP8_KV_DECLINED,
+                       head_dims=ops.HEAD_DIMS,
                        pos_encoding_modes=("NONE",), custom_mask=False, user_callables=False, non_softmax=False,
                        gpu=True, min_arch=80, archs=archs)
     for name, archs in (("fa2", None), ("fa3", (90,)))
@@ -177,8 +183,16 @@ class FlashAttentionBackend:
             q_dtype=np.dtype(spec.q_dtype),
         )
 
-    def run(self, plan: Fa2Plan, q, k, v, *, kv_layout: str = "NHD", return_lse: bool = False):
+    def run(self, plan: Fa2Plan, q, k, v, *, kv_layout: str = "NHD", return_lse: bool = False, k_scale=None,
+            v_scale=None):
         """``(o [nnz_q, Hq, D], lse [nnz_q, Hq] float32 base 2 or None)``; jit-compatible.
+
+        ``k_scale``/``v_scale`` (``[Hkv]`` float32 or ``None``, :mod:`jaxinfer.fp8`) are applied
+        around the kernels, whose ``sm_scale`` is a compile-time attribute: q's rows of KV head
+        ``h`` multiplied by ``k_scale[h]`` in float32 and rounded to q's dtype before the call
+        (which scales the logits and the lse alike; the rounding is one more of q's, relative
+        ``2**-9`` in bf16), the output rows by ``v_scale[h]`` after it (the softmax variant they
+        serve has no output transform to come before).
 
         Raises:
           ValueError: q/k/v shapes or dtypes disagree with the plan (at trace time).
@@ -189,6 +203,8 @@ class FlashAttentionBackend:
         # A module-level run may pass a smaller cache than the traced plan's page ids address (the
         # wrapper checks them on the host): clamped here, once per call, not per key in the kernels.
         kv_indices = jnp.clip(plan.kv_indices, 0, k.shape[0] - 1) if plan.paged else plan.kv_indices
+        if k_scale is not None:
+            q = _scale_heads(q, k_scale, plan.num_qo_heads)
         o, lse = ops.flash_forward(
             q, k, v, plan.qo_indptr, plan.kv_indptr, kv_indices, plan.kv_lens, plan.tile_batch, plan.tile_qstart,
             causal=plan.causal,
@@ -200,7 +216,16 @@ class FlashAttentionBackend:
             kv_layout=kv_layout,
             kernel=self.name,
         )
+        if v_scale is not None:
+            o = _scale_heads(o, v_scale, plan.num_qo_heads)
         return o, (lse if return_lse else None)
+
+
+def _scale_heads(x, scale, num_qo_heads: int):
+    """``x [n, Hq, D]`` with query head ``h``'s rows times ``scale[h // (Hq / Hkv)]`` (float32 product,
+    rounded back to ``x``'s dtype)."""
+    per_head = jnp.repeat(scale, num_qo_heads // scale.shape[0])
+    return (x.astype(jnp.float32) * per_head[None, :, None]).astype(x.dtype)
 
 
 def get_backend(name: str) -> FlashAttentionBackend:

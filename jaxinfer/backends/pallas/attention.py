@@ -16,6 +16,15 @@ contribute nothing to it even when they hold inf or NaN (shared/DESIGN.md sec. 5
 chunk load as 0, and masked steps that hide a key from some rows only zero V's non-finite
 entries and mark the rows that do see one (:func:`_finite_values`).
 
+fp8 KV caches (``float8_e4m3fn``/``float8_e5m2``, :mod:`jaxinfer.fp8`) are read as they are
+stored, one byte per element, and widened in registers to q's dtype before the dots (exact:
+every fp8 value is a bf16 and an fp16 value), so decode, memory-bound, moves half the bytes of
+a 16-bit cache; ``P`` is rounded to q's dtype for ``P.V`` as with a 16-bit cache. With
+:attr:`KernelSpec.kv_scales` the kernel reads a ``[2 * Hkv]`` float32 array of per-KV-head
+``k_scale`` (multiplies the raw ``q.k``) and ``v_scale`` (multiplies the tile's output, before
+partials are written and before the output transform). A 16-bit cache without scales traces
+to the same kernel as before either existed.
+
 Attention variants (the pipeline of jaxinfer/variants.py) are static fields of the
 :class:`KernelSpec`, so each compiles away when unused: ALiBi adds ``slope * (kv_pos - q_pos)``
 per row (slopes in closed form), ROPE_LLAMA rotates the halves of q (once per tile) and k (per
@@ -76,6 +85,8 @@ class KernelSpec(WorkLayout):
         ``logits_mask``) are traced into the kernel, ``None`` when it has none. The
         ``output_transform`` sees final ``(o, lse)``: in this kernel for unsplit tiles, in the
         merge kernel for split ones.
+      kv_scales: the kernel takes per-KV-head ``k_scale``/``v_scale`` (``run`` sets it from its
+        arguments).
 
     Every feature is a static flag: a plan without it compiles to the plain kernel.
 
@@ -101,6 +112,7 @@ class KernelSpec(WorkLayout):
     custom_mask: bool = False
     use_softmax: bool = True
     callables: AttentionVariant | None = None
+    kv_scales: bool = False
 
     @property
     def group_size(self) -> int:
@@ -137,14 +149,17 @@ class KernelSpec(WorkLayout):
         return self.causal or self.window_left >= 0 or self.masks_every_step
 
 
-def _logits(s, rows, pos, kv_head, ks: KernelSpec):
+def _logits(s, rows, pos, kv_head, ks: KernelSpec, k_scale=None):
     """Raw ``q.k`` to ``(x, c)`` with base-2 logits ``x * c`` (steps 3-6 of jaxinfer/variants.py).
 
-    Plain logits leave the scale ``c = sm_scale*log2(e)`` out of ``x`` so that it folds into the
+    ``k_scale`` (the tile's KV head's, a float32 scalar, or ``None``) multiplies the raw ``q.k``
+    first: any sign, so that the row maxima below stay maxima. Plain logits leave the scale ``c = sm_scale*log2(e)`` out of ``x`` so that it folds into the
     exponent's FMA (``c*cap*log2(e)`` with the soft cap ``cap*tanh(q.k*sm_scale/cap)``); ``c > 0``,
     so row maxima commute with it. ALiBi and a logits transform need natural units, so there
     ``x`` is the natural logit and ``c = log2(e)``. ``rows = (q_pos, qo_head, slope)`` per row.
     """
+    if k_scale is not None:
+        s = s * k_scale
     if not ks.natural_logits:
         if ks.logits_soft_cap is None:
             return s, ks.sm_scale * LOG2E
@@ -214,15 +229,20 @@ def _load(ref, rows, ok, width: int, col0: int = 0):
     return pltriton.load(blk, mask=jnp.broadcast_to(ok[:, None], (rows.shape[0], width)), other=0.0)
 
 
-def _load_operand(ref, rows, ok, transform, cos_sin, d: int):
-    """Rows of q or k as the column parts of the logits dot, in the input dtype.
+def _widen(x, dtype):
+    """``x`` in ``dtype`` (an fp8 tile widened to q's dtype; no op when it has it already)."""
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
+def _load_operand(ref, rows, ok, transform, cos_sin, d: int, dtype):
+    """Rows of q or k as the column parts of the logits dot, in ``dtype`` (q's).
 
     Plain: one ``[rows, D]`` part. With RoPE (``cos_sin`` of ``[rows, D/2]``): the two halves,
     rotated in float32 (rotate-half), so that ``q.k = q1.k1 + q2.k2`` needs no concatenation.
     A user ``transform`` sees whole float32 rows before the rotation (step 1 before step 2).
     """
     if transform is None and cos_sin is None:
-        return (_load(ref, rows, ok, d),)
+        return (_widen(_load(ref, rows, ok, d), dtype),)
     if transform is None:
         parts = tuple(_load(ref, rows, ok, d // 2, c).astype(jnp.float32) for c in (0, d // 2))
     else:
@@ -231,7 +251,7 @@ def _load_operand(ref, rows, ok, transform, cos_sin, d: int):
     if cos_sin is not None:
         (x1, x2), (cos, sin) = parts, cos_sin
         parts = (x1 * cos - x2 * sin, x2 * cos + x1 * sin)
-    return tuple(p.astype(ref.dtype) for p in parts)
+    return tuple(p.astype(dtype) for p in parts)
 
 
 def _dot_parts(qs, kp):
@@ -327,6 +347,8 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, na
     """``num_pages``: ``k.shape[0]``, pages of a paged cache or tokens of a ragged K/V."""
     buf_ref, q_ref, k_ref, v_ref = refs[:4]
     mask_ref = refs[4] if ks.custom_mask else None
+    scale_ref = refs[4 + ks.custom_mask] if ks.kv_scales else None
+    cdt = q_ref.dtype  # the dots' operand dtype: fp8 K/V tiles are widened to it
     o_ref, lse_ref, po_ref, plse_ref = refs[-4:]
     bm, bn, d, g = cfg.block_m, cfg.block_n, ks.head_dim, ks.group_size
     r = lax.iota(jnp.int32, bm)
@@ -352,8 +374,9 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, na
         q_pos = q_pos0 + tok
         rows = (q_pos, qo_head, alibi_slope(qo_head, ks.num_qo_heads) if ks.alibi else None)
         q_cs = _cos_sin(q_pos, inv_freq, native) if ks.rope else None
-        qs = _load_operand(q_ref, jnp.where(row_ok, rows_raw, 0), row_ok, ks.fn("query_transform"), q_cs, d)
+        qs = _load_operand(q_ref, jnp.where(row_ok, rows_raw, 0), row_ok, ks.fn("query_transform"), q_cs, d, cdt)
         mask = (mask_ref, field("mask_base"), field("kv_len"), tok, row_ok) if ks.custom_mask else None
+        k_scale, v_scale = (scale_ref[kv_head], scale_ref[ks.num_kv_heads + kv_head]) if ks.kv_scales else (None, None)
 
         def positions(i, masked):
             """Keys ``[bn]`` of step ``i`` and their in-chunk mask (``None``: all in range)."""
@@ -366,7 +389,7 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, na
             pos, ok = positions(i, masked)
             kv_rows = _kv_rows(pos, ok, kv_head, kv_base, buf_ref, num_pages, ks)
             k_cs = _cos_sin(pos, inv_freq, native) if ks.rope else None
-            return _dot_parts(qs, _load_operand(k_ref, kv_rows, ok, ks.fn("key_transform"), k_cs, d)), kv_rows
+            return _dot_parts(qs, _load_operand(k_ref, kv_rows, ok, ks.fn("key_transform"), k_cs, d, cdt)), kv_rows
 
         def step(i, state, masked):
             m, l, acc = state[:3]
@@ -377,8 +400,8 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, na
                 (raw, kv_rows), nxt = state[3:], qk(i + 1, True)
             else:
                 (raw, kv_rows), nxt = qk(i, masked), ()
-            v = _load(v_ref, kv_rows, ok, d)
-            s, scale = _logits(raw, rows, pos, kv_head, ks)
+            v = _widen(_load(v_ref, kv_rows, ok, d), cdt)
+            s, scale = _logits(raw, rows, pos, kv_head, ks, k_scale)
             guard = masked and ks.rows_see_different_keys
             if masked:
                 visible = _visible(ok, pos, rows, kv_head, mask, ks)
@@ -417,6 +440,8 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, na
         state = state[:3]
         # Without softmax, o is the plain sum and the lse rows (unused) hold zeros.
         o, lse = finish(state) if ks.use_softmax else (state[2], state[1])
+        if ks.kv_scales:
+            o = o * v_scale
         o_final = apply_output_transform(o, lse, q_pos, qo_head, ks.fn("output_transform"), ks.use_softmax)
         # Masked-off lanes store to an index past the end: never written on the GPU, dropped by
         # the scatter of interpret mode (a clamped index would race with a real row there).
@@ -435,25 +460,30 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, na
     lax.fori_loop(buf_ref[ks.off_cta + c], buf_ref[ks.off_cta + c + 1], tile, 0)
 
 
-def attention(plan_buffer, q, k, v, mask=None, *, ks: KernelSpec, cfg: TileConfig):
+def attention(plan_buffer, q, k, v, mask=None, scales=None, *, ks: KernelSpec, cfg: TileConfig):
     """Run a plan: the attention kernel, then the merge kernel when split-KV is on.
 
     Args:
       plan_buffer: ``[ks.buffer_size]`` int32, the plan's buffers packed by :meth:`KernelSpec.pack`.
       q: ``[nnz_q, Hq, D]`` bf16/fp16.
       k, v: paged caches ``[num_pages, page_size, Hkv, D]`` (NHD) / ``[num_pages, Hkv, page_size,
-        D]`` (HND), or ragged ``[nnz_kv, Hkv, D]``.
+        D]`` (HND), or ragged ``[nnz_kv, Hkv, D]``; q's dtype or fp8 (widened on load).
       mask: ``[n]`` int8 flat custom mask (nonzero keeps a key) when ``ks.custom_mask``, else None.
+      scales: ``[2 * Hkv]`` float32, ``k_scale`` then ``v_scale`` per KV head, when
+        ``ks.kv_scales``, else None.
 
     Returns:
       ``(o [nnz_q, Hq, D] q.dtype, lse [nnz_q, Hq] float32 base 2)``; rows no tile covers are
       ``(0, -inf)``. Without softmax the lse rows are meaningless.
 
     Raises:
-      ValueError: ``mask`` given without ``ks.custom_mask`` or missing with it.
+      ValueError: ``mask`` (``scales``) given without ``ks.custom_mask`` (``ks.kv_scales``) or
+        missing with it.
     """
     if (mask is not None) != ks.custom_mask:
         raise ValueError(f"mask must be given exactly when the kernel spec has custom_mask={ks.custom_mask}")
+    if (scales is not None) != ks.kv_scales:
+        raise ValueError(f"scales must be given exactly when the kernel spec has kv_scales={ks.kv_scales}")
     nnz_q = q.shape[0]
     rows = nnz_q * ks.num_qo_heads
     d = ks.head_dim
@@ -461,7 +491,7 @@ def attention(plan_buffer, q, k, v, mask=None, *, ks: KernelSpec, cfg: TileConfi
     num_pages = k.shape[0]
     interpret = interpret_mode()
     kernel = functools.partial(_attention_kernel, ks=ks, cfg=cfg, num_pages=num_pages, native=not interpret)
-    extra = () if mask is None else (mask,)
+    extra = tuple(x for x in (mask, scales) if x is not None)
     o, lse, po, plse = pl.pallas_call(
         kernel,
         out_shape=(

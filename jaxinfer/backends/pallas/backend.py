@@ -20,6 +20,7 @@ from jaxinfer.backends.base import Capabilities, check_run_args
 from jaxinfer.backends.pallas import merge
 from jaxinfer.backends.pallas.attention import KernelSpec, attention
 from jaxinfer.backends.pallas.config import MAX_BLOCK_M, TileConfig, heuristic_config
+from jaxinfer.fp8 import FP8_KV_DTYPES
 from jaxinfer.plan import native
 from jaxinfer.plan.batch import BatchSpec, PlanCapacity, next_pow2
 from jaxinfer.plan.planner import PlanArgs, count_query_tiles_at, plan_packed_at, plan_work_in_jit
@@ -28,10 +29,11 @@ from jaxinfer.variants import AttentionVariant
 
 # What the Pallas kernels serve: tl.dot needs power-of-2 head dims of at least 16 (and RoPE's
 # rotated halves at least 16 each), a GQA group fits one row tile of at most MAX_BLOCK_M rows, and
-# the custom mask is addressed with int32 offsets.
+# the custom mask is addressed with int32 offsets. fp8 caches are widened to q's dtype on load.
 CAPABILITIES = Capabilities(
     dtypes=(jnp.bfloat16, jnp.float16),
     kv_dtype_is_q_dtype=True,
+    fp8_kv=FP8_KV_DTYPES,
     head_dims=(16, 32, 64, 128, 256),
     max_group_size=MAX_BLOCK_M,
     rope_min_head_dim=32,
@@ -114,13 +116,14 @@ class PallasBackend:
     def tile_config(self, spec: BatchSpec, capacity: PlanCapacity) -> TileConfig:
         """The tile config of ``spec``: by its mean query length, or by ``capacity.max_qo_len``
         when that is fixed (a fixed capacity promises one compiled program for every batch that
-        fits, and the config is static)."""
+        fits, and the config is static), and by the bytes of a KV element."""
         if self.config is not None:
             return self.config
         qo_len = capacity.max_qo_len
         if qo_len is None:
             qo_len = spec.qo_indptr[-1] / max(spec.batch_size, 1)
-        return _cached_heuristic_config(spec.head_dim, spec.page_size, spec.group_size, float(qo_len))
+        return _cached_heuristic_config(spec.head_dim, spec.page_size, spec.group_size, float(qo_len),
+                                        jnp.dtype(spec.kv_dtype).itemsize)
 
     def grid_size(self, cfg: TileConfig) -> int:
         """Persistent CTAs of the attention kernel for tile config ``cfg``."""
@@ -242,13 +245,17 @@ class PallasBackend:
         ks, _ = self._kernel_spec(spec, cfg, capacity.max_work_tiles, pages.shape[0], False)
         return PallasPlan(ks.pack(work, cta, mi, md, pages), ks, cfg)
 
-    def run(self, plan: PallasPlan, q, k, v, *, kv_layout: str = "NHD", return_lse: bool = False):
+    def run(self, plan: PallasPlan, q, k, v, *, kv_layout: str = "NHD", return_lse: bool = False, k_scale=None,
+            v_scale=None):
         """Attention of a plan (jit-compatible).
 
         Args:
           q: ``[nnz_q, Hq, D]`` bf16/fp16.
           k, v: paged caches (``kv_layout`` NHD ``[num_pages, page_size, Hkv, D]`` or HND
-            ``[num_pages, Hkv, page_size, D]``) or ragged ``[nnz_kv, Hkv, D]``.
+            ``[num_pages, Hkv, page_size, D]``) or ragged ``[nnz_kv, Hkv, D]``, in q's dtype or
+            fp8 (widened on load).
+          k_scale, v_scale: ``[Hkv]`` float32 or ``None`` (:mod:`jaxinfer.fp8`); with either,
+            the kernel reads both (a missing one is 1).
 
         Returns:
           ``(o [nnz_q, Hq, D] q.dtype, lse [nnz_q, Hq] float32 base 2 or None)``.
@@ -257,11 +264,15 @@ class PallasBackend:
           ValueError: ``kv_layout`` is not NHD/HND, an array's shape or dtype disagrees with
             the plan (trace time), or ``return_lse`` with ``use_softmax=False`` (no lse).
         """
-        ks = dataclasses.replace(plan.kernel, kv_layout=kv_layout)
+        scales = None
+        if k_scale is not None or v_scale is not None:
+            ones = jnp.ones((plan.kernel.num_kv_heads,), jnp.float32)
+            scales = jnp.concatenate([ones if x is None else x for x in (k_scale, v_scale)])
+        ks = dataclasses.replace(plan.kernel, kv_layout=kv_layout, kv_scales=scales is not None)
         _check_run_args(ks, q, k, v)
         if return_lse and not ks.use_softmax:
             raise ValueError("return_lse=True needs a softmax variant (use_softmax=False has no lse)")
-        o, lse = attention(plan.buffer, q, k, v, plan.mask, ks=ks, cfg=plan.config)
+        o, lse = attention(plan.buffer, q, k, v, plan.mask, scales, ks=ks, cfg=plan.config)
         return o, (lse if return_lse else None)
 
 

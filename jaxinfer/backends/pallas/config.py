@@ -14,6 +14,7 @@ from jaxinfer.plan.batch import next_pow2
 
 MIN_DOT = 16  # smallest M/N/K of tl.dot
 MAX_BLOCK_M = 128
+MAX_DECODE_LOGITS = 32 * 128  # largest [block_m, block_n] float32 logits tile of a decode config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,13 +50,19 @@ class TileConfig:
         return max(1, self.block_m // group_size)
 
 
-def heuristic_config(head_dim: int, page_size: int, group_size: int, avg_qo_len: float) -> TileConfig:
+def heuristic_config(head_dim: int, page_size: int, group_size: int, avg_qo_len: float,
+                     kv_itemsize: int = 2) -> TileConfig:
     """Pick the tile config for a batch (FlashInfer paper sec. 3.2.2: tile size by query length).
 
     Decode-like batches (few rows per KV head: ``group_size * avg_qo_len <= 32``) take the
     smallest row tile that holds the GQA group and a long key step, since they are bound by
     memory; prefill-like batches take 64/128-row tiles, bound by the tensor cores. Key steps
-    shrink with ``head_dim`` so that ``num_stages`` K/V buffers fit the shared memory.
+    shrink with ``head_dim`` so that ``num_stages`` K/V buffers fit the shared memory. A decode
+    tile over an fp8 cache (``kv_itemsize`` 1) takes twice the keys per step where its float32
+    logits tile stays within the 32 x 128 of the 16-bit decode tiles: the same K/V bytes per
+    step and shared memory as the 16-bit tile, and half the softmax bookkeeping per key
+    (FlashInfer's fp8 decode likewise keeps the bytes per load of its 16-bit one; not yet
+    measured on an H100). Prefill tiles, bound by the tensor cores, stay as they are.
     ``page_size`` does not change the choice: the kernel gathers keys row by row through the page
     table, so a key step may span pages of any size (it is an argument so that a measured
     dependence can be added without changing callers).
@@ -71,6 +78,8 @@ def heuristic_config(head_dim: int, page_size: int, group_size: int, avg_qo_len:
     block_m = min(MAX_BLOCK_M, max(MIN_DOT, next_pow2(int(rows + 0.999)), next_pow2(group_size)))
     if block_m <= 32:
         block_n = 128 if head_dim <= 64 else 64 if head_dim <= 128 else 32
+        if kv_itemsize == 1 and block_m * block_n * 2 <= MAX_DECODE_LOGITS:
+            block_n *= 2
         # Measured on an H100 (benchmarks/decisions/pallas.md): 3 CTAs per SM beat 2 on skewed
         # batches (decode_zipf 2.78 vs 2.65 TB/s) and tie on uniform ones.
         return TileConfig(block_m=block_m, block_n=block_n, num_warps=4, num_stages=3, ctas_per_sm=3)
@@ -92,13 +101,14 @@ def heuristic_config(head_dim: int, page_size: int, group_size: int, avg_qo_len:
     )
 
 
-def candidate_configs() -> list[tuple[TileConfig, int]]:
-    """Every ``(config, head_dim)`` pair :func:`heuristic_config` can return (for lowering tests)."""
+def candidate_configs(kv_itemsize: int = 2) -> list[tuple[TileConfig, int]]:
+    """Every ``(config, head_dim)`` pair :func:`heuristic_config` can return for KV elements of
+    ``kv_itemsize`` bytes (for lowering tests)."""
     seen = {}
     for head_dim in (16, 32, 64, 128, 256):
         for page_size in (1, 16, 64, 128):
             for group_size in (1, 2, 4, 8, 16, 32, 64, 128):
                 for qo in (1, 2, 4, 16, 64, 512):
-                    cfg = heuristic_config(head_dim, page_size, group_size, qo)
+                    cfg = heuristic_config(head_dim, page_size, group_size, qo, kv_itemsize)
                     seen.setdefault((cfg, head_dim), None)
     return sorted(seen, key=lambda c: (c[1], c[0].block_m, c[0].block_n))
