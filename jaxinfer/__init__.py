@@ -19,8 +19,14 @@ from jaxinfer.prefill import (
     batch_prefill_ragged,
     single_prefill_with_kv_cache,
 )
-from jaxinfer import sampling
-from jaxinfer.rope import apply_llama31_rope, apply_llama31_rope_pos_ids, apply_rope, apply_rope_pos_ids
+from jaxinfer import fp8, sampling
+from jaxinfer.rope import (
+    apply_llama31_rope,
+    apply_llama31_rope_pos_ids,
+    apply_rope,
+    apply_rope_pos_ids,
+    rope_quantize_fp8_append_paged_kv_cache,
+)
 from jaxinfer.sparse import BlockSparseAttentionWrapper, batch_block_sparse, bsr_to_dense, dense_to_bsr
 from jaxinfer.variants import AttentionVariant, alibi_slopes
 from jaxinfer.wrapper import Plan
@@ -51,11 +57,13 @@ __all__ = [
     "bsr_to_dense",
     "cascade_levels_from_prefix_tree",
     "dense_to_bsr",
+    "fp8",
     "get_batch_indices_positions",
     "get_seq_lens",
     "merge_state",
     "merge_state_in_place",
     "merge_states",
+    "rope_quantize_fp8_append_paged_kv_cache",
     "sampling",
     "single_decode_with_kv_cache",
     "single_prefill_with_kv_cache",

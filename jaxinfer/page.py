@@ -19,6 +19,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxinfer.fp8 import check_scale_value, is_fp8, quantize, scale_array
+
 KV_LAYOUTS = ("NHD", "HND")
 
 
@@ -114,7 +116,6 @@ def unpack_paged_kv_cache(paged_kv_cache, kv_layout: str = "NHD") -> tuple[jax.A
     return paged_kv_cache[:, 0], paged_kv_cache[:, 1]
 
 
-@functools.partial(jax.jit, static_argnames="kv_layout")
 def append_paged_kv_cache(
     append_key: jax.Array,
     append_value: jax.Array,
@@ -125,6 +126,9 @@ def append_paged_kv_cache(
     kv_indptr: jax.Array,
     kv_last_page_len: jax.Array,
     kv_layout: str = "NHD",
+    *,
+    k_scale=None,
+    v_scale=None,
 ):
     """Write appended keys and values into a paged KV cache (FlashInfer's ``append_paged_kv_cache``).
 
@@ -144,12 +148,20 @@ def append_paged_kv_cache(
 
     Two valid rows aimed at one slot leave either value.
 
+    Quantizing writes (:mod:`jaxinfer.fp8`): into an fp8 cache (``float8_e4m3fn``/``float8_e5m2``)
+    the rows may come in any float dtype and are written as ``K / k_scale`` and ``V / v_scale``
+    computed in float32, saturated to the cache dtype's finite range (``±448`` for e4m3, ``±57344``
+    for e5m2; infinities too; NaN stays NaN) and rounded to nearest even; attention then reads the
+    cache with the same ``k_scale``/``v_scale``. A scale into a 16-bit cache is honoured the same
+    way (the rows in the cache's dtype). Without scales, rows already in the cache's dtype are
+    written unchanged.
+
     Pure: returns new arrays. The whole update is one scatter per cache array, so under
     ``jax.jit(..., donate_argnums=...)`` donating ``paged_kv_cache`` updates it in place.
 
     Args:
-      append_key: ``[nnz, Hkv, D]`` in the cache's dtype.
-      append_value: ``[nnz, Hkv, D]`` in the cache's dtype.
+      append_key: ``[nnz, Hkv, D]`` in the cache's dtype, or any float dtype for an fp8 cache.
+      append_value: ``[nnz, Hkv, D]``, the dtype of ``append_key``.
       batch_indices: ``[nnz]`` integer request of each row (:func:`get_batch_indices_positions`).
       positions: ``[nnz]`` integer token position of each row within its request.
       paged_kv_cache: ``(k_cache, v_cache)`` or a single array, see :func:`unpack_paged_kv_cache`.
@@ -157,13 +169,25 @@ def append_paged_kv_cache(
       kv_indptr: ``[B+1]`` integer page row pointer.
       kv_last_page_len: ``[B]`` integer tokens in each request's last page (after the append).
       kv_layout: ``"NHD"`` or ``"HND"`` (static).
+      k_scale, v_scale: optional quantization scales: a Python float or a float array of shape
+        ``()`` or ``[Hkv]`` (per KV head), traced or not (new values never recompile).
 
     Returns:
       The updated cache, of the same structure, shapes and dtype as ``paged_kv_cache``.
 
     Raises:
-      ValueError: at trace time, naming the argument whose rank, shape or dtype is wrong.
+      ValueError: at trace time, naming the argument whose rank, shape or dtype is wrong; or a
+        scale given as a Python/numpy value that is not finite and > 0.
     """
+    check_scale_value("k_scale", k_scale)
+    check_scale_value("v_scale", v_scale)
+    return _append_paged_kv_cache(append_key, append_value, batch_indices, positions, paged_kv_cache, kv_indices,
+                                  kv_indptr, kv_last_page_len, k_scale, v_scale, kv_layout=kv_layout)
+
+
+@functools.partial(jax.jit, static_argnames="kv_layout")
+def _append_paged_kv_cache(append_key, append_value, batch_indices, positions, paged_kv_cache, kv_indices, kv_indptr,
+                           kv_last_page_len, k_scale, v_scale, *, kv_layout: str):
     k_cache, _ = unpack_paged_kv_cache(paged_kv_cache, kv_layout)
     single = not isinstance(paged_kv_cache, (tuple, list))
     page_axis_size = k_cache.shape[0]
@@ -172,8 +196,13 @@ def append_paged_kv_cache(
         append_key, append_value, batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len,
         want=(num_kv_heads, head_dim), dtype=k_cache.dtype,
     )
+    k_scale = scale_array("k_scale", k_scale, num_kv_heads)
+    v_scale = scale_array("v_scale", v_scale, num_kv_heads)
     if kv_indices.shape[0] == 0 or kv_last_page_len.shape[0] == 0:
         return paged_kv_cache  # no page to write to
+    if append_key.dtype != k_cache.dtype or k_scale is not None or v_scale is not None:
+        append_key = quantize(append_key, k_scale, k_cache.dtype)
+        append_value = quantize(append_value, v_scale, k_cache.dtype)
     page, slot = _page_and_slot(
         batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len, page_size, page_axis_size
     )
@@ -261,8 +290,12 @@ def _check_append_args(
     for name, x in (("append_key", append_key), ("append_value", append_value)):
         if x.ndim != 3 or tuple(x.shape[1:]) != want:
             raise ValueError(f"{name} must be [nnz, {want[0]}, {want[1]}] to match the cache, got {tuple(x.shape)}")
-        if x.dtype != dtype:
+        if is_fp8(dtype) and not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be a float array to quantize into the {dtype} cache, got {x.dtype}")
+        if not is_fp8(dtype) and x.dtype != dtype:
             raise ValueError(f"{name} has dtype {x.dtype} but the cache holds {dtype}")
+    if append_value.dtype != append_key.dtype:
+        raise ValueError(f"append_value has dtype {append_value.dtype} but append_key has {append_key.dtype}")
     nnz = append_key.shape[0]
     if append_value.shape[0] != nnz:
         raise ValueError(f"append_value has {append_value.shape[0]} rows but append_key has {nnz}")

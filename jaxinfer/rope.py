@@ -17,6 +17,9 @@ only the low frequencies: with wavelength ``w_i = 2 pi / f_i``, frequencies with
 
 Everything is computed in float32 and returned in the input dtypes. Every function is
 ``jax.jit``-compatible; the keyword options are static.
+
+:func:`rope_quantize_fp8_append_paged_kv_cache` is the serving step's fused form (FlashInfer's
+name): RoPE from a ``cos_sin_cache``, K/V quantized into an fp8 paged cache, q returned rotated.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxinfer.fp8 import check_scale_value, is_fp8, saturate_cast, scale_array
+from jaxinfer.page import append_paged_kv_cache, check_kv_layout
 from jaxinfer.variants import rope_inv_freq
 
 _STATIC = ("rotary_dim", "interleave", "rope_scale", "rope_theta", "llama31")
@@ -59,19 +64,21 @@ def rope_frequencies(
     return (1.0 - smooth) * (freq / rope_scale) + smooth * freq
 
 
-def _rotate(x: jax.Array, angles: jax.Array, rotary_dim: int, interleave: bool) -> jax.Array:
-    """Rotate the first ``rotary_dim`` dims of ``x [nnz, H, D]`` by ``angles [nnz, rotary_dim/2]``."""
+def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array, rotary_dim: int, interleave: bool,
+            out_dtype=None) -> jax.Array:
+    """Rotate the first ``rotary_dim`` dims of ``x [nnz, H, D]`` by the angles whose cosines and
+    sines are ``cos``, ``sin [nnz, rotary_dim/2]``; the result in ``out_dtype`` (``None``: x's;
+    float32: unrounded)."""
     xf = x.astype(jnp.float32)
     rot, rest = xf[..., :rotary_dim], xf[..., rotary_dim:]
-    cos = jnp.cos(angles)[:, None, :]
-    sin = jnp.sin(angles)[:, None, :]
+    cos, sin = cos[:, None, :], sin[:, None, :]
     if interleave:
         a, b = rot[..., 0::2], rot[..., 1::2]
     else:
         a, b = rot[..., : rotary_dim // 2], rot[..., rotary_dim // 2 :]
     ra, rb = a * cos - b * sin, b * cos + a * sin
     rot = jnp.stack([ra, rb], axis=-1).reshape(rot.shape) if interleave else jnp.concatenate([ra, rb], -1)
-    return jnp.concatenate([rot, rest], axis=-1).astype(x.dtype)
+    return jnp.concatenate([rot, rest], axis=-1).astype(out_dtype or x.dtype)
 
 
 def _check_qk(q, k, rotary_dim: int | None) -> int:
@@ -102,7 +109,8 @@ def _apply_pos_ids(q, k, pos_ids, rotary_dim, interleave, rope_scale, rope_theta
         raise ValueError(f"rope_scale and rope_theta must be > 0, got {rope_scale}, {rope_theta}")
     freq = rope_frequencies(rotary_dim, rope_scale, rope_theta, llama31)
     angles = pos_ids.astype(jnp.float32)[:, None] * freq[None, :]
-    return _rotate(q, angles, rotary_dim, interleave), _rotate(k, angles, rotary_dim, interleave)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    return _rotate(q, cos, sin, rotary_dim, interleave), _rotate(k, cos, sin, rotary_dim, interleave)
 
 
 @functools.partial(jax.jit, static_argnames="nnz")
@@ -256,3 +264,132 @@ def _llama31_scaling(low_freq_factor, high_freq_factor, old_context_len) -> Llam
     if not old_context_len > 0:
         raise ValueError(f"old_context_len must be > 0, got {old_context_len}")
     return Llama31Scaling(float(low_freq_factor), float(high_freq_factor), float(old_context_len))
+
+
+def rope_quantize_fp8_append_paged_kv_cache(
+    q_rope: jax.Array,
+    k_rope: jax.Array,
+    q_nope: jax.Array | None,
+    k_nope: jax.Array | None,
+    v: jax.Array,
+    cos_sin_cache: jax.Array,
+    pos_ids: jax.Array,
+    paged_kv_cache,
+    kv_indices: jax.Array,
+    kv_indptr: jax.Array,
+    batch_indices: jax.Array,
+    positions: jax.Array,
+    *,
+    kv_last_page_len: jax.Array,
+    is_neox: bool = True,
+    quantize_dtype=None,
+    quant_scale_q=1.0,
+    quant_scale_kv=1.0,
+    kv_layout: str = "NHD",
+):
+    """RoPE, fp8 quantization and the paged append of one serving step, fused
+    (FlashInfer's ``rope_quantize_fp8_append_paged_kv_cache``, GQA/MHA form).
+
+    Row ``i`` is rotated at position ``pos_ids[i]`` with ``cos = cos_sin_cache[pos, :R/2]`` and
+    ``sin = cos_sin_cache[pos, R/2:]`` (``R`` = rotary dims; rotate-half pairs ``(j, j + R/2)``
+    with ``is_neox``, else ``(2j, 2j + 1)``; RoFormer, Su et al. 2021, sec. 3.4). The keys
+    ``[rotated k_rope, k_nope]`` and the values, times ``quant_scale_kv`` in float32, are
+    saturated to the fp8 cache's range (:func:`jaxinfer.fp8.saturate_cast`) and written as
+    :func:`~jaxinfer.page.append_paged_kv_cache` writes (only into each row's own pages); the
+    attention over the cache then takes ``k_scale = v_scale = 1 / quant_scale_kv``. Everything in
+    float32, one rounding per output.
+
+    Differences from FlashInfer: the updated cache is returned (JAX arrays are immutable; donate
+    it under ``jax.jit`` to update in place); ``kv_last_page_len`` (the page table after the
+    append) bounds the writes; q comes back in ``quantize_dtype`` defaulting to q's own dtype,
+    since jaxinfer's attention takes 16-bit queries (FlashInfer's fp8 default would need fp8-q
+    kernels); MLA's 2-D ``k_rope`` is not served.
+
+    Args:
+      q_rope: ``[nnz, Hq, R]`` bf16/fp16 (or float32) rotary part of q; q_nope ``[nnz, Hq, D - R]``
+        or ``None`` (``D = R``).
+      k_rope: ``[nnz, Hkv, R]``; k_nope ``[nnz, Hkv, D - R]`` or ``None``, q's dtype.
+      v: ``[nnz, Hkv, D]``, q's dtype.
+      cos_sin_cache: ``[max_position, R]`` float32 (cosines, then sines).
+      pos_ids: ``[nnz]`` integer RoPE position of each row (clamped to the table).
+      paged_kv_cache: ``(k_cache, v_cache)`` or one array (:func:`~jaxinfer.page.unpack_paged_kv_cache`)
+        in ``float8_e4m3fn`` or ``float8_e5m2``.
+      kv_indices, kv_indptr, batch_indices, positions, kv_last_page_len: as in
+        :func:`~jaxinfer.page.append_paged_kv_cache`.
+      is_neox: rotate-half pairs (``False``: interleaved pairs).
+      quantize_dtype: dtype of the q outputs (``None``: q_rope's); an fp8 dtype saturates.
+      quant_scale_q: multiplies the q outputs; quant_scale_kv: multiplies K and V before their
+        cast. Python floats (finite, > 0) or float arrays (``()``, or ``[Hkv]`` for
+        ``quant_scale_kv``), traced or not.
+      kv_layout: ``"NHD"`` or ``"HND"`` (static).
+
+    Returns:
+      ``(q_rope_out [nnz, Hq, R], q_nope_out [nnz, Hq, D - R], paged_kv_cache)``.
+
+    Raises:
+      ValueError: naming the argument of the wrong rank, shape or dtype (the cache not fp8, a
+        2-D ``k_rope``, an odd ``R``, a ``cos_sin_cache`` that is not ``[n, R]`` float32), or a
+        bad scale.
+    """
+    check_scale_value("quant_scale_q", quant_scale_q)
+    check_scale_value("quant_scale_kv", quant_scale_kv)
+    check_kv_layout(kv_layout)
+    if quantize_dtype is not None:
+        quantize_dtype = jnp.dtype(quantize_dtype)
+    return _rope_quantize_append(q_rope, k_rope, q_nope, k_nope, v, cos_sin_cache, pos_ids, paged_kv_cache,
+                                 kv_indices, kv_indptr, batch_indices, positions, kv_last_page_len, quant_scale_q,
+                                 quant_scale_kv, is_neox=is_neox, quantize_dtype=quantize_dtype, kv_layout=kv_layout)
+
+
+@functools.partial(jax.jit, static_argnames=("is_neox", "quantize_dtype", "kv_layout"))
+def _rope_quantize_append(q_rope, k_rope, q_nope, k_nope, v, cos_sin_cache, pos_ids, paged_kv_cache, kv_indices,
+                          kv_indptr, batch_indices, positions, kv_last_page_len, quant_scale_q, quant_scale_kv, *,
+                          is_neox, quantize_dtype, kv_layout):
+    if k_rope.ndim != 3:
+        raise ValueError(f"k_rope must be [nnz, num_kv_heads, rope_dim] (MLA's 2-D k_rope is not served), got "
+                         f"{tuple(k_rope.shape)}")
+    nnz, num_kv_heads, rope_dim = k_rope.shape
+    if q_rope.ndim != 3 or q_rope.shape[0] != nnz or q_rope.shape[2] != rope_dim or rope_dim % 2:
+        raise ValueError(f"q_rope must be [nnz={nnz}, num_qo_heads, rope_dim={rope_dim}] with an even rope_dim, got "
+                         f"{tuple(q_rope.shape)}")
+    if not jnp.issubdtype(q_rope.dtype, jnp.floating) or is_fp8(q_rope.dtype):
+        raise ValueError(f"q_rope must be bf16, fp16 or float32, got {q_rope.dtype}")
+    nope_dim = 0 if k_nope is None else k_nope.shape[-1]
+    if q_nope is None:
+        q_nope = jnp.zeros((nnz, q_rope.shape[1], nope_dim), q_rope.dtype)
+    for name, x, heads in (("k_rope", k_rope, num_kv_heads), ("q_nope", q_nope, q_rope.shape[1]),
+                           ("k_nope", k_nope, num_kv_heads), ("v", v, num_kv_heads)):
+        if x is None:
+            continue
+        width = rope_dim + nope_dim if name == "v" else (rope_dim if name == "k_rope" else nope_dim)
+        if x.ndim != 3 or tuple(x.shape) != (nnz, heads, width) or x.dtype != q_rope.dtype:
+            raise ValueError(f"{name} must be [{nnz}, {heads}, {width}] {q_rope.dtype} (the shapes of q_rope, k_rope, "
+                             f"k_nope), got {x.dtype}{tuple(x.shape)}")
+    if cos_sin_cache.ndim != 2 or cos_sin_cache.shape[1] != rope_dim or cos_sin_cache.dtype != jnp.float32:
+        raise ValueError(f"cos_sin_cache must be [max_position, rope_dim={rope_dim}] float32, got "
+                         f"{cos_sin_cache.dtype}{tuple(cos_sin_cache.shape)}")
+    _check_index("pos_ids", pos_ids, nnz)
+    k_cache = paged_kv_cache[0] if isinstance(paged_kv_cache, (tuple, list)) else paged_kv_cache
+    if not is_fp8(k_cache.dtype):
+        raise ValueError(f"paged_kv_cache must be float8_e4m3fn or float8_e5m2, got {k_cache.dtype}")
+    if tuple(getattr(quant_scale_q, "shape", ())) not in ((), (1,)):
+        raise ValueError(f"quant_scale_q must be a scalar, got shape {tuple(quant_scale_q.shape)}")
+    q_scale = scale_array("quant_scale_q", quant_scale_q, 1)[0]
+    kv_scale = scale_array("quant_scale_kv", quant_scale_kv, num_kv_heads)[:, None]
+    table = cos_sin_cache[jnp.clip(pos_ids.astype(jnp.int32), 0, cos_sin_cache.shape[0] - 1)]
+    cos, sin = table[:, : rope_dim // 2], table[:, rope_dim // 2 :]
+    interleave = not is_neox
+    q_out = quantize_dtype or q_rope.dtype
+
+    def q_cast(x):
+        x = x.astype(jnp.float32) * q_scale
+        return saturate_cast(x, q_out) if is_fp8(q_out) else x.astype(q_out)
+
+    k = _rotate(k_rope, cos, sin, rope_dim, interleave, jnp.float32)
+    if k_nope is not None:
+        k = jnp.concatenate([k, k_nope.astype(jnp.float32)], axis=-1)
+    paged_kv_cache = append_paged_kv_cache(
+        saturate_cast(k * kv_scale, k_cache.dtype), saturate_cast(v.astype(jnp.float32) * kv_scale, k_cache.dtype),
+        batch_indices, positions, paged_kv_cache, kv_indices, kv_indptr, kv_last_page_len, kv_layout)
+    q_rot = _rotate(q_rope, cos, sin, rope_dim, interleave, jnp.float32)
+    return q_cast(q_rot), q_cast(q_nope), paged_kv_cache
