@@ -92,7 +92,9 @@ def auto_order(op: str = "prefill") -> tuple[str, ...]:
 
     From same-run H100 measurements (benchmarks/RESULTS.md): the FFI kernels lead plain prefill and
     append (fa3, then fa2, then pallas, on every prefill shape), pallas leads decode, cascade levels
-    and block-sparse patterns, where the FFI kernels run several times slower.
+    and block-sparse patterns, where the FFI kernels run several times slower. A backend that
+    cannot serve a call's dtypes declines it in its capabilities, so :func:`resolve` passes over
+    it: an fp8 KV cache (which fa2/fa3 decline) goes to pallas for every op.
 
     Args:
       op: ``"decode"``, ``"prefill"`` (plain batch or single prefill/append) or ``"other"``
