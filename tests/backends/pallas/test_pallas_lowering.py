@@ -107,3 +107,63 @@ def test_attention_variants_lower(cfg, name, fields, with_mask):
 def test_merge_kernels_lower():
     _export_cuda(merge_states, S((100, 3, 5, 96), jnp.bfloat16), S((100, 3, 5), jnp.float32))
     _export_cuda(merge_state, S((70, 4, 128), jnp.float16), S((70, 4), jnp.float32), S((70, 4, 128), jnp.float16), S((70, 4), jnp.float32))
+
+
+# Every (config, head_dim) the heuristic can pick for an fp8 cache, with the fp8 dtypes, bf16/fp16
+# q, the three KV forms and scales (the kernel's kv_scales input) on and off varying over them.
+FP8 = (jnp.float8_e4m3fn, jnp.float8_e5m2)
+FP8_CASES = [
+    (cfg, d, ("NHD", "HND", "ragged")[i % 3], i % 2 == 0, FP8[i // 2 % 2], i % 5 < 3)
+    for i, (cfg, d) in enumerate(candidate_configs(kv_itemsize=1))
+]
+
+
+@pytest.mark.parametrize(
+    "cfg,d,mode,masks,kv_dtype,scales", FP8_CASES,
+    ids=[f"{c.block_m}x{c.block_n}-d{d}-{m}-{jnp.dtype(t).name}{'-scales' if s else ''}" for c, d, m, _, t, s in FP8_CASES],
+)
+def test_attention_fp8_lowers(cfg, d, mode, masks, kv_dtype, scales):
+    hkv, group = 2, max(1, min(cfg.block_m // 2, 8))
+    ks = KernelSpec(
+        paged=mode != "ragged", kv_layout="HND" if mode == "HND" else "NHD", page_size=16 if mode != "ragged" else 1,
+        num_qo_heads=hkv * group, num_kv_heads=hkv, head_dim=d, sm_scale=0.1, causal=masks,
+        window_left=64 if masks else -1, logits_soft_cap=30.0 if masks else None,
+        num_ctas=264, num_slots=1056 if masks else 0, num_groups=528, max_tiles=2048, page_capacity=4096,
+        kv_scales=scales,
+    )
+    q_dtype = jnp.bfloat16 if masks else jnp.float16
+    kv = _kv_shapes(mode, hkv, d, kv_dtype)
+    args = [S((ks.buffer_size,), jnp.int32), S((77, hkv * group, d), q_dtype), kv, kv]
+    extra = (S((2 * hkv,), jnp.float32),) if scales else ()
+    text = _export_cuda(lambda buf, q, k, v, *sc: attention(buf, q, k, v, None, *sc, ks=ks, cfg=cfg), *args, *extra)
+    assert text.count(pltriton.CUSTOM_CALL_TARGET_NAME) == (2 if masks else 1)
+    # The cache reaches the kernel as fp8 (one byte per element), not as a widened copy.
+    fp8_name = {jnp.dtype(jnp.float8_e4m3fn): "f8E4M3FN", jnp.dtype(jnp.float8_e5m2): "f8E5M2"}[jnp.dtype(kv_dtype)]
+    assert f"x{d}x{fp8_name}>" in text
+
+
+FP8_VARIANTS = [(VARIANT_CFGS[i % len(VARIANT_CFGS)], *v) for i, v in enumerate(VARIANTS)]
+
+
+@pytest.mark.parametrize("cfg,name,fields,with_mask", FP8_VARIANTS,
+                         ids=[f"{v[1]}-{v[0].block_m}x{v[0].block_n}" for v in FP8_VARIANTS])
+def test_attention_fp8_variants_lower(cfg, name, fields, with_mask):
+    """The variants' paths that widen fp8 tiles differently (RoPE halves, key transforms in float32,
+    no softmax) lower with an e4m3 cache and per-head scales."""
+    hkv, group, d = 2, 4, 128
+    base = dict(causal=False, window_left=-1, logits_soft_cap=None)
+    base.update(fields)
+    ks = KernelSpec(
+        paged=True, kv_layout="NHD", page_size=16, num_qo_heads=hkv * group, num_kv_heads=hkv, head_dim=d,
+        sm_scale=0.1, num_ctas=264, num_slots=1056, num_groups=528, max_tiles=2048,
+        page_capacity=4096, custom_mask=with_mask, kv_scales=True, **base,
+    )
+    kv = _kv_shapes("NHD", hkv, d, jnp.float8_e4m3fn)
+    mask = (S((1 << 16,), jnp.int8),) if with_mask else ()
+
+    def run(buf, q, k, v, *rest):  # rest: (mask,) scales
+        return attention(buf, q, k, v, rest[0] if with_mask else None, rest[-1], ks=ks, cfg=cfg)
+
+    text = _export_cuda(run, S((ks.buffer_size,), jnp.int32), S((77, hkv * group, d), jnp.bfloat16), kv, kv, *mask,
+                        S((2 * hkv,), jnp.float32))
+    assert text.count(pltriton.CUSTOM_CALL_TARGET_NAME) == 2
