@@ -242,6 +242,16 @@ def gather_paged_kv(k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, k
     return k_list, v_list
 
 
+def dequantize(x_list, scale):
+    """The values attention reads from a quantized cache, in float64: each request's ``[L, Hkv, D]``
+    stored values (fp8 or any dtype) times ``scale``: ``None`` (1), a number, or ``[Hkv]`` per KV
+    head. FlashInfer's ``k_scale``/``v_scale`` definition: the cache holds values / scale."""
+    if scale is None:
+        return [f64(x) for x in x_list]
+    per_head = f64(scale).reshape(-1)
+    return [f64(x) * per_head[None, :, None] for x in x_list]
+
+
 def ref_merge(v_list, s_list):
     """Merge attention states (FlashInfer paper sec. 2.2, "attention state" composition).
 
