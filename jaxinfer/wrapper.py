@@ -28,8 +28,8 @@ SCALES_DOC = """k_scale, v_scale: optional dequantization scales (FlashInfer's):
         array of shape ``()`` or ``[num_kv_heads]`` (per KV head), traced or not (new values never
         recompile). Attention reads ``k * k_scale`` and ``v * v_scale``: ``k_scale`` multiplies
         the logits ``q . k`` as ``sm_scale`` does (step 3 of jaxinfer/variants.py, before the soft
-        cap, ALiBi and a logits transform; the lse includes it), ``v_scale`` the output (before
-        an output transform). A Python or numpy value must be finite and > 0 (``ValueError``); an
+        cap, ALiBi and a logits transform; the lse includes it; a key transform sees the keys
+        ``k * k_scale``), ``v_scale`` the output (before an output transform). A Python or numpy value must be finite and > 0 (``ValueError``); an
         array of another shape or a non-float dtype is a ``ValueError``."""
 
 

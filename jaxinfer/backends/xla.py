@@ -81,8 +81,9 @@ def attention_dense(
       variant: the attention variant (static).
       custom_mask: optional ``[B, Lq, Lk]`` bool, True keeps a key.
       k_scale, v_scale: optional ``[Hkv]`` float32 (:mod:`jaxinfer.fp8`): ``k_scale[h]``
-        multiplies the logits ``q . k`` of KV head ``h``, ``v_scale[h]`` its output (before the
-        output transform), i.e. attention over ``k * k_scale`` and ``v * v_scale``.
+        multiplies the logits ``q . k`` of KV head ``h`` (the keys, when a key transform is to
+        see them), ``v_scale[h]`` its output (before the output transform), i.e. attention over
+        ``k * k_scale`` and ``v * v_scale``.
 
     Returns:
       ``(o [B, Lq, Hq, D] float32, lse [B, Lq, Hq] float32 base 2)``; ``lse`` is ``None`` without
@@ -104,14 +105,14 @@ def attention_dense(
         if variant.query_transform:
             q = variant.query_transform(q)
         if variant.key_transform:
-            k = variant.key_transform(k)
+            k = variant.key_transform(k if k_scale is None else k * k_scale[None, None, :, None])
         if variant.pos_encoding_mode == "ROPE_LLAMA":
             q = apply_rope_rotate_half(q, q_pos, variant)
             k = apply_rope_rotate_half(k, jnp.broadcast_to(kv_pos, (B, Lk)), variant)
     qg = q.reshape(B, Lq, Hkv, group, D)
     x = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, precision=_matmul_dtype(q), preferred_element_type=jnp.float32)
     x = x * variant.scale(D)
-    if k_scale is not None:
+    if k_scale is not None and not variant.key_transform:
         x = x * k_scale[None, :, None, None, None]
     if variant.has_soft_cap:
         c = variant.logits_soft_cap

@@ -21,8 +21,8 @@ stored, one byte per element, and widened in registers to q's dtype before the d
 every fp8 value is a bf16 and an fp16 value), so decode, memory-bound, moves half the bytes of
 a 16-bit cache; ``P`` is rounded to q's dtype for ``P.V`` as with a 16-bit cache. With
 :attr:`KernelSpec.kv_scales` the kernel reads a ``[2 * Hkv]`` float32 array of per-KV-head
-``k_scale`` (multiplies the raw ``q.k``) and ``v_scale`` (multiplies the tile's output, before
-partials are written and before the output transform). A 16-bit cache without scales traces
+``k_scale`` (multiplies the raw ``q.k``, or the keys before a key transform) and ``v_scale``
+(multiplies the tile's output, before partials are written and before the output transform). A 16-bit cache without scales traces
 to the same kernel as before either existed.
 
 Attention variants (the pipeline of jaxinfer/variants.py) are static fields of the
@@ -234,19 +234,21 @@ def _widen(x, dtype):
     return x if x.dtype == dtype else x.astype(dtype)
 
 
-def _load_operand(ref, rows, ok, transform, cos_sin, d: int, dtype):
+def _load_operand(ref, rows, ok, transform, cos_sin, d: int, dtype, scale=None):
     """Rows of q or k as the column parts of the logits dot, in ``dtype`` (q's).
 
     Plain: one ``[rows, D]`` part. With RoPE (``cos_sin`` of ``[rows, D/2]``): the two halves,
     rotated in float32 (rotate-half), so that ``q.k = q1.k1 + q2.k2`` needs no concatenation.
-    A user ``transform`` sees whole float32 rows before the rotation (step 1 before step 2).
+    A user ``transform`` sees whole float32 rows before the rotation (step 1 before step 2),
+    multiplied by ``scale`` (the dequantized keys; ``None``: no scale).
     """
     if transform is None and cos_sin is None:
         return (_widen(_load(ref, rows, ok, d), dtype),)
     if transform is None:
         parts = tuple(_load(ref, rows, ok, d // 2, c).astype(jnp.float32) for c in (0, d // 2))
     else:
-        x = transform(_load(ref, rows, ok, d).astype(jnp.float32))
+        x = _load(ref, rows, ok, d).astype(jnp.float32)
+        x = transform(x if scale is None else x * scale)
         parts = tuple(jnp.split(x, 2, axis=1)) if cos_sin is not None else (x,)
     if cos_sin is not None:
         (x1, x2), (cos, sin) = parts, cos_sin
@@ -377,6 +379,10 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, na
         qs = _load_operand(q_ref, jnp.where(row_ok, rows_raw, 0), row_ok, ks.fn("query_transform"), q_cs, d, cdt)
         mask = (mask_ref, field("mask_base"), field("kv_len"), tok, row_ok) if ks.custom_mask else None
         k_scale, v_scale = (scale_ref[kv_head], scale_ref[ks.num_kv_heads + kv_head]) if ks.kv_scales else (None, None)
+        # A key transform sees the dequantized keys (it need not be linear); otherwise the scale
+        # multiplies the raw logits, one multiply per logit instead of one per key element.
+        k_transform = ks.fn("key_transform")
+        k_scale_rows, k_scale_logits = (k_scale, None) if k_transform is not None else (None, k_scale)
 
         def positions(i, masked):
             """Keys ``[bn]`` of step ``i`` and their in-chunk mask (``None``: all in range)."""
@@ -389,7 +395,7 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, na
             pos, ok = positions(i, masked)
             kv_rows = _kv_rows(pos, ok, kv_head, kv_base, buf_ref, num_pages, ks)
             k_cs = _cos_sin(pos, inv_freq, native) if ks.rope else None
-            return _dot_parts(qs, _load_operand(k_ref, kv_rows, ok, ks.fn("key_transform"), k_cs, d, cdt)), kv_rows
+            return _dot_parts(qs, _load_operand(k_ref, kv_rows, ok, k_transform, k_cs, d, cdt, k_scale_rows)), kv_rows
 
         def step(i, state, masked):
             m, l, acc = state[:3]
@@ -401,7 +407,7 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, na
             else:
                 (raw, kv_rows), nxt = qk(i, masked), ()
             v = _widen(_load(v_ref, kv_rows, ok, d), cdt)
-            s, scale = _logits(raw, rows, pos, kv_head, ks, k_scale)
+            s, scale = _logits(raw, rows, pos, kv_head, ks, k_scale_logits)
             guard = masked and ks.rows_see_different_keys
             if masked:
                 visible = _visible(ok, pos, rows, kv_head, mask, ks)
