@@ -3,8 +3,10 @@ the float64 reference, random invalid plan arguments that must raise a ValueErro
 argument, and random poisoned cache values that must stay out of the rows that cannot see them.
 
 Hypothesis draws the batches (request lengths including 0, page sizes, GQA ratios, layouts, mask
-options); the backends are those of the conformance suite (a backend with no device here skips).
-Shapes stay tiny: the Pallas kernels run in interpret mode on a CPU.
+options) and, for the paged properties, the KV cache dtype (bf16, or fp8 where the backend serves
+it, issue 18) and ``k_scale``/``v_scale`` (none, per tensor, per KV head; the reference reads the
+dequantized values); the backends are those of the conformance suite (a backend with no device
+here skips). Shapes stay tiny: the Pallas kernels run in interpret mode on a CPU.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import pytest
 from conftest import BACKENDS, assert_close, indptr_of, make_paged_kv, rand
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ref64 import ref_batch
+from ref64 import dequantize, ref_batch
 
 import jaxinfer
+from jaxinfer import backends
 
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 D = 32
@@ -25,6 +28,23 @@ D = 32
 geometry = st.sampled_from([(2, 2), (4, 2), (6, 2), (4, 1)])  # (Hq, Hkv): GQA 1, 2, 3, 4
 page_sizes = st.sampled_from([1, 3, 4, 16])
 options = st.sampled_from([{}, dict(causal=True), dict(causal=True, window_left=3), dict(logits_soft_cap=4.0)])
+kv_dtypes = st.sampled_from([jnp.bfloat16, jnp.float8_e4m3fn, jnp.float8_e5m2])
+scale_kinds = st.sampled_from([None, "tensor", "head"])
+
+
+def served_kv_dtype(backend: str, kv_dtype):
+    """``kv_dtype`` when ``backend`` serves it with a bf16 q, else bf16 (fa2/fa3 decline fp8)."""
+    caps = backends.get_backend(backend).capabilities
+    return kv_dtype if caps.dtype_unsupported(jnp.bfloat16, kv_dtype) is None else jnp.bfloat16
+
+
+def draw_scales(rng, kind, hkv):
+    """``(k_scale, v_scale)``: none, Python floats, or per-KV-head float32 arrays."""
+    if kind is None:
+        return None, None
+    if kind == "tensor":
+        return float(rng.uniform(0.25, 4.0)), float(rng.uniform(0.25, 4.0))
+    return tuple(jnp.asarray(rng.uniform(0.25, 4.0, hkv), jnp.float32) for _ in range(2))
 
 
 @st.composite
@@ -38,16 +58,20 @@ def batches(draw, max_batch: int = 4, max_len: int = 24):
 @pytest.mark.parametrize("backend", BACKENDS)
 @SETTINGS
 @given(batch=batches(), geom=geometry, page_size=page_sizes, opts=options, layout=st.sampled_from(["NHD", "HND"]),
-       seed=st.integers(0, 2**32 - 1))
-def test_paged_prefill_matches_reference(backend, batch, geom, page_size, opts, layout, seed):
+       kv_dtype=kv_dtypes, scales=scale_kinds, seed=st.integers(0, 2**32 - 1))
+def test_paged_prefill_matches_reference(backend, batch, geom, page_size, opts, layout, kv_dtype, scales, seed):
     rng = np.random.default_rng(seed)
     (qo_lens, kv_lens), (hq, hkv) = batch, geom
-    kv = make_paged_kv(rng, kv_lens, page_size, hkv, D, jnp.bfloat16, layout)
+    kv_dtype = served_kv_dtype(backend, kv_dtype)
+    kv = make_paged_kv(rng, kv_lens, page_size, hkv, D, kv_dtype, layout)
+    k_scale, v_scale = draw_scales(rng, scales, hkv)
     w = jaxinfer.BatchPrefillWithPagedKVCacheWrapper(kv_layout=layout, backend=backend)
-    w.plan(indptr_of(qo_lens), kv.kv_indptr, kv.kv_indices, kv.kv_last_page_len, hq, hkv, D, page_size, **opts)
+    w.plan(indptr_of(qo_lens), kv.kv_indptr, kv.kv_indices, kv.kv_last_page_len, hq, hkv, D, page_size,
+           kv_data_type=kv_dtype, **opts)
     q = rand(rng, (sum(qo_lens), hq, D), jnp.bfloat16)
-    o, lse = w.run(q, kv.cache, return_lse=True)
-    want_o, want_lse = ref_batch(q, kv.k_list, kv.v_list, indptr_of(qo_lens), **opts)
+    o, lse = w.run(q, kv.cache, return_lse=True, k_scale=k_scale, v_scale=v_scale)
+    want_o, want_lse = ref_batch(q, dequantize(kv.k_list, k_scale), dequantize(kv.v_list, v_scale),
+                                 indptr_of(qo_lens), **opts)
     assert_close(o, want_o, jnp.bfloat16)
     assert_close(lse, want_lse, jnp.bfloat16, "lse")
 
@@ -73,13 +97,17 @@ def test_ragged_prefill_matches_reference(backend, batch, geom, opts, seed):
 @pytest.mark.parametrize("backend", BACKENDS)
 @SETTINGS
 @given(kv_lens=st.lists(st.integers(0, 40), min_size=0, max_size=5), geom=geometry, page_size=page_sizes,
-       poison=st.sampled_from([np.inf, -np.inf, np.nan]), seed=st.integers(0, 2**32 - 1))
-def test_decode_poison_stays_in_its_own_rows(backend, kv_lens, geom, page_size, poison, seed):
+       poison=st.sampled_from([np.inf, -np.inf, np.nan]), kv_dtype=kv_dtypes, scales=scale_kinds,
+       seed=st.integers(0, 2**32 - 1))
+def test_decode_poison_stays_in_its_own_rows(backend, kv_lens, geom, page_size, poison, kv_dtype, scales, seed):
     """Every cache slot that no request owns (free pages, the tail of each last page) holds
-    poison; the outputs must equal the reference over the owned values."""
+    poison (an infinity becomes NaN in an e4m3 cache, which has none); the outputs must equal the
+    reference over the owned values."""
     rng = np.random.default_rng(seed)
     hq, hkv = geom
-    kv = make_paged_kv(rng, kv_lens, page_size, hkv, D, jnp.bfloat16)
+    kv_dtype = served_kv_dtype(backend, kv_dtype)
+    kv = make_paged_kv(rng, kv_lens, page_size, hkv, D, kv_dtype)
+    k_scale, v_scale = draw_scales(rng, scales, hkv)
     owned = np.zeros(kv.cache[0].shape[:2], bool)  # [num_pages, page_size]
     for b, n in enumerate(kv_lens):
         pages = kv.kv_indices[kv.kv_indptr[b] : kv.kv_indptr[b + 1]]
@@ -87,12 +115,64 @@ def test_decode_poison_stays_in_its_own_rows(backend, kv_lens, geom, page_size, 
             owned[pages[t // page_size], t % page_size] = True
     cache = tuple(jnp.where(jnp.asarray(owned)[:, :, None, None], c, poison).astype(c.dtype) for c in kv.cache)
     w = jaxinfer.BatchDecodeWithPagedKVCacheWrapper(backend=backend)
-    w.plan(kv.kv_indptr, kv.kv_indices, kv.kv_last_page_len, hq, hkv, D, page_size)
+    w.plan(kv.kv_indptr, kv.kv_indices, kv.kv_last_page_len, hq, hkv, D, page_size, kv_data_type=kv_dtype)
     q = rand(rng, (len(kv_lens), hq, D), jnp.bfloat16)
-    o, lse = w.run(q, cache, return_lse=True)
-    want_o, want_lse = ref_batch(q, kv.k_list, kv.v_list, indptr_of([1] * len(kv_lens)))
+    o, lse = w.run(q, cache, return_lse=True, k_scale=k_scale, v_scale=v_scale)
+    want_o, want_lse = ref_batch(q, dequantize(kv.k_list, k_scale), dequantize(kv.v_list, v_scale),
+                                 indptr_of([1] * len(kv_lens)))
     assert_close(o, want_o, jnp.bfloat16)
     assert_close(lse, want_lse, jnp.bfloat16, "lse")
+
+
+@SETTINGS
+@given(lens=st.lists(st.tuples(st.integers(0, 12), st.integers(0, 6)), min_size=1, max_size=4),
+       page_size=page_sizes, kv_dtype=st.sampled_from([jnp.float8_e4m3fn, jnp.float8_e5m2]),
+       row_dtype=st.sampled_from([jnp.bfloat16, jnp.float16, jnp.float32]), scales=scale_kinds,
+       layout=st.sampled_from(["NHD", "HND"]), single=st.booleans(), pad=st.integers(0, 3),
+       seed=st.integers(0, 2**32 - 1))
+def test_fp8_append_quantizes_into_own_slots_only(lens, page_size, kv_dtype, row_dtype, scales, layout, single, pad,
+                                                  seed):
+    """append_paged_kv_cache into an fp8 cache: each request's new tokens land in its own slots as
+    K / k_scale rounded to nearest even and saturated at the fp8 limits (rows reach past them);
+    padding rows write nothing and every other slot keeps its bits."""
+    rng = np.random.default_rng(seed)
+    old_lens, app_lens = (np.array(x, np.int64) for x in zip(*lens))
+    hkv = 2
+    new_lens = old_lens + app_lens
+    pages = -(-new_lens // page_size)
+    num_pages = int(pages.sum()) + 2
+    kv_indptr = indptr_of(pages)
+    kv_indices = rng.permutation(num_pages)[: kv_indptr[-1]].astype(np.int32)
+    last = np.where(pages > 0, new_lens - (pages - 1) * page_size, 0).astype(np.int32)
+    shape = (num_pages, page_size, hkv, D) if layout == "NHD" else (num_pages, hkv, page_size, D)
+    k0, v0 = rand(rng, shape, kv_dtype, scale=4.0), rand(rng, shape, kv_dtype, scale=4.0)
+    cache = jnp.stack([k0, v0], axis=1) if single else (k0, v0)
+    nnz = int(app_lens.sum()) + pad
+    limit = float(jnp.finfo(kv_dtype).max)
+    # Magnitudes up to 4x the fp8 limit (times the scale): some entries saturate.
+    keys, values = (rng.standard_normal((nnz, hkv, D)) * limit * rng.uniform(0.01, 2.0) for _ in range(2))
+    keys, values = (jnp.asarray(np.clip(x, -6e4, 6e4), row_dtype) for x in (keys, values))
+    k_scale, v_scale = draw_scales(rng, scales, hkv)
+    seq_lens = jaxinfer.get_seq_lens(kv_indptr, last, page_size)
+    batch_indices, positions = jaxinfer.get_batch_indices_positions(indptr_of(app_lens), seq_lens, nnz)
+    out = jaxinfer.append_paged_kv_cache(keys, values, batch_indices, positions, cache, kv_indices, kv_indptr, last,
+                                         kv_layout=layout, k_scale=k_scale, v_scale=v_scale)
+    got = [np.asarray(x, np.float32) for x in jaxinfer.page.unpack_paged_kv_cache(out, layout)]
+    want = [np.array(x, np.float32) for x in (k0, v0)]
+    if layout == "HND":
+        got, want = [x.transpose(0, 2, 1, 3) for x in got], [x.transpose(0, 2, 1, 3) for x in want]
+    row = 0
+    for b in range(len(old_lens)):
+        for pos in range(old_lens[b], new_lens[b]):
+            page, slot = kv_indices[kv_indptr[b] + pos // page_size], pos % page_size
+            for w, x, scale in ((want[0], keys, k_scale), (want[1], values, v_scale)):
+                x = np.asarray(x[row], np.float32)
+                if scale is not None:
+                    x = x / np.broadcast_to(np.asarray(scale, np.float32), (hkv,))[:, None]
+                w[page, slot] = np.clip(x, -limit, limit).astype(kv_dtype).astype(np.float32)
+            row += 1
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
 
 
 # ------------------------------------------------------------------ invalid arguments
