@@ -26,7 +26,8 @@ from ref64 import dequantize, f64, gather_paged_kv, ref_attention, ref_batch, ro
 import jaxinfer
 from jaxinfer import backends
 from jaxinfer.backends import device
-from jaxinfer.plan.batch import BatchSpec
+from jaxinfer.backends.pallas.backend import get_backend as pallas_backend
+from jaxinfer.plan.batch import BatchSpec, PlanCapacity
 from jaxinfer.variants import AttentionVariant
 
 FP8 = [jnp.float8_e4m3fn, jnp.float8_e5m2]
@@ -288,6 +289,18 @@ def test_fp8_routing(monkeypatch, kv_dtype):
                           num_qo_heads=8, num_kv_heads=2, head_dim=128, variant=AttentionVariant(),
                           q_dtype=kv_dtype, kv_dtype=kv_dtype)
     assert "q dtype" in backends.get_backend("pallas").unsupported(q8)
+
+
+def test_fp8_plan_uses_fp8_decode_tile():
+    """The plan of an fp8 decode batch carries the fp8 tile (twice the keys per step)."""
+    args = dict(page_size=16, num_qo_heads=32, num_kv_heads=8, head_dim=128,
+                variant=jaxinfer.AttentionVariant(), q_dtype=jnp.bfloat16)
+    table = (np.arange(3), np.arange(3), np.arange(2), np.array([16, 5]))
+    bf16 = BatchSpec.create(*table, **args, kv_dtype=jnp.bfloat16)
+    fp8 = BatchSpec.create(*table, **args, kv_dtype=jnp.float8_e4m3fn)
+    cfg16 = pallas_backend().plan(bf16, PlanCapacity()).config
+    cfg8 = pallas_backend().plan(fp8, PlanCapacity()).config
+    assert cfg8.block_n == 2 * cfg16.block_n and cfg8.block_m == cfg16.block_m
 
 
 # ------------------------------------------------------------------ quantizing appends
