@@ -536,13 +536,13 @@ def top_k_top_p_sampling_from_logits(logits: Float[Array, "R V"], top_k, top_p, 
                         temperature=temperature)
 
 
-@functools.partial(jax.jit, static_argnames=("criterion", "backend"))
-def _threshold(x, param, *, criterion: str, backend: str):
+@functools.partial(jax.jit, static_argnames=("criterion", "logits", "backend"))
+def _threshold(x, param, *, criterion: str, logits: bool, backend: str):
     """``[R]`` float32: the filter keeps ``x >= threshold`` (``-inf``: everything)."""
     if backend == "pallas":
         from jaxinfer.backends.pallas import sampling as pallas_sampling
 
-        return pallas_sampling.threshold(x, param, criterion=criterion)
+        return pallas_sampling.threshold(x, param, criterion=criterion, logits=logits)
     x = x.astype(jnp.float32)
     return _top_k_threshold(x, param) if criterion == "top_k" else _top_p_threshold(x, param)
 
@@ -563,7 +563,7 @@ def top_k_renorm_probs(probs: Float[Array, "R V"], top_k, *, backend: str = "aut
     """
     probs = _check_rows(probs, "probs")
     k = _row_param(top_k, "top_k", probs.shape[0], integer=True)
-    return _renorm(probs, _threshold(probs, k, criterion="top_k", backend=_resolve_backend(backend)))
+    return _renorm(probs, _threshold(probs, k, criterion="top_k", logits=False, backend=_resolve_backend(backend)))
 
 
 def top_p_renorm_probs(probs: Float[Array, "R V"], top_p, *, backend: str = "auto") -> Float[Array, "R V"]:
@@ -582,7 +582,7 @@ def top_p_renorm_probs(probs: Float[Array, "R V"], top_p, *, backend: str = "aut
     """
     probs = _check_rows(probs, "probs")
     p = _row_param(top_p, "top_p", probs.shape[0], lo=0.0, hi=1.0)
-    return _renorm(probs, _threshold(probs, p, criterion="top_p", backend=_resolve_backend(backend)))
+    return _renorm(probs, _threshold(probs, p, criterion="top_p", logits=False, backend=_resolve_backend(backend)))
 
 
 @jax.jit
@@ -609,7 +609,7 @@ def top_k_mask_logits(logits: Float[Array, "R V"], top_k, *, backend: str = "aut
     """
     logits = _check_rows(logits, "logits")
     k = _row_param(top_k, "top_k", logits.shape[0], integer=True)
-    t = _threshold(logits, k, criterion="top_k", backend=_resolve_backend(backend))
+    t = _threshold(logits, k, criterion="top_k", logits=True, backend=_resolve_backend(backend))
     return _mask_below(logits, t)
 
 

@@ -68,8 +68,9 @@ def test_float_key_is_order_preserving():
 # ------------------------------------------------------------------------------------------------
 
 
-def _threshold(x, param, criterion, config=SMALL):
-    return np.asarray(jax.jit(lambda a, p: ps.threshold(a, p, criterion=criterion, config=config))(jnp.asarray(x), jnp.asarray(param)))
+def _threshold(x, param, criterion, logits, config=SMALL):
+    run = jax.jit(lambda a, p: ps.threshold(a, p, criterion=criterion, logits=logits, config=config))
+    return np.asarray(run(jnp.asarray(x), jnp.asarray(param)))
 
 
 def test_threshold_top_k_exact():
@@ -81,7 +82,7 @@ def test_threshold_top_k_exact():
     logits[3] = rng.standard_normal(vocab) * 50  # wide, distinct, both signs
     sorted_desc = -np.sort(-logits, axis=1)
     top_k = np.array([int(np.flatnonzero(sorted_desc[0] == sorted_desc[0, 5])[-1]) + 1, 1, 30, 77, 0, vocab, 99, 2], np.int32)
-    t = _threshold(logits, top_k, "top_k")
+    t = _threshold(logits, top_k, "top_k", True)
     for r in range(rows):
         keep = ref_top_k_keep(logits[r].astype(np.float64), int(top_k[r]))
         np.testing.assert_array_equal(logits[r] >= t[r], keep, err_msg=f"row {r} k={top_k[r]}")
@@ -94,7 +95,7 @@ def test_threshold_top_p_exact():
     probs[5, :30] = 0.0
     top_p = np.array([safe_top_p(probs[r].astype(np.float64), rng) for r in range(rows)], np.float32)
     top_p[0], top_p[1] = 0.0, 1.0
-    t = _threshold(probs, top_p, "top_p")
+    t = _threshold(probs, top_p, "top_p", False)
     for r in range(rows):
         want = ref_dist(probs[r], top_p=float(top_p[r])) > 0
         got = probs[r] >= t[r]
@@ -185,7 +186,7 @@ def test_top_p_exact_boundary():
     probs = np.zeros((2, 40), np.float32)
     probs[:, [3, 17, 22, 38]] = [0.125, 0.5, 0.125, 0.25]
     top_p = np.array([0.75, 0.5], np.float32)
-    t = _threshold(probs, top_p, "top_p")
+    t = _threshold(probs, top_p, "top_p", False)
     np.testing.assert_array_equal(probs >= t[:, None], probs >= np.array([[0.25], [0.5]]))
     tokens = _sample(probs, SamplerSpec(top_p=True), _params(2, top_p=top_p), np.repeat([0, 1], 200), jax.random.key(2))
     assert set(tokens[:200].tolist()) == {17, 38} and set(tokens[200:].tolist()) == {17}
@@ -262,10 +263,11 @@ def test_sample_lowers(spec, vocab, batch, dtype):
                  S((batch, 2), jnp.uint32), params)
 
 
-@pytest.mark.parametrize("criterion,param_dtype", [("top_k", jnp.int32), ("top_p", jnp.float32)])
+@pytest.mark.parametrize("criterion,param_dtype,logits", [("top_k", jnp.int32, True), ("top_k", jnp.int32, False),
+                                                          ("top_p", jnp.float32, False)])
 @pytest.mark.parametrize("vocab,dtype", [(128256, jnp.bfloat16), (262144, jnp.float32)])
-def test_threshold_lowers(criterion, param_dtype, vocab, dtype):
-    _export_cuda(lambda x, p: ps.threshold(x, p, criterion=criterion), S((16, vocab), dtype), S((16,), param_dtype))
+def test_threshold_lowers(criterion, param_dtype, logits, vocab, dtype):
+    _export_cuda(lambda x, p: ps.threshold(x, p, criterion=criterion, logits=logits), S((16, vocab), dtype), S((16,), param_dtype))
 
 
 def test_sample_rejects_int32_overflow():
