@@ -40,6 +40,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "sync over more calls")
     p.add_argument("--plan-repeats", type=int, help="timed plan() calls per workload and backend, after one "
                    f"warm-up (default {GPU_PLAN_REPEATS} on GPU, {CPU_PLAN_REPEATS} on CPU)")
+    p.add_argument("--kv-dtype", choices=("bf16", "e4m3", "e5m2"), default="bf16",
+                   help="KV cache dtype: e4m3/e5m2 runs each attention workload over the bf16 cache and then over "
+                   "an fp8 cache quantized from it (per-KV-head scales), in the same run, and reports the fp8 "
+                   "throughput counting fp8 bytes and its ratio to the bf16 cache (default bf16: the bf16 cache "
+                   "only; the e2e step stays bf16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     args = p.parse_args(argv)
@@ -74,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     records = harness.run_benchmark(
         args.workloads, args.backends or harness.default_backends(), timer, ceilings=ceilings, seed=args.seed,
         plan_repeats=args.plan_repeats or (GPU_PLAN_REPEATS if gpu else CPU_PLAN_REPEATS), progress=args.progress,
+        kv_dtypes=("bf16",) if args.kv_dtype == "bf16" else ("bf16", args.kv_dtype),
     )
     if args.e2e is not None:
         records += e2e.run_e2e(args.e2e, args.backends or harness.default_backends(), timer)

@@ -8,6 +8,12 @@ host, the median latency of timed repeats after warm-up (:class:`Timer`, the one
 every figure), and the max relative error ``max|o - ref| / max|ref|`` against both references.
 ``"cudnn"`` is the peer ``jax.nn.dot_product_attention(implementation="cudnn")`` on the padded
 dense equivalent.
+
+With fp8 KV dtypes (``jaxinfer-bench --kv-dtype``) every workload runs over the bf16 cache and then
+over the fp8 cache quantized from it (:meth:`~jaxinfer.bench.workloads.Problem.quantized`), in the
+same run: the references take the dequantized values, the bytes count the cache's bytes, and each
+fp8 record carries ``vs_bf16``, the same backend's bf16-cache latency over its own (the tokens/s
+ratio on the same batch).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from tqdm.auto import tqdm
 
 import jaxinfer
 from jaxinfer import backends as backend_registry
+from jaxinfer import fp8
 from jaxinfer.bench.workloads import Dense, Problem, Workload
 
 REFERENCE_BACKEND = "xla"
@@ -225,6 +232,12 @@ def _pad_edge(index: np.ndarray, width: int) -> np.ndarray:
     return np.pad(index, ((0, 0), (0, width - index.shape[1])), mode="edge") if width > index.shape[1] else index[:, :width]
 
 
+def _values32(x, problem: Problem, which: int):
+    """Gathered K (``which`` 0) or V (1) rows as float32 values: dequantized for an fp8 cache."""
+    x = x.astype(jnp.float32)
+    return x if problem.kv_scales is None else x * problem.kv_scales[which][:, None]
+
+
 def chunked_reference(problem: Problem, chunk_bytes: int = REFERENCE_CHUNK_BYTES) -> jax.Array:
     """``o [nnz_q, Hq, D]`` float32 of the dense equivalent, request group by request group.
 
@@ -252,7 +265,7 @@ def chunked_reference(problem: Problem, chunk_bytes: int = REFERENCE_CHUNK_BYTES
             tv, sv = min(t, visible.shape[1]), min(s, visible.shape[2])
             vis[:, :tv, :sv] = visible[group, :tv, :sv]
             q_pos = (d.kv_lens[group] - d.qo_lens[group])[:, None] + np.arange(t)[None]
-            o = _attention32(q32[q_idx], k_flat[kv_idx].astype(jnp.float32), v_flat[kv_idx].astype(jnp.float32),
+            o = _attention32(q32[q_idx], _values32(k_flat[kv_idx], problem, 0), _values32(v_flat[kv_idx], problem, 1),
                              jnp.asarray(vis), jnp.asarray(q_pos), d.rope_theta)
             o = np.asarray(o)
             for j, b in enumerate(reqs[i : i + n]):
@@ -261,15 +274,16 @@ def chunked_reference(problem: Problem, chunk_bytes: int = REFERENCE_CHUNK_BYTES
 
 
 def reference_output(problem: Problem) -> jax.Array:
-    """``o`` of the ``"xla"`` backend on float32 copies of the inputs ``[nnz_q, Hq, D]`` (through
-    ``problem.reference`` when the problem names a cheaper form of its batch; by
-    :func:`chunked_reference` when the padded float32 batch would exceed ``REFERENCE_MAX_BYTES``)."""
+    """``o`` of the ``"xla"`` backend on float32 copies of the inputs ``[nnz_q, Hq, D]`` (the
+    dequantized values of an fp8 cache; through ``problem.reference`` when the problem names a
+    cheaper form of its batch; by :func:`chunked_reference` when the padded float32 batch would
+    exceed ``REFERENCE_MAX_BYTES``)."""
     if problem.reference is None and padded_reference_bytes(problem) > REFERENCE_MAX_BYTES:
         return chunked_reference(problem)
     problem = problem.reference or problem
     wrapper = problem.make_wrapper(backend=REFERENCE_BACKEND)
     plan = wrapper.plan(*problem.plan_args, q_data_type=jnp.float32, **problem.plan_kwargs)
-    kv32 = tuple(x.astype(jnp.float32) for x in problem.kv)
+    kv32 = tuple(x.astype(jnp.float32) for x in problem.kv_values())
     return jax.jit(problem.step)(plan, problem.q.astype(jnp.float32), kv32)
 
 
@@ -293,10 +307,13 @@ def _attention64(q: np.ndarray, k: np.ndarray, v: np.ndarray, visible: np.ndarra
 
 
 def f64_output(problem: Problem) -> np.ndarray:
-    """``o [nnz_q, Hq, D]`` float64 by numpy on the dense equivalent (per request)."""
+    """``o [nnz_q, Hq, D]`` float64 by numpy on the dense equivalent (per request; the
+    dequantized values of an fp8 cache)."""
     d = problem.dense
     q = np.asarray(problem.q, np.float64)
     k, v = (np.asarray(x, np.float64) for x in problem.kv_flat)
+    if problem.kv_scales is not None:
+        k, v = (x * np.asarray(s, np.float64)[:, None] for x, s in zip((k, v), problem.kv_scales))
     visible = d.visible()
     out = np.zeros_like(q)
     for b, (t, s) in enumerate(zip(d.qo_lens, d.kv_lens)):
@@ -332,7 +349,8 @@ def _time_plan(problem: Problem, wrapper, repeats: int):
     until plan() returns)``. The second is what FlashInfer's plan() and issue 3's target count:
     plan() returns with the host-to-device copy enqueued."""
     def call():
-        return wrapper.plan(*problem.plan_args, q_data_type=problem.q.dtype, **problem.plan_kwargs)
+        return wrapper.plan(*problem.plan_args, q_data_type=problem.q.dtype, kv_data_type=problem.kv_dtype,
+                            **problem.plan_kwargs)
 
     plan = jax.block_until_ready(call())
     ready, returned = [], []
@@ -353,8 +371,8 @@ def prepare_wrapper(problem: Problem, backend: str, plan_repeats: int) -> Prepar
     """
     plan, plan_ms, plan_call_ms = _time_plan(problem, problem.make_wrapper(backend=backend), plan_repeats)
     nnz_q = problem.q.shape[0]
-    return Prepared(plan_ms, plan_call_ms, jax.jit(problem.step), (plan, problem.q, problem.kv), lambda o: o,
-                    np.arange(nnz_q))
+    return Prepared(plan_ms, plan_call_ms, jax.jit(problem.step), (plan, problem.q, problem.kv, problem.kv_scales),
+                    lambda o: o, np.arange(nnz_q))
 
 
 def prepare_dense_peer(problem: Problem, implementation: str) -> Prepared:
@@ -366,12 +384,16 @@ def prepare_dense_peer(problem: Problem, implementation: str) -> Prepared:
     ``qo_len != kv_len``, block-sparse) is passed as a dense bool mask.
 
     Raises:
-      NotImplementedError: a dense equivalent over ``DENSE_MAX_BYTES``, or a RoPE workload (the
-        peer has no fused RoPE; rotating q and k outside the timing would not be the same work).
+      NotImplementedError: a dense equivalent over ``DENSE_MAX_BYTES``, a RoPE workload (the
+        peer has no fused RoPE; rotating q and k outside the timing would not be the same work),
+        or an fp8 cache (the peer takes K/V in q's dtype).
     """
     d: Dense = problem.dense
     if d.rope_theta is not None:
         raise NotImplementedError("jax.nn.dot_product_attention has no fused RoPE")
+    if problem.kv_scales is not None:
+        raise NotImplementedError("jax.nn.dot_product_attention takes K/V in q's dtype, not an fp8 cache; "
+                                  "its bf16-cache row is the comparison")
     k_flat, v_flat = problem.kv_flat
     dense_bytes = 2 * d.kv_index.size * k_flat.shape[1] * k_flat.shape[2] * k_flat.dtype.itemsize
     if dense_bytes > DENSE_MAX_BYTES:
@@ -440,17 +462,23 @@ def measure(problem: Problem, backend: str, timer: Timer, ref, ref64, plan_repea
 
 
 def make_record(workload: Workload, problem: Problem, backend: str, result: dict, reference: dict | None,
-                ceilings: Ceilings | None, env: dict, peer: dict | None = None, timing: str | None = None) -> dict:
+                ceilings: Ceilings | None, env: dict, peer: dict | None = None, timing: str | None = None,
+                kv_dtype: str = "bf16", bf16: dict | None = None) -> dict:
     """One JSON record (FlashInfer-Bench trace fields plus throughput, floor, the same-run ratios
-    to the xla backend (``speedup``) and to cuDNN (``vs_cudnn``), timing method and environment)."""
+    to the xla backend (``speedup``), to cuDNN (``vs_cudnn``) and, for an fp8 cache, to the same
+    backend on the bf16 cache (``vs_bf16``, given its result ``bf16``), timing method and
+    environment). A ``kv_dtype`` other than bf16 names the workload ``<name>:<kv_dtype>``."""
     latency = result.get("latency_ms")
     ref_latency = reference.get("latency_ms") if reference else None
     peer_latency = peer.get("latency_ms") if peer else None
+    bf16_latency = bf16.get("latency_ms") if bf16 else None
     work = problem.flops if workload.unit == "TFLOP/s" else problem.bytes
     floor = ceilings.floor_ms(problem.bytes, problem.flops) if ceilings else None
+    suffix = "" if kv_dtype == "bf16" else f":{kv_dtype}"
     return {
-        "definition": workload.definition,
-        "workload": workload.name,
+        "definition": workload.definition + ("" if kv_dtype == "bf16" else f"_kv_{kv_dtype}"),
+        "workload": workload.name + suffix,
+        "kv_dtype": kv_dtype,
         "axes": workload.axes(),
         "backend": backend,
         "status": result["status"],
@@ -462,6 +490,8 @@ def make_record(workload: Workload, problem: Problem, backend: str, result: dict
         "speedup": ref_latency / latency if latency and ref_latency else None,
         "cudnn_latency_ms": peer_latency,
         "vs_cudnn": peer_latency / latency if latency and peer_latency else None,
+        "bf16_latency_ms": bf16_latency,
+        "vs_bf16": bf16_latency / latency if latency and bf16_latency else None,
         "plan_ms": result.get("plan_ms"),
         "plan_call_ms": result.get("plan_call_ms"),
         "input_copies": result.get("input_copies"),
@@ -485,33 +515,47 @@ def run_benchmark(
     seed: int = 0,
     plan_repeats: int = 5,
     progress: bool = True,
+    kv_dtypes: Sequence[str] = ("bf16",),
 ) -> list[dict]:
-    """Measure every (workload, backend); returns one record per pair (see :func:`make_record`).
+    """Measure every (workload, KV dtype, backend); returns one record per triple (see
+    :func:`make_record`).
 
     The reference latency of a record is that of the ``"xla"`` backend in the same run (``None``
     when ``"xla"`` is not among ``backends``), the peer latency that of ``"cudnn"`` likewise.
+    ``kv_dtypes`` are names of :data:`jaxinfer.fp8.KV_DTYPE_NAMES`, ``"bf16"`` first: the other
+    caches are quantized from the bf16 inputs, and their records' ``vs_bf16`` compare the same
+    backend on the two caches.
     """
     env = environment()
     records = []
-    with tqdm(total=len(workloads) * len(backends), unit="run", disable=not progress) as bar:
+    with tqdm(total=len(workloads) * len(kv_dtypes) * len(backends), unit="run", disable=not progress) as bar:
         for workload in workloads:
-            bar.set_description(f"{workload.name}: inputs and reference")
-            problem = workload.build(seed)
-            ref, ref_failure = None, None
-            try:
-                ref = reference_output(problem)
-            except Exception as e:  # e.g. out of memory: time the backends anyway, unchecked
-                ref_failure = f"float32 reference failed: {type(e).__name__}: {e}"[:500]
-            ref64 = f64_output(problem) if wants_f64_check(problem) else None
-            results = {}
-            for backend in backends:
-                bar.set_description(f"{workload.name} / {backend}")
-                results[backend] = measure(problem, backend, timer, ref, ref64, plan_repeats)
-                if results[backend]["status"] == "unchecked":
-                    results[backend]["reason"] = ref_failure
-                bar.update()
-            reference, peer = results.get(REFERENCE_BACKEND), results.get("cudnn")
-            records += [make_record(workload, problem, b, r, reference, ceilings, env, peer, timer.describe())
-                        for b, r in results.items()]
-            del problem, ref, ref64  # free the device before the next workload's inputs
+            bar.set_description(f"{workload.name}: inputs")
+            base = workload.build(seed)
+            bf16_results = None
+            for kv in kv_dtypes:
+                name = workload.name if kv == "bf16" else f"{workload.name}:{kv}"
+                bar.set_description(f"{name}: reference")
+                problem = base if kv == "bf16" else base.quantized(fp8.kv_dtype(kv))
+                ref, ref_failure = None, None
+                try:
+                    ref = reference_output(problem)
+                except Exception as e:  # e.g. out of memory: time the backends anyway, unchecked
+                    ref_failure = f"float32 reference failed: {type(e).__name__}: {e}"[:500]
+                ref64 = f64_output(problem) if wants_f64_check(problem) else None
+                results = {}
+                for backend in backends:
+                    bar.set_description(f"{name} / {backend}")
+                    results[backend] = measure(problem, backend, timer, ref, ref64, plan_repeats)
+                    if results[backend]["status"] == "unchecked":
+                        results[backend]["reason"] = ref_failure
+                    bar.update()
+                if kv == "bf16":
+                    bf16_results = results
+                reference, peer = results.get(REFERENCE_BACKEND), results.get("cudnn")
+                records += [make_record(workload, problem, b, r, reference, ceilings, env, peer, timer.describe(),
+                                        kv, None if kv == "bf16" or bf16_results is None else bf16_results.get(b))
+                            for b, r in results.items()]
+                del problem, ref, ref64  # free the device before the next inputs
+            del base
     return records

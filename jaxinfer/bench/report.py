@@ -79,7 +79,22 @@ def notes(records: Sequence[dict], ceilings: Ceilings | None) -> list[str]:
         if workload == "decode_rope" and plain:
             lines.append(f"decode_rope (fused ROPE_LLAMA) vs decode_uniform, same inputs ({backend}): "
                          f"{ms / plain:.3f}x the latency")
+    lines += fp8_lines(records)
     lines += [f"{r['workload']} / {r['backend']}: {r['status']}: {r['reason']}" for r in records if r["reason"]]
+    return lines
+
+
+def fp8_lines(records: Sequence[dict]) -> list[str]:
+    """One line per fp8-cache record that has its bf16-cache twin: the same batch's tokens/s
+    ratio (same backend, same run), the throughput counting the cache's bytes and the error."""
+    lines = []
+    for r in records:
+        if r.get("vs_bf16") is None or r["status"] != "ok":
+            continue
+        err = "" if r["max_error"] is None else f", max rel. error {r['max_error']:.1e} vs the float32 reference"
+        lines.append(f"{r['workload']} ({r['backend']}): {r['vs_bf16']:.2f}x the speed of the bf16 cache (its latency / "
+                     f"this one: the tokens/s ratio of a decode batch), {r['throughput']:.3g} {r['unit']} counting "
+                     f"{r['kv_dtype']} bytes{err} on dequantized values")
     return lines
 
 
@@ -132,6 +147,9 @@ def markdown(records: Sequence[dict], ceilings: Ceilings | None, command: str) -
         ratios = ["", "", ""] if best is None else [best["backend"], _fmt(best.get("vs_cudnn"), ".2f"),
                                                     _fmt(best["speedup"], ".2f")]
         lines.append(f"| {w} | {rows[0]['unit']} | " + " | ".join(cells + ratios) + " |")
+    fp8 = fp8_lines(records)
+    if fp8:
+        lines += ["", "fp8 KV cache against the bf16 cache of the same batch, same run:", "", *[f"- {x}" for x in fp8]]
     planned = [r for r in records if r.get("plan_call_ms") is not None]
     if planned:
         plan_backends = list(dict.fromkeys(r["backend"] for r in planned))

@@ -13,6 +13,11 @@ column per block) with ``R = 64`` query rows per block row, at the same 10% dens
 granularity (the KV gathered per token instead of per 64-token block); ``R = C = 1`` at
 ``M = 8192`` would give 6.7 M block indices whose planning, not attention, would dominate.
 
+With ``--kv-dtype e4m3`` (or ``e5m2``) each workload also runs over an fp8 KV cache made from the
+same inputs (:meth:`Problem.quantized`: per-KV-head scales ``amax / fp8 max``, the cache holds
+``K / k_scale``; the plan and the step take the dtype and the scales), and its bytes count one
+per cached element.
+
 Groups (:data:`GROUPS`): ``default`` is what a bare run measures (``make bench``); the others are
 opt-in by name: ``prefill_shapes`` (the prefill variations the FFI kernels are tuned on),
 ``rope`` (fused ROPE_LLAMA decode, read against ``decode_uniform``), ``plan`` (the B=256
@@ -31,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxinfer
+from jaxinfer import fp8
 
 SIZE = {"scaled": True}  # field metadata: ``Workload.scaled`` divides this field
 SIZE_FACTORS = {"full": 1, "cpu": 8, "tiny": 64}
@@ -98,14 +104,16 @@ class Problem:
     Attributes:
       make_wrapper: ``backend -> wrapper`` (a public jaxinfer wrapper class, partially applied).
       plan_args, plan_kwargs: arguments of ``wrapper.plan`` (``q_data_type`` is added per run).
-      step: ``(plan, q, kv) -> o`` jit-compatible; runs a plan pytree through the public
-        module-level functions, so the jitted step takes the plan as an argument.
+      step: ``(plan, q, kv, kv_scales=None) -> o`` jit-compatible; runs a plan pytree through
+        the public module-level functions, so the jitted step takes the plan as an argument.
       q: ``[nnz_q, Hq, D]`` bf16.
       kv: ``(k, v)``: paged caches ``[num_pages, page_size, Hkv, D]`` (NHD) or ragged
-        ``[nnz_kv, Hkv, D]``.
+        ``[nnz_kv, Hkv, D]``, bf16 or fp8.
       dense: the batch as padded dense attention.
       reference: the same batch (same ``q`` and ``kv``) in a form whose float32 reference is
         cheaper, or ``None`` to use this one.
+      kv_scales: ``(k_scale, v_scale)`` ``[Hkv]`` float32 of an fp8 ``kv`` (it holds the values
+        divided by them), or ``None``; the step's fourth argument.
     """
 
     make_wrapper: Callable[..., Any]
@@ -116,11 +124,35 @@ class Problem:
     kv: tuple[jax.Array, jax.Array]
     dense: Dense
     reference: Problem | None = None
+    kv_scales: tuple[jax.Array, jax.Array] | None = None
 
     @property
     def kv_flat(self) -> tuple[jax.Array, jax.Array]:
         """``kv`` viewed as ``[tokens, Hkv, D]`` (the rows :attr:`Dense.kv_index` points to)."""
         return tuple(x.reshape(-1, *x.shape[-2:]) for x in self.kv)
+
+    @property
+    def kv_dtype(self) -> jnp.dtype:
+        return self.kv[0].dtype
+
+    def kv_values(self, flat: bool = False) -> tuple[jax.Array, jax.Array]:
+        """The K/V values attention reads: ``kv`` (``flat``: :attr:`kv_flat`) as stored, or float32
+        ``cache * scale`` per KV head for an fp8 cache."""
+        kv = self.kv_flat if flat else self.kv
+        if self.kv_scales is None:
+            return kv
+        return tuple(x.astype(jnp.float32) * s[:, None] for x, s in zip(kv, self.kv_scales))
+
+    def quantized(self, kv_dtype) -> Problem:
+        """The same batch over a KV cache of ``kv_dtype`` (:mod:`jaxinfer.fp8`): per-KV-head
+        scales ``amax / max`` of the dtype (the largest value maps to its largest finite one),
+        the cache ``K / k_scale`` rounded to nearest even; ``reference`` shares the new cache."""
+        limit = float(jnp.finfo(kv_dtype).max)
+        scales = tuple(jnp.max(jnp.abs(x.astype(jnp.float32)).reshape(-1, *x.shape[-2:]), axis=(0, 2)) / limit
+                       for x in self.kv)
+        kv = tuple(fp8.quantize(x, s, kv_dtype) for x, s in zip(self.kv, scales))
+        reference = None if self.reference is None else dataclasses.replace(self.reference, kv=kv, kv_scales=scales)
+        return dataclasses.replace(self, kv=kv, kv_scales=scales, reference=reference)
 
     @functools.cached_property
     def flops(self) -> int:
@@ -129,9 +161,11 @@ class Problem:
 
     @functools.cached_property
     def bytes(self) -> int:
-        """Floor of memory traffic: q read and o written once, each distinct KV token read once."""
+        """Floor of memory traffic: q read and o written once, each distinct KV token read once
+        (at the cache's bytes per element: one for fp8)."""
         _, hkv, d = self.kv_flat[0].shape
-        return (2 * self.q.size + 2 * self.dense.kv_tokens_read() * hkv * d) * self.q.dtype.itemsize
+        return (2 * self.q.size * self.q.dtype.itemsize
+                + 2 * self.dense.kv_tokens_read() * hkv * d * self.kv_dtype.itemsize)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -229,24 +263,28 @@ def _decode_dense(table: PageTable) -> Dense:
     return Dense(np.arange(batch)[:, None], table.token_index(), np.ones(batch, np.int64), table.kv_lens)
 
 
-def _decode_step(plan, q, kv):
-    return jaxinfer.batch_decode(q, kv, plan)
+def _scale_kwargs(scales) -> dict:
+    return {} if scales is None else dict(k_scale=scales[0], v_scale=scales[1])
 
 
-def _paged_prefill_step(plan, q, kv):
-    return jaxinfer.batch_prefill_paged(q, kv, plan)
+def _decode_step(plan, q, kv, scales=None):
+    return jaxinfer.batch_decode(q, kv, plan, **_scale_kwargs(scales))
 
 
-def _ragged_prefill_step(plan, q, kv):
-    return jaxinfer.batch_prefill_ragged(q, *kv, plan)
+def _paged_prefill_step(plan, q, kv, scales=None):
+    return jaxinfer.batch_prefill_paged(q, kv, plan, **_scale_kwargs(scales))
 
 
-def _cascade_step(plans, q, kv):
-    return jaxinfer.batch_cascade(q, kv, plans)
+def _ragged_prefill_step(plan, q, kv, scales=None):
+    return jaxinfer.batch_prefill_ragged(q, *kv, plan, **_scale_kwargs(scales))
 
 
-def _block_sparse_step(plan, q, kv):
-    return jaxinfer.batch_block_sparse(q, *kv, plan)
+def _cascade_step(plans, q, kv, scales=None):
+    return jaxinfer.batch_cascade(q, kv, plans, **_scale_kwargs(scales))
+
+
+def _block_sparse_step(plan, q, kv, scales=None):
+    return jaxinfer.batch_block_sparse(q, *kv, plan, **_scale_kwargs(scales))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
