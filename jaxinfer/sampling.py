@@ -314,7 +314,9 @@ def _sample(x, rows, keys, params: RowParams, *, spec: SamplerSpec, backend: str
     if backend == "pallas":
         from jaxinfer.backends.pallas import sampling as pallas_sampling
 
-        tok = pallas_sampling.sample(x, rows, jax.random.key_data(keys), params, spec=spec)
+        # Two uint32 words per row seed the kernel's Threefry streams (any key implementation).
+        words = jax.vmap(lambda k: jax.random.bits(k, (2,), jnp.uint32))(keys)
+        tok = pallas_sampling.sample(x, rows, words, params, spec=spec)
     else:
         tok = _xla_sample(spec, x, rows, keys, params)
     if spec.from_logits:

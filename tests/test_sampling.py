@@ -443,8 +443,10 @@ def test_jit_every_entry_point():
         lambda p, k: sampling.top_k_mask_logits(jnp.log(p), jnp.full((3,), 4), backend="xla"),
         lambda p, k: sampling.softmax(jnp.log(p), jnp.full((3,), 0.9)),
     ]
-    for f in calls:
-        np.testing.assert_array_equal(jax.jit(f)(probs, key), f(probs, key))
+    # One jitted program for all (compiles once); each output equals the eager call's.
+    jitted = jax.jit(lambda p, k: [f(p, k) for f in calls])(probs, key)
+    for f, got in zip(calls, jitted):
+        np.testing.assert_array_equal(got, f(probs, key))
 
 
 def test_empty_batch():
