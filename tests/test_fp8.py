@@ -17,7 +17,6 @@ import itertools
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 from conftest import DECODE_OPTIONS, PREFILL_OPTIONS, assert_close, indptr_of, make_paged_kv, rand
@@ -306,12 +305,12 @@ def test_fp8_plan_uses_fp8_decode_tile():
 # ------------------------------------------------------------------ quantizing appends
 
 def _quantized(x, scale, dtype):
-    """numpy/ml_dtypes model of the append: float32 x / scale per KV head, clipped to the finite
-    range, rounded to nearest even."""
+    """numpy model of the append: float32 x / scale per KV head, clipped to the finite range,
+    rounded to nearest even (numpy's cast to the fp8 dtypes)."""
     x = np.asarray(x, np.float32)
     if scale is not None:
         x = x / np.broadcast_to(np.asarray(scale, np.float32), (x.shape[1],))[None, :, None]
-    limit = float(ml_dtypes.finfo(dtype).max)
+    limit = float(jnp.finfo(dtype).max)
     return np.clip(x, -limit, limit).astype(dtype)
 
 
@@ -355,7 +354,7 @@ def test_append_quantizes_and_saturates(rng, kv_dtype, row_dtype, scales, layout
     # Exactly (NaN where NaN, any payload), and saturated where the rows were past the range.
     np.testing.assert_array_equal(k.astype(np.float32), want_k.astype(np.float32))
     np.testing.assert_array_equal(v.astype(np.float32), want_v.astype(np.float32))
-    limit = float(ml_dtypes.finfo(kv_dtype).max)
+    limit = float(jnp.finfo(kv_dtype).max)
     if k_scale is None:  # the first key's saturated entries: +-max for +-6e4 and +-inf
         np.testing.assert_array_equal(k[kv_indices[1], 0, 0, :4].astype(np.float32), [limit, -limit, limit, -limit])
     assert np.isnan(k[kv_indices[2], 3, 1, 0].astype(np.float32))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import BACKENDS, assert_close, indptr_of, make_paged_kv, rand
-from ref64 import dequantize, ref_batch
+from ref64 import dequantize, gather_paged_kv, ref_attention, ref_batch
 
 import jaxinfer
 
@@ -64,6 +64,46 @@ def test_pallas_fp8_every_heuristic_config(rng, kv_dtype, head_dim, qo_len):
     want, _ = ref_batch(q, dequantize(kv.k_list, k_scale), dequantize(kv.v_list, v_scale), indptr_of([qo_len] * 2),
                         causal=True)
     assert_close(o, want, jnp.float16)
+
+
+@pytest.mark.parametrize("kv_dtype", FP8)
+def test_pallas_fp8_ragged_cascade_block_sparse(rng, kv_dtype):
+    hq, hkv, d = 32, 8, 128
+    k_scale, v_scale = _scales(rng, hkv)
+    # Ragged KV, causal prefill.
+    qo_lens, kv_lens = [300, 17], [300, 900]
+    q = rand(rng, (sum(qo_lens), hq, d), jnp.bfloat16)
+    k, v = (rand(rng, (sum(kv_lens), hkv, d), kv_dtype) for _ in range(2))
+    w = jaxinfer.BatchPrefillWithRaggedKVCacheWrapper(backend="pallas")
+    w.plan(indptr_of(qo_lens), indptr_of(kv_lens), hq, hkv, d, causal=True, kv_data_type=kv_dtype)
+    ks, vs = ([x[:300], x[300:]] for x in (k, v))
+    want, _ = ref_batch(q, dequantize(ks, k_scale), dequantize(vs, v_scale), indptr_of(qo_lens), causal=True)
+    assert_close(w.run(q, k, v, k_scale=k_scale, v_scale=v_scale), want, jnp.bfloat16, "ragged")
+    # Cascade: 4 requests share a 64-page prefix, then 3 pages each.
+    ps = 16
+    cache = tuple(rand(rng, (100, ps, hkv, d), kv_dtype) for _ in range(2))
+    prefix, own = np.arange(64, dtype=np.int32), np.arange(64, 76, dtype=np.int32).reshape(4, 3)
+    last = np.array([16, 1, 9, 5], np.int32)
+    cw = jaxinfer.MultiLevelCascadeAttentionWrapper(2, backend="pallas")
+    cw.plan([np.array([0, 4], np.int32), indptr_of([1] * 4)], [np.array([0, 64], np.int32), indptr_of([3] * 4)],
+            [prefix, own.reshape(-1)], [np.array([ps], np.int32), last], hq, hkv, d, ps, kv_data_type=kv_dtype)
+    qc = rand(rng, (4, hq, d), jnp.bfloat16)
+    flat = np.concatenate([np.concatenate([prefix, o]) for o in own]).astype(np.int32)
+    fk, fv = gather_paged_kv(*cache, indptr_of([67] * 4), flat, last)
+    want, _ = ref_batch(qc, dequantize(fk, k_scale), dequantize(fv, v_scale), indptr_of([1] * 4))
+    assert_close(cw.run(qc, cache, k_scale=k_scale, v_scale=v_scale), want, jnp.bfloat16, "cascade")
+    # Block-sparse, 64x64 blocks at 25 % density.
+    M = N = 1024
+    keep = rng.random((M // 64, N // 64)) < 0.25
+    keep[:, 0] = True
+    mask = np.kron(keep, np.ones((64, 64), bool))
+    indptr, indices, _ = jaxinfer.dense_to_bsr(mask, 64, 64)
+    bw = jaxinfer.BlockSparseAttentionWrapper(backend="pallas")
+    bw.plan(indptr, indices, M, N, 64, 64, hq, hkv, d, kv_data_type=kv_dtype)
+    qb = rand(rng, (M, hq, d), jnp.bfloat16)
+    kb, vb = (rand(rng, (N, hkv, d), kv_dtype) for _ in range(2))
+    want, _ = ref_attention(qb, dequantize([kb], k_scale)[0], dequantize([vb], v_scale)[0], custom_mask=mask)
+    assert_close(bw.run(qb, kb, vb, k_scale=k_scale, v_scale=v_scale), want, jnp.bfloat16, "block-sparse")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
