@@ -20,14 +20,14 @@ steps (so any vocabulary, up to 256k and beyond, runs in registers):
   (kept only if it lies above the new one -- a rejection step, so still exact). The first pass also
   finds the row's maximum (online softmax for logits: Milakov & Gimelshein 2018, arXiv
   1805.02867), its sum and, for min-p, the floor ``min_p * max``. Filters that have nothing to test
-  (plain sampling) end after that pass.
+  (plain sampling) end after that pass. Counts and masses above the pivots accumulate per lane
+  and are reduced once per pass; the reservoir's block sum is a pass's only per-block reduction.
 
 * :func:`threshold` -- the exact threshold of a top-k (count) or top-p (mass) filter:
   ``t = min{x_i : g(x_i) < c}`` with ``g(t)`` the count (or mass) of entries above ``t``, so that
-  the filter keeps ``x >= t`` with ties on one side. A bracket ``(lo, hi]`` on the entries'
-  order-preserving int32 keys shrinks per pass by three interpolated pivots and the midpoint
-  (at most 32 passes); ``lo`` also jumps to the smallest entry above it each pass, and the search
-  ends when that entry passes. The top-k-first sampler runs it to find its floor.
+  the filter keeps ``x >= t`` with ties on one side (:func:`_search`: a bracket on the entries'
+  order-preserving int32 keys, three interpolated pivots and the midpoint per pass, at most 32
+  passes, about 3-4 in practice). The top-k-first sampler runs it to find its floor.
 
 Randomness: each output row carries a ``jax.random`` key's two uint32 words; pass ``r`` derives
 two words by Threefry-2x32 (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3";
@@ -52,7 +52,7 @@ from jaxinfer.plan.batch import next_pow2
 from jaxinfer.sampling import RowParams, SamplerSpec
 
 LOG2E = math.log2(math.e)
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+INT32_MAX = 2**31 - 1
 SEARCH_PASSES = 40  # > 32: the midpoint pivot halves a bracket of int32 keys every pass
 _ROT = ((13, 15, 26, 6), (17, 29, 16, 24))
 
@@ -354,10 +354,9 @@ def _sample_kernel(rows_ref, x_ref, top_k_ref, top_p_ref, min_p_ref, temp_ref, k
     counts = spec.top_k or spec.top_p  # filters whose test needs the mass/count above a pivot
     search = spec.top_k and spec.top_p and not spec.joint  # top-k first: the top-k threshold is a floor
 
-    def weights(x, ok, m):
-        if spec.from_logits:
-            return jnp.where(ok & (x > -jnp.inf), jnp.exp2((x - m) * scale), 0.0)
-        return jnp.where(ok, jnp.maximum(x, 0.0), 0.0)
+    def weights(x, m):
+        """Unnormalized probabilities; lanes past the row's end hold ``fill`` and weigh 0."""
+        return jnp.exp2((x - m) * scale) if spec.from_logits else jnp.maximum(x, 0.0)
 
     def block_uniform(seed, j):
         return _uniform(_hash32(seed + _u32(j) * _u32(0x9E3779B9)))
@@ -365,8 +364,8 @@ def _sample_kernel(rows_ref, x_ref, top_k_ref, top_p_ref, min_p_ref, temp_ref, k
     def pick(blk, u, m, low, floor):
         """``(token, w, x)`` of the inverse-CDF pick inside block ``blk`` of ``{w > low, x >= floor}``
         (token ``V - 1`` when no block was picked: a row with no mass)."""
-        col, ok, x = row.load(jnp.maximum(blk, 0), fill)
-        w = weights(x, ok, m)
+        col, _, x = row.load(jnp.maximum(blk, 0), fill)
+        w = weights(x, m)
         w = jnp.where((w > low) & (x >= floor), w, 0.0)
         sel = lax.iota(jnp.int32, cfg.block) == _pick_in_block(w, u)
         return (jnp.where(blk >= 0, jnp.sum(jnp.where(sel, col, 0)), vocab - 1),
@@ -384,8 +383,8 @@ def _sample_kernel(rows_ref, x_ref, top_k_ref, top_p_ref, min_p_ref, temp_ref, k
 
         def body(j, acc):
             tot, sel, aggs = acc
-            _, ok, x = row.load(j, fill)
-            w = weights(x, ok, m)
+            _, _, x = row.load(j, fill)
+            w = weights(x, m)
             s = jnp.sum(jnp.where(in_set(w, x, low, floor), w, 0.0))  # the pass's one reduction per block
             tot = tot + s
             sel = jnp.where(block_uniform(seed, j) * tot < s, j, sel)
@@ -410,9 +409,9 @@ def _sample_kernel(rows_ref, x_ref, top_k_ref, top_p_ref, min_p_ref, temp_ref, k
             m_new = jnp.maximum(m, jnp.max(x))
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
             z = z * jnp.where(m == m_new, 1.0, jnp.exp2((m - m_safe) * scale))
-            w = weights(x, ok, m_safe)
+            w = weights(x, m_safe)
         else:
-            w = weights(x, ok, 0.0)
+            w = weights(x, 0.0)
             m_new = jnp.maximum(m, w)  # per lane
         s = jnp.sum(w)
         z = z + s
