@@ -538,8 +538,9 @@ def test_gpu_sampler_distribution(case, vocab, ties):
                                     joint=bool(ref_kw))
         params = sampling._params(1, **{k: kwargs[k] for k in ("top_k", "top_p", "min_p") if k in kwargs})
         kept = np.asarray(sampling._keep_mask(spec, jnp.asarray(probs[None]), params))[0]
-        xla = _draw(name, probs[None], N_DRAWS, jax.random.key(1), **kwargs)
-        got = _draw(name, probs[None], N_DRAWS, jax.random.key(2), backend="pallas", **kwargs)
+        n = 20_000  # each draw scans the whole row on the GPU
+        xla = _draw(name, probs[None], n, jax.random.key(1), **kwargs)
+        got = _draw(name, probs[None], n, jax.random.key(2), backend="pallas", **kwargs)
         assert (~kept[got]).sum() <= 2
         table = np.stack([np.bincount(xla, minlength=vocab), np.bincount(got, minlength=vocab)])
         table = table[:, table.sum(axis=0) > 0]
