@@ -119,15 +119,18 @@ def _row_param(value, name: str, rows: int, *, integer: bool = False, lo: float 
     """A scalar or ``[rows]`` parameter as a ``[rows]`` int32 / float32 array, checked when concrete."""
     if value is None or isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name} must be a number or a [{rows}] array, got {value!r}")
-    arr = jnp.asarray(value)
+    traced = _is_traced(value)
+    # Concrete values are checked (and integers clipped to int32) in numpy: Python ints past int32
+    # cannot become JAX arrays without x64.
+    arr = value if traced else np.asarray(value)
     if integer and not jnp.issubdtype(arr.dtype, jnp.integer):
         raise ValueError(f"{name} must be integers, got dtype {arr.dtype}")
     if not integer and not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
         raise ValueError(f"{name} must be real numbers, got dtype {arr.dtype}")
     if arr.ndim not in (0, 1) or (arr.ndim == 1 and arr.shape[0] != rows):
         raise ValueError(f"{name} must be a scalar or a [{rows}] array (one value per row), got shape {arr.shape}")
-    if not _is_traced(value) and not _is_traced(arr):
-        host = np.asarray(arr, np.float64)
+    if not traced:
+        host = arr.astype(np.float64)
         if np.isnan(host).any():
             raise ValueError(f"{name} must not be NaN")
         if lo is not None and (host < lo).any():
@@ -136,9 +139,10 @@ def _row_param(value, name: str, rows: int, *, integer: bool = False, lo: float 
             raise ValueError(f"{name} must be <= {hi}, got {host.max()}")
     if integer:
         # Values past int32 mean "no top-k" as much as vocab_size does.
-        arr = jnp.clip(arr, np.iinfo(np.int32).min, np.iinfo(np.int32).max).astype(jnp.int32)
+        info = np.iinfo(np.int32)
+        arr = jnp.asarray(np.clip(arr, info.min, info.max).astype(np.int32)) if not traced else arr.astype(jnp.int32)
     else:
-        arr = arr.astype(jnp.float32)
+        arr = jnp.asarray(arr, jnp.float32)
         arr = jnp.clip(arr, lo, hi) if lo is not None or hi is not None else arr
     return jnp.broadcast_to(arr, (rows,))
 
