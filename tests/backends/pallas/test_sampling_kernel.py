@@ -31,10 +31,15 @@ def _params(rows, top_k=0, top_p=1.0, min_p=0.0, temperature=1.0):
     return sampling._params(rows, top_k=top_k, top_p=top_p, min_p=min_p, temperature=temperature)
 
 
+# One jitted function per kernel (static spec/config), so that cases of equal shapes share a compile.
+_sample_jit = jax.jit(ps.sample, static_argnames=("spec", "config"))
+_threshold_jit = jax.jit(ps.threshold, static_argnames=("criterion", "logits", "config"))
+
+
 def _sample(x, spec, params, rows, key, config=SMALL):
     keys = sampling.row_keys(rows.shape[0], key=key)
-    return np.asarray(jax.jit(lambda *a: ps.sample(*a, spec=spec, config=config))(
-        jnp.asarray(x), jnp.asarray(rows, jnp.int32), jax.random.key_data(keys), params))
+    return np.asarray(_sample_jit(jnp.asarray(x), jnp.asarray(rows, jnp.int32), jax.random.key_data(keys), params, spec=spec,
+                                  config=config))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -69,8 +74,7 @@ def test_float_key_is_order_preserving():
 
 
 def _threshold(x, param, criterion, logits, config=SMALL):
-    run = jax.jit(lambda a, p: ps.threshold(a, p, criterion=criterion, logits=logits, config=config))
-    return np.asarray(run(jnp.asarray(x), jnp.asarray(param)))
+    return np.asarray(_threshold_jit(jnp.asarray(x), jnp.asarray(param), criterion=criterion, logits=logits, config=config))
 
 
 def test_threshold_top_k_exact():
@@ -201,11 +205,13 @@ def test_sample_deterministic_and_batch_independent():
     probs = np.stack([llm_like_probs(rng, 90) for _ in range(5)])
     spec, params = SamplerSpec(top_k=True, top_p=True), _params(5, top_k=20, top_p=0.8)
     keys = sampling.row_keys(5, seed=np.arange(5), offset=3)
-    run = jax.jit(lambda x, r, k, p: ps.sample(x, r, k, p, spec=spec, config=SMALL))
-    a = np.asarray(run(probs, jnp.arange(5, dtype=jnp.int32), jax.random.key_data(keys), params))
-    np.testing.assert_array_equal(a, np.asarray(run(probs, jnp.arange(5, dtype=jnp.int32), jax.random.key_data(keys), params)))
+    def run(rows, k):
+        return np.asarray(_sample_jit(probs, jnp.asarray(rows, jnp.int32), jax.random.key_data(k), params, spec=spec, config=SMALL))
+
+    a = run(np.arange(5), keys)
+    np.testing.assert_array_equal(a, run(np.arange(5), keys))
     perm = np.array([3, 0, 4, 1, 2])
-    b = np.asarray(run(probs, jnp.asarray(perm, jnp.int32), jax.random.key_data(keys[perm]), params))
+    b = run(perm, keys[perm])
     np.testing.assert_array_equal(b, a[perm])
 
 
