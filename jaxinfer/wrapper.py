@@ -29,8 +29,9 @@ SCALES_DOC = """k_scale, v_scale: optional dequantization scales (FlashInfer's):
         recompile). Attention reads ``k * k_scale`` and ``v * v_scale``: ``k_scale`` multiplies
         the logits ``q . k`` as ``sm_scale`` does (step 3 of jaxinfer/variants.py, before the soft
         cap, ALiBi and a logits transform; the lse includes it; a key transform sees the keys
-        ``k * k_scale``), ``v_scale`` the output (before an output transform). A Python or numpy value must be finite and > 0 (``ValueError``); an
-        array of another shape or a non-float dtype is a ``ValueError``."""
+        ``k * k_scale``), ``v_scale`` the output (before an output transform). A Python or numpy
+        value must be finite and > 0 (``ValueError``); an array of another shape or a non-float
+        dtype is a ``ValueError``."""
 
 
 @jax.tree_util.register_dataclass

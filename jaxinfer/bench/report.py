@@ -92,9 +92,9 @@ def fp8_lines(records: Sequence[dict]) -> list[str]:
         if r.get("vs_bf16") is None or r["status"] != "ok":
             continue
         err = "" if r["max_error"] is None else f", max rel. error {r['max_error']:.1e} vs the float32 reference"
-        lines.append(f"{r['workload']} ({r['backend']}): {r['vs_bf16']:.2f}x the speed of the bf16 cache (its latency / "
-                     f"this one: the tokens/s ratio of a decode batch), {r['throughput']:.3g} {r['unit']} counting "
-                     f"{r['kv_dtype']} bytes{err} on dequantized values")
+        lines.append(f"{r['workload']} ({r['backend']}): {r['vs_bf16']:.2f}x the speed of the bf16 cache "
+                     f"(its latency / this one: the tokens/s ratio of a decode batch), {r['throughput']:.3g} "
+                     f"{r['unit']} counting {r['kv_dtype']} bytes{err} on dequantized values")
     return lines
 
 

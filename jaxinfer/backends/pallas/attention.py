@@ -22,8 +22,8 @@ every fp8 value is a bf16 and an fp16 value), so decode, memory-bound, moves hal
 a 16-bit cache; ``P`` is rounded to q's dtype for ``P.V`` as with a 16-bit cache. With
 :attr:`KernelSpec.kv_scales` the kernel reads a ``[2 * Hkv]`` float32 array of per-KV-head
 ``k_scale`` (multiplies the raw ``q.k``, or the keys before a key transform) and ``v_scale``
-(multiplies the tile's output, before partials are written and before the output transform). A 16-bit cache without scales traces
-to the same kernel as before either existed.
+(multiplies the tile's output, before partials are written and before the output transform).
+A 16-bit cache without scales traces to the same kernel as before either existed.
 
 Attention variants (the pipeline of jaxinfer/variants.py) are static fields of the
 :class:`KernelSpec`, so each compiles away when unused: ALiBi adds ``slope * (kv_pos - q_pos)``
@@ -153,8 +153,9 @@ def _logits(s, rows, pos, kv_head, ks: KernelSpec, k_scale=None):
     """Raw ``q.k`` to ``(x, c)`` with base-2 logits ``x * c`` (steps 3-6 of jaxinfer/variants.py).
 
     ``k_scale`` (the tile's KV head's, a float32 scalar, or ``None``) multiplies the raw ``q.k``
-    first: any sign, so that the row maxima below stay maxima. Plain logits leave the scale ``c = sm_scale*log2(e)`` out of ``x`` so that it folds into the
-    exponent's FMA (``c*cap*log2(e)`` with the soft cap ``cap*tanh(q.k*sm_scale/cap)``); ``c > 0``,
+    first (a traced scale may have any sign; folded into ``c`` it would turn row maxima into
+    minima). Plain logits leave the scale ``c = sm_scale*log2(e)`` out of ``x`` so that it folds
+    into the exponent's FMA (``c*cap*log2(e)`` with the soft cap ``cap*tanh(q.k*sm_scale/cap)``); ``c > 0``,
     so row maxima commute with it. ALiBi and a logits transform need natural units, so there
     ``x`` is the natural logit and ``c = log2(e)``. ``rows = (q_pos, qo_head, slope)`` per row.
     """

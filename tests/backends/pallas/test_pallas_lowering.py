@@ -120,7 +120,8 @@ FP8_CASES = [
 
 @pytest.mark.parametrize(
     "cfg,d,mode,masks,kv_dtype,scales", FP8_CASES,
-    ids=[f"{c.block_m}x{c.block_n}-d{d}-{m}-{jnp.dtype(t).name}{'-scales' if s else ''}" for c, d, m, _, t, s in FP8_CASES],
+    ids=[f"{c.block_m}x{c.block_n}-d{d}-{m}-{jnp.dtype(t).name}{'-scales' if s else ''}"
+         for c, d, m, _, t, s in FP8_CASES],
 )
 def test_attention_fp8_lowers(cfg, d, mode, masks, kv_dtype, scales):
     hkv, group = 2, max(1, min(cfg.block_m // 2, 8))
