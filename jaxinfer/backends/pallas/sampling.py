@@ -493,7 +493,10 @@ def _argmax(row: _Row, fill: float, needed):
         bi = jnp.min(jnp.where(x == bm, col, row.vocab))
         return jnp.where(bm > best, bm, best), jnp.where(bm > best, bi, idx)
 
-    return lax.fori_loop(0, jnp.where(needed, row.num_blocks, 0), body, (jnp.float32(-jnp.inf), jnp.int32(0)))[1]
+    # The trip count as int32 arithmetic: jnp.where(needed, n, 0) of two literals lowers to an i1
+    # bound, which Triton's scf.for rejects on the device (tests/backends/pallas/conftest.py).
+    num_blocks = needed.astype(jnp.int32) * row.num_blocks
+    return lax.fori_loop(0, num_blocks, body, (jnp.float32(-jnp.inf), jnp.int32(0)))[1]
 
 
 def sample(x, rows, key_data, params: RowParams, *, spec: SamplerSpec, config: SamplingConfig = DEFAULT_CONFIG):
