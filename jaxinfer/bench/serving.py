@@ -1,0 +1,404 @@
+"""Serving benchmark: SmolLM2-135M-Instruct (real weights) through jaxinfer's engine and a dense loop.
+
+    python -m jaxinfer.bench.serving [--size full|tiny] [--backend auto] [--out DIR]
+
+Issue 17's serving figures: output tokens/s, median time to first token (TTFT) and median
+inter-token latency (ITL) of
+
+- ``jaxinfer, prefix caching on``: :class:`jaxinfer.serve.ServingEngine` (paged cache, chunked
+  prefill, prefix pages shared and read once per group through cascade attention);
+- ``jaxinfer, prefix caching off``: the same engine without prefix caching (one attention level);
+- ``dense-xla loop``: the same scheduling with a contiguous per-slot cache and
+  ``jax.nn.dot_product_attention`` with XLA's implementation
+  (:class:`jaxinfer.bench.dense_loop.DenseServingLoop`), what a plain JAX serving loop does.
+
+Goals (issue 17): prefix caching on >= 1.3x the tokens/s of off; jaxinfer >= 2x the dense-XLA
+loop. Every system serves the same requests greedily; the table also gives the fraction of greedy
+tokens that agree with the first system (bfloat16 rounding differs between the attention
+algorithms, so a request may diverge after a near tie; after that its tokens differ anyway).
+
+Workload (``--size full``; ``tiny`` is the same shape at CPU sizes, :data:`TINY`). 256 requests,
+all arriving at t = 0 (vLLM's ``benchmark_serving`` with ``--request-rate inf``), served FIFO.
+Lengths are ShareGPT-like: the vLLM paper (Kwon et al., SOSP 2023, sec. 6.1, fig. 11) reports
+ShareGPT means of 161 input and 338 output tokens with long right tails; here, drawn with
+``numpy.random.default_rng(0)``, independently per request (prompt lengths first):
+
+- user message: ``round(LogNormal(mu=4.6, sigma=1.0))`` tokens clipped to ``[4, 1000]`` (median 99,
+  mean 164 before clipping);
+- output: ``round(LogNormal(mu=5.4, sigma=0.9))`` tokens clipped to ``[8, 1000]`` (median 221, mean
+  332 before clipping). Stop tokens are ignored (vLLM's ``--ignore-eos``), so every system
+  generates exactly these counts.
+
+The user message is that many tokens drawn uniformly (same generator) from the vocabulary's
+word tokens (a space and at least three lowercase letters, e.g. ``" house"``), put in the chat
+template: ``ChatTokenizer.apply_chat_template([{"role": "user", ...}])`` with its default system
+prompt (``--system-prompt`` replaces it), so every prompt starts with the same tokens (the
+system turn and ``<|im_start|>user\\n``: 24 tokens, one full page of 16, for SmolLM2's default)
+and ends with the generation prompt. Sizes: at most 64 requests at once, 512 prompt tokens per
+step (chunked prefill), sequences up to 2048 tokens, pages of 16; the engine's pool holds every
+running request's worst case; the dense loop's cache is ``[64, 2048]`` tokens per layer and its
+prefill rows are padded to 128, 256 or 512.
+
+Measurement: per system, a warm-up first compiles every step program (the engine: a throw-away
+engine of the same configuration runs a prompt-only step, a mixed step and decode-only steps; the
+dense loop: :meth:`DenseServingLoop.compile_all`), and a JAX compile listener counts compilations
+during the timed run (0 expected). The timed run submits all requests, then steps until idle;
+each step ends with its sampled tokens on the host, so a token's time is the end of the step that
+sampled it. tokens/s = generated tokens / (end of the last step - start); TTFT = time of a
+request's first token (from t = 0: queueing included); ITL = every gap between consecutive tokens
+of a request, median over all gaps; TPOT = a request's mean gap, median over requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import re
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tabulate import tabulate
+
+from jaxinfer.bench.dense_loop import DenseLoopConfig, DenseServingLoop
+from jaxinfer.bench.harness import environment, on_gpu
+from jaxinfer.plan.checks import check_int
+from jaxinfer.serve import EngineConfig, ServingEngine
+
+SYSTEMS = ("jaxinfer, prefix caching on", "jaxinfer, prefix caching off", "dense-xla loop")
+RECORDS_FILE = "serving.jsonl"
+GOAL_PREFIX_CACHING = 1.3  # tokens/s of prefix caching on over off (issue 17)
+GOAL_VS_DENSE = 2.0  # tokens/s of jaxinfer over the dense-XLA loop (issue 17)
+_WORD_TOKEN = re.compile(r"Ġ[a-z]{3,}")  # byte-level BPE: "Ġ" is the leading space
+
+
+@dataclasses.dataclass(frozen=True)
+class LogNormalLengths:
+    """Token counts ``round(LogNormal(mu, sigma))`` clipped to ``[low, high]``.
+
+    Raises:
+      ValueError: ``sigma < 0``, ``low < 1`` or ``high < low``.
+    """
+
+    mu: float
+    sigma: float
+    low: int
+    high: int
+
+    def __post_init__(self):
+        if not self.sigma >= 0:
+            raise ValueError(f"sigma must be >= 0, got {self.sigma}")
+        check_int("low", self.low, minimum=1)
+        check_int("high", self.high, minimum=self.low)
+
+    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """``[n]`` int64 lengths."""
+        return np.clip(np.rint(rng.lognormal(self.mu, self.sigma, n)), self.low, self.high).astype(np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingWorkload:
+    """Requests and the serving sizes every system gets.
+
+    Attributes:
+      num_requests: requests, all submitted at t = 0.
+      prompt: tokens of each user message (the chat template's tokens come on top).
+      output: tokens each request generates.
+      max_batch_size, max_prefill_tokens, max_seq_len, page_size: the engine's sizes (the dense
+        loop's slots, prefill budget and slot length are the same).
+      dense_min_prefill_rows: the dense loop's smallest prefill row bucket.
+      seed: the lengths' and the user messages' generator.
+    """
+
+    num_requests: int
+    prompt: LogNormalLengths
+    output: LogNormalLengths
+    max_batch_size: int
+    max_prefill_tokens: int
+    max_seq_len: int
+    page_size: int = 16
+    dense_min_prefill_rows: int = 128
+    seed: int = 0
+
+    def engine_config(self, backend: str, prefix_caching: bool) -> EngineConfig:
+        """The engine's configuration: a pool that holds ``max_batch_size`` requests of
+        ``max_seq_len`` tokens, no stop tokens, and the xla sampler (greedy requests never run it;
+        it only compiles faster than the Pallas one)."""
+        pages = self.max_batch_size * -(-self.max_seq_len // self.page_size)
+        return EngineConfig(num_pages=pages, page_size=self.page_size, max_seq_len=self.max_seq_len,
+                            max_batch_size=self.max_batch_size, max_prefill_tokens=self.max_prefill_tokens,
+                            backend=backend, prefix_caching=prefix_caching, sampling_backend="xla")
+
+    def dense_config(self) -> DenseLoopConfig:
+        return DenseLoopConfig(max_batch_size=self.max_batch_size, max_seq_len=self.max_seq_len,
+                               max_prefill_tokens=self.max_prefill_tokens,
+                               min_prefill_rows=min(self.dense_min_prefill_rows, self.max_prefill_tokens))
+
+    def describe(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FULL = ServingWorkload(256, LogNormalLengths(4.6, 1.0, 4, 1000), LogNormalLengths(5.4, 0.9, 8, 1000),
+                       max_batch_size=64, max_prefill_tokens=512, max_seq_len=2048)
+# CPU check of the whole path: a handful of short requests, a prompt budget that chunks some.
+TINY = ServingWorkload(6, LogNormalLengths(2.5, 1.0, 2, 40), LogNormalLengths(2.0, 0.9, 2, 12),
+                       max_batch_size=4, max_prefill_tokens=32, max_seq_len=96, dense_min_prefill_rows=16)
+SIZES = {"full": FULL, "tiny": TINY}
+
+
+def make_requests(workload: ServingWorkload, prefix: Sequence[int], suffix: Sequence[int],
+                  word_ids: Sequence[int]) -> list[tuple[list[int], int]]:
+    """``(prompt tokens, output tokens)`` of every request: ``prefix + user message + suffix``.
+
+    Args:
+      prefix: tokens every prompt starts with (the chat template up to the user's message).
+      suffix: tokens every prompt ends with (end of the user turn, the generation prompt).
+      word_ids: the tokens user messages are drawn from.
+
+    Raises:
+      ValueError: no ``word_ids``, or a request that could exceed ``workload.max_seq_len``.
+    """
+    if len(word_ids) == 0:
+        raise ValueError("word_ids must not be empty")
+    longest = len(prefix) + workload.prompt.high + len(suffix) + workload.output.high
+    if longest > workload.max_seq_len:
+        raise ValueError(f"the longest request ({longest} tokens) exceeds max_seq_len={workload.max_seq_len}")
+    rng = np.random.default_rng(workload.seed)
+    prompt_lens = workload.prompt.sample(rng, workload.num_requests)
+    output_lens = workload.output.sample(rng, workload.num_requests)
+    words = np.asarray(word_ids)
+    return [([*prefix, *rng.choice(words, int(n)).tolist(), *suffix], int(m))
+            for n, m in zip(prompt_lens, output_lens)]
+
+
+def chat_requests(workload: ServingWorkload, tokenizer, system_prompt: str | None = None):
+    """:func:`make_requests` through ``tokenizer``'s chat template (a
+    :class:`~jaxinfer.models.tokenizer.ChatTokenizer`); returns ``(requests, shared prefix tokens)``."""
+    marker = "\ue000"  # a private-use character: no prompt contains it
+    messages = [{"role": "user", "content": marker}]
+    if system_prompt is not None:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    before, after = tokenizer.apply_chat_template(messages).split(marker)
+    prefix = tokenizer.encode(before)
+    suffix = tokenizer.encode(after, add_special_tokens=False)
+    vocab = tokenizer.tokenizer.get_vocab()
+    word_ids = sorted(i for tok, i in vocab.items() if _WORD_TOKEN.fullmatch(tok))
+    return make_requests(workload, prefix, suffix, word_ids), len(prefix)
+
+
+def make_server(system: str, model, workload: ServingWorkload, backend: str, log: TextIO | None):
+    """A fresh engine or dense loop for one of :data:`SYSTEMS`."""
+    if system == SYSTEMS[2]:
+        return DenseServingLoop(model, workload.dense_config(), log=log)
+    return ServingEngine(model, workload.engine_config(backend, prefix_caching=system == SYSTEMS[0]), log=log)
+
+
+def warm_up(system: str, model, workload: ServingWorkload, backend: str, log: TextIO | None):
+    """Compile every step program of ``system``; returns the server to time (fresh for the engine,
+    so that its prefix cache starts empty)."""
+    server = make_server(system, model, workload, backend, log)
+    if isinstance(server, DenseServingLoop):
+        server.compile_all()
+        return server
+    # A prompt-only step, a mixed step (decode + prompt), then decode-only steps.
+    server.submit([1, 2, 3], 3)
+    server.step()
+    server.submit([4, 5], 2)
+    server.run()
+    del server
+    gc.collect()
+    return make_server(system, model, workload, backend, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """A timed run: ``outputs {rid: tokens}``, ``token_times {rid: [s]}`` (seconds from the start,
+    one per token), ``wall_s`` (start to the end of the last step), ``steps``, ``compiles``
+    (XLA compilations during the run) and the server's ``stats``."""
+
+    outputs: dict[int, list[int]]
+    token_times: dict[int, list[float]]
+    wall_s: float
+    steps: int
+    compiles: int
+    stats: dict
+
+
+def timed_run(server, requests: Sequence[tuple[Sequence[int], int]]) -> RunResult:
+    """Submit every request, step until idle, time every token (see the module docstring)."""
+    rids = [server.submit(prompt, n) for prompt, n in requests]
+    times = {rid: [] for rid in rids}
+    compiles = []
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        start = now = time.perf_counter()
+        steps = 0
+        while not server.idle:
+            result = server.step()
+            now = time.perf_counter()
+            steps += 1
+            for rid in result.tokens:
+                times[rid].append(now - start)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    outputs = {rid: list(server.finished[rid].output) for rid in rids}
+    return RunResult(outputs, times, now - start, steps, len(compiles), dict(server.stats))
+
+
+def latency_metrics(run: RunResult) -> dict:
+    """tokens/s, median TTFT, ITL and TPOT (ms) of a run."""
+    tokens = sum(len(t) for t in run.outputs.values())
+    gaps = [np.diff(t) for t in run.token_times.values()]
+    tpot = [g.mean() for g in gaps if g.size]
+    all_gaps = np.concatenate(gaps) if gaps else np.zeros(0)
+    return {
+        "output_tokens": tokens,
+        "wall_s": run.wall_s,
+        "output_tokens_per_s": tokens / run.wall_s if run.wall_s > 0 else None,
+        "median_ttft_ms": 1e3 * statistics.median(t[0] for t in run.token_times.values()),
+        "median_itl_ms": 1e3 * float(np.median(all_gaps)) if all_gaps.size else None,
+        "median_tpot_ms": 1e3 * float(np.median(tpot)) if tpot else None,
+        "steps": run.steps,
+        "compiles_during_run": run.compiles,
+    }
+
+
+def greedy_agreement(outputs: dict[int, list[int]], reference: dict[int, list[int]]) -> dict:
+    """How far two runs' greedy tokens agree: ``prefix``: the fraction of reference tokens before a
+    request's first differing token; ``identical``: the fraction of requests with equal outputs."""
+    common = total = same = 0
+    for rid, ref in reference.items():
+        out = outputs[rid]
+        n = next((i for i, (a, b) in enumerate(zip(out, ref)) if a != b), min(len(out), len(ref)))
+        common, total, same = common + n, total + len(ref), same + (out == ref)
+    return {"prefix": common / total if total else 1.0, "identical": same / len(reference) if reference else 1.0}
+
+
+def run_serving(model, requests, workload: ServingWorkload, backend: str = "auto", *,
+                systems: Sequence[str] = SYSTEMS, log: TextIO | None = sys.stderr) -> list[dict]:
+    """Warm up and time each of ``systems`` on ``requests``, one at a time (each server is freed
+    before the next is built); returns one record per system (metrics, agreement with the first
+    system, same-run tokens/s ratios)."""
+    records, reference = [], None
+    for system in systems:
+        t0 = time.perf_counter()
+        server = warm_up(system, model, workload, backend, log)
+        t1 = time.perf_counter()
+        run = timed_run(server, requests)
+        bound = server.num_step_programs
+        del server
+        gc.collect()
+        if log is not None:
+            print(f"{system}: warm-up {t1 - t0:.1f} s, timed run {run.wall_s:.2f} s ({run.steps} steps)", file=log)
+        reference = reference or run.outputs
+        records.append({
+            "benchmark": "serving", "system": system, "backend": backend if system != SYSTEMS[2] else "dense-xla",
+            "step_programs_bound": bound, **latency_metrics(run),
+            "prefill_tokens_computed": run.stats.get("prefill_tokens"), "cached_tokens": run.stats.get("cached_tokens"),
+            "agreement_with": systems[0], **{f"greedy_agreement_{k}": v
+                                             for k, v in greedy_agreement(run.outputs, reference).items()},
+        })
+    by = {r["system"]: r["output_tokens_per_s"] for r in records}
+    for r in records:
+        for name, other in (("vs_prefix_caching_off", SYSTEMS[1]), ("vs_dense_xla", SYSTEMS[2])):
+            r[name] = r["output_tokens_per_s"] / by[other] if by.get(other) else None
+    return records
+
+
+def table(records: Sequence[dict]) -> str:
+    headers = ["system", "output tok/s", "median TTFT ms", "median ITL ms", "median TPOT ms", "steps",
+               "compiles", "vs off", "vs dense-xla", "greedy agree (prefix / identical)"]
+
+    def fmt(x, spec):
+        return "" if x is None else format(x, spec)
+
+    rows = [[r["system"], fmt(r["output_tokens_per_s"], ".1f"), fmt(r["median_ttft_ms"], ".1f"),
+             fmt(r["median_itl_ms"], ".2f"), fmt(r["median_tpot_ms"], ".2f"), r["steps"], r["compiles_during_run"],
+             fmt(r["vs_prefix_caching_off"], ".2f"), fmt(r["vs_dense_xla"], ".2f"),
+             f"{r['greedy_agreement_prefix']:.3f} / {r['greedy_agreement_identical']:.3f}"] for r in records]
+    return tabulate(rows, headers=headers)
+
+
+def goal_lines(records: Sequence[dict]) -> list[str]:
+    """Issue 17's two goals against this run's ratios."""
+    by = {r["system"]: r for r in records}
+    lines = []
+    on, off, dense = (by.get(s) for s in SYSTEMS)
+    if on and off and on["vs_prefix_caching_off"]:
+        x = on["vs_prefix_caching_off"]
+        lines.append(f"prefix caching on / off: {x:.2f}x tokens/s (goal >= {GOAL_PREFIX_CACHING}: "
+                     f"{'met' if x >= GOAL_PREFIX_CACHING else 'not met'})")
+    if dense:
+        for r in (on, off):
+            if r and r["vs_dense_xla"]:
+                x = r["vs_dense_xla"]
+                lines.append(f"{r['system']} / dense-xla loop: {x:.2f}x tokens/s (goal >= {GOAL_VS_DENSE}: "
+                             f"{'met' if x >= GOAL_VS_DENSE else 'not met'})")
+    return lines
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jaxinfer.bench.serving", description=__doc__.splitlines()[0])
+    p.add_argument("--size", choices=tuple(SIZES), default=None,
+                   help="full (256 requests; the GPU default) or tiny (6 short requests; the CPU default)")
+    p.add_argument("--backend", default="auto", help="the engine's attention backend (default auto)")
+    p.add_argument("--out", type=Path, default=Path("bench_out"),
+                   help=f"directory of {RECORDS_FILE} (default bench_out/)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                   help="weights, activations and caches (default bfloat16 on a GPU, float32 elsewhere)")
+    p.add_argument("--system-prompt", default=None,
+                   help="the shared system prompt (default: the chat template's own)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from jaxinfer.models.llama import LlamaModel  # needs gguf (the "models" extra)
+    from jaxinfer.models.tokenizer import ChatTokenizer
+
+    gpu = on_gpu()
+    workload = SIZES[args.size or ("full" if gpu else "tiny")]
+    dtype = jnp.dtype(args.dtype or ("bfloat16" if gpu else "float32"))
+    start = time.perf_counter()
+    model = LlamaModel.from_gguf(dtype=dtype)
+    tokenizer = ChatTokenizer.from_gguf()
+    requests, shared = chat_requests(workload, tokenizer, args.system_prompt)
+    prompt_lens = [len(p) for p, _ in requests]
+    output_lens = [n for _, n in requests]
+    print(f"SmolLM2-135M-Instruct ({dtype.name}) loaded in {time.perf_counter() - start:.1f} s on "
+          f"{jax.devices()[0].device_kind}; {len(requests)} requests: prompt tokens median "
+          f"{np.median(prompt_lens):.0f} mean {np.mean(prompt_lens):.0f} max {max(prompt_lens)}, output tokens "
+          f"median {np.median(output_lens):.0f} mean {np.mean(output_lens):.0f} max {max(output_lens)} "
+          f"(sum {sum(output_lens)}); shared prefix {shared} tokens ({shared // workload.page_size} full pages)",
+          file=sys.stderr)
+    records = run_serving(model, requests, workload, args.backend)
+    env = environment()
+    for r in records:
+        r.update(workload=workload.describe(), shared_prefix_tokens=shared, dtype=dtype.name, **env)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / RECORDS_FILE
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    print(f"wrote {path}")
+    for line in goal_lines(records):
+        print(line)
+    if not gpu:
+        print(f"NOTE: CPU run ({env['device']}): timings are not GPU performance.")
+    print(table(records))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
