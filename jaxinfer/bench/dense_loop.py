@@ -3,7 +3,8 @@
 What a continuous-batching loop written directly in JAX does (the shape of JetStream/MaxText's
 ``prefill`` / ``insert`` / ``generate`` loop): every running request owns a *slot* of a contiguous
 KV cache ``[max_batch_size, max_seq_len, Hkv, D]`` per layer; a prompt is prefilled into its slot
-one request at a time, its rows padded to a power-of-two bucket; then one decode step runs every
+one request at a time, its rows padded to a bucket (by default the prompt budget, as the engine
+pads); then one decode step runs every
 slot at once (``max_batch_size`` rows, free slots included) through
 ``jax.nn.dot_product_attention`` over the whole ``max_seq_len`` of each slot, masked by its length.
 Attention is XLA's (``implementation=None``) unless :class:`DenseLoopConfig` says otherwise.
@@ -17,8 +18,8 @@ same request ids. The model's weights and layers are the
 runs each layer's :meth:`~jaxinfer.models.llama.LlamaDecoderLayer.block` around a dense attention.
 
 Bounded programs: one decode program and one prefill program per row bucket
-(:func:`jaxinfer.nn.row_buckets` from ``min_prefill_rows`` to ``max_prefill_tokens``), compiled
-ahead by :meth:`DenseServingLoop.compile_all`.
+(:func:`jaxinfer.nn.row_buckets` from ``min_prefill_rows`` to ``max_prefill_tokens``; one by
+default), compiled ahead by :meth:`DenseServingLoop.compile_all`.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class DenseLoopConfig:
       max_batch_size: slots (requests running at once); every decode step runs all of them.
       max_seq_len: tokens per slot (prompt plus generated).
       max_prefill_tokens: prompt tokens prefilled per step (the chunk budget, as the engine's).
-      min_prefill_rows: smallest prefill row bucket (powers of two up to ``max_prefill_tokens``).
+      min_prefill_rows: smallest prefill row bucket (powers of two up to ``max_prefill_tokens``);
+        ``None``: one bucket, ``max_prefill_tokens`` (the engine's default padding).
       implementation: ``jax.nn.dot_product_attention``'s (``None``: XLA, ``"cudnn"``).
 
     Raises:
@@ -58,12 +60,14 @@ class DenseLoopConfig:
     max_batch_size: int = 64
     max_seq_len: int = 2048
     max_prefill_tokens: int = 512
-    min_prefill_rows: int = 128
+    min_prefill_rows: int | None = None
     implementation: str | None = None
 
     def __post_init__(self):
-        for name in ("max_batch_size", "max_seq_len", "max_prefill_tokens", "min_prefill_rows"):
+        for name in ("max_batch_size", "max_seq_len", "max_prefill_tokens"):
             check_int(name, getattr(self, name), minimum=1)
+        if self.min_prefill_rows is not None:
+            check_int("min_prefill_rows", self.min_prefill_rows, minimum=1)
         if self.implementation not in (None, "xla", "cudnn"):
             raise ValueError(f"implementation must be None, 'xla' or 'cudnn', got {self.implementation!r}")
 
@@ -144,7 +148,8 @@ class DenseServingLoop:
             raise ValueError(f"max_seq_len={config.max_seq_len} exceeds the model's "
                              f"max_position_embeddings={cfg.max_position_embeddings}")
         self.config = config
-        self.prefill_buckets = row_buckets(config.min_prefill_rows, config.max_prefill_tokens)
+        self.prefill_buckets = row_buckets(config.min_prefill_rows or config.max_prefill_tokens,
+                                           config.max_prefill_tokens)
         shape = (config.max_batch_size, config.max_seq_len, cfg.num_kv_heads, cfg.head_dim)
         self.caches = tuple((jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in range(cfg.num_layers))
         self._graphdef, self._params = nnx.split(model)

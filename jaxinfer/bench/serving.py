@@ -36,14 +36,15 @@ prompt (``--system-prompt`` replaces it), so every prompt starts with the same t
 system turn and ``<|im_start|>user\\n``: 24 tokens, one full page of 16, for SmolLM2's default)
 and ends with the generation prompt. Sizes: at most 64 requests at once, 512 prompt tokens per
 step (chunked prefill), sequences up to 2048 tokens, pages of 16; the engine's pool holds every
-running request's worst case; the dense loop's cache is ``[64, 2048]`` tokens per layer and its
-prefill rows are padded to 128, 256 or 512.
+running request's worst case; the dense loop's cache is ``[64, 2048]`` tokens per layer; both pad
+a step's prompt rows to 512 (the engine per step, the dense loop per request's chunk).
 
-Measurement: per system, a warm-up first compiles every step program (the engine: a throw-away
-engine of the same configuration runs a prompt-only step, a mixed step and decode-only steps; the
-dense loop: :meth:`DenseServingLoop.compile_all`), and a JAX compile listener counts compilations
-during the timed run (0 expected). The timed run submits all requests, then steps until idle;
-each step ends with its sampled tokens on the host, so a token's time is the end of the step that
+Measurement: per system, a warm-up first compiles every step program on throw-away servers of
+the same configuration (the engine: a prompt-only step, a mixed step and decode-only steps; the
+dense loop: :meth:`DenseServingLoop.compile_all`), repeated until a pass compiles nothing, and a
+JAX compile listener counts compilations during the timed run (0 expected). The timed run starts
+on a fresh server (an empty prefix cache), submits all requests, then steps until idle; each step
+ends with its sampled tokens on the host, so a token's time is the end of the step that
 sampled it. tokens/s = generated tokens / (end of the last step - start); TTFT = time of a
 request's first token (from t = 0: queueing included); ITL = every gap between consecutive tokens
 of a request, median over all gaps; TPOT = a request's mean gap, median over requests.
@@ -52,6 +53,7 @@ of a request, median over all gaps; TPOT = a request's mean gap, median over req
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -114,7 +116,8 @@ class ServingWorkload:
       output: tokens each request generates.
       max_batch_size, max_prefill_tokens, max_seq_len, page_size: the engine's sizes (the dense
         loop's slots, prefill budget and slot length are the same).
-      dense_min_prefill_rows: the dense loop's smallest prefill row bucket.
+      dense_min_prefill_rows: the dense loop's smallest prefill row bucket (``None``: one bucket,
+        ``max_prefill_tokens``, as the engine pads its prompt rows).
       seed: the lengths' and the user messages' generator.
     """
 
@@ -125,7 +128,7 @@ class ServingWorkload:
     max_prefill_tokens: int
     max_seq_len: int
     page_size: int = 16
-    dense_min_prefill_rows: int = 128
+    dense_min_prefill_rows: int | None = None
     seed: int = 0
 
     def engine_config(self, backend: str, prefix_caching: bool) -> EngineConfig:
@@ -140,7 +143,7 @@ class ServingWorkload:
     def dense_config(self) -> DenseLoopConfig:
         return DenseLoopConfig(max_batch_size=self.max_batch_size, max_seq_len=self.max_seq_len,
                                max_prefill_tokens=self.max_prefill_tokens,
-                               min_prefill_rows=min(self.dense_min_prefill_rows, self.max_prefill_tokens))
+                               min_prefill_rows=self.dense_min_prefill_rows)
 
     def describe(self) -> dict:
         return dataclasses.asdict(self)
@@ -150,7 +153,7 @@ FULL = ServingWorkload(256, LogNormalLengths(4.6, 1.0, 4, 1000), LogNormalLength
                        max_batch_size=64, max_prefill_tokens=512, max_seq_len=2048)
 # CPU check of the whole path: a handful of short requests, a prompt budget that chunks some.
 TINY = ServingWorkload(6, LogNormalLengths(2.5, 1.0, 2, 40), LogNormalLengths(2.0, 0.9, 2, 12),
-                       max_batch_size=4, max_prefill_tokens=32, max_seq_len=96, dense_min_prefill_rows=16)
+                       max_batch_size=4, max_prefill_tokens=32, max_seq_len=96)
 SIZES = {"full": FULL, "tiny": TINY}
 
 
@@ -201,21 +204,50 @@ def make_server(system: str, model, workload: ServingWorkload, backend: str, log
     return ServingEngine(model, workload.engine_config(backend, prefix_caching=system == SYSTEMS[0]), log=log)
 
 
+@contextlib.contextmanager
+def counting_compiles():
+    """Counts XLA compilations in the ``with`` block: yields a list that gets one entry each."""
+    compiles = []
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+WARM_UP_PASSES = 3
+
+
 def warm_up(system: str, model, workload: ServingWorkload, backend: str, log: TextIO | None):
-    """Compile every step program of ``system``; returns the server to time (fresh for the engine,
-    so that its prefix cache starts empty)."""
-    server = make_server(system, model, workload, backend, log)
-    if isinstance(server, DenseServingLoop):
-        server.compile_all()
-        return server
-    # A prompt-only step, a mixed step (decode + prompt), then decode-only steps.
-    server.submit([1, 2, 3], 3)
-    server.step()
-    server.submit([4, 5], 2)
-    server.run()
-    del server
-    gc.collect()
-    return make_server(system, model, workload, backend, None)
+    """Compile every step program of ``system``; returns ``(server to time, compilations)``, the
+    server fresh for the engine so that its prefix cache starts empty.
+
+    The warm-up pass repeats until one compiles nothing (at most :data:`WARM_UP_PASSES`): a module
+    imported lazily during the first lowering can add a value to JAX's tracing context (in Pallas
+    interpret mode, ``jax._src.pallas.fuser``), and programs traced before it then miss the cache.
+    """
+    total = 0
+    for _ in range(WARM_UP_PASSES):
+        server = make_server(system, model, workload, backend, log if total == 0 else None)
+        with counting_compiles() as compiles:
+            if isinstance(server, DenseServingLoop):
+                server.compile_all()
+            else:  # a prompt-only step, a mixed step (decode + prompt), then decode-only steps
+                server.submit([1, 2, 3], 3)
+                server.step()
+                server.submit([4, 5], 2)
+                server.run()
+        total += len(compiles)
+        del server
+        gc.collect()
+        if not compiles:
+            break
+    return make_server(system, model, workload, backend, None), total
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,14 +268,7 @@ def timed_run(server, requests: Sequence[tuple[Sequence[int], int]]) -> RunResul
     """Submit every request, step until idle, time every token (see the module docstring)."""
     rids = [server.submit(prompt, n) for prompt, n in requests]
     times = {rid: [] for rid in rids}
-    compiles = []
-
-    def listener(event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with counting_compiles() as compiles:
         start = now = time.perf_counter()
         steps = 0
         while not server.idle:
@@ -252,8 +277,6 @@ def timed_run(server, requests: Sequence[tuple[Sequence[int], int]]) -> RunResul
             steps += 1
             for rid in result.tokens:
                 times[rid].append(now - start)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     outputs = {rid: list(server.finished[rid].output) for rid in rids}
     return RunResult(outputs, times, now - start, steps, len(compiles), dict(server.stats))
 
@@ -295,18 +318,19 @@ def run_serving(model, requests, workload: ServingWorkload, backend: str = "auto
     records, reference = [], None
     for system in systems:
         t0 = time.perf_counter()
-        server = warm_up(system, model, workload, backend, log)
+        server, warm_up_compiles = warm_up(system, model, workload, backend, log)
         t1 = time.perf_counter()
         run = timed_run(server, requests)
         bound = server.num_step_programs
         del server
         gc.collect()
         if log is not None:
-            print(f"{system}: warm-up {t1 - t0:.1f} s, timed run {run.wall_s:.2f} s ({run.steps} steps)", file=log)
+            print(f"{system}: warm-up {t1 - t0:.1f} s ({warm_up_compiles} compilations), timed run "
+                  f"{run.wall_s:.2f} s ({run.steps} steps)", file=log)
         reference = reference or run.outputs
         records.append({
             "benchmark": "serving", "system": system, "backend": backend if system != SYSTEMS[2] else "dense-xla",
-            "step_programs_bound": bound, **latency_metrics(run),
+            "step_programs_bound": bound, "warm_up_compiles": warm_up_compiles, **latency_metrics(run),
             "prefill_tokens_computed": run.stats.get("prefill_tokens"), "cached_tokens": run.stats.get("cached_tokens"),
             "agreement_with": systems[0], **{f"greedy_agreement_{k}": v
                                              for k, v in greedy_agreement(run.outputs, reference).items()},
