@@ -125,7 +125,12 @@ def test_greedy_agreement_counts_tokens_before_the_first_difference():
     assert got == {"prefix": 3 / 5, "identical": 0.5}
 
 
-def test_dense_loop_config_is_checked():
+def test_dense_loop_config_is_checked(model):
+    # Default padding: one prefill bucket, the prompt budget (the engine's default).
+    loop = DenseServingLoop(model, DenseLoopConfig(max_batch_size=2, max_seq_len=16, max_prefill_tokens=8), log=None)
+    assert loop.prefill_buckets == (8,) and loop.num_step_programs == 2
+    with pytest.raises(ValueError, match="max_seq_len"):
+        DenseServingLoop(model, DenseLoopConfig(max_seq_len=CFG.max_position_embeddings + 1), log=None)
     with pytest.raises(ValueError, match="min_prefill_rows"):
         DenseLoopConfig(min_prefill_rows=0)
     with pytest.raises(ValueError, match="implementation"):

@@ -406,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{jax.devices()[0].device_kind}; {len(requests)} requests: prompt tokens median "
           f"{np.median(prompt_lens):.0f} mean {np.mean(prompt_lens):.0f} max {max(prompt_lens)}, output tokens "
           f"median {np.median(output_lens):.0f} mean {np.mean(output_lens):.0f} max {max(output_lens)} "
-          f"(sum {sum(output_lens)}); shared prefix {shared} tokens ({shared // workload.page_size} full pages)",
+          f"(sum {sum(output_lens)}); shared prefix {shared} tokens "
+          f"({shared // workload.page_size} full page(s) of {workload.page_size})",
           file=sys.stderr)
     records = run_serving(model, requests, workload, args.backend)
     env = environment()
