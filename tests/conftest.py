@@ -99,6 +99,34 @@ def pytest_pyfunc_call(pyfuncitem):
         pytest.skip(f"backend {backend!r} does not serve this case: {e}")
 
 
+
+try:  # private: the check below is skipped where a jax version moves it
+    from jax._src.pallas.triton import pallas_call_registration as _triton_registration
+except ImportError:  # pragma: no cover
+    _triton_registration = None
+
+
+@pytest.fixture(autouse=True)
+def _verify_triton_modules(monkeypatch):
+    """Every Triton module a Pallas lowering builds is verified by MLIR. The deviceless lowering
+    check (shared/DESIGN.md sec. 6) serializes the module unverified, and the GPU runtime verifies
+    it when it parses it: an invalid op (an ``scf.for`` whose bounds differ in type) passed on the
+    CPU and failed only on the device."""
+    lowering = getattr(_triton_registration, "lowering", None)
+    lower = getattr(lowering, "lower_jaxpr_to_triton_module", None)
+    if lower is None:
+        yield
+        return
+
+    def lower_and_verify(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        result.module.operation.verify()  # raises MLIRError naming the invalid op
+        return result
+
+    monkeypatch.setattr(lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
+    yield
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     """A fresh generator per test; its seed is printed (shown by pytest when the test fails)."""
