@@ -21,6 +21,10 @@ Adding a backend:
    and ``merge_states`` (or ``None``).
 2. Add its name to :data:`BACKEND_NAMES` and its module to ``_MODULES``; place it in
    :func:`auto_order` where same-run measurements put it.
+
+Measured preferences: :func:`jaxinfer.apply` installs a table, read from FlashInfer-Bench traces
+measured on the user's device, that ``"auto"`` consults before :func:`auto_order` (see
+:func:`set_preference`).
 3. The conformance suite (tests/conftest.py) then runs every shared API test on it; the cases
    it declines skip with its reason.
 """
@@ -114,9 +118,41 @@ def auto_order(op: str = "prefill") -> tuple[str, ...]:
     return ("pallas", "xla")
 
 
+# Backends measured fastest for a call, fastest first (set by jaxinfer.apply); ``None`` until
+# first use, when the table packaged with jaxinfer (if any) is loaded.
+Preference = Callable[[BatchSpec, str], tuple[str, ...]]
+_preference: Preference | None = None
+
+
+def set_preference(preference: Preference | None) -> None:
+    """Install ``preference(spec, op) -> backend names, fastest first`` for ``"auto"``, which
+    tries those (where this machine can run them) before :func:`auto_order`; ``None`` goes back to
+    the table packaged with jaxinfer. :func:`jaxinfer.apply` is the usual way to call this."""
+    global _preference
+    _preference = preference
+
+
+def preferred_order(spec: BatchSpec, op: str = "prefill") -> tuple[str, ...]:
+    """Backends ``"auto"`` tries for ``spec``: those the installed preference (measured traces)
+    names, then :func:`auto_order` of ``op``, each once.
+
+    Raises:
+      ValueError: unknown ``op``.
+    """
+    builtin = auto_order(op)
+    if _preference is None:
+        # The packaged default table; imported late, as jaxinfer.apply imports this module.
+        from jaxinfer.apply import default_table
+
+        set_preference(default_table())
+    measured = tuple(n for n in _preference(spec, op) if n in _MODULES and unavailable(n) is None)
+    return tuple(dict.fromkeys((*measured, *builtin)))
+
+
 def resolve(name: str, spec: BatchSpec, *, op: str = "prefill") -> Backend:
     """The backend that serves ``spec``: ``name`` itself, or for ``"auto"`` the first of
-    :func:`auto_order` for ``op`` that can.
+    :func:`preferred_order` that can (measured traces installed by :func:`jaxinfer.apply` first,
+    then :func:`auto_order` for ``op``).
 
     Raises:
       ValueError: unknown backend name.
@@ -129,7 +165,7 @@ def resolve(name: str, spec: BatchSpec, *, op: str = "prefill") -> Backend:
         if reason is not None:
             raise BackendUnsupportedError(f"backend {name!r} cannot serve this call: {reason}")
         return backend
-    for candidate in auto_order(op):
+    for candidate in preferred_order(spec, op):
         try:
             backend = get_backend(candidate)
         except NotImplementedError:

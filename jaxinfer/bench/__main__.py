@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from jaxinfer.bench import e2e, harness, report
+from jaxinfer.bench import e2e, fib, harness, report
 from jaxinfer.bench.workloads import E2E, GROUPS, SIZE_FACTORS, WORKLOADS, expand, select
 
 GPU_REPEATS, CPU_REPEATS = 20, 3
@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "an fp8 cache quantized from it (per-KV-head scales), in the same run, and reports the fp8 "
                    "throughput counting fp8 bytes and its ratio to the bf16 cache (default bf16: the bf16 cache "
                    "only; the e2e step stays bf16)")
+    p.add_argument("--fib-out", type=Path, help="also write the runs as a FlashInfer-Bench trace set "
+                   "(definitions/, workloads/, traces/, blob/) in this directory, for jaxinfer.apply and "
+                   "flashinfer-bench's tools; bf16 decode and prefill workloads only (see jaxinfer/bench/fib.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     args = p.parse_args(argv)
@@ -87,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["jaxinfer-bench", *(sys.argv[1:] if argv is None else argv)])
     paths = [report.write_records(records, args.out), report.write_markdown(records, ceilings, command, args.out),
              report.plot(records, ceilings, args.out / report.CHART_FILE)]
+    if args.fib_out is not None:
+        fib_files = fib.write_trace_set(records, args.workloads, args.fib_out, seed=args.seed)
+        paths.append(f"{args.fib_out} ({len(fib_files)} FlashInfer-Bench files)")
     print(report.table(records, ceilings))
     for line in report.notes(records, ceilings) + e2e.latency_lines(records):
         print(line)
