@@ -11,6 +11,11 @@ Agrawal et al. OSDI 2024) and the decode rows through a decode plan, or through 
 prefix is read once per group of requests instead of once per request. This is FlashInfer's
 serving recipe (ibid., sec. 3.3: plan once per step on the host, run the same plan in every layer).
 
+FP8 caches (:mod:`jaxinfer.fp8`): with a pool in ``float8_e4m3fn``/``float8_e5m2`` the step
+carries the pool's scales as ``[Hkv]`` float32 arrays (traced: other values never recompile); the
+layer writes ``K / k_scale``, ``V / v_scale`` saturated to the fp8 range through the quantizing
+append and passes the scales to every attention call (prefill, decode, each cascade level).
+
 :class:`StepPlanner` builds a :class:`StepBatch` on the host from a :class:`KVCachePool`. Every
 plan capacity comes from the planner's configuration (batch size, prefill rows, sequence length):
 row counts are padded to a few fixed buckets and nothing else about a batch changes a shape, so
@@ -59,6 +64,8 @@ class StepBatch:
         plans (the most shared level first, the requests' own pages last), or ``None``.
       num_prefill_rows: static; prefill rows including padding.
       kv_layout: static; layout of the caches.
+      k_scale, v_scale: ``[Hkv]`` float32 scales of an fp8 cache (the pool's), ``None`` for
+        other caches.
     """
 
     positions: jax.Array
@@ -71,6 +78,8 @@ class StepBatch:
     decode_plan: Plan | tuple[Plan, ...] | None
     num_prefill_rows: int = dataclasses.field(metadata=dict(static=True))
     kv_layout: str = dataclasses.field(metadata=dict(static=True))
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
 
     @property
     def num_rows(self) -> int:
@@ -255,6 +264,8 @@ class StepPlanner:
             decode_plan=self._decode_plan(decode, d_rows) if decode else None,
             num_prefill_rows=p_rows,
             kv_layout=pool.kv_layout,
+            k_scale=None if pool.k_scale is None else jnp.asarray(pool.k_scale),
+            v_scale=None if pool.v_scale is None else jnp.asarray(pool.v_scale),
         )
 
     def _capacity(self, batch: int, qo_len: int, num_queries: int) -> PlanCapacity:
@@ -350,7 +361,7 @@ class PagedAttention(nnx.Module):
       hidden_size: model width.
       num_qo_heads, num_kv_heads, head_dim: head geometry (``num_qo_heads % num_kv_heads == 0``).
       rope_theta, rope_scale: RoPE base and linear position scale.
-      dtype: activation and weight dtype (also the cache dtype).
+      dtype: activation and weight dtype.
       rngs: initialisation keys.
 
     Raises:
@@ -401,23 +412,28 @@ class PagedAttention(nnx.Module):
 
         Returns:
           ``(y [T, hidden], kv_cache)``: the output (padding rows unspecified) and the cache with
-          this step's keys and values written.
+          this step's keys and values written (into an fp8 cache: divided by ``batch.k_scale`` /
+          ``batch.v_scale`` and saturated, :func:`jaxinfer.append_paged_kv_cache`).
         """
         q, k, v = self.qkv(x, batch.positions)
-        dtype = kv_cache[0].dtype
-        k, v = k.astype(dtype), v.astype(dtype)
+        if batch.k_scale is None:
+            dtype = kv_cache[0].dtype
+            k, v = k.astype(dtype), v.astype(dtype)
+        # else the quantizing append divides and saturates in float32: a plain cast to e4m3
+        # would turn values past 448 into NaN.
+        scales = dict(k_scale=batch.k_scale, v_scale=batch.v_scale)
         kv_cache = jaxinfer.append_paged_kv_cache(
             k, v, batch.batch_indices, batch.positions, kv_cache, batch.kv_indices, batch.kv_indptr,
-            batch.kv_last_page_len, kv_layout=batch.kv_layout,
+            batch.kv_last_page_len, kv_layout=batch.kv_layout, **scales,
         )
         p = batch.num_prefill_rows
         parts = []
         if batch.prefill_plan is not None:
-            parts.append(jaxinfer.batch_prefill_paged(q[:p], kv_cache, batch.prefill_plan))
+            parts.append(jaxinfer.batch_prefill_paged(q[:p], kv_cache, batch.prefill_plan, **scales))
         if isinstance(batch.decode_plan, tuple):
-            parts.append(jaxinfer.batch_cascade(q[p:], kv_cache, list(batch.decode_plan)))
+            parts.append(jaxinfer.batch_cascade(q[p:], kv_cache, list(batch.decode_plan), **scales))
         elif batch.decode_plan is not None:
-            parts.append(jaxinfer.batch_decode(q[p:], kv_cache, batch.decode_plan))
+            parts.append(jaxinfer.batch_decode(q[p:], kv_cache, batch.decode_plan, **scales))
         o = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
         return self.o_proj(o.reshape(x.shape[0], -1).astype(x.dtype)), kv_cache
 

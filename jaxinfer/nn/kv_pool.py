@@ -20,6 +20,9 @@ page is never written (no copy-on-write). A page is in exactly one state:
   used first when the free list runs dry);
 - held: refcount >= 1; a page held by two or more requests is full and was matched through
   the tree (a request holding a page of the tree holds the page's whole path from the root).
+
+FP8 caches (:mod:`jaxinfer.fp8`): a pool in ``float8_e4m3fn`` or ``float8_e5m2`` holds ``K /
+k_scale`` and ``V / v_scale`` with fixed per-tensor or per-KV-head scales (:attr:`KVCachePool.k_scale`).
 """
 
 from __future__ import annotations
@@ -32,7 +35,26 @@ from collections.abc import Hashable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer import fp8
 from jaxinfer.plan.checks import check_int
+
+
+def kv_scale(name: str, scale, num_kv_heads: int) -> np.ndarray:
+    """A fixed KV-cache scale as ``[num_kv_heads]`` float32: from a number (per tensor) or a
+    sequence / array of ``num_kv_heads`` numbers (per KV head).
+
+    Raises:
+      ValueError: naming ``name``: not a number or numbers, a value not finite and > 0, or a
+        sequence whose length is not ``num_kv_heads``.
+    """
+    try:
+        values = np.asarray(scale)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be a float or {num_kv_heads} floats (per KV head), got {scale!r}") from e
+    if values.shape not in ((), (num_kv_heads,)):
+        raise ValueError(f"{name} must be a float or {num_kv_heads} floats (per KV head), got shape {values.shape}")
+    fp8.check_scale_value(name, scale if isinstance(scale, (bool, np.bool_)) else values)
+    return np.broadcast_to(values.astype(np.float32), (num_kv_heads,)).copy()
 
 
 class OutOfPagesError(RuntimeError):
@@ -58,16 +80,24 @@ class KVCachePool:
       page_size: tokens per page.
       num_layers: decoder layers; each gets its own ``(k_cache, v_cache)``.
       num_kv_heads, head_dim: KV head geometry.
-      dtype: cache dtype.
+      dtype: cache dtype; a short name of :data:`jaxinfer.fp8.KV_DTYPE_NAMES` (``"e4m3"``) or
+        anything ``jnp.dtype`` takes.
+      k_scale, v_scale: scales of an fp8 cache (``float8_e4m3fn``/``float8_e5m2``), fixed for the
+        pool's life: a float (per tensor) or ``num_kv_heads`` floats (per KV head), finite and
+        > 0; ``None``: 1.0. The cache holds ``K / k_scale`` saturated to the fp8 range (so with
+        unit scales e4m3 clips keys and values past ±448, e5m2 past ±57344). Not accepted for
+        other dtypes (they store K and V as they are).
       kv_layout: ``"NHD"`` (caches ``[num_pages, page_size, Hkv, D]``) or ``"HND"``
         (``[num_pages, Hkv, page_size, D]``).
 
     Attributes:
+      k_scale, v_scale: ``[num_kv_heads]`` float32 numpy scales of an fp8 pool; ``None`` otherwise.
       caches: tuple over layers of ``(k_cache, v_cache)``; a jitted step returns new caches and the
         caller stores them back here.
 
     Raises:
-      ValueError: non-positive sizes or an unknown ``kv_layout``.
+      ValueError: non-positive sizes, an unknown ``kv_layout`` or ``dtype`` (naming ``kv_dtype``),
+        or a bad scale or a scale for a cache that is not fp8 (naming ``k_scale``/``v_scale``).
     """
 
     def __init__(
@@ -80,6 +110,8 @@ class KVCachePool:
         *,
         dtype=jnp.bfloat16,
         kv_layout: str = "NHD",
+        k_scale=None,
+        v_scale=None,
     ):
         num_pages, page_size, num_layers, num_kv_heads, head_dim = (
             check_int(name, val, minimum=1)
@@ -98,12 +130,21 @@ class KVCachePool:
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.kv_layout = kv_layout
-        self.dtype = jnp.dtype(dtype)
+        self.dtype = fp8.kv_dtype(dtype)
+        if fp8.is_fp8(self.dtype):
+            self.k_scale = kv_scale("k_scale", 1.0 if k_scale is None else k_scale, num_kv_heads)
+            self.v_scale = kv_scale("v_scale", 1.0 if v_scale is None else v_scale, num_kv_heads)
+        else:
+            for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+                if scale is not None:
+                    raise ValueError(f"{name} is for fp8 caches ({', '.join(d.name for d in fp8.FP8_KV_DTYPES)}), "
+                                     f"not {self.dtype.name}")
+            self.k_scale = self.v_scale = None
         if kv_layout == "NHD":
             shape = (num_pages, page_size, num_kv_heads, head_dim)
         else:
             shape = (num_pages, num_kv_heads, page_size, head_dim)
-        self.caches = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers))
+        self.caches = tuple((jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in range(num_layers))
         # Pop from the end: lowest page ids are handed out first, which keeps runs reproducible.
         self._free = list(range(num_pages - 1, -1, -1))
         self._refs = np.zeros(num_pages, np.int64)

@@ -198,6 +198,16 @@ def test_pool_errors():
         KVCachePool(4, 0, 1, 1, 4)
     with pytest.raises(ValueError, match="kv_layout"):
         KVCachePool(4, 2, 1, 1, 4, kv_layout="NDH")
+    for kw, name in ((dict(dtype="e4m4"), "kv_dtype"), (dict(k_scale=1.0), "k_scale"),
+                     (dict(dtype="e4m3", k_scale=(1.0, 2.0, 3.0)), "k_scale"), (dict(dtype="e5m2", v_scale=0.0), "v_scale"),
+                     (dict(dtype="e4m3", v_scale=float("inf")), "v_scale"), (dict(dtype="e4m3", k_scale=True), "k_scale"),
+                     (dict(dtype="e4m3", k_scale="1"), "k_scale")):
+        with pytest.raises(ValueError, match=name):
+            KVCachePool(4, 2, 1, 2, 4, **kw)
+    pool = KVCachePool(4, 2, 1, 2, 4, dtype="e4m3", k_scale=(0.5, 2.0))
+    assert pool.dtype == jnp.float8_e4m3fn and pool.caches[0][0].dtype == jnp.float8_e4m3fn
+    assert pool.k_scale.tolist() == [0.5, 2.0] and pool.v_scale.tolist() == [1.0, 1.0]
+    assert KVCachePool(4, 2, 1, 2, 4).k_scale is None
     pool = KVCachePool(4, 2, 1, 1, 4)
     pool.add(0)
     with pytest.raises(ValueError, match="already"):
@@ -266,8 +276,11 @@ def params64(model: LlamaModel) -> dict:
     return dict(embed=get(model.embed.embedding), norm=get(model.norm.scale), lm_head=get(model.lm_head.kernel), layers=layers)
 
 
-def np_llama_logits(p: dict, cfg: LlamaConfig, tokens) -> np.ndarray:
-    """Float64 numpy forward of one sequence (causal, from position 0): logits ``[L, vocab]``."""
+def np_llama_logits(p: dict, cfg: LlamaConfig, tokens, kv=None, computed=None) -> np.ndarray:
+    """Float64 numpy forward of one sequence (causal, from position 0): logits ``[L, vocab]``.
+    ``kv``: per layer ``(k, v)`` ``[L, Hkv, D]`` (k rotated) that attention reads instead of the
+    computed ones (the dequantized values of an fp8 cache); ``computed``: a list that receives
+    each layer's computed ``(k, v)``."""
 
     def rms(x, w):
         return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.rms_norm_eps) * w
@@ -282,11 +295,15 @@ def np_llama_logits(p: dict, cfg: LlamaConfig, tokens) -> np.ndarray:
     L, hq, hkv, d = len(tokens), cfg.num_qo_heads, cfg.num_kv_heads, cfg.head_dim
     x = p["embed"][np.asarray(tokens)]
     causal = np.tril(np.ones((L, L), bool))
-    for lp in p["layers"]:
+    for i, lp in enumerate(p["layers"]):
         h = rms(x, lp["attn_norm"])
         q = rope((h @ lp["wq"]).reshape(L, hq, d))
-        k = np.repeat(rope((h @ lp["wk"]).reshape(L, hkv, d)), hq // hkv, axis=1)
-        v = np.repeat((h @ lp["wv"]).reshape(L, hkv, d), hq // hkv, axis=1)
+        k, v = rope((h @ lp["wk"]).reshape(L, hkv, d)), (h @ lp["wv"]).reshape(L, hkv, d)
+        if computed is not None:
+            computed.append((k, v))
+        if kv is not None:
+            k, v = kv[i]
+        k, v = np.repeat(k, hq // hkv, axis=1), np.repeat(v, hq // hkv, axis=1)
         s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(d)
         s = np.where(causal, s, -np.inf)
         w = np.exp(s - s.max(-1, keepdims=True))
@@ -365,6 +382,70 @@ def test_chunked_prefill_prefix_sharing_and_cascade_match_float64_forward(tiny_m
             first = cascade_levels - 3 if cascade_levels > 2 else 0  # the most shared real level
             assert qo[first].tolist() == [0, 3] and indices[first].tolist() == [a_pages[0]], "page 0 read once"
         check(run_step(planner, graphdef, params, seqs, {}, decode))
+
+
+def dequantized_kv(pool: KVCachePool, rid, layer: int) -> list[np.ndarray]:
+    """Float64 ``[k, v]`` ``[seq_len, Hkv, D]`` of one request as an fp8 NHD pool holds them,
+    times the pool's scales."""
+    pages = np.asarray(pool.pages(rid))
+    out = []
+    for cache, scale in zip(pool.caches[layer], (pool.k_scale, pool.v_scale)):
+        x = np.asarray(cache[pages].astype(jnp.float32), np.float64).reshape(-1, pool.num_kv_heads, pool.head_dim)
+        out.append(x[: pool.seq_len(rid)] * scale[:, None].astype(np.float64))
+    return out
+
+
+@pytest.mark.parametrize("kv_dtype, k_scale, v_scale, cascade_levels", [
+    ("float8_e4m3fn", (0.004, 1.0), (0.5, 2.0), 2),  # per KV head; head 0's keys (|k| ~ 2.5) saturate
+    ("e5m2", 0.25, 1.0, 1),
+])
+def test_fp8_cache_step_matches_float64_forward_on_dequantized_values(tiny_model, kv_dtype, k_scale, v_scale,
+                                                                       cascade_levels):
+    # The steps of the test above (chunked prefill, attached prefix, mixed step, decode through
+    # cascade levels or flat) on an fp8 pool: each request's logits must equal a float64 forward
+    # whose attention reads the request's dequantized cache values, and those must be the float64
+    # K/V divided by the scales, saturated, within half an fp8 step.
+    cfg, rng = TINY, np.random.default_rng(7)
+    pool = KVCachePool(24, 4, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype=kv_dtype,
+                       k_scale=k_scale, v_scale=v_scale)
+    pool.caches = jax.tree.map(lambda c: jnp.full_like(c, jnp.nan), pool.caches)
+    planner = StepPlanner(pool, cfg.num_qo_heads, max_seq_len=32, max_batch_size=4, max_prefill_tokens=16,
+                          backend="xla", q_data_type=cfg.dtype, cascade_levels=cascade_levels)
+    graphdef, params = nnx.split(tiny_model)
+    ref = params64(tiny_model)
+    finfo = jnp.finfo(pool.dtype)
+    limit, half_step, tiny = float(finfo.max), 2.0 ** -(finfo.nmant + 1), float(finfo.smallest_subnormal) / 2
+    a = rng.integers(0, cfg.vocab_size, 14).tolist()
+    seqs = {"a": a, "b": a[:8] + rng.integers(0, cfg.vocab_size, 5).tolist()}
+    saturated = []
+
+    def check(logits):
+        for r, got in logits.items():
+            tokens = seqs[r][: pool.seq_len(r)]
+            kv = [dequantized_kv(pool, r, layer) for layer in range(cfg.num_layers)]
+            exact = []
+            want = np_llama_logits(ref, cfg, tokens, kv, exact)[-1]
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"request {r}")
+            for (k, v), (k_exact, v_exact) in zip(kv, exact):
+                for x, x_exact, scale in ((k, k_exact, pool.k_scale), (v, v_exact, pool.v_scale)):
+                    scale = scale[:, None].astype(np.float64)
+                    x_exact = np.clip(x_exact / scale, -limit, limit)
+                    np.testing.assert_array_less(np.abs(x / scale - x_exact),
+                                                 1.01 * half_step * np.abs(x_exact) + tiny + 1e-6)
+                    saturated.append(np.abs(x / scale).max() == limit)
+
+    pool.add("a")
+    check(run_step(planner, graphdef, params, seqs, {"a": 9}, []))
+    check(run_step(planner, graphdef, params, seqs, {"a": 5}, []))
+    pool.cache_prefix("a", seqs["a"])
+    assert pool.add("b", seqs["b"][:-1]) == 8
+    seqs["a"].append(int(rng.integers(cfg.vocab_size)))
+    check(run_step(planner, graphdef, params, seqs, {"b": 5}, ["a"]))
+    for _ in range(2):
+        for r in seqs:
+            seqs[r].append(int(rng.integers(cfg.vocab_size)))
+        check(run_step(planner, graphdef, params, seqs, {}, sorted(seqs, key=pool.pages)))
+    assert any(saturated) == (kv_dtype == "float8_e4m3fn")
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
