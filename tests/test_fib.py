@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -174,6 +175,13 @@ def test_apply_picks_the_fastest_passing_backend(hand_made):
     assert table(_spec(2, 2), "other") == ()
     apply(None)  # back to the packaged table (none ships): the built-in order
     assert backends.resolve("auto", _spec(2, 2), op="decode").name == builtin
+
+
+def test_packaged_table_is_the_default(hand_made, monkeypatch):
+    monkeypatch.setattr(sys.modules["jaxinfer.apply"], "DEFAULT_TRACES", hand_made)
+    backends.set_preference(None)  # as at start-up: the packaged table is read on first use
+    fastest_small = "fa2" if backends.unavailable("fa2") is None else "pallas"
+    assert backends.resolve("auto", _spec(2, 2), op="decode").name == fastest_small
 
 
 def test_definition_names_match_the_writer():

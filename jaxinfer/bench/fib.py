@@ -231,7 +231,7 @@ def workload_entry(workload: Workload, seed: int, root: Path) -> dict:
     return {"axes": axes, "inputs": inputs, "uuid": wid}
 
 
-def _finite(x) -> float:
+def _or_nan(x) -> float:
     return float("nan") if x is None else float(x)
 
 
@@ -251,7 +251,7 @@ def trace(record: dict, workload: dict, definition_name: str) -> dict | None:
     }
     if status != "RUNTIME_ERROR":
         evaluation["correctness"] = {
-            "max_relative_error": _finite(max(errors) if errors else None),
+            "max_relative_error": _or_nan(max(errors) if errors else None),
             "max_absolute_error": float("nan"),
             "extra": {"metric": "max|o - ref| / max|ref|", "max_error": record.get("max_error"),
                       "max_error_f64": record.get("max_error_f64")},
