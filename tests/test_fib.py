@@ -7,6 +7,7 @@ import ast
 import json
 import math
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -157,14 +158,17 @@ def hand_made(tmp_path):
     traces += [_trace(failing, "w", small, "pallas", 0.0, status="RUNTIME_ERROR")]
     (tmp_path / "traces" / "gqa_paged_decode").mkdir(parents=True)
     (tmp_path / "traces" / "gqa_paged_decode" / "t.jsonl").write_text("".join(json.dumps(t) + "\n" for t in traces))
-    yield tmp_path
+    yield tmp_path, traces
     backends.set_preference(None)
 
 
 def test_apply_picks_the_fastest_passing_backend(hand_made):
+    root, traces = hand_made
     builtin = backends.resolve("auto", _spec(2, 2), op="decode").name
-    table = apply(hand_made)
+    table = apply(root)
     assert isinstance(table, ApplyTable)
+    # a flashinfer_bench.TraceSet (definition name -> traces) gives the same table
+    assert apply(types.SimpleNamespace(traces={DECODE: traces[:-1], "other": traces[-1:]})) == table
     fastest_small = "fa2" if backends.unavailable("fa2") is None else "pallas"
     assert backends.resolve("auto", _spec(2, 2), op="decode").name == fastest_small
     assert backends.resolve("auto", _spec(3, 2), op="decode").name == fastest_small  # nearest: small
@@ -178,7 +182,7 @@ def test_apply_picks_the_fastest_passing_backend(hand_made):
 
 
 def test_packaged_table_is_the_default(hand_made, monkeypatch):
-    monkeypatch.setattr(sys.modules["jaxinfer.apply"], "DEFAULT_TRACES", hand_made)
+    monkeypatch.setattr(sys.modules["jaxinfer.apply"], "DEFAULT_TRACES", hand_made[0])
     backends.set_preference(None)  # as at start-up: the packaged table is read on first use
     fastest_small = "fa2" if backends.unavailable("fa2") is None else "pallas"
     assert backends.resolve("auto", _spec(2, 2), op="decode").name == fastest_small
