@@ -8,6 +8,8 @@ its own page table with ``return_lse``, and the levels' states merge into the ou
 
 from __future__ import annotations
 
+import re
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -16,11 +18,21 @@ from jaxinfer.plan.batch import PlanCapacity
 from jaxinfer.plan.checks import check_int
 from jaxinfer.page import unpack_paged_kv_cache
 from jaxinfer.variants import AttentionVariant
-from jaxinfer.wrapper import BatchWrapper, Plan, batch_spec, check_spec_run_args, make_plan, run_paged_plan
+from jaxinfer.wrapper import BatchWrapper, Plan, batch_spec, check_run_extras, check_spec_run_args, plan_dtypes, run_paged_plan
 
 
 def merge_states(v, s, *, backend: str = "auto"):
-    """Merge ``N`` attention states per row.
+    """Merge ``N`` attention states per row (FlashInfer's ``merge_states``).
+
+    With ``m = max_i s_i``: ``s = m + log2 sum_i 2^(s_i - m)`` and ``v = sum_i 2^(s_i - s) v_i``
+    (FlashInfer paper, arXiv 2501.01005, sec. 2.2, eq. 2-3).
+
+    Example::
+
+        import jax, jax.numpy as jnp, jaxinfer
+        v = jax.random.normal(jax.random.key(0), (2048, 10, 32, 128), jnp.float16)   # [L, N, H, D]
+        s = jax.random.normal(jax.random.key(1), (2048, 10, 32), jnp.float32)        # [L, N, H]
+        v_merged, s_merged = jaxinfer.merge_states(v, s)   # [2048, 32, 128], [2048, 32]
 
     Args:
       v: ``[L, N, H, D]`` states' outputs; s: ``[L, N, H]`` float32 base-2 lse.
@@ -39,7 +51,25 @@ def merge_states(v, s, *, backend: str = "auto"):
 
 
 def merge_state(v_a, s_a, v_b, s_b, *, backend: str = "auto"):
-    """Merge two attention states: ``v_a, v_b [L, H, D]``, ``s_a, s_b [L, H]`` -> ``(v, s)``.
+    """Merge two attention states over disjoint key sets (FlashInfer's ``merge_state``).
+
+    Same formula as :func:`merge_states` with ``N = 2``.
+
+    Example::
+
+        import jax, jax.numpy as jnp, jaxinfer
+        va = jax.random.normal(jax.random.key(0), (2048, 32, 128), jnp.float16)
+        sa = jax.random.normal(jax.random.key(1), (2048, 32), jnp.float32)
+        vb = jax.random.normal(jax.random.key(2), (2048, 32, 128), jnp.float16)
+        sb = jax.random.normal(jax.random.key(3), (2048, 32), jnp.float32)
+        v, s = jaxinfer.merge_state(va, sa, vb, sb)      # [2048, 32, 128], [2048, 32]
+
+    Args:
+      v_a, v_b: ``[L, H, D]``; s_a, s_b: ``[L, H]`` float32 base-2 lse.
+      backend: as in :func:`merge_states`.
+
+    Returns:
+      ``(v [L, H, D] in v_a's dtype, s [L, H] float32)``.
 
     Raises:
       ValueError: shapes that disagree.
@@ -53,11 +83,31 @@ def merge_state(v_a, s_a, v_b, s_b, *, backend: str = "auto"):
 
 
 def merge_state_in_place(v, s, v_other, s_other, mask=None, *, backend: str = "auto"):
-    """FlashInfer's in-place merge, functional: returns the merged ``(v, s)``.
+    """FlashInfer's ``merge_state_in_place``, functional: RETURNS the merged ``(v, s)``.
 
-    JAX arrays are immutable, so the result is returned; under ``jax.jit`` with donated ``v``
-    and ``s`` XLA reuses their buffers. ``mask [L]`` bool selects the rows to merge; other rows
-    keep ``(v, s)``.
+    JAX arrays are immutable: ``v`` and ``s`` are NOT modified, so write
+    ``v, s = merge_state_in_place(v, s, v_other, s_other)`` where FlashInfer code discards the
+    result. Under ``jax.jit`` with ``v`` and ``s`` donated, XLA reuses their buffers.
+
+    Example::
+
+        import jax, jax.numpy as jnp, jaxinfer
+        v = jax.random.normal(jax.random.key(0), (2048, 32, 128), jnp.float16)
+        s = jax.random.normal(jax.random.key(1), (2048, 32), jnp.float32)
+        v_other = jax.random.normal(jax.random.key(2), (2048, 32, 128), jnp.float16)
+        s_other = jax.random.normal(jax.random.key(3), (2048, 32), jnp.float32)
+        v, s = jaxinfer.merge_state_in_place(v, s, v_other, s_other)
+
+    Args:
+      v, v_other: ``[L, H, D]``; s, s_other: ``[L, H]`` float32 base-2 lse.
+      mask: optional ``[L]`` bool selecting the rows to merge; other rows keep ``(v, s)``.
+      backend: as in :func:`merge_states`.
+
+    Returns:
+      ``(v [L, H, D], s [L, H])``, the merged state (formula of :func:`merge_states`).
+
+    Raises:
+      ValueError: shapes that disagree, or a ``mask`` that is not ``[L]``.
     """
     v_new, s_new = merge_state(v, s, v_other, s_other, backend=backend)
     if mask is None:
@@ -78,35 +128,76 @@ class MultiLevelCascadeAttentionWrapper(BatchWrapper):
     plan checks that each request's queries lie in its own last-level KV).
     """
 
-    def __init__(self, num_levels: int, kv_layout: str = "NHD", backend: str = "auto", *,
-                 capacity: PlanCapacity | None = None):
-        self._num_levels = check_int("num_levels", num_levels, minimum=1)
-        super().__init__(kv_layout, backend, capacity=capacity)
+    _op = "other"
 
-    def plan(
-        self, qo_indptr_arr, paged_kv_indptr_arr, paged_kv_indices_arr, paged_kv_last_page_len_arr,
-        num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int, *, causal: bool = False,
-        pos_encoding_mode: str = "NONE", window_left: int = -1, logits_soft_cap: float | None = None,
-        sm_scale: float | None = None, rope_scale: float = 1.0, rope_theta: float = 1e4,
-        q_data_type=jnp.bfloat16, kv_data_type=None, variant: AttentionVariant | None = None,
-    ) -> list[Plan]:
-        """Plan every level: each ``*_arr`` is a list of one array per level (level 0 first).
+    def __init__(
+        self, num_levels: int, float_workspace_buffer=None, kv_layout: str = "NHD", use_cuda_graph: bool = False,
+        qo_indptr_buf_arr=None, paged_kv_indptr_buf_arr=None, paged_kv_indices_buf_arr=None,
+        paged_kv_last_page_len_buf_arr=None, *, backend: str = "auto", capacity: PlanCapacity | None = None,
+    ):
+        """Make a wrapper for ``num_levels`` levels (no device work).
 
-        Returns:
-          The list of per-level plans (also kept for ``run``).
+        Args:
+          num_levels: number of page-table levels (>= 1), level 0 the most shared.
+          float_workspace_buffer: FlashInfer's scratch buffer: any array or ``None``, accepted and
+            unused (XLA allocates kernel scratch itself).
+          kv_layout: ``"NHD"`` or ``"HND"``.
+          use_cuda_graph, *_buf_arr: FlashInfer's CUDA-graph options; accepted and unused (fix
+            ``capacity`` for plans of one shape).
+          backend: ``"auto"``, ``"pallas"``, ``"fa2"``, ``"fa3"`` or ``"xla"`` (keyword only).
+          capacity: static maxima of each level's plan.
 
         Raises:
-          ValueError: wrong number of levels, levels whose queries disagree, or any batch error.
+          ValueError: ``num_levels < 1``, a string as ``float_workspace_buffer``, a bad
+            ``kv_layout`` or ``backend``.
+        """
+        self._num_levels = check_int("num_levels", num_levels, minimum=1)
+        self._setup(float_workspace_buffer, kv_layout, backend, capacity)
+
+    def plan(
+        self, qo_indptr_arr, paged_kv_indptr_arr, paged_kv_indices_arr, paged_kv_last_page_len,
+        num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int, causal: bool = False,
+        pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False, sm_scale: float | None = None,
+        window_left: int = -1, logits_soft_cap: float | None = None, rope_scale: float | None = None,
+        rope_theta: float | None = None, q_data_type=None, kv_data_type=None, *,
+        variant: AttentionVariant | None = None,
+    ) -> list[Plan]:
+        """Plan every level (FlashInfer's positional order).
+
+        Example: see the class docstring.
+
+        Args:
+          qo_indptr_arr, paged_kv_indptr_arr, paged_kv_indices_arr, paged_kv_last_page_len: lists
+            of one host array per level (level 0 first): ``[G_l+1]`` query groups, ``[G_l+1]`` page
+            row pointer, page ids, ``[G_l]`` last page lengths.
+          causal: applies to the last level only.
+          use_fp16_qk_reduction: accepted and unused.
+          q_data_type, kv_data_type: as in
+            :meth:`~jaxinfer.BatchDecodeWithPagedKVCacheWrapper.plan` (``None``: from ``run``'s q).
+          Other options: as in :func:`jaxinfer.single_decode_with_kv_cache`.
+
+        Returns:
+          The list of per-level plans (also kept for ``run``), for :func:`batch_cascade`.
+
+        Raises:
+          ValueError: wrong number of levels, levels whose queries disagree, or any batch error
+            (the message names the argument and level).
           NotImplementedError: the wrapper's named backend cannot serve a level.
         """
-        arrs = (qo_indptr_arr, paged_kv_indptr_arr, paged_kv_indices_arr, paged_kv_last_page_len_arr)
-        if any(len(a) != self._num_levels for a in arrs):
-            raise ValueError(f"each *_arr argument must have num_levels = {self._num_levels} entries")
+        arrs = {"qo_indptr_arr": qo_indptr_arr, "paged_kv_indptr_arr": paged_kv_indptr_arr,
+                "paged_kv_indices_arr": paged_kv_indices_arr, "paged_kv_last_page_len": paged_kv_last_page_len}
+        for name, a in arrs.items():
+            if len(a) != self._num_levels:
+                raise ValueError(f"{name} must have num_levels = {self._num_levels} entries, got {len(a)}")
+        q_dtype, kv_dtype, infer = plan_dtypes(q_data_type, kv_data_type)
         specs = []
-        for level, (qo, kv_ptr, kv_idx, last) in enumerate(zip(*arrs)):
+        for level, (qo, kv_ptr, kv_idx, last) in enumerate(zip(*arrs.values())):
             specs.append(batch_spec(
                 qo, kv_ptr, kv_idx, last, num_qo_heads, num_kv_heads, head_dim, page_size, None,
-                q_data_type, kv_data_type, variant, causal=causal and level == self._num_levels - 1,
+                q_dtype, kv_dtype, variant, causal=causal and level == self._num_levels - 1,
+                names={"qo_indptr": f"qo_indptr_arr[{level}]", "kv_indptr": f"paged_kv_indptr_arr[{level}]",
+                       "kv_indices": f"paged_kv_indices_arr[{level}]",
+                       "kv_last_page_len": f"paged_kv_last_page_len[{level}]"},
                 window_left=window_left, logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
                 pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale, rope_theta=rope_theta,
             ))
@@ -118,17 +209,140 @@ class MultiLevelCascadeAttentionWrapper(BatchWrapper):
         nnz = {int(s.qo_indptr[-1]) for s in specs}
         if len(nnz) != 1:
             raise ValueError(f"qo_indptr_arr levels must cover the same queries, got totals {sorted(nnz)}")
-        return self._keep(specs, [make_plan(s, self._backend, self._kv_layout, self._capacity, op="other")
-                                  for s in specs])
+        return self._keep(specs, [self._make(s) for s in specs], infer)
 
-    def run(self, q, paged_kv_cache, *, return_lse: bool = False, k_scale=None, v_scale=None):
-        """``q [nnz_q, Hq, D]`` -> ``o [nnz_q, Hq, D]`` (, ``lse [nnz_q, Hq]``), jit-compatible;
-        ``k_scale``/``v_scale``: :data:`jaxinfer.wrapper.SCALES_DOC`."""
-        specs, plans = self._require_plan()
+    begin_forward = plan  # FlashInfer's pre-0.2 name
+
+    def run(self, q, paged_kv_cache, *args, out=None, lse=None, return_lse: bool = False, k_scale=None,
+            v_scale=None):
+        """Cascade attention of ``q`` with the last plans; jit-compatible.
+
+        Args:
+          q: ``[nnz_q, Hq, D]``, exactly the plan's ``nnz_q`` rows.
+          paged_kv_cache: the cache every level's page table indexes (``[num_pages, 2, page_size,
+            Hkv, D]`` NHD, or ``(k_cache, v_cache)``).
+          out, lse: anything but ``None`` is a ``ValueError``: use the return value.
+          return_lse: also return ``lse [nnz_q, Hq]`` float32 (base 2).
+          k_scale, v_scale: as in :func:`jaxinfer.single_decode_with_kv_cache`.
+
+        Returns:
+          ``o [nnz_q, Hq, D]`` (, ``lse``), equal to flat attention over each request's
+          concatenated levels.
+
+        Raises:
+          ValueError: ``run`` before ``plan``, arrays that disagree with the plan, ``out``/``lse``.
+        """
+        check_run_extras(args, out, lse)
         k, v = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
+        specs, plans = self._require_plan(q, k)
         for spec in specs:
             check_spec_run_args(spec, q, k, v, self._kv_layout)
         return batch_cascade(q, paged_kv_cache, plans, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
+
+    forward = run  # FlashInfer's pre-0.2 name
+
+
+class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
+    """Batch decode with one prefix shared by every request (FlashInfer's wrapper of the same name).
+
+    Two-level cascade (FlashInfer paper, arXiv 2501.01005, sec. 3.1): the shared prefix ``k_shared``/
+    ``v_shared`` is attended by all ``B`` queries as one request of ``B`` rows (its KV read once),
+    each request's own pages by a batch decode, and the two states merge (:func:`merge_state`).
+
+    Example (FlashInfer's documented example, imports and ``torch`` changed)::
+
+        import jax, jax.numpy as jnp, jaxinfer
+        num_qo_heads, num_kv_heads, head_dim, page_size, shared_len = 8, 2, 64, 4, 32
+        wrapper = jaxinfer.BatchDecodeWithSharedPrefixPagedKVCacheWrapper(jnp.zeros(1024, jnp.uint8), "NHD")
+        unique_kv_page_indptr = jnp.array([0, 2, 5], jnp.int32)
+        unique_kv_page_indices = jnp.arange(5, dtype=jnp.int32)
+        unique_kv_last_page_len = jnp.array([3, 1], jnp.int32)
+        wrapper.begin_forward(unique_kv_page_indptr, unique_kv_page_indices, unique_kv_last_page_len,
+                              num_qo_heads, num_kv_heads, head_dim, page_size)
+        q = jax.random.normal(jax.random.key(0), (2, num_qo_heads, head_dim), jnp.float16)
+        k_shared = jax.random.normal(jax.random.key(1), (shared_len, num_kv_heads, head_dim), jnp.float16)
+        v_shared = jax.random.normal(jax.random.key(2), (shared_len, num_kv_heads, head_dim), jnp.float16)
+        unique_kv_cache = jax.random.normal(jax.random.key(3), (8, 2, page_size, num_kv_heads, head_dim),
+                                            jnp.float16)
+        o = wrapper.forward(q, k_shared, v_shared, unique_kv_cache)   # [2, num_qo_heads, head_dim]
+    """
+
+    def __init__(self, float_workspace_buffer=None, kv_layout: str = "NHD", *, backend: str = "auto",
+                 capacity: PlanCapacity | None = None):
+        """Make a wrapper (no device work).
+
+        Args:
+          float_workspace_buffer: any array or ``None``, accepted and unused.
+          kv_layout: ``"NHD"`` or ``"HND"``, of ``k_shared``/``v_shared`` and the unique cache.
+          backend, capacity: as in :class:`~jaxinfer.BatchDecodeWithPagedKVCacheWrapper`.
+
+        Raises:
+          ValueError: a string as ``float_workspace_buffer``, a bad ``kv_layout`` or ``backend``.
+        """
+        from jaxinfer.decode import BatchDecodeWithPagedKVCacheWrapper  # decode imports wrapper, not cascade
+
+        self._kv_layout = kv_layout
+        self._backend = backend
+        self._decode = BatchDecodeWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout, backend=backend,
+                                                          capacity=capacity)
+        self._options: dict | None = None
+
+    def begin_forward(
+        self, unique_kv_indptr, unique_kv_indices, unique_kv_last_page_len, num_qo_heads: int, num_kv_heads: int,
+        head_dim: int, page_size: int, data_type=None,
+    ) -> None:
+        """Plan the unique (per-request) pages on the host.
+
+        Args:
+          unique_kv_indptr: ``[B+1]``; unique_kv_indices: page ids; unique_kv_last_page_len:
+            ``[B]`` (the page table of :meth:`BatchDecodeWithPagedKVCacheWrapper.plan`).
+          num_qo_heads, num_kv_heads, head_dim, page_size: geometry.
+          data_type: dtype of q and the caches; ``None``: taken from ``forward``'s arrays.
+
+        Raises:
+          ValueError: an invalid page table (naming the argument).
+        """
+        try:
+            self._decode.plan(unique_kv_indptr, unique_kv_indices, unique_kv_last_page_len, num_qo_heads,
+                              num_kv_heads, head_dim, page_size, data_type=data_type)
+        except ValueError as e:  # the decode plan's names are indptr/indices/last_page_len
+            raise ValueError(re.sub(r"\b(indptr|indices|last_page_len)\b", r"unique_kv_\1", str(e))) from None
+
+    plan = begin_forward
+
+    def forward(self, q, k_shared, v_shared, unique_kv_cache, allow_fp16_qk_reduction: bool = False,
+                sm_scale: float | None = None, rope_scale: float | None = None, rope_theta: float | None = None):
+        """Decode ``q`` over the shared prefix then each request's own pages; jit-compatible.
+
+        Args:
+          q: ``[B, Hq, D]``.
+          k_shared, v_shared: ``[shared_len, Hkv, D]`` (NHD) or ``[Hkv, shared_len, D]`` (HND).
+          unique_kv_cache: the paged cache of the unique pages (``[num_pages, 2, page_size, Hkv,
+            D]`` NHD, or ``(k_cache, v_cache)``).
+          allow_fp16_qk_reduction: accepted and unused (float32 logits).
+          sm_scale, rope_scale, rope_theta: as in :func:`jaxinfer.single_decode_with_kv_cache`
+            (no positional encoding is applied here, as in FlashInfer's wrapper).
+
+        Returns:
+          ``o [B, Hq, D]`` in q's dtype.
+
+        Raises:
+          ValueError: ``forward`` before ``begin_forward``, shapes or dtypes that disagree.
+        """
+        from jaxinfer.prefill import single_prefill_with_kv_cache
+
+        if self._decode._planned is None:
+            raise ValueError("forward called before begin_forward")
+        if sm_scale is not None and self._decode._planned[0].variant.sm_scale != sm_scale:
+            spec = self._decode._planned[0]
+            self._decode.plan(spec.kv_indptr, spec.kv_indices, spec.kv_last_page_len, spec.num_qo_heads,
+                              spec.num_kv_heads, spec.head_dim, spec.page_size, sm_scale=sm_scale)
+        v_s, s_s = single_prefill_with_kv_cache(q, k_shared, v_shared, kv_layout=self._kv_layout, sm_scale=sm_scale,
+                                                return_lse=True, backend=self._backend)
+        v_u, s_u = self._decode.run(q, unique_kv_cache, return_lse=True)
+        return merge_state(v_s, s_s, v_u, s_u)[0]
+
+    run = forward
 
 
 def batch_cascade(q, paged_kv_cache, plans: list[Plan], *, return_lse: bool = False, k_scale=None, v_scale=None):

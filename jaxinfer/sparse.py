@@ -16,7 +16,9 @@ import numpy as np
 from jaxinfer.plan.batch import BatchSpec, PlanCapacity
 from jaxinfer.plan.checks import check_indptr, check_int
 from jaxinfer.variants import AttentionVariant, make_variant
-from jaxinfer.wrapper import BatchWrapper, Plan, as_host_int, check_spec_run_args, run_plan
+from jaxinfer.wrapper import (
+    BatchWrapper, Plan, as_host_int, check_run_extras, check_spec_run_args, fold_q_scale, plan_dtypes, run_plan,
+)
 
 
 def dense_to_bsr(mask: np.ndarray, R: int, C: int):
@@ -92,33 +94,63 @@ def bsr_custom_mask(indptr, indices, M: int, N: int, R: int, C: int, block_mask,
 class BlockSparseAttentionWrapper(BatchWrapper):
     """Attention of ``q [M, Hq, D]`` over ``k/v [N, Hkv, D]`` under a BSR mask (FlashInfer's wrapper).
 
-    Args:
-      backend: ``"auto"``, ``"pallas"``, ``"fa2"``, ``"fa3"`` or ``"xla"``.
-      capacity: static maxima of plans (see :class:`~jaxinfer.plan.batch.PlanCapacity`).
+    Example (FlashInfer's documented example, imports and ``torch`` changed)::
+
+        import jax, jax.numpy as jnp, jaxinfer
+        num_qo_heads, num_kv_heads, head_dim = 1, 1, 128
+        M, N, R, C = 3, 4, 1, 1            # 3x4 mask, 1x1 blocks (vector-sparse)
+        bsr_wrapper = jaxinfer.BlockSparseAttentionWrapper(jnp.zeros(1024, jnp.uint8))
+        indptr = jnp.array([0, 1, 2, 4], jnp.int32)
+        indices = jnp.array([0, 1, 1, 3], jnp.int32)
+        bsr_wrapper.plan(indptr, indices, M, N, R, C, num_qo_heads, num_kv_heads, head_dim)
+        q = jax.random.normal(jax.random.key(0), (M, num_qo_heads, head_dim), jnp.float16)
+        k = jax.random.normal(jax.random.key(1), (N, num_kv_heads, head_dim), jnp.float16)
+        v = jax.random.normal(jax.random.key(2), (N, num_kv_heads, head_dim), jnp.float16)
+        o = bsr_wrapper.run(q, k, v)       # [M, num_qo_heads, head_dim]
     """
 
     _op = "other"
 
-    def __init__(self, backend: str = "auto", *, capacity: PlanCapacity | None = None):
-        super().__init__("NHD", backend, capacity=capacity)
+    def __init__(self, float_workspace_buffer=None, backend: str = "auto", *, capacity: PlanCapacity | None = None):
+        """Make a wrapper (no device work).
+
+        Args:
+          float_workspace_buffer: FlashInfer's scratch buffer: any array or ``None``, accepted and
+            unused (XLA allocates kernel scratch itself).
+          backend: ``"auto"``, ``"pallas"``, ``"fa2"``, ``"fa3"`` or ``"xla"``.
+          capacity: static maxima of plans (:class:`~jaxinfer.plan.batch.PlanCapacity`).
+
+        Raises:
+          ValueError: a string as ``float_workspace_buffer``, a bad ``backend``.
+        """
+        self._setup(float_workspace_buffer, "NHD", backend, capacity)
         self._num_cols: int | None = None  # N: the only shape the spec does not hold
 
     def plan(
         self, indptr, indices, M: int, N: int, R: int, C: int, num_qo_heads: int, num_kv_heads: int,
-        head_dim: int, *, mask=None, causal: bool = False, pos_encoding_mode: str = "NONE",
-        logits_soft_cap: float | None = None, sm_scale: float | None = None, rope_scale: float = 1.0,
-        rope_theta: float = 1e4, q_data_type=jnp.bfloat16, kv_data_type=None,
-        variant: AttentionVariant | None = None,
+        head_dim: int, mask=None, packed_mask=None, causal: bool = False, pos_encoding_mode: str = "NONE",
+        use_fp16_qk_reduction: bool = False, logits_soft_cap: float | None = None, sm_scale: float | None = None,
+        rope_scale: float | None = None, rope_theta: float | None = None, q_data_type=None, kv_data_type=None,
+        o_data_type=None, non_blocking: bool = True, *, variant: AttentionVariant | None = None,
     ) -> Plan:
-        """Plan a BSR pattern on the host.
+        """Plan a BSR pattern on the host (FlashInfer's positional order).
+
+        Example: see the class docstring.
 
         Args:
           indptr: ``[MB+1]`` block-row pointer, ``MB = ceil(M / R)``.
           indices: ``[nnz_blocks]`` column-block ids in ``[0, N / C)``.
           M, N, R, C: matrix and block shape; ``N % C == 0``.
           mask: optional ``[nnz_blocks, R, C]`` bool, True keeps an element.
+          packed_mask: not supported alone (``ValueError``): pass ``mask``.
           causal: bottom-right causal mask in matrix coordinates.
-          Other options: see :class:`~jaxinfer.variants.AttentionVariant`.
+          use_fp16_qk_reduction, non_blocking: accepted and unused.
+          q_data_type, kv_data_type: as in :meth:`~jaxinfer.BatchDecodeWithPagedKVCacheWrapper.plan`
+            (``None``: from ``run``'s arrays). o_data_type: ``None`` or q's dtype.
+          Other options: as in :func:`jaxinfer.single_decode_with_kv_cache`.
+
+        Returns:
+          The plan pytree (also kept for ``run``), for :func:`batch_block_sparse`.
 
         Raises:
           ValueError: inconsistent BSR arrays or shapes (message names the argument).
@@ -128,11 +160,16 @@ class BlockSparseAttentionWrapper(BatchWrapper):
         M, N, R, C = (check_int(name, val, minimum=1) for name, val in (("M", M), ("N", N), ("R", R), ("C", C)))
         if N % C:
             raise ValueError(f"N = {N} must be a multiple of C = {C}")
+        if packed_mask is not None and mask is None:
+            raise ValueError("packed_mask is not supported: pass the unpacked bool mask")
         if pos_encoding_mode != "NONE":
             raise NotImplementedError(
                 "block-sparse attention has no absolute key positions inside a block row; apply RoPE "
                 "with jaxinfer.apply_rope_pos_ids before attention"
             )
+        q_dtype, kv_dtype, infer = plan_dtypes(q_data_type, kv_data_type)
+        if o_data_type is not None and (q_data_type is None or jnp.dtype(o_data_type) != jnp.dtype(q_data_type)):
+            raise ValueError(f"o_data_type must be None or q_data_type, got {o_data_type}; cast the output")
         MB = -(-M // R)
         indptr = check_indptr("indptr", as_host_int("indptr", indptr), batch_size=MB)
         indices = as_host_int("indices", indices)
@@ -154,20 +191,41 @@ class BlockSparseAttentionWrapper(BatchWrapper):
             qo_indptr, indptr, indices, last, page_size=C, num_qo_heads=num_qo_heads,
             num_kv_heads=num_kv_heads, head_dim=head_dim, variant=variant,
             custom_mask=bsr_custom_mask(indptr, indices, M, N, R, C, block_mask, causal),
-            q_dtype=q_data_type, kv_dtype=kv_data_type,
+            q_dtype=q_dtype, kv_dtype=kv_dtype,
         )
         self._num_cols = int(N)
-        return self._set_plan(spec)
+        return self._set_plan(spec, infer)
 
-    def run(self, q, k, v, *, return_lse: bool = False, k_scale=None, v_scale=None):
-        """``q [M, Hq, D]``, ``k/v [N, Hkv, D]`` -> ``o [M, Hq, D]`` (, ``lse [M, Hq]``); ``k_scale``/``v_scale``:
-        :data:`jaxinfer.wrapper.SCALES_DOC`."""
-        spec, plan = self._require_plan()
+    begin_forward = plan  # FlashInfer's pre-0.2 name
+
+    def run(self, q, k, v, scale_q=None, scale_k=None, scale_v=None, out=None, lse=None, return_lse: bool = False,
+            enable_pdl=None):
+        """Attention of ``q`` over ``k``/``v`` under the planned BSR mask; jit-compatible.
+
+        Args:
+          q: ``[M, Hq, D]``; k, v: ``[N, Hkv, D]`` in q's dtype or fp8.
+          scale_q, scale_k, scale_v: dequantization scales (``scale_q * scale_k`` multiplies the
+            logits, ``scale_v`` the output), as ``k_scale``/``v_scale`` of
+            :func:`jaxinfer.single_decode_with_kv_cache`.
+          out, lse: anything but ``None`` is a ``ValueError``: use the return value.
+          return_lse: also return ``lse [M, Hq]`` float32 (base 2). enable_pdl: unused.
+
+        Returns:
+          ``o [M, Hq, D]`` in q's dtype (, ``lse``).
+
+        Raises:
+          ValueError: ``run`` before ``plan``, arrays that disagree with the plan, ``out``/``lse``.
+        """
+        check_run_extras((), out, lse)
+        spec, plan = self._require_plan(q, k)
         M, N, C = int(spec.qo_indptr[-1]), self._num_cols, spec.page_size
         if q.shape[0] != M or k.shape[0] != N:
             raise ValueError(f"q must have M = {M} rows and k, v N = {N} rows, got {q.shape[0]} and {k.shape[0]}")
         check_spec_run_args(spec, q, *(_as_pages(x, C) for x in (k, v)), "NHD")
-        return batch_block_sparse(q, k, v, plan, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
+        return batch_block_sparse(q, k, v, plan, return_lse=return_lse, k_scale=fold_q_scale(scale_q, scale_k),
+                                  v_scale=scale_v)
+
+    forward = run  # FlashInfer's pre-0.2 name
 
 
 def _as_pages(x, C: int):

@@ -143,14 +143,18 @@ def make_variant(
     logits_soft_cap: float | None = None,
     sm_scale: float | None = None,
     pos_encoding_mode: str = "NONE",
-    rope_scale: float = 1.0,
-    rope_theta: float = 1e4,
+    rope_scale: float | None = 1.0,
+    rope_theta: float | None = 1e4,
 ) -> AttentionVariant:
     """Build the variant of a call from FlashInfer-style keyword options.
+
+    ``rope_scale=None`` and ``rope_theta=None`` (FlashInfer's defaults) mean 1.0 and 1e4.
 
     A user ``variant`` carries its own callables; keyword options that differ from their defaults
     override its fields, so ``plan(..., causal=True, variant=v)`` means ``v`` made causal.
     """
+    rope_scale = 1.0 if rope_scale is None else rope_scale
+    rope_theta = 1e4 if rope_theta is None else rope_theta
     options = dict(
         causal=causal,
         window_left=window_left,

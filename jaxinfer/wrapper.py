@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxinfer import backends
 from jaxinfer.backends.base import check_run_args
-from jaxinfer.fp8 import check_scale_value, scale_array
+from jaxinfer.fp8 import check_scale_value, is_fp8, scale_array
 from jaxinfer.page import check_kv_layout, unpack_paged_kv_cache
 from jaxinfer.plan.batch import BatchSpec, PlanCapacity
 from jaxinfer.variants import AttentionVariant, make_variant
@@ -124,34 +124,100 @@ def run_paged_plan(plan: Plan, q, paged_kv_cache, *, return_lse: bool = False, k
     return run_plan(plan, q, k, v, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
 
 
+# What FlashInfer's constructors take that has no meaning in JAX (documented, accepted, unused):
+# a float workspace buffer (XLA owns scratch memory), CUDA-graph buffers and flags (a jitted step is
+# already one captured program; fix ``capacity`` for shapes that never change) and JIT arguments.
+WORKSPACE_DOC = """float_workspace_buffer: FlashInfer's scratch buffer; any array or ``None``, accepted and
+        unused (XLA allocates kernel scratch itself). A string here is a ``ValueError``: it is
+        ``kv_layout`` passed one position early."""
+
+RUN_OPTIONS_DOC = """out, lse: FlashInfer's preallocated outputs; JAX arrays are immutable, so anything but
+        ``None`` is a ``ValueError``: use the return value.
+      enable_pdl: accepted and unused (programmatic dependent launch is a CUDA-stream detail)."""
+
+
+def check_workspace(float_workspace_buffer) -> None:
+    """A FlashInfer workspace buffer is unused; a string in its place is a misplaced ``kv_layout``.
+
+    Raises:
+      ValueError: ``float_workspace_buffer`` is a string.
+    """
+    if isinstance(float_workspace_buffer, str):
+        raise ValueError(
+            f"float_workspace_buffer must be an array or None (accepted and unused), got {float_workspace_buffer!r}; "
+            "pass kv_layout by keyword or after the workspace buffer"
+        )
+
+
+def check_run_extras(args: tuple, out=None, lse=None, **unsupported) -> None:
+    """Reject FlashInfer run arguments that cannot work here (``unsupported``: name -> value,
+    each must be ``None``).
+
+    Raises:
+      ValueError: ``out``/``lse`` given (JAX cannot write into them), extra positional arguments,
+        or an unsupported option set.
+    """
+    for name, value in (("out", out), ("lse", lse)):
+        if value is not None:
+            raise ValueError(f"{name}= cannot be written in place in JAX (arrays are immutable): "
+                             f"use the return value instead")
+    if args:
+        raise ValueError(f"run takes no extra positional arguments (FlashInfer's JIT-variant arguments), "
+                         f"got {len(args)}; pass a jaxinfer.AttentionVariant to plan instead")
+    for name, value in unsupported.items():
+        if value is not None:
+            raise ValueError(f"{name} is not supported by jaxinfer, got {value!r}")
+
+
+def fold_q_scale(q_scale, k_scale):
+    """FlashInfer's ``q_scale`` multiplies the logits as ``k_scale`` does: fold it into ``k_scale``."""
+    if q_scale is None:
+        return k_scale
+    check_scale_value("q_scale", q_scale)
+    return q_scale if k_scale is None else q_scale * k_scale
+
+
+def plan_dtypes(q_data_type, kv_data_type, data_type=None):
+    """``(q_dtype, kv_dtype, infer)`` of a plan's dtype arguments.
+
+    ``data_type`` is FlashInfer's deprecated name for both dtypes. With ``q_data_type=None`` the
+    plan is made for bfloat16 (the KV for ``kv_data_type`` or bfloat16) and ``infer`` is true: the
+    wrapper's ``run`` then re-plans once for the dtypes of the arrays it receives.
+    """
+    if data_type is not None:
+        if q_data_type is not None or kv_data_type is not None:
+            raise ValueError("data_type (deprecated) cannot be combined with q_data_type or kv_data_type")
+        q_data_type = kv_data_type = data_type
+    if q_data_type is None:
+        return jnp.bfloat16, kv_data_type, kv_data_type is None
+    return q_data_type, kv_data_type, False
+
+
 class BatchWrapper:
     """Base of the FlashInfer-style wrappers: keeps the host spec and the plan between calls.
 
     ``plan`` may be called from several threads: each call returns its own plan, and ``run`` uses
     the spec and plan of one call (the last to finish), never a mix.
 
-    Args:
-      kv_layout: ``"NHD"`` or ``"HND"`` layout of paged caches.
-      backend: ``"auto"``, ``"pallas"``, ``"fa2"``, ``"fa3"`` or ``"xla"``.
-      capacity: static maxima of plans; fix it to make every batch's plan the same shape (a
-        jitted step taking the plan then never recompiles). Default: sizes rounded up to powers
-        of two.
-
-    Raises:
-      ValueError: bad ``kv_layout`` or ``backend``.
+    A plan made with ``q_data_type=None`` (the default) is for bfloat16; ``run`` given arrays of
+    other dtypes re-plans once for them (kept until the next ``plan``), so FlashInfer's float16
+    code runs unchanged. A plan passed to a module-level run function inside ``jax.jit`` is
+    checked against its dtypes: pass ``q_data_type`` (and ``kv_data_type``) there.
     """
 
     _op = "prefill"  # which auto_order "auto" follows (backends.auto_order)
 
-    def __init__(self, kv_layout: str = "NHD", backend: str = "auto", *, capacity: PlanCapacity | None = None):
+    def _setup(self, float_workspace_buffer, kv_layout: str, backend: str, capacity: PlanCapacity | None) -> None:
+        check_workspace(float_workspace_buffer)
         if backend not in backends.BACKEND_NAMES:
             raise ValueError(f"backend must be one of {backends.BACKEND_NAMES}, got {backend!r}")
         self._kv_layout = check_kv_layout(kv_layout)
         self._backend = backend
         self._capacity = capacity or PlanCapacity()
-        # (spec, plan) of the last plan() call, replaced in one assignment: plan() may run in
-        # several threads, each gets its own plan back and run() always sees a matching pair.
-        self._planned: tuple[Any, Any] | None = None
+        # (specs, plans, infer, replans) of the last plan() call, replaced in one assignment:
+        # plan() may run in several threads, each gets its own plan back and run() always sees a
+        # matching set.
+        self._planned: tuple[Any, Any, bool, dict] | None = None
 
     @property
     def backend(self) -> str | None:
@@ -162,24 +228,48 @@ class BatchWrapper:
         plan = planned[1]
         return (plan[0] if isinstance(plan, list) else plan).backend
 
-    def _keep(self, spec, plan):
+    def _make(self, spec: BatchSpec) -> Plan:
+        return make_plan(spec, self._backend, self._kv_layout, self._capacity, op=self._op)
+
+    def _keep(self, spec, plan, infer: bool = False):
         """Keep a batch's spec(s) and plan(s) for ``run`` (the last ``plan`` call wins) and
         return the plan."""
-        self._planned = (spec, plan)
+        self._planned = (spec, plan, infer, {})
         return plan
 
-    def _set_plan(self, spec: BatchSpec) -> Plan:
-        return self._keep(spec, make_plan(spec, self._backend, self._kv_layout, self._capacity, op=self._op))
+    def _set_plan(self, spec: BatchSpec, infer: bool = False) -> Plan:
+        return self._keep(spec, self._make(spec), infer)
 
-    def _require_plan(self) -> tuple[Any, Any]:
+    def _require_plan(self, q=None, k=None) -> tuple[Any, Any]:
+        """The kept ``(spec, plan)`` (lists for cascade), re-planned for ``q``'s and ``k``'s
+        dtypes when the plan's dtypes were left to ``run``."""
         planned = self._planned
         if planned is None:
             raise ValueError(f"{type(self).__name__}.run called before plan")
-        return planned
+        spec, plan, infer, replans = planned
+        first = spec[0] if isinstance(spec, list) else spec
+        if not infer or q is None or (q.dtype, k.dtype) == (first.q_dtype, first.kv_dtype):
+            return spec, plan
+        key = (jnp.dtype(q.dtype), jnp.dtype(k.dtype))
+        if key not in replans:
+            redo = lambda s: dataclasses.replace(s, q_dtype=key[0], kv_dtype=key[1])  # noqa: E731
+            specs = [redo(s) for s in spec] if isinstance(spec, list) else redo(spec)
+            plans = [self._make(s) for s in specs] if isinstance(spec, list) else self._make(specs)
+            replans[key] = (specs, plans)
+        return replans[key]
+
+    def _check_window(self, window_left) -> None:
+        """FlashInfer's run-time ``window_left`` override: only the planned value (or ``None``)."""
+        if window_left is None:
+            return
+        spec = self._require_plan()[0]
+        planned = (spec[-1] if isinstance(spec, list) else spec).variant.window_left
+        if window_left != planned:
+            raise ValueError(f"window_left = {window_left} differs from the plan's {planned}: set it in plan")
 
     def _run_paged(self, q, paged_kv_cache, return_lse: bool, k_scale=None, v_scale=None):
-        spec, plan = self._require_plan()
         k, v = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
+        spec, plan = self._require_plan(q, k)
         check_spec_run_args(spec, q, k, v, self._kv_layout)
         return run_plan(plan, q, k, v, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
 
@@ -196,9 +286,21 @@ def check_spec_run_args(spec: BatchSpec, q, k, v, kv_layout: str) -> None:
     """Trace-time checks of ``run``'s arrays against the batch a wrapper planned
     (:func:`jaxinfer.backends.base.check_run_args`), and its page ids against the cache.
 
+    ``q`` must have exactly the plan's ``nnz_q`` rows (and ragged ``k``/``v`` its ``nnz_kv``):
+    a wrapper's ``run`` never pads. Padding rows to a fixed bucket is what the module-level run
+    functions with a plan are for (rows past the plan's queries come back as zeros).
+
     Raises:
       ValueError: naming the argument whose shape or dtype disagrees with the plan.
     """
+    nnz_q = int(spec.qo_indptr[-1])
+    if q.ndim == 3 and q.shape[0] != nnz_q:
+        raise ValueError(f"q has {q.shape[0]} rows but the plan has nnz_q = {nnz_q} queries (qo_indptr[-1], or "
+                         f"the batch size for decode); to pad rows to a bucket, run the returned plan with the "
+                         f"module-level function (e.g. jaxinfer.batch_decode), which returns zeros past nnz_q")
+    if not spec.paged and k.ndim == 3 and k.shape[0] != int(spec.kv_indptr[-1]):
+        raise ValueError(f"k and v have {k.shape[0]} rows but the plan has nnz_kv = {int(spec.kv_indptr[-1])} "
+                         "keys (kv_indptr[-1])")
     check_run_args(q, k, v, paged=spec.paged, kv_layout=kv_layout, page_size=spec.page_size,
                    num_qo_heads=spec.num_qo_heads, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
                    q_dtype=spec.q_dtype, kv_dtype=spec.kv_dtype, nnz_q=int(spec.qo_indptr[-1]),
@@ -209,17 +311,36 @@ def check_spec_run_args(spec: BatchSpec, q, k, v, kv_layout: str) -> None:
             raise ValueError(f"kv_indices must be < num_pages = {k.shape[0]} (pages in the cache), got {used.max()}")
 
 
+def check_last_page_len(indptr_name: str, indptr: np.ndarray, last_name: str, last: np.ndarray) -> None:
+    """A last-page-length array must have one entry per request of the page row pointer.
+
+    Raises:
+      ValueError: naming ``last_name`` when its length is not ``len(indptr) - 1``.
+    """
+    if indptr.ndim == 1 and indptr.size and (last.ndim != 1 or last.size != indptr.size - 1):
+        raise ValueError(f"{last_name} must be [batch_size] = [{indptr.size - 1}] (len({indptr_name}) - 1), "
+                         f"got shape {last.shape}")
+
+
 def batch_spec(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim,
-                  page_size, custom_mask, q_data_type, kv_data_type, variant, **options) -> BatchSpec:
-    """The validated :class:`BatchSpec` of a batch wrapper's ``plan`` arguments (host arrays)."""
+                  page_size, custom_mask, q_data_type, kv_data_type, variant, *, names=None,
+                  **options) -> BatchSpec:
+    """The validated :class:`BatchSpec` of a batch wrapper's ``plan`` arguments (host arrays);
+    ``names`` maps ``qo_indptr``, ``kv_indptr``, ``kv_indices``, ``kv_last_page_len`` to the
+    caller's argument names for messages."""
+    names = {"qo_indptr": "qo_indptr", "kv_indptr": "kv_indptr", "kv_indices": "kv_indices",
+             "kv_last_page_len": "kv_last_page_len", **(names or {})}
     variant = make_variant(variant, **options)
+    kv_indptr = as_host_int(names["kv_indptr"], kv_indptr)
+    if kv_last_page_len is not None:
+        kv_last_page_len = as_host_int(names["kv_last_page_len"], kv_last_page_len)
+        check_last_page_len(names["kv_indptr"], kv_indptr, names["kv_last_page_len"], kv_last_page_len)
     return BatchSpec.create(
-        as_host_int("qo_indptr", qo_indptr), as_host_int("kv_indptr", kv_indptr),
-        None if kv_indices is None else as_host_int("kv_indices", kv_indices),
-        None if kv_last_page_len is None else as_host_int("kv_last_page_len", kv_last_page_len),
+        as_host_int(names["qo_indptr"], qo_indptr), kv_indptr,
+        None if kv_indices is None else as_host_int(names["kv_indices"], kv_indices), kv_last_page_len,
         page_size=page_size, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
         variant=variant, custom_mask=None if custom_mask is None else np.asarray(custom_mask),
-        q_dtype=q_data_type, kv_dtype=kv_data_type,
+        q_dtype=q_data_type, kv_dtype=kv_data_type, names={k: v for k, v in names.items() if k != "qo_indptr"},
     )
 
 
@@ -238,6 +359,9 @@ def run_single(q, k, v, variant: AttentionVariant, backend: str, *, op: str, ret
     """Attention of one request ``q [Lq, Hq, D]``, ``k/v [Lk, Hkv, D]`` as a batch of one."""
     lq, hq, d = q.shape
     lk, hkv = k.shape[0], k.shape[1]
+    if k.dtype != q.dtype and not is_fp8(k.dtype):
+        raise ValueError(f"k and v must have q's dtype {q.dtype} or be fp8 (float8_e4m3fn/float8_e5m2), got "
+                         f"{k.dtype}; cast one of them (attention never converts silently)")
     if d != k.shape[2]:
         raise ValueError(f"q head_dim {d} differs from k head_dim {k.shape[2]}")
     if custom_mask is not None:
