@@ -323,7 +323,7 @@ class DecodeWorkload(Workload):
         kq, kkv = jax.random.split(jax.random.key(seed))
         (q,) = self._random(kq, (self.batch_size, self.num_qo_heads, self.head_dim))
         return Problem(
-            make_wrapper=functools.partial(jaxinfer.BatchDecodeWithPagedKVCacheWrapper, "NHD"),
+            make_wrapper=functools.partial(jaxinfer.BatchDecodeWithPagedKVCacheWrapper, kv_layout="NHD"),
             plan_args=(table.indptr, table.indices, table.last_page_len, self.num_qo_heads,
                        self.num_kv_heads, self.head_dim, self.page_size),
             plan_kwargs={} if self.rope_theta is None else {"pos_encoding_mode": "ROPE_LLAMA",
@@ -372,12 +372,12 @@ class PrefillWorkload(Workload):
         geometry = (self.num_qo_heads, self.num_kv_heads, self.head_dim)
         if self.paged:
             table = PageTable.shuffled(kv_lens, self.page_size, np.random.default_rng(seed))
-            make = functools.partial(jaxinfer.BatchPrefillWithPagedKVCacheWrapper, "NHD")
+            make = functools.partial(jaxinfer.BatchPrefillWithPagedKVCacheWrapper, kv_layout="NHD")
             plan_args = (qo_indptr, table.indptr, table.indices, table.last_page_len, *geometry, self.page_size)
             kv, kv_index, step = self._paged_kv(kkv, table.num_pages), table.token_index(), _paged_prefill_step
         else:
             kv_indptr = np.arange(self.batch_size + 1, dtype=np.int32) * kv_len
-            make = functools.partial(jaxinfer.BatchPrefillWithRaggedKVCacheWrapper, "NHD")
+            make = functools.partial(jaxinfer.BatchPrefillWithRaggedKVCacheWrapper, kv_layout="NHD")
             plan_args = (qo_indptr, kv_indptr, *geometry)
             shape = (int(kv_indptr[-1]), self.num_kv_heads, self.head_dim)
             kv = tuple(self._random(kkv, shape, shape))
@@ -432,7 +432,7 @@ class CascadeWorkload(Workload):
         prefix = PageTable.from_pages([shared], np.array([self.shared_len]), ps)
         suffix = PageTable.from_pages(list(unique), np.full(B, self.unique_len), ps)
         cascade = Problem(
-            make_wrapper=functools.partial(jaxinfer.MultiLevelCascadeAttentionWrapper, 2, "NHD"),
+            make_wrapper=functools.partial(jaxinfer.MultiLevelCascadeAttentionWrapper, 2, kv_layout="NHD"),
             plan_args=(
                 [np.array([0, B], np.int32), np.arange(B + 1, dtype=np.int32)],
                 [prefix.indptr, suffix.indptr],
@@ -452,7 +452,7 @@ class CascadeWorkload(Workload):
         # 65536 x 8 x 128 at full size: 68 GB of float32 K/V); the cascade form of the same
         # batch gives the same attention at a fraction of that, so it is the reference.
         return Problem(
-            make_wrapper=functools.partial(jaxinfer.BatchDecodeWithPagedKVCacheWrapper, "NHD"),
+            make_wrapper=functools.partial(jaxinfer.BatchDecodeWithPagedKVCacheWrapper, kv_layout="NHD"),
             plan_args=(flat.indptr, flat.indices, flat.last_page_len, *geometry),
             plan_kwargs={},
             step=_decode_step,
