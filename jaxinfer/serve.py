@@ -26,6 +26,12 @@ Admission control keeps the pool from running dry mid-generation: a request is a
 the pages of its worst case (prompt plus ``max_new_tokens - 1`` cached tokens, less the prefix it
 attached) fit, with the worst cases of the running requests, in the free and cached pages, so the
 pool's ``OutOfPagesError`` never fires in the loop.
+
+FP8 KV cache (``kv_dtype="float8_e4m3fn"``/``"e4m3"`` or ``"float8_e5m2"``/``"e5m2"``): half the
+bytes of a bf16 cache per token read. The cache holds ``K / k_scale`` and ``V / v_scale``
+(:mod:`jaxinfer.fp8`) with fixed scales from the config, per tensor or per KV head; they reach
+the step as arrays, so other values never recompile. ``backend="auto"`` routes fp8 caches to
+the Pallas kernels (fa2/fa3 decline them).
 """
 
 from __future__ import annotations
@@ -34,7 +40,9 @@ import collections
 import dataclasses
 import functools
 import math
+import numbers
 import sys
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 import jax
@@ -42,13 +50,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxinfer import sampling
+from jaxinfer import fp8, sampling
 from jaxinfer.models.llama import LlamaModel, paged_logits
 from jaxinfer.nn.attention import StepBatch, StepPlanner
 from jaxinfer.nn.kv_pool import KVCachePool
 from jaxinfer.plan.checks import check_int
 
-KV_DTYPES = ("bfloat16", "float16", "float32")
+KV_DTYPES = ("bfloat16", "float16", "float32", "float8_e4m3fn", "float8_e5m2")
+"""KV-cache dtypes of the engine; the short names of :data:`jaxinfer.fp8.KV_DTYPE_NAMES`
+(``bf16``, ``fp16``, ``e4m3``, ``e5m2``) are accepted too."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +109,16 @@ class EngineConfig:
       max_batch_size: requests running at once (prefilling or decoding).
       max_prefill_tokens: prompt tokens prefilled per step (the chunked-prefill budget).
       backend: jaxinfer attention backend (``"auto"``, ``"pallas"``, ``"fa2"``, ``"fa3"``, ``"xla"``).
-      kv_dtype: cache dtype (``bfloat16``, ``float16`` or ``float32``); ``None``: the model's.
+      kv_dtype: cache dtype, one of :data:`KV_DTYPES` or a short name (``"e4m3"``); ``None``:
+        the model's.
+      k_scale, v_scale: scales of an fp8 cache: a float (per tensor) or ``num_kv_heads`` floats
+        (per KV head), finite and > 0; the cache holds ``K / k_scale`` saturated to the fp8 range
+        (:class:`~jaxinfer.nn.KVCachePool`); other caches take only 1.0. The default 1.0 suits
+        Llama-family models: their K (RoPE preserves norms) and V are linear maps of an
+        RMS-normalized hidden state, so they stay within tens (SmolLM2-135M on a chat prompt:
+        ``|K| <= 21``, ``|V| <= 13`` over its 30 layers), far inside e4m3's ±448 with its full
+        relative precision (3 mantissa bits) down to 2^-6. A model whose K/V pass 448 needs
+        ``amax / 448``; the scales are shared by all layers.
       kv_layout: ``"NHD"`` or ``"HND"``.
       prefix_caching: share full pages of common prompt prefixes between requests.
       cascade_levels: attention levels of the decode rows with prefix caching (``>= 2``: shared
@@ -112,7 +131,8 @@ class EngineConfig:
 
     Raises:
       ValueError: a size that is not a positive integer, a KV dtype the engine does not support
-        (float8 caches are not supported yet), a bad ``kv_layout``.
+        (naming ``kv_dtype``), a bad scale or one other than 1.0 for a cache that is not fp8
+        (naming it), a bad ``kv_layout``.
     """
 
     num_pages: int
@@ -122,6 +142,8 @@ class EngineConfig:
     max_prefill_tokens: int = 256
     backend: str = "auto"
     kv_dtype: Any = None
+    k_scale: float | tuple[float, ...] = 1.0
+    v_scale: float | tuple[float, ...] = 1.0
     kv_layout: str = "NHD"
     prefix_caching: bool = True
     cascade_levels: int = 2
@@ -138,6 +160,17 @@ class EngineConfig:
                 check_int(name, getattr(self, name), minimum=1)
         if self.kv_dtype is not None:
             check_kv_dtype(self.kv_dtype)
+        for name in ("k_scale", "v_scale"):
+            scale = getattr(self, name)
+            if not isinstance(scale, numbers.Real):
+                if isinstance(scale, str) or not isinstance(scale, Sequence):
+                    raise ValueError(f"{name} must be a float or a tuple of floats (per KV head), got {scale!r}")
+                object.__setattr__(self, name, tuple(scale))  # hashable, as the config is frozen
+            fp8.check_scale_value(name, np.asarray(getattr(self, name)) if not isinstance(scale, bool) else scale)
+            if np.any(np.asarray(getattr(self, name)) != 1) and not (
+                self.kv_dtype is not None and fp8.is_fp8(check_kv_dtype(self.kv_dtype))
+            ):
+                raise ValueError(f"{name} is for fp8 caches (kv_dtype e4m3 or e5m2), got kv_dtype={self.kv_dtype!r}")
         if self.sampling_backend not in sampling.BACKENDS:
             raise ValueError(f"sampling_backend must be one of {sampling.BACKENDS}, got {self.sampling_backend!r}")
         if self.kv_layout not in ("NHD", "HND"):
@@ -147,23 +180,19 @@ class EngineConfig:
 
 
 def check_kv_dtype(dtype) -> jnp.dtype:
-    """``dtype`` as a jnp dtype if the engine's KV cache supports it.
+    """``dtype`` (a dtype, its name or a short name: ``bf16``, ``fp16``, ``e4m3``, ``e5m2``) as
+    a jnp dtype if the engine's KV cache supports it.
 
     Raises:
-      ValueError: float8 (not supported by the serving engine yet) or any other dtype outside
-        :data:`KV_DTYPES`.
+      ValueError: naming ``kv_dtype``: an unknown name or a dtype outside :data:`KV_DTYPES`.
     """
+    choices = f"{KV_DTYPES} or {tuple(fp8.KV_DTYPE_NAMES)}"
     try:
-        dt = jnp.dtype(dtype)
-    except TypeError as e:
-        raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {dtype!r}") from e
-    if dt.name.startswith("float8"):
-        raise ValueError(
-            f"kv_dtype {dt.name}: float8 KV caches are not supported by the serving engine yet "
-            f"(use one of {KV_DTYPES})"
-        )
+        dt = fp8.kv_dtype(dtype)
+    except ValueError:
+        raise ValueError(f"kv_dtype must be one of {choices}, got {dtype!r}") from None
     if dt.name not in KV_DTYPES:
-        raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {dt.name}")
+        raise ValueError(f"kv_dtype must be one of {choices}, got {dt.name}")
     return dt
 
 
@@ -291,7 +320,8 @@ class ServingEngine:
         kv_dtype = check_kv_dtype(cfg.dtype if config.kv_dtype is None else config.kv_dtype)
         self.config = config
         self.pool = KVCachePool(config.num_pages, config.page_size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                                dtype=kv_dtype, kv_layout=config.kv_layout)
+                                dtype=kv_dtype, kv_layout=config.kv_layout,
+                                **(dict(k_scale=config.k_scale, v_scale=config.v_scale) if fp8.is_fp8(kv_dtype) else {}))
         self.planner = StepPlanner(
             self.pool, cfg.num_qo_heads, max_seq_len=config.max_seq_len, max_batch_size=config.max_batch_size,
             max_prefill_tokens=config.max_prefill_tokens, backend=config.backend, q_data_type=cfg.dtype,
@@ -314,11 +344,12 @@ class ServingEngine:
     def describe(self) -> str:
         """One line: the step-program bound and the capacities it comes from."""
         c, p = self.config, self.planner
+        scales = "" if self.pool.k_scale is None else f", k_scale={c.k_scale}, v_scale={c.v_scale}"
         return (
             f"jaxinfer.serve: at most {self.num_step_programs} step program(s) "
             f"(prefill rows {list(p.prefill_buckets)} or none x decode rows {list(p.decode_buckets)} or none); "
             f"max_batch_size={c.max_batch_size}, max_prefill_tokens={c.max_prefill_tokens}, "
-            f"max_seq_len={c.max_seq_len}, {c.num_pages} pages of {c.page_size} tokens ({self.pool.dtype.name}), "
+            f"max_seq_len={c.max_seq_len}, {c.num_pages} pages of {c.page_size} tokens ({self.pool.dtype.name}{scales}), "
             f"backend={c.backend}, prefix caching {'on' if c.prefix_caching else 'off'}, "
             f"decode attention levels={p.cascade_levels}"
         )

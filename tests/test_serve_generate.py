@@ -19,7 +19,7 @@ def smollm2_installed() -> bool:
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["hi", "--kv-dtype", "float8_e4m3fn"], "float8 KV caches are not supported"),
+        (["hi", "--kv-dtype", "e4m4"], "kv_dtype must be one of"),
         (["hi", "--kv-dtype", "int8"], "kv_dtype must be one of"),
         (["hi", "--temperature", "-1"], "temperature"),
         (["hi", "--top-p", "0"], "top_p"),
