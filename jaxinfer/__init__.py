@@ -1,8 +1,16 @@
 """jaxinfer: FlashInfer for JAX — paged-KV attention kernels, a load-balanced planner, and
-FlashInfer's API as jit-compatible JAX functions (shared/DESIGN.md is the contract)."""
+FlashInfer's API as jit-compatible JAX functions.
+
+Code written for FlashInfer runs after changing imports and ``torch`` to ``jax.numpy``: the
+wrappers take FlashInfer's workspace buffer (unused) and its plan/run arguments; functions that
+FlashInfer runs in place (``*_inplace``, ``append_paged_kv_cache``, ``merge_state_in_place``)
+return their results instead, because JAX arrays are immutable. Bad input is a ``ValueError``
+naming the argument; log-sum-exp values are base 2, as in FlashInfer.
+"""
 
 from jaxinfer.plan.batch import BatchSpec, PlanCapacity
 from jaxinfer.cascade import (
+    BatchDecodeWithSharedPrefixPagedKVCacheWrapper,
     MultiLevelCascadeAttentionWrapper,
     batch_cascade,
     cascade_levels_from_prefix_tree,
@@ -22,9 +30,15 @@ from jaxinfer.prefill import (
 from jaxinfer import fp8, sampling
 from jaxinfer.rope import (
     apply_llama31_rope,
+    apply_llama31_rope_inplace,
     apply_llama31_rope_pos_ids,
+    apply_llama31_rope_pos_ids_inplace,
     apply_rope,
+    apply_rope_inplace,
     apply_rope_pos_ids,
+    apply_rope_pos_ids_inplace,
+    apply_rope_with_cos_sin_cache,
+    apply_rope_with_cos_sin_cache_inplace,
     rope_quantize_fp8_append_paged_kv_cache,
 )
 from jaxinfer.sparse import BlockSparseAttentionWrapper, batch_block_sparse, bsr_to_dense, dense_to_bsr
@@ -36,6 +50,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionVariant",
     "BatchDecodeWithPagedKVCacheWrapper",
+    "BatchDecodeWithSharedPrefixPagedKVCacheWrapper",
     "BatchPrefillWithPagedKVCacheWrapper",
     "BatchPrefillWithRaggedKVCacheWrapper",
     "BatchSpec",
@@ -46,9 +61,15 @@ __all__ = [
     "alibi_slopes",
     "append_paged_kv_cache",
     "apply_llama31_rope",
+    "apply_llama31_rope_inplace",
     "apply_llama31_rope_pos_ids",
+    "apply_llama31_rope_pos_ids_inplace",
     "apply_rope",
+    "apply_rope_inplace",
     "apply_rope_pos_ids",
+    "apply_rope_pos_ids_inplace",
+    "apply_rope_with_cos_sin_cache",
+    "apply_rope_with_cos_sin_cache_inplace",
     "batch_block_sparse",
     "batch_cascade",
     "batch_decode",

@@ -156,8 +156,30 @@ def append_paged_kv_cache(
     way (the rows in the cache's dtype). Without scales, rows already in the cache's dtype are
     written unchanged.
 
-    Pure: returns new arrays. The whole update is one scatter per cache array, so under
-    ``jax.jit(..., donate_argnums=...)`` donating ``paged_kv_cache`` updates it in place.
+    RETURNS the updated cache; ``paged_kv_cache`` itself is NOT modified (JAX arrays are
+    immutable). Where FlashInfer code calls ``append_paged_kv_cache(...)`` for its effect, write
+    ``paged_kv_cache = append_paged_kv_cache(...)``. The whole update is one scatter per cache
+    array, so under ``jax.jit(..., donate_argnums=...)`` donating ``paged_kv_cache`` updates its
+    buffer in place.
+
+    Example (FlashInfer's documented example, imports and ``torch`` changed)::
+
+        import jax.numpy as jnp, jaxinfer
+        nnz_kv, num_kv_heads, head_dim, max_num_pages, page_size = 100, 32, 128, 1000, 16
+        k_append = jnp.ones((nnz_kv, num_kv_heads, head_dim), jnp.float16)
+        v_append = jnp.ones((nnz_kv, num_kv_heads, head_dim), jnp.float16)
+        kv_append_length = jnp.array([45, 8, 25, 22], jnp.int32)
+        kv_append_indptr = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(kv_append_length)])
+        num_pages_per_req = jnp.array([3, 1, 2, 2], jnp.int32)
+        kv_page_indptr = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(num_pages_per_req)])
+        kv_page_indices = jnp.arange(int(kv_page_indptr[-1]), dtype=jnp.int32)
+        kv_last_page_len = jnp.array([13, 8, 9, 6], jnp.int32)
+        paged_kv_cache = jnp.zeros((max_num_pages, 2, page_size, num_kv_heads, head_dim), jnp.float16)
+        batch_indices, positions = jaxinfer.get_batch_indices_positions(
+            kv_append_indptr, jaxinfer.get_seq_lens(kv_page_indptr, kv_last_page_len, page_size), nnz_kv)
+        paged_kv_cache = jaxinfer.append_paged_kv_cache(
+            k_append, v_append, batch_indices, positions, paged_kv_cache, kv_page_indices,
+            kv_page_indptr, kv_last_page_len)
 
     Args:
       append_key: ``[nnz, Hkv, D]`` in the cache's dtype, or any float dtype for an fp8 cache.

@@ -25,6 +25,7 @@ name): RoPE from a ``cos_sin_cache``, K/V quantized into an fp8 paged cache, q r
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import NamedTuple
 
@@ -136,13 +137,20 @@ def apply_rope_pos_ids(
     q: jax.Array,
     k: jax.Array,
     pos_ids: jax.Array,
-    *,
     rotary_dim: int | None = None,
     interleave: bool = False,
     rope_scale: float = 1.0,
     rope_theta: float = 1e4,
 ) -> tuple[jax.Array, jax.Array]:
     """Apply RoPE to every row at its own position (FlashInfer's ``apply_rope_pos_ids``).
+
+    Example::
+
+        import jax, jax.numpy as jnp, jaxinfer
+        q = jax.random.normal(jax.random.key(0), (7, 4, 64), jnp.float16)   # [nnz, Hq, D]
+        k = jax.random.normal(jax.random.key(1), (7, 2, 64), jnp.float16)   # [nnz, Hk, D]
+        pos_ids = jnp.arange(7, dtype=jnp.int32)
+        q_rope, k_rope = jaxinfer.apply_rope_pos_ids(q, k, pos_ids)
 
     Args:
       q: ``[nnz, Hq, D]`` floating queries.
@@ -167,13 +175,23 @@ def apply_rope(
     k: jax.Array,
     indptr: jax.Array,
     offsets: jax.Array,
-    *,
     rotary_dim: int | None = None,
     interleave: bool = False,
     rope_scale: float = 1.0,
     rope_theta: float = 1e4,
 ) -> tuple[jax.Array, jax.Array]:
     """Apply RoPE to ragged ``q``/``k`` (FlashInfer's ``apply_rope``).
+
+    Example (FlashInfer's documented example, imports and ``torch`` changed)::
+
+        import jax, jax.numpy as jnp, jaxinfer
+        batch_size, qkv_len, num_qo_heads, num_kv_heads, head_dim = 4, 10, 32, 32, 128
+        nnz = batch_size * qkv_len
+        q = jax.random.normal(jax.random.key(0), (nnz, num_qo_heads, head_dim), jnp.float16)
+        k = jax.random.normal(jax.random.key(1), (nnz, num_kv_heads, head_dim), jnp.float16)
+        indptr = jnp.arange(0, nnz + 1, qkv_len, dtype=jnp.int32)
+        offsets = jnp.full((batch_size,), 10, jnp.int32)
+        q_rope, k_rope = jaxinfer.apply_rope(q, k, indptr, offsets)
 
     Row ``t`` of request ``b`` (``indptr[b] <= t < indptr[b+1]``) is at position
     ``offsets[b] + t - indptr[b]``. Rows ``t >= indptr[-1]`` (padding) are at position 0, i.e.
@@ -200,7 +218,6 @@ def apply_llama31_rope_pos_ids(
     q: jax.Array,
     k: jax.Array,
     pos_ids: jax.Array,
-    *,
     rotary_dim: int | None = None,
     interleave: bool = False,
     rope_scale: float = 8.0,
@@ -210,6 +227,10 @@ def apply_llama31_rope_pos_ids(
     old_context_len: int = 8192,
 ) -> tuple[jax.Array, jax.Array]:
     """Llama 3.1 RoPE at explicit positions (FlashInfer's ``apply_llama31_rope_pos_ids``).
+
+    Example::
+
+        q_rope, k_rope = jaxinfer.apply_llama31_rope_pos_ids(q, k, jnp.arange(q.shape[0]))
 
     Args:
       q, k, pos_ids, rotary_dim, interleave: as in :func:`apply_rope_pos_ids`.
@@ -234,7 +255,6 @@ def apply_llama31_rope(
     k: jax.Array,
     indptr: jax.Array,
     offsets: jax.Array,
-    *,
     rotary_dim: int | None = None,
     interleave: bool = False,
     rope_scale: float = 8.0,
@@ -247,12 +267,116 @@ def apply_llama31_rope(
 
     Positions as in :func:`apply_rope`; frequencies as in :func:`apply_llama31_rope_pos_ids`.
 
+    Example::
+
+        q_rope, k_rope = jaxinfer.apply_llama31_rope(q, k, indptr, offsets)   # shapes of q, k
+
+    Args:
+      q, k, indptr, offsets: as in :func:`apply_rope`.
+      Other options: as in :func:`apply_llama31_rope_pos_ids`.
+
+    Returns:
+      ``(q_rope, k_rope)`` of the shapes and dtypes of ``q`` and ``k``.
+
     Raises:
       ValueError: at trace time, naming the argument of the wrong rank, shape, dtype or value.
     """
     scaling = _llama31_scaling(low_freq_factor, high_freq_factor, old_context_len)
     pos_ids = _pos_ids_from_indptr(q, indptr, offsets)
     return _apply_pos_ids(q, k, pos_ids, rotary_dim, interleave, rope_scale, rope_theta, scaling)
+
+
+def apply_rope_with_cos_sin_cache(positions, query, key, head_size: int, cos_sin_cache, is_neox: bool = True):
+    """RoPE from a precomputed cos/sin table on flattened heads (FlashInfer's and vLLM's
+    ``apply_rope_with_cos_sin_cache``).
+
+    Row ``i`` rotates by the angles whose cosines are ``cos_sin_cache[positions[i], :rotary_dim/2]``
+    and sines ``cos_sin_cache[positions[i], rotary_dim/2:]`` (RoFormer, Su et al. 2021, sec. 3.4);
+    only the first ``rotary_dim = cos_sin_cache.shape[1]`` dims of each head rotate.
+
+    Example (FlashInfer's documented example, imports and ``torch`` changed)::
+
+        import jax, jax.numpy as jnp, jaxinfer
+        num_tokens, num_q_heads, num_kv_heads, head_size, max_seq_len = 6, 4, 2, 64, 128
+        inv_freq = 1.0 / (1e4 ** (jnp.arange(0, head_size, 2, dtype=jnp.float32) / head_size))
+        freqs = jnp.arange(max_seq_len, dtype=jnp.float32)[:, None] * inv_freq[None]
+        cos_sin_cache = jnp.concatenate([jnp.cos(freqs), jnp.sin(freqs)], axis=-1)  # [128, 64] f32
+        positions = jnp.arange(num_tokens, dtype=jnp.int32)
+        query = jax.random.normal(jax.random.key(0), (num_tokens, num_q_heads * head_size), jnp.float16)
+        key = jax.random.normal(jax.random.key(1), (num_tokens, num_kv_heads * head_size), jnp.float16)
+        query_rope, key_rope = jaxinfer.apply_rope_with_cos_sin_cache(
+            positions, query, key, head_size, cos_sin_cache, is_neox=True)
+
+    Args:
+      positions: ``[nnz]`` integer positions; values outside ``[0, max_position)`` are clamped
+        into it (a jitted function cannot raise on values).
+      query: ``[nnz, num_q_heads * head_size]`` (or ``[nnz, num_q_heads, head_size]``), float.
+      key: ``[nnz, num_k_heads * head_size]`` (or 3-D), float.
+      head_size: D.
+      cos_sin_cache: ``[max_position, rotary_dim]`` float32, cosines then sines.
+      is_neox: ``True`` rotate-half pairs ``(i, i + rotary_dim/2)``; ``False`` pairs ``(2i, 2i+1)``.
+
+    Returns:
+      ``(query_rope, key_rope)`` of the shapes and dtypes of ``query`` and ``key``.
+
+    Raises:
+      ValueError: at trace time, a width that is not a multiple of ``head_size``, a
+        ``cos_sin_cache`` that is not 2-D float32 with an even ``rotary_dim <= head_size``, or
+        ``positions`` that is not ``[nnz]`` integer.
+    """
+    return _rope_cos_sin(positions, query, key, cos_sin_cache, head_size=head_size, is_neox=is_neox)
+
+
+@functools.partial(jax.jit, static_argnames=("head_size", "is_neox"))
+def _rope_cos_sin(positions, query, key, cos_sin_cache, *, head_size: int, is_neox: bool):
+    heads = []
+    for name, x in (("query", query), ("key", key)):
+        if x.ndim not in (2, 3) or x.shape[-1] % head_size or (x.ndim == 3 and x.shape[-1] != head_size):
+            raise ValueError(f"{name} must be [nnz, num_heads * head_size={head_size}] or [nnz, num_heads, "
+                             f"head_size], got {tuple(x.shape)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be floating, got {x.dtype}")
+        heads.append(x.reshape(x.shape[0], -1, head_size))
+    q, k = heads
+    if cos_sin_cache.ndim != 2 or cos_sin_cache.dtype != jnp.float32:
+        raise ValueError(f"cos_sin_cache must be [max_position, rotary_dim] float32, got "
+                         f"{cos_sin_cache.dtype}{tuple(cos_sin_cache.shape)}")
+    rotary_dim = _check_qk(q, k, cos_sin_cache.shape[1])
+    _check_index("positions", positions, q.shape[0])
+    table = cos_sin_cache[jnp.clip(positions.astype(jnp.int32), 0, cos_sin_cache.shape[0] - 1)]
+    cos, sin = table[:, : rotary_dim // 2], table[:, rotary_dim // 2 :]
+    return (_rotate(q, cos, sin, rotary_dim, not is_neox).reshape(query.shape),
+            _rotate(k, cos, sin, rotary_dim, not is_neox).reshape(key.shape))
+
+
+def _inplace(fn, name: str):
+    """FlashInfer's ``*_inplace`` name of ``fn``: the same function, documented as returning."""
+
+    def inplace(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    inplace.__name__ = inplace.__qualname__ = name
+    inplace.__signature__ = inspect.signature(fn)
+    inplace.__doc__ = f"""FlashInfer's ``{name}``, functional: RETURNS the rotated arrays.
+
+    JAX arrays are immutable, so the inputs are NOT modified: where FlashInfer code calls
+    ``{name}(q, k, ...)`` for its effect, write ``q, k = {name}(q, k, ...)``. Under ``jax.jit``
+    with the inputs donated, XLA reuses their buffers. Arguments, shapes, dtypes, errors and
+    method: :func:`{fn.__name__}`.
+
+    Example::
+
+        q, k = jaxinfer.{name}(q, k, ...)   # the arguments of jaxinfer.{fn.__name__}
+    """
+    return inplace
+
+
+apply_rope_inplace = _inplace(apply_rope, "apply_rope_inplace")
+apply_rope_pos_ids_inplace = _inplace(apply_rope_pos_ids, "apply_rope_pos_ids_inplace")
+apply_llama31_rope_inplace = _inplace(apply_llama31_rope, "apply_llama31_rope_inplace")
+apply_llama31_rope_pos_ids_inplace = _inplace(apply_llama31_rope_pos_ids, "apply_llama31_rope_pos_ids_inplace")
+apply_rope_with_cos_sin_cache_inplace = _inplace(apply_rope_with_cos_sin_cache,
+                                                 "apply_rope_with_cos_sin_cache_inplace")
 
 
 def _llama31_scaling(low_freq_factor, high_freq_factor, old_context_len) -> Llama31Scaling:
