@@ -1,6 +1,6 @@
 """Paged KV cache as a block-sparse-row (BSR) matrix: the device-side page API.
 
-A page table is CSR over pages (shared/DESIGN.md section 3): request ``b`` owns pages
+A page table is CSR over pages: request ``b`` owns pages
 ``kv_indices[kv_indptr[b]:kv_indptr[b+1]]`` and holds
 ``page_size * (num_pages_b - 1) + kv_last_page_len[b]`` tokens (0 for a request with no pages).
 Token ``pos`` of request ``b`` lives in page ``kv_indices[kv_indptr[b] + pos // page_size]``,

@@ -66,7 +66,7 @@ def bsr_to_dense(indptr, indices, M: int, N: int, R: int, C: int, block_mask=Non
 
 
 def bsr_custom_mask(indptr, indices, M: int, N: int, R: int, C: int, block_mask, causal: bool) -> np.ndarray | None:
-    """The flat custom mask of the BSR batch (request = block row; DESIGN.md sec. 4 format).
+    """The flat custom mask of the BSR batch (request = block row; each request's row-major ``[qo_len, kv_len]`` mask, concatenated).
 
     Key ``t`` of block row ``r`` is column ``indices[indptr[r] + t // C] * C + t % C``; causal
     keeps column ``j`` for row ``i`` iff ``j <= i + N - M`` (bottom-right, in matrix coordinates).

@@ -48,6 +48,13 @@ LOG2E = 1.4426950408889634
 class AttentionVariant:
     """Static description of an attention variant (see the module docstring for the pipeline).
 
+    Example (a sliding-window variant with a soft cap, and a user logits transform)::
+
+        import jax.numpy as jnp, jaxinfer
+        v = jaxinfer.AttentionVariant(causal=True, window_left=128, logits_soft_cap=30.0)
+        bias = jaxinfer.AttentionVariant(logits_transform=lambda x, qp, kp, qh, kh: x - 0.1 * (qp - kp))
+        o = jaxinfer.single_prefill_with_kv_cache(q, k, v_arr, variant=v)   # q [Lq, Hq, D]
+
     Attributes:
       causal: bottom-right aligned causal mask.
       window_left: sliding window size to the left, ``-1`` disables it.
@@ -125,6 +132,16 @@ class AttentionVariant:
 
     def replace(self, **changes) -> AttentionVariant:
         return dataclasses.replace(self, **changes)
+
+
+# The dataclass's generated constructor gets its own docstring (help() shows it).
+AttentionVariant.__init__.__doc__ = """Make a variant; every argument is the attribute of the same name (see the class).
+
+    Raises:
+      ValueError: an unknown ``pos_encoding_mode``, a ``window_left`` that is not an integer
+        ``>= -1``, a negative or non-finite soft cap, or a non-finite or non-positive
+        ``sm_scale``/``rope_scale``/``rope_theta``.
+    """
 
 
 def _is_finite(x) -> bool:

@@ -53,6 +53,16 @@ class Plan:
     kv_dtype: str = dataclasses.field(metadata=dict(static=True))
 
 
+# The dataclass's generated constructor gets its own docstring (help() shows it).
+Plan.__init__.__doc__ = """Build a plan from its fields; users get plans from a wrapper's ``plan`` instead.
+
+    Example::
+
+        plan = jaxinfer.BatchDecodeWithPagedKVCacheWrapper().plan(indptr, indices, last, 8, 2, 64, 16)
+        o = jax.jit(jaxinfer.batch_decode)(q, kv_cache, plan)   # the plan is an ordinary argument
+    """
+
+
 def make_plan(
     spec: BatchSpec,
     backend: str,
