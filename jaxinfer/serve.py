@@ -321,7 +321,8 @@ class ServingEngine:
         self.config = config
         self.pool = KVCachePool(config.num_pages, config.page_size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                                 dtype=kv_dtype, kv_layout=config.kv_layout,
-                                **(dict(k_scale=config.k_scale, v_scale=config.v_scale) if fp8.is_fp8(kv_dtype) else {}))
+                                **(dict(k_scale=config.k_scale, v_scale=config.v_scale)
+                                   if fp8.is_fp8(kv_dtype) else {}))
         self.planner = StepPlanner(
             self.pool, cfg.num_qo_heads, max_seq_len=config.max_seq_len, max_batch_size=config.max_batch_size,
             max_prefill_tokens=config.max_prefill_tokens, backend=config.backend, q_data_type=cfg.dtype,
@@ -349,7 +350,8 @@ class ServingEngine:
             f"jaxinfer.serve: at most {self.num_step_programs} step program(s) "
             f"(prefill rows {list(p.prefill_buckets)} or none x decode rows {list(p.decode_buckets)} or none); "
             f"max_batch_size={c.max_batch_size}, max_prefill_tokens={c.max_prefill_tokens}, "
-            f"max_seq_len={c.max_seq_len}, {c.num_pages} pages of {c.page_size} tokens ({self.pool.dtype.name}{scales}), "
+            f"max_seq_len={c.max_seq_len}, {c.num_pages} pages of {c.page_size} tokens "
+            f"({self.pool.dtype.name}{scales}), "
             f"backend={c.backend}, prefix caching {'on' if c.prefix_caching else 'off'}, "
             f"decode attention levels={p.cascade_levels}"
         )

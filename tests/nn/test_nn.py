@@ -199,9 +199,10 @@ def test_pool_errors():
     with pytest.raises(ValueError, match="kv_layout"):
         KVCachePool(4, 2, 1, 1, 4, kv_layout="NDH")
     for kw, name in ((dict(dtype="e4m4"), "kv_dtype"), (dict(k_scale=1.0), "k_scale"),
-                     (dict(dtype="e4m3", k_scale=(1.0, 2.0, 3.0)), "k_scale"), (dict(dtype="e5m2", v_scale=0.0), "v_scale"),
-                     (dict(dtype="e4m3", v_scale=float("inf")), "v_scale"), (dict(dtype="e4m3", k_scale=True), "k_scale"),
-                     (dict(dtype="e4m3", k_scale="1"), "k_scale")):
+                     (dict(dtype="e4m3", k_scale=(1.0, 2.0, 3.0)), "k_scale"),
+                     (dict(dtype="e5m2", v_scale=0.0), "v_scale"),
+                     (dict(dtype="e4m3", v_scale=float("inf")), "v_scale"),
+                     (dict(dtype="e4m3", k_scale=True), "k_scale"), (dict(dtype="e4m3", k_scale="1"), "k_scale")):
         with pytest.raises(ValueError, match=name):
             KVCachePool(4, 2, 1, 2, 4, **kw)
     pool = KVCachePool(4, 2, 1, 2, 4, dtype="e4m3", k_scale=(0.5, 2.0))
