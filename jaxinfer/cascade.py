@@ -126,6 +126,20 @@ class MultiLevelCascadeAttentionWrapper(BatchWrapper):
     ``causal`` applies to the last level only: a shared prefix precedes every query of the
     requests that share it, so the result equals flat attention over the concatenated KV (the
     plan checks that each request's queries lie in its own last-level KV).
+
+    Example (FlashInfer's example, imports and ``torch`` changed; 3 requests share 4 pages)::
+
+        import jax, jax.numpy as jnp, jaxinfer
+        Hq, Hkv, D, page_size, batch_size = 8, 2, 64, 4, 3
+        wrapper = jaxinfer.MultiLevelCascadeAttentionWrapper(2, jnp.zeros(1024, jnp.uint8), "NHD")
+        qo_indptr_arr = [jnp.array([0, batch_size]), jnp.arange(batch_size + 1)]
+        kv_indptr_arr = [jnp.array([0, 4]), jnp.array([0, 2, 3, 6])]
+        kv_indices_arr = [jnp.arange(4), jnp.arange(4, 10)]
+        last_page_len_arr = [jnp.array([page_size]), jnp.array([1, 3, 4])]
+        wrapper.plan(qo_indptr_arr, kv_indptr_arr, kv_indices_arr, last_page_len_arr, Hq, Hkv, D, page_size)
+        q = jax.random.normal(jax.random.key(0), (batch_size, Hq, D), jnp.float16)
+        kv_cache = jax.random.normal(jax.random.key(1), (10, 2, page_size, Hkv, D), jnp.float16)
+        o = wrapper.run(q, kv_cache)       # [batch_size, Hq, D]
     """
 
     _op = "other"
@@ -348,6 +362,12 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
 def batch_cascade(q, paged_kv_cache, plans: list[Plan], *, return_lse: bool = False, k_scale=None, v_scale=None):
     """Run cascade level plans inside jit: each level's state, merged over levels.
 
+    Example::
+
+        plans = wrapper.plan(qo_indptr_arr, kv_indptr_arr, kv_indices_arr, last_arr, Hq, Hkv, D, page_size,
+                             q_data_type=jnp.float16)
+        o = jax.jit(jaxinfer.batch_cascade)(q, kv_cache, plans)
+
     Args:
       q: ``[nnz_q, Hq, D]``; paged_kv_cache: the cache every level's page table indexes.
       plans: the list returned by :meth:`MultiLevelCascadeAttentionWrapper.plan`.
@@ -390,6 +410,12 @@ def cascade_levels_from_prefix_tree(page_lists, kv_last_page_len, qo_lens, page_
     written). Requests that share a segment and stand next to each other in the batch form one
     group, so the segment's KV is read once per group; order requests depth-first by prefix
     (as a radix cache lists them) to get one group per segment.
+
+    Example::
+
+        levels = jaxinfer.cascade_levels_from_prefix_tree([[0, 1, 2], [0, 1, 3]], [4, 2], [1, 1], 4)
+        wrapper = jaxinfer.MultiLevelCascadeAttentionWrapper(len(levels[0]))
+        wrapper.plan(*levels, num_qo_heads, num_kv_heads, head_dim, 4)   # pages 0, 1 read once
 
     Args:
       page_lists: per request, its page ids in order (``list[list[int]]``).

@@ -28,6 +28,10 @@ KV_LAYOUTS = ("NHD", "HND")
 def get_seq_lens(kv_indptr: jax.Array, kv_last_page_len: jax.Array, page_size: int) -> jax.Array:
     """Tokens per request of a page table, jit-compatible (FlashInfer's ``get_seq_lens``).
 
+    Example::
+
+        jaxinfer.get_seq_lens(jnp.array([0, 2, 3]), jnp.array([3, 16]), 16)   # [19, 16] int32
+
     Args:
       kv_indptr: ``[B+1]`` integer page row pointer.
       kv_last_page_len: ``[B]`` integer tokens in each request's last page.
@@ -57,6 +61,11 @@ def get_batch_indices_positions(
     Rows ``i >= append_indptr[-1]`` are padding (``nnz`` is static, so a jitted step can take
     batches of any total length up to ``nnz``). FlashInfer leaves them undefined; here they get
     batch index ``-1`` and position ``-1``, which :func:`append_paged_kv_cache` never writes.
+
+    Example::
+
+        seq_lens = jaxinfer.get_seq_lens(kv_page_indptr, kv_last_page_len, page_size)
+        batch_indices, positions = jaxinfer.get_batch_indices_positions(append_indptr, seq_lens, nnz)
 
     Args:
       append_indptr: ``[B+1]`` integer row pointer of the appended tokens.

@@ -24,6 +24,11 @@ from jaxinfer.wrapper import (
 def dense_to_bsr(mask: np.ndarray, R: int, C: int):
     """BSR of a dense bool mask ``[M, N]`` (``N % C == 0``).
 
+    Example::
+
+        indptr, indices, block_mask = jaxinfer.dense_to_bsr(np.tril(np.ones((8, 8), bool)), R=4, C=4)
+        wrapper.plan(indptr, indices, 8, 8, 4, 4, num_qo_heads, num_kv_heads, head_dim, mask=block_mask)
+
     Returns:
       ``(indptr [MB+1], indices [nnz_blocks], block_mask [nnz_blocks, R, C] bool)`` with
       ``MB = ceil(M / R)``; a block is kept when any of its elements is True.
@@ -50,6 +55,10 @@ def dense_to_bsr(mask: np.ndarray, R: int, C: int):
 
 def bsr_to_dense(indptr, indices, M: int, N: int, R: int, C: int, block_mask=None) -> np.ndarray:
     """Dense bool mask ``[M, N]`` of a BSR pattern (``block_mask [nnz_blocks, R, C]`` optional).
+
+    Example::
+
+        dense = jaxinfer.bsr_to_dense([0, 1, 2], [0, 1], M=4, N=4, R=2, C=2)   # block-diagonal [4, 4]
 
     Raises:
       ValueError: ``M``, ``N``, ``R`` or ``C`` is not a positive integer.
@@ -236,8 +245,21 @@ def _as_pages(x, C: int):
 def batch_block_sparse(q, k, v, plan: Plan, *, return_lse: bool = False, k_scale=None, v_scale=None):
     """Run a block-sparse plan inside jit: ``q [M, Hq, D]``, ``k/v [N, Hkv, D]`` -> ``o [M, Hq, D]``.
 
-    The plan (from :meth:`BlockSparseAttentionWrapper.plan`) knows the block width ``C``;
-    ``k_scale``/``v_scale``: :data:`jaxinfer.wrapper.SCALES_DOC`.
+    Example::
+
+        plan = bsr_wrapper.plan(indptr, indices, M, N, R, C, Hq, Hkv, D, q_data_type=jnp.float16)
+        o = jax.jit(jaxinfer.batch_block_sparse)(q, k, v, plan)
+
+    Args:
+      q: ``[M, Hq, D]``; k, v: ``[N, Hkv, D]`` (the plan knows the block width ``C``).
+      plan: from :meth:`BlockSparseAttentionWrapper.plan`.
+      k_scale, v_scale: as in :func:`jaxinfer.single_decode_with_kv_cache`.
+
+    Returns:
+      ``o [M, Hq, D]`` (, ``lse [M, Hq]`` float32 base 2 with ``return_lse``).
+
+    Raises:
+      ValueError: at trace time, arrays whose shape or dtype disagrees with the plan.
     """
     C = plan.page_size
     return run_plan(plan, q, _as_pages(k, C), _as_pages(v, C), return_lse=return_lse, k_scale=k_scale,

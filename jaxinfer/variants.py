@@ -50,10 +50,13 @@ class AttentionVariant:
 
     Example (a sliding-window variant with a soft cap, and a user logits transform)::
 
-        import jax.numpy as jnp, jaxinfer
-        v = jaxinfer.AttentionVariant(causal=True, window_left=128, logits_soft_cap=30.0)
+        import jax, jax.numpy as jnp, jaxinfer
+        q = jax.random.normal(jax.random.key(0), (16, 4, 64), jnp.float32)    # [Lq, Hq, D]
+        k = jax.random.normal(jax.random.key(1), (32, 2, 64), jnp.float32)    # [Lk, Hkv, D]
+        window = jaxinfer.AttentionVariant(causal=True, window_left=8, logits_soft_cap=30.0)
         bias = jaxinfer.AttentionVariant(logits_transform=lambda x, qp, kp, qh, kh: x - 0.1 * (qp - kp))
-        o = jaxinfer.single_prefill_with_kv_cache(q, k, v_arr, variant=v)   # q [Lq, Hq, D]
+        o = jaxinfer.single_prefill_with_kv_cache(q, k, k, variant=window)   # [16, 4, 64]
+        o = jaxinfer.single_prefill_with_kv_cache(q, k, k, variant=bias)
 
     Attributes:
       causal: bottom-right aligned causal mask.
@@ -193,6 +196,10 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
 
     For ``n`` a power of 2, head ``h`` gets ``2 ** (-8 (h + 1) / n)``; otherwise the slopes of the
     closest smaller power of 2 ``m`` are followed by every other slope of the ``2m`` schedule.
+
+    Example::
+
+        jaxinfer.alibi_slopes(8)   # [0.5, 0.25, ..., 0.00390625] float32
     """
     m = 2 ** math.floor(math.log2(num_heads))
     base = [2.0 ** (-8.0 * (h + 1) / m) for h in range(m)]
