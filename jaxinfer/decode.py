@@ -14,7 +14,7 @@ import numpy as np
 from jaxinfer.plan.batch import BatchSpec, PlanCapacity
 from jaxinfer.variants import AttentionVariant, make_variant
 from jaxinfer.wrapper import (
-    BatchWrapper, Plan, as_host_int, check_last_page_len, check_run_extras, fold_q_scale, plan_dtypes,
+    BatchWrapper, Plan, as_host_int, check_run_extras, fold_q_scale, plan_dtypes,
     run_paged_plan, run_single, single_kv,
 )
 
@@ -178,12 +178,12 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchWrapper):
         check_run_extras((), block_tables=block_tables, seq_lens=seq_lens)
         q_dtype, kv_dtype, infer = plan_dtypes(q_data_type, kv_data_type, data_type)
         indptr = as_host_int("indptr", indptr)
-        last = as_host_int("last_page_len", last_page_len)
-        check_last_page_len("indptr", indptr, "last_page_len", last)
         variant = make_variant(variant, window_left=window_left, logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
                                pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale, rope_theta=rope_theta)
         spec = BatchSpec.create(
-            np.arange(np.size(last) + 1), indptr, as_host_int("indices", indices), last,
+            # One query per request of indptr (not of last_page_len: its length is checked against indptr's).
+            np.arange(max(np.size(indptr), 1)), indptr, as_host_int("indices", indices),
+            as_host_int("last_page_len", last_page_len),
             page_size=page_size, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
             variant=variant, q_dtype=q_dtype, kv_dtype=kv_dtype, names=_PAGE_TABLE_NAMES,
         )

@@ -188,19 +188,21 @@ def fold_q_scale(q_scale, k_scale):
 
 
 def plan_dtypes(q_data_type, kv_data_type, data_type=None):
-    """``(q_dtype, kv_dtype, infer)`` of a plan's dtype arguments.
+    """``(q_dtype, kv_dtype, infer)`` of a plan's dtype arguments; ``infer`` names what ``run``
+    takes from its arrays: ``""`` (nothing), ``"q"`` or ``"q, kv"``.
 
     ``data_type`` is FlashInfer's deprecated name for both dtypes. With ``q_data_type=None`` the
-    plan is made for bfloat16 (the KV for ``kv_data_type`` or bfloat16) and ``infer`` is true: the
-    wrapper's ``run`` then re-plans once for the dtypes of the arrays it receives.
+    plan is made for bfloat16 (the KV for ``kv_data_type``, or bfloat16) and ``infer`` is true: the
+    wrapper's ``run`` then re-plans once for the dtype of the ``q`` it receives (and of the KV,
+    when ``kv_data_type`` is ``None`` too; an explicit ``kv_data_type`` is always checked).
     """
     if data_type is not None:
         if q_data_type is not None or kv_data_type is not None:
             raise ValueError("data_type (deprecated) cannot be combined with q_data_type or kv_data_type")
         q_data_type = kv_data_type = data_type
     if q_data_type is None:
-        return jnp.bfloat16, kv_data_type, kv_data_type is None
-    return q_data_type, kv_data_type, False
+        return jnp.bfloat16, kv_data_type, "q" if kv_data_type is not None else "q, kv"
+    return q_data_type, kv_data_type, ""
 
 
 class BatchWrapper:
@@ -227,7 +229,7 @@ class BatchWrapper:
         # (specs, plans, infer, replans) of the last plan() call, replaced in one assignment:
         # plan() may run in several threads, each gets its own plan back and run() always sees a
         # matching set.
-        self._planned: tuple[Any, Any, bool, dict] | None = None
+        self._planned: tuple[Any, Any, str, dict] | None = None
 
     @property
     def backend(self) -> str | None:
@@ -241,13 +243,13 @@ class BatchWrapper:
     def _make(self, spec: BatchSpec) -> Plan:
         return make_plan(spec, self._backend, self._kv_layout, self._capacity, op=self._op)
 
-    def _keep(self, spec, plan, infer: bool = False):
+    def _keep(self, spec, plan, infer: str = ""):
         """Keep a batch's spec(s) and plan(s) for ``run`` (the last ``plan`` call wins) and
         return the plan."""
         self._planned = (spec, plan, infer, {})
         return plan
 
-    def _set_plan(self, spec: BatchSpec, infer: bool = False) -> Plan:
+    def _set_plan(self, spec: BatchSpec, infer: str = "") -> Plan:
         return self._keep(spec, self._make(spec), infer)
 
     def _require_plan(self, q=None, k=None) -> tuple[Any, Any]:
@@ -260,7 +262,9 @@ class BatchWrapper:
         first = spec[0] if isinstance(spec, list) else spec
         if not infer or q is None or (q.dtype, k.dtype) == (first.q_dtype, first.kv_dtype):
             return spec, plan
-        key = (jnp.dtype(q.dtype), jnp.dtype(k.dtype))
+        # An explicit kv_data_type stays (check_spec_run_args then names a cache of another dtype).
+        kv_dtype = k.dtype if "kv" in infer else first.kv_dtype
+        key = (jnp.dtype(q.dtype), jnp.dtype(kv_dtype))
         if key not in replans:
             redo = lambda s: dataclasses.replace(s, q_dtype=key[0], kv_dtype=key[1])  # noqa: E731
             specs = [redo(s) for s in spec] if isinstance(spec, list) else redo(spec)
@@ -321,17 +325,6 @@ def check_spec_run_args(spec: BatchSpec, q, k, v, kv_layout: str) -> None:
             raise ValueError(f"kv_indices must be < num_pages = {k.shape[0]} (pages in the cache), got {used.max()}")
 
 
-def check_last_page_len(indptr_name: str, indptr: np.ndarray, last_name: str, last: np.ndarray) -> None:
-    """A last-page-length array must have one entry per request of the page row pointer.
-
-    Raises:
-      ValueError: naming ``last_name`` when its length is not ``len(indptr) - 1``.
-    """
-    if indptr.ndim == 1 and indptr.size and (last.ndim != 1 or last.size != indptr.size - 1):
-        raise ValueError(f"{last_name} must be [batch_size] = [{indptr.size - 1}] (len({indptr_name}) - 1), "
-                         f"got shape {last.shape}")
-
-
 def batch_spec(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim,
                   page_size, custom_mask, q_data_type, kv_data_type, variant, *, names=None,
                   **options) -> BatchSpec:
@@ -341,13 +334,10 @@ def batch_spec(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, num_qo_heads,
     names = {"qo_indptr": "qo_indptr", "kv_indptr": "kv_indptr", "kv_indices": "kv_indices",
              "kv_last_page_len": "kv_last_page_len", **(names or {})}
     variant = make_variant(variant, **options)
-    kv_indptr = as_host_int(names["kv_indptr"], kv_indptr)
-    if kv_last_page_len is not None:
-        kv_last_page_len = as_host_int(names["kv_last_page_len"], kv_last_page_len)
-        check_last_page_len(names["kv_indptr"], kv_indptr, names["kv_last_page_len"], kv_last_page_len)
     return BatchSpec.create(
-        as_host_int(names["qo_indptr"], qo_indptr), kv_indptr,
-        None if kv_indices is None else as_host_int(names["kv_indices"], kv_indices), kv_last_page_len,
+        as_host_int(names["qo_indptr"], qo_indptr), as_host_int(names["kv_indptr"], kv_indptr),
+        None if kv_indices is None else as_host_int(names["kv_indices"], kv_indices),
+        None if kv_last_page_len is None else as_host_int(names["kv_last_page_len"], kv_last_page_len),
         page_size=page_size, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
         variant=variant, custom_mask=None if custom_mask is None else np.asarray(custom_mask),
         q_dtype=q_data_type, kv_dtype=kv_data_type, names={k: v for k, v in names.items() if k != "qo_indptr"},

@@ -69,7 +69,7 @@ def test_single_decode_dtype_mismatch_raises(rng):
 def test_last_page_len_length_is_named(rng):
     indptr, indices, _, _ = _decode_setup(rng)
     w = jaxinfer.BatchDecodeWithPagedKVCacheWrapper(WS)
-    with pytest.raises(ValueError, match=r"^last_page_len must be \[batch_size\] = \[2\]"):
+    with pytest.raises(ValueError, match=r"^last_page_len has 3 entries and indptr 3"):
         w.plan(indptr, indices, np.array([3, 2, 1], np.int32), HQ, HKV, D, PAGE)
 
 
@@ -144,3 +144,12 @@ def test_every_public_name_has_its_own_docstring():
     root = pathlib.Path(jaxinfer.__file__).parent
     for mod in owned:
         assert "DESIGN.md" not in (root / f"{mod}.py").read_text(), mod
+
+
+def test_explicit_kv_data_type_kept_when_q_inferred(rng):
+    indptr, indices, last, cache = _decode_setup(rng, jnp.float16)
+    w = jaxinfer.BatchDecodeWithPagedKVCacheWrapper(WS)
+    w.plan(indptr, indices, last, HQ, HKV, D, PAGE, kv_data_type="float16")
+    assert w.run(rand(rng, (2, HQ, D), jnp.float16), cache).dtype == jnp.float16
+    with pytest.raises(ValueError, match="kv_data_type float16"):
+        w.run(rand(rng, (2, HQ, D), jnp.bfloat16), cache.astype(jnp.bfloat16))

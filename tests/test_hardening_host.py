@@ -154,9 +154,9 @@ def test_window_left_must_be_an_integer(value):
 def test_wrong_length_last_page_len_is_named():
     with pytest.raises(ValueError, match="^last_page_len has 2 entries"):
         _decode([0, 1], [3], [4, 4])
-    with pytest.raises(ValueError, match="^kv_last_page_len has 2 entries"):
+    with pytest.raises(ValueError, match="^paged_kv_last_page_len has 2 entries"):
         _prefill([0, 2], [0, 1], [3], [4, 4])
-    with pytest.raises(ValueError, match="^kv_last_page_len has 2 entries"):
+    with pytest.raises(ValueError, match="^paged_kv_last_page_len has 2 entries"):
         _prefill(np.array([0, 2]), np.array([0, 1]), np.array([3]), np.array([4, 4]))
 
 
