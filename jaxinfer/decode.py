@@ -8,7 +8,6 @@ for FlashInfer runs after changing imports and ``torch`` to ``jax.numpy``.
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.plan.batch import BatchSpec, PlanCapacity
