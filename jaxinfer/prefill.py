@@ -14,7 +14,7 @@ import numpy as np
 from jaxinfer.plan.batch import PlanCapacity
 from jaxinfer.variants import AttentionVariant, make_variant
 from jaxinfer.wrapper import (
-    BatchWrapper, Plan, batch_spec, check_run_extras, check_spec_run_args, fold_q_scale, plan_dtypes,
+    BatchWrapper, Plan, batch_spec, check_run_extras, check_spec_run_args, fold_q_scale, pick_scales, plan_dtypes,
     run_paged_plan, run_plan, run_single, single_kv,
 )
 
@@ -86,11 +86,7 @@ def single_prefill_with_kv_cache(
     check_mask_args(packed_custom_mask, custom_mask)
     if o_dtype is not None and np.dtype(o_dtype) != q.dtype:
         raise ValueError(f"o_dtype must be None or q's dtype {q.dtype}, got {o_dtype}; cast the output")
-    for a, b in (("scale_k", "k_scale"), ("scale_v", "v_scale")):
-        if locals()[a] is not None and locals()[b] is not None:
-            raise ValueError(f"pass {a} or {b}, not both")
-    k_scale = fold_q_scale(scale_q, scale_k if k_scale is None else k_scale)
-    v_scale = scale_v if v_scale is None else v_scale
+    k_scale, v_scale = pick_scales(scale_q, scale_k, scale_v, k_scale, v_scale)
     variant = make_variant(variant, causal=causal, window_left=window_left, logits_soft_cap=logits_soft_cap,
                            sm_scale=sm_scale, pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale,
                            rope_theta=rope_theta)
@@ -302,7 +298,8 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchWrapper):
 
         Args:
           q: ``[nnz_q, Hq, D]``, exactly ``qo_indptr[-1]`` rows.
-          k, v: ``[nnz_kv, Hkv, D]``, exactly ``kv_indptr[-1]`` rows, q's dtype or fp8.
+          k, v: ``[>= nnz_kv, Hkv, D]``, q's dtype or fp8; rows past ``kv_indptr[-1]`` (a
+            preallocated buffer) are never read.
           q_scale, k_scale, v_scale: as in :func:`jaxinfer.single_decode_with_kv_cache`.
           out, lse: anything but ``None`` is a ``ValueError``: use the return value.
           return_lse: also return ``lse [nnz_q, Hq]`` float32 (base 2). enable_pdl: unused.

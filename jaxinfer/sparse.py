@@ -17,7 +17,7 @@ from jaxinfer.plan.batch import BatchSpec, PlanCapacity
 from jaxinfer.plan.checks import check_indptr, check_int
 from jaxinfer.variants import AttentionVariant, make_variant
 from jaxinfer.wrapper import (
-    BatchWrapper, Plan, as_host_int, check_run_extras, check_spec_run_args, fold_q_scale, plan_dtypes, run_plan,
+    BatchWrapper, Plan, as_host_int, check_run_extras, check_spec_run_args, pick_scales, plan_dtypes, run_plan,
 )
 
 
@@ -208,14 +208,15 @@ class BlockSparseAttentionWrapper(BatchWrapper):
     begin_forward = plan  # FlashInfer's pre-0.2 name
 
     def run(self, q, k, v, scale_q=None, scale_k=None, scale_v=None, out=None, lse=None, return_lse: bool = False,
-            enable_pdl=None):
+            enable_pdl=None, *, k_scale=None, v_scale=None):
         """Attention of ``q`` over ``k``/``v`` under the planned BSR mask; jit-compatible.
 
         Args:
           q: ``[M, Hq, D]``; k, v: ``[N, Hkv, D]`` in q's dtype or fp8.
           scale_q, scale_k, scale_v: dequantization scales (``scale_q * scale_k`` multiplies the
             logits, ``scale_v`` the output), as ``k_scale``/``v_scale`` of
-            :func:`jaxinfer.single_decode_with_kv_cache`.
+            :func:`jaxinfer.single_decode_with_kv_cache`; ``k_scale``/``v_scale`` are the same
+            by the decode API's names (give one of each pair).
           out, lse: anything but ``None`` is a ``ValueError``: use the return value.
           return_lse: also return ``lse [M, Hq]`` float32 (base 2). enable_pdl: unused.
 
@@ -231,8 +232,8 @@ class BlockSparseAttentionWrapper(BatchWrapper):
         if q.shape[0] != M or k.shape[0] != N:
             raise ValueError(f"q must have M = {M} rows and k, v N = {N} rows, got {q.shape[0]} and {k.shape[0]}")
         check_spec_run_args(spec, q, *(_as_pages(x, C) for x in (k, v)), "NHD")
-        return batch_block_sparse(q, k, v, plan, return_lse=return_lse, k_scale=fold_q_scale(scale_q, scale_k),
-                                  v_scale=scale_v)
+        k_scale, v_scale = pick_scales(scale_q, scale_k, scale_v, k_scale, v_scale)
+        return batch_block_sparse(q, k, v, plan, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
 
     forward = run  # FlashInfer's pre-0.2 name
 

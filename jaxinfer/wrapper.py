@@ -187,6 +187,19 @@ def fold_q_scale(q_scale, k_scale):
     return q_scale if k_scale is None else q_scale * k_scale
 
 
+def pick_scales(scale_q, scale_k, scale_v, k_scale, v_scale):
+    """``(k_scale, v_scale)`` of FlashInfer's ``scale_q/scale_k/scale_v`` names (prefill and
+    block-sparse) or the decode API's ``k_scale/v_scale``; ``scale_q`` folds into ``k_scale``.
+
+    Raises:
+      ValueError: both names of one scale given.
+    """
+    for a, x, b, y in (("scale_k", scale_k, "k_scale", k_scale), ("scale_v", scale_v, "v_scale", v_scale)):
+        if x is not None and y is not None:
+            raise ValueError(f"pass {a} or {b}, not both")
+    return fold_q_scale(scale_q, scale_k if k_scale is None else k_scale), scale_v if v_scale is None else v_scale
+
+
 def plan_dtypes(q_data_type, kv_data_type, data_type=None):
     """``(q_dtype, kv_dtype, infer)`` of a plan's dtype arguments; ``infer`` names what ``run``
     takes from its arrays: ``""`` (nothing), ``"q"`` or ``"q, kv"``.
@@ -300,8 +313,9 @@ def check_spec_run_args(spec: BatchSpec, q, k, v, kv_layout: str) -> None:
     """Trace-time checks of ``run``'s arrays against the batch a wrapper planned
     (:func:`jaxinfer.backends.base.check_run_args`), and its page ids against the cache.
 
-    ``q`` must have exactly the plan's ``nnz_q`` rows (and ragged ``k``/``v`` its ``nnz_kv``):
-    a wrapper's ``run`` never pads. Padding rows to a fixed bucket is what the module-level run
+    ``q`` must have exactly the plan's ``nnz_q`` rows: a wrapper's ``run`` never pads. Ragged
+    ``k``/``v`` may have rows past ``nnz_kv`` (a preallocated buffer), which are never read, as a
+    paged cache's pages outside the page table are not. Padding rows to a fixed bucket is what the module-level run
     functions with a plan are for (rows past the plan's queries come back as zeros).
 
     Raises:
@@ -312,9 +326,6 @@ def check_spec_run_args(spec: BatchSpec, q, k, v, kv_layout: str) -> None:
         raise ValueError(f"q has {q.shape[0]} rows but the plan has nnz_q = {nnz_q} queries (qo_indptr[-1], or "
                          f"the batch size for decode); to pad rows to a bucket, run the returned plan with the "
                          f"module-level function (e.g. jaxinfer.batch_decode), which returns zeros past nnz_q")
-    if not spec.paged and k.ndim == 3 and k.shape[0] != int(spec.kv_indptr[-1]):
-        raise ValueError(f"k and v have {k.shape[0]} rows but the plan has nnz_kv = {int(spec.kv_indptr[-1])} "
-                         "keys (kv_indptr[-1])")
     check_run_args(q, k, v, paged=spec.paged, kv_layout=kv_layout, page_size=spec.page_size,
                    num_qo_heads=spec.num_qo_heads, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
                    q_dtype=spec.q_dtype, kv_dtype=spec.kv_dtype, nnz_q=int(spec.qo_indptr[-1]),
