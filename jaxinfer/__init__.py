@@ -28,6 +28,7 @@ from jaxinfer.prefill import (
     single_prefill_with_kv_cache,
 )
 from jaxinfer import fp8, sampling
+from jaxinfer.apply import apply
 from jaxinfer.rope import (
     apply_llama31_rope,
     apply_llama31_rope_inplace,
@@ -48,6 +49,7 @@ from jaxinfer.wrapper import Plan
 __version__ = "0.1.0"
 
 __all__ = [
+    "apply",
     "AttentionVariant",
     "BatchDecodeWithPagedKVCacheWrapper",
     "BatchDecodeWithSharedPrefixPagedKVCacheWrapper",

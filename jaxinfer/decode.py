@@ -124,9 +124,9 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchWrapper):
             unused (XLA allocates kernel scratch itself).
           kv_layout: ``"NHD"`` (cache ``[num_pages, 2, page_size, Hkv, D]``) or ``"HND"``
             (``[num_pages, 2, Hkv, page_size, D]``).
-          use_cuda_graph, use_tensor_cores, paged_kv_indptr_buffer, paged_kv_indices_buffer,
-            paged_kv_last_page_len_buffer, jit_args: FlashInfer's CUDA-graph and kernel-choice
-            options; accepted and unused. A jitted step is already one captured program; for plans
+          use_cuda_graph, use_tensor_cores, jit_args, paged_kv_*_buffer: FlashInfer's CUDA-graph
+            and kernel-choice options (``paged_kv_indptr_buffer``, ``paged_kv_indices_buffer``,
+            ``paged_kv_last_page_len_buffer``); accepted and unused. A jitted step is already one captured program; for plans
             of one fixed shape (a step that never recompiles) pass ``capacity``.
           backend: ``"auto"``, ``"pallas"``, ``"fa2"``, ``"fa3"`` or ``"xla"``.
           capacity: static maxima of plans (:class:`~jaxinfer.plan.batch.PlanCapacity`); default:
