@@ -21,8 +21,10 @@ install: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m jaxinfer.bench $(ARGS)
 
+# Two pytest workers (pytest-xdist): the suite is single-threaded Python plus XLA compiles, and
+# CI has two cores.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n 2 $(ARGS)
 
 docs: $(VENV)/.installed
 	$(PY) -m mkdocs build --strict --clean
