@@ -178,3 +178,11 @@ def test_breakdown_command_at_tiny_size(tmp_path, capsys):
     xla = records[1]
     assert xla["attention_ms"] + xla["append_ms"] + xla["rest_ms"] == pytest.approx(xla["latency_ms"])
     assert xla["plan_ms"] > 0 and xla["max_error"] < 5e-2
+
+
+def test_kv_dtype_reaches_the_engine_and_not_the_dense_loop():
+    fp8 = dataclasses.replace(WORKLOAD, kv_dtype="e4m3")
+    assert fp8.engine_config("xla", prefix_caching=True).kv_dtype == "e4m3"
+    assert WORKLOAD.engine_config("xla", prefix_caching=True).kv_dtype is None
+    assert "kv_dtype" not in dataclasses.asdict(fp8.dense_config())
+    assert serving.parse_args(["--kv-dtype", "e4m3"]).kv_dtype == "e4m3"

@@ -119,6 +119,8 @@ class ServingWorkload:
       dense_min_prefill_rows: the dense loop's smallest prefill row bucket (``None``: one bucket,
         ``max_prefill_tokens``, as the engine pads its prompt rows).
       seed: the lengths' and the user messages' generator.
+      kv_dtype: the engine's KV cache dtype (``EngineConfig.kv_dtype``, e.g. ``"e4m3"``; ``None``:
+        the model's dtype). The dense loop keeps the model's dtype: it is the baseline.
     """
 
     num_requests: int
@@ -130,6 +132,7 @@ class ServingWorkload:
     page_size: int = 16
     dense_min_prefill_rows: int | None = None
     seed: int = 0
+    kv_dtype: str | None = None
 
     def engine_config(self, backend: str, prefix_caching: bool) -> EngineConfig:
         """The engine's configuration: a pool that holds ``max_batch_size`` requests of
@@ -138,7 +141,8 @@ class ServingWorkload:
         pages = self.max_batch_size * -(-self.max_seq_len // self.page_size)
         return EngineConfig(num_pages=pages, page_size=self.page_size, max_seq_len=self.max_seq_len,
                             max_batch_size=self.max_batch_size, max_prefill_tokens=self.max_prefill_tokens,
-                            backend=backend, prefix_caching=prefix_caching, sampling_backend="xla")
+                            backend=backend, prefix_caching=prefix_caching, sampling_backend="xla",
+                            kv_dtype=self.kv_dtype)
 
     def dense_config(self) -> DenseLoopConfig:
         return DenseLoopConfig(max_batch_size=self.max_batch_size, max_seq_len=self.max_seq_len,
@@ -383,6 +387,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"directory of {RECORDS_FILE} (default bench_out/)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                    help="weights, activations and caches (default bfloat16 on a GPU, float32 elsewhere)")
+    p.add_argument("--kv-dtype", default=None,
+                   help="the engine's KV cache dtype, e.g. e4m3 (default: the model's; the dense loop keeps it)")
     p.add_argument("--system-prompt", default=None,
                    help="the shared system prompt (default: the chat template's own)")
     return p.parse_args(argv)
@@ -394,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     from jaxinfer.models.tokenizer import ChatTokenizer
 
     gpu = on_gpu()
-    workload = SIZES[args.size or ("full" if gpu else "tiny")]
+    workload = dataclasses.replace(SIZES[args.size or ("full" if gpu else "tiny")], kv_dtype=args.kv_dtype)
     dtype = jnp.dtype(args.dtype or ("bfloat16" if gpu else "float32"))
     start = time.perf_counter()
     model = LlamaModel.from_gguf(dtype=dtype)
