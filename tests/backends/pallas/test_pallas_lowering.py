@@ -38,6 +38,18 @@ def _kv_shapes(mode, hkv, d, dtype):
     return S((300, 16, hkv, d), dtype) if mode == "NHD" else S((300, hkv, 16, d), dtype)
 
 
+def _spec(d, mode, masks, hkv, group, **extra):
+    """A kernel spec of the mode (``"NHD"``/``"HND"``/``"ragged"``); ``masks`` turns on causal,
+    window, soft cap and split-KV slots."""
+    return KernelSpec(
+        paged=mode != "ragged", kv_layout="HND" if mode == "HND" else "NHD", page_size=16 if mode != "ragged" else 1,
+        num_qo_heads=hkv * group, num_kv_heads=hkv, head_dim=d, sm_scale=0.1, causal=masks,
+        window_left=64 if masks else -1, logits_soft_cap=30.0 if masks else None,
+        num_ctas=264, num_slots=1056 if masks else 0, num_groups=528, max_tiles=2048, page_capacity=4096,
+        **extra,
+    )
+
+
 # Each (config, head_dim) the heuristic can pick, with a mask/soft-cap combination that varies.
 CASES = [(cfg, d, ("NHD", "HND", "ragged")[i % 3], i % 2 == 0) for i, (cfg, d) in enumerate(candidate_configs())]
 
@@ -45,12 +57,7 @@ CASES = [(cfg, d, ("NHD", "HND", "ragged")[i % 3], i % 2 == 0) for i, (cfg, d) i
 @pytest.mark.parametrize("cfg,d,mode,masks", CASES, ids=[f"{c.block_m}x{c.block_n}-d{d}-{m}{'-ahead' if c.qk_ahead else ''}" for c, d, m, _ in CASES])
 def test_attention_lowers(cfg, d, mode, masks):
     hkv, group = 2, max(1, min(cfg.block_m // 2, 8))
-    ks = KernelSpec(
-        paged=mode != "ragged", kv_layout="HND" if mode == "HND" else "NHD", page_size=16 if mode != "ragged" else 1,
-        num_qo_heads=hkv * group, num_kv_heads=hkv, head_dim=d, sm_scale=0.1, causal=masks,
-        window_left=64 if masks else -1, logits_soft_cap=30.0 if masks else None,
-        num_ctas=264, num_slots=1056 if masks else 0, num_groups=528, max_tiles=2048, page_capacity=4096,
-    )
+    ks = _spec(d, mode, masks, hkv, group)
     dtype = jnp.bfloat16 if masks else jnp.float16
     kv = _kv_shapes(mode, hkv, d, dtype)
     args = (S((ks.buffer_size,), jnp.int32), S((77, hkv * group, d), dtype), kv, kv)
@@ -125,13 +132,7 @@ FP8_CASES = [
 )
 def test_attention_fp8_lowers(cfg, d, mode, masks, kv_dtype, scales):
     hkv, group = 2, max(1, min(cfg.block_m // 2, 8))
-    ks = KernelSpec(
-        paged=mode != "ragged", kv_layout="HND" if mode == "HND" else "NHD", page_size=16 if mode != "ragged" else 1,
-        num_qo_heads=hkv * group, num_kv_heads=hkv, head_dim=d, sm_scale=0.1, causal=masks,
-        window_left=64 if masks else -1, logits_soft_cap=30.0 if masks else None,
-        num_ctas=264, num_slots=1056 if masks else 0, num_groups=528, max_tiles=2048, page_capacity=4096,
-        kv_scales=scales,
-    )
+    ks = _spec(d, mode, masks, hkv, group, kv_scales=scales)
     q_dtype = jnp.bfloat16 if masks else jnp.float16
     kv = _kv_shapes(mode, hkv, d, kv_dtype)
     args = [S((ks.buffer_size,), jnp.int32), S((77, hkv * group, d), q_dtype), kv, kv]
