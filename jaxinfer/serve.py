@@ -42,7 +42,7 @@ import functools
 import math
 import numbers
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 import jax
@@ -292,6 +292,30 @@ def serve_step(graphdef, params, caches, tokens, batch: StepBatch, row_sampling:
     return sample_tokens(logits, row_sampling, sampling_backend), caches
 
 
+def schedule_step(running: list[Request], waiting: collections.deque[Request], budget: int,
+                  admit: Callable[[Request], bool]) -> tuple[dict[Request, int], list[Request]]:
+    """One step's work under a prompt-token budget (Sarathi-style chunked prefill): every running
+    request past its prompt decodes; prompt chunks take up to ``budget`` tokens, requests already
+    prefilling first, then waiting requests in arrival order while ``admit(request)`` takes them
+    (it reserves their resources; they move from ``waiting`` to ``running``).
+
+    Returns:
+      ``({request: prompt tokens this step}, decode requests)``.
+    """
+    decode = [r for r in running if not r.prefilling]
+    chunks = {}
+    for req in running:
+        if req.prefilling and budget:
+            chunks[req] = min(len(req.prompt) - req.num_computed, budget)
+            budget -= chunks[req]
+    while waiting and budget and admit(waiting[0]):
+        req = waiting.popleft()
+        running.append(req)
+        chunks[req] = min(len(req.prompt) - req.num_computed, budget)
+        budget -= chunks[req]
+    return chunks, decode
+
+
 class ServingEngine:
     """Continuous-batching generation for a :class:`~jaxinfer.models.llama.LlamaModel`.
 
@@ -420,20 +444,8 @@ class ServingEngine:
 
     def _schedule(self) -> tuple[dict[Request, int], list[Request]]:
         """This step's prompt chunks ``{request: tokens}`` and decode requests."""
-        decode = [r for r in self.running if not r.prefilling]
-        budget, chunks = self.config.max_prefill_tokens, {}
-        for req in self.running:
-            if req.prefilling and budget:
-                chunks[req] = min(len(req.prompt) - req.num_computed, budget)
-                budget -= chunks[req]
-        while self.waiting and budget and len(self.running) < self.config.max_batch_size:
-            req = self.waiting[0]
-            if not self._admit(req):
-                break
-            self.running.append(self.waiting.popleft())
-            chunks[req] = min(len(req.prompt) - req.num_computed, budget)
-            budget -= chunks[req]
-        return chunks, decode
+        return schedule_step(self.running, self.waiting, self.config.max_prefill_tokens,
+                             lambda req: len(self.running) < self.config.max_batch_size and self._admit(req))
 
     def step(self) -> StepResult:
         """Admit, prefill chunks and decode once; finished requests leave and release their pages."""

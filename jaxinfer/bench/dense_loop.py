@@ -38,7 +38,7 @@ from flax import nnx
 from jaxinfer.models.llama import LlamaModel
 from jaxinfer.nn.attention import bucket, row_buckets
 from jaxinfer.plan.checks import check_int
-from jaxinfer.serve import Request, SamplingParams, StepResult
+from jaxinfer.serve import Request, SamplingParams, StepResult, schedule_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,19 +210,13 @@ class DenseServingLoop:
     def _schedule(self) -> tuple[dict[Request, int], list[Request]]:
         """The engine's: decode every request past its prompt, then prompt chunks under the budget
         (running requests first, then FIFO admission into free slots)."""
-        decode = [r for r in self.running if not r.prefilling]
-        budget, chunks = self.config.max_prefill_tokens, {}
-        for req in self.running:
-            if req.prefilling and budget:
-                chunks[req] = min(len(req.prompt) - req.num_computed, budget)
-                budget -= chunks[req]
-        while self.waiting and budget and self._free_slots:
-            req = self.waiting.popleft()
+        def admit(req: Request) -> bool:
+            if not self._free_slots:
+                return False
             self._slot[req.rid] = self._free_slots.pop()
-            self.running.append(req)
-            chunks[req] = min(len(req.prompt), budget)
-            budget -= chunks[req]
-        return chunks, decode
+            return True
+
+        return schedule_step(self.running, self.waiting, self.config.max_prefill_tokens, admit)
 
     def step(self) -> StepResult:
         """Prefill this step's chunks (one call each) and decode every slot once (one call)."""
