@@ -20,6 +20,7 @@ from jaxinfer.cascade import (
 )
 from jaxinfer.decode import BatchDecodeWithPagedKVCacheWrapper, batch_decode, single_decode_with_kv_cache
 from jaxinfer.page import append_paged_kv_cache, get_batch_indices_positions, get_seq_lens
+from jaxinfer.mla import BatchMLAPagedAttentionWrapper, MLAPlan, append_paged_mla_kv_cache, batch_mla
 from jaxinfer.prefill import (
     BatchPrefillWithPagedKVCacheWrapper,
     BatchPrefillWithRaggedKVCacheWrapper,
@@ -53,15 +54,18 @@ __all__ = [
     "AttentionVariant",
     "BatchDecodeWithPagedKVCacheWrapper",
     "BatchDecodeWithSharedPrefixPagedKVCacheWrapper",
+    "BatchMLAPagedAttentionWrapper",
     "BatchPrefillWithPagedKVCacheWrapper",
     "BatchPrefillWithRaggedKVCacheWrapper",
     "BatchSpec",
     "BlockSparseAttentionWrapper",
+    "MLAPlan",
     "MultiLevelCascadeAttentionWrapper",
     "Plan",
     "PlanCapacity",
     "alibi_slopes",
     "append_paged_kv_cache",
+    "append_paged_mla_kv_cache",
     "apply_llama31_rope",
     "apply_llama31_rope_inplace",
     "apply_llama31_rope_pos_ids",
@@ -75,6 +79,7 @@ __all__ = [
     "batch_block_sparse",
     "batch_cascade",
     "batch_decode",
+    "batch_mla",
     "batch_prefill_paged",
     "batch_prefill_ragged",
     "bsr_to_dense",
