@@ -161,6 +161,26 @@ def test_mla_vs_unabsorbed_reference(rng, backend, name, qo, kv, page_size, h, d
     check(case, o, lse, causal)
 
 
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_mla_causal_hidden_poison(rng, backend):
+    """A NaN/inf latent that causal hides from some rows of a tile (each request's last key, seen by
+    its last query only) never reaches the rows that cannot see it, although ckv is also V."""
+    case = make_case(rng, [4, 6], [20, 37], 16, 4)  # 4 query tokens x 4 heads per 16-row tile
+    ckv = np.array(case.ckv_cache, np.float32)
+    seen_by_last = []
+    for b, n in enumerate(case.kv_lens):
+        pages = case.kv_indices[case.kv_indptr[b] : case.kv_indptr[b + 1]]
+        ckv[pages[(n - 1) // 16], (n - 1) % 16, :3] = POISON
+        seen_by_last.append(case.qo_indptr[b + 1] - 1)
+    poisoned = dataclasses.replace(case, ckv_cache=jnp.asarray(ckv, BF16))
+    o, lse = run_wrapper(poisoned, backend, True, SPLIT16)
+    clean = np.setdiff1d(np.arange(case.qo_indptr[-1]), seen_by_last)
+    o_ref, lse_ref = ref_mla(case, True)
+    o_proj = np.einsum("thc,hvc->thv", np.asarray(o.astype(jnp.float32), np.float64), case.w_uv)
+    assert_close(o_proj[clean], o_ref[clean], BF16, "o (rows that cannot see the poison)")
+    assert_close(np.asarray(lse)[clean], lse_ref[clean], BF16, "lse")
+
+
 def test_mla_pallas_splits_kv(rng):
     """The forced-split settings above do split: a 120-token request runs as several chunks."""
     case = make_case(rng, [1, 1], [120, 7], 16, 16)
