@@ -24,11 +24,13 @@ constexpr int kMergeFields = 4;  // MERGE_FIELDS: kv_head, q_row0, q_len, q_pos0
 enum Status { kOk = 0, kCapacity = 1, kBadArgument = 2 };
 
 // The static arguments of a plan, int64 each, in the order of jaxinfer.plan.planner.PlanArgs.
+// fixed_chunk > 0 splits every query tile's key range at multiples of it, whatever the batch
+// (batch invariance, FlashInfer's fixed_split_size); 0 lets chunk_size pick the chunk per batch.
 struct Params {
   int64_t num_kv_heads, group_size, block_m, block_n, causal, window_left, num_ctas, split_budget, max_work_tiles,
-      split_kv, min_chunk, kv_major, row_cost;
+      split_kv, min_chunk, kv_major, row_cost, fixed_chunk;
 };
-static_assert(sizeof(Params) == 13 * sizeof(int64_t), "Params is read from an int64 array");
+static_assert(sizeof(Params) == 14 * sizeof(int64_t), "Params is read from an int64 array");
 
 struct Outputs {
   int32_t* work;          // [max_work_tiles, kNumFields]
@@ -72,7 +74,7 @@ int fail(int code, const char* fmt, int64_t a, int64_t b) {
 }
 
 // One row per query tile (tokens_per_tile query tokens of one request), its key range trimmed to
-// what some row of it sees (causal, sliding window; bottom-right aligned).
+// what some row of it sees (causal, sliding window; bottom-right aligned). kv_base null: 0.
 void query_tiles(int32_t batch, const int32_t* qo_indptr, const int32_t* kv_lens, const int32_t* kv_base,
                  const int64_t* mask_offsets, int64_t tpt, const Params& p, std::vector<int32_t>& out) {
   int64_t n = 0;
@@ -95,7 +97,7 @@ void query_tiles(int32_t batch, const int32_t* qo_indptr, const int32_t* kv_lens
       row[kQPos0] = int32_t(q_pos0);
       row[kKvLo] = int32_t(lo);
       row[kKvHi] = int32_t(hi);
-      row[kKvBase] = kv_base[b];
+      row[kKvBase] = kv_base ? kv_base[b] : 0;
       row[kOutSlot] = -1;
       row[kValid] = 1;
       row[kKvLen] = int32_t(kv_len);
@@ -210,34 +212,76 @@ void kv_major_order(int64_t num_tiles, int32_t num_ctas, int32_t* cta_indptr, Sc
 
 bool in_int32(int64_t v, int64_t lo) { return v >= lo && v <= INT32_MAX; }
 
-int plan(int32_t batch, const int32_t* qo_indptr, const int32_t* kv_lens, const int32_t* kv_base,
-         const int64_t* mask_offsets, const Params& p, const Outputs& out, const Pages& pages, int64_t* result) {
+// What a batch's plan holds before its tiles are placed: tiles, partial slots, merge groups, chunk.
+struct Counts {
+  int64_t num_tiles, num_slots, num_groups, chunk;
+};
+
+// The checks of the static arguments, the query tiles (into s.q_tiles), the chunk, each query
+// tile's cost and chunk count (s.q_cost, s.nch) and the plan's counts: the part of plan() that
+// jaxinfer_count_work shares.
+int prepare(int32_t batch, const int32_t* qo_indptr, const int32_t* kv_lens, const int32_t* kv_base,
+            const int64_t* mask_offsets, const Params& p, Scratch& s, Counts& counts) {
   if (batch < 0 || !in_int32(p.num_kv_heads, 1) || !in_int32(p.group_size, 1) || !in_int32(p.block_m, 1) ||
       !in_int32(p.block_n, 1) || !in_int32(p.num_ctas, 1) || !in_int32(p.split_budget, 2) ||
       !in_int32(p.max_work_tiles, 0) || !in_int32(p.min_chunk, 0) || !in_int32(p.window_left, -1) ||
-      !in_int32(p.row_cost, 0)) {
+      !in_int32(p.row_cost, 0) || !in_int32(p.fixed_chunk, 0)) {
     return fail(kBadArgument,
                 "plan_work needs batch >= 0, num_kv_heads, group_size, block_m, block_n, num_ctas >= 1, "
-                "split_budget >= 2, max_work_tiles, min_chunk, row_cost >= 0, window_left >= -1, all < 2**31 "
-                "(got batch=%lld, split_budget=%lld)",
+                "split_budget >= 2, max_work_tiles, min_chunk, row_cost, fixed_chunk >= 0, window_left >= -1, "
+                "all < 2**31 (got batch=%lld, split_budget=%lld)",
                 batch, p.split_budget);
   }
-  static thread_local Scratch s;
-  const int32_t hkv = int32_t(p.num_kv_heads);
+  if (p.fixed_chunk && !p.split_kv) {
+    return fail(kBadArgument, "fixed_chunk=%lld splits every request: it needs split_kv (got split_kv=%lld)",
+                p.fixed_chunk, p.split_kv);
+  }
   query_tiles(batch, qo_indptr, kv_lens, kv_base, mask_offsets, std::max<int64_t>(1, p.block_m / p.group_size), p,
               s.q_tiles);
   const int64_t nq = int64_t(s.q_tiles.size()) / kNumFields;
-  const int64_t chunk = p.split_kv ? chunk_size(s.q_tiles, nq, p) : 0;
-
+  const int64_t chunk = p.fixed_chunk ? p.fixed_chunk : p.split_kv ? chunk_size(s.q_tiles, nq, p) : 0;
   s.q_cost.resize(nq);
   s.nch.resize(nq);
-  bool split = false;
+  int64_t tiles = 0, slots = 0, split_tiles = 0;
   for (int64_t q = 0; q < nq; ++q) {
     const int32_t* t = &s.q_tiles[q * kNumFields];
     const int64_t span = int64_t(t[kKvHi]) - t[kKvLo];
     s.q_cost[q] = span + p.row_cost * p.group_size * t[kQLen];
     s.nch[q] = chunk ? std::max<int64_t>(1, ceil_div(span, chunk)) : 1;
-    split |= s.nch[q] > 1;
+    tiles += s.nch[q];
+    if (s.nch[q] > 1) {
+      slots += s.nch[q];
+      ++split_tiles;
+    }
+  }
+  counts = {tiles * p.num_kv_heads, slots * p.num_kv_heads, split_tiles * p.num_kv_heads, chunk};
+  return kOk;
+}
+
+int plan(int32_t batch, const int32_t* qo_indptr, const int32_t* kv_lens, const int32_t* kv_base,
+         const int64_t* mask_offsets, const Params& p, const Outputs& out, const Pages& pages, int64_t* result) {
+  static thread_local Scratch s;
+  Counts counts;
+  if (const int status = prepare(batch, qo_indptr, kv_lens, kv_base, mask_offsets, p, s, counts)) return status;
+  const int32_t hkv = int32_t(p.num_kv_heads);
+  const int64_t nq = int64_t(s.q_tiles.size()) / kNumFields, chunk = counts.chunk, num_tiles = counts.num_tiles;
+  const bool split = counts.num_slots > 0;
+  if (num_tiles > p.max_work_tiles) {
+    return fail(kCapacity, "max_work_tiles=%lld is smaller than the batch's %lld work tiles", p.max_work_tiles, num_tiles);
+  }
+  if (p.kv_major && num_tiles > p.num_ctas) {
+    return fail(kCapacity, "kv_major runs one tile per CTA: num_ctas=%lld is less than the plan's %lld work tiles",
+                p.num_ctas, num_tiles);
+  }
+  // A chunk the planner picks keeps the slots within split_budget; a fixed one may not.
+  if (counts.num_slots > p.split_budget) {
+    return fail(kCapacity, "split_budget=%lld partial slots is less than the plan's %lld", p.split_budget,
+                counts.num_slots);
+  }
+  const int32_t max_groups = int32_t(p.split_budget / 2);
+  const int64_t num_groups = counts.num_groups;
+  if (num_groups > max_groups) {
+    return fail(kCapacity, "split_budget // 2 = %lld merge groups is less than the plan's %lld", max_groups, num_groups);
   }
 
   // Tiles ordered (query tile, KV head, chunk), so a split group's partial slots are
@@ -264,22 +308,6 @@ int plan(int32_t batch, const int32_t* qo_indptr, const int32_t* kv_lens, const 
   s.order.resize(key.size());
   std::iota(s.order.begin(), s.order.end(), 0);
   std::stable_sort(s.order.begin(), s.order.end(), [&](int32_t a, int32_t b) { return key[a] > key[b]; });
-  const int64_t num_tiles = split ? int64_t(s.tiles.size()) : nq * hkv;
-  if (num_tiles > p.max_work_tiles) {
-    return fail(kCapacity, "max_work_tiles=%lld is smaller than the batch's %lld work tiles", p.max_work_tiles, num_tiles);
-  }
-  if (p.kv_major && num_tiles > p.num_ctas) {
-    return fail(kCapacity, "kv_major runs one tile per CTA: num_ctas=%lld is less than the plan's %lld work tiles",
-                p.num_ctas, num_tiles);
-  }
-  const int32_t max_groups = int32_t(p.split_budget / 2);
-  int64_t num_groups = 0;
-  if (split) {
-    for (int64_t q = 0; q < nq; ++q) num_groups += s.nch[q] > 1 ? hkv : 0;
-    if (num_groups > max_groups) {
-      return fail(kCapacity, "split_budget // 2 = %lld merge groups is less than the plan's %lld", max_groups, num_groups);
-    }
-  }
 
   // The tiles in sorted order (position i: the i-th longest).
   s.sorted.resize(num_tiles);
@@ -435,6 +463,24 @@ int jaxinfer_plan_packed(const int64_t* params, int32_t batch, const int32_t* qo
   return plan(batch, qo_indptr, kv_lens, kv_base, mask_offsets, p,
               Outputs{buffer, buffer + off_cta, buffer + off_merge_indptr, buffer + off_merge_dest},
               Pages{pages, num_pages, buffer + off_pages, buffer_size - off_pages}, result);
+}
+
+// The counts of the plan jaxinfer_plan_work would make (jaxinfer.plan.planner.count_work): result
+// [4] = num_tiles, num_slots (partial slots), num_groups (merge groups), chunk; no capacity is
+// checked (max_work_tiles, num_ctas and split_budget's limit on the slots), only the arguments.
+// Returns 0 or 2 (bad argument) with a message in jaxinfer_error().
+int jaxinfer_count_work(const int64_t* params, int32_t batch, const int32_t* qo_indptr, const int32_t* kv_lens,
+                        int64_t* result) {
+  static thread_local Scratch s;
+  Counts counts;
+  if (const int status = prepare(batch, qo_indptr, kv_lens, nullptr, nullptr, read_params(params), s, counts)) {
+    return status;
+  }
+  result[0] = counts.num_tiles;
+  result[1] = counts.num_slots;
+  result[2] = counts.num_groups;
+  result[3] = counts.chunk;
+  return kOk;
 }
 
 // Query tiles of a batch: sum over requests of ceil(qo_len / tokens_per_tile) (the unsplit

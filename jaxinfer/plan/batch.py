@@ -9,7 +9,8 @@ arrays (``backend.plan(spec, capacity)``) and runs it (``backend.run(plan, q, k,
 
 :class:`PlanCapacity` fixes the static shapes of plans: two batches planned with the same capacity
 give plans of identical shapes, so a jitted step that takes the plan never recompiles. Left unset,
-a capacity is the actual size rounded up to a power of two (a few compilations at most).
+a capacity is the actual size rounded up to a power of two (a few compilations at most). Its
+``fixed_split_size`` makes plans batch invariant (:meth:`PlanCapacity.as_deterministic`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ from jaxinfer.plan.checks import check_indptr, check_int, check_page_table_lens,
 from jaxinfer.variants import AttentionVariant
 
 
+# The split size of ``deterministic=True`` (tokens): a request up to this long is one tile; a
+# longer one costs a partial write and a merge per 2048 keys (a few percent of reading them).
+DETERMINISTIC_SPLIT_SIZE = 2048
+# The query length a deterministic plan without ``max_qo_len`` picks prefill tiles by (the
+# largest row tile of the Pallas kernel for any GQA group).
+DETERMINISTIC_QO_LEN = 128
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -38,12 +47,54 @@ class PlanCapacity:
       max_qo_len: queries of one request.
       max_kv_len: keys of one request (tokens).
       max_work_tiles: work tiles of the Pallas planner (split-KV chunks included).
+      fixed_split_size: ``None``, or the KV chunk (tokens, ``>= 1``) of every split-KV plan,
+        fixed independently of the batch (FlashInfer's ``fixed_split_size``): every request
+        longer than it is split at its multiples, and the tile config is chosen without the
+        batch's mean query length (:meth:`config_qo_len`), so that a request's output is
+        bit-identical whatever batch it is in (:meth:`as_deterministic`). ``None``: the planner
+        picks the chunk per batch (fewer tiles, better balance; outputs may differ in the last
+        bits from batch to batch).
+
+    Raises:
+      ValueError: ``fixed_split_size`` is not an integer ``>= 1``.
     """
 
     max_batch_size: int | None = None
     max_qo_len: int | None = None
     max_kv_len: int | None = None
     max_work_tiles: int | None = None
+    fixed_split_size: int | None = None
+
+    def __post_init__(self):
+        if self.fixed_split_size is not None:
+            object.__setattr__(self, "fixed_split_size", check_int("fixed_split_size", self.fixed_split_size, minimum=1))
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether plans of this capacity are batch invariant (``fixed_split_size`` is set)."""
+        return self.fixed_split_size is not None
+
+    def as_deterministic(self, fixed_split_size: int | None = None) -> PlanCapacity:
+        """This capacity with a fixed split size: ``fixed_split_size``, else the one already set,
+        else :data:`DETERMINISTIC_SPLIT_SIZE` (the wrappers' ``deterministic=True``).
+
+        Raises:
+          ValueError: ``fixed_split_size`` is not an integer ``>= 1``.
+        """
+        size = next(s for s in (fixed_split_size, self.fixed_split_size, DETERMINISTIC_SPLIT_SIZE) if s is not None)
+        return dataclasses.replace(self, fixed_split_size=size)
+
+    def config_qo_len(self, spec: BatchSpec) -> float:
+        """The query length a backend picks its tile config by for ``spec``: ``max_qo_len`` when
+        fixed (one compiled program for every batch that fits); else, with ``fixed_split_size``,
+        :data:`DETERMINISTIC_QO_LEN` (the tile shape changes a row's arithmetic, so it must not
+        follow the batch: a decode wrapper fixes ``max_qo_len=1`` to keep its decode tiles);
+        else the batch's mean query length."""
+        if self.max_qo_len is not None:
+            return float(self.max_qo_len)
+        if self.fixed_split_size is not None:
+            return float(DETERMINISTIC_QO_LEN)
+        return int(spec.qo_indptr[-1]) / max(spec.batch_size, 1)
 
     def resolve(self, field: str, actual: int) -> int:
         """The capacity of ``field`` for a batch whose actual maximum is ``actual``.

@@ -104,12 +104,13 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.jaxinfer_error.restype = ctypes.c_char_p
     lib.jaxinfer_plan_work.argtypes = [ptr, i32, *([ptr] * 9)]
     lib.jaxinfer_plan_packed.argtypes = [ptr, i32, *([ptr] * 5), i64, ptr, i64, ptr]
+    lib.jaxinfer_count_work.argtypes = [ptr, i32, ptr, ptr, ptr]
     lib.jaxinfer_count_query_tiles.argtypes = [i32, ptr, i32]
     lib.jaxinfer_count_query_tiles.restype = i64
     lib.jaxinfer_check_batch.argtypes = [i32, ptr, ptr, ptr, i64, ptr, i32, i32, ptr]
     for fn in (lib.jaxinfer_check_indptr_i32, lib.jaxinfer_check_indptr_i64):
         fn.argtypes = [ptr, i64, ptr]
-    for fn in (lib.jaxinfer_plan_work, lib.jaxinfer_plan_packed, lib.jaxinfer_check_batch,
+    for fn in (lib.jaxinfer_plan_work, lib.jaxinfer_plan_packed, lib.jaxinfer_count_work, lib.jaxinfer_check_batch,
                lib.jaxinfer_check_indptr_i32, lib.jaxinfer_check_indptr_i64):
         fn.restype = ctypes.c_int
 

@@ -10,6 +10,10 @@ After the dynamism-aware scheduler of the FlashInfer paper (arXiv 2501.01005, se
    (split-KV). ``chunk`` is the smallest multiple of ``block_n`` (and at least ``min_chunk``)
    whose total tile count fits ``split_budget``; when the unsplit tiles already fill it, no
    request is split.
+   With ``fixed_chunk`` (FlashInfer's ``fixed_split_size``) the chunk is that size for every
+   batch instead, and every key range longer than it is split: a request's tiles, split points
+   and merge order then depend on the request alone, so its output is bit-identical in any batch
+   (the kernels fold a tile's keys and a group's partials in a fixed order).
 3. Tiles are sorted by cost ``kv_len + row_cost * rows`` (the paper's cost model has
    ``row_cost = 2``), stable, and assigned to ``num_ctas`` persistent CTAs
    longest-processing-time first, a round of ``num_ctas`` tiles at a time against the loads
@@ -89,6 +93,7 @@ class PlanArgs:
     min_chunk: int = 256
     kv_major: bool = False
     row_cost: int = 2
+    fixed_chunk: int = 0
 
     @functools.cached_property
     def native(self) -> ctypes.Array:
@@ -128,6 +133,47 @@ def count_query_tiles_at(batch: int, qo_indptr: int, tokens_per_tile: int) -> in
     return native.load().jaxinfer_count_query_tiles(batch, qo_indptr, tokens_per_tile)
 
 
+@dataclasses.dataclass(frozen=True)
+class WorkCounts:
+    """What a batch's plan holds (:func:`count_work`).
+
+    Attributes:
+      num_tiles: work tiles (``max_work_tiles`` must hold them).
+      num_slots: partial slots of the split tiles (``split_budget`` must hold them).
+      num_groups: merge groups (``split_budget // 2`` must hold them).
+      chunk: the KV chunk (0: no split).
+    """
+
+    num_tiles: int
+    num_slots: int
+    num_groups: int
+    chunk: int
+
+
+def count_work(qo_indptr, kv_lens, **kw) -> WorkCounts:
+    """The tiles, partial slots and merge groups :func:`plan_work` would plan for a batch, without
+    planning it: what a backend sizes its capacities by (with ``fixed_chunk`` they grow with the
+    batch). Takes :func:`plan_work`'s arguments but ``kv_base`` and ``mask_offsets`` (the counts
+    do not depend on them); no capacity is checked.
+
+    Raises:
+      ValueError: an input has the wrong length or a static argument is out of range (as
+        :func:`plan_work`).
+    """
+    batch = np.size(kv_lens)
+    qo = _int_array("qo_indptr", qo_indptr, np.int32, batch + 1)
+    kv = _int_array("kv_lens", kv_lens, np.int32, batch)
+    return count_work_at(PlanArgs(**kw), batch, native.address(qo), native.address(kv))
+
+
+def count_work_at(args: PlanArgs, batch: int, qo_indptr: int, kv_lens: int) -> WorkCounts:
+    """:func:`count_work` on the addresses of C-contiguous int32 ``qo_indptr`` ``[batch + 1]`` and
+    ``kv_lens`` ``[batch]`` (:attr:`jaxinfer.plan.batch.BatchSpec.native_addresses`)."""
+    result = (ctypes.c_int64 * 4)()
+    _check(native.load().jaxinfer_count_work(args.native, batch, qo_indptr, kv_lens, result))
+    return WorkCounts(*result)
+
+
 def _inputs(qo_indptr, kv_lens, kv_base, mask_offsets) -> tuple[np.ndarray | None, ...]:
     """The planner's inputs as C-contiguous int32 arrays (``mask_offsets``: int64 or ``None``)."""
     batch = np.size(kv_lens)
@@ -165,6 +211,12 @@ def plan_work(qo_indptr, kv_lens, kv_base, *, mask_offsets=None, out: tuple[np.n
       row_cost: cost of a query row (query token x group head) in keys, the tile cost being
         ``kv_hi - kv_lo + row_cost * rows`` (default 2, the FlashInfer paper's model; 0 orders
         by the key range alone).
+      fixed_chunk: ``> 0``: the KV chunk of every split, whatever the batch (FlashInfer's
+        ``fixed_split_size``): each query tile's key range is cut at ``kv_lo + k * fixed_chunk``
+        and split whenever it is longer, so a request's tiles, chunks and merge order depend on
+        that request alone (batch invariance); ``split_budget`` then bounds the partial slots
+        rather than choosing the chunk, and ``min_chunk`` is unused. ``0`` (default): the chunk
+        of step 2 of the module doc, which depends on the batch. Needs ``split_kv``.
       mask_offsets: ``[B]`` offset of each request's row-major ``[qo_len, kv_len]`` custom mask in
         the flat mask (``None``: no custom mask; ``mask_base`` is then 0).
       out: ``(work, cta_indptr, merge_indptr, merge_dest)`` C-contiguous int32 arrays of the
@@ -176,8 +228,10 @@ def plan_work(qo_indptr, kv_lens, kv_base, *, mask_offsets=None, out: tuple[np.n
 
     Raises:
       ValueError: the batch needs more than ``max_work_tiles`` tiles (``kv_major``: more than
-        ``num_ctas``), an input has the wrong length, a size argument is out of range, or
-        ``out`` has a wrong shape, dtype or layout.
+        ``num_ctas``), more than ``split_budget`` partial slots or ``split_budget // 2`` merge
+        groups (possible with ``fixed_chunk``), an input has the wrong length, a size argument
+        is out of range, ``fixed_chunk`` without ``split_kv``, or ``out`` has a wrong shape,
+        dtype or layout.
       jaxinfer.plan.native.NativeBuildError: the planner library cannot be built (no C++ compiler).
     """
     args = PlanArgs(**kw)

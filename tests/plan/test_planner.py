@@ -17,7 +17,7 @@ import pytest
 from conftest import rand
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from planner_ref import plan_work_ref
+import planner_ref
 from ref64 import random_page_table
 
 from jaxinfer.plan import native
@@ -29,6 +29,15 @@ from jaxinfer.backends.pallas.config import TileConfig
 from jaxinfer.plan.layout import F, MERGE_FIELDS, WORK_FIELDS
 from jaxinfer.plan.planner import plan_work, plan_work_in_jit, plan_work_packed
 from jaxinfer.variants import AttentionVariant
+
+
+def plan_work_ref(*args, fixed_chunk: int = 0, **kw):
+    """The numpy oracle (tests/planner_ref.py), with ``fixed_chunk`` as the native planner takes
+    it: the oracle's chunk search replaced by the fixed chunk (its only difference)."""
+    if not fixed_chunk:
+        return planner_ref.plan_work_ref(*args, **kw)
+    with mock.patch.object(planner_ref, "_chunk_size", lambda *_: fixed_chunk):
+        return planner_ref.plan_work_ref(*args, **kw)
 
 
 @st.composite
