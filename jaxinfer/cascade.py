@@ -17,7 +17,7 @@ from jaxinfer import backends
 from jaxinfer.plan.batch import PlanCapacity
 from jaxinfer.plan.checks import check_int
 from jaxinfer.page import unpack_paged_kv_cache
-from jaxinfer.variants import AttentionVariant
+from jaxinfer.variants import LOG2E, AttentionVariant, apply_sink, check_sinks
 from jaxinfer.wrapper import BatchWrapper, Plan, batch_spec, check_run_extras, check_spec_run_args, plan_dtypes, run_paged_plan
 
 
@@ -228,7 +228,7 @@ class MultiLevelCascadeAttentionWrapper(BatchWrapper):
     begin_forward = plan  # FlashInfer's pre-0.2 name
 
     def run(self, q, paged_kv_cache, *args, out=None, lse=None, return_lse: bool = False, k_scale=None,
-            v_scale=None):
+            v_scale=None, sinks=None, variant_params=None):
         """Cascade attention of ``q`` with the last plans; jit-compatible.
 
         Args:
@@ -238,20 +238,23 @@ class MultiLevelCascadeAttentionWrapper(BatchWrapper):
           out, lse: anything but ``None`` is a ``ValueError``: use the return value.
           return_lse: also return ``lse [nnz_q, Hq]`` float32 (base 2).
           k_scale, v_scale: as in :func:`jaxinfer.single_decode_with_kv_cache`.
+          sinks, variant_params: as in :func:`batch_cascade`.
 
         Returns:
           ``o [nnz_q, Hq, D]`` (, ``lse``), equal to flat attention over each request's
           concatenated levels.
 
         Raises:
-          ValueError: ``run`` before ``plan``, arrays that disagree with the plan, ``out``/``lse``.
+          ValueError: ``run`` before ``plan``, arrays that disagree with the plan, ``out``/``lse``,
+            bad ``sinks`` or ``variant_params``.
         """
         check_run_extras(args, out, lse)
         k, v = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
         specs, plans = self._require_plan(q, k)
         for spec in specs:
             check_spec_run_args(spec, q, k, v, self._kv_layout)
-        return batch_cascade(q, paged_kv_cache, plans, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
+        return batch_cascade(q, paged_kv_cache, plans, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale,
+                             sinks=sinks, variant_params=variant_params)
 
     forward = run  # FlashInfer's pre-0.2 name
 
@@ -359,7 +362,8 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
     run = forward
 
 
-def batch_cascade(q, paged_kv_cache, plans: list[Plan], *, return_lse: bool = False, k_scale=None, v_scale=None):
+def batch_cascade(q, paged_kv_cache, plans: list[Plan], *, return_lse: bool = False, k_scale=None, v_scale=None,
+                  sinks=None, variant_params=None):
     """Run cascade level plans inside jit: each level's state, merged over levels.
 
     Example::
@@ -373,18 +377,35 @@ def batch_cascade(q, paged_kv_cache, plans: list[Plan], *, return_lse: bool = Fa
       plans: the list returned by :meth:`MultiLevelCascadeAttentionWrapper.plan`.
       k_scale, v_scale: :data:`jaxinfer.wrapper.SCALES_DOC`, applied in every level (the merge
         of the levels' states is linear in their outputs, so ``v_scale`` commutes with it).
+      sinks: :data:`jaxinfer.wrapper.SINKS_DOC`; counted once per row: the levels run without
+        them and the sink joins the merged state (:func:`jaxinfer.variants.apply_sink`), so
+        the result equals flat attention with sinks over the concatenated levels.
+      variant_params: :data:`jaxinfer.wrapper.VARIANT_PARAMS_DOC`, given to every level.
 
     Returns:
-      ``o [nnz_q, Hq, D]`` (, ``lse [nnz_q, Hq]``).
+      ``o [nnz_q, Hq, D]`` (, ``lse [nnz_q, Hq]``, including the sinks).
+
+    Raises:
+      ValueError: bad ``sinks`` or ``variant_params``, or sinks with an output transform over
+        several levels (each level applies the transform before the merge, and the sink must come
+        before it).
     """
-    states = [run_paged_plan(plan, q, paged_kv_cache, return_lse=True, k_scale=k_scale, v_scale=v_scale)
+    if len(plans) == 1:
+        return run_paged_plan(plans[0], q, paged_kv_cache, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale,
+                              variant_params=variant_params, sinks=sinks)
+    sinks = check_sinks(sinks, plans[-1].num_qo_heads, plans[-1].variant)
+    if sinks is not None and plans[-1].variant.output_transform is not None:
+        raise ValueError("sinks with an output_transform need a single-level cascade: each level applies the "
+                         "transform before the merge, and the sink must join the softmax before it")
+    states = [run_paged_plan(plan, q, paged_kv_cache, return_lse=True, k_scale=k_scale, v_scale=v_scale,
+                             variant_params=variant_params)
               for plan in plans]
-    if len(states) == 1:
-        o, lse = states[0]
-    else:
-        merge_backend = "pallas" if plans[0].backend == "pallas" else "xla"
-        o, lse = merge_states(jnp.stack([o for o, _ in states], 1), jnp.stack([s for _, s in states], 1),
-                              backend=merge_backend)
+    merge_backend = "pallas" if plans[0].backend == "pallas" else "xla"
+    o, lse = merge_states(jnp.stack([o for o, _ in states], 1), jnp.stack([s for _, s in states], 1),
+                          backend=merge_backend)
+    if sinks is not None:
+        o_sink, lse = apply_sink(o.astype(jnp.float32), lse, sinks * LOG2E)
+        o = o_sink.astype(o.dtype)
     return (o, lse) if return_lse else o
 
 

@@ -22,7 +22,8 @@ def single_decode_with_kv_cache(
     q, k, v, kv_layout: str = "NHD", pos_encoding_mode: str = "NONE", use_tensor_cores: bool = False,
     q_scale=None, k_scale=None, v_scale=None, window_left: int = -1, logits_soft_cap: float | None = None,
     sm_scale: float | None = None, rope_scale: float | None = None, rope_theta: float | None = None,
-    return_lse: bool = False, *, backend: str = "auto", variant: AttentionVariant | None = None,
+    return_lse: bool = False, *, backend: str = "auto", variant: AttentionVariant | None = None, sinks=None,
+    variant_params=None,
 ):
     """Decode attention of one request: ``softmax(q k^T * sm_scale) v`` over its ``L`` keys.
 
@@ -57,15 +58,20 @@ def single_decode_with_kv_cache(
       backend: ``"auto"``, ``"pallas"``, ``"fa2"``, ``"fa3"`` or ``"xla"`` (keyword only).
       variant: optional :class:`~jaxinfer.variants.AttentionVariant` with user callables;
         keyword options that differ from their defaults override its fields.
+      sinks: ``[Hq]`` float32 attention-sink logits (natural log), or ``None``
+        (:data:`jaxinfer.wrapper.SINKS_DOC`).
+      variant_params: arrays of a ``takes_params`` variant's callables, or ``None``
+        (:data:`jaxinfer.wrapper.VARIANT_PARAMS_DOC`).
 
     Returns:
       ``o [Hq, D]`` in q's dtype, or ``(o, lse)`` with ``lse [Hq]`` float32 in base 2
       (``log2 sum exp``, FlashInfer's convention). With no keys (``L = 0``): ``o = 0``,
-      ``lse = -inf``.
+      ``lse = -inf`` (``sinks / ln 2`` with sinks).
 
     Raises:
       ValueError: ``q`` not 2-D, ``k``/``v`` of different shapes, a head_dim or head count that
-        disagrees, ``k`` of another dtype than ``q`` that is not fp8, a bad scale or option.
+        disagrees, ``k`` of another dtype than ``q`` that is not fp8, a bad scale or option, bad
+        ``sinks`` or ``variant_params``.
       NotImplementedError: the named backend cannot serve the call.
     """
     if q.ndim != 2:
@@ -74,7 +80,8 @@ def single_decode_with_kv_cache(
                            pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale, rope_theta=rope_theta)
     k, v = single_kv(k, v, kv_layout)
     out = run_single(q[None], k, v, variant, backend, op="decode", return_lse=return_lse,
-                     k_scale=fold_q_scale(q_scale, k_scale), v_scale=v_scale)
+                     k_scale=fold_q_scale(q_scale, k_scale), v_scale=v_scale, variant_params=variant_params,
+                     sinks=sinks)
     return (out[0][0], out[1][0]) if return_lse else out[0]
 
 
@@ -193,6 +200,7 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchWrapper):
     def run(
         self, q, paged_kv_cache, *args, q_scale=None, k_scale=None, v_scale=None, out=None, lse=None,
         return_lse: bool = False, enable_pdl=None, window_left: int | None = None, sinks=None,
+        variant_params=None,
     ):
         """Decode ``q`` against ``paged_kv_cache`` with the last plan; jit-compatible.
 
@@ -207,23 +215,29 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchWrapper):
           return_lse: also return ``lse [B, Hq]`` float32 (base 2).
           enable_pdl: accepted and unused.
           window_left: must be ``None`` or the plan's (set it in ``plan``).
-          sinks: attention sinks are not supported; must be ``None``.
+          sinks: ``[Hq]`` float32 attention-sink logits (natural log), or ``None``
+            (:data:`jaxinfer.wrapper.SINKS_DOC`).
+          variant_params: arrays of a ``takes_params`` variant's callables, or ``None``
+            (:data:`jaxinfer.wrapper.VARIANT_PARAMS_DOC`).
 
         Returns:
           ``o [B, Hq, D]`` in q's dtype, or ``(o, lse)``.
 
         Raises:
           ValueError: ``run`` before ``plan``; ``q`` rows, heads, head_dim or dtype that disagree
-            with the plan; a cache of another shape; ``out``/``lse``/``sinks`` given.
+            with the plan; a cache of another shape; ``out``/``lse`` given; bad ``sinks`` or
+            ``variant_params``.
         """
-        check_run_extras(args, out, lse, sinks=sinks)
+        check_run_extras(args, out, lse)
         self._check_window(window_left)
-        return self._run_paged(q, paged_kv_cache, return_lse, fold_q_scale(q_scale, k_scale), v_scale)
+        return self._run_paged(q, paged_kv_cache, return_lse, fold_q_scale(q_scale, k_scale), v_scale,
+                               variant_params=variant_params, sinks=sinks)
 
     forward = run  # FlashInfer's pre-0.2 name
 
 
-def batch_decode(q, paged_kv_cache, plan: Plan, *, return_lse: bool = False, k_scale=None, v_scale=None):
+def batch_decode(q, paged_kv_cache, plan: Plan, *, return_lse: bool = False, k_scale=None, v_scale=None,
+                 sinks=None, variant_params=None):
     """Run a decode plan inside ``jax.jit`` (no host work, the plan is an argument).
 
     Example::
@@ -240,6 +254,10 @@ def batch_decode(q, paged_kv_cache, plan: Plan, *, return_lse: bool = False, k_s
       plan: from :meth:`BatchDecodeWithPagedKVCacheWrapper.plan`.
       return_lse: also return ``lse [R, Hq]`` float32 (base 2).
       k_scale, v_scale: as in :func:`single_decode_with_kv_cache`.
+      sinks: ``[Hq]`` float32 attention-sink logits (natural log), or ``None``
+        (:data:`jaxinfer.wrapper.SINKS_DOC`).
+      variant_params: arrays of a ``takes_params`` variant's callables, or ``None``
+        (:data:`jaxinfer.wrapper.VARIANT_PARAMS_DOC`).
 
     Returns:
       ``o [R, Hq, D]`` (, ``lse``).
@@ -248,4 +266,5 @@ def batch_decode(q, paged_kv_cache, plan: Plan, *, return_lse: bool = False, k_s
       ValueError: at trace time, an array whose shape or dtype disagrees with the plan, fewer
         rows than the plan (checked by the wrapper's ``run`` only), or a bad scale.
     """
-    return run_paged_plan(plan, q, paged_kv_cache, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
+    return run_paged_plan(plan, q, paged_kv_cache, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale,
+                          variant_params=variant_params, sinks=sinks)

@@ -46,7 +46,7 @@ def single_prefill_with_kv_cache(
     use_fp16_qk_reduction: bool = False, sm_scale: float | None = None, window_left: int = -1,
     logits_soft_cap: float | None = None, rope_scale: float | None = None, rope_theta: float | None = None,
     backend: str = "auto", return_lse: bool = False, *, variant: AttentionVariant | None = None,
-    k_scale=None, v_scale=None,
+    k_scale=None, v_scale=None, sinks=None, variant_params=None,
 ):
     """Prefill attention of one request (FlashInfer's ``single_prefill_with_kv_cache``).
 
@@ -71,7 +71,8 @@ def single_prefill_with_kv_cache(
       causal: bottom-right aligned causal mask.
       use_fp16_qk_reduction: accepted and unused (logits are always reduced in float32).
       backend: ``"auto"``, ``"pallas"``, ``"fa2"``, ``"fa3"`` or ``"xla"``.
-      Other options: as in :func:`jaxinfer.single_decode_with_kv_cache`.
+      Other options (``sinks``, ``variant_params`` included): as in
+        :func:`jaxinfer.single_decode_with_kv_cache`.
 
     Returns:
       ``o [Lq, Hq, D]`` in q's dtype, or ``(o, lse [Lq, Hq] float32 base 2)``.
@@ -92,7 +93,7 @@ def single_prefill_with_kv_cache(
                            rope_theta=rope_theta)
     k, v = single_kv(k, v, kv_layout)
     return run_single(q, k, v, variant, backend, op="prefill", return_lse=return_lse, custom_mask=custom_mask,
-                      k_scale=k_scale, v_scale=v_scale)
+                      k_scale=k_scale, v_scale=v_scale, variant_params=variant_params, sinks=sinks)
 
 
 _INIT_ARGS_DOC = """
@@ -202,7 +203,7 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchWrapper):
 
     def run(
         self, q, paged_kv_cache, *args, q_scale=None, k_scale=None, v_scale=None, out=None, lse=None,
-        return_lse: bool = False, enable_pdl=None, window_left: int | None = None,
+        return_lse: bool = False, enable_pdl=None, window_left: int | None = None, sinks=None, variant_params=None,
     ):
         """Attention of ``q`` over ``paged_kv_cache`` with the last plan; jit-compatible.
 
@@ -214,16 +215,22 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchWrapper):
           out, lse: anything but ``None`` is a ``ValueError`` (JAX arrays are immutable): use the
             return value. enable_pdl: unused. window_left: ``None`` or the plan's.
           return_lse: also return ``lse [nnz_q, Hq]`` float32 (base 2).
+          sinks: ``[Hq]`` float32 attention-sink logits (natural log), or ``None``
+            (:data:`jaxinfer.wrapper.SINKS_DOC`).
+          variant_params: arrays of a ``takes_params`` variant's callables, or ``None``
+            (:data:`jaxinfer.wrapper.VARIANT_PARAMS_DOC`).
 
         Returns:
           ``o [nnz_q, Hq, D]`` in q's dtype (, ``lse``).
 
         Raises:
-          ValueError: ``run`` before ``plan``, arrays that disagree with the plan, ``out``/``lse``.
+          ValueError: ``run`` before ``plan``, arrays that disagree with the plan, ``out``/``lse``,
+            bad ``sinks`` or ``variant_params``.
         """
         check_run_extras(args, out, lse)
         self._check_window(window_left)
-        return self._run_paged(q, paged_kv_cache, return_lse, fold_q_scale(q_scale, k_scale), v_scale)
+        return self._run_paged(q, paged_kv_cache, return_lse, fold_q_scale(q_scale, k_scale), v_scale,
+                               variant_params=variant_params, sinks=sinks)
 
     forward = run  # FlashInfer's pre-0.2 name
 
@@ -293,7 +300,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchWrapper):
     begin_forward = plan  # FlashInfer's pre-0.2 name
 
     def run(self, q, k, v, *args, q_scale=None, k_scale=None, v_scale=None, out=None, lse=None,
-            return_lse: bool = False, enable_pdl=None):
+            return_lse: bool = False, enable_pdl=None, sinks=None, variant_params=None):
         """Attention of ``q`` over ragged ``k``/``v`` with the last plan; jit-compatible.
 
         Args:
@@ -303,23 +310,29 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchWrapper):
           q_scale, k_scale, v_scale: as in :func:`jaxinfer.single_decode_with_kv_cache`.
           out, lse: anything but ``None`` is a ``ValueError``: use the return value.
           return_lse: also return ``lse [nnz_q, Hq]`` float32 (base 2). enable_pdl: unused.
+          sinks: ``[Hq]`` float32 attention-sink logits (natural log), or ``None``
+            (:data:`jaxinfer.wrapper.SINKS_DOC`).
+          variant_params: arrays of a ``takes_params`` variant's callables, or ``None``
+            (:data:`jaxinfer.wrapper.VARIANT_PARAMS_DOC`).
 
         Returns:
           ``o [nnz_q, Hq, D]`` in q's dtype (, ``lse``).
 
         Raises:
-          ValueError: ``run`` before ``plan``, arrays that disagree with the plan, ``out``/``lse``.
+          ValueError: ``run`` before ``plan``, arrays that disagree with the plan, ``out``/``lse``,
+            bad ``sinks`` or ``variant_params``.
         """
         check_run_extras(args, out, lse)
         spec, plan = self._require_plan(q, k)
         check_spec_run_args(spec, q, k, v, "NHD")
         return run_plan(plan, q, k, v, return_lse=return_lse, k_scale=fold_q_scale(q_scale, k_scale),
-                        v_scale=v_scale)
+                        v_scale=v_scale, variant_params=variant_params, sinks=sinks)
 
     forward = run  # FlashInfer's pre-0.2 name
 
 
-def batch_prefill_paged(q, paged_kv_cache, plan: Plan, *, return_lse: bool = False, k_scale=None, v_scale=None):
+def batch_prefill_paged(q, paged_kv_cache, plan: Plan, *, return_lse: bool = False, k_scale=None, v_scale=None,
+                        sinks=None, variant_params=None):
     """Run a paged prefill plan inside ``jax.jit``.
 
     Example::
@@ -332,7 +345,7 @@ def batch_prefill_paged(q, paged_kv_cache, plan: Plan, *, return_lse: bool = Fal
       q: ``[R, Hq, D]`` with ``R >= nnz_q``; rows past ``nnz_q`` are padding and come back as zeros.
       paged_kv_cache: the cache in the plan's layout.
       plan: from :meth:`BatchPrefillWithPagedKVCacheWrapper.plan`.
-      k_scale, v_scale: as in :func:`jaxinfer.single_decode_with_kv_cache`.
+      k_scale, v_scale, sinks, variant_params: as in :func:`jaxinfer.single_decode_with_kv_cache`.
 
     Returns:
       ``o [R, Hq, D]`` (, ``lse [R, Hq]`` float32 base 2 with ``return_lse``).
@@ -340,10 +353,12 @@ def batch_prefill_paged(q, paged_kv_cache, plan: Plan, *, return_lse: bool = Fal
     Raises:
       ValueError: at trace time, arrays whose shape or dtype disagrees with the plan.
     """
-    return run_paged_plan(plan, q, paged_kv_cache, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
+    return run_paged_plan(plan, q, paged_kv_cache, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale,
+                          variant_params=variant_params, sinks=sinks)
 
 
-def batch_prefill_ragged(q, k, v, plan: Plan, *, return_lse: bool = False, k_scale=None, v_scale=None):
+def batch_prefill_ragged(q, k, v, plan: Plan, *, return_lse: bool = False, k_scale=None, v_scale=None, sinks=None,
+                         variant_params=None):
     """Run a ragged prefill plan inside ``jax.jit``.
 
     Example::
@@ -355,7 +370,7 @@ def batch_prefill_ragged(q, k, v, plan: Plan, *, return_lse: bool = False, k_sca
       q: ``[R, Hq, D]`` with ``R >= nnz_q`` (rows past ``nnz_q`` come back as zeros).
       k, v: ``[>= nnz_kv, Hkv, D]``.
       plan: from :meth:`BatchPrefillWithRaggedKVCacheWrapper.plan`.
-      k_scale, v_scale: as in :func:`jaxinfer.single_decode_with_kv_cache`.
+      k_scale, v_scale, sinks, variant_params: as in :func:`jaxinfer.single_decode_with_kv_cache`.
 
     Returns:
       ``o [R, Hq, D]`` (, ``lse [R, Hq]`` float32 base 2 with ``return_lse``).
@@ -363,4 +378,5 @@ def batch_prefill_ragged(q, k, v, plan: Plan, *, return_lse: bool = False, k_sca
     Raises:
       ValueError: at trace time, arrays whose shape or dtype disagrees with the plan.
     """
-    return run_plan(plan, q, k, v, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
+    return run_plan(plan, q, k, v, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale,
+                    variant_params=variant_params, sinks=sinks)

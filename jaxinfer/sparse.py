@@ -208,7 +208,7 @@ class BlockSparseAttentionWrapper(BatchWrapper):
     begin_forward = plan  # FlashInfer's pre-0.2 name
 
     def run(self, q, k, v, scale_q=None, scale_k=None, scale_v=None, out=None, lse=None, return_lse: bool = False,
-            enable_pdl=None, *, k_scale=None, v_scale=None):
+            enable_pdl=None, *, k_scale=None, v_scale=None, sinks=None, variant_params=None):
         """Attention of ``q`` over ``k``/``v`` under the planned BSR mask; jit-compatible.
 
         Args:
@@ -219,12 +219,14 @@ class BlockSparseAttentionWrapper(BatchWrapper):
             by the decode API's names (give one of each pair).
           out, lse: anything but ``None`` is a ``ValueError``: use the return value.
           return_lse: also return ``lse [M, Hq]`` float32 (base 2). enable_pdl: unused.
+          sinks, variant_params: as in :func:`jaxinfer.single_decode_with_kv_cache`.
 
         Returns:
           ``o [M, Hq, D]`` in q's dtype (, ``lse``).
 
         Raises:
-          ValueError: ``run`` before ``plan``, arrays that disagree with the plan, ``out``/``lse``.
+          ValueError: ``run`` before ``plan``, arrays that disagree with the plan, ``out``/``lse``,
+            bad ``sinks`` or ``variant_params``.
         """
         check_run_extras((), out, lse)
         spec, plan = self._require_plan(q, k)
@@ -233,7 +235,8 @@ class BlockSparseAttentionWrapper(BatchWrapper):
             raise ValueError(f"q must have M = {M} rows and k, v N = {N} rows, got {q.shape[0]} and {k.shape[0]}")
         check_spec_run_args(spec, q, *(_as_pages(x, C) for x in (k, v)), "NHD")
         k_scale, v_scale = pick_scales(scale_q, scale_k, scale_v, k_scale, v_scale)
-        return batch_block_sparse(q, k, v, plan, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
+        return batch_block_sparse(q, k, v, plan, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale,
+                                  sinks=sinks, variant_params=variant_params)
 
     forward = run  # FlashInfer's pre-0.2 name
 
@@ -243,7 +246,8 @@ def _as_pages(x, C: int):
     return x.reshape(x.shape[0] // C, C, *x.shape[1:])
 
 
-def batch_block_sparse(q, k, v, plan: Plan, *, return_lse: bool = False, k_scale=None, v_scale=None):
+def batch_block_sparse(q, k, v, plan: Plan, *, return_lse: bool = False, k_scale=None, v_scale=None, sinks=None,
+                       variant_params=None):
     """Run a block-sparse plan inside jit: ``q [M, Hq, D]``, ``k/v [N, Hkv, D]`` -> ``o [M, Hq, D]``.
 
     Example::
@@ -254,7 +258,7 @@ def batch_block_sparse(q, k, v, plan: Plan, *, return_lse: bool = False, k_scale
     Args:
       q: ``[M, Hq, D]``; k, v: ``[N, Hkv, D]`` (the plan knows the block width ``C``).
       plan: from :meth:`BlockSparseAttentionWrapper.plan`.
-      k_scale, v_scale: as in :func:`jaxinfer.single_decode_with_kv_cache`.
+      k_scale, v_scale, sinks, variant_params: as in :func:`jaxinfer.single_decode_with_kv_cache`.
 
     Returns:
       ``o [M, Hq, D]`` (, ``lse [M, Hq]`` float32 base 2 with ``return_lse``).
@@ -264,4 +268,4 @@ def batch_block_sparse(q, k, v, plan: Plan, *, return_lse: bool = False, k_scale
     """
     C = plan.page_size
     return run_plan(plan, q, _as_pages(k, C), _as_pages(v, C), return_lse=return_lse, k_scale=k_scale,
-                    v_scale=v_scale)
+                    v_scale=v_scale, variant_params=variant_params, sinks=sinks)

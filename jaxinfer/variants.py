@@ -22,9 +22,40 @@ The logits pipeline, for query row ``i`` of a request with ``qo_len`` queries an
    ``lse = log2(sum_j exp(x_j))`` (base 2, as FlashInfer); a row with no visible key gets
    ``o = 0, lse = -inf``. Without softmax, ``o = sum_j x_j v_j`` over visible keys (e.g. sigmoid
    attention, FlashSigmoid) and there is no lse;
-9. ``o = output_transform(o, lse, q_pos, qo_head)`` (float32; e.g. attention sinks).
+9. attention sinks (``run(..., sinks=)``, ``[Hq]`` natural-log logits ``s_h``, gpt-oss /
+   StreamingLLM): the sink joins the softmax denominator, ``o = o * sigmoid(lse ln 2 - s_h)`` and
+   ``lse = logaddexp(lse ln 2, s_h) / ln 2`` (:func:`apply_sink`; exact, so a row with no visible
+   key gets ``o = 0, lse = s_h / ln 2``). A sink is counted once per row: split-KV partials and
+   cascade levels merge first, the sink comes after the merge. Softmax variants only;
+10. ``o = output_transform(o, lse, q_pos, qo_head)`` (float32, ``lse`` including the sink).
 
 Every callable receives arrays that broadcast against each other (index arguments are int32).
+
+Variant parameters (arrays inside the callables). The Pallas kernels cannot capture arrays in a
+callable, so per-head values (slopes, scales, sink logits of an output transform) come in as
+``run(..., variant_params=)``: a pytree (e.g. a dict) of arrays, traced, so new values never
+recompile. Each leaf is a scalar ``[]`` or has the query head as its leading axis: ``[Hq]`` or
+``[Hq, T]`` (``T`` a power of 2 on the Pallas backend); floating leaves are float32, integer
+leaves int32. A variant made with ``takes_params=True`` hands the pytree to its callables as one
+more LAST argument, each leaf ``p`` of shape ``[Hq, ...]`` sliced to the rows of the call,
+``p[qo_head]``, broadcasting like the callable's ``qo_head`` (``logits_transform``,
+``logits_mask``, ``output_transform``) or like its rows without the head_dim axis
+(``query_transform``: ``rows.shape[:-1]``); scalar leaves arrive as they are:
+
+- ``logits_transform(x, q_pos, kv_pos, qo_head, kv_head, params)``,
+- ``logits_mask(q_pos, kv_pos, qo_head, kv_head, params)``,
+- ``query_transform(rows, params)``, ``output_transform(o, lse, q_pos, qo_head, params)``,
+- ``key_transform(rows)`` takes no params: key rows belong to a KV head, shared by several
+  query heads (a per-KV-head key factor is ``k_scale``).
+
+For example a per-head ALiBi-like bias with learned slopes ``[Hq]``::
+
+    v = AttentionVariant(takes_params=True,
+                         logits_transform=lambda x, qp, kp, qh, kh, p: x + p["slope"] * (kp - qp))
+    o = wrapper.run(q, kv_cache, variant_params={"slope": slopes})
+
+The backends that run user callables (``"xla"``, ``"pallas"``) take ``variant_params``; the Pallas
+kernels load each tile's rows of every leaf once per tile (a gather from memory by ``qo_head``).
 """
 
 from __future__ import annotations
@@ -34,11 +65,13 @@ import math
 from collections.abc import Callable
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.plan.checks import check_int
 
+PARAM_CALLABLES = ("logits_transform", "logits_mask", "query_transform", "output_transform")
 PosEncodingMode = Literal["NONE", "ROPE_LLAMA", "ALIBI"]
 POS_ENCODING_MODES = ("NONE", "ROPE_LLAMA", "ALIBI")
 LOG2E = 1.4426950408889634
@@ -70,11 +103,14 @@ class AttentionVariant:
       query_transform, key_transform: ``(rows [..., head_dim] float32) -> rows``.
       output_transform: ``(o [..., head_dim] float32, lse [...] base 2, q_pos, qo_head) -> o``.
       use_softmax: ``False`` gives the plain weighted sum ``sum_j x_j v_j``.
+      takes_params: the callables (all but ``key_transform``) take ``params``, the rows' slices of
+        ``run(..., variant_params=)``, as one more last argument (module docstring).
 
     Raises:
       ValueError: on an unknown ``pos_encoding_mode``, a ``window_left`` that is not an integer
         ``>= -1``, a negative or non-finite soft cap, or a ``sm_scale``/``rope_scale``/``rope_theta``
-        that is not a finite number ``> 0`` (inf or NaN would make every output NaN).
+        that is not a finite number ``> 0`` (inf or NaN would make every output NaN), or
+        ``takes_params=True`` without a callable that takes them.
     """
 
     causal: bool = False
@@ -90,6 +126,7 @@ class AttentionVariant:
     key_transform: Callable | None = None
     output_transform: Callable | None = None
     use_softmax: bool = True
+    takes_params: bool = False
 
     def __post_init__(self):
         if self.pos_encoding_mode not in POS_ENCODING_MODES:
@@ -103,6 +140,8 @@ class AttentionVariant:
             val = getattr(self, name)
             if (val is not None or name != "sm_scale") and not (_is_finite(val) and val > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {val}")
+        if self.takes_params and not any(getattr(self, name) for name in PARAM_CALLABLES):
+            raise ValueError(f"takes_params=True needs one of {PARAM_CALLABLES} (key_transform takes no params)")
         # Normalise so that equal variants hash equal (one compiled program each).
         object.__setattr__(self, "window_left", window_left)
         if self.logits_soft_cap == 0.0:
@@ -136,14 +175,31 @@ class AttentionVariant:
     def replace(self, **changes) -> AttentionVariant:
         return dataclasses.replace(self, **changes)
 
+    def bind(self, rows, cells) -> AttentionVariant:
+        """The variant whose callables have their ``params`` argument bound (engines call this
+        inside a trace): ``rows`` for ``query_transform``/``output_transform``, ``cells`` for
+        ``logits_transform``/``logits_mask`` (the slices of the module docstring). A variant
+        without ``takes_params`` is returned as it is."""
+        if not self.takes_params:
+            return self
+
+        def bound(fn, params):
+            return None if fn is None else (lambda *args: fn(*args, params))
+
+        return dataclasses.replace(
+            self, takes_params=False,
+            logits_transform=bound(self.logits_transform, cells), logits_mask=bound(self.logits_mask, cells),
+            query_transform=bound(self.query_transform, rows), output_transform=bound(self.output_transform, rows),
+        )
+
 
 # The dataclass's generated constructor gets its own docstring (help() shows it).
 AttentionVariant.__init__.__doc__ = """Make a variant; every argument is the attribute of the same name (see the class).
 
     Raises:
       ValueError: an unknown ``pos_encoding_mode``, a ``window_left`` that is not an integer
-        ``>= -1``, a negative or non-finite soft cap, or a non-finite or non-positive
-        ``sm_scale``/``rope_scale``/``rope_theta``.
+        ``>= -1``, a negative or non-finite soft cap, a non-finite or non-positive
+        ``sm_scale``/``rope_scale``/``rope_theta``, or ``takes_params`` without a callable.
     """
 
 
@@ -211,3 +267,84 @@ def rope_inv_freq(head_dim: int, rope_scale: float, rope_theta: float) -> jnp.nd
     """RoPE angle per position ``[head_dim // 2]`` float32: ``theta ** (-2d/D) / rope_scale``."""
     d = jnp.arange(head_dim // 2, dtype=jnp.float32)
     return (rope_theta ** (-2.0 * d / head_dim)) / rope_scale
+
+
+def params_at(params, qo_head):
+    """The rows' slices of ``variant_params`` (jnp): ``p[qo_head]`` for a leaf ``p`` of shape
+    ``[Hq, ...]`` (shape ``qo_head.shape + p.shape[1:]``), scalar leaves as they are."""
+    return jax.tree.map(lambda p: p if p.ndim == 0 else p[qo_head], params)
+
+
+def check_variant_params(variant: AttentionVariant, variant_params, num_qo_heads: int):
+    """``variant_params`` as a run takes it: leaves as float32 (floating) or int32 (integer)
+    arrays of shape ``[]``, ``[Hq]`` or ``[Hq, T]`` (traced leaves are fine: shapes are static).
+
+    Raises:
+      ValueError: ``variant_params`` given to a variant without ``takes_params`` or missing for
+        one with it, or a leaf of another dtype kind or shape (the message names its path).
+    """
+    if variant_params is None:
+        if variant.takes_params:
+            raise ValueError("the variant has takes_params=True: run needs variant_params (a pytree of arrays)")
+        return None
+    if not variant.takes_params:
+        raise ValueError("variant_params given, but the plan's variant has takes_params=False (its callables "
+                         "take no params): make the variant with takes_params=True")
+
+    def leaf(path, p):
+        name = "variant_params" + jax.tree_util.keystr(path)
+        try:
+            p = jnp.asarray(p)
+        except TypeError as e:
+            raise ValueError(f"{name} must be an array, got {type(p).__name__}") from e
+        if jnp.issubdtype(p.dtype, jnp.floating):
+            p = p.astype(jnp.float32)
+        elif jnp.issubdtype(p.dtype, jnp.integer):
+            p = p.astype(jnp.int32)
+        else:
+            raise ValueError(f"{name} must be a floating or integer array, got {p.dtype}")
+        if p.ndim > 2 or (p.ndim and p.shape[0] != num_qo_heads):
+            raise ValueError(f"{name} must be a scalar, [num_qo_heads={num_qo_heads}] or "
+                             f"[num_qo_heads={num_qo_heads}, T], got shape {tuple(p.shape)}")
+        return p
+
+    return jax.tree_util.tree_map_with_path(leaf, variant_params)
+
+
+def check_sinks(sinks, num_qo_heads: int, variant: AttentionVariant | None = None):
+    """``sinks`` as ``[num_qo_heads]`` float32 (``None`` stays ``None``; traced arrays are fine).
+
+    Raises:
+      ValueError: ``sinks`` not a floating array of shape ``[num_qo_heads]``, or given with a
+        ``use_softmax=False`` variant (no softmax denominator to join).
+    """
+    if sinks is None:
+        return None
+    try:
+        sinks = jnp.asarray(sinks)
+    except TypeError as e:
+        raise ValueError(f"sinks must be a float32 array [num_qo_heads], got {type(sinks).__name__}") from e
+    if not jnp.issubdtype(sinks.dtype, jnp.floating) or sinks.shape != (num_qo_heads,):
+        raise ValueError(f"sinks must be a float32 array [num_qo_heads={num_qo_heads}] (natural-log sink logits), "
+                         f"got {sinks.dtype}{list(sinks.shape)}")
+    if variant is not None and not variant.use_softmax:
+        raise ValueError("sinks need a softmax variant (use_softmax=False has no softmax denominator)")
+    return sinks.astype(jnp.float32)
+
+
+def apply_sink(o, lse, sink_log2):
+    """Step 9 of the pipeline on final rows: ``(o [..., D], lse [...] base 2)`` with a sink of
+    ``sink_log2`` (the natural-log sink times ``log2(e)``, broadcasting against ``lse``) joined
+    to the denominator: ``o * 2**lse / (2**lse + 2**sink_log2)`` and
+    ``lse' = log2(2**lse + 2**sink_log2)`` (gpt-oss / FlashInfer AttentionSink semantics).
+
+    Exact for every ``lse``: a row with no visible key (``lse = -inf``) gets ``o * 0 = 0`` and
+    ``lse' = sink_log2``; a sink of ``-inf`` changes nothing. Plain ``jnp``, so the Pallas
+    kernels trace it in their epilogue as the other engines do.
+    """
+    m = jnp.maximum(lse, sink_log2)
+    m_safe = jnp.where(m == -jnp.inf, 0.0, m)
+    a = jnp.exp2(lse - m_safe)
+    total = a + jnp.exp2(sink_log2 - m_safe)
+    keep = jnp.where(total > 0.0, a / jnp.where(total > 0.0, total, 1.0), 0.0)
+    return o * keep[..., None], jnp.where(total > 0.0, m_safe + jnp.log2(jnp.where(total > 0.0, total, 1.0)), -jnp.inf)

@@ -4,7 +4,8 @@
 lets it plan; the result is a :class:`Plan` pytree that a jitted step takes as an argument.
 ``run_plan`` is the one jit-compatible entry that every module-level run function calls.
 
-Every run takes FlashInfer's ``k_scale``/``v_scale`` (:data:`SCALES_DOC`, :mod:`jaxinfer.fp8`).
+Every run takes FlashInfer's ``k_scale``/``v_scale`` (:data:`SCALES_DOC`, :mod:`jaxinfer.fp8`),
+attention sinks and variant parameters (:data:`SINKS_DOC`, :data:`VARIANT_PARAMS_DOC`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from jaxinfer.backends.base import check_run_args
 from jaxinfer.fp8 import check_scale_value, is_fp8, scale_array
 from jaxinfer.page import check_kv_layout, unpack_paged_kv_cache
 from jaxinfer.plan.batch import BatchSpec, PlanCapacity
-from jaxinfer.variants import AttentionVariant, make_variant
+from jaxinfer.variants import AttentionVariant, check_sinks, check_variant_params, make_variant
 
 SCALES_DOC = """k_scale, v_scale: optional dequantization scales (FlashInfer's): a Python float or a float
         array of shape ``()`` or ``[num_kv_heads]`` (per KV head), traced or not (new values never
@@ -32,6 +33,19 @@ SCALES_DOC = """k_scale, v_scale: optional dequantization scales (FlashInfer's):
         ``k * k_scale``), ``v_scale`` the output (before an output transform). A Python or numpy
         value must be finite and > 0 (``ValueError``); an array of another shape or a non-float
         dtype is a ``ValueError``."""
+
+SINKS_DOC = """sinks: optional ``[num_qo_heads]`` float32 attention-sink logits (natural log, as gpt-oss ships
+        them; traced, new values never recompile): head ``h``'s sink joins the softmax
+        denominator once per query row, ``o * sigmoid(lse ln 2 - sinks[h])``, and the returned
+        lse includes it (base 2: a row with no visible key gives ``o = 0``,
+        ``lse = sinks[h] / ln 2``); combines with window, soft cap (which caps ``q . k`` only) and
+        every mask (step 9 of jaxinfer/variants.py). A non-floating array or another shape is a
+        ``ValueError``, as is a ``use_softmax=False`` variant."""
+
+VARIANT_PARAMS_DOC = """variant_params: the arrays of a ``takes_params=True`` variant's callables (a pytree of
+        ``[]``, ``[num_qo_heads]`` or ``[num_qo_heads, T]`` float/int arrays; traced, new values
+        never recompile; jaxinfer/variants.py); ``None`` for other variants (``ValueError``
+        either way round)."""
 
 
 @jax.tree_util.register_dataclass
@@ -51,6 +65,7 @@ class Plan:
     head_dim: int = dataclasses.field(metadata=dict(static=True))
     q_dtype: str = dataclasses.field(metadata=dict(static=True))
     kv_dtype: str = dataclasses.field(metadata=dict(static=True))
+    variant: AttentionVariant = dataclasses.field(default=AttentionVariant(), metadata=dict(static=True))
 
 
 # The dataclass's generated constructor gets its own docstring (help() shows it).
@@ -80,12 +95,15 @@ def make_plan(
     impl = backends.resolve(backend, spec, op=op)
     return Plan(inner=impl.plan(spec, capacity), backend=impl.name, kv_layout=kv_layout, page_size=spec.page_size,
                 paged=spec.paged, num_qo_heads=spec.num_qo_heads, num_kv_heads=spec.num_kv_heads,
-                head_dim=spec.head_dim, q_dtype=jnp.dtype(spec.q_dtype).name, kv_dtype=jnp.dtype(spec.kv_dtype).name)
+                head_dim=spec.head_dim, q_dtype=jnp.dtype(spec.q_dtype).name, kv_dtype=jnp.dtype(spec.kv_dtype).name,
+                variant=spec.variant)
 
 
-def run_plan(plan: Plan, q, k, v, *, return_lse: bool = False, k_scale=None, v_scale=None):
+def run_plan(plan: Plan, q, k, v, *, return_lse: bool = False, k_scale=None, v_scale=None, variant_params=None,
+             sinks=None):
     """Run a plan; ``k``/``v`` are caches (paged) or ragged tensors, ``k_scale``/``v_scale`` as
-    in :data:`SCALES_DOC`.
+    in :data:`SCALES_DOC`, ``sinks`` as in :data:`SINKS_DOC`, ``variant_params`` as in
+    :data:`VARIANT_PARAMS_DOC`.
 
     The run is jitted so that an eager ``wrapper.run`` is one compiled program, not op-by-op
     dispatch; inside a caller's jit it inlines. The module-level run functions of the front doors come
@@ -95,16 +113,18 @@ def run_plan(plan: Plan, q, k, v, *, return_lse: bool = False, k_scale=None, v_s
     the wrapper's ``run`` checks on the host).
 
     Raises:
-      ValueError: an array's shape, layout or dtype disagrees with the plan (trace time), or a
-        bad scale.
+      ValueError: an array's shape, layout or dtype disagrees with the plan (trace time), a
+        bad scale, bad ``sinks`` or ``variant_params``.
     """
     check_scale_value("k_scale", k_scale)
     check_scale_value("v_scale", v_scale)
-    return _run_plan(plan, q, k, v, k_scale, v_scale, return_lse=return_lse)
+    variant_params = check_variant_params(plan.variant, variant_params, plan.num_qo_heads)
+    sinks = check_sinks(sinks, plan.num_qo_heads, plan.variant)
+    return _run_plan(plan, q, k, v, k_scale, v_scale, variant_params, sinks, return_lse=return_lse)
 
 
 @functools.partial(jax.jit, static_argnames="return_lse")
-def _run_plan(plan: Plan, q, k, v, k_scale, v_scale, *, return_lse: bool):
+def _run_plan(plan: Plan, q, k, v, k_scale, v_scale, variant_params, sinks, *, return_lse: bool):
     check_run_args(q, k, v, paged=plan.paged, kv_layout=plan.kv_layout, page_size=plan.page_size,
                    num_qo_heads=plan.num_qo_heads, num_kv_heads=plan.num_kv_heads, head_dim=plan.head_dim,
                    q_dtype=jnp.dtype(plan.q_dtype), kv_dtype=jnp.dtype(plan.kv_dtype))
@@ -119,19 +139,23 @@ def _run_plan(plan: Plan, q, k, v, k_scale, v_scale, *, return_lse: bool):
     k_scale = scale_array("k_scale", k_scale, plan.num_kv_heads)
     v_scale = scale_array("v_scale", v_scale, plan.num_kv_heads)
     impl = backends.get_backend(plan.backend)
+    extras = {} if variant_params is None and sinks is None else dict(variant_params=variant_params, sinks=sinks)
     o, lse = impl.run(plan.inner, q, k, v, kv_layout=plan.kv_layout, return_lse=return_lse, k_scale=k_scale,
-                      v_scale=v_scale)
+                      v_scale=v_scale, **extras)
     return (o, lse) if return_lse else o
 
 
-def run_paged_plan(plan: Plan, q, paged_kv_cache, *, return_lse: bool = False, k_scale=None, v_scale=None):
+def run_paged_plan(plan: Plan, q, paged_kv_cache, *, return_lse: bool = False, k_scale=None, v_scale=None,
+                   variant_params=None, sinks=None):
     """Run a plan over a paged cache (tuple or single array, in the plan's layout) inside jit.
 
     Page ids outside the cache are clamped (never read out of bounds); validation happens in the
-    wrapper's ``plan``. ``k_scale``/``v_scale``: :data:`SCALES_DOC`.
+    wrapper's ``plan``. ``k_scale``/``v_scale``: :data:`SCALES_DOC`; ``sinks``:
+    :data:`SINKS_DOC`; ``variant_params``: :data:`VARIANT_PARAMS_DOC`.
     """
     k, v = unpack_paged_kv_cache(paged_kv_cache, plan.kv_layout)
-    return run_plan(plan, q, k, v, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
+    return run_plan(plan, q, k, v, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale,
+                    variant_params=variant_params, sinks=sinks)
 
 
 # What FlashInfer's constructors take that has no meaning in JAX (documented, accepted, unused):
@@ -294,11 +318,13 @@ class BatchWrapper:
         if window_left != planned:
             raise ValueError(f"window_left = {window_left} differs from the plan's {planned}: set it in plan")
 
-    def _run_paged(self, q, paged_kv_cache, return_lse: bool, k_scale=None, v_scale=None):
+    def _run_paged(self, q, paged_kv_cache, return_lse: bool, k_scale=None, v_scale=None, variant_params=None,
+                   sinks=None):
         k, v = unpack_paged_kv_cache(paged_kv_cache, self._kv_layout)
         spec, plan = self._require_plan(q, k)
         check_spec_run_args(spec, q, k, v, self._kv_layout)
-        return run_plan(plan, q, k, v, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
+        return run_plan(plan, q, k, v, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale,
+                        variant_params=variant_params, sinks=sinks)
 
 
 def as_host_int(name: str, x) -> np.ndarray:
@@ -366,7 +392,7 @@ def single_kv(k, v, kv_layout: str):
 
 
 def run_single(q, k, v, variant: AttentionVariant, backend: str, *, op: str, return_lse: bool, custom_mask=None,
-               k_scale=None, v_scale=None):
+               k_scale=None, v_scale=None, variant_params=None, sinks=None):
     """Attention of one request ``q [Lq, Hq, D]``, ``k/v [Lk, Hkv, D]`` as a batch of one."""
     lq, hq, d = q.shape
     lk, hkv = k.shape[0], k.shape[1]
@@ -387,4 +413,5 @@ def run_single(q, k, v, variant: AttentionVariant, backend: str, *, op: str, ret
     check_spec_run_args(spec, q, k, v, "NHD")
     capacity = PlanCapacity(max_batch_size=1, max_qo_len=max(lq, 1), max_kv_len=max(lk, 1))
     plan = make_plan(spec, backend, "NHD", capacity, op=op)
-    return run_plan(plan, q, k, v, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
+    return run_plan(plan, q, k, v, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale,
+                    variant_params=variant_params, sinks=sinks)

@@ -11,6 +11,7 @@ LSE values are base 2 (FlashInfer's convention); a query row with no visible key
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -68,8 +69,10 @@ def ref_attention(
     rope_theta: float = 1e4,
     custom_mask=None,
     variant: AttentionVariant | None = None,
+    sinks=None,
+    variant_params=None,
 ):
-    """Attention of ONE request in float64, following steps 1-9 of ``jaxinfer/variants.py``.
+    """Attention of ONE request in float64, following steps 1-10 of ``jaxinfer/variants.py``.
 
     Args:
       q: ``[Lq, Hq, D]``; k, v: ``[Lk, Hkv, D]`` (any float dtype; computed in float64).
@@ -80,6 +83,13 @@ def ref_attention(
         ``query_transform(q [Lq,Hq,D])``, ``key_transform(k [Lk,Hkv,D])``,
         ``output_transform(o [Lq,Hq,D], lse [Lq,Hq] or None without softmax, q_pos [Lq,1],
         qo_head [1,Hq])``.
+      sinks: optional ``[Hq]`` natural-log sink logits: ``s_h`` joins the softmax denominator,
+        ``o = sum_j e^{x_j} v_j / (sum_j e^{x_j} + e^{s_h})``, ``lse = ln(sum_j e^{x_j} + e^{s_h})
+        / ln 2`` (gpt-oss attention sinks), before the output transform.
+      variant_params: for a ``takes_params`` variant, a dict of arrays ``[]``, ``[Hq]`` or
+        ``[Hq, T]``; each callable but ``key_transform`` gets, as its last argument, the dict
+        with every per-head leaf ``p`` taken at the callable's heads (``p[qo_head]``;
+        ``query_transform``: ``p[None, arange(Hq)]``).
 
     Returns:
       ``(o [Lq, Hq, D] float64, lse [Lq, Hq] float64 base 2)``; ``lse`` is ``None`` without
@@ -96,6 +106,8 @@ def ref_attention(
     )
     q, k, v = f64(q), f64(k), f64(v)
     lq, hq, d_model = q.shape
+    if variant_params is not None:
+        var = _bind_params_ref(var, variant_params, hq)
     lk, hkv, _ = k.shape
     if hq % hkv:
         raise ValueError(f"Hq={hq} is not a multiple of Hkv={hkv}")
@@ -162,12 +174,38 @@ def ref_attention(
         w = np.where(visible, x, 0.0)
         o = np.einsum("hij,jhd->ihd", w, v_h)
         lse = None
-    # 9. user output transform.
+    # 9. attention sinks (natural-log logits per query head), in float64.
+    if sinks is not None:
+        s = f64(sinks).reshape(hq)[None, :]  # [1, Hq]
+        lse_nat = lse * math.log(2.0)
+        with np.errstate(over="ignore"):
+            o = o / (1.0 + np.exp(s - lse_nat))[..., None]  # = o * e^lse / (e^lse + e^s); 0 when lse = -inf
+        lse = np.logaddexp(lse_nat, s) / math.log(2.0)
+    # 10. user output transform.
     if var.output_transform is not None:
         o = f64(
             var.output_transform(o, lse, q_pos.astype(np.int32)[:, None], np.arange(hq, dtype=np.int32)[None, :])
         )
     return o, lse
+
+
+def _bind_params_ref(var: AttentionVariant, params: dict, hq: int) -> AttentionVariant:
+    """``var`` with each callable given the dict of ``params`` at its heads as a last argument."""
+
+    def at(heads):
+        return {name: (f64(p) if np.ndim(p) == 0 else f64(p)[heads]) for name, p in params.items()}
+
+    cells = at(np.arange(hq)[:, None, None])  # the logits' heads [Hq, 1, 1]
+    rows = at(np.arange(hq)[None, :])  # the rows' heads [1, Hq] (q [Lq, Hq, D], o [Lq, Hq, D])
+
+    def bound(fn, p):
+        return None if fn is None else (lambda *args: fn(*args, p))
+
+    return dataclasses.replace(
+        var, takes_params=False, logits_transform=bound(var.logits_transform, cells),
+        logits_mask=bound(var.logits_mask, cells), query_transform=bound(var.query_transform, rows),
+        output_transform=bound(var.output_transform, rows),
+    )
 
 
 def ref_batch(q, k_list, v_list, qo_indptr, *, custom_mask=None, **options):

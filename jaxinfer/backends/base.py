@@ -10,11 +10,16 @@ Every backend serves both paged-cache layouts (NHD, HND) and ragged KV. A backen
   ``device_unsupported()`` (why it cannot run on this machine) are derived;
 - ``plan(spec, capacity)`` on the host: a plan pytree of device arrays whose shapes depend only on
   the :class:`~jaxinfer.plan.batch.PlanCapacity`;
-- ``run(plan, q, k, v, kv_layout=, return_lse=, k_scale=None, v_scale=None)``, jit-compatible:
-  ``(o [nnz_q, Hq, D], lse [nnz_q, Hq] float32 base 2 or None)``; its trace-time checks go
-  through :func:`check_run_args`. ``k_scale``/``v_scale`` arrive as ``[Hkv]`` float32 (or
-  ``None``) and must be honoured (:mod:`jaxinfer.fp8`: ``k_scale`` multiplies the logits of KV
-  head ``h``'s queries, ``v_scale`` their output, before any output transform);
+- ``run(plan, q, k, v, kv_layout=, return_lse=, k_scale=None, v_scale=None, variant_params=None,
+  sinks=None)``, jit-compatible: ``(o [nnz_q, Hq, D], lse [nnz_q, Hq] float32 base 2 or None)``;
+  its trace-time checks go through :func:`check_run_args`. ``k_scale``/``v_scale`` arrive as
+  ``[Hkv]`` float32 (or ``None``) and must be honoured (:mod:`jaxinfer.fp8`: ``k_scale``
+  multiplies the logits of KV head ``h``'s queries, ``v_scale`` their output, before any output
+  transform); ``variant_params`` (checked by :func:`jaxinfer.variants.check_variant_params`)
+  reaches the callables of a ``takes_params`` variant (only backends with
+  ``Capabilities.user_callables`` get one); ``sinks`` (``[Hq]`` float32 natural-log logits or
+  ``None``) join every final row's softmax once, after any split-KV merge and before the output
+  transform, and the returned lse includes them (:func:`jaxinfer.variants.apply_sink`);
 - ``merge_states(v [L, N, H, D], s [L, N, H])``: folds attention states (``None`` when the
   backend has no merge of its own; the front doors then use the reference's).
 """
@@ -148,7 +153,8 @@ class Backend(Protocol):
 
     def plan(self, spec: BatchSpec, capacity: PlanCapacity) -> Any: ...
 
-    def run(self, plan: Any, q, k, v, *, kv_layout: str, return_lse: bool, k_scale=None, v_scale=None): ...
+    def run(self, plan: Any, q, k, v, *, kv_layout: str, return_lse: bool, k_scale=None, v_scale=None,
+            variant_params=None, sinks=None): ...
 
 
 def check_run_args(q, k, v, *, paged: bool, kv_layout: str, page_size: int, num_qo_heads: int, num_kv_heads: int,

@@ -26,7 +26,7 @@ from jaxtyping import Array, Bool, Float, Int
 from jaxinfer.backends.base import Capabilities
 from jaxinfer.fp8 import is_fp8
 from jaxinfer.plan.batch import BatchSpec, PlanCapacity, pad_batch
-from jaxinfer.variants import LOG2E, AttentionVariant, alibi_slopes, rope_inv_freq
+from jaxinfer.variants import LOG2E, AttentionVariant, alibi_slopes, apply_sink, params_at, rope_inv_freq
 
 
 def apply_rope_rotate_half(x: Float[Array, "... L H D"], pos: Int[Array, "... L"], variant: AttentionVariant):
@@ -68,6 +68,8 @@ def attention_dense(
     custom_mask: Bool[Array, "B Lq Lk"] | None = None,
     k_scale: Float[Array, "Hkv"] | None = None,
     v_scale: Float[Array, "Hkv"] | None = None,
+    variant_params=None,
+    sinks: Float[Array, "Hq"] | None = None,
 ) -> tuple[Float[Array, "B Lq Hq D"], Float[Array, "B Lq Hq"] | None]:
     """Attention of a padded batch, the variant pipeline of jaxinfer/variants.py.
 
@@ -84,10 +86,15 @@ def attention_dense(
         multiplies the logits ``q . k`` of KV head ``h`` (the keys, when a key transform is to
         see them), ``v_scale[h]`` its output (before the output transform), i.e. attention over
         ``k * k_scale`` and ``v * v_scale``.
+      variant_params: the pytree of a ``takes_params`` variant (checked leaves ``[]``, ``[Hq]``
+        or ``[Hq, T]``), sliced per row for its callables (jaxinfer/variants.py); else ``None``.
+      sinks: optional ``[Hq]`` float32 natural-log sink logits (step 9 of jaxinfer/variants.py,
+        applied after ``v_scale``, before the output transform).
 
     Returns:
       ``(o [B, Lq, Hq, D] float32, lse [B, Lq, Hq] float32 base 2)``; ``lse`` is ``None`` without
-      softmax. Rows with no visible key give ``o = 0`` and ``lse = -inf``.
+      softmax. Rows with no visible key give ``o = 0`` and ``lse = -inf`` (``sinks / ln 2`` with
+      sinks).
     """
     B, Lq, Hq, D = q.shape
     Lk, Hkv = k.shape[1], k.shape[2]
@@ -100,6 +107,11 @@ def attention_dense(
         v = v.astype(jnp.float32)
     q_pos = jnp.arange(Lq)[None, :] + (kv_lens - qo_lens)[:, None]  # [B, Lq]
     kv_pos = jnp.arange(Lk)
+    # Index grids broadcast against x [B, Hkv, G, Lq, Lk] and against the output rows [B, Lq, Hq].
+    qo_head = (jnp.arange(Hkv)[:, None] * group + jnp.arange(group)[None, :])[None, :, :, None, None]
+    out_head = jnp.arange(Hq)[None, None, :]
+    if variant_params is not None:
+        variant = variant.bind(params_at(variant_params, out_head), params_at(variant_params, qo_head))
     if variant.query_transform or variant.key_transform or variant.pos_encoding_mode == "ROPE_LLAMA":
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
         if variant.query_transform:
@@ -117,10 +129,8 @@ def attention_dense(
     if variant.has_soft_cap:
         c = variant.logits_soft_cap
         x = c * jnp.tanh(x / c)
-    # Index grids broadcast against x [B, Hkv, G, Lq, Lk].
     qp = q_pos[:, None, None, :, None]
     kp = kv_pos[None, None, None, None, :]
-    qo_head = (jnp.arange(Hkv)[:, None] * group + jnp.arange(group)[None, :])[None, :, :, None, None]
     kv_head = jnp.arange(Hkv)[None, :, None, None, None]
     if variant.pos_encoding_mode == "ALIBI":
         slopes = jnp.asarray(alibi_slopes(Hq)).reshape(Hkv, group)[None, :, :, None, None]
@@ -168,8 +178,10 @@ def attention_dense(
     if v_scale is not None:
         o = o * v_scale[None, None, :, None, None]
     o = o.reshape(B, Lq, Hq, D)
+    if sinks is not None:
+        o, lse = apply_sink(o, lse, sinks * LOG2E)
     if variant.output_transform:
-        o = variant.output_transform(o, lse, q_pos[:, :, None], jnp.arange(Hq)[None, None, :])
+        o = variant.output_transform(o, lse, q_pos[:, :, None], out_head)
     return o, lse
 
 
@@ -288,7 +300,7 @@ def plan_reference(spec: BatchSpec, capacity: PlanCapacity) -> RefPlan:
 
 
 def run_reference(plan: RefPlan, q, k, v, *, kv_layout: str = "NHD", return_lse: bool = False, k_scale=None,
-                  v_scale=None):
+                  v_scale=None, variant_params=None, sinks=None):
     """Run a :class:`RefPlan` (jit-compatible).
 
     Args:
@@ -299,6 +311,7 @@ def run_reference(plan: RefPlan, q, k, v, *, kv_layout: str = "NHD", return_lse:
       kv_layout: ``"NHD"`` or ``"HND"`` (paged only).
       return_lse: also return ``lse [nnz_q, Hq]`` float32, base 2.
       k_scale, v_scale: ``[Hkv]`` float32 scales or ``None`` (see :func:`attention_dense`).
+      variant_params, sinks: see :func:`attention_dense`.
 
     Returns:
       ``(o [nnz_q, Hq, D] in q.dtype, lse or None)``; rows past ``qo_indptr[-1]`` are zero.
@@ -310,7 +323,8 @@ def run_reference(plan: RefPlan, q, k, v, *, kv_layout: str = "NHD", return_lse:
         kp, vp = (c[plan.kv_page, plan.kv_slot] for c in (k, v))
     else:
         kp, vp = k[plan.kv_page], v[plan.kv_page]
-    o, lse = attention_dense(qp, kp, vp, plan.qo_lens, plan.kv_lens, plan.variant, plan.custom_mask, k_scale, v_scale)
+    o, lse = attention_dense(qp, kp, vp, plan.qo_lens, plan.kv_lens, plan.variant, plan.custom_mask, k_scale, v_scale,
+                             variant_params, sinks)
     # Scatter back: token t of the ragged q is query t - qo_indptr[b] of request b.
     t = jnp.arange(q.shape[0])
     b = jnp.clip(jnp.searchsorted(plan.qo_indptr, t, side="right") - 1, 0, plan.qo_lens.shape[0] - 1)
@@ -344,9 +358,9 @@ class ReferenceBackend:
         return plan_reference(spec, capacity)
 
     def run(self, plan: RefPlan, q, k, v, *, kv_layout: str = "NHD", return_lse: bool = False, k_scale=None,
-            v_scale=None):
+            v_scale=None, variant_params=None, sinks=None):
         return run_reference(plan, q, k, v, kv_layout=kv_layout, return_lse=return_lse, k_scale=k_scale,
-                             v_scale=v_scale)
+                             v_scale=v_scale, variant_params=variant_params, sinks=sinks)
 
 
 def get_backend(name: str) -> ReferenceBackend:

@@ -31,6 +31,7 @@ from jaxinfer.plan.batch import BatchSpec, PlanCapacity, pad_batch, pad_to
 from jaxinfer.plan.layout import F
 from jaxinfer.plan.planner import PlanArgs, plan_work
 from jaxinfer.plan.transfer import to_device
+from jaxinfer.variants import LOG2E, apply_sink
 
 # Query rows of one CTA per kernel and head_dim: fa2, 16 * kMT * kWarps of Fa2Traits in
 # jaxinfer/csrc/fa2/kernel.cuh; fa3, kBM of jaxinfer/csrc/fa3/config.cuh (two consumer warpgroups of 64 rows).
@@ -184,7 +185,7 @@ class FlashAttentionBackend:
         )
 
     def run(self, plan: Fa2Plan, q, k, v, *, kv_layout: str = "NHD", return_lse: bool = False, k_scale=None,
-            v_scale=None):
+            v_scale=None, variant_params=None, sinks=None):
         """``(o [nnz_q, Hq, D], lse [nnz_q, Hq] float32 base 2 or None)``; jit-compatible.
 
         ``k_scale``/``v_scale`` (``[Hkv]`` float32 or ``None``, :mod:`jaxinfer.fp8`) are applied
@@ -194,9 +195,17 @@ class FlashAttentionBackend:
         ``2**-9`` in bf16), the output rows by ``v_scale[h]`` after it (the softmax variant they
         serve has no output transform to come before).
 
+        ``sinks`` (``[Hq]`` float32 natural-log logits or ``None``) are an elementwise epilogue on
+        the kernels' ``(o, lse)`` in float32 (:func:`jaxinfer.variants.apply_sink`): the kernels
+        write final rows (no split-KV), so each row counts its sink once, and the CUDA code is
+        the same with or without them.
+
         Raises:
-          ValueError: q/k/v shapes or dtypes disagree with the plan (at trace time).
+          ValueError: q/k/v shapes or dtypes disagree with the plan (at trace time), or
+            ``variant_params`` given (these kernels run no user callables).
         """
+        if variant_params is not None:
+            raise ValueError(f"backend {self.name!r} runs no user callables: variant_params must be None")
         check_run_args(q, k, v, paged=plan.paged, kv_layout=kv_layout, page_size=plan.page_size,
                        num_qo_heads=plan.num_qo_heads, num_kv_heads=plan.num_kv_heads, head_dim=plan.head_dim,
                        q_dtype=plan.q_dtype, kv_dtype=plan.q_dtype)
@@ -218,6 +227,9 @@ class FlashAttentionBackend:
         )
         if v_scale is not None:
             o = _scale_heads(o, v_scale, plan.num_qo_heads)
+        if sinks is not None:
+            o, lse = apply_sink(o.astype(jnp.float32), lse, sinks * LOG2E)
+            o = o.astype(q.dtype)
         return o, (lse if return_lse else None)
 
 

@@ -37,12 +37,16 @@ the GQA group), so the callables get per-row ``q_pos``/``qo_head`` of shape ``[b
     # Sigmoid attention (FlashSigmoid, Ramapuram et al. 2024): o = sum_j sigmoid(x_j + b) v_j.
     AttentionVariant(logits_transform=lambda x, qp, kp, qh, kh: jax.nn.sigmoid(x - 1.0),
                      use_softmax=False)
-    # Attention sinks: a per-head sink logit s_h joins the softmax denominator.
-    AttentionVariant(output_transform=lambda o, lse, qp, qh:
-                     o * jax.nn.sigmoid(lse * jnp.log(2.0) - (0.5 * qh - 1.0))[..., None])
+    # A per-head output gate from an array: run(..., variant_params={"gate": gate [Hq]}).
+    AttentionVariant(takes_params=True, output_transform=lambda o, lse, qp, qh, p: o * p["gate"][:, None])
 
-Callables may not gather from captured arrays (Triton has no gather on values): write per-head
-constants as arithmetic on ``qo_head`` or ``jnp.where`` chains.
+Callables may not gather from captured arrays (Triton has no gather on values): arrays come in as
+``variant_params`` (:attr:`KernelSpec.params`), kernel inputs of which each tile loads its rows'
+slices once (a gather from memory by ``qo_head``) and hands them to the callables. Attention
+sinks (:attr:`KernelSpec.sinks`, ``run(..., sinks=)``) are fused into the epilogue of final rows:
+an unsplit tile applies its rows' sinks after the online softmax's finish, a split group in the
+merge kernel after the fold (partials never see them, so each row counts its sink once), both
+before the output transform (:func:`jaxinfer.backends.pallas.merge.final_rows`).
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxinfer.backends.pallas.config import TileConfig
-from jaxinfer.backends.pallas.merge import NEG_INF, apply_output_transform, finish, interpret_mode, merge_partials, row_block
+from jaxinfer.backends.pallas.merge import NEG_INF, ParamLayout, finish, final_rows, interpret_mode, merge_partials, row_block
 from jaxinfer.plan.layout import WORK_FIELDS, F, WorkLayout
 from jaxinfer.variants import LOG2E, AttentionVariant
 
@@ -87,6 +91,10 @@ class KernelSpec(WorkLayout):
         merge kernel for split ones.
       kv_scales: the kernel takes per-KV-head ``k_scale``/``v_scale`` (``run`` sets it from its
         arguments).
+      sinks: the kernel takes ``[Hq]`` float32 sink logits in log2 units and applies them to
+        final rows (``run`` sets it from its arguments).
+      params: the layout of a ``takes_params`` variant's params, kernel inputs after the sinks
+        (``run`` sets it from its arguments), or ``None``.
 
     Every feature is a static flag: a plan without it compiles to the plain kernel.
 
@@ -113,6 +121,8 @@ class KernelSpec(WorkLayout):
     use_softmax: bool = True
     callables: AttentionVariant | None = None
     kv_scales: bool = False
+    sinks: bool = False
+    params: ParamLayout | None = None
 
     @property
     def group_size(self) -> int:
@@ -351,6 +361,9 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, na
     buf_ref, q_ref, k_ref, v_ref = refs[:4]
     mask_ref = refs[4] if ks.custom_mask else None
     scale_ref = refs[4 + ks.custom_mask] if ks.kv_scales else None
+    sink_ref = refs[4 + ks.custom_mask + ks.kv_scales] if ks.sinks else None
+    first_param = 4 + ks.custom_mask + ks.kv_scales + ks.sinks
+    param_refs = refs[first_param : first_param + (len(ks.params.tails) if ks.params is not None else 0)]
     cdt = q_ref.dtype  # the dots' operand dtype: fp8 K/V tiles are widened to it
     o_ref, lse_ref, po_ref, plse_ref = refs[-4:]
     bm, bn, d, g = cfg.block_m, cfg.block_n, ks.head_dim, ks.group_size
@@ -376,8 +389,15 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, na
         rows_raw = (q_row0 + tok) * ks.num_qo_heads + qo_head
         q_pos = q_pos0 + tok
         rows = (q_pos, qo_head, alibi_slope(qo_head, ks.num_qo_heads) if ks.alibi else None)
+        # The callables with this tile's rows of the variant params bound (loaded once per tile):
+        # [bm] for the row transforms, [bm, 1] for the logits ones.
+        kt = ks
+        if ks.params is not None:
+            prm = ks.params.load(param_refs, qo_head)
+            cells = jax.tree.map(lambda p: p if p.ndim == 0 else p[:, None], prm)
+            kt = dataclasses.replace(ks, callables=ks.callables.bind(prm, cells))
         q_cs = _cos_sin(q_pos, inv_freq, native) if ks.rope else None
-        qs = _load_operand(q_ref, jnp.where(row_ok, rows_raw, 0), row_ok, ks.fn("query_transform"), q_cs, d, cdt)
+        qs = _load_operand(q_ref, jnp.where(row_ok, rows_raw, 0), row_ok, kt.fn("query_transform"), q_cs, d, cdt)
         mask = (mask_ref, field("mask_base"), field("kv_len"), tok, row_ok) if ks.custom_mask else None
         k_scale, v_scale = (scale_ref[kv_head], scale_ref[ks.num_kv_heads + kv_head]) if ks.kv_scales else (None, None)
         # A key transform sees the dequantized keys (it need not be linear); otherwise the scale
@@ -408,10 +428,10 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, na
             else:
                 (raw, kv_rows), nxt = qk(i, masked), ()
             v = _widen(_load(v_ref, kv_rows, ok, d), cdt)
-            s, scale = _logits(raw, rows, pos, kv_head, ks, k_scale_logits)
+            s, scale = _logits(raw, rows, pos, kv_head, kt, k_scale_logits)
             guard = masked and ks.rows_see_different_keys
             if masked:
-                visible = _visible(ok, pos, rows, kv_head, mask, ks)
+                visible = _visible(ok, pos, rows, kv_head, mask, kt)
             if guard:
                 v, sees_bad = _finite_values(v, visible)
             if not ks.use_softmax:
@@ -449,13 +469,15 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, na
         o, lse = finish(state) if ks.use_softmax else (state[2], state[1])
         if ks.kv_scales:
             o = o * v_scale
-        o_final = apply_output_transform(o, lse, q_pos, qo_head, ks.fn("output_transform"), ks.use_softmax)
+        o_final, lse_final = final_rows(o, lse, q_pos, qo_head, output_transform=kt.fn("output_transform"),
+                                        sink=pltriton.load(sink_ref.at[qo_head]) if ks.sinks else None,
+                                        use_softmax=ks.use_softmax)
         # Masked-off lanes store to an index past the end: never written on the GPU, dropped by
         # the scatter of interpret mode (a clamped index would race with a real row there).
         final = row_ok & (out_slot < 0)
         o_rows = jnp.where(final, rows_raw, o_ref.shape[0])
         pltriton.store(row_block(o_ref, o_rows, d), o_final.astype(o_ref.dtype), mask=row_ok2 & (out_slot < 0))
-        pltriton.store(lse_ref.at[o_rows], lse, mask=final)
+        pltriton.store(lse_ref.at[o_rows], lse_final, mask=final)
         if ks.num_slots:
             part = row_ok & (out_slot >= 0)
             p_rows = jnp.where(part, out_slot * bm + r, po_ref.shape[0])
@@ -467,7 +489,7 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, na
     lax.fori_loop(buf_ref[ks.off_cta + c], buf_ref[ks.off_cta + c + 1], tile, 0)
 
 
-def attention(plan_buffer, q, k, v, mask=None, scales=None, *, ks: KernelSpec, cfg: TileConfig):
+def attention(plan_buffer, q, k, v, mask=None, scales=None, sinks=None, params=(), *, ks: KernelSpec, cfg: TileConfig):
     """Run a plan: the attention kernel, then the merge kernel when split-KV is on.
 
     Args:
@@ -478,19 +500,27 @@ def attention(plan_buffer, q, k, v, mask=None, scales=None, *, ks: KernelSpec, c
       mask: ``[n]`` int8 flat custom mask (nonzero keeps a key) when ``ks.custom_mask``, else None.
       scales: ``[2 * Hkv]`` float32, ``k_scale`` then ``v_scale`` per KV head, when
         ``ks.kv_scales``, else None.
+      sinks: ``[Hq]`` float32 sink logits in log2 units (natural ones times ``log2(e)``) when
+        ``ks.sinks``, else None.
+      params: the 1-D leaves of :meth:`~jaxinfer.backends.pallas.merge.ParamLayout.of` when
+        ``ks.params`` (its layout), else ``()``.
 
     Returns:
       ``(o [nnz_q, Hq, D] q.dtype, lse [nnz_q, Hq] float32 base 2)``; rows no tile covers are
       ``(0, -inf)``. Without softmax the lse rows are meaningless.
 
     Raises:
-      ValueError: ``mask`` (``scales``) given without ``ks.custom_mask`` (``ks.kv_scales``) or
-        missing with it.
+      ValueError: ``mask`` (``scales``, ``sinks``, ``params``) given without ``ks.custom_mask``
+        (``ks.kv_scales``, ``ks.sinks``, ``ks.params``) or missing with it.
     """
     if (mask is not None) != ks.custom_mask:
         raise ValueError(f"mask must be given exactly when the kernel spec has custom_mask={ks.custom_mask}")
     if (scales is not None) != ks.kv_scales:
         raise ValueError(f"scales must be given exactly when the kernel spec has kv_scales={ks.kv_scales}")
+    if (sinks is not None) != ks.sinks:
+        raise ValueError(f"sinks must be given exactly when the kernel spec has sinks={ks.sinks}")
+    if len(params) != (0 if ks.params is None else len(ks.params.tails)):
+        raise ValueError("params must be the leaves of the kernel spec's params layout")
     nnz_q = q.shape[0]
     rows = nnz_q * ks.num_qo_heads
     d = ks.head_dim
@@ -498,7 +528,7 @@ def attention(plan_buffer, q, k, v, mask=None, scales=None, *, ks: KernelSpec, c
     num_pages = k.shape[0]
     interpret = interpret_mode()
     kernel = functools.partial(_attention_kernel, ks=ks, cfg=cfg, num_pages=num_pages, native=not interpret)
-    extra = tuple(x for x in (mask, scales) if x is not None)
+    extra = tuple(x for x in (mask, scales, sinks) if x is not None) + tuple(params)
     o, lse, po, plse = pl.pallas_call(
         kernel,
         out_shape=(
@@ -525,6 +555,7 @@ def attention(plan_buffer, q, k, v, mask=None, scales=None, *, ks: KernelSpec, c
             plan_buffer, po, plse, o, lse,
             off_indptr=ks.off_merge_indptr, off_dest=ks.off_merge_dest, num_groups=ks.num_groups,
             block_m=cfg.block_m, group_size=ks.group_size, num_qo_heads=ks.num_qo_heads,
-            use_softmax=ks.use_softmax, output_transform=ks.fn("output_transform"),
+            use_softmax=ks.use_softmax, output_transform=ks.fn("output_transform"), sinks=sinks, params=params,
+            param_layout=ks.params,
         )
     return o.reshape(nnz_q, ks.num_qo_heads, d), lse.reshape(nnz_q, ks.num_qo_heads)

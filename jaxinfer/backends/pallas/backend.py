@@ -25,7 +25,7 @@ from jaxinfer.plan import native
 from jaxinfer.plan.batch import BatchSpec, PlanCapacity, next_pow2
 from jaxinfer.plan.planner import PlanArgs, count_query_tiles_at, plan_packed_at, plan_work_in_jit
 from jaxinfer.plan.transfer import to_device
-from jaxinfer.variants import AttentionVariant
+from jaxinfer.variants import LOG2E, AttentionVariant
 
 # What the Pallas kernels serve: tl.dot needs power-of-2 head dims of at least 16 (and RoPE's
 # rotated halves at least 16 each), a GQA group fits one row tile of at most MAX_BLOCK_M rows, and
@@ -246,7 +246,7 @@ class PallasBackend:
         return PallasPlan(ks.pack(work, cta, mi, md, pages), ks, cfg)
 
     def run(self, plan: PallasPlan, q, k, v, *, kv_layout: str = "NHD", return_lse: bool = False, k_scale=None,
-            v_scale=None):
+            v_scale=None, variant_params=None, sinks=None):
         """Attention of a plan (jit-compatible).
 
         Args:
@@ -256,23 +256,33 @@ class PallasBackend:
             fp8 (widened on load).
           k_scale, v_scale: ``[Hkv]`` float32 or ``None`` (:mod:`jaxinfer.fp8`); with either,
             the kernel reads both (a missing one is 1).
+          variant_params: the checked params of a ``takes_params`` variant
+            (:func:`jaxinfer.variants.check_variant_params`), kernel inputs whose rows each
+            tile loads for the callables; ``None`` otherwise.
+          sinks: ``[Hq]`` float32 natural-log sink logits or ``None``; fused into the epilogue
+            of final rows (the attention kernel's for unsplit tiles, the merge kernel's for
+            split ones).
 
         Returns:
           ``(o [nnz_q, Hq, D] q.dtype, lse [nnz_q, Hq] float32 base 2 or None)``.
 
         Raises:
           ValueError: ``kv_layout`` is not NHD/HND, an array's shape or dtype disagrees with
-            the plan (trace time), or ``return_lse`` with ``use_softmax=False`` (no lse).
+            the plan (trace time), ``return_lse`` with ``use_softmax=False`` (no lse), or a
+            ``[Hq, T]`` variant param with ``T`` not a power of 2.
         """
         scales = None
         if k_scale is not None or v_scale is not None:
             ones = jnp.ones((plan.kernel.num_kv_heads,), jnp.float32)
             scales = jnp.concatenate([ones if x is None else x for x in (k_scale, v_scale)])
-        ks = dataclasses.replace(plan.kernel, kv_layout=kv_layout, kv_scales=scales is not None)
+        layout, params = (None, ()) if variant_params is None else merge.ParamLayout.of(variant_params)
+        ks = dataclasses.replace(plan.kernel, kv_layout=kv_layout, kv_scales=scales is not None,
+                                 sinks=sinks is not None, params=layout)
         _check_run_args(ks, q, k, v)
         if return_lse and not ks.use_softmax:
             raise ValueError("return_lse=True needs a softmax variant (use_softmax=False has no lse)")
-        o, lse = attention(plan.buffer, q, k, v, plan.mask, scales, ks=ks, cfg=plan.config)
+        sinks_log2 = None if sinks is None else sinks.astype(jnp.float32) * LOG2E
+        o, lse = attention(plan.buffer, q, k, v, plan.mask, scales, sinks_log2, params, ks=ks, cfg=plan.config)
         return o, (lse if return_lse else None)
 
 

@@ -9,12 +9,19 @@ is ``v = 0, s = -inf`` (never NaN).
 Two users: :func:`merge_partials` folds the split-KV partial rows of the attention kernel over
 variable-length groups (``merge_indptr``), and :func:`merge_state` / :func:`merge_states`
 implement the public API on the Pallas backend.
+
+Final rows get the variant's epilogue here or in the attention kernel (an unsplit tile): the
+attention sink of the row's head (:func:`jaxinfer.variants.apply_sink`, after the merge, so a
+split row counts its sink once) and then the output transform, whose ``variant_params`` arrive
+as kernel inputs laid out by :class:`ParamLayout`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +31,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from jaxinfer.plan.batch import next_pow2
 from jaxinfer.plan.layout import MERGE_FIELDS
+from jaxinfer.variants import apply_sink
 
 NEG_INF = float("-inf")
 MERGE_ROWS = 16  # rows (L*H) per program of the public merge kernels
@@ -88,13 +96,72 @@ def finish(state):
 
 
 def apply_output_transform(o, lse, q_pos, qo_head, transform, use_softmax: bool):
-    """Step 9 of jaxinfer/variants.py on final rows (``lse`` is ``None`` without softmax)."""
+    """Step 10 of jaxinfer/variants.py on final rows (``lse`` is ``None`` without softmax)."""
     if transform is None:
         return o
     return transform(o, lse if use_softmax else None, q_pos, qo_head)
 
 
-def _partials_kernel(buf_ref, po_ref, plse_ref, _o_in, _lse_in, o_ref, lse_ref, *, off_indptr, off_dest, block_m, group_size, num_qo_heads, head_dim, use_softmax, output_transform):
+@dataclasses.dataclass(frozen=True)
+class ParamLayout:
+    """Static layout of a run's ``variant_params`` as kernel inputs (jaxinfer/variants.py).
+
+    Attributes:
+      treedef: the pytree structure of the params.
+      tails: per leaf, ``None`` for a scalar (passed as ``[1]``), ``()`` for ``[Hq]``, ``(T,)``
+        for ``[Hq, T]`` (passed flat as ``[Hq * T]``; ``T`` a power of 2, a Triton tensor size).
+    """
+
+    treedef: Any
+    tails: tuple
+
+    @staticmethod
+    def of(params) -> tuple[ParamLayout, tuple]:
+        """The layout of checked ``params`` and their leaves as 1-D kernel inputs.
+
+        Raises:
+          ValueError: a ``[Hq, T]`` leaf with ``T`` not a power of 2.
+        """
+        leaves, treedef = jax.tree.flatten(params)
+        tails = tuple(None if p.ndim == 0 else tuple(p.shape[1:]) for p in leaves)
+        for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
+            if p.ndim == 2 and p.shape[1] & (p.shape[1] - 1):
+                raise ValueError(f"variant_params{jax.tree_util.keystr(path)} of shape {tuple(p.shape)}: the pallas "
+                                 "backend needs T in [Hq, T] to be a power of 2 (a Triton tensor size)")
+        return ParamLayout(treedef, tails), tuple(p.reshape(-1) for p in leaves)
+
+    def load(self, refs, qo_head):
+        """The params of rows of heads ``qo_head [R]`` (int32, in range): ``[R]`` / ``[R, T]``
+        per-head leaves, loaded by a gather from memory; scalars as they are."""
+        vals = []
+        for ref, tail in zip(refs, self.tails):
+            if tail is None:
+                vals.append(ref[0])
+            elif not tail:
+                vals.append(pltriton.load(ref.at[qo_head]))
+            else:
+                idx = qo_head[:, None] * tail[0] + lax.iota(jnp.int32, tail[0])[None, :]
+                vals.append(pltriton.load(ref.at[idx]))
+        return self.treedef.unflatten(vals)
+
+
+def final_rows(o, lse, q_pos, qo_head, *, sink=None, output_transform=None, params=None, use_softmax: bool = True):
+    """Steps 9-10 of jaxinfer/variants.py on final rows ``o [R, D]``, ``lse [R]``: the sink
+    (``sink [R]`` float32 in log2 units, or ``None``), then the output transform (given
+    ``params``, the rows' variant params, as its last argument when not ``None``).
+    Returns ``(o, lse)``."""
+    if sink is not None:
+        o, lse = apply_sink(o, lse, sink)
+    if output_transform is not None and params is not None:
+        transform = output_transform
+        output_transform = lambda *args: transform(*args, params)  # noqa: E731
+    return apply_output_transform(o, lse, q_pos, qo_head, output_transform, use_softmax), lse
+
+
+def _partials_kernel(buf_ref, po_ref, plse_ref, *refs, off_indptr, off_dest, block_m, group_size, num_qo_heads, head_dim, use_softmax, output_transform, sinks, param_layout):
+    sink_ref = refs[0] if sinks else None
+    param_refs = refs[sinks : len(refs) - 4]
+    o_ref, lse_ref = refs[-2:]
     g = pl.program_id(0)
     p0, p1 = buf_ref[off_indptr + g], buf_ref[off_indptr + g + 1]
     dest = off_dest + len(MERGE_FIELDS) * g
@@ -116,13 +183,18 @@ def _partials_kernel(buf_ref, po_ref, plse_ref, _o_in, _lse_in, o_ref, lse_ref, 
 
     state = lax.fori_loop(p0, p1, body, fold_init(block_m, head_dim))
     v, s = finish(state) if use_softmax else (state[2], state[1])
-    if output_transform is not None:
-        v = apply_output_transform(v, s, buf_ref[dest + 3] + tok, qo_head, output_transform, use_softmax)
+    if sinks or output_transform is not None:
+        head = jnp.where(ok, qo_head, 0)  # an unused group's dest may name any head: loads stay in range
+        v, s = final_rows(
+            v, s, buf_ref[dest + 3] + tok, qo_head, sink=pltriton.load(sink_ref.at[head]) if sinks else None,
+            output_transform=output_transform, use_softmax=use_softmax,
+            params=None if param_layout is None else param_layout.load(param_refs, head),
+        )
     pltriton.store(row_block(o_ref, out_rows, head_dim), v.astype(o_ref.dtype), mask=ok2)
     pltriton.store(lse_ref.at[out_rows], s, mask=ok)
 
 
-def merge_partials(plan_buffer, partial_o, partial_lse, o, lse, *, off_indptr: int, off_dest: int, num_groups: int, block_m: int, group_size: int, num_qo_heads: int, num_warps: int = 4, use_softmax: bool = True, output_transform=None):
+def merge_partials(plan_buffer, partial_o, partial_lse, o, lse, *, off_indptr: int, off_dest: int, num_groups: int, block_m: int, group_size: int, num_qo_heads: int, num_warps: int = 4, use_softmax: bool = True, output_transform=None, sinks=None, params=(), param_layout: ParamLayout | None = None):
     """Fold split-KV partial rows into the final output (the plan's second kernel).
 
     Args:
@@ -133,7 +205,12 @@ def merge_partials(plan_buffer, partial_o, partial_lse, o, lse, *, off_indptr: i
       partial_lse: ``[slots * block_m]`` float32 base 2.
       o: ``[nnz_q * Hq, D]`` output rows (updated in place: aliased), lse ``[nnz_q * Hq]`` float32.
       use_softmax: ``False`` adds the partials (plain weighted sums, no lse) instead of folding.
-      output_transform: the variant's ``(o, lse, q_pos, qo_head) -> o``, applied to merged rows.
+      output_transform: the variant's ``(o, lse, q_pos, qo_head) -> o``, applied to merged rows
+        (with ``param_layout``: ``(o, lse, q_pos, qo_head, params) -> o``).
+      sinks: ``[Hq]`` float32 sink logits in log2 units (natural ones times ``log2(e)``), applied
+        to merged rows before the output transform (:func:`jaxinfer.variants.apply_sink`); or
+        ``None``.
+      params, param_layout: a run's variant params as :meth:`ParamLayout.of` returns them.
 
     Returns:
       ``(o, lse)`` with every split group's rows written (row ``r`` of a tile is query token
@@ -143,15 +220,17 @@ def merge_partials(plan_buffer, partial_o, partial_lse, o, lse, *, off_indptr: i
     kernel = functools.partial(
         _partials_kernel, off_indptr=off_indptr, off_dest=off_dest, block_m=block_m, group_size=group_size,
         num_qo_heads=num_qo_heads, head_dim=head_dim, use_softmax=use_softmax, output_transform=output_transform,
+        sinks=sinks is not None, param_layout=param_layout,
     )
+    extra = ((sinks,) if sinks is not None else ()) + tuple(params)
     return pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct(o.shape, o.dtype), jax.ShapeDtypeStruct(lse.shape, lse.dtype)),
         grid=(num_groups,),
-        input_output_aliases={3: 0, 4: 1},
+        input_output_aliases={3 + len(extra): 0, 4 + len(extra): 1},
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret_mode(),
-    )(plan_buffer, partial_o, partial_lse, o, lse)
+    )(plan_buffer, partial_o, partial_lse, *extra, o, lse)
 
 
 def _states_kernel(*refs, counts, num_heads, head_dim, num_rows):
