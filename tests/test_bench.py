@@ -205,6 +205,8 @@ def _expected_pairs(w) -> int:
         return int(w.kv_lens().sum())
     if w.name.startswith("cascade"):
         return w.batch_size * (w.shared_len + w.unique_len)
+    if w.name == "pod_mixed":  # a square causal prefill, then one query per decode request
+        return w.prefill_len * (w.prefill_len + 1) // 2 + w.decode_batch * w.decode_len
     if w.name.startswith("prefill") or w.name == "append":
         t, p = w.qo_len, w.prefix_len
         return w.batch_size * (t * p + (t * (t + 1) // 2 if w.causal else t * t))

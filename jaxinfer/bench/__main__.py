@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from jaxinfer.bench import e2e, fib, harness, report
+from jaxinfer.bench import e2e, fib, harness, peers, report
 from jaxinfer.bench.workloads import E2E, GROUPS, SIZE_FACTORS, WORKLOADS, expand, select
 
 GPU_REPEATS, CPU_REPEATS = 20, 3
@@ -48,6 +48,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fib-out", type=Path, help="also write the runs as a FlashInfer-Bench trace set "
                    "(definitions/, workloads/, traces/, blob/) in this directory, for jaxinfer.apply and "
                    "flashinfer-bench's tools; bf16 decode and prefill workloads only (see jaxinfer/bench/fib.py)")
+    p.add_argument("--peers", help=f"comma-separated from {','.join(peers.PEER_NAMES)}: also run these libraries' "
+                   "kernels on the same inputs in the same process, timed the same way, and report jaxinfer's best "
+                   "backend against each (a peer that does not import is reported and left out; "
+                   "benchmarks/README.md says how to stage them)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     args = p.parse_args(argv)
@@ -55,6 +59,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [b for b in args.backends or () if b not in harness.BACKENDS]
     if unknown:
         p.error(f"unknown backends {unknown}; choose from {', '.join(harness.BACKENDS)}")
+    args.peers = _names(args.peers) or []
+    unknown = [n for n in args.peers if n not in peers.PEER_NAMES]
+    if unknown:
+        p.error(f"unknown peers {unknown}; choose from {', '.join(peers.PEER_NAMES)}")
     names = _names(args.workloads)
     size = args.size or ("full" if harness.on_gpu() else "cpu")
     try:
@@ -67,12 +75,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; returns 1 when a backend errored or disagreed with the reference."""
+    """Run the benchmark; returns 1 when a jaxinfer backend errored or disagreed with the reference
+    (a peer's failure is reported, not counted)."""
     args = parse_args(argv)
     gpu = harness.on_gpu()
     env = harness.environment()
     if not gpu:
         print(report.cpu_notice(env["device"]))
+    loaded, peer_lines = peers.load(args.peers)
+    for line in peer_lines:
+        print(line)
     min_repeat_s = (args.min_repeat_ms / 1e3 if args.min_repeat_ms else GPU_MIN_REPEAT_S) if gpu else 0.0
     timer = harness.Timer(args.repeats or (GPU_REPEATS if gpu else CPU_REPEATS), warmup=GPU_WARMUP if gpu else 1,
                           min_repeat_s=min_repeat_s)
@@ -82,24 +94,26 @@ def main(argv: list[str] | None = None) -> int:
     records = harness.run_benchmark(
         args.workloads, args.backends or harness.default_backends(), timer, ceilings=ceilings, seed=args.seed,
         plan_repeats=args.plan_repeats or (GPU_PLAN_REPEATS if gpu else CPU_PLAN_REPEATS), progress=args.progress,
-        kv_dtypes=("bf16",) if args.kv_dtype == "bf16" else ("bf16", args.kv_dtype),
+        kv_dtypes=("bf16",) if args.kv_dtype == "bf16" else ("bf16", args.kv_dtype), peers=loaded,
     )
     if args.e2e is not None:
         records += e2e.run_e2e(args.e2e, args.backends or harness.default_backends(), timer)
     args.out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["jaxinfer-bench", *(sys.argv[1:] if argv is None else argv)])
-    paths = [report.write_records(records, args.out), report.write_markdown(records, ceilings, command, args.out),
+    paths = [report.write_records(records, args.out),
+             report.write_markdown(records, ceilings, command, args.out, peer_lines),
              report.plot(records, ceilings, args.out / report.CHART_FILE)]
     if args.fib_out is not None:
-        fib_files = fib.write_trace_set(records, args.workloads, args.fib_out, seed=args.seed)
+        own = [r for r in records if not r.get("peer")]
+        fib_files = fib.write_trace_set(own, args.workloads, args.fib_out, seed=args.seed)
         paths.append(f"{args.fib_out} ({len(fib_files)} FlashInfer-Bench files)")
     print(report.table(records, ceilings))
-    for line in report.notes(records, ceilings) + e2e.latency_lines(records):
+    for line in report.notes(records, ceilings) + e2e.latency_lines(records) + peer_lines:
         print(line)
     print("wrote " + ", ".join(map(str, paths)))
     if not gpu:
         print(report.cpu_notice(env["device"]))
-    return int(any(r["status"] in ("error", "mismatch") for r in records))
+    return int(any(r["status"] in ("error", "mismatch") for r in records if not r.get("peer")))
 
 
 if __name__ == "__main__":

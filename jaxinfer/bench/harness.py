@@ -99,8 +99,10 @@ class Timer:
     """Median wall time of ``repeats`` timed repeats after ``warmup`` calls (the first compiles).
 
     With ``min_repeat_s > 0`` a repeat makes back-to-back calls until it lasts that long and then
-    blocks on the last output, so asynchronous dispatch overlaps and the per-call latency is the
-    kernel time plus amortized launch cost; latency = repeat time / calls.
+    waits once for the device, so asynchronous dispatch overlaps and the per-call latency is the
+    kernel time plus amortized launch cost; latency = repeat time / calls. The same method times
+    jaxinfer and its peers: the wait is ``sync`` (``jax.block_until_ready``; a torch peer passes
+    one that calls ``torch.cuda.synchronize``).
     """
 
     repeats: int
@@ -109,34 +111,39 @@ class Timer:
 
     def describe(self) -> str:
         """The timing method in words (printed with the table and stored in every record)."""
-        burst = (f"back-to-back calls for at least {self.min_repeat_s * 1e3:g} ms, then one "
-                 "jax.block_until_ready; latency = repeat time / calls" if self.min_repeat_s > 0
-                 else "one call ended by jax.block_until_ready")
+        sync = "one device sync (jax.block_until_ready; torch.cuda.synchronize for a torch peer)"
+        burst = (f"back-to-back calls for at least {self.min_repeat_s * 1e3:g} ms, then {sync}; latency = repeat "
+                 "time / calls" if self.min_repeat_s > 0 else f"one call ended by {sync}")
         return (f"median of {self.repeats} timed repeats after {self.warmup} warm-up call(s) (the first "
                 f"compiles); a repeat is {burst}")
 
-    def __call__(self, fn: Callable, args_list: Sequence[tuple]):
-        """``(latency in ms of fn(*args) rotating over args_list, the first call's output)``."""
-        first = jax.block_until_ready(fn(*args_list[0]))
+    def __call__(self, fn: Callable, args_list: Sequence[tuple], sync: Callable = jax.block_until_ready):
+        """``(latency in ms of fn(*args) rotating over args_list, the first call's output)``.
+
+        ``sync(out)`` waits until the device has finished ``out`` (and everything before it on
+        the device) and returns ``out``.
+        """
+        first = sync(fn(*args_list[0]))
         for i in range(1, self.warmup):
-            jax.block_until_ready(fn(*args_list[i % len(args_list)]))
+            sync(fn(*args_list[i % len(args_list)]))
         calls = 1
         if self.min_repeat_s > 0:
             start = time.perf_counter()
-            jax.block_until_ready(fn(*args_list[0]))
+            sync(fn(*args_list[0]))
             calls = max(1, math.ceil(self.min_repeat_s / max(time.perf_counter() - start, 1e-9)))
         samples = []
         for _ in range(self.repeats):
             start = time.perf_counter()
             for c in range(calls):
                 out = fn(*args_list[c % len(args_list)])
-            jax.block_until_ready(out)
+            sync(out)
             samples.append((time.perf_counter() - start) / calls)
         return statistics.median(samples) * 1e3, first
 
 
-def input_copies(args: tuple, nbytes: int) -> list[tuple]:
-    """``args`` and copies of it to rotate through, so that timing does not read warm L2.
+def input_copies(args: tuple, nbytes: int, copy: Callable = jnp.copy) -> list[tuple]:
+    """``args`` and copies of it (``copy`` of each leaf) to rotate through, so that timing does not
+    read warm L2.
 
     Only on GPU and only when the inputs fit in twice the L2; none of the full-size workloads
     does (the smallest, append, moves about 180 MB), so this guards custom sizes only.
@@ -144,7 +151,7 @@ def input_copies(args: tuple, nbytes: int) -> list[tuple]:
     if not on_gpu() or nbytes >= 2 * L2_BYTES:
         return [args]
     n = min(16, 1 + math.ceil(2 * L2_BYTES / max(nbytes, 1)))
-    return [args] + [jax.tree.map(jnp.copy, args) for _ in range(n - 1)]
+    return [args] + [jax.tree.map(copy, args) for _ in range(n - 1)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,7 +340,8 @@ def wants_f64_check(problem: Problem) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Prepared:
     """A backend ready to time: ``fn(*args)`` gives ``o``; ``rows(o)`` are the rows matching
-    ``q_rows`` of the ragged reference."""
+    ``q_rows`` of the ragged reference, as a jax array; ``sync`` is the :class:`Timer`'s wait
+    and ``copy`` copies one leaf of ``args`` (:func:`input_copies`): JAX's, or a torch peer's."""
 
     plan_ms: float | None
     plan_call_ms: float | None
@@ -341,6 +349,8 @@ class Prepared:
     args: tuple
     rows: Callable
     q_rows: np.ndarray
+    sync: Callable = jax.block_until_ready
+    copy: Callable = jnp.copy
 
 
 def _time_plan(problem: Problem, wrapper, repeats: int):
@@ -375,9 +385,11 @@ def prepare_wrapper(problem: Problem, backend: str, plan_repeats: int) -> Prepar
                     lambda o: o, np.arange(nnz_q))
 
 
-def prepare_dense_peer(problem: Problem, implementation: str) -> Prepared:
-    """``jax.nn.dot_product_attention(implementation=...)`` on the padded dense equivalent
-    ``[B, T, H, D]`` of the batch (gathered outside the timing).
+def prepare_dense_peer(problem: Problem, implementation: str,
+                       attention: Callable = jax.nn.dot_product_attention) -> Prepared:
+    """``attention(..., implementation=...)`` (``jax.nn.dot_product_attention`` or a function of
+    the same signature, such as tokamax's) on the padded dense equivalent ``[B, T, H, D]`` of the
+    batch (gathered outside the timing).
 
     Per-request lengths become ``query_seq_lengths``/``key_value_seq_lengths``; a causal batch of
     square requests uses the built-in causal mask; any other mask (bottom-right causal with
@@ -407,7 +419,7 @@ def prepare_dense_peer(problem: Problem, implementation: str) -> Prepared:
         extra["key_value_seq_lengths"] = jnp.asarray(d.kv_lens, jnp.int32)
 
     def fn(q, k, v, extra):
-        return jax.nn.dot_product_attention(q, k, v, is_causal=square_causal, implementation=implementation, **extra)
+        return attention(q, k, v, is_causal=square_causal, implementation=implementation, **extra)
 
     args = (problem.q[d.q_index], k_flat[d.kv_index], v_flat[d.kv_index], extra)
     b, i = np.nonzero(np.arange(d.q_index.shape[1])[None] < d.qo_lens[:, None])
@@ -426,18 +438,25 @@ def prepare_cudnn(problem: Problem) -> Prepared:
 
 
 def measure(problem: Problem, backend: str, timer: Timer, ref, ref64, plan_repeats: int) -> dict:
-    """Time and check one backend against ``ref`` (and ``ref64``; ``None`` = not available).
+    """Time and check one backend (a jaxinfer wrapper backend or ``"cudnn"``); see
+    :func:`measure_prepared`."""
+    if backend == "cudnn":
+        return measure_prepared(problem, lambda: prepare_cudnn(problem), timer, ref, ref64)
+    return measure_prepared(problem, lambda: prepare_wrapper(problem, backend, plan_repeats), timer, ref, ref64)
+
+
+def measure_prepared(problem: Problem, prepare: Callable[[], Prepared], timer: Timer, ref, ref64) -> dict:
+    """Time and check what ``prepare()`` readies against ``ref`` (and ``ref64``; ``None`` = not
+    available), with ``timer`` and the prepared ``sync``.
 
     Never raises: status ``"ok"``, ``"mismatch"`` (error over ``BF16_TOLERANCE``),
-    ``"unchecked"`` (no reference), ``"unsupported"`` or ``"error"``, with the reason.
+    ``"unchecked"`` (no reference), ``"unsupported"`` (``prepare`` raised NotImplementedError) or
+    ``"error"``, with the reason.
     """
     try:
-        if backend == "cudnn":
-            prep = prepare_cudnn(problem)
-        else:
-            prep = prepare_wrapper(problem, backend, plan_repeats)
-        copies = input_copies(prep.args, problem.bytes)
-        latency_ms, o = timer(prep.fn, copies)
+        prep = prepare()
+        copies = input_copies(prep.args, problem.bytes, prep.copy)
+        latency_ms, o = timer(prep.fn, copies, prep.sync)
         o = prep.rows(o)
         err = None if ref is None else rel_error(o, ref[prep.q_rows])
         err64 = None if ref64 is None else rel_error(o, ref64[prep.q_rows])
@@ -461,16 +480,29 @@ def measure(problem: Problem, backend: str, timer: Timer, ref, ref64, plan_repea
     }
 
 
+def best_own(results: dict[str, dict]) -> tuple[str, dict] | None:
+    """``(backend, result)`` of the fastest jaxinfer wrapper backend whose result is ``"ok"``
+    (the xla backend included), or ``None``."""
+    own = [(b, r) for b, r in results.items() if b in WRAPPER_BACKENDS and r["status"] == "ok"]
+    return min(own, key=lambda br: br[1]["latency_ms"], default=None)
+
+
 def make_record(workload: Workload, problem: Problem, backend: str, result: dict, reference: dict | None,
-                ceilings: Ceilings | None, env: dict, peer: dict | None = None, timing: str | None = None,
-                kv_dtype: str = "bf16", bf16: dict | None = None) -> dict:
+                ceilings: Ceilings | None, env: dict, cudnn: dict | None = None, timing: str | None = None,
+                kv_dtype: str = "bf16", bf16: dict | None = None, peer: str | None = None,
+                best: tuple[str, dict] | None = None) -> dict:
     """One JSON record (FlashInfer-Bench trace fields plus throughput, floor, the same-run ratios
-    to the xla backend (``speedup``), to cuDNN (``vs_cudnn``) and, for an fp8 cache, to the same
-    backend on the bf16 cache (``vs_bf16``, given its result ``bf16``), timing method and
-    environment). A ``kv_dtype`` other than bf16 names the workload ``<name>:<kv_dtype>``."""
+    to the xla backend (``speedup``), to cuDNN (``vs_cudnn``, given its result ``cudnn``) and, for
+    an fp8 cache, to the same backend on the bf16 cache (``vs_bf16``, given its result ``bf16``),
+    timing method and environment). A ``kv_dtype`` other than bf16 names the workload
+    ``<name>:<kv_dtype>``. A same-run peer's record (:mod:`jaxinfer.bench.peers`) names its
+    ``peer`` and, given ``best`` (:func:`best_own`), jaxinfer's fastest backend on the same inputs
+    (``best_backend``, ``best_latency_ms``) and ``best_vs_peer``: the peer's latency over that
+    one's (above 1: jaxinfer is faster)."""
     latency = result.get("latency_ms")
     ref_latency = reference.get("latency_ms") if reference else None
-    peer_latency = peer.get("latency_ms") if peer else None
+    peer_latency = cudnn.get("latency_ms") if cudnn else None
+    best_backend, best_latency = (best[0], best[1]["latency_ms"]) if best and peer else (None, None)
     bf16_latency = bf16.get("latency_ms") if bf16 else None
     work = problem.flops if workload.unit == "TFLOP/s" else problem.bytes
     floor = ceilings.floor_ms(problem.bytes, problem.flops) if ceilings else None
@@ -502,6 +534,10 @@ def make_record(workload: Workload, problem: Problem, backend: str, result: dict
         "floor_ms": floor,
         "of_floor": latency / floor if latency and floor else None,
         "timing": timing,
+        "peer": peer,
+        "best_backend": best_backend,
+        "best_latency_ms": best_latency,
+        "best_vs_peer": latency / best_latency if latency and best_latency else None,
         **env,
     }
 
@@ -516,15 +552,19 @@ def run_benchmark(
     plan_repeats: int = 5,
     progress: bool = True,
     kv_dtypes: Sequence[str] = ("bf16",),
+    peers: Sequence = (),
 ) -> list[dict]:
     """Measure every (workload, KV dtype, backend); returns one record per triple (see
-    :func:`make_record`).
+    :func:`make_record`), then one per case of each same-run peer.
 
     The reference latency of a record is that of the ``"xla"`` backend in the same run (``None``
-    when ``"xla"`` is not among ``backends``), the peer latency that of ``"cudnn"`` likewise.
+    when ``"xla"`` is not among ``backends``), the cuDNN latency that of ``"cudnn"`` likewise.
     ``kv_dtypes`` are names of :data:`jaxinfer.fp8.KV_DTYPE_NAMES`, ``"bf16"`` first: the other
     caches are quantized from the bf16 inputs, and their records' ``vs_bf16`` compare the same
-    backend on the two caches.
+    backend on the two caches. ``peers`` are :class:`jaxinfer.bench.peers.Peer` objects: each
+    case of ``peer.cases(workload, problem, plan_repeats)`` is timed by ``timer`` on the same
+    inputs, checked against the same references, and its record carries the ratio to the
+    fastest jaxinfer backend (:func:`best_own`).
     """
     env = environment()
     records = []
@@ -532,7 +572,7 @@ def run_benchmark(
         for workload in workloads:
             bar.set_description(f"{workload.name}: inputs")
             base = workload.build(seed)
-            bf16_results = None
+            bf16_results = {}
             for kv in kv_dtypes:
                 name = workload.name if kv == "bf16" else f"{workload.name}:{kv}"
                 bar.set_description(f"{name}: reference")
@@ -543,18 +583,24 @@ def run_benchmark(
                 except Exception as e:  # e.g. out of memory: time the backends anyway, unchecked
                     ref_failure = f"float32 reference failed: {type(e).__name__}: {e}"[:500]
                 ref64 = f64_output(problem) if wants_f64_check(problem) else None
-                results = {}
+                results, peer_of = {}, {}
                 for backend in backends:
                     bar.set_description(f"{name} / {backend}")
                     results[backend] = measure(problem, backend, timer, ref, ref64, plan_repeats)
-                    if results[backend]["status"] == "unchecked":
-                        results[backend]["reason"] = ref_failure
                     bar.update()
+                for peer in peers:
+                    for label, prepare in peer.cases(workload, problem, plan_repeats).items():
+                        bar.set_description(f"{name} / {label}")
+                        results[label] = measure_prepared(problem, prepare, timer, ref, ref64)
+                        peer_of[label] = peer.name
+                for result in results.values():
+                    if result["status"] == "unchecked":
+                        result["reason"] = ref_failure
                 if kv == "bf16":
                     bf16_results = results
-                reference, peer = results.get(REFERENCE_BACKEND), results.get("cudnn")
-                records += [make_record(workload, problem, b, r, reference, ceilings, env, peer, timer.describe(),
-                                        kv, None if kv == "bf16" or bf16_results is None else bf16_results.get(b))
+                reference, cudnn, best = results.get(REFERENCE_BACKEND), results.get("cudnn"), best_own(results)
+                records += [make_record(workload, problem, b, r, reference, ceilings, env, cudnn, timer.describe(),
+                                        kv, None if kv == "bf16" else bf16_results.get(b), peer_of.get(b), best)
                             for b, r in results.items()]
                 del problem, ref, ref64  # free the device before the next inputs
             del base

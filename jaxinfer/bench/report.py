@@ -34,17 +34,19 @@ def _fmt(x, spec: str) -> str:
 
 
 def table(records: Sequence[dict], ceilings: Ceilings | None) -> str:
-    """One row per record: latency, throughput, same-run ratios to xla and cuDNN, errors, plan()
-    time (until it returns / until the plan is on the device), floor."""
-    headers = ["workload", "backend", "status", "latency ms", "throughput", "vs xla", "vs cudnn", "max err",
-               "err f64", "plan call ms", "plan ms"]
+    """One row per record: latency, throughput, same-run ratios to xla and cuDNN, of a peer's record
+    jaxinfer's best backend against it (best/peer), errors, plan() time (until it returns / until
+    the plan is on the device), floor."""
+    headers = ["workload", "backend", "status", "latency ms", "throughput", "vs xla", "vs cudnn", "best/peer",
+               "max err", "err f64", "plan call ms", "plan ms"]
     if ceilings:
         headers += ["floor ms", "x floor"]
     rows = []
     for r in records:
         row = [r["workload"], r["backend"], r["status"], _fmt(r["latency_ms"], ".4g"),
                "" if r["throughput"] is None else f"{r['throughput']:.3g} {r['unit']}",
-               _fmt(r["speedup"], ".2f"), _fmt(r.get("vs_cudnn"), ".2f"), _fmt(r["max_error"], ".1e"),
+               _fmt(r["speedup"], ".2f"), _fmt(r.get("vs_cudnn"), ".2f"), _fmt(r.get("best_vs_peer"), ".2f"),
+               _fmt(r["max_error"], ".1e"),
                _fmt(r["max_error_f64"], ".1e"), _fmt(r.get("plan_call_ms"), ".3g"), _fmt(r["plan_ms"], ".3g")]
         if ceilings:
             row += [_fmt(r["floor_ms"], ".4g"), _fmt(r["of_floor"], ".2f")]
@@ -80,6 +82,7 @@ def notes(records: Sequence[dict], ceilings: Ceilings | None) -> list[str]:
             lines.append(f"decode_rope (fused ROPE_LLAMA) vs decode_uniform, same inputs ({backend}): "
                          f"{ms / plain:.3f}x the latency")
     lines += fp8_lines(records)
+    lines += peer_lines(records)
     lines += [f"{r['workload']} / {r['backend']}: {r['status']}: {r['reason']}" for r in records if r["reason"]]
     return lines
 
@@ -98,6 +101,25 @@ def fp8_lines(records: Sequence[dict]) -> list[str]:
     return lines
 
 
+def peer_lines(records: Sequence[dict]) -> list[str]:
+    """One line per same-run peer record that ran: its throughput against jaxinfer's fastest
+    backend on the same inputs, same timing (best / peer: the peer's latency over jaxinfer's)."""
+    lines = []
+    for r in records:
+        if not r.get("peer") or r["status"] not in ("ok", "unchecked") or not r.get("best_latency_ms"):
+            continue
+        lines.append(f"{r['workload']}: jaxinfer {r['best_backend']} {_throughput(r, r['best_latency_ms'])} vs "
+                     f"{r['backend']} {_throughput(r, r['latency_ms'])} ({r['status']}): best / peer "
+                     f"{r['best_vs_peer']:.2f}x")
+    return lines
+
+
+def _throughput(r: dict, latency_ms: float) -> str:
+    """``r``'s work (bytes or FLOPs, by its unit) over ``latency_ms``, with the unit."""
+    work = r["flops"] if r["unit"] == "TFLOP/s" else r["bytes"]
+    return f"{work / (latency_ms * 1e-3) / 1e12:.3g} {r['unit']}"
+
+
 def write_records(records: Sequence[dict], out_dir: Path) -> Path:
     """``out_dir/records.jsonl``: one JSON record per line."""
     path = out_dir / RECORDS_FILE
@@ -107,17 +129,22 @@ def write_records(records: Sequence[dict], out_dir: Path) -> Path:
 
 def _best(rows: Sequence[dict]) -> dict | None:
     """The fastest jaxinfer backend's record among ``rows`` (status ok; peers and xla excluded)."""
-    own = [r for r in rows if r["status"] == "ok" and r["backend"] not in PEERS and r["backend"] != "xla"]
+    own = [r for r in rows if r["status"] == "ok" and r["backend"] not in PEERS and r["backend"] != "xla"
+           and not r.get("peer")]
     return min(own, key=lambda r: r["latency_ms"], default=None)
 
 
-def markdown(records: Sequence[dict], ceilings: Ceilings | None, command: str) -> str:
+def markdown(records: Sequence[dict], ceilings: Ceilings | None, command: str, peers: Sequence[str] = ()) -> str:
     """The run as markdown for benchmarks/RESULTS.md: a header (device, commit, date, command,
-    timing), then one row per workload with each backend's throughput (latency) and the fastest
-    jaxinfer backend's same-run ratios to cuDNN and to the xla backend; then plan() times."""
+    timing, the same-run peers: ``peers`` are the lines of :func:`jaxinfer.bench.peers.load`),
+    then one row per workload with each backend's throughput (latency) and the fastest jaxinfer
+    backend's same-run ratios to cuDNN and to the xla backend; the same-run peers against that
+    backend; then plan() times."""
     if not records:
         return ""
     env = records[0]
+    peer_records = [r for r in records if r.get("peer")]
+    records = [r for r in records if not r.get("peer")]
     backends = list(dict.fromkeys(r["backend"] for r in records))
     workloads = list(dict.fromkeys(r["workload"] for r in records))
     by = {(r["workload"], r["backend"]): r for r in records}
@@ -129,6 +156,7 @@ def markdown(records: Sequence[dict], ceilings: Ceilings | None, command: str) -
     ]
     if ceilings:
         lines.append(f"- ceilings: copy {ceilings.copy_tb_s:.3g} TB/s, bf16 matmul {ceilings.matmul_tflop_s:.3g} TFLOP/s")
+    lines += [f"- {line}" for line in peers]
     lines += ["", "| workload | unit | " + " | ".join(backends) + " | best | best / cuDNN | best / xla |",
               "| --- " * (len(backends) + 5) + "|"]
     for w in workloads:
@@ -147,10 +175,23 @@ def markdown(records: Sequence[dict], ceilings: Ceilings | None, command: str) -
         ratios = ["", "", ""] if best is None else [best["backend"], _fmt(best.get("vs_cudnn"), ".2f"),
                                                     _fmt(best["speedup"], ".2f")]
         lines.append(f"| {w} | {rows[0]['unit']} | " + " | ".join(cells + ratios) + " |")
+    if peer_records:
+        lines += ["", "Same-run peers (same inputs, same timing, same references): best / peer = the peer's latency "
+                  "over jaxinfer's fastest backend's (above 1: jaxinfer is faster)", "",
+                  "| workload | peer | status | peer throughput | jaxinfer best | best / peer |", "| --- " * 6 + "|"]
+        for r in peer_records:
+            ran = r["status"] in ("ok", "unchecked") and r["latency_ms"]
+            peer = f"{_throughput(r, r['latency_ms'])} ({r['latency_ms']:.4g} ms)" if ran else ""
+            best = (f"{r['best_backend']} {_throughput(r, r['best_latency_ms'])} ({r['best_latency_ms']:.4g} ms)"
+                    if r.get("best_latency_ms") else "")
+            lines.append(f"| {r['workload']} | {r['backend']} | {r['status']} | {peer} | {best} | "
+                         f"{_fmt(r.get('best_vs_peer'), '.2f')} |")
     fp8 = fp8_lines(records)
     if fp8:
         lines += ["", "fp8 KV cache against the bf16 cache of the same batch, same run:", "", *[f"- {x}" for x in fp8]]
-    planned = [r for r in records if r.get("plan_call_ms") is not None]
+    # FlashInfer's plan() beside jaxinfer's: the peers' host planning, timed the same way.
+    planned = [r for r in records + peer_records if r.get("plan_call_ms") is not None]
+    by.update({(r["workload"], r["backend"]): r for r in peer_records})
     if planned:
         plan_backends = list(dict.fromkeys(r["backend"] for r in planned))
         lines += ["", "plan() on the host, ms: median until it returns / until the plan is on the device", "",
@@ -162,10 +203,11 @@ def markdown(records: Sequence[dict], ceilings: Ceilings | None, command: str) -
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(records: Sequence[dict], ceilings: Ceilings | None, command: str, out_dir: Path) -> Path:
+def write_markdown(records: Sequence[dict], ceilings: Ceilings | None, command: str, out_dir: Path,
+                   peers: Sequence[str] = ()) -> Path:
     """``out_dir/table.md``: :func:`markdown` of the run."""
     path = out_dir / MARKDOWN_FILE
-    path.write_text(markdown(records, ceilings, command))
+    path.write_text(markdown(records, ceilings, command, peers))
     return path
 
 

@@ -21,7 +21,8 @@ per cached element.
 Groups (:data:`GROUPS`): ``default`` is what a bare run measures (``make bench``); the others are
 opt-in by name: ``prefill_shapes`` (the prefill variations the FFI kernels are tuned on),
 ``rope`` (fused ROPE_LLAMA decode, read against ``decode_uniform``), ``plan`` (the B=256
-decode batches whose host ``plan()`` time issue 3 targets) and ``all``.
+decode batches whose host ``plan()`` time issue 3 targets), ``mixed`` (a prefill beside decodes in
+one step, FlashInfer's POD shape) and ``all``.
 """
 
 from __future__ import annotations
@@ -504,6 +505,45 @@ class BlockSparseWorkload(Workload):
         )
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MixedWorkload(Workload):
+    """One serving step that mixes a prefill with decodes (the shape of POD-Attention, Kamath et
+    al., arXiv 2410.18038, and FlashInfer's ``PODWithPagedKVCacheWrapper``): request 0 prefills
+    ``prefill_len`` tokens (causal over themselves), requests 1..``decode_batch`` decode one token
+    each over ``decode_len`` keys; one shuffled paged cache. jaxinfer runs it as one batch of
+    BatchPrefillWithPagedKVCacheWrapper (mixed query lengths, one plan, one launch). The decodes'
+    KV reads dominate, so the unit is TB/s.
+    """
+
+    prefill_len: int = dataclasses.field(metadata=SIZE)
+    decode_batch: int = dataclasses.field(metadata=SIZE)
+    decode_len: int = dataclasses.field(metadata=SIZE)
+
+    @property
+    def definition(self) -> str:
+        return f"gqa_paged_mixed_prefill_decode_{self._geometry()}_ps{self.page_size}"
+
+    def build(self, seed: int) -> Problem:
+        qo_lens = np.array([self.prefill_len] + [1] * self.decode_batch)
+        kv_lens = np.array([self.prefill_len] + [self.decode_len] * self.decode_batch)
+        qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
+        t = np.arange(int(qo_lens.max()))[None]
+        q_index = qo_indptr[:-1, None] + np.minimum(t, qo_lens[:, None] - 1)  # padding repeats a valid row
+        table = PageTable.shuffled(kv_lens, self.page_size, np.random.default_rng(seed))
+        kq, kkv = jax.random.split(jax.random.key(seed))
+        (q,) = self._random(kq, (int(qo_indptr[-1]), self.num_qo_heads, self.head_dim))
+        return Problem(
+            make_wrapper=functools.partial(jaxinfer.BatchPrefillWithPagedKVCacheWrapper, kv_layout="NHD"),
+            plan_args=(qo_indptr, table.indptr, table.indices, table.last_page_len, self.num_qo_heads,
+                       self.num_kv_heads, self.head_dim, self.page_size),
+            plan_kwargs={"causal": True},
+            step=_paged_prefill_step,
+            q=q,
+            kv=self._paged_kv(kkv, table.num_pages),
+            dense=Dense(q_index, table.token_index(), qo_lens, kv_lens, causal=True),
+        )
+
+
 # The same shape with one thing changed each: the prefill table of the FFI kernels (B=4, S=4096,
 # Hq=32, D=128, causal, ragged, unless the name says otherwise).
 _PREFILL = dict(batch_size=4, qo_len=4096, num_kv_heads=32)
@@ -536,6 +576,8 @@ WORKLOADS: dict[str, Workload] = {
         # decode_zipf's draw at B=256 (85,536 pages): with decode_wide (uniform 1024), the batches
         # of issue 3's plan() target (under 300 us on the host), from the retired plan_gpu.py.
         DecodeWorkload(name="decode_wide_zipf", batch_size=256, kv_len=256, zipf_a=1.5),
+        # One 2048-token prefill beside 63 decodes at 4096 in one step (issue 23, FlashInfer's POD shape).
+        MixedWorkload(name="pod_mixed", prefill_len=2048, decode_batch=63, decode_len=4096),
     )
 }
 
@@ -547,6 +589,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
                        "prefill_paged16", "prefill_paged1"),
     "rope": ("decode_uniform", "decode_rope"),
     "plan": ("decode_wide", "decode_wide_zipf"),
+    "mixed": ("pod_mixed",),
 }
 # Every workload, the large prefill references first (see the note on prefill_causal above).
 GROUPS["all"] = tuple(dict.fromkeys([*GROUPS["prefill_shapes"], *GROUPS["default"], *WORKLOADS]))

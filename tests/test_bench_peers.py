@@ -1,0 +1,143 @@
+"""jaxinfer-bench --peers: the plumbing of same-run peers (a fake peer stands in for FlashInfer, which
+needs a GPU), the one timing method with a peer's own device sync, the POD-shaped mixed workload,
+and the staging commands."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxinfer.bench import harness, peers
+from jaxinfer.bench.__main__ import main
+from jaxinfer.bench.workloads import SIZE_FACTORS, WORKLOADS, MixedWorkload
+
+TINY = SIZE_FACTORS["tiny"]
+
+
+class CountingSync:
+    """A peer's device sync (as torch.cuda.synchronize would be), counting its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, out):
+        self.calls += 1
+        return jax.block_until_ready(out)
+
+
+def fake_peer(sync: CountingSync, scale: float = 1.0) -> peers.Peer:
+    """A peer whose one case is XLA's dense attention on the padded batch (times ``scale``, to make
+    a wrong peer), timed with ``sync``."""
+
+    def cases(workload, problem, plan_repeats):
+        def prepare():
+            prep = harness.prepare_dense_peer(problem, "xla")
+            fn = prep.fn if scale == 1.0 else jax.jit(lambda *a: prep.fn(*a) * scale)
+            return harness.Prepared(None, None, fn, prep.args, prep.rows, prep.q_rows, sync)
+
+        return {"flashinfer-fake": prepare}
+
+    return peers.Peer("flashinfer", "fake 0.0", cases)
+
+
+def run_cli(tmp_path, capsys, *extra):
+    code = main(["--size", "tiny", "--workloads", "decode_zipf", "--backends", "xla", "--repeats", "2",
+                 "--out", str(tmp_path), "--no-progress", *extra])
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    return code, capsys.readouterr().out, records
+
+
+def test_a_peer_runs_on_the_same_inputs_with_the_same_timer_and_reports_the_ratio(tmp_path, capsys, monkeypatch):
+    if harness.on_gpu():
+        pytest.skip("checks the CPU run with a fake peer")
+    sync = CountingSync()
+    monkeypatch.setitem(peers.LOADERS, "flashinfer", lambda: fake_peer(sync))
+    code, printed, records = run_cli(tmp_path, capsys, "--peers", "flashinfer,tokamax,jax-pallas")
+    assert code == 0
+    assert "peer flashinfer: fake 0.0, same inputs, same timing as jaxinfer" in printed
+    assert "peer tokamax: not installed (ModuleNotFoundError" in printed
+    assert "peer jax-pallas: cannot run here: JAX's Pallas paged_attention (Triton) needs a GPU" in printed
+    assert [(r["backend"], r["peer"]) for r in records] == [("xla", None), ("flashinfer-fake", "flashinfer")]
+    own, peer = records
+    # warm-up, then one sync per timed repeat (no min_repeat_s off GPU): the Timer used the peer's sync.
+    assert sync.calls == 1 + 2
+    assert peer["status"] == "ok" and 0 < peer["max_error"] < 1e-2 and 0 < peer["max_error_f64"] < 1e-2, peer
+    assert peer["timing"] == own["timing"] and "torch.cuda.synchronize" in peer["timing"]
+    assert peer["best_backend"] == "xla" and peer["best_latency_ms"] == own["latency_ms"]
+    assert peer["best_vs_peer"] == pytest.approx(peer["latency_ms"] / own["latency_ms"])
+    assert own["best_vs_peer"] is None and own["best_backend"] is None
+    assert "decode_zipf: jaxinfer xla " in printed and "vs flashinfer-fake" in printed
+    md = (tmp_path / "table.md").read_text()
+    assert "- peer tokamax: not installed" in md
+    row = next(line for line in md.splitlines() if line.startswith("| decode_zipf | flashinfer-fake | ok |"))
+    assert row.endswith(f"| {peer['best_vs_peer']:.2f} |")
+    assert "flashinfer-fake" not in md.split("Same-run peers")[0]  # the peers have their own table
+
+
+def test_a_wrong_peer_is_reported_as_a_mismatch_without_failing_the_run(tmp_path, capsys, monkeypatch):
+    if harness.on_gpu():
+        pytest.skip("checks the CPU run with a fake peer")
+    monkeypatch.setitem(peers.LOADERS, "flashinfer", lambda: fake_peer(CountingSync(), scale=1.5))
+    code, printed, records = run_cli(tmp_path, capsys, "--peers", "flashinfer")
+    assert code == 0, "a peer's failure is not jaxinfer's"
+    peer = records[-1]
+    assert peer["status"] == "mismatch" and peer["max_error"] > harness.BF16_TOLERANCE
+
+
+def test_unknown_peer_is_rejected():
+    with pytest.raises(SystemExit):
+        main(["--peers", "flashinfer,vllm"])
+    with pytest.raises(ValueError, match="unknown peers"):
+        peers.load(["vllm"])
+
+
+def test_timer_makes_back_to_back_calls_and_syncs_once_per_repeat():
+    calls, syncs = [], []
+    timer = harness.Timer(repeats=3, warmup=2, min_repeat_s=1e-3)
+
+    def fn(x):
+        calls.append(x)
+        return x
+
+    def sync(out):
+        syncs.append(len(calls))
+        return out
+
+    ms, first = timer(fn, [(1,), (2,)], sync)
+    assert first == 1 and ms > 0
+    per_repeat = (len(calls) - 3) // 3  # after 2 warm-up calls and the one that sizes a repeat
+    assert per_repeat >= 1 and len(calls) == 3 + 3 * per_repeat
+    assert syncs == [1, 2, 3] + [3 + per_repeat * i for i in (1, 2, 3)]
+    assert calls[3:3 + per_repeat] == [(1, 2)[i % 2] for i in range(per_repeat)]  # inputs rotate in a repeat
+
+
+def test_pod_mixed_is_a_prefill_beside_decodes_and_matches_float64(tmp_path, capsys):
+    if harness.on_gpu():
+        pytest.skip("checks the CPU run")
+    w = WORKLOADS["pod_mixed"]
+    assert isinstance(w, MixedWorkload) and (w.prefill_len, w.decode_batch, w.decode_len) == (2048, 63, 4096)
+    small = MixedWorkload(name="pod_mixed", prefill_len=24, decode_batch=3, decode_len=40)
+    problem = small.build(seed=1)
+    d = problem.dense
+    assert list(d.qo_lens) == [24, 1, 1, 1] and list(d.kv_lens) == [24, 40, 40, 40]
+    assert problem.q.shape[0] == 27 and problem.plan_kwargs == {"causal": True}
+    np.testing.assert_array_equal(d.q_index[1], np.full(24, 24))  # a decode row padded with itself
+    ref, ref64 = harness.reference_output(problem), harness.f64_output(problem)
+    assert harness.rel_error(ref, ref64) < 1e-2
+    code = main(["--size", "tiny", "--workloads", "mixed", "--backends", "xla", "--repeats", "1",
+                 "--out", str(tmp_path), "--no-progress"])
+    (record,) = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert code == 0 and record["status"] == "ok" and record["unit"] == "TB/s", record
+    assert record["definition"] == "gqa_paged_mixed_prefill_decode_h32_kv8_d128_ps16"
+
+
+def test_stage_downloads_flashinfer_source_and_linux_wheels(tmp_path):
+    sdist, wheels = peers.stage_commands(tmp_path, python="python3")
+    assert sdist[-1] == "flashinfer-python==0.3.1" and "--no-binary" in sdist
+    assert "tokamax==0.0.17" in wheels and "--only-binary" in wheels and "manylinux2014_x86_64" in wheels
+    assert wheels[wheels.index("--python-version") + 1] == "3.12" and str(tmp_path) in wheels
+    with pytest.raises(FileNotFoundError, match="run --stage first"):
+        peers.install(tmp_path, tmp_path / "site")
