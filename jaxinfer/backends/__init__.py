@@ -4,7 +4,8 @@ A backend serves the one batch attention op of jaxinfer (the interface is
 :class:`jaxinfer.backends.base.Backend`): ``plan(spec, capacity)`` on the host turns a
 :class:`~jaxinfer.plan.batch.BatchSpec` into a plan pytree of device arrays (static shapes fixed by
 the :class:`~jaxinfer.plan.batch.PlanCapacity`), ``run(plan, q, k, v, kv_layout=...,
-return_lse=...)`` is jit-compatible and returns ``(o [nnz_q, Hq, D], lse [nnz_q, Hq] or None)``,
+return_lse=..., k_scale=, v_scale=, variant_params=, sinks=)`` is jit-compatible and returns
+``(o [nnz_q, Hq, D], lse [nnz_q, Hq] or None)`` (attention sinks included in both),
 and ``merge_states`` folds attention states. A backend that cannot serve a spec says why in
 ``unsupported(spec)``, derived from its :class:`~jaxinfer.backends.base.Capabilities`; asking
 for it explicitly then raises :class:`BackendUnsupportedError` with that reason, and ``"auto"``
