@@ -320,8 +320,10 @@ LOWER = [(cfg, i % 2 == 0, (1, 64)[i % 2], jnp.float8_e4m3fn if i == 2 else BF16
          for i, cfg in enumerate(pallas_mla.CANDIDATE_CONFIGS)]
 
 
-@pytest.mark.parametrize("cfg,masks,page_size,kv_dtype", LOWER,
-                         ids=[f"{c.block_m}x{c.block_n}-w{c.num_warps}-p{p}-{jnp.dtype(t).name}" for c, _, p, t in LOWER])
+LOWER_IDS = [f"{c.block_m}x{c.block_n}-w{c.num_warps}-p{p}-{jnp.dtype(t).name}" for c, _, p, t in LOWER]
+
+
+@pytest.mark.parametrize("cfg,masks,page_size,kv_dtype", LOWER, ids=LOWER_IDS)
 def test_mla_lowers(cfg, masks, page_size, kv_dtype):
     h, dc, dp = 128, 512, 64
     g = pallas_mla.head_group(h, cfg.block_m)

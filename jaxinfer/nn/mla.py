@@ -174,8 +174,11 @@ class MultiHeadLatentAttention(nnx.Module):
         self.kv_a_layernorm = norm(c.kv_lora_rank)
         scale = 1.0 / math.sqrt(c.kv_lora_rank)
         # W_UK_h maps the latent to head h's no-RoPE key, W_UV_h to its value (rows: output dims).
-        self.w_uk = nnx.Param((jax.random.normal(rngs.params(), (h, c.qk_nope_head_dim, c.kv_lora_rank)) * scale).astype(dt))
-        self.w_uv = nnx.Param((jax.random.normal(rngs.params(), (h, c.v_head_dim, c.kv_lora_rank)) * scale).astype(dt))
+        def per_head(rows):
+            return nnx.Param((jax.random.normal(rngs.params(), (h, rows, c.kv_lora_rank)) * scale).astype(dt))
+
+        self.w_uk = per_head(c.qk_nope_head_dim)
+        self.w_uv = per_head(c.v_head_dim)
         self.o_proj = linear(h * c.v_head_dim, c.hidden_size)
 
     def latent_qkv(self, x: jax.Array, positions: jax.Array):

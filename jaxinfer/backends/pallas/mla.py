@@ -37,7 +37,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxinfer.backends.pallas.attention import _finite_values, _full_steps, _kv_rows, _load, _poison_rows, _visible, _widen
+from jaxinfer.backends.pallas.attention import (
+    _finite_values, _full_steps, _kv_rows, _load, _poison_rows, _visible, _widen,
+)
 from jaxinfer.backends.pallas.backend import PallasBackend, PallasPlan, _aligned_empty
 from jaxinfer.backends.pallas.config import TileConfig
 from jaxinfer.backends.pallas.merge import NEG_INF, finish, interpret_mode, merge_partials, row_block
@@ -273,7 +275,8 @@ def plan(spec: BatchSpec, capacity: PlanCapacity, backend: PallasBackend, *, hea
     args = backend._plan_args(spec.num_kv_heads, g, spec.variant, cfg, max_tiles)
     ks = _cached_spec(args.num_ctas, args.split_budget // 2, max_tiles, backend._page_capacity(spec, capacity),
                       spec.page_size, spec.num_qo_heads, g, spec.head_dim, head_dim_kpe,
-                      float(spec.variant.scale(spec.head_dim)), spec.variant.causal, args.split_budget if args.split_kv else 0)
+                      float(spec.variant.scale(spec.head_dim)), spec.variant.causal,
+                      args.split_budget if args.split_kv else 0)
     host, address = _aligned_empty(ks.buffer_size)
     plan_packed_at(args, address, ks.buffer_size, batch, qo_indptr, kv_lens, spec.native_addresses[1], None,
                    kv_indices or None, int(spec.kv_indptr[-1]))
