@@ -308,7 +308,7 @@ def stage_commands(directory: Path, python: str = sys.executable) -> list[list[s
     then the wheels for CPython 3.12 on x86-64 Linux (the GPU machine)."""
     platforms = [a for p in WHEEL_PLATFORMS for a in ("--platform", p)]
     return [
-        [python, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", str(directory),
+        [python, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", "flashinfer-python", "-d", str(directory),
          FLASHINFER_SDIST],
         [python, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:", "--python-version", "3.12",
          "--implementation", "cp", *platforms, "-d", str(directory), *PEER_WHEELS],
