@@ -62,7 +62,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxinfer.backends.pallas.config import TileConfig
-from jaxinfer.backends.pallas.merge import NEG_INF, ParamLayout, finish, final_rows, interpret_mode, merge_partials, row_block
+from jaxinfer.backends.pallas.merge import (
+    NEG_INF, ParamLayout, final_rows, finish, interpret_mode, merge_partials, row_block,
+)
 from jaxinfer.plan.layout import WORK_FIELDS, F, WorkLayout
 from jaxinfer.variants import LOG2E, AttentionVariant
 

@@ -158,7 +158,8 @@ def final_rows(o, lse, q_pos, qo_head, *, sink=None, output_transform=None, para
     return apply_output_transform(o, lse, q_pos, qo_head, output_transform, use_softmax), lse
 
 
-def _partials_kernel(buf_ref, po_ref, plse_ref, *refs, off_indptr, off_dest, block_m, group_size, num_qo_heads, head_dim, use_softmax, output_transform, sinks, param_layout):
+def _partials_kernel(buf_ref, po_ref, plse_ref, *refs, off_indptr, off_dest, block_m, group_size, num_qo_heads,
+                     head_dim, use_softmax, output_transform, sinks, param_layout):
     sink_ref = refs[0] if sinks else None
     param_refs = refs[sinks : len(refs) - 4]
     o_ref, lse_ref = refs[-2:]
