@@ -4,15 +4,17 @@ and the staging commands."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
 import numpy as np
 import pytest
 
+from jaxinfer import fp8
 from jaxinfer.bench import harness, peers
 from jaxinfer.bench.__main__ import main
-from jaxinfer.bench.workloads import SIZE_FACTORS, WORKLOADS, MixedWorkload
+from jaxinfer.bench.workloads import SIZE_FACTORS, WORKLOADS, DecodeWorkload, MixedWorkload
 
 TINY = SIZE_FACTORS["tiny"]
 
@@ -141,3 +143,23 @@ def test_stage_downloads_flashinfer_source_and_linux_wheels(tmp_path):
     assert wheels[wheels.index("--python-version") + 1] == "3.12" and str(tmp_path) in wheels
     with pytest.raises(FileNotFoundError, match="run --stage first"):
         peers.install(tmp_path, tmp_path / "site")
+
+
+@pytest.mark.parametrize("kv_dtype", ["bf16", "e4m3"])
+def test_jax_pallas_peer_matches_the_reference_in_interpret_mode(kv_dtype):
+    """The adapter of JAX's paged_attention (block tables, cache layout, q's softmax scale, fp8
+    scale pages) on a Zipf decode batch, run by Pallas' interpreter off GPU."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the peer is deprecated in JAX, still shipped
+        from jax.experimental.pallas.ops.gpu import paged_attention as pa
+    w = DecodeWorkload(name="zipf", batch_size=3, kv_len=100, zipf_a=1.5, kv_len_min=5, kv_len_max=300,
+                       num_qo_heads=8, num_kv_heads=2, head_dim=64)
+    problem = w.build(seed=3)
+    if kv_dtype != "bf16":
+        problem = problem.quantized(fp8.kv_dtype(kv_dtype))
+    ref = harness.reference_output(problem)
+    prep = peers.prepare_jax_paged(problem, 2, functools.partial(pa.paged_attention, interpret=True))
+    err = harness.rel_error(prep.rows(prep.fn(*prep.args)), ref[prep.q_rows])
+    assert 0 < err < 1e-2, err

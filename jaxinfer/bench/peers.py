@@ -22,8 +22,9 @@ names); a workload a peer has no kernel for gets no record of it:
   (:func:`jaxinfer.bench.harness.prepare_dense_peer`).
 - ``jax-pallas``: JAX's ``jax.experimental.pallas.ops.gpu.paged_attention`` on the batch decode
   workloads without RoPE, ``k_splits`` 8 and 16 (``jax-pallas-ks8``, ``-ks16``), the cache
-  transposed to its ``[Hkv, pages, page_size, D]`` layout outside the timing (an fp8 cache with
-  its per-token scale pages).
+  transposed to its ``[Hkv, pages, page_size, D]`` layout and q scaled by ``1/sqrt(D)`` (the
+  kernel applies no softmax scale) outside the timing (an fp8 cache with its per-token scale
+  pages).
 
 ``python -m jaxinfer.bench.peers --stage DIR`` downloads the peers' packages here (pip);
 ``python -m jaxinfer.bench.peers --install DIR --target SITE`` installs them on a machine without a
@@ -40,6 +41,7 @@ import subprocess
 import sys
 import time
 import types
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -241,8 +243,10 @@ def load_tokamax() -> Peer:
 
 def prepare_jax_paged(problem: Problem, k_splits: int, paged_attention: Callable) -> harness.Prepared:
     """``paged_attention`` on the decode batch: block tables padded (with page 0) to a multiple of
-    ``pages_per_compute_block * k_splits`` pages, the cache as ``[Hkv, pages, page_size, D]``."""
-    indptr, indices, _, _, _, _, _, page_size = problem.plan_args
+    ``pages_per_compute_block * k_splits`` pages, the cache as ``[Hkv, pages, page_size, D]``, q
+    scaled by ``1/sqrt(D)`` (all outside the timing); an fp8 cache with its per-KV-head scales as
+    per-token scale pages."""
+    indptr, indices = problem.plan_args[:2]
     counts = np.diff(indptr)
     width = -(-max(int(counts.max(initial=1)), 1) // (JAX_PALLAS_PAGES_PER_BLOCK * k_splits))
     tables = np.zeros((counts.size, width * JAX_PALLAS_PAGES_PER_BLOCK * k_splits), np.int32)
@@ -253,14 +257,17 @@ def prepare_jax_paged(problem: Problem, k_splits: int, paged_attention: Callable
         jnp.broadcast_to(s[:, None, None], k_pages.shape[:3]) for s in problem.kv_scales)
     fn = jax.jit(functools.partial(paged_attention, pages_per_compute_block=JAX_PALLAS_PAGES_PER_BLOCK,
                                    k_splits=k_splits))
-    args = (problem.q, k_pages, v_pages, jnp.asarray(tables), jnp.asarray(problem.dense.kv_lens, jnp.int32),
-            *scale_pages)
+    # The kernel applies no softmax scale: its callers fold 1/sqrt(D) into q, done here once.
+    q = (problem.q.astype(jnp.float32) / np.sqrt(problem.q.shape[-1])).astype(problem.q.dtype)
+    args = (q, k_pages, v_pages, jnp.asarray(tables), jnp.asarray(problem.dense.kv_lens, jnp.int32), *scale_pages)
     return harness.Prepared(None, None, fn, args, lambda o: o, np.arange(problem.q.shape[0]))
 
 
 def load_jax_pallas() -> Peer:
     """Raises ImportError (JAX without its Pallas GPU ops) or NotImplementedError (no GPU)."""
-    from jax.experimental.pallas.ops.gpu import paged_attention
+    with warnings.catch_warnings():  # deprecated in JAX, still shipped: the peer the issue measured
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from jax.experimental.pallas.ops.gpu import paged_attention
 
     if not harness.on_gpu():
         raise NotImplementedError("JAX's Pallas paged_attention (Triton) needs a GPU")
