@@ -168,9 +168,8 @@ class FlashInferCases:
         make = problem.make_wrapper
         wrapper = getattr(self.fi, name)(*getattr(make, "args", ()), self.workspace,
                                          getattr(make, "keywords", {}).get("kv_layout", "NHD"), **kwargs)
-        plan_args = self.plan_args(problem.plan_args)
-        plan_ms, plan_call_ms = time_host(
-            lambda: wrapper.plan(*plan_args, **problem.plan_kwargs, **self.dtypes(problem)), plan_repeats, self.sync)
+        plan_args, plan_kwargs = self.plan_args(problem.plan_args), {**problem.plan_kwargs, **self.dtypes(problem)}
+        plan_ms, plan_call_ms = time_host(lambda: wrapper.plan(*plan_args, **plan_kwargs), plan_repeats, self.sync)
         ragged = name == "BatchPrefillWithRaggedKVCacheWrapper"
         scales = self.head_scales(problem)
 
@@ -191,9 +190,8 @@ class FlashInferCases:
         p = workload.prefill_len
         decode_table = (indptr[1:] - indptr[1], indices[indptr[1]:], last[1:])
         wrapper = self.fi.PODWithPagedKVCacheWrapper(self.workspace, "NHD")
-        plan_args = self.plan_args((*decode_table, hq, hkv, head_dim, page_size))
-        plan_ms, plan_call_ms = time_host(lambda: wrapper.plan(*plan_args, **self.dtypes(problem)), plan_repeats,
-                                          self.sync)
+        plan_args, dtypes = self.plan_args((*decode_table, hq, hkv, head_dim, page_size)), self.dtypes(problem)
+        plan_ms, plan_call_ms = time_host(lambda: wrapper.plan(*plan_args, **dtypes), plan_repeats, self.sync)
         rows = problem.dense.kv_index[0, :p]
         k_p, v_p = (self.tensor(x[rows]) for x in problem.kv_flat)
 
