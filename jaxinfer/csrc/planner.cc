@@ -305,13 +305,18 @@ int plan(int32_t batch, const int32_t* qo_indptr, const int32_t* kv_lens, const 
   // Unsplit, every head of a query tile costs the same: sorting the query tiles (stable) gives
   // the order a stable sort of all tiles would.
   const std::vector<int64_t>& key = split ? s.cost : s.q_cost;
+  const auto longer = [&key](int32_t a, int32_t b) { return key[a] > key[b]; };
   s.order.resize(key.size());
   std::iota(s.order.begin(), s.order.end(), 0);
-  std::stable_sort(s.order.begin(), s.order.end(), [&](int32_t a, int32_t b) { return key[a] > key[b]; });
+  // Equal or descending costs (uniform batches) are sorted already: no stable_sort buffer.
+  if (!std::is_sorted(s.order.begin(), s.order.end(), longer)) std::stable_sort(s.order.begin(), s.order.end(), longer);
 
-  // The tiles in sorted order (position i: the i-th longest).
-  s.sorted.resize(num_tiles);
+  // The costs in sorted order (position i: the i-th longest tile); the tiles themselves where the
+  // split or kv_major order needs them. Unsplit, tile i is head i % hkv of query tile
+  // order[i / hkv], whose row it copies with only kv_head changed.
   s.sorted_cost.resize(num_tiles);
+  const bool tiles_sorted = split || p.kv_major;
+  s.sorted.resize(tiles_sorted ? num_tiles : 0);
   if (split) {
     for (int64_t i = 0; i < num_tiles; ++i) {
       s.sorted[i] = s.tiles[s.order[i]];
@@ -321,10 +326,9 @@ int plan(int32_t batch, const int32_t* qo_indptr, const int32_t* kv_lens, const 
     for (int64_t r = 0, i = 0; r < nq; ++r) {
       const int32_t q = s.order[r];
       const int32_t* t = &s.q_tiles[int64_t(q) * kNumFields];
-      for (int32_t h = 0; h < hkv; ++h, ++i) {
-        s.sorted[i] = {q, h, t[kKvLo], t[kKvHi], -1};
-        s.sorted_cost[i] = s.q_cost[q];
-      }
+      std::fill_n(s.sorted_cost.begin() + i, hkv, s.q_cost[q]);
+      for (int32_t h = 0; tiles_sorted && h < hkv; ++h) s.sorted[i + h] = {q, h, t[kKvLo], t[kKvHi], -1};
+      i += hkv;
     }
   }
   const int32_t num_ctas = int32_t(p.num_ctas);
@@ -335,14 +339,24 @@ int plan(int32_t batch, const int32_t* qo_indptr, const int32_t* kv_lens, const 
     group_by_cta(num_tiles, num_ctas, out.cta_indptr, s);
   }
   // Rows written in order: the scattered form stalls on store-to-load dependencies.
-  for (int64_t r = 0; r < num_tiles; ++r) {
-    int32_t* row = out.work + r * kNumFields;
-    const Tile& t = s.sorted[s.by_row[r]];
-    std::memcpy(row, &s.q_tiles[int64_t(t.q) * kNumFields], sizeof(int32_t) * kNumFields);
-    row[kKvHead] = t.head;
-    row[kKvLo] = t.lo;
-    row[kKvHi] = t.hi;
-    row[kOutSlot] = t.slot;
+  constexpr size_t kRowBytes = sizeof(int32_t) * kNumFields;
+  if (tiles_sorted) {
+    for (int64_t r = 0; r < num_tiles; ++r) {
+      int32_t* row = out.work + r * kNumFields;
+      const Tile& t = s.sorted[s.by_row[r]];
+      std::memcpy(row, &s.q_tiles[int64_t(t.q) * kNumFields], kRowBytes);
+      row[kKvHead] = t.head;
+      row[kKvLo] = t.lo;
+      row[kKvHi] = t.hi;
+      row[kOutSlot] = t.slot;
+    }
+  } else {
+    for (int64_t r = 0; r < num_tiles; ++r) {
+      int32_t* row = out.work + r * kNumFields;
+      const int32_t i = s.by_row[r];
+      std::memcpy(row, &s.q_tiles[int64_t(s.order[i / hkv]) * kNumFields], kRowBytes);
+      row[kKvHead] = i % hkv;
+    }
   }
   for (int64_t i = num_tiles; i < p.max_work_tiles; ++i) {
     int32_t* row = out.work + i * kNumFields;
