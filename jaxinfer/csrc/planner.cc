@@ -65,6 +65,14 @@ struct Scratch {
   std::vector<int64_t> bounds;
 };
 
+// The calling thread's scratch, looked up once per call: in the shared library every access to a
+// thread_local may call __tls_get_addr, which the loops that use the scratch must not repeat (a
+// B=256 decode plan took 12.0 us instead of 9.4 with the thread_local used directly).
+__attribute__((noinline)) Scratch& thread_scratch() {
+  static thread_local Scratch s;
+  return s;
+}
+
 // The message of the calling thread's last failed call (jaxinfer_error).
 thread_local char last_error[256];
 
@@ -260,7 +268,7 @@ int prepare(int32_t batch, const int32_t* qo_indptr, const int32_t* kv_lens, con
 
 int plan(int32_t batch, const int32_t* qo_indptr, const int32_t* kv_lens, const int32_t* kv_base,
          const int64_t* mask_offsets, const Params& p, const Outputs& out, const Pages& pages, int64_t* result) {
-  static thread_local Scratch s;
+  Scratch& s = thread_scratch();
   Counts counts;
   if (const int status = prepare(batch, qo_indptr, kv_lens, kv_base, mask_offsets, p, s, counts)) return status;
   const int32_t hkv = int32_t(p.num_kv_heads);
@@ -485,7 +493,7 @@ int jaxinfer_plan_packed(const int64_t* params, int32_t batch, const int32_t* qo
 // Returns 0 or 2 (bad argument) with a message in jaxinfer_error().
 int jaxinfer_count_work(const int64_t* params, int32_t batch, const int32_t* qo_indptr, const int32_t* kv_lens,
                         int64_t* result) {
-  static thread_local Scratch s;
+  Scratch& s = thread_scratch();
   Counts counts;
   if (const int status = prepare(batch, qo_indptr, kv_lens, nullptr, nullptr, read_params(params), s, counts)) {
     return status;
