@@ -11,6 +11,7 @@ int32 and packed back to back into one array so that a plan is one host-to-devic
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 import numpy as np
@@ -46,6 +47,8 @@ class WorkLayout:
       num_groups: merge groups; group ``g`` folds partial slots ``merge_indptr[g]:[g+1]``.
       max_tiles: rows of ``work``.
       page_capacity: entries of ``kv_indices``.
+
+    The offsets are computed once per layout (a plan reads them on the host per step).
     """
 
     num_ctas: int
@@ -53,23 +56,23 @@ class WorkLayout:
     max_tiles: int
     page_capacity: int
 
-    @property
+    @functools.cached_property
     def off_cta(self) -> int:
         return self.max_tiles * len(WORK_FIELDS)
 
-    @property
+    @functools.cached_property
     def off_merge_indptr(self) -> int:
         return self.off_cta + self.num_ctas + 1
 
-    @property
+    @functools.cached_property
     def off_merge_dest(self) -> int:
         return self.off_merge_indptr + self.num_groups + 1
 
-    @property
+    @functools.cached_property
     def off_kv_indices(self) -> int:
         return self.off_merge_dest + self.num_groups * len(MERGE_FIELDS)
 
-    @property
+    @functools.cached_property
     def buffer_size(self) -> int:
         return self.off_kv_indices + self.page_capacity
 
