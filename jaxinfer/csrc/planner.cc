@@ -294,18 +294,21 @@ int plan(int32_t batch, const int32_t* qo_indptr, const int32_t* kv_lens, const 
 
   // Tiles ordered (query tile, KV head, chunk), so a split group's partial slots are
   // contiguous; then a stable sort by cost, longest first.
-  s.tiles.clear();
-  s.cost.clear();
+  // Filled by index: the counts give the size (push_back's capacity checks cost ~3 ns a tile).
+  s.tiles.resize(split ? num_tiles : 0);
+  s.cost.resize(split ? num_tiles : 0);
   if (split) {
+    Tile* tile = s.tiles.data();
+    int64_t* cost = s.cost.data();
     int32_t slot = 0;
     for (int64_t q = 0; q < nq; ++q) {
       const int32_t* t = &s.q_tiles[q * kNumFields];
-      const int64_t extra = s.q_cost[q] - (int64_t(t[kKvHi]) - t[kKvLo]);
+      const int64_t extra = s.q_cost[q] - (int64_t(t[kKvHi]) - t[kKvLo]), nch = s.nch[q];
       for (int32_t h = 0; h < hkv; ++h) {
-        for (int64_t c = 0; c < s.nch[q]; ++c) {
+        for (int64_t c = 0; c < nch; ++c, ++tile, ++cost) {
           const int64_t lo = t[kKvLo] + c * chunk, hi = std::min<int64_t>(t[kKvHi], lo + chunk);
-          s.tiles.push_back({int32_t(q), h, int32_t(lo), int32_t(hi), s.nch[q] > 1 ? slot++ : -1});
-          s.cost.push_back(hi - lo + extra);
+          *tile = {int32_t(q), h, int32_t(lo), int32_t(hi), nch > 1 ? slot++ : -1};
+          *cost = hi - lo + extra;
         }
       }
     }
@@ -319,23 +322,21 @@ int plan(int32_t batch, const int32_t* qo_indptr, const int32_t* kv_lens, const 
   // Equal or descending costs (uniform batches) are sorted already: no stable_sort buffer.
   if (!std::is_sorted(s.order.begin(), s.order.end(), longer)) std::stable_sort(s.order.begin(), s.order.end(), longer);
 
-  // The costs in sorted order (position i: the i-th longest tile); the tiles themselves where the
-  // split or kv_major order needs them. Unsplit, tile i is head i % hkv of query tile
-  // order[i / hkv], whose row it copies with only kv_head changed.
+  // The costs in sorted order (position i: the i-th longest tile), and the tiles themselves where
+  // the kv_major order sorts them again. Otherwise a row finds its tile through the order: split,
+  // s.tiles[order[i]]; unsplit, head i % hkv of query tile order[i / hkv], whose row it copies
+  // with only kv_head changed.
   s.sorted_cost.resize(num_tiles);
-  const bool tiles_sorted = split || p.kv_major;
-  s.sorted.resize(tiles_sorted ? num_tiles : 0);
+  s.sorted.resize(p.kv_major ? num_tiles : 0);
   if (split) {
-    for (int64_t i = 0; i < num_tiles; ++i) {
-      s.sorted[i] = s.tiles[s.order[i]];
-      s.sorted_cost[i] = s.cost[s.order[i]];
-    }
+    for (int64_t i = 0; i < num_tiles; ++i) s.sorted_cost[i] = s.cost[s.order[i]];
+    for (int64_t i = 0; p.kv_major && i < num_tiles; ++i) s.sorted[i] = s.tiles[s.order[i]];
   } else {
     for (int64_t r = 0, i = 0; r < nq; ++r) {
       const int32_t q = s.order[r];
       const int32_t* t = &s.q_tiles[int64_t(q) * kNumFields];
       std::fill_n(s.sorted_cost.begin() + i, hkv, s.q_cost[q]);
-      for (int32_t h = 0; tiles_sorted && h < hkv; ++h) s.sorted[i + h] = {q, h, t[kKvLo], t[kKvHi], -1};
+      for (int32_t h = 0; p.kv_major && h < hkv; ++h) s.sorted[i + h] = {q, h, t[kKvLo], t[kKvHi], -1};
       i += hkv;
     }
   }
@@ -348,19 +349,20 @@ int plan(int32_t batch, const int32_t* qo_indptr, const int32_t* kv_lens, const 
   }
   // Rows written in order: the scattered form stalls on store-to-load dependencies.
   constexpr size_t kRowBytes = sizeof(int32_t) * kNumFields;
-  if (tiles_sorted) {
-    for (int64_t r = 0; r < num_tiles; ++r) {
-      int32_t* row = out.work + r * kNumFields;
-      const Tile& t = s.sorted[s.by_row[r]];
-      std::memcpy(row, &s.q_tiles[int64_t(t.q) * kNumFields], kRowBytes);
-      row[kKvHead] = t.head;
-      row[kKvLo] = t.lo;
-      row[kKvHi] = t.hi;
-      row[kOutSlot] = t.slot;
-    }
+  const auto write_tile = [&](int32_t* row, const Tile& t) {
+    std::memcpy(row, &s.q_tiles[int64_t(t.q) * kNumFields], kRowBytes);
+    row[kKvHead] = t.head;
+    row[kKvLo] = t.lo;
+    row[kKvHi] = t.hi;
+    row[kOutSlot] = t.slot;
+  };
+  int32_t* row = out.work;
+  if (p.kv_major) {
+    for (int64_t r = 0; r < num_tiles; ++r, row += kNumFields) write_tile(row, s.sorted[s.by_row[r]]);
+  } else if (split) {
+    for (int64_t r = 0; r < num_tiles; ++r, row += kNumFields) write_tile(row, s.tiles[s.order[s.by_row[r]]]);
   } else {
-    for (int64_t r = 0; r < num_tiles; ++r) {
-      int32_t* row = out.work + r * kNumFields;
+    for (int64_t r = 0; r < num_tiles; ++r, row += kNumFields) {
       const int32_t i = s.by_row[r];
       std::memcpy(row, &s.q_tiles[int64_t(s.order[i / hkv]) * kNumFields], kRowBytes);
       row[kKvHead] = i % hkv;
