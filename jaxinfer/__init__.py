@@ -19,6 +19,7 @@ from jaxinfer.cascade import (
     merge_states,
 )
 from jaxinfer.decode import BatchDecodeWithPagedKVCacheWrapper, batch_decode, single_decode_with_kv_cache
+from jaxinfer.mask import packbits, segment_packbits
 from jaxinfer.page import append_paged_kv_cache, get_batch_indices_positions, get_seq_lens
 from jaxinfer.mla import BatchMLAPagedAttentionWrapper, MLAPlan, append_paged_mla_kv_cache, batch_mla
 from jaxinfer.prefill import (
@@ -91,6 +92,8 @@ __all__ = [
     "merge_state",
     "merge_state_in_place",
     "merge_states",
+    "packbits",
+    "segment_packbits",
     "rope_quantize_fp8_append_paged_kv_cache",
     "sampling",
     "single_decode_with_kv_cache",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxinfer.mask import resolve_custom_mask
 from jaxinfer.plan.batch import PlanCapacity
 from jaxinfer.variants import AttentionVariant, make_variant
 from jaxinfer.wrapper import (
@@ -34,10 +35,18 @@ def prefill_head_dim(head_dim_qk, head_dim_vo, head_dim) -> int:
     return d
 
 
-def check_mask_args(packed_custom_mask, custom_mask) -> None:
-    """Raises ValueError for a ``packed_custom_mask`` without ``custom_mask`` (pass the bool mask)."""
-    if packed_custom_mask is not None and custom_mask is None:
-        raise ValueError("packed_custom_mask is not supported: pass the unpacked bool custom_mask")
+def _mask_bits(qo_indptr, kv_indptr, kv_last_page_len=None, page_size: int = 1):
+    """``() -> [B]`` bits of each request's ``[qo_len, kv_len]`` mask (paged when
+    ``kv_last_page_len`` is given), for unpacking a ``packed_custom_mask``."""
+    def lengths():
+        qo = np.diff(np.asarray(qo_indptr, np.int64))
+        kv = np.diff(np.asarray(kv_indptr, np.int64))
+        if kv_last_page_len is not None:
+            kv = np.where(kv > 0, (kv - 1) * page_size + np.asarray(kv_last_page_len, np.int64), 0)
+        if qo.shape != kv.shape:
+            raise ValueError(f"qo_indptr describes {qo.size} requests, the KV arguments {kv.size}")
+        return qo * kv
+    return lengths
 
 
 def single_prefill_with_kv_cache(
@@ -67,7 +76,9 @@ def single_prefill_with_kv_cache(
         same, by the decode API's names (give one of each pair).
       o_dtype: output dtype; ``None`` or q's dtype (anything else is a ``ValueError``).
       custom_mask: optional ``[Lq, Lk]`` bool (True keeps the key), a concrete host array.
-      packed_custom_mask: not supported alone (``ValueError``): pass ``custom_mask``.
+      packed_custom_mask: the same mask packed as FlashInfer's ``packbits(custom_mask.reshape(-1),
+        bitorder="little")`` (uint8, ``ceil(Lq * Lk / 8)`` bytes; :mod:`jaxinfer.mask`), instead
+        of ``custom_mask``.
       causal: bottom-right aligned causal mask.
       use_fp16_qk_reduction: accepted and unused (logits are always reduced in float32).
       backend: ``"auto"``, ``"pallas"``, ``"fa2"``, ``"fa3"`` or ``"xla"``.
@@ -84,7 +95,10 @@ def single_prefill_with_kv_cache(
     """
     if q.ndim != 3:
         raise ValueError(f"q must be [qo_len, num_qo_heads, head_dim], got shape {q.shape}")
-    check_mask_args(packed_custom_mask, custom_mask)
+    if packed_custom_mask is not None:
+        custom_mask = resolve_custom_mask(custom_mask, packed_custom_mask,
+                                          lambda: np.array([q.shape[0] * k.shape[0 if kv_layout == "NHD" else 1]]))
+        custom_mask = custom_mask.reshape(q.shape[0], -1)
     if o_dtype is not None and np.dtype(o_dtype) != q.dtype:
         raise ValueError(f"o_dtype must be None or q's dtype {q.dtype}, got {o_dtype}; cast the output")
     k_scale, v_scale = pick_scales(scale_q, scale_k, scale_v, k_scale, v_scale)
@@ -168,8 +182,9 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchWrapper):
           head_dim_qk: head_dim (``head_dim``, FlashInfer's older name, by keyword also works);
             head_dim_vo: ``None`` or the same value.
           custom_mask: flat bool, the concatenation of each request's row-major
-            ``[qo_len, kv_len]`` mask (True keeps the key). packed_custom_mask: not supported
-            alone (``ValueError``).
+            ``[qo_len, kv_len]`` mask (True keeps the key). packed_custom_mask: the same masks
+            packed as FlashInfer's ``segment_packbits(custom_mask, qo_len * kv_len offsets,
+            bitorder="little")`` (uint8; :mod:`jaxinfer.mask`), instead of ``custom_mask``.
           use_fp16_qk_reduction, non_blocking: accepted and unused.
           q_data_type, kv_data_type: dtypes ``run`` will receive; ``q_data_type=None`` (default):
             taken from ``q`` at the wrapper's ``run`` (the returned plan is then for bfloat16).
@@ -185,9 +200,10 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchWrapper):
         for name, val in (("paged_kv_indices", paged_kv_indices), ("paged_kv_last_page_len", paged_kv_last_page_len)):
             if val is None:  # batch_spec would plan ragged KV: BatchPrefillWithRaggedKVCacheWrapper's job
                 raise ValueError(f"{name} must be an array (the page table), got None")
-        check_mask_args(packed_custom_mask, custom_mask)
         if page_size is None:
             raise ValueError("page_size is required (tokens per page of the cache)")
+        custom_mask = resolve_custom_mask(custom_mask, packed_custom_mask, _mask_bits(
+            qo_indptr, paged_kv_indptr, paged_kv_last_page_len, page_size))
         q_dtype, kv_dtype, infer = plan_dtypes(q_data_type, kv_data_type)
         spec = batch_spec(
             qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads, num_kv_heads,
@@ -287,7 +303,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchWrapper):
           ValueError: invalid indptr, mask or options (message names the argument).
           NotImplementedError: the wrapper's named backend cannot serve the batch.
         """
-        check_mask_args(packed_custom_mask, custom_mask)
+        custom_mask = resolve_custom_mask(custom_mask, packed_custom_mask, _mask_bits(qo_indptr, kv_indptr))
         q_dtype, kv_dtype, infer = plan_dtypes(q_data_type, kv_data_type)
         spec = batch_spec(
             qo_indptr, kv_indptr, None, None, num_qo_heads, num_kv_heads,

@@ -108,8 +108,8 @@ def test_unsupported_plan_arguments_raise():
     w = jaxinfer.BatchPrefillWithRaggedKVCacheWrapper(WS)
     with pytest.raises(ValueError, match="head_dim_vo"):
         w.plan(qo, qo, HQ, HKV, D, 2 * D)
-    with pytest.raises(ValueError, match="packed_custom_mask"):
-        w.plan(qo, qo, HQ, HKV, D, packed_custom_mask=np.zeros(1, np.uint8))
+    with pytest.raises(ValueError, match="packed_custom_mask has 2 bytes"):  # 2 x 2 keys: 1 byte
+        w.plan(qo, qo, HQ, HKV, D, packed_custom_mask=np.zeros(2, np.uint8))
     with pytest.raises(ValueError, match="data_type"):
         jaxinfer.BatchDecodeWithPagedKVCacheWrapper(WS).plan(
             np.array([0, 1]), np.array([0]), np.array([1]), HQ, HKV, D, PAGE, q_data_type="float16",

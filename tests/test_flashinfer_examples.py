@@ -274,3 +274,6 @@ def test_single_decode_and_prefill_examples():
     mask = jnp.tril(jnp.full((qo_len, kv_len), True), k=kv_len - qo_len)
     o_custom = jaxinfer.single_prefill_with_kv_cache(q, k, v, custom_mask=mask)
     assert_close(o_custom, want, FP16)
+    packed_mask = jaxinfer.packbits(np.asarray(mask).reshape(-1), bitorder="little")
+    o_packed = jaxinfer.single_prefill_with_kv_cache(q, k, v, packed_custom_mask=packed_mask)
+    assert_close(o_packed, want, FP16)
