@@ -32,6 +32,25 @@ bytes of a bf16 cache per token read. The cache holds ``K / k_scale`` and ``V / 
 (:mod:`jaxinfer.fp8`) with fixed scales from the config, per tensor or per KV head; they reach
 the step as arrays, so other values never recompile. ``backend="auto"`` routes fp8 caches to
 the Pallas kernels (fa2/fa3 decline them).
+
+Overlap scheduling (``EngineConfig(overlap=True)``, the default; SGLang's overlap scheduler,
+Zheng et al. 2024, and vLLM's async scheduling): the host plans and dispatches step ``t + 1``
+before it waits for step ``t``'s sampled tokens, then reads those while ``t + 1`` runs, so the
+host's planning hides behind the device's work. It plans from lengths alone: every decode row's
+input token is the previous step's sampled token, which the jitted step gathers from the previous
+step's output array on the device (a row index per decode row), so no token needs to reach the
+host first. A request that samples a stop token at step ``t`` is already in step ``t + 1``: that
+extra token is discarded and its pages are freed one step later (the device runs steps in order,
+so a page freed then and reused by a later step is written after the discarded row). Pages are
+registered in the prefix tree when the step that wrote them has come back to the host (their
+token ids, sampled ones included, are known then). Outputs are the synchronous engine's
+(``overlap=False``: dispatch a step, wait for its tokens, then plan the next), token for token;
+what a step returns lags one step (:meth:`ServingEngine.step`).
+
+Host cost per step: the model's graph definition is a static argument of the jitted step whose
+hash (a walk of the whole graph) is computed once (:class:`ModelDef`), not on every call; the
+step's host inputs (prompt tokens, the decode rows' gather indices, the sampling parameters) go to
+the device as one int32 array.
 """
 
 from __future__ import annotations
@@ -42,7 +61,8 @@ import functools
 import math
 import numbers
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 import jax
@@ -55,6 +75,7 @@ from jaxinfer.models.llama import LlamaModel, paged_logits
 from jaxinfer.nn.attention import StepBatch, StepPlanner
 from jaxinfer.nn.kv_pool import KVCachePool
 from jaxinfer.plan.checks import check_int
+from jaxinfer.plan.transfer import to_device
 
 KV_DTYPES = ("bfloat16", "float16", "float32", "float8_e4m3fn", "float8_e5m2")
 """KV-cache dtypes of the engine; the short names of :data:`jaxinfer.fp8.KV_DTYPE_NAMES`
@@ -128,6 +149,8 @@ class EngineConfig:
         maximum). Lower values pad less and compile more programs.
       stop_token_ids: a request finishes when it samples one of these.
       sampling_backend: :mod:`jaxinfer.sampling`'s backend (``"auto"``, ``"xla"``, ``"pallas"``).
+      overlap: plan and dispatch each step before waiting for the previous one's tokens (see the
+        module docstring); ``False``: the synchronous loop. Both give the same tokens.
 
     Raises:
       ValueError: a size that is not a positive integer, a KV dtype the engine does not support
@@ -151,8 +174,11 @@ class EngineConfig:
     min_decode_rows: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     sampling_backend: str = "auto"
+    overlap: bool = True
 
     def __post_init__(self):
+        if not isinstance(self.overlap, bool):
+            raise ValueError(f"overlap must be a bool, got {self.overlap!r}")
         for name in ("num_pages", "page_size", "max_seq_len", "max_batch_size", "max_prefill_tokens", "cascade_levels"):
             check_int(name, getattr(self, name), minimum=1)
         for name in ("min_prefill_rows", "min_decode_rows"):
@@ -196,6 +222,7 @@ def check_kv_dtype(dtype) -> jnp.dtype:
     return dt
 
 
+
 @dataclasses.dataclass(eq=False)
 class Request:
     """A generation request and its progress.
@@ -205,9 +232,11 @@ class Request:
       prompt: prompt token ids.
       max_new_tokens: most tokens to generate.
       sampling: how it samples.
-      output: generated tokens so far.
-      num_computed: tokens whose keys and values are in the cache (the prompt prefix attached
-        from the prefix cache included).
+      output: generated tokens so far (on the host).
+      num_computed: tokens whose keys and values are in the cache once the steps dispatched so
+        far have run (the prompt prefix attached from the prefix cache included).
+      num_generated: tokens sampled by the steps dispatched so far (``len(output)`` plus those of
+        a step in flight).
       num_cached: prompt tokens attached from the prefix cache at admission.
       finish_reason: ``None`` while running or waiting, then ``"length"``, ``"stop"`` or
         ``"cancelled"``.
@@ -219,6 +248,7 @@ class Request:
     sampling: SamplingParams
     output: list[int] = dataclasses.field(default_factory=list)
     num_computed: int = 0
+    num_generated: int = 0
     num_cached: int = 0
     finish_reason: str | None = None
 
@@ -230,6 +260,11 @@ class Request:
     @property
     def prefilling(self) -> bool:
         return self.num_computed < len(self.prompt)
+
+    @property
+    def schedulable(self) -> bool:
+        """Whether a next step has work for it (its last token is not dispatched yet)."""
+        return self.num_generated < self.max_new_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,6 +297,28 @@ class SamplingBatch:
     seed: jax.Array
     offset: jax.Array
 
+    FIELDS = 6  # rows of the packed form
+
+    @staticmethod
+    def pack_row(s: SamplingParams) -> np.ndarray:
+        """``s`` as the first 5 int32 words of a packed slot (floats and the seed bit-cast; the
+        offset, last, is the engine's)."""
+        floats = np.asarray([s.temperature, s.top_p, s.min_p], np.float32).view(np.int32)
+        return np.asarray([floats[0], s.top_k, floats[1], floats[2],
+                           np.uint32(s.seed % 2**32).view(np.int32)], np.int32)
+
+    @classmethod
+    def unpack(cls, packed: jax.Array) -> SamplingBatch:
+        """From ``[6, Bc]`` int32 rows (temperature, top_k, top_p, min_p, seed, offset; floats and
+        the seed bit-cast): one host-to-device copy for the whole batch instead of six."""
+        as_f32 = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.float32)
+        return cls(temperature=as_f32(packed[0]), top_k=packed[1], top_p=as_f32(packed[2]), min_p=as_f32(packed[3]),
+                   seed=jax.lax.bitcast_convert_type(packed[4], jnp.uint32), offset=packed[5])
+
+
+# A padding slot: greedy, no top-k, top_p 1, min_p 0, seed 0, offset 0.
+_PAD_SAMPLING = np.append(SamplingBatch.pack_row(SamplingParams()), 0).astype(np.int32)
+
 
 def sample_tokens(logits: jax.Array, s: SamplingBatch, backend: str = "auto") -> jax.Array:
     """Next token per row of ``logits [Bc, vocab]`` -> ``[Bc]`` int32, through :mod:`jaxinfer.sampling`.
@@ -283,37 +340,108 @@ def sample_tokens(logits: jax.Array, s: SamplingBatch, backend: str = "auto") ->
     return jax.lax.cond(jnp.any(s.temperature > 0), sampled, lambda: greedy)
 
 
+class ModelDef:
+    """A model's static structure for ``jax.jit``: its nnx graph definition and the tree structure
+    of its parameters, hashed once.
+
+    A jitted function hashes its static arguments on every call; an nnx ``GraphDef`` hashes by
+    walking the whole graph (SmolLM2-135M's 30 layers: about 3 ms of host time per call). One
+    ``ModelDef`` per distinct model structure (:func:`split_model` interns them), so calls
+    compare it by identity. The parameters travel as a flat list of arrays (flattening an
+    ``nnx.State`` on every call costs more than a list).
+    """
+
+    def __init__(self, graphdef, treedef):
+        self.graphdef, self.treedef = graphdef, treedef
+        self._hash = hash((graphdef, treedef))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return self is other or (isinstance(other, ModelDef) and self._hash == other._hash
+                                 and self.treedef == other.treedef and self.graphdef == other.graphdef)
+
+    def params(self, leaves: Sequence[jax.Array]):
+        """The ``nnx.State`` of ``leaves`` (as :func:`split_model` returned them)."""
+        return jax.tree.unflatten(self.treedef, leaves)
+
+
+@functools.lru_cache(maxsize=16)
+def _intern(graphdef, treedef) -> ModelDef:
+    return ModelDef(graphdef, treedef)
+
+
+def split_model(model: nnx.Module) -> tuple[ModelDef, list[jax.Array]]:
+    """``nnx.split(model)`` as ``(ModelDef, parameter arrays)``: the same ``ModelDef`` object for
+    every model of the same structure (so a jitted step finds its compiled programs by identity)."""
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    return _intern(graphdef, treedef), leaves
+
+
 @functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=2)
-def serve_step(graphdef, params, caches, tokens, batch: StepBatch, row_sampling: SamplingBatch,
+def serve_step(model: ModelDef, params, caches, prev_tokens, inputs, batch: StepBatch,
                sampling_backend: str = "auto"):
-    """Jitted step: the next token ``[Bc]`` int32 of each request of ``batch`` (rows
-    ``batch.last_rows``) and the new caches (``caches`` donated)."""
-    logits, caches = paged_logits(graphdef, params, caches, tokens, batch)
+    """Jitted engine step: the next token ``[Bc]`` int32 of each request of ``batch`` (rows
+    ``batch.last_rows``) and the new caches (``caches`` donated).
+
+    Args:
+      model, params: :func:`split_model` of the model.
+      prev_tokens: ``[Bc]`` int32, the previous step's output.
+      inputs: ``[2 T + 6 Bc]`` int32 (``T = batch.num_rows``): the rows' host tokens; per row the
+        slot of ``prev_tokens`` holding its input token, or ``-1`` for the host token (decode rows
+        read the token their request sampled last step, prompt rows the host's); then the
+        :meth:`SamplingBatch.unpack` rows.
+    """
+    t, bc = batch.num_rows, prev_tokens.shape[0]
+    src = inputs[t : 2 * t]
+    tokens = jnp.where(src >= 0, prev_tokens[jnp.maximum(src, 0)], inputs[:t])
+    logits, caches = paged_logits(model.graphdef, model.params(params), caches, tokens, batch)
+    row_sampling = SamplingBatch.unpack(inputs[2 * t :].reshape(SamplingBatch.FIELDS, bc))
     return sample_tokens(logits, row_sampling, sampling_backend), caches
 
 
 def schedule_step(running: list[Request], waiting: collections.deque[Request], budget: int,
-                  admit: Callable[[Request], bool]) -> tuple[dict[Request, int], list[Request]]:
+                  max_batch_size: int, admit) -> tuple[dict[Request, int], list[Request]]:
     """One step's work under a prompt-token budget (Sarathi-style chunked prefill): every running
-    request past its prompt decodes; prompt chunks take up to ``budget`` tokens, requests already
-    prefilling first, then waiting requests in arrival order while ``admit(request)`` takes them
-    (it reserves their resources; they move from ``waiting`` to ``running``).
+    request past its prompt decodes (unless its last token is already dispatched:
+    :attr:`Request.schedulable`); prompt chunks take up to ``budget`` tokens, requests already
+    prefilling first, then waiting requests in arrival order while the step has fewer than
+    ``max_batch_size`` requests and ``admit(request)`` takes them (it reserves their resources;
+    they move from ``waiting`` to ``running``).
 
     Returns:
       ``({request: prompt tokens this step}, decode requests)``.
     """
-    decode = [r for r in running if not r.prefilling]
+    active = [r for r in running if r.schedulable]
+    decode = [r for r in active if not r.prefilling]
     chunks = {}
-    for req in running:
+    for req in active:
         if req.prefilling and budget:
             chunks[req] = min(len(req.prompt) - req.num_computed, budget)
             budget -= chunks[req]
-    while waiting and budget and admit(waiting[0]):
+    size = len(active)
+    while waiting and budget and size < max_batch_size and admit(waiting[0]):
         req = waiting.popleft()
         running.append(req)
+        size += 1
         chunks[req] = min(len(req.prompt) - req.num_computed, budget)
         budget -= chunks[req]
     return chunks, decode
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Flight:
+    """A dispatched step: its requests in row order, its output (on the device until waited for),
+    and per request the prompt tokens it ran (``0``: a decode row), its ``num_computed`` after the
+    step and whether it samples a token."""
+
+    next_tokens: jax.Array
+    order: list[Request]
+    chunk: list[int]
+    computed: list[int]
+    samples: list[bool]
 
 
 class ServingEngine:
@@ -326,10 +454,16 @@ class ServingEngine:
 
     Attributes:
       pool: the KV-cache pool; planner: the step planner.
-      waiting, running: queued and admitted requests; finished: ``{rid: Request}``.
+      waiting: queued requests; running: admitted requests that hold pages (with overlap, a
+        request whose last token is in flight stays until that step comes back);
+      finished: ``{rid: Request}``.
       num_step_programs: the most step programs a run compiles (see :class:`EngineConfig`).
-      stats: counters: ``steps``, ``prefill_tokens`` (computed), ``cached_tokens`` (attached
-        from the prefix cache), ``decode_tokens``.
+      stats: counters: ``steps`` (dispatched), ``prefill_tokens`` (computed), ``cached_tokens``
+        (attached from the prefix cache), ``decode_tokens`` (kept; a discarded row past a stop
+        token is not counted).
+      step_times: per :meth:`step` call that waited for a step, ``(host before dispatch, wait
+        for the device, host after)`` in seconds (``time.perf_counter`` stamps): scheduling,
+        planning and dispatching the next step; blocking on the sampled tokens; bookkeeping.
 
     Raises:
       ValueError: ``max_seq_len`` over the model's ``max_position_embeddings`` when it has one,
@@ -353,12 +487,20 @@ class ServingEngine:
             min_prefill_rows=config.min_prefill_rows, min_decode_rows=config.min_decode_rows,
             cascade_levels=config.cascade_levels if config.prefix_caching else 1,
         )
-        self._graphdef, self._params = nnx.split(model)
+        self._model, self._params = split_model(model)
+        self._stop = frozenset(config.stop_token_ids)
         self._next_rid = 0
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.finished: dict[int, Request] = {}
         self.stats = dict(steps=0, prefill_tokens=0, cached_tokens=0, decode_tokens=0)
+        self.step_times: list[tuple[float, float, float]] = []
+        # The last dispatched step's output and each of its requests' slot in it: the next
+        # step's decode rows read their input tokens there.
+        self._prev_tokens = jnp.zeros(config.max_batch_size, jnp.int32)
+        self._prev_slot: dict[Request, int] = {}
+        self._flight: _Flight | None = None  # a dispatched step not yet waited for (overlap)
+        self._sampling_rows: dict[Request, np.ndarray] = {}
         if log is not None:
             print(self.describe(), file=log)
 
@@ -377,7 +519,7 @@ class ServingEngine:
             f"max_seq_len={c.max_seq_len}, {c.num_pages} pages of {c.page_size} tokens "
             f"({self.pool.dtype.name}{scales}), "
             f"backend={c.backend}, prefix caching {'on' if c.prefix_caching else 'off'}, "
-            f"decode attention levels={p.cascade_levels}"
+            f"decode attention levels={p.cascade_levels}, {'overlapped' if c.overlap else 'synchronous'} steps"
         )
 
     def submit(self, prompt, max_new_tokens: int, sampling: SamplingParams | None = None) -> int:
@@ -407,11 +549,13 @@ class ServingEngine:
             raise ValueError(f"request needs more than the pool's {self.pool.num_pages} pages")
         self._next_rid += 1
         self.waiting.append(req)
+        self._sampling_rows[req] = SamplingBatch.pack_row(sampling)
         return req.rid
 
     def cancel(self, rid: int) -> bool:
         """Stop request ``rid`` (waiting or running) and free its pages; returns whether it was
-        still queued or running. Its tokens so far stay in ``finished[rid].output``."""
+        still queued or running. Its tokens so far (those back on the host) stay in
+        ``finished[rid].output``; a step in flight discards its row."""
         for queue in (self.waiting, self.running):
             for req in queue:
                 if req.rid == rid:
@@ -424,7 +568,7 @@ class ServingEngine:
 
     @property
     def idle(self) -> bool:
-        return not self.waiting and not self.running
+        return not self.waiting and not self.running and self._flight is None
 
     def _remaining_pages(self, req: Request) -> int:
         return self.pool.pages_for(req.cached_tokens_at_most) - len(self.pool.pages(req.rid))
@@ -442,16 +586,35 @@ class ServingEngine:
         self.stats["cached_tokens"] += req.num_cached
         return True
 
-    def _schedule(self) -> tuple[dict[Request, int], list[Request]]:
-        """This step's prompt chunks ``{request: tokens}`` and decode requests."""
-        return schedule_step(self.running, self.waiting, self.config.max_prefill_tokens,
-                             lambda req: len(self.running) < self.config.max_batch_size and self._admit(req))
-
     def step(self) -> StepResult:
-        """Admit, prefill chunks and decode once; finished requests leave and release their pages."""
-        chunks, decode = self._schedule()
-        if not chunks and not decode:
+        """Admit, prefill chunks and decode once; finished requests leave and release their pages.
+
+        Synchronous (``overlap=False``): dispatch a step, wait for it and return what it did.
+        Overlapped: dispatch a step (if there is work), then wait for the previous one and return
+        what *that* one did (the first call returns no tokens; once no work is left, a call only
+        collects the step in flight). Either way every token reaches ``Request.output`` in order
+        and :attr:`idle` turns true only after the last step came back.
+        """
+        start = time.perf_counter()
+        flight = self._dispatch()
+        if self.config.overlap:
+            flight, self._flight = self._flight, flight
+        if flight is None:
             return StepResult({}, (), (), ())
+        dispatched = time.perf_counter()
+        sampled = np.asarray(flight.next_tokens).tolist()
+        arrived = time.perf_counter()
+        result = self._collect(flight, sampled)
+        self.step_times.append((dispatched - start, arrived - dispatched, time.perf_counter() - arrived))
+        return result
+
+    def _dispatch(self) -> _Flight | None:
+        """Schedule, plan and launch a step (without waiting for it); ``None`` when no request
+        has work."""
+        chunks, decode = schedule_step(self.running, self.waiting, self.config.max_prefill_tokens,
+                                       self.config.max_batch_size, self._admit)
+        if not chunks and not decode:
+            return None
         pool = self.pool
         for req, n in chunks.items():
             pool.extend(req.rid, n)
@@ -460,51 +623,67 @@ class ServingEngine:
         if self.planner.cascade_levels > 1:
             decode.sort(key=lambda r: pool.pages(r.rid))  # sharers stand together: one cascade group each
         batch = self.planner.plan({r.rid: n for r, n in chunks.items()}, [r.rid for r in decode])
-        tokens = np.zeros(batch.num_rows, np.int32)
+        t, bc, p = batch.num_rows, self.config.max_batch_size, batch.num_prefill_rows
+        order = [*chunks, *decode]
+        inputs = np.empty(2 * t + SamplingBatch.FIELDS * bc, np.int32)
+        tokens, src = inputs[:t], inputs[t : 2 * t]
+        tokens[:] = 0
+        src[:] = -1
         row = 0
         for req, n in chunks.items():
             tokens[row : row + n] = req.prompt[req.num_computed : req.num_computed + n]
             row += n
-        p = batch.num_prefill_rows
-        tokens[p : p + len(decode)] = [r.output[-1] for r in decode]
-        order = list(chunks) + decode
-        next_tokens, pool.caches = serve_step(self._graphdef, self._params, pool.caches, tokens, batch,
-                                              self._sampling_batch(order), self.config.sampling_backend)
-        sampled = np.asarray(next_tokens).tolist()
+        src[p : p + len(decode)] = [self._prev_slot[r] for r in decode]
+        slots = inputs[2 * t :].reshape(SamplingBatch.FIELDS, bc)
+        slots[:] = _PAD_SAMPLING[:, None]
+        slots[:-1, : len(order)] = np.stack([self._sampling_rows[r] for r in order], 1)
+        slots[-1, : len(order)] = [r.num_generated for r in order]  # the draw's offset
+        next_tokens, pool.caches = serve_step(self._model, self._params, pool.caches, self._prev_tokens,
+                                              to_device(inputs), batch, self.config.sampling_backend)
+        chunk, computed, samples = [], [], []
+        for req in order:
+            n = chunks.get(req, 0)
+            req.num_computed += n or 1
+            chunk.append(n)
+            computed.append(req.num_computed)
+            samples.append(not req.prefilling)
+            req.num_generated += samples[-1]
+        self._prev_tokens = next_tokens
+        self._prev_slot = {req: i for i, req in enumerate(order)}
+        self.stats["steps"] += 1
+        return _Flight(next_tokens, order, chunk, computed, samples)
 
+    def _collect(self, flight: _Flight, sampled: list[int]) -> StepResult:
+        """Book a step that came back: register the pages it filled in the prefix tree, append
+        its tokens, finish requests (length or stop token) and free their pages. Rows of requests
+        that finished meanwhile (a stop token one step earlier, a cancel) are discarded."""
+        pool, ps = self.pool, self.pool.page_size
         new, finished = {}, []
-        for req, tok in zip(order, sampled):
-            n = chunks.get(req, 1)
-            full_pages_before = req.num_computed // pool.page_size
-            req.num_computed += n
-            self.stats["prefill_tokens" if req in chunks else "decode_tokens"] += n
-            if self.config.prefix_caching and req.num_computed // pool.page_size > full_pages_before:
-                pool.cache_prefix(req.rid, (req.prompt + req.output)[: req.num_computed])
-            if req.prefilling:
+        for req, n, computed, samples, tok in zip(flight.order, flight.chunk, flight.computed, flight.samples,
+                                                  sampled):
+            if req.finish_reason is not None:
+                continue
+            self.stats["prefill_tokens" if n else "decode_tokens"] += n or 1
+            if self.config.prefix_caching and computed // ps > (computed - (n or 1)) // ps:
+                # Every token up to `computed` is on the host: prompt, and outputs of earlier steps.
+                pool.cache_prefix(req.rid, (req.prompt + req.output)[:computed])
+            if not samples:
                 continue  # a chunk short of the prompt's end: its logits are not a next token
             req.output.append(tok)
             new[req.rid] = tok
-            if tok in self.config.stop_token_ids or len(req.output) == req.max_new_tokens:
+            if tok in self._stop or len(req.output) == req.max_new_tokens:
                 self.running.remove(req)
                 pool.free(req.rid)
-                self._finish(req, "stop" if tok in self.config.stop_token_ids else "length")
+                self._finish(req, "stop" if tok in self._stop else "length")
                 finished.append(req.rid)
-        self.stats["steps"] += 1
-        return StepResult(new, tuple(r.rid for r in chunks), tuple(r.rid for r in decode), tuple(finished))
+        return StepResult(new, tuple(r.rid for r, n in zip(flight.order, flight.chunk) if n),
+                          tuple(r.rid for r, n in zip(flight.order, flight.chunk) if not n), tuple(finished))
 
     def _finish(self, req: Request, reason: str) -> None:
         req.finish_reason = reason
         self.finished[req.rid] = req
-
-    def _sampling_batch(self, order: list[Request]) -> SamplingBatch:
-        bc = self.config.max_batch_size
-        temperature, top_p, min_p = np.zeros(bc, np.float32), np.ones(bc, np.float32), np.zeros(bc, np.float32)
-        top_k, seed, offset = np.zeros(bc, np.int32), np.zeros(bc, np.uint32), np.zeros(bc, np.int32)
-        for i, req in enumerate(order):
-            s = req.sampling
-            temperature[i], top_k[i], top_p[i], min_p[i] = s.temperature, s.top_k, s.top_p, s.min_p
-            seed[i], offset[i] = s.seed % 2**32, len(req.output)
-        return SamplingBatch(*(jnp.asarray(a) for a in (temperature, top_k, top_p, min_p, seed, offset)))
+        self._sampling_rows.pop(req, None)
+        self._prev_slot.pop(req, None)
 
     def run(self) -> dict[int, list[int]]:
         """Step until every submitted request finished; returns ``{rid: generated tokens}``."""

@@ -143,7 +143,7 @@ def test_compile_count_equals_the_printed_bound(prompts):
     assert f"at most {engine.num_step_programs} step program(s)" in log.getvalue()
     assert engine.num_step_programs == 3
     # Every kind of step ran: prompt chunks only, mixed, decode only.
-    kinds = {(bool(r.prefill), bool(r.decode)) for r in results}
+    kinds = {(bool(r.prefill), bool(r.decode)) for r in results} - {(False, False)}  # overlap's first call
     assert kinds == {(True, False), (True, True), (False, True)}
     assert serve_step._cache_size() - before == engine.num_step_programs
     # Another run with other requests and arrivals compiles nothing at all.

@@ -28,6 +28,7 @@ import collections
 import dataclasses
 import functools
 import sys
+import time
 from typing import TextIO
 
 import jax
@@ -38,7 +39,7 @@ from flax import nnx
 from jaxinfer.models.llama import LlamaModel
 from jaxinfer.nn.attention import bucket, row_buckets
 from jaxinfer.plan.checks import check_int
-from jaxinfer.serve import Request, SamplingParams, StepResult, schedule_step
+from jaxinfer.serve import ModelDef, Request, SamplingParams, StepResult, schedule_step, split_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,17 +93,18 @@ def _prefill_attention(attn, positions, write_pos, slot, implementation, h, kv_c
 
 
 @functools.partial(jax.jit, static_argnums=(0, 7), donate_argnums=2)
-def dense_prefill_step(graphdef, params, caches, tokens, start, length, slot, implementation=None):
+def dense_prefill_step(model: ModelDef, params, caches, tokens, start, length, slot, implementation=None):
     """Prefill a chunk of one slot; returns the greedy next token (int32 scalar) and the caches.
 
     Args:
+      model, params: :func:`jaxinfer.serve.split_model` of the model.
       tokens: ``[C]`` int32, the chunk's ``length`` tokens then padding.
       start: int32 position of the chunk's first token (the slot's cached tokens).
       length: int32 tokens of the chunk, ``1 <= length <= C``.
       slot: int32 slot of the request.
       caches: per layer ``(k, v) [max_batch_size, max_seq_len, Hkv, D]`` (donated).
     """
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(model.graphdef, model.params(params))
     rows = jnp.arange(tokens.shape[0])
     positions = start + rows
     write_pos = jnp.where(rows < length, positions, caches[0][0].shape[1])
@@ -117,10 +119,10 @@ def dense_prefill_step(graphdef, params, caches, tokens, start, length, slot, im
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=2)
-def dense_decode_step(graphdef, params, caches, tokens, positions, implementation=None):
+def dense_decode_step(model: ModelDef, params, caches, tokens, positions, implementation=None):
     """One decode token of every slot (:meth:`LlamaModel.dense_decode`); returns the greedy tokens
     ``[max_batch_size]`` int32 and the caches. A slot at position ``max_seq_len`` writes nothing."""
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(model.graphdef, model.params(params))
     hidden, caches = model.dense_decode(tokens, positions, caches, implementation)
     return jnp.argmax(model.logits(hidden), axis=-1).astype(jnp.int32), caches
 
@@ -152,7 +154,7 @@ class DenseServingLoop:
                                            config.max_prefill_tokens)
         shape = (config.max_batch_size, config.max_seq_len, cfg.num_kv_heads, cfg.head_dim)
         self.caches = tuple((jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in range(cfg.num_layers))
-        self._graphdef, self._params = nnx.split(model)
+        self._model, self._params = split_model(model)
         self._free_slots = list(range(config.max_batch_size - 1, -1, -1))
         self._slot: dict[int, int] = {}
         self._next_rid = 0
@@ -160,6 +162,7 @@ class DenseServingLoop:
         self.running: list[Request] = []
         self.finished: dict[int, Request] = {}
         self.stats = dict(steps=0, prefill_tokens=0, decode_tokens=0)
+        self.step_times: list[tuple[float, float, float]] = []
         if log is not None:
             print(self.describe(), file=log)
 
@@ -200,9 +203,9 @@ class DenseServingLoop:
         request reads it), so that a timed run compiles nothing."""
         c = self.config
         for rows in self.prefill_buckets:
-            _, self.caches = dense_prefill_step(self._graphdef, self._params, self.caches, np.zeros(rows, np.int32),
+            _, self.caches = dense_prefill_step(self._model, self._params, self.caches, np.zeros(rows, np.int32),
                                                 np.int32(0), np.int32(1), np.int32(0), c.implementation)
-        out, self.caches = dense_decode_step(self._graphdef, self._params, self.caches,
+        out, self.caches = dense_decode_step(self._model, self._params, self.caches,
                                              np.zeros(c.max_batch_size, np.int32),
                                              np.full(c.max_batch_size, c.max_seq_len, np.int32), c.implementation)
         jax.block_until_ready(out)
@@ -211,15 +214,16 @@ class DenseServingLoop:
         """The engine's: decode every request past its prompt, then prompt chunks under the budget
         (running requests first, then FIFO admission into free slots)."""
         def admit(req: Request) -> bool:
-            if not self._free_slots:
-                return False
             self._slot[req.rid] = self._free_slots.pop()
             return True
 
-        return schedule_step(self.running, self.waiting, self.config.max_prefill_tokens, admit)
+        c = self.config
+        return schedule_step(self.running, self.waiting, c.max_prefill_tokens, c.max_batch_size, admit)
 
     def step(self) -> StepResult:
-        """Prefill this step's chunks (one call each) and decode every slot once (one call)."""
+        """Prefill this step's chunks (one call each) and decode every slot once (one call), then
+        wait for the tokens (synchronous: the next step is planned once they are on the host)."""
+        start = time.perf_counter()
         chunks, decode = self._schedule()
         if not chunks and not decode:
             return StepResult({}, (), (), ())
@@ -228,7 +232,7 @@ class DenseServingLoop:
         for req, n in chunks.items():
             tokens = np.zeros(bucket(n, self.prefill_buckets), np.int32)
             tokens[:n] = req.prompt[req.num_computed : req.num_computed + n]
-            tok, self.caches = dense_prefill_step(self._graphdef, self._params, self.caches, tokens,
+            tok, self.caches = dense_prefill_step(self._model, self._params, self.caches, tokens,
                                                   np.int32(req.num_computed), np.int32(n),
                                                   np.int32(self._slot[req.rid]), c.implementation)
             sampled.append(tok)
@@ -238,10 +242,12 @@ class DenseServingLoop:
             for req in decode:
                 tokens[self._slot[req.rid]] = req.output[-1]
                 positions[self._slot[req.rid]] = req.num_computed
-            out, self.caches = dense_decode_step(self._graphdef, self._params, self.caches, tokens, positions,
+            out, self.caches = dense_decode_step(self._model, self._params, self.caches, tokens, positions,
                                                  c.implementation)
             sampled.append(out)
+        dispatched = time.perf_counter()
         host = jax.device_get(sampled)
+        arrived = time.perf_counter()
         next_token = {req: int(t) for req, t in zip(chunks, host)}
         if decode:
             next_token |= {req: int(host[-1][self._slot[req.rid]]) for req in decode}
@@ -254,6 +260,7 @@ class DenseServingLoop:
             if req.prefilling:
                 continue
             req.output.append(tok)
+            req.num_generated += 1
             new[req.rid] = tok
             if len(req.output) == req.max_new_tokens:
                 self.running.remove(req)
@@ -262,6 +269,7 @@ class DenseServingLoop:
                 self.finished[req.rid] = req
                 finished.append(req.rid)
         self.stats["steps"] += 1
+        self.step_times.append((dispatched - start, arrived - dispatched, time.perf_counter() - arrived))
         return StepResult(new, tuple(r.rid for r in chunks), tuple(r.rid for r in decode), tuple(finished))
 
     def run(self) -> dict[int, list[int]]:

@@ -37,6 +37,7 @@ from jaxinfer.backends import device
 from jaxinfer.nn.kv_pool import KVCachePool
 from jaxinfer.plan.batch import PlanCapacity
 from jaxinfer.plan.checks import check_int
+from jaxinfer.plan.transfer import to_device
 from jaxinfer.wrapper import Plan
 
 # Work tiles the Pallas planner may split long key ranges into: up to its split_factor (4) times
@@ -182,6 +183,8 @@ class StepPlanner:
             self.max_batch_size if min_decode_rows is None else min_decode_rows, self.max_batch_size
         )
         self.pages_per_seq = pool.pages_for(self.max_seq_len)
+        self._k_scale = None if pool.k_scale is None else jnp.asarray(pool.k_scale)
+        self._v_scale = None if pool.v_scale is None else jnp.asarray(pool.v_scale)
 
     @property
     def num_step_programs(self) -> int:
@@ -253,19 +256,21 @@ class StepPlanner:
         pad = self.max_batch_size - len(rids)
         last_rows = np.zeros(self.max_batch_size, np.int32)
         last_rows[: len(rids)] = row_start + qo_lens - 1
+        # to_device: an asynchronous copy at a fraction of jnp.asarray's host time (several
+        # arrays per step; the planners' own buffers go the same way).
         return StepBatch(
-            positions=jnp.asarray(positions),
-            batch_indices=jnp.asarray(batch_indices),
-            kv_indptr=jnp.asarray(np.pad(kv_indptr, (0, pad), mode="edge")),
-            kv_indices=jnp.asarray(np.pad(kv_indices, (0, self.max_batch_size * self.pages_per_seq - kv_indices.size))),
-            kv_last_page_len=jnp.asarray(np.pad(last, (0, pad))),
-            last_rows=jnp.asarray(last_rows),
+            positions=to_device(positions),
+            batch_indices=to_device(batch_indices),
+            kv_indptr=to_device(np.pad(kv_indptr, (0, pad), mode="edge")),
+            kv_indices=to_device(np.pad(kv_indices, (0, self.max_batch_size * self.pages_per_seq - kv_indices.size))),
+            kv_last_page_len=to_device(np.pad(last, (0, pad))),
+            last_rows=to_device(last_rows),
             prefill_plan=self._prefill_plan(prefill_ids, qo_lens[: len(pairs)], p_rows) if pairs else None,
             decode_plan=self._decode_plan(decode, d_rows) if decode else None,
             num_prefill_rows=p_rows,
             kv_layout=pool.kv_layout,
-            k_scale=None if pool.k_scale is None else jnp.asarray(pool.k_scale),
-            v_scale=None if pool.v_scale is None else jnp.asarray(pool.v_scale),
+            k_scale=self._k_scale,
+            v_scale=self._v_scale,
         )
 
     def _capacity(self, batch: int, qo_len: int, num_queries: int) -> PlanCapacity:
