@@ -50,15 +50,15 @@ from jaxinfer.plan.planner import count_query_tiles_at, plan_packed_at
 from jaxinfer.plan.transfer import to_device
 from jaxinfer.variants import LOG2E
 
-# 64 heads x 32 keys, 8 warps: the [64, 512] float32 accumulator is 128 registers a thread; two
-# stages keep the [32, 512 + 64] bf16 K/V tile's double buffer at 72 KB of shared memory. One
-# CTA per SM: the registers of a second one do not fit. Not yet measured on an H100.
-DEFAULT_CONFIG = TileConfig(block_m=64, block_n=32, num_warps=8, num_stages=2, ctas_per_sm=1)
+# 64 heads x 64 keys, 8 warps: the [64, 512] float32 accumulator is 128 registers a thread; one
+# CTA per SM (the registers of a second one do not fit). The fastest or within 7 % of it of the
+# candidates on DeepSeek-V3 decode on an H100 (benchmarks/decisions/pallas.md, MLA).
+DEFAULT_CONFIG = TileConfig(block_m=64, block_n=64, num_warps=8, num_stages=2, ctas_per_sm=1)
 
 # The configs the lowering test checks and the benchmark's --configs A/B starts from.
 CANDIDATE_CONFIGS = (
     DEFAULT_CONFIG,
-    TileConfig(block_m=64, block_n=64, num_warps=8, num_stages=2, ctas_per_sm=1),
+    TileConfig(block_m=64, block_n=32, num_warps=8, num_stages=2, ctas_per_sm=1),
     TileConfig(block_m=32, block_n=64, num_warps=4, num_stages=2, ctas_per_sm=2),
     TileConfig(block_m=32, block_n=32, num_warps=4, num_stages=3, ctas_per_sm=2),
     TileConfig(block_m=16, block_n=64, num_warps=4, num_stages=2, ctas_per_sm=2),
