@@ -273,7 +273,8 @@ class StepResult:
 
     Attributes:
       tokens: ``{rid: token}`` sampled this step (requests that finished their prompt or decoded).
-      prefill: requests that ran a prompt chunk; decode: requests that decoded one token.
+      prefill: requests that ran a prompt chunk; decode: requests that decoded one token (rows
+        discarded because their request had finished are in neither).
       finished: requests that finished this step.
     """
 
@@ -459,8 +460,9 @@ class ServingEngine:
       finished: ``{rid: Request}``.
       num_step_programs: the most step programs a run compiles (see :class:`EngineConfig`).
       stats: counters: ``steps`` (dispatched), ``prefill_tokens`` (computed), ``cached_tokens``
-        (attached from the prefix cache), ``decode_tokens`` (kept; a discarded row past a stop
-        token is not counted).
+        (attached from the prefix cache), ``decode_tokens``, ``discarded_rows`` (requests' rows
+        of a step that came back after they finished: one past a stop token with overlap, or
+        cancelled; not in the other counts).
       step_times: per :meth:`step` call that waited for a step, ``(host before dispatch, wait
         for the device, host after)`` in seconds (``time.perf_counter`` stamps): scheduling,
         planning and dispatching the next step; blocking on the sampled tokens; bookkeeping.
@@ -493,7 +495,7 @@ class ServingEngine:
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.finished: dict[int, Request] = {}
-        self.stats = dict(steps=0, prefill_tokens=0, cached_tokens=0, decode_tokens=0)
+        self.stats = dict(steps=0, prefill_tokens=0, cached_tokens=0, decode_tokens=0, discarded_rows=0)
         self.step_times: list[tuple[float, float, float]] = []
         # The last dispatched step's output and each of its requests' slot in it: the next
         # step's decode rows read their input tokens there.
@@ -658,11 +660,13 @@ class ServingEngine:
         its tokens, finish requests (length or stop token) and free their pages. Rows of requests
         that finished meanwhile (a stop token one step earlier, a cancel) are discarded."""
         pool, ps = self.pool, self.pool.page_size
-        new, finished = {}, []
+        new, finished, prefill, decode = {}, [], [], []
         for req, n, computed, samples, tok in zip(flight.order, flight.chunk, flight.computed, flight.samples,
                                                   sampled):
             if req.finish_reason is not None:
+                self.stats["discarded_rows"] += 1
                 continue
+            (prefill if n else decode).append(req.rid)
             self.stats["prefill_tokens" if n else "decode_tokens"] += n or 1
             if self.config.prefix_caching and computed // ps > (computed - (n or 1)) // ps:
                 # Every token up to `computed` is on the host: prompt, and outputs of earlier steps.
@@ -676,8 +680,7 @@ class ServingEngine:
                 pool.free(req.rid)
                 self._finish(req, "stop" if tok in self._stop else "length")
                 finished.append(req.rid)
-        return StepResult(new, tuple(r.rid for r, n in zip(flight.order, flight.chunk) if n),
-                          tuple(r.rid for r, n in zip(flight.order, flight.chunk) if not n), tuple(finished))
+        return StepResult(new, tuple(prefill), tuple(decode), tuple(finished))
 
     def _finish(self, req: Request, reason: str) -> None:
         req.finish_reason = reason
