@@ -148,6 +148,7 @@ class MultiLevelCascadeAttentionWrapper(BatchWrapper):
         self, num_levels: int, float_workspace_buffer=None, kv_layout: str = "NHD", use_cuda_graph: bool = False,
         qo_indptr_buf_arr=None, paged_kv_indptr_buf_arr=None, paged_kv_indices_buf_arr=None,
         paged_kv_last_page_len_buf_arr=None, *, backend: str = "auto", capacity: PlanCapacity | None = None,
+        deterministic: bool = False,
     ):
         """Make a wrapper for ``num_levels`` levels (no device work).
 
@@ -160,13 +161,17 @@ class MultiLevelCascadeAttentionWrapper(BatchWrapper):
             ``capacity`` for plans of one shape).
           backend: ``"auto"``, ``"pallas"``, ``"fa2"``, ``"fa3"`` or ``"xla"`` (keyword only).
           capacity: static maxima of each level's plan.
+          deterministic: batch invariance: a request's output bits do not depend on the batch it
+            is planned in (the KV split at a fixed size, FlashInfer's ``fixed_split_size``; see
+            :meth:`~jaxinfer.plan.batch.PlanCapacity.as_deterministic`). More work tiles on large
+            batches.
 
         Raises:
           ValueError: ``num_levels < 1``, a string as ``float_workspace_buffer``, a bad
             ``kv_layout`` or ``backend``.
         """
         self._num_levels = check_int("num_levels", num_levels, minimum=1)
-        self._setup(float_workspace_buffer, kv_layout, backend, capacity)
+        self._setup(float_workspace_buffer, kv_layout, backend, capacity, deterministic)
 
     def plan(
         self, qo_indptr_arr, paged_kv_indptr_arr, paged_kv_indices_arr, paged_kv_last_page_len,
@@ -285,13 +290,13 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
     """
 
     def __init__(self, float_workspace_buffer=None, kv_layout: str = "NHD", *, backend: str = "auto",
-                 capacity: PlanCapacity | None = None):
+                 capacity: PlanCapacity | None = None, deterministic: bool = False):
         """Make a wrapper (no device work).
 
         Args:
           float_workspace_buffer: any array or ``None``, accepted and unused.
           kv_layout: ``"NHD"`` or ``"HND"``, of ``k_shared``/``v_shared`` and the unique cache.
-          backend, capacity: as in :class:`~jaxinfer.BatchDecodeWithPagedKVCacheWrapper`.
+          backend, capacity, deterministic: as in :class:`~jaxinfer.BatchDecodeWithPagedKVCacheWrapper`.
 
         Raises:
           ValueError: a string as ``float_workspace_buffer``, a bad ``kv_layout`` or ``backend``.
@@ -301,7 +306,7 @@ class BatchDecodeWithSharedPrefixPagedKVCacheWrapper:
         self._kv_layout = kv_layout
         self._backend = backend
         self._decode = BatchDecodeWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout, backend=backend,
-                                                          capacity=capacity)
+                                                          capacity=capacity, deterministic=deterministic)
         self._options: dict | None = None
 
     def begin_forward(

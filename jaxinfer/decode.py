@@ -122,7 +122,7 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchWrapper):
         self, float_workspace_buffer=None, kv_layout: str = "NHD", use_cuda_graph: bool = False,
         use_tensor_cores: bool = False, paged_kv_indptr_buffer=None, paged_kv_indices_buffer=None,
         paged_kv_last_page_len_buffer=None, backend: str = "auto", jit_args=None, *,
-        capacity: PlanCapacity | None = None,
+        capacity: PlanCapacity | None = None, deterministic: bool = False,
     ):
         """Make a wrapper (no device work).
 
@@ -138,12 +138,16 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchWrapper):
           backend: ``"auto"``, ``"pallas"``, ``"fa2"``, ``"fa3"`` or ``"xla"``.
           capacity: static maxima of plans (:class:`~jaxinfer.plan.batch.PlanCapacity`); default:
             sizes rounded up to powers of two.
+          deterministic: batch invariance: a request's output bits do not depend on the batch it
+            is planned in (the KV split at a fixed size, FlashInfer's ``fixed_split_size``; see
+            :meth:`~jaxinfer.plan.batch.PlanCapacity.as_deterministic`). More work tiles on large
+            batches.
 
         Raises:
           ValueError: a string as ``float_workspace_buffer`` (``kv_layout`` one position early),
             a bad ``kv_layout`` or ``backend``.
         """
-        self._setup(float_workspace_buffer, kv_layout, backend, capacity)
+        self._setup(float_workspace_buffer, kv_layout, backend, capacity, deterministic)
 
     def plan(
         self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int, head_dim: int,

@@ -120,6 +120,10 @@ _INIT_ARGS_DOC = """
             fixed shape (a step that never recompiles) pass ``capacity``.
           backend: ``"auto"``, ``"pallas"``, ``"fa2"``, ``"fa3"`` or ``"xla"``.
           capacity: static maxima of plans (:class:`~jaxinfer.plan.batch.PlanCapacity`).
+          deterministic: batch invariance: a request's output bits do not depend on the batch it
+            is planned in (the KV split at a fixed size, FlashInfer's ``fixed_split_size``; see
+            :meth:`~jaxinfer.plan.batch.PlanCapacity.as_deterministic`). More work tiles on large
+            batches.
 
         Raises:
           ValueError: a string as ``float_workspace_buffer`` (``kv_layout`` one position early),
@@ -156,9 +160,9 @@ class BatchPrefillWithPagedKVCacheWrapper(BatchWrapper):
         self, float_workspace_buffer=None, kv_layout: str = "NHD", use_cuda_graph: bool = False,
         qo_indptr_buf=None, paged_kv_indptr_buf=None, paged_kv_indices_buf=None, paged_kv_last_page_len_buf=None,
         custom_mask_buf=None, mask_indptr_buf=None, backend: str = "auto", jit_args=None, *,
-        capacity: PlanCapacity | None = None,
+        capacity: PlanCapacity | None = None, deterministic: bool = False,
     ):
-        self._setup(float_workspace_buffer, kv_layout, backend, capacity)
+        self._setup(float_workspace_buffer, kv_layout, backend, capacity, deterministic)
 
     __init__.__doc__ = "Make a wrapper (no device work).\n" + _INIT_ARGS_DOC
 
@@ -275,8 +279,9 @@ class BatchPrefillWithRaggedKVCacheWrapper(BatchWrapper):
         self, float_workspace_buffer=None, kv_layout: str = "NHD", use_cuda_graph: bool = False,
         qo_indptr_buf=None, kv_indptr_buf=None, custom_mask_buf=None, mask_indptr_buf=None,
         backend: str = "auto", jit_args=None, *, capacity: PlanCapacity | None = None,
+        deterministic: bool = False,
     ):
-        self._setup(float_workspace_buffer, kv_layout, backend, capacity)
+        self._setup(float_workspace_buffer, kv_layout, backend, capacity, deterministic)
 
     __init__.__doc__ = "Make a wrapper (no device work); ``k``/``v`` are always ``[nnz_kv, Hkv, D]``.\n" + _INIT_ARGS_DOC
 

@@ -120,7 +120,8 @@ class BlockSparseAttentionWrapper(BatchWrapper):
 
     _op = "other"
 
-    def __init__(self, float_workspace_buffer=None, backend: str = "auto", *, capacity: PlanCapacity | None = None):
+    def __init__(self, float_workspace_buffer=None, backend: str = "auto", *, capacity: PlanCapacity | None = None,
+                 deterministic: bool = False):
         """Make a wrapper (no device work).
 
         Args:
@@ -128,11 +129,15 @@ class BlockSparseAttentionWrapper(BatchWrapper):
             unused (XLA allocates kernel scratch itself).
           backend: ``"auto"``, ``"pallas"``, ``"fa2"``, ``"fa3"`` or ``"xla"``.
           capacity: static maxima of plans (:class:`~jaxinfer.plan.batch.PlanCapacity`).
+          deterministic: batch invariance: a request's output bits do not depend on the batch it
+            is planned in (the KV split at a fixed size, FlashInfer's ``fixed_split_size``; see
+            :meth:`~jaxinfer.plan.batch.PlanCapacity.as_deterministic`). More work tiles on large
+            batches.
 
         Raises:
           ValueError: a string as ``float_workspace_buffer``, a bad ``backend``.
         """
-        self._setup(float_workspace_buffer, "NHD", backend, capacity)
+        self._setup(float_workspace_buffer, "NHD", backend, capacity, deterministic)
         self._num_cols: int | None = None  # N: the only shape the spec does not hold
 
     def plan(

@@ -256,13 +256,18 @@ class BatchWrapper:
 
     _op = "prefill"  # which auto_order "auto" follows (backends.auto_order)
 
-    def _setup(self, float_workspace_buffer, kv_layout: str, backend: str, capacity: PlanCapacity | None) -> None:
+    def _setup(self, float_workspace_buffer, kv_layout: str, backend: str, capacity: PlanCapacity | None,
+               deterministic: bool = False) -> None:
         check_workspace(float_workspace_buffer)
         if backend not in backends.BACKEND_NAMES:
             raise ValueError(f"backend must be one of {backends.BACKEND_NAMES}, got {backend!r}")
         self._kv_layout = check_kv_layout(kv_layout)
         self._backend = backend
         self._capacity = capacity or PlanCapacity()
+        if deterministic:  # batch invariance: split points fixed whatever the batch (PlanCapacity.as_deterministic)
+            self._capacity = self._capacity.as_deterministic()
+            if self._op == "decode":  # one query per request: the decode tiles in every batch
+                self._capacity = dataclasses.replace(self._capacity, max_qo_len=self._capacity.max_qo_len or 1)
         # (specs, plans, infer, replans) of the last plan() call, replaced in one assignment:
         # plan() may run in several threads, each gets its own plan back and run() always sees a
         # matching set.

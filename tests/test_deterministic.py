@@ -148,17 +148,8 @@ class Setup:
     max_kv: int = 160  # their keys
 
 
-def _honours_fixed_split_size() -> bool:
-    """Whether the Pallas backend plans with the capacity's fixed split size (its backend.py
-    change of issue 23 item 3)."""
-    return "fixed_chunk" in PallasBackend._plan_args.__code__.co_varnames
-
-
 # Interpret mode runs the grid's programs one after another: a small grid keeps the tests fast.
 SMALL_GRID = PallasBackend(num_sms=2)
-
-pending = pytest.mark.skipif(not _honours_fixed_split_size(),
-                             reason="jaxinfer/backends/pallas/backend.py does not pass fixed_split_size to the planner yet")
 
 
 def _outputs_across_batches(rng, setup: Setup, backend: PallasBackend, *, target_qo: int, target_kv: int,
@@ -204,14 +195,12 @@ def _outputs_across_batches(rng, setup: Setup, backend: PallasBackend, *, target
         assert np.array_equal(lse, outs[0][1]), f"batch composition {i} changed the target request's lse bits"
 
 
-@pending
 def test_decode_output_bits_do_not_depend_on_the_batch(rng):
     """Decode (one query over 150 keys, chunks of 32) in 20 random batches: the same bits."""
     cap = PlanCapacity(max_batch_size=8, max_qo_len=1, max_kv_len=256, max_work_tiles=256).as_deterministic(32)
     _outputs_across_batches(rng, Setup(), SMALL_GRID, target_qo=1, target_kv=150, capacity=cap)
 
 
-@pending
 def test_prefill_output_bits_do_not_depend_on_the_batch(rng):
     """Causal prefill of 9 queries over 150 keys beside random prefill and decode requests in 20
     random batches: the same bits."""
@@ -219,7 +208,6 @@ def test_prefill_output_bits_do_not_depend_on_the_batch(rng):
     _outputs_across_batches(rng, Setup(max_qo=12), SMALL_GRID, target_qo=9, target_kv=150, capacity=cap, causal=True)
 
 
-@pending
 @pytest.mark.gpu
 @pytest.mark.parametrize("max_qo", [1, 64])
 def test_gpu_output_bits_do_not_depend_on_the_batch(rng, max_qo):
@@ -231,3 +219,31 @@ def test_gpu_output_bits_do_not_depend_on_the_batch(rng, max_qo):
     cap = PlanCapacity(max_qo_len=1 if max_qo == 1 else None).as_deterministic()
     _outputs_across_batches(rng, setup, PallasBackend(), target_qo=1 if max_qo == 1 else 17, target_kv=5000, capacity=cap,
                             causal=max_qo > 1)
+
+
+def test_wrapper_deterministic_decode_bits(rng):
+    """``BatchDecodeWithPagedKVCacheWrapper(deterministic=True)``: a request's output bits are the
+    same alone and beside other requests (the split size fixed; 32 here, so that it splits)."""
+    import jaxinfer
+
+    hq, hkv, d, ps, num_pages = 8, 2, 32, 4, 200
+    cache = jnp.asarray(rng.standard_normal((num_pages, 2, ps, hkv, d)), jnp.bfloat16)
+    mine = rng.permutation(num_pages)[:40]  # 160 keys: 5 chunks of 32
+    q_mine = jnp.asarray(rng.standard_normal((1, hq, d)), jnp.bfloat16)
+    outs = []
+    for others in (0, 3, 7):
+        pages = [mine] + [rng.choice(num_pages, int(rng.integers(1, 30)), replace=False) for _ in range(others)]
+        indptr = np.concatenate([[0], np.cumsum([len(p) for p in pages])])
+        last = np.concatenate([[ps], rng.integers(1, ps + 1, others)])
+        q = jnp.concatenate([q_mine, jnp.asarray(rng.standard_normal((others, hq, d)), jnp.bfloat16)])
+        w = jaxinfer.BatchDecodeWithPagedKVCacheWrapper(backend="pallas", capacity=PlanCapacity(fixed_split_size=32),
+                                                        deterministic=True)
+        w.plan(indptr, np.concatenate(pages), last, hq, hkv, d, ps, q_data_type=jnp.bfloat16)
+        outs.append(np.asarray(w.run(q, cache)[0].astype(jnp.float32)))
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])
+    # The keyword sets the capacity the backend-level tests above check (they fail without it).
+    w = jaxinfer.BatchDecodeWithPagedKVCacheWrapper(deterministic=True)
+    assert (w._capacity.fixed_split_size, w._capacity.max_qo_len) == (DETERMINISTIC_SPLIT_SIZE, 1)
+    assert jaxinfer.BatchPrefillWithRaggedKVCacheWrapper(deterministic=True)._capacity.deterministic
+    assert not jaxinfer.BatchPrefillWithRaggedKVCacheWrapper()._capacity.deterministic

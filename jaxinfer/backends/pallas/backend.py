@@ -23,7 +23,7 @@ from jaxinfer.backends.pallas.config import MAX_BLOCK_M, TileConfig, heuristic_c
 from jaxinfer.fp8 import FP8_KV_DTYPES
 from jaxinfer.plan import native
 from jaxinfer.plan.batch import BatchSpec, PlanCapacity, next_pow2
-from jaxinfer.plan.planner import PlanArgs, count_query_tiles_at, plan_packed_at, plan_work_in_jit
+from jaxinfer.plan.planner import PlanArgs, count_query_tiles_at, count_work_at, plan_packed_at, plan_work_in_jit
 from jaxinfer.plan.transfer import to_device
 from jaxinfer.variants import LOG2E, AttentionVariant
 
@@ -114,15 +114,13 @@ class PallasBackend:
         return merge.merge_states
 
     def tile_config(self, spec: BatchSpec, capacity: PlanCapacity) -> TileConfig:
-        """The tile config of ``spec``: by its mean query length, or by ``capacity.max_qo_len``
-        when that is fixed (a fixed capacity promises one compiled program for every batch that
-        fits, and the config is static), and by the bytes of a KV element."""
+        """The tile config of ``spec``: by the query length of
+        :meth:`~jaxinfer.plan.batch.PlanCapacity.config_qo_len` (the batch's mean, or
+        ``capacity.max_qo_len`` when that is fixed, or a fixed one for a deterministic capacity)
+        and by the bytes of a KV element."""
         if self.config is not None:
             return self.config
-        qo_len = capacity.max_qo_len
-        if qo_len is None:
-            qo_len = spec.qo_indptr[-1] / max(spec.batch_size, 1)
-        return _cached_heuristic_config(spec.head_dim, spec.page_size, spec.group_size, float(qo_len),
+        return _cached_heuristic_config(spec.head_dim, spec.page_size, spec.group_size, capacity.config_qo_len(spec),
                                         jnp.dtype(spec.kv_dtype).itemsize)
 
     def grid_size(self, cfg: TileConfig) -> int:
@@ -132,16 +130,30 @@ class PallasBackend:
         return (self.num_sms if self.num_sms is not None else device.num_sms()) * cfg.ctas_per_sm
 
     def _kernel_spec(self, spec: BatchSpec, cfg: TileConfig, max_tiles: int, page_capacity: int, custom_mask: bool,
-                     kv_major: bool = False) -> tuple[KernelSpec, PlanArgs]:
+                     kv_major: bool = False, fixed_chunk: int = 0, slots: int = 0) -> tuple[KernelSpec, PlanArgs]:
         """The kernel spec and the planner's static arguments of a plan (cached per geometry)."""
         return _cached_layout(self, spec.paged, spec.page_size, spec.num_qo_heads, spec.num_kv_heads, spec.head_dim,
-                              spec.variant, cfg, max_tiles, page_capacity, custom_mask, kv_major)
+                              spec.variant, cfg, max_tiles, page_capacity, custom_mask, kv_major, fixed_chunk, slots)
 
-    def _split_budget(self, cfg: TileConfig, max_tiles: int) -> int:
+    def _split_budget(self, cfg: TileConfig, max_tiles: int, slots: int = 0) -> int:
+        """Partial slots of a plan: ``slots`` when given (a fixed chunk splits by the batch, not by
+        the grid), else ``split_factor`` per CTA within the tile capacity."""
+        if slots:
+            return max(2, slots)
         return max(2, min(self.split_factor * self.grid_size(cfg), max_tiles))
 
+    def _slot_capacity(self, slots: int, max_tiles: int, capacity: PlanCapacity) -> int:
+        """Partial slots of a fixed-chunk plan with ``slots`` split tiles: every tile may be one
+        under a fixed ``max_work_tiles`` (one shape for every batch), else the batch's rounded up."""
+        return max_tiles if capacity.max_work_tiles is not None else next_pow2(max(2, slots))
+
+    def _fixed_chunk(self, capacity: PlanCapacity) -> int:
+        """The planner's ``fixed_chunk``: the capacity's split size (0 when unset, or when this
+        backend never splits, which is batch invariant as it is)."""
+        return (capacity.fixed_split_size or 0) if self.split_factor > 0 else 0
+
     def _plan_args(self, num_kv_heads: int, group_size: int, variant: AttentionVariant, cfg: TileConfig,
-                   max_work_tiles: int, kv_major: bool = False) -> PlanArgs:
+                   max_work_tiles: int, kv_major: bool = False, fixed_chunk: int = 0, slots: int = 0) -> PlanArgs:
         return PlanArgs(
             num_kv_heads=num_kv_heads,
             group_size=group_size,
@@ -150,16 +162,19 @@ class PallasBackend:
             causal=variant.causal,
             window_left=variant.window_left,
             num_ctas=self.grid_size(cfg),
-            split_budget=self._split_budget(cfg, max_work_tiles),
+            split_budget=self._split_budget(cfg, max_work_tiles, slots),
             max_work_tiles=max_work_tiles,
             split_kv=self.split_factor > 0,
             min_chunk=self.min_chunk,
             kv_major=kv_major,
+            fixed_chunk=fixed_chunk,
         )
 
-    def _plan_kwargs(self, spec: BatchSpec, cfg: TileConfig, max_work_tiles: int) -> dict:
+    def _plan_kwargs(self, spec: BatchSpec, cfg: TileConfig, max_work_tiles: int, fixed_chunk: int = 0,
+                     slots: int = 0) -> dict:
         """:func:`jaxinfer.plan.planner.plan_work`'s keyword arguments for ``spec`` (the persistent grid)."""
-        return dataclasses.asdict(self._plan_args(spec.num_kv_heads, spec.group_size, spec.variant, cfg, max_work_tiles))
+        return dataclasses.asdict(self._plan_args(spec.num_kv_heads, spec.group_size, spec.variant, cfg, max_work_tiles,
+                                                  fixed_chunk=fixed_chunk, slots=slots))
 
     def _page_capacity(self, spec: BatchSpec, capacity: PlanCapacity) -> int:
         """Entries of the plan's ``kv_indices``: room for ``max_batch_size`` requests of
@@ -184,7 +199,7 @@ class PallasBackend:
         """This backend, or for a ``kv_major_grid`` plan the one with a CTA per tile (no split;
         its plan is ``kv_major``, see :func:`jaxinfer.plan.planner.plan_work`)."""
         if (not self.kv_major_grid or self.num_ctas is not None or capacity.max_work_tiles is not None
-                or cfg.block_m < 64 or unsplit < self.grid_size(cfg)):
+                or capacity.deterministic or cfg.block_m < 64 or unsplit < self.grid_size(cfg)):
             return self
         return dataclasses.replace(self, num_ctas=next_pow2(unsplit), split_factor=0, kv_major_grid=False)
 
@@ -203,11 +218,21 @@ class PallasBackend:
         cfg = self.tile_config(spec, capacity)
         qo_indptr, kv_indptr, kv_lens, kv_indices = spec.native_addresses
         batch = spec.batch_size
-        unsplit = count_query_tiles_at(batch, qo_indptr, cfg.tokens_per_tile(spec.group_size)) * spec.num_kv_heads
-        backend = self._grid_backend(unsplit, cfg, capacity)
+        fixed_chunk, slots = self._fixed_chunk(capacity), 0
+        if fixed_chunk:
+            # The tiles and slots of a fixed chunk grow with the batch: the capacity holds this batch's.
+            _, counting = self._kernel_spec(spec, cfg, 0, 1, False, fixed_chunk=fixed_chunk)
+            counts = count_work_at(counting, batch, qo_indptr, kv_lens)
+            backend = self
+            max_tiles = capacity.resolve("max_work_tiles", counts.num_tiles)
+            slots = self._slot_capacity(counts.num_slots, max_tiles, capacity)
+        else:
+            unsplit = count_query_tiles_at(batch, qo_indptr, cfg.tokens_per_tile(spec.group_size)) * spec.num_kv_heads
+            backend = self._grid_backend(unsplit, cfg, capacity)
+            max_tiles = backend._work_capacity(unsplit, cfg, capacity)
         mask = _device_mask(spec.custom_mask)
-        ks, args = backend._kernel_spec(spec, cfg, backend._work_capacity(unsplit, cfg, capacity),
-                                        backend._page_capacity(spec, capacity), mask is not None, backend is not self)
+        ks, args = backend._kernel_spec(spec, cfg, max_tiles, backend._page_capacity(spec, capacity), mask is not None,
+                                        backend is not self, fixed_chunk=fixed_chunk, slots=slots)
         # A fresh host buffer per plan: the copy may read it after ``plan`` returns (see
         # _to_device), so it is never reused.
         host, address = _aligned_empty(ks.buffer_size)
@@ -238,11 +263,13 @@ class PallasBackend:
             kv_lens = jnp.where(n_pages > 0, (n_pages - 1) * spec.page_size + kv_last_page_len, 0)
         else:
             kv_lens = jnp.diff(kv_indptr)
-        work, cta, mi, md = plan_work_in_jit(
-            qo_indptr, kv_lens.astype(jnp.int32), kv_indptr[:-1], **self._plan_kwargs(spec, cfg, capacity.max_work_tiles)
-        )
+        fixed_chunk = self._fixed_chunk(capacity)
+        slots = capacity.max_work_tiles if fixed_chunk else 0
+        work, cta, mi, md = plan_work_in_jit(qo_indptr, kv_lens.astype(jnp.int32), kv_indptr[:-1],
+                                             **self._plan_kwargs(spec, cfg, capacity.max_work_tiles, fixed_chunk, slots))
         pages = kv_indices if spec.paged else jnp.zeros((1,), jnp.int32)
-        ks, _ = self._kernel_spec(spec, cfg, capacity.max_work_tiles, pages.shape[0], False)
+        ks, _ = self._kernel_spec(spec, cfg, capacity.max_work_tiles, pages.shape[0], False, fixed_chunk=fixed_chunk,
+                                  slots=slots)
         return PallasPlan(ks.pack(work, cta, mi, md, pages), ks, cfg)
 
     def run(self, plan: PallasPlan, q, k, v, *, kv_layout: str = "NHD", return_lse: bool = False, k_scale=None,
@@ -294,7 +321,8 @@ _cached_heuristic_config = functools.lru_cache(maxsize=256)(heuristic_config)
 @functools.lru_cache(maxsize=256)
 def _cached_layout(backend: PallasBackend, paged: bool, page_size: int, num_qo_heads: int, num_kv_heads: int,
                    head_dim: int, v: AttentionVariant, cfg: TileConfig, max_tiles: int, page_capacity: int,
-                   custom_mask: bool, kv_major: bool) -> tuple[KernelSpec, PlanArgs]:
+                   custom_mask: bool, kv_major: bool, fixed_chunk: int = 0, slots: int = 0) -> tuple[KernelSpec, PlanArgs]:
+    split_budget = backend._split_budget(cfg, max_tiles, slots)
     ks = KernelSpec(
         paged=paged,
         kv_layout="NHD",
@@ -307,8 +335,8 @@ def _cached_layout(backend: PallasBackend, paged: bool, page_size: int, num_qo_h
         window_left=v.window_left,
         logits_soft_cap=v.logits_soft_cap,
         num_ctas=backend.grid_size(cfg),
-        num_slots=backend.split_factor * backend.grid_size(cfg),
-        num_groups=backend._split_budget(cfg, max_tiles) // 2,
+        num_slots=split_budget if slots else backend.split_factor * backend.grid_size(cfg),
+        num_groups=split_budget // 2,
         max_tiles=max_tiles,
         page_capacity=page_capacity,
         pos_encoding_mode=v.pos_encoding_mode,
@@ -318,7 +346,8 @@ def _cached_layout(backend: PallasBackend, paged: bool, page_size: int, num_qo_h
         use_softmax=v.use_softmax,
         callables=v if v.has_user_callables else None,
     )
-    return ks, backend._plan_args(num_kv_heads, num_qo_heads // num_kv_heads, v, cfg, max_tiles, kv_major)
+    return ks, backend._plan_args(num_kv_heads, num_qo_heads // num_kv_heads, v, cfg, max_tiles, kv_major, fixed_chunk,
+                                  slots)
 
 
 def _aligned_empty(size: int, align: int = 64) -> tuple[np.ndarray, int]:
