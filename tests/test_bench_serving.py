@@ -118,6 +118,21 @@ def test_engine_and_dense_loop_agree_and_nothing_compiles_while_timed(model, req
     assert on["prefill_tokens_computed"] + on["cached_tokens"] == off["prefill_tokens_computed"]
     assert "prefix caching on / off" in serving.goal_lines(records)[0]
     assert "dense-xla loop" in serving.table(records)
+    for r in records:  # the per-step breakdown: medians of perf_counter stamps
+        assert r["steps"] > 0 and all(r[f"median_{k}_ms"] >= 0 for k in ("host_before", "wait", "host_after"))
+
+
+def test_synchronous_engine_gives_the_overlapped_tokens(model, requests):
+    records = serving.run_serving(model, requests, WORKLOAD, "xla", log=None,
+                                  systems=(serving.SYSTEMS[0], serving.SYNC_SYSTEM))
+    assert [r["greedy_agreement_identical"] for r in records] == [1.0, 1.0]
+    assert "overlapped / synchronous" in serving.goal_lines(records)[-1]
+    assert serving.parse_args(["--systems", "all"]).systems == serving.ALL_SYSTEMS
+    assert serving.parse_args([]).systems == serving.SYSTEMS
+    assert serving.parse_args(["--systems", "on,sync"]).systems == (serving.SYSTEMS[0], serving.SYNC_SYSTEM)
+    assert serving.parse_args(["--workload", "both"]).workload == "both"
+    with pytest.raises(SystemExit):
+        serving.parse_args(["--systems", "on,cudnn"])
 
 
 def test_greedy_agreement_counts_tokens_before_the_first_difference():
@@ -143,13 +158,20 @@ def test_smollm2_prompts_start_with_the_default_system_prompt():
     from jaxinfer.models.tokenizer import ChatTokenizer
 
     tok = ChatTokenizer.from_gguf()
-    requests, shared = serving.chat_requests(serving.TINY, tok)
+    requests, shared, workload = serving.chat_requests(serving.TINY, tok)
     system = f"<|im_start|>system\n{tok.default_system_prompt}<|im_end|>\n<|im_start|>user\n"
-    assert tok.decode(requests[0][0][:shared]) == system
+    assert tok.decode(requests[0][0][:shared]) == system and workload == serving.TINY
     for prompt, _ in requests:
         assert prompt[:shared] == requests[0][0][:shared]
         assert tok.decode(prompt).endswith("<|im_end|>\n<|im_start|>assistant\n")
     assert shared // serving.TINY.page_size >= 1  # a full page to share
+    # The few-shot workload: the documented 501-token prefix (493 of text), max_seq_len raised to
+    # hold the longest request (full size: 2512; chat keeps 2048).
+    few, shared, fitted = serving.chat_requests(serving.TINY, tok, serving.FEW_SHOT_SYSTEM_PROMPT)
+    assert shared == 501 and len(tok.encode(serving.FEW_SHOT_SYSTEM_PROMPT, add_special_tokens=False)) == 493
+    assert tok.decode(few[0][0][:shared]).startswith("<|im_start|>system\nYou are a support assistant")
+    assert fitted.max_seq_len == 560 and all(len(p) + n <= 560 for p, n in few)
+    assert serving.FULL.fitted(shared, 6).max_seq_len == 2512 and serving.FULL.fitted(24, 5) is serving.FULL
 
 
 def test_breakdown_variants_keep_or_skip_the_append():

@@ -1,16 +1,30 @@
 """Serving benchmark: SmolLM2-135M-Instruct (real weights) through jaxinfer's engine and a dense loop.
 
-    python -m jaxinfer.bench.serving [--size full|tiny] [--backend auto] [--out DIR]
+    python -m jaxinfer.bench.serving [--size full|tiny] [--workload chat|few-shot|both] [--backend auto]
+                                     [--systems on,off,dense,sync|all] [--out DIR]
 
 Issue 17's serving figures: output tokens/s, median time to first token (TTFT) and median
 inter-token latency (ITL) of
 
 - ``jaxinfer, prefix caching on``: :class:`jaxinfer.serve.ServingEngine` (paged cache, chunked
-  prefill, prefix pages shared and read once per group through cascade attention);
+  prefill, prefix pages shared and read once per group through cascade attention; overlapped
+  steps: the host plans step ``t + 1`` while the device runs step ``t``);
 - ``jaxinfer, prefix caching off``: the same engine without prefix caching (one attention level);
 - ``dense-xla loop``: the same scheduling with a contiguous per-slot cache and
   ``jax.nn.dot_product_attention`` with XLA's implementation
-  (:class:`jaxinfer.bench.dense_loop.DenseServingLoop`), what a plain JAX serving loop does.
+  (:class:`jaxinfer.bench.dense_loop.DenseServingLoop`), what a plain JAX serving loop does
+  (synchronous steps);
+- ``jaxinfer, prefix caching on, synchronous`` (only with ``--systems``, ``sync``): the engine with
+  ``EngineConfig(overlap=False)``, to see what overlapping gains.
+
+Each record also gives the median over steps of where a step's wall time goes (``time.perf_counter``
+stamps in :meth:`ServingEngine.step` and :meth:`DenseServingLoop.step`): ``host_before_ms``
+(scheduling, planning, building the inputs, dispatching), ``wait_ms`` (blocked on the sampled
+tokens: the device's remaining work and the copy to the host) and ``host_after_ms`` (appending
+tokens, prefix-tree registration, finishing requests). With overlap, ``wait_ms`` is the wait for
+the *previous* step while the one just dispatched is queued behind it: a step whose host time
+hides behind the device shows ``host_before_ms + host_after_ms`` well under the step time and
+``wait_ms`` near the device's step time.
 
 Goals (issue 17): prefix caching on >= 1.3x the tokens/s of off; jaxinfer >= 2x the dense-XLA
 loop. Every system serves the same requests greedily; the table also gives the fraction of greedy
@@ -31,21 +45,33 @@ ShareGPT means of 161 input and 338 output tokens with long right tails; here, d
 
 The user message is that many tokens drawn uniformly (same generator) from the vocabulary's
 word tokens (a space and at least three lowercase letters, e.g. ``" house"``), put in the chat
-template: ``ChatTokenizer.apply_chat_template([{"role": "user", ...}])`` with its default system
-prompt (``--system-prompt`` replaces it), so every prompt starts with the same tokens (the
-system turn and ``<|im_start|>user\\n``: 24 tokens, one full page of 16, for SmolLM2's default)
-and ends with the generation prompt. Sizes: at most 64 requests at once, 512 prompt tokens per
-step (chunked prefill), sequences up to 2048 tokens, pages of 16; the engine's pool holds every
-running request's worst case; the dense loop's cache is ``[64, 2048]`` tokens per layer; both pad
-a step's prompt rows to 512 (the engine per step, the dense loop per request's chunk).
+template, so every prompt starts with the same tokens (the system turn and
+``<|im_start|>user\\n``) and ends with the generation prompt. Two workloads (``--workload``;
+the default runs ``chat``, ``both`` runs one then the other, each with its own ratios):
+
+- ``chat``: ``ChatTokenizer.apply_chat_template([{"role": "user", ...}])`` with the template's
+  default system prompt (``--system-prompt`` replaces it): a shared prefix of 24 tokens, one full
+  page of 16, for SmolLM2's; prefix caching saves little there.
+- ``few-shot``: :data:`FEW_SHOT_SYSTEM_PROMPT` as the system turn: instructions for a support
+  assistant (route a customer's message to one of five teams, rate its urgency, draft a reply in
+  three labelled lines) and five worked examples, 493 tokens of text, a shared prefix of 501
+  tokens (31 full pages) in SmolLM2's template: the shape of a few-shot or long-instruction
+  deployment, where every request repeats the same long system prompt.
+
+Sizes: at most 64 requests at once, 512 prompt tokens per step (chunked prefill), sequences up
+to ``max_seq_len`` = 2048 tokens, pages of 16; a workload whose longest possible request is
+longer raises ``max_seq_len`` to hold it, rounded up to a page (``few-shot`` at full size: 2512),
+for both kinds of server. The engine's pool holds every running request's worst case; the dense
+loop's cache is ``[64, max_seq_len]`` tokens per layer; both pad a step's prompt rows to 512 (the
+engine per step, the dense loop per request's chunk).
 
 Measurement: per system, a warm-up first compiles every step program on throw-away servers of
 the same configuration (the engine: a prompt-only step, a mixed step and decode-only steps; the
 dense loop: :meth:`DenseServingLoop.compile_all`), repeated until a pass compiles nothing, and a
 JAX compile listener counts compilations during the timed run (0 expected). The timed run starts
-on a fresh server (an empty prefix cache), submits all requests, then steps until idle; each step
-ends with its sampled tokens on the host, so a token's time is the end of the step that
-sampled it. tokens/s = generated tokens / (end of the last step - start); TTFT = time of a
+on a fresh server (an empty prefix cache), submits all requests, then steps until idle; each
+``step()`` call ends with a step's sampled tokens on the host (with overlap: the step dispatched
+by the previous call), so a token's time is the end of the call that brought it to the host. tokens/s = generated tokens / (end of the last step - start); TTFT = time of a
 request's first token (from t = 0: queueing included); ITL = every gap between consecutive tokens
 of a request, median over all gaps; TPOT = a request's mean gap, median over requests.
 """
@@ -76,10 +102,49 @@ from jaxinfer.plan.checks import check_int
 from jaxinfer.serve import EngineConfig, ServingEngine
 
 SYSTEMS = ("jaxinfer, prefix caching on", "jaxinfer, prefix caching off", "dense-xla loop")
+SYNC_SYSTEM = "jaxinfer, prefix caching on, synchronous"
+ALL_SYSTEMS = (*SYSTEMS, SYNC_SYSTEM)
+SYSTEM_KEYS = dict(zip(("on", "off", "dense", "sync"), ALL_SYSTEMS))  # --systems' short names
 RECORDS_FILE = "serving.jsonl"
 GOAL_PREFIX_CACHING = 1.3  # tokens/s of prefix caching on over off (issue 17)
 GOAL_VS_DENSE = 2.0  # tokens/s of jaxinfer over the dense-XLA loop (issue 17)
 _WORD_TOKEN = re.compile(r"Ġ[a-z]{3,}")  # byte-level BPE: "Ġ" is the leading space
+WORKLOADS = ("chat", "few-shot")
+
+FEW_SHOT_SYSTEM_PROMPT = """You are a support assistant for a software company. You read a customer's message, decide which team should handle it, how urgent it is, and write a short, friendly first reply. Answer in three lines: "Team:", "Priority:" and "Reply:". Teams are Billing, Accounts, Bugs, Performance and Sales. Priorities are low, normal and urgent: urgent when the customer cannot work at all or loses money, low for questions and wishes. Keep the reply under forty words, never promise dates, and ask for the details the team will need.
+
+Example 1.
+Customer: I was charged twice for my monthly plan this morning. Please refund the second payment.
+Team: Billing
+Priority: urgent
+Reply: Sorry about the double charge! I have passed this to our billing team. Could you send the last four digits of the card and the time of both payments?
+
+Example 2.
+Customer: The export button does nothing since the last update. I use Firefox on Linux.
+Team: Bugs
+Priority: normal
+Reply: Thanks for the report. Which version of Firefox do you use, and does the same happen with a small file? A screenshot of the browser console would help our developers.
+
+Example 3.
+Customer: Can I invite five more people to my team without changing plans?
+Team: Sales
+Priority: low
+Reply: Good question! Your plan includes ten seats; our sales team can tell you how many are free and what larger plans cost. How many people would you like to add in total?
+
+Example 4.
+Customer: Nobody in our office can log in since an hour ago. We get an error about an expired token.
+Team: Accounts
+Priority: urgent
+Reply: We are on it. Please send the exact error text and your company's account name. Does signing in from a private browser window work for anyone?
+
+Example 5.
+Customer: Reports with more than a year of data take minutes to load, they used to take seconds.
+Team: Performance
+Priority: normal
+Reply: Thanks for letting us know. Which report is slowest, and since when? Our performance team will look at your account's data and get back to you.
+
+Now answer the next customer in the same format."""
+"""The ``few-shot`` workload's system prompt (see the module docstring)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +199,7 @@ class ServingWorkload:
     seed: int = 0
     kv_dtype: str | None = None
 
-    def engine_config(self, backend: str, prefix_caching: bool) -> EngineConfig:
+    def engine_config(self, backend: str, prefix_caching: bool, overlap: bool = True) -> EngineConfig:
         """The engine's configuration: a pool that holds ``max_batch_size`` requests of
         ``max_seq_len`` tokens, no stop tokens, and the xla sampler (greedy requests never run it;
         it only compiles faster than the Pallas one)."""
@@ -142,7 +207,15 @@ class ServingWorkload:
         return EngineConfig(num_pages=pages, page_size=self.page_size, max_seq_len=self.max_seq_len,
                             max_batch_size=self.max_batch_size, max_prefill_tokens=self.max_prefill_tokens,
                             backend=backend, prefix_caching=prefix_caching, sampling_backend="xla",
-                            kv_dtype=self.kv_dtype)
+                            kv_dtype=self.kv_dtype, overlap=overlap)
+
+    def fitted(self, prefix_len: int, suffix_len: int) -> ServingWorkload:
+        """This workload with ``max_seq_len`` raised (to a multiple of ``page_size``) so that
+        its longest possible request, ``prefix_len + prompt.high + suffix_len + output.high``
+        tokens, fits; unchanged when it already does."""
+        longest = prefix_len + self.prompt.high + suffix_len + self.output.high
+        need = -(-longest // self.page_size) * self.page_size
+        return self if need <= self.max_seq_len else dataclasses.replace(self, max_seq_len=need)
 
     def dense_config(self) -> DenseLoopConfig:
         return DenseLoopConfig(max_batch_size=self.max_batch_size, max_seq_len=self.max_seq_len,
@@ -188,7 +261,8 @@ def make_requests(workload: ServingWorkload, prefix: Sequence[int], suffix: Sequ
 
 def chat_requests(workload: ServingWorkload, tokenizer, system_prompt: str | None = None):
     """:func:`make_requests` through ``tokenizer``'s chat template (a
-    :class:`~jaxinfer.models.tokenizer.ChatTokenizer`); returns ``(requests, shared prefix tokens)``."""
+    :class:`~jaxinfer.models.tokenizer.ChatTokenizer`) on ``workload`` fitted to the template
+    (:meth:`ServingWorkload.fitted`); returns ``(requests, shared prefix tokens, fitted workload)``."""
     marker = "\ue000"  # a private-use character: no prompt contains it
     messages = [{"role": "user", "content": marker}]
     if system_prompt is not None:
@@ -198,14 +272,16 @@ def chat_requests(workload: ServingWorkload, tokenizer, system_prompt: str | Non
     suffix = tokenizer.encode(after, add_special_tokens=False)
     vocab = tokenizer.tokenizer.get_vocab()
     word_ids = sorted(i for tok, i in vocab.items() if _WORD_TOKEN.fullmatch(tok))
-    return make_requests(workload, prefix, suffix, word_ids), len(prefix)
+    workload = workload.fitted(len(prefix), len(suffix))
+    return make_requests(workload, prefix, suffix, word_ids), len(prefix), workload
 
 
 def make_server(system: str, model, workload: ServingWorkload, backend: str, log: TextIO | None):
     """A fresh engine or dense loop for one of :data:`SYSTEMS`."""
     if system == SYSTEMS[2]:
         return DenseServingLoop(model, workload.dense_config(), log=log)
-    return ServingEngine(model, workload.engine_config(backend, prefix_caching=system == SYSTEMS[0]), log=log)
+    config = workload.engine_config(backend, prefix_caching=system != SYSTEMS[1], overlap=system != SYNC_SYSTEM)
+    return ServingEngine(model, config, log=log)
 
 
 @contextlib.contextmanager
@@ -257,8 +333,9 @@ def warm_up(system: str, model, workload: ServingWorkload, backend: str, log: Te
 @dataclasses.dataclass(frozen=True)
 class RunResult:
     """A timed run: ``outputs {rid: tokens}``, ``token_times {rid: [s]}`` (seconds from the start,
-    one per token), ``wall_s`` (start to the end of the last step), ``steps``, ``compiles``
-    (XLA compilations during the run) and the server's ``stats``."""
+    one per token), ``wall_s`` (start to the end of the last step), ``steps`` (dispatched),
+    ``compiles`` (XLA compilations during the run), the server's ``stats`` and ``step_times``
+    (its per-step ``(host before dispatch, wait, host after)`` seconds)."""
 
     outputs: dict[int, list[int]]
     token_times: dict[int, list[float]]
@@ -266,6 +343,7 @@ class RunResult:
     steps: int
     compiles: int
     stats: dict
+    step_times: list[tuple[float, float, float]]
 
 
 def timed_run(server, requests: Sequence[tuple[Sequence[int], int]]) -> RunResult:
@@ -274,15 +352,14 @@ def timed_run(server, requests: Sequence[tuple[Sequence[int], int]]) -> RunResul
     times = {rid: [] for rid in rids}
     with counting_compiles() as compiles:
         start = now = time.perf_counter()
-        steps = 0
         while not server.idle:
             result = server.step()
             now = time.perf_counter()
-            steps += 1
             for rid in result.tokens:
                 times[rid].append(now - start)
     outputs = {rid: list(server.finished[rid].output) for rid in rids}
-    return RunResult(outputs, times, now - start, steps, len(compiles), dict(server.stats))
+    return RunResult(outputs, times, now - start, server.stats["steps"], len(compiles), dict(server.stats),
+                     list(server.step_times))
 
 
 def latency_metrics(run: RunResult) -> dict:
@@ -291,6 +368,7 @@ def latency_metrics(run: RunResult) -> dict:
     gaps = [np.diff(t) for t in run.token_times.values()]
     tpot = [g.mean() for g in gaps if g.size]
     all_gaps = np.concatenate(gaps) if gaps else np.zeros(0)
+    parts = np.median(np.asarray(run.step_times), axis=0) * 1e3 if run.step_times else [None] * 3
     return {
         "output_tokens": tokens,
         "wall_s": run.wall_s,
@@ -300,6 +378,8 @@ def latency_metrics(run: RunResult) -> dict:
         "median_tpot_ms": 1e3 * float(np.median(tpot)) if tpot else None,
         "steps": run.steps,
         "compiles_during_run": run.compiles,
+        **{f"median_{k}_ms": None if v is None else float(v)
+           for k, v in zip(("host_before", "wait", "host_after"), parts)},
     }
 
 
@@ -347,34 +427,42 @@ def run_serving(model, requests, workload: ServingWorkload, backend: str = "auto
 
 
 def table(records: Sequence[dict]) -> str:
-    headers = ["system", "output tok/s", "median TTFT ms", "median ITL ms", "median TPOT ms", "steps",
-               "compiles", "vs off", "vs dense-xla", "greedy agree (prefix / identical)"]
+    headers = ["workload", "system", "output tok/s", "median TTFT ms", "median ITL ms", "median TPOT ms", "steps",
+               "step host before / wait / after ms", "compiles", "vs off", "vs dense-xla",
+               "greedy agree (prefix / identical)"]
 
     def fmt(x, spec):
         return "" if x is None else format(x, spec)
 
-    rows = [[r["system"], fmt(r["output_tokens_per_s"], ".1f"), fmt(r["median_ttft_ms"], ".1f"),
-             fmt(r["median_itl_ms"], ".2f"), fmt(r["median_tpot_ms"], ".2f"), r["steps"], r["compiles_during_run"],
-             fmt(r["vs_prefix_caching_off"], ".2f"), fmt(r["vs_dense_xla"], ".2f"),
+    rows = [[r.get("workload_name", ""), r["system"], fmt(r["output_tokens_per_s"], ".1f"), fmt(r["median_ttft_ms"], ".1f"),
+             fmt(r["median_itl_ms"], ".2f"), fmt(r["median_tpot_ms"], ".2f"), r["steps"],
+             " / ".join(fmt(r[f"median_{k}_ms"], ".2f") for k in ("host_before", "wait", "host_after")),
+             r["compiles_during_run"], fmt(r["vs_prefix_caching_off"], ".2f"), fmt(r["vs_dense_xla"], ".2f"),
              f"{r['greedy_agreement_prefix']:.3f} / {r['greedy_agreement_identical']:.3f}"] for r in records]
     return tabulate(rows, headers=headers)
 
 
 def goal_lines(records: Sequence[dict]) -> list[str]:
-    """Issue 17's two goals against this run's ratios."""
-    by = {r["system"]: r for r in records}
+    """Issue 17's two goals against this run's ratios, per workload."""
     lines = []
-    on, off, dense = (by.get(s) for s in SYSTEMS)
-    if on and off and on["vs_prefix_caching_off"]:
-        x = on["vs_prefix_caching_off"]
-        lines.append(f"prefix caching on / off: {x:.2f}x tokens/s (goal >= {GOAL_PREFIX_CACHING}: "
-                     f"{'met' if x >= GOAL_PREFIX_CACHING else 'not met'})")
-    if dense:
-        for r in (on, off):
-            if r and r["vs_dense_xla"]:
-                x = r["vs_dense_xla"]
-                lines.append(f"{r['system']} / dense-xla loop: {x:.2f}x tokens/s (goal >= {GOAL_VS_DENSE}: "
-                             f"{'met' if x >= GOAL_VS_DENSE else 'not met'})")
+    for name in dict.fromkeys(r.get("workload_name", "") for r in records):
+        by = {r["system"]: r for r in records if r.get("workload_name", "") == name}
+        label = f"{name}: " if name else ""
+        on, off, dense = (by.get(s) for s in SYSTEMS)
+        if on and off and on["vs_prefix_caching_off"]:
+            x = on["vs_prefix_caching_off"]
+            lines.append(f"{label}prefix caching on / off: {x:.2f}x tokens/s (goal >= {GOAL_PREFIX_CACHING}: "
+                         f"{'met' if x >= GOAL_PREFIX_CACHING else 'not met'})")
+        if dense:
+            for r in (on, off):
+                if r and r["vs_dense_xla"]:
+                    x = r["vs_dense_xla"]
+                    lines.append(f"{label}{r['system']} / dense-xla loop: {x:.2f}x tokens/s (goal >= {GOAL_VS_DENSE}: "
+                                 f"{'met' if x >= GOAL_VS_DENSE else 'not met'})")
+        sync = by.get(SYNC_SYSTEM)
+        if on and sync and sync["output_tokens_per_s"]:
+            lines.append(f"{label}overlapped / synchronous steps (prefix caching on): "
+                         f"{on['output_tokens_per_s'] / sync['output_tokens_per_s']:.2f}x tokens/s")
     return lines
 
 
@@ -382,6 +470,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jaxinfer.bench.serving", description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=tuple(SIZES), default=None,
                    help="full (256 requests; the GPU default) or tiny (6 short requests; the CPU default)")
+    p.add_argument("--workload", choices=(*WORKLOADS, "both"), default="chat",
+                   help="chat (the template's 24-token system prompt; default), few-shot (a 501-token shared "
+                        "few-shot system prompt) or both, one after the other")
+    p.add_argument("--systems", default="on,off,dense",
+                   help="comma-separated systems to time: " + ", ".join(f"{k} ({v})" for k, v in SYSTEM_KEYS.items())
+                        + ", or all (default on,off,dense)")
     p.add_argument("--backend", default="auto", help="the engine's attention backend (default auto)")
     p.add_argument("--out", type=Path, default=Path("bench_out"),
                    help=f"directory of {RECORDS_FILE} (default bench_out/)")
@@ -390,8 +484,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kv-dtype", default=None,
                    help="the engine's KV cache dtype, e.g. e4m3 (default: the model's; the dense loop keeps it)")
     p.add_argument("--system-prompt", default=None,
-                   help="the shared system prompt (default: the chat template's own)")
-    return p.parse_args(argv)
+                   help="the chat workload's shared system prompt (default: the chat template's own)")
+    args = p.parse_args(argv)
+    keys = tuple(SYSTEM_KEYS) if args.systems == "all" else tuple(x.strip() for x in args.systems.split(","))
+    for key in keys:
+        if key not in SYSTEM_KEYS:
+            p.error(f"--systems: unknown system {key!r}; choose from {tuple(SYSTEM_KEYS)} or 'all'")
+    args.systems = tuple(SYSTEM_KEYS[k] for k in keys)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -400,25 +500,30 @@ def main(argv: list[str] | None = None) -> int:
     from jaxinfer.models.tokenizer import ChatTokenizer
 
     gpu = on_gpu()
-    workload = dataclasses.replace(SIZES[args.size or ("full" if gpu else "tiny")], kv_dtype=args.kv_dtype)
+    size = dataclasses.replace(SIZES[args.size or ("full" if gpu else "tiny")], kv_dtype=args.kv_dtype)
     dtype = jnp.dtype(args.dtype or ("bfloat16" if gpu else "float32"))
     start = time.perf_counter()
     model = LlamaModel.from_gguf(dtype=dtype)
     tokenizer = ChatTokenizer.from_gguf()
-    requests, shared = chat_requests(workload, tokenizer, args.system_prompt)
-    prompt_lens = [len(p) for p, _ in requests]
-    output_lens = [n for _, n in requests]
     print(f"SmolLM2-135M-Instruct ({dtype.name}) loaded in {time.perf_counter() - start:.1f} s on "
-          f"{jax.devices()[0].device_kind}; {len(requests)} requests: prompt tokens median "
-          f"{np.median(prompt_lens):.0f} mean {np.mean(prompt_lens):.0f} max {max(prompt_lens)}, output tokens "
-          f"median {np.median(output_lens):.0f} mean {np.mean(output_lens):.0f} max {max(output_lens)} "
-          f"(sum {sum(output_lens)}); shared prefix {shared} tokens "
-          f"({shared // workload.page_size} full page(s) of {workload.page_size})",
-          file=sys.stderr)
-    records = run_serving(model, requests, workload, args.backend)
+          f"{jax.devices()[0].device_kind}", file=sys.stderr)
     env = environment()
-    for r in records:
-        r.update(workload=workload.describe(), shared_prefix_tokens=shared, dtype=dtype.name, **env)
+    records = []
+    for name in WORKLOADS if args.workload == "both" else (args.workload,):
+        system_prompt = FEW_SHOT_SYSTEM_PROMPT if name == "few-shot" else args.system_prompt
+        requests, shared, workload = chat_requests(size, tokenizer, system_prompt)
+        prompt_lens = [len(p) for p, _ in requests]
+        output_lens = [n for _, n in requests]
+        print(f"workload {name}: {len(requests)} requests: prompt tokens median "
+              f"{np.median(prompt_lens):.0f} mean {np.mean(prompt_lens):.0f} max {max(prompt_lens)}, output tokens "
+              f"median {np.median(output_lens):.0f} mean {np.mean(output_lens):.0f} max {max(output_lens)} "
+              f"(sum {sum(output_lens)}); shared prefix {shared} tokens "
+              f"({shared // workload.page_size} full page(s) of {workload.page_size}); "
+              f"max_seq_len {workload.max_seq_len}", file=sys.stderr)
+        for r in run_serving(model, requests, workload, args.backend, systems=args.systems):
+            r.update(workload_name=name, workload=workload.describe(), shared_prefix_tokens=shared,
+                     dtype=dtype.name, **env)
+            records.append(r)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / RECORDS_FILE
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
