@@ -20,6 +20,21 @@ runs each layer's :meth:`~jaxinfer.models.llama.LlamaDecoderLayer.block` around 
 Bounded programs: one decode program and one prefill program per row bucket
 (:func:`jaxinfer.nn.row_buckets` from ``min_prefill_rows`` to ``max_prefill_tokens``; one by
 default), compiled ahead by :meth:`DenseServingLoop.compile_all`.
+
+What it does and does not do, against the engine (so that the benchmark compares attention and
+cache layout, not one side's neglected host code):
+
+- the same host fixes where the code is shared: :func:`jaxinfer.serve.schedule_step`, and the
+  model passed as a :class:`jaxinfer.serve.ModelDef` (its graph hashed once, parameters as a flat
+  list) instead of an nnx ``GraphDef`` whose hash walks the graph on every jitted call (about
+  3 ms per call for SmolLM2, paid here once per prompt chunk and once per decode);
+- synchronous steps: it waits for a step's tokens before it plans the next (the engine overlaps
+  them, ``EngineConfig(overlap=True)``); a plain loop written directly in JAX has no reason to
+  carry its tokens on the device, and its per-step host work is small (no planner: one
+  prefill call per chunk with four scalars, one decode call with two ``[max_batch_size]``
+  arrays), so :attr:`DenseServingLoop.step_times` shows mostly the wait for the device;
+- no prefix caching (every prompt is computed), greedy sampling only, no stop tokens, no
+  cancellation; every decode attends over the whole ``max_seq_len`` of every slot (masked).
 """
 
 from __future__ import annotations
@@ -133,7 +148,8 @@ class DenseServingLoop:
     The interface is :class:`jaxinfer.serve.ServingEngine`'s subset that a benchmark drives:
     :meth:`submit`, :meth:`step` (returns a :class:`~jaxinfer.serve.StepResult`), :attr:`idle`,
     :attr:`finished`, :meth:`run`; ``stats`` counts ``steps``, ``prefill_tokens`` and
-    ``decode_tokens``.
+    ``decode_tokens``; ``step_times`` holds per step ``(host before dispatch, wait for the
+    device, host after)`` seconds, as the engine's.
 
     Args:
       model: the model (weights captured at construction).
