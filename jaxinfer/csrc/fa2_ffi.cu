@@ -56,14 +56,15 @@ ffi::Error Fa2ForwardImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
                           ffi::Buffer<ffi::S32> qo_indptr, ffi::Buffer<ffi::S32> kv_indptr,
                           ffi::Buffer<ffi::S32> kv_indices, ffi::Buffer<ffi::S32> kv_lens,
                           ffi::Buffer<ffi::S32> tile_batch, ffi::Buffer<ffi::S32> tile_qstart,
-                          ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::Buffer<ffi::F32>> lse, bool causal,
-                          int32_t window_left, float logits_soft_cap, float sm_scale, int32_t page_size, bool paged,
-                          bool kv_layout_hnd) {
+                          ffi::Buffer<ffi::F32> sinks, ffi::Result<ffi::AnyBuffer> o,
+                          ffi::Result<ffi::Buffer<ffi::F32>> lse, bool causal, int32_t window_left,
+                          float logits_soft_cap, float sm_scale, int32_t page_size, bool paged,
+                          bool kv_layout_hnd, bool has_sinks) {
   Fa2Params p{};
   ForwardShape sh;
   if (ffi::Error e = forward_params(kCall, q, k, v, qo_indptr, kv_indptr, kv_indices, kv_lens, tile_batch, tile_qstart,
-                                    *o, *lse, causal, window_left, logits_soft_cap, sm_scale, page_size, paged,
-                                    kv_layout_hnd, p, sh);
+                                    sinks, *o, *lse, causal, window_left, logits_soft_cap, sm_scale, page_size,
+                                    paged, kv_layout_hnd, has_sinks, p, sh);
       e.failure())
     return e;
   p.paged = paged;

@@ -31,7 +31,7 @@ from jaxinfer.plan.batch import BatchSpec, PlanCapacity, pad_batch, pad_to
 from jaxinfer.plan.layout import F
 from jaxinfer.plan.planner import PlanArgs, plan_work
 from jaxinfer.plan.transfer import to_device
-from jaxinfer.variants import LOG2E, apply_sink
+from jaxinfer.variants import LOG2E
 
 # Query rows of one CTA per kernel and head_dim: fa2, 16 * kMT * kWarps of Fa2Traits in
 # jaxinfer/csrc/fa2/kernel.cuh; fa3, kBM of jaxinfer/csrc/fa3/config.cuh (two consumer warpgroups of 64 rows).
@@ -195,10 +195,12 @@ class FlashAttentionBackend:
         ``2**-9`` in bf16), the output rows by ``v_scale[h]`` after it (the softmax variant they
         serve has no output transform to come before).
 
-        ``sinks`` (``[Hq]`` float32 natural-log logits or ``None``) are an elementwise epilogue on
-        the kernels' ``(o, lse)`` in float32 (:func:`jaxinfer.variants.apply_sink`): the kernels
-        write final rows (no split-KV), so each row counts its sink once, and the CUDA code is
-        the same with or without them.
+        ``sinks`` (``[Hq]`` float32 natural-log logits or ``None``) join the softmax denominator
+        inside the kernels' epilogues (``sinks * log2(e)`` passed to
+        :func:`jaxinfer.backends.ffi.ops.flash_forward`; the math of
+        :func:`jaxinfer.variants.apply_sink` on the running max and sum): the kernels write final
+        rows (no split-KV), so each row counts its sink once, with no extra pass over ``o``. The
+        sink is not scaled by ``k_scale``, and ``v_scale`` commutes with it (a sink has no value).
 
         Raises:
           ValueError: q/k/v shapes or dtypes disagree with the plan (at trace time), or
@@ -224,12 +226,10 @@ class FlashAttentionBackend:
             paged=plan.paged,
             kv_layout=kv_layout,
             kernel=self.name,
+            sinks_log2=None if sinks is None else jnp.asarray(sinks, jnp.float32) * LOG2E,
         )
         if v_scale is not None:
             o = _scale_heads(o, v_scale, plan.num_qo_heads)
-        if sinks is not None:
-            o, lse = apply_sink(o.astype(jnp.float32), lse, sinks * LOG2E)
-            o = o.astype(q.dtype)
         return o, (lse if return_lse else None)
 
 

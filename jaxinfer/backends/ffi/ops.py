@@ -84,6 +84,7 @@ def flash_forward(
     paged: bool,
     kv_layout: str = "NHD",
     kernel: str = "fa2",
+    sinks_log2: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """FlashAttention forward over a planned ragged batch: FlashAttention-2 (Dao 2023, arXiv
     2307.08691; ``kernel="fa2"``, sm80+) or FlashAttention-3 (Shah et al. 2024, arXiv 2407.08608;
@@ -100,10 +101,17 @@ def flash_forward(
       causal, window_left, logits_soft_cap, sm_scale: the variant (shared/DESIGN.md sec. 2).
       page_size: tokens per page (ignored when ragged). kv_layout: ``"NHD"`` or ``"HND"``.
       kernel: ``"fa2"`` or ``"fa3"`` (the query tiles must be planned for its tile height).
+      sinks_log2: ``[Hq]`` float32 attention sinks in base 2 (the natural-log sinks times
+        ``log2(e)``) or ``None``. The kernels' epilogues join each head's sink to its rows'
+        softmax denominator (``o = sum_j 2^{x_j} v_j / (sum_j 2^{x_j} + 2^{s_h})``, the lse
+        includes it; the form of :func:`jaxinfer.variants.apply_sink`): the kernels write final
+        rows, so each row counts it once. Without sinks the call passes a 1-element dummy and
+        ``has_sinks=False`` (the custom call takes the operand in every call).
 
     Returns:
-      ``(o [nnz_q, Hq, D] in q.dtype, lse [nnz_q, Hq] float32 base 2)``; rows past
-      ``qo_indptr[B]`` get ``o = 0``, ``lse = -inf``.
+      ``(o [nnz_q, Hq, D] in q.dtype, lse [nnz_q, Hq] float32 base 2)``; a row with no visible
+      key gets ``o = 0`` and ``lse = -inf`` (with sinks: ``lse = sinks_log2[h]``); rows past
+      ``qo_indptr[B]`` (no request's) get ``o = 0``, ``lse = -inf``.
 
     Raises:
       ValueError: shape, dtype or option mismatch (checked at trace time).
@@ -128,6 +136,12 @@ def flash_forward(
     _check(qo_indptr.shape == kv_indptr.shape and qo_indptr.shape[0] == kv_lens.shape[0] + 1,
            f"qo_indptr {qo_indptr.shape}, kv_indptr {kv_indptr.shape} must be [B+1] for kv_lens {kv_lens.shape}")
     _check(tile_batch.shape == tile_qstart.shape, "tile_batch and tile_qstart must have one shape")
+    has_sinks = sinks_log2 is not None
+    if has_sinks:
+        _check(sinks_log2.shape == (hq,) and sinks_log2.dtype == jnp.float32,
+               f"sinks_log2 must be float32 [Hq={hq}], got {sinks_log2.shape}{sinks_log2.dtype}")
+    else:
+        sinks_log2 = jnp.zeros((1,), jnp.float32)  # never read (has_sinks=False)
     if device.gpu_arch() is not None:
         ensure_registered(kernel)
     results = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:2], jnp.float32))
@@ -140,7 +154,7 @@ def flash_forward(
         vmap_method="sequential",
     )
     o, lse, *_ = call(
-        q, k, v, qo_indptr, kv_indptr, kv_indices, kv_lens, tile_batch, tile_qstart,
+        q, k, v, qo_indptr, kv_indptr, kv_indices, kv_lens, tile_batch, tile_qstart, sinks_log2,
         causal=bool(causal),
         window_left=np.int32(window_left),
         logits_soft_cap=np.float32(logits_soft_cap or 0.0),
@@ -148,6 +162,7 @@ def flash_forward(
         page_size=np.int32(page_size if paged else 1),
         paged=bool(paged),
         kv_layout_hnd=kv_layout == "HND",
+        has_sinks=has_sinks,
     )
     return o, lse
 

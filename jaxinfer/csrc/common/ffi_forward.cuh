@@ -3,10 +3,17 @@
 //   args: q [nnz_q, Hq, D], k, v (ragged [nnz_kv, Hkv, D] or paged caches
 //         [P, page_size, Hkv, D] (NHD) / [P, Hkv, page_size, D] (HND)), qo_indptr [B+1],
 //         kv_indptr [B+1], kv_indices [nnz_pages], kv_lens [B], tile_batch [T], tile_qstart [T]
-//         (int32; B and T padded by the planner: tile_batch = -1 marks padding tiles);
+//         (int32; B and T padded by the planner: tile_batch = -1 marks padding tiles), sinks
+//         (float32 [Hq]: each head's attention sink times log2(e), when has_sinks; otherwise any
+//         float32 array, never read);
 //   rets: o [nnz_q, Hq, D] in q's dtype, lse [nnz_q, Hq] float32 base 2;
 //   attrs: causal, window_left, logits_soft_cap (0 = off), sm_scale, page_size, paged,
-//          kv_layout_hnd.
+//          kv_layout_hnd, has_sinks.
+// The sink joins each row's softmax denominator in the kernels' epilogues (math.cuh, join_sink):
+// they write final rows (no split-KV), so each row counts it once. The custom call takes the
+// operand in every call (a 1-element dummy without sinks, ops.py) and has_sinks says whether it
+// holds them: no [Hq] array to make up, and the flag cannot be mistaken for a real [1] sink of
+// a one-head model.
 // Here: the checks of those operands, the kernel parameters they give (ForwardParams of
 // ffi_params.cuh, which Fa2Params and fa3::Params extend), CUDA errors as ffi::Error, and the handler binding. No host
 // synchronisation and no allocation, so the handlers are command-buffer (CUDA graph) safe.
@@ -43,10 +50,11 @@ inline xla::ffi::Error forward_params(const char* call, xla::ffi::AnyBuffer q, x
                                       xla::ffi::Buffer<xla::ffi::S32> kv_indices,
                                       xla::ffi::Buffer<xla::ffi::S32> kv_lens,
                                       xla::ffi::Buffer<xla::ffi::S32> tile_batch,
-                                      xla::ffi::Buffer<xla::ffi::S32> tile_qstart, xla::ffi::AnyBuffer o,
+                                      xla::ffi::Buffer<xla::ffi::S32> tile_qstart,
+                                      xla::ffi::Buffer<xla::ffi::F32> sinks, xla::ffi::AnyBuffer o,
                                       xla::ffi::Buffer<xla::ffi::F32> lse, bool causal, int32_t window_left,
                                       float logits_soft_cap, float sm_scale, int32_t page_size, bool paged,
-                                      bool kv_layout_hnd, ForwardParams& p, ForwardShape& s) {
+                                      bool kv_layout_hnd, bool has_sinks, ForwardParams& p, ForwardShape& s) {
   constexpr float kLog2e = 1.4426950408889634f;
   auto invalid = [&](const char* what) { return xla::ffi::Error::InvalidArgument(std::string(call) + ": " + what); };
   const auto qd = q.dimensions();
@@ -65,6 +73,8 @@ inline xla::ffi::Error forward_params(const char* call, xla::ffi::AnyBuffer q, x
   if (k.element_type() != q.element_type() || v.element_type() != q.element_type() ||
       o.element_type() != q.element_type())
     return invalid("q, k, v and o must share one dtype");
+  if (has_sinks && (sinks.dimensions().size() != 1 || sinks.element_count() != size_t(hq)))
+    return invalid("sinks must be float32 [Hq]");
   s.num_tiles = int(tile_batch.element_count());
   s.num_batch = int(kv_lens.element_count());
 
@@ -79,6 +89,7 @@ inline xla::ffi::Error forward_params(const char* call, xla::ffi::AnyBuffer q, x
   p.kv_lens = kv_lens.typed_data();
   p.tile_batch = tile_batch.typed_data();
   p.tile_qstart = tile_qstart.typed_data();
+  p.sinks = has_sinks ? sinks.typed_data() : nullptr;
   p.q_head_stride = d;
   p.q_tok_stride = hq * d;
   if (!paged) {
@@ -123,6 +134,7 @@ inline xla::ffi::Error forward_params(const char* call, xla::ffi::AnyBuffer q, x
       .Arg<xla::ffi::Buffer<xla::ffi::S32>>()   /* kv_lens */                    \
       .Arg<xla::ffi::Buffer<xla::ffi::S32>>()   /* tile_batch */                 \
       .Arg<xla::ffi::Buffer<xla::ffi::S32>>()   /* tile_qstart */                \
+      .Arg<xla::ffi::Buffer<xla::ffi::F32>>()   /* sinks */                      \
       .Ret<xla::ffi::AnyBuffer>()               /* o */                          \
       .Ret<xla::ffi::Buffer<xla::ffi::F32>>()   /* lse */                        \
       .Attr<bool>("causal")                                                      \
@@ -131,4 +143,5 @@ inline xla::ffi::Error forward_params(const char* call, xla::ffi::AnyBuffer q, x
       .Attr<float>("sm_scale")                                                   \
       .Attr<int32_t>("page_size")                                                \
       .Attr<bool>("paged")                                                       \
-      .Attr<bool>("kv_layout_hnd")
+      .Attr<bool>("kv_layout_hnd")                                               \
+      .Attr<bool>("has_sinks")

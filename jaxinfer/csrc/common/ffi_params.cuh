@@ -1,5 +1,6 @@
 // The kernel parameters the FFI handlers of fa2 and fa3 fill alike (common/ffi_forward.cuh): the
-// request and tile arrays, strides in elements, geometry and the logits pipeline's constants.
+// request and tile arrays, the attention sinks, strides in elements, geometry and the logits
+// pipeline's constants.
 // Each kernel's Params adds its own fields (Fa2Params: paged; fa3::Params: the TMA descriptors).
 #pragma once
 
@@ -31,6 +32,9 @@ struct ForwardParams {
   bool causal, soft_cap_on;
   float logit_scale;  // sm_scale*log2(e) without soft cap, sm_scale/c with it
   float cap_log2;     // c*log2(e) (soft cap only)
+  // [Hq] attention sinks times log2(e), joined in the epilogues; nullptr: none. Last, so the
+  // other fields keep their offsets in the kernels' parameter space.
+  const float* sinks;
 };
 
 }  // namespace jaxinfer

@@ -5,6 +5,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -24,6 +25,25 @@ __device__ __forceinline__ float exp2_approx(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+}
+
+// Joins an attention sink to a finished row (the kernels' form of jaxinfer.variants.apply_sink):
+// the row's running max `m` and sum `l` (O and l share m; base-2 logit units) and the sink
+// `sink_log2` = sink * log2(e), one more term of the denominator without a value. On return
+// m = max(m, sink_log2) and l = l 2^(m_old - m) + 2^(sink_log2 - m); the result is 2^(m_old - m),
+// the factor O takes besides 1 / l, so o = O 2^(m_old - m) / l and lse = m + log2(l) as before.
+// A row with no visible key (l = 0, its m stale or -inf) gets factor 0, l = 1 and m = sink_log2.
+// A sink of -inf (or any far below m, e.g. -1e30) leaves m and l bit-for-bit as they were and
+// returns exactly 1 (ex2 gives 0 and 1 exactly), so the row equals the no-sink result; with
+// both -inf, l stays 0 (the no-key row of no sink).
+__device__ __forceinline__ float join_sink(float& l, float& m, float sink_log2) {
+  const float m_row = l > 0.f ? m : -INFINITY;
+  const float m_new = fmaxf(m_row, sink_log2);
+  const float m_ref = m_new == -INFINITY ? 0.f : m_new;  // 2^(-inf - 0) = 0, where -inf - -inf is NaN
+  const float factor = exp2_approx(m_row - m_ref);
+  l = fmaf(l, factor, exp2_approx(sink_log2 - m_ref));
+  m = m_ref;
+  return factor;
 }
 
 // Max / sum over the 4 threads of a quad (lanes 4g .. 4g + 3), which hold one row of an mma.sync

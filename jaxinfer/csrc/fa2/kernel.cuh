@@ -18,7 +18,9 @@
 //
 // Semantics follow shared/DESIGN.md sec. 2-3: bottom-right causal / window masks, soft cap
 // c*tanh(x/c), GQA (qo head h reads kv head h / group_size), lse base 2, a row with no visible
-// key gives o = 0 and lse = -inf.
+// key gives o = 0 and lse = -inf; with attention sinks (Params::sinks) the epilogue joins the
+// head's sink to each row's denominator (common/math.cuh, join_sink): the lse includes it, and
+// a row with no visible key gives o = 0, lse = the sink in base 2.
 //
 // Shared with fa3 (csrc/common/): the parameters and the work order, the SFU math, pack2 and the
 // quad reductions, cp.async, the KV addressing and the tail fill.
@@ -473,6 +475,10 @@ __global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinB
     kv_loop(True{});
   else
     kv_loop(False{});
+  // The sink of this CTA's head, read once (an L2 hit past the first CTAs) and joined to each
+  // row's max and sum: a uniform branch, so the code without sinks is the same.
+  const bool has_sink = p.sinks != nullptr;
+  const float sink_log2 = has_sink ? __ldg(p.sinks + head) : 0.f;
   cute::cp_async_wait<0>();
 
   T* o = static_cast<T*>(p.o);
@@ -480,8 +486,13 @@ __global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinB
   for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
-      const float l = quad_sum(row_sum[mt][hr]);
-      const float inv = l > 0.f ? 1.f / l : 0.f;
+      float l = quad_sum(row_sum[mt][hr]), m = row_max[mt][hr], inv;
+      if (has_sink) {
+        const float factor = join_sink(l, m, sink_log2);
+        inv = l > 0.f ? factor * (1.f / l) : 0.f;  // one reciprocal routine for both paths
+      } else {
+        inv = l > 0.f ? 1.f / l : 0.f;
+      }
       const int r = warp_row0 + mt * 16 + g + hr * 8;
       if (r >= rows_valid) continue;
       const int64_t tok = q_start + qs + r;
@@ -491,7 +502,7 @@ __global__ void __launch_bounds__(32 * Fa2Traits<D>::kWarps, Fa2Traits<D>::kMinB
         *reinterpret_cast<uint32_t*>(dst + dt * 8) =
             pack2<T>(o_acc[mt][dt][2 * hr] * inv, o_acc[mt][dt][2 * hr + 1] * inv);
       }
-      if (t4 == 0) p.lse[tok * p.num_qo_heads + head] = l > 0.f ? row_max[mt][hr] + __log2f(l) : kNegInf;
+      if (t4 == 0) p.lse[tok * p.num_qo_heads + head] = l > 0.f ? m + __log2f(l) : kNegInf;
     }
   }
 }

@@ -1,6 +1,7 @@
-// fa3 epilogue: o = O / l and lse of a work item's rows, from the consumers' registers. With two Q
-// buffers, a warpgroup whose 64 rows all belong to the request stages O in the finished item's Q
-// buffer and writes it with one TMA store; otherwise each thread stores its pairs of columns.
+// fa3 epilogue: o = O / l and lse of a work item's rows (the attention sink joined when given),
+// from the consumers' registers. With two Q buffers, a warpgroup whose 64 rows all belong to the
+// request stages O in the finished item's Q buffer and writes it with one TMA store; otherwise
+// each thread stores its pairs of columns.
 #pragma once
 
 #include <cmath>
@@ -28,16 +29,22 @@ __device__ __forceinline__ void tma_store(const CUtensorMap& map, const void* sr
 // The epilogue of one consumer thread. prepare() gathers its operands before the wait for the
 // item's last P V, so that their latency (the row-sum shuffles, the item's fields read from the
 // hand-off) hides behind it instead of behind the output stores: 1 / l and lse of both rows, and
-// where the rows go. l >= 1 for a row with a visible key (its max contributes 2^0 or more), so
-// the fast reciprocal is exact enough. store() writes them.
+// where the rows go. l >= 1 for a row with a visible key (its max contributes 2^0 or more), and
+// with a sink joined too (common/math.cuh, join_sink: the larger of the row's max and the sink
+// contributes 2^0), so the fast reciprocal is exact enough. store() writes them. With attention
+// sinks (Params::sinks; a uniform branch, so the code without them stays as it was) prepare()
+// leaves each row's sum and max, and store() first joins the item's sink (join()): the lse
+// includes it, and a row with no visible key gets o = 0, lse = the sink.
 template <typename T, int D> struct Epilogue {
   using C = Config<T, D>;
-  float inv_l[2], lse_row[2];
+  float inv_l[2], lse_row[2], sink_log2;
   int rows_valid;
   int64_t tok0;
 
-  __device__ __forceinline__ void prepare(const TileWork& w, const float (&row_sum)[2], const float (&row_max)[2]) {
+  __device__ __forceinline__ void prepare(const Params& p, const WorkItem& it, const float (&row_sum)[2],
+                                          const float (&row_max)[2]) {
     constexpr float kNegInf = -INFINITY;
+    const TileWork& w = it.w;
     float l[2] = {row_sum[0], row_sum[1]};
     CUTE_UNROLL
     for (int m = 1; m <= 2; m *= 2) {
@@ -46,11 +53,32 @@ template <typename T, int D> struct Epilogue {
     }
     CUTE_UNROLL
     for (int hr = 0; hr < 2; ++hr) {
-      inv_l[hr] = l[hr] > 0.f ? __fdividef(1.f, l[hr]) : 0.f;
-      lse_row[hr] = l[hr] > 0.f ? row_max[hr] + __log2f(l[hr]) : kNegInf;
+      if (p.sinks != nullptr) {  // the row's sum and max, finished by join() in store()
+        inv_l[hr] = l[hr];
+        lse_row[hr] = row_max[hr];
+      } else {
+        inv_l[hr] = l[hr] > 0.f ? __fdividef(1.f, l[hr]) : 0.f;
+        lse_row[hr] = l[hr] > 0.f ? row_max[hr] + __log2f(l[hr]) : kNegInf;
+      }
     }
+    if (p.sinks != nullptr) sink_log2 = it.sink_log2;
     rows_valid = w.rows_valid;
     tok0 = int64_t(w.q_start) + w.qs;
+  }
+
+  // The sink joined to the row sums and maxima prepare() left in inv_l and lse_row
+  // (common/math.cuh, join_sink), giving 1 / l and lse. Here rather than in prepare(): past the
+  // wait for the last P V, P's registers are free, and the consumers keep the registers they had
+  // (prepare() runs where they hold O, P and the next item's S; a join there spilled).
+  __device__ __forceinline__ void join() {
+    constexpr float kNegInf = -INFINITY;
+    CUTE_UNROLL
+    for (int hr = 0; hr < 2; ++hr) {
+      float l = inv_l[hr], m = lse_row[hr];
+      const float factor = join_sink(l, m, sink_log2);
+      inv_l[hr] = l > 0.f ? __fdividef(factor, l) : 0.f;
+      lse_row[hr] = l > 0.f ? m + __log2f(l) : kNegInf;
+    }
   }
 
   // o = O / l and lse of the item's rows (O: this thread's wgmma accumulator, ConsumerThread).
@@ -62,7 +90,8 @@ template <typename T, int D> struct Epilogue {
   // rows); else O is stored from registers.
   template <class TensorO>
   __device__ __forceinline__ void store(const Params& p, const TensorO& tOrO, const ConsumerThread& th, T* sQ,
-                                        BarriersOf<T, D> bars, int head, int q_buffer, bool stage_o) const {
+                                        BarriersOf<T, D> bars, int head, int q_buffer, bool stage_o) {
+    if (p.sinks != nullptr) join();
     const int ctid = th.ctid, lane = th.lane, wg = th.wg, row0 = th.row0, col0 = th.col0;
     auto o_pair = [&](int hr, int db) {  // O of this thread's columns col0 + 8 db (+1) in row half hr
       return pack2<T>(tOrO(4 * db + 2 * hr) * inv_l[hr], tOrO(4 * db + 2 * hr + 1) * inv_l[hr]);

@@ -308,7 +308,7 @@ __device__ __forceinline__ void consumers(const Params& p, const Handoff<Config<
       release(bars.q_empty(qb));  // Q is not even loaded
       clear(tOrO);
       row_sum[0] = row_sum[1] = 0.f;
-      epi.prepare(w, row_sum, row_max);
+      epi.prepare(p, it, row_sum, row_max);
       epi.store(p, tOrO, th, sQ, bars, it.head, qb, false);
       if constexpr (!Shape<D>::kPersistent) break;
       continue;
@@ -352,7 +352,7 @@ __device__ __forceinline__ void consumers(const Params& p, const Handoff<Config<
     // and awaited past the epilogue's branches made ptxas serialize every wgmma of the kernel.
     if constexpr (Shape<D>::kPersistent) issue_qk(next_qb);
     sched.pass_turn();
-    epi.prepare(w, row_sum, row_max);
+    epi.prepare(p, it, row_sum, row_max);
     finish_pv(Int<Shape<D>::kPersistent ? 1 : 0>{}, true);
     epi.store(p, tOrO, th, sQ, bars, it.head, qb, stage_o);
     started = next != nullptr;

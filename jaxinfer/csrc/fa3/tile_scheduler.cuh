@@ -44,10 +44,14 @@ template <int kBN> __device__ __forceinline__ TileWork tile_work(const Params& p
 }
 
 // One work item, a (query tile, qo head), as the producer hands it to the consumers; head < 0:
-// no work is left.
+// no work is left. sink_log2: the head's attention sink times log2(e) when Params::sinks is set
+// (the producer's load, issued beside the item's other loads, so the consumers' epilogue reads it
+// from shared memory instead of waiting for global memory); unset otherwise. The struct keeps
+// its size (it fills TileWork's 8-byte alignment padding).
 struct WorkItem {
   TileWork w;
   int head;
+  float sink_log2;
 };
 
 // The hand-off in shared memory: item j in slot j % kSlots, written by the producer as soon as it
@@ -86,6 +90,7 @@ template <int kBN> __device__ __forceinline__ WorkItem work_item(const Params& p
   if (item < tiles * p.num_qo_heads) {
     int tile;
     work_tile_head(item, tiles, p.num_qo_heads, JAXINFER_FA3_HEAD_GROUP, tile, it.head);
+    if (p.sinks != nullptr) it.sink_log2 = __ldg(p.sinks + it.head);
     const int batch = p.tile_batch[tile];
     if (batch >= 0) it.w = tile_work<kBN>(p, batch, tile);
   }
