@@ -5,7 +5,8 @@ A sink ``s_h`` (natural log, per query head) joins the softmax denominator once 
 decode, paged and ragged prefill, cascade and the single-request functions on the reference and
 Pallas (interpret mode) engines, with sliding window and soft cap; split-KV plans (the sink comes
 after the merge kernel's fold); a huge negative sink equals no sink exactly; rows with no visible
-key give ``o = 0, lse = s_h / ln 2``; bad ``sinks`` raise; fa2/fa3 on the GPU; the deviceless
+key give ``o = 0, lse = s_h / ln 2``; bad ``sinks`` raise; fa2/fa3 on the GPU (also their rows
+without keys and a -1e30 sink, joined in the CUDA kernels' epilogue); the deviceless
 Triton lowering of a sink kernel with split-KV.
 """
 
@@ -200,8 +201,8 @@ def test_bad_sinks():
 @pytest.mark.parametrize("backend", ["fa2", "fa3", "pallas"])
 @pytest.mark.parametrize("paged", [True, False], ids=["paged", "ragged"])
 def test_sinks_gpu(rng, backend, paged):
-    """fa2/fa3 (an epilogue on the kernels' (o, lse)) and pallas on the GPU: causal prefill with
-    window and soft cap, and decode, against the reference."""
+    """fa2/fa3 (the sink joined in the CUDA kernels' epilogue) and pallas on the GPU: causal
+    prefill with window and soft cap, and decode, against the reference."""
     hq, hkv, d = 8, 2, 128
     qo_lens, kv_lens = np.array([100, 1, 300, 0]), np.array([400, 50, 300, 20])
     sinks = _sinks(rng, hq)
@@ -216,6 +217,46 @@ def test_sinks_gpu(rng, backend, paged):
         o, lse = jax.jit(lambda p, q, k, v, s: be.run(p, q, k, v, return_lse=True, sinks=s))(plan, q, k, v, sinks)
         want_o, want_lse = ref_batch(q, k_list, v_list, spec.qo_indptr, variant=variant, sinks=sinks)
         _check(o, lse, want_o, want_lse, BF16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["fa2", "fa3"])
+@pytest.mark.parametrize("d", [64, 256])
+def test_sinks_ffi_edge_rows(rng, backend, d):
+    """fa2/fa3, whose kernels join the sink to each row's max and sum: rows that see no key (the
+    first 30 of a causal request with qo_len > kv_len, a request with no KV, some of them in work
+    items with no KV tile at all) give o = 0 and lse = s_h / ln 2; more work items than fa3's
+    persistent CTAs (each item carries its head's sink); outputs poisoned first (a run on NaN
+    inputs); a -1e30 sink equals no sink bit for bit (a no-key row's lse is then -1e30 / ln 2)."""
+    hq, hkv = 32, 8
+    qo_lens, kv_lens = np.array([40, 3, 600, 1]), np.array([10, 0, 700, 70])
+    variant = AttentionVariant(causal=True, logits_soft_cap=20.0)
+    spec, q, k, v, k_list, v_list = _spec_and_kv(rng, qo_lens, kv_lens, variant, hq=hq, hkv=hkv, d=d,
+                                                 page_size=None, dtype=BF16)
+    be = jaxinfer.backends.get_backend(backend)
+    if be.unsupported(spec) is not None:
+        pytest.skip(be.unsupported(spec))
+    plan = be.plan(spec, PlanCapacity())
+    run = jax.jit(lambda p, q, k, v, s: be.run(p, q, k, v, return_lse=True, sinks=s))
+    sinks = _sinks(rng, hq)
+    nan = lambda a: jnp.full_like(a, jnp.nan)  # noqa: E731
+    jax.block_until_ready(run(plan, nan(q), nan(k), nan(v), nan(sinks)))
+    o, lse = run(plan, q, k, v, sinks)
+    want_o, want_lse = ref_batch(q, k_list, v_list, spec.qo_indptr, variant=variant, sinks=sinks)
+    _check(o, lse, want_o, want_lse, BF16)
+    empty = np.r_[0:30, 40:43]  # request 0's rows 0-29 (q_pos < 0), request 1 (no KV)
+    np.testing.assert_array_equal(np.asarray(o[empty], np.float32), 0.0)
+    want_empty = np.broadcast_to(np.asarray(sinks) / LN2, (empty.size, hq))
+    np.testing.assert_allclose(np.asarray(lse[empty]), want_empty, rtol=1e-6)
+
+    o_huge, lse_huge = run(plan, q, k, v, jnp.full((hq,), -1e30, jnp.float32))
+    o0, lse0 = jax.jit(lambda p, q, k, v: be.run(p, q, k, v, return_lse=True))(plan, q, k, v)
+    np.testing.assert_array_equal(np.asarray(o_huge, np.float32), np.asarray(o0, np.float32))
+    lse_huge, lse0 = np.asarray(lse_huge), np.asarray(lse0)
+    seen = np.isfinite(lse0)
+    assert not seen[empty].any() and seen.sum() == seen.size - empty.size * hq
+    np.testing.assert_array_equal(lse_huge[seen], lse0[seen])
+    np.testing.assert_allclose(lse_huge[~seen], -1e30 / LN2, rtol=1e-6)
 
 
 def _export_cuda(f, *args):

@@ -148,7 +148,35 @@ def test_lowers_for_cuda(name, paged, kv_layout, rng):
     assert f"@{target}" in text
     assert "window_left = 7 : i32" in text and "causal = true" in text
     assert f"kv_layout_hnd = {'true' if kv_layout == 'HND' else 'false'}" in text
+    assert "has_sinks = false" in text
     assert [o.shape for o in exported.out_avals] == [(135, 8, 64), (135, 8)]
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_lowers_with_sinks(name):
+    """Sinks go to the kernels (their epilogue joins them) as sinks * log2(e), an [Hq] float32
+    operand with has_sinks = true; no elementwise pass over o follows the call."""
+    spec = ragged_spec([5, 130], [9, 40], 8, 2, 64, AttentionVariant(causal=True))
+    backend = get_backend(name)
+    plan = backend.plan(spec, PlanCapacity())
+    q = jax.ShapeDtypeStruct((135, 8, 64), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((49, 2, 64), jnp.bfloat16)
+    sinks = jax.ShapeDtypeStruct((8,), jnp.float32)
+    fn = jax.jit(lambda p, q, k, v, s: backend.run(p, q, k, v, return_lse=True, sinks=s))
+    target = ops.TARGETS[name]
+    exported = jax.export.export(fn, platforms=["cuda"],
+                                 disabled_checks=[DisabledSafetyCheck.custom_call(target)])(plan, q, k, k, sinks)
+    text = exported.mlir_module()
+    assert "has_sinks = true" in text
+    call = next(line for line in text.splitlines() if f"@{target}" in line)
+    assert "tensor<8xf32>" in call.split("->")[0]  # the sinks operand
+    assert "stablehlo.exponential" not in text and "exp2" not in text  # no sink epilogue in JAX
+    assert [o.shape for o in exported.out_avals] == [(135, 8, 64), (135, 8)]
+    with pytest.raises(ValueError, match="sinks_log2"):
+        ops.flash_forward(jnp.zeros((4, 8, 64), jnp.bfloat16), jnp.zeros((4, 2, 64), jnp.bfloat16),
+                          jnp.zeros((4, 2, 64), jnp.bfloat16), *(jnp.zeros(n, jnp.int32) for n in (2, 2, 1, 1, 1, 1)),
+                          causal=False, window_left=-1, logits_soft_cap=None, sm_scale=0.1, page_size=1, paged=False,
+                          kernel=name, sinks_log2=jnp.zeros(4, jnp.float32))
 
 
 def test_wrapper_checks_shapes():
