@@ -32,10 +32,11 @@ def traffic(seed: int, n: int = 14):
     shared = rng.integers(0, CFG.vocab_size, 9).tolist()
     out = []
     for i in range(n):
-        prompt = shared[: int(rng.choice([0, 4, 9]))] + rng.integers(0, CFG.vocab_size, rng.integers(1, 12)).tolist()
+        tail = rng.integers(0, CFG.vocab_size, rng.integers(1, 12)).tolist()
+        prompt = shared[: int(rng.choice([0, 4, 9]))] + tail
         sampling = SamplingParams() if i % 2 else SamplingParams(
-            temperature=float(rng.choice([0.7, 1.5])), top_k=int(rng.integers(0, 8)), top_p=float(rng.choice([1.0, 0.9])),
-            min_p=float(rng.choice([0.0, 0.05])), seed=int(rng.integers(1 << 31)))
+            temperature=float(rng.choice([0.7, 1.5])), top_k=int(rng.integers(0, 8)),
+            top_p=float(rng.choice([1.0, 0.9])), min_p=float(rng.choice([0.0, 0.05])), seed=int(rng.integers(1 << 31)))
         out.append((int(rng.integers(0, 12)), prompt, int(rng.integers(1, 16)), sampling))
     return out
 

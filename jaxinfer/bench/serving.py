@@ -70,10 +70,11 @@ the same configuration (the engine: a prompt-only step, a mixed step and decode-
 dense loop: :meth:`DenseServingLoop.compile_all`), repeated until a pass compiles nothing, and a
 JAX compile listener counts compilations during the timed run (0 expected). The timed run starts
 on a fresh server (an empty prefix cache), submits all requests, then steps until idle; each
-``step()`` call ends with a step's sampled tokens on the host (with overlap: the step dispatched
-by the previous call), so a token's time is the end of the call that brought it to the host. tokens/s = generated tokens / (end of the last step - start); TTFT = time of a
-request's first token (from t = 0: queueing included); ITL = every gap between consecutive tokens
-of a request, median over all gaps; TPOT = a request's mean gap, median over requests.
+``step()`` call ends with a step's sampled tokens on the host (with overlap: the step dispatched by
+the previous call), so a token's time is the end of the call that brought it to the host. tokens/s =
+generated tokens / (end of the last step - start); TTFT = time of a request's first token (from t =
+0: queueing included); ITL = every gap between consecutive tokens of a request, median over all
+gaps; TPOT = a request's mean gap, median over requests.
 """
 
 from __future__ import annotations
@@ -111,39 +112,51 @@ GOAL_VS_DENSE = 2.0  # tokens/s of jaxinfer over the dense-XLA loop (issue 17)
 _WORD_TOKEN = re.compile(r"Ġ[a-z]{3,}")  # byte-level BPE: "Ġ" is the leading space
 WORKLOADS = ("chat", "few-shot")
 
-FEW_SHOT_SYSTEM_PROMPT = """You are a support assistant for a software company. You read a customer's message, decide which team should handle it, how urgent it is, and write a short, friendly first reply. Answer in three lines: "Team:", "Priority:" and "Reply:". Teams are Billing, Accounts, Bugs, Performance and Sales. Priorities are low, normal and urgent: urgent when the customer cannot work at all or loses money, low for questions and wishes. Keep the reply under forty words, never promise dates, and ask for the details the team will need.
-
-Example 1.
-Customer: I was charged twice for my monthly plan this morning. Please refund the second payment.
-Team: Billing
-Priority: urgent
-Reply: Sorry about the double charge! I have passed this to our billing team. Could you send the last four digits of the card and the time of both payments?
-
-Example 2.
-Customer: The export button does nothing since the last update. I use Firefox on Linux.
-Team: Bugs
-Priority: normal
-Reply: Thanks for the report. Which version of Firefox do you use, and does the same happen with a small file? A screenshot of the browser console would help our developers.
-
-Example 3.
-Customer: Can I invite five more people to my team without changing plans?
-Team: Sales
-Priority: low
-Reply: Good question! Your plan includes ten seats; our sales team can tell you how many are free and what larger plans cost. How many people would you like to add in total?
-
-Example 4.
-Customer: Nobody in our office can log in since an hour ago. We get an error about an expired token.
-Team: Accounts
-Priority: urgent
-Reply: We are on it. Please send the exact error text and your company's account name. Does signing in from a private browser window work for anyone?
-
-Example 5.
-Customer: Reports with more than a year of data take minutes to load, they used to take seconds.
-Team: Performance
-Priority: normal
-Reply: Thanks for letting us know. Which report is slowest, and since when? Our performance team will look at your account's data and get back to you.
-
-Now answer the next customer in the same format."""
+FEW_SHOT_SYSTEM_PROMPT = "\n".join([
+    "You are a support assistant for a software company. You read a customer's message, decide which team"
+    ' should handle it, how urgent it is, and write a short, friendly first reply. Answer in three lines:'
+    ' "Team:", "Priority:" and "Reply:". Teams are Billing, Accounts, Bugs, Performance and Sales. '
+    'Priorities are low, normal and urgent: urgent when the customer cannot work at all or loses money, '
+    'low for questions and wishes. Keep the reply under forty words, never promise dates, and ask for the'
+    ' details the team will need.',
+    "",
+    'Example 1.',
+    'Customer: I was charged twice for my monthly plan this morning. Please refund the second payment.',
+    'Team: Billing',
+    'Priority: urgent',
+    'Reply: Sorry about the double charge! I have passed this to our billing team. Could you send the '
+    'last four digits of the card and the time of both payments?',
+    "",
+    'Example 2.',
+    'Customer: The export button does nothing since the last update. I use Firefox on Linux.',
+    'Team: Bugs',
+    'Priority: normal',
+    'Reply: Thanks for the report. Which version of Firefox do you use, and does the same happen with a '
+    'small file? A screenshot of the browser console would help our developers.',
+    "",
+    'Example 3.',
+    'Customer: Can I invite five more people to my team without changing plans?',
+    'Team: Sales',
+    'Priority: low',
+    'Reply: Good question! Your plan includes ten seats; our sales team can tell you how many are free '
+    'and what larger plans cost. How many people would you like to add in total?',
+    "",
+    'Example 4.',
+    'Customer: Nobody in our office can log in since an hour ago. We get an error about an expired token.',
+    'Team: Accounts',
+    'Priority: urgent',
+    "Reply: We are on it. Please send the exact error text and your company's account name. Does signing "
+    'in from a private browser window work for anyone?',
+    "",
+    'Example 5.',
+    'Customer: Reports with more than a year of data take minutes to load, they used to take seconds.',
+    'Team: Performance',
+    'Priority: normal',
+    'Reply: Thanks for letting us know. Which report is slowest, and since when? Our performance team '
+    "will look at your account's data and get back to you.",
+    "",
+    'Now answer the next customer in the same format.',
+])
 """The ``few-shot`` workload's system prompt (see the module docstring)."""
 
 
@@ -434,8 +447,9 @@ def table(records: Sequence[dict]) -> str:
     def fmt(x, spec):
         return "" if x is None else format(x, spec)
 
-    rows = [[r.get("workload_name", ""), r["system"], fmt(r["output_tokens_per_s"], ".1f"), fmt(r["median_ttft_ms"], ".1f"),
-             fmt(r["median_itl_ms"], ".2f"), fmt(r["median_tpot_ms"], ".2f"), r["steps"],
+    rows = [[r.get("workload_name", ""), r["system"], fmt(r["output_tokens_per_s"], ".1f"),
+             fmt(r["median_ttft_ms"], ".1f"), fmt(r["median_itl_ms"], ".2f"), fmt(r["median_tpot_ms"], ".2f"),
+             r["steps"],
              " / ".join(fmt(r[f"median_{k}_ms"], ".2f") for k in ("host_before", "wait", "host_after")),
              r["compiles_during_run"], fmt(r["vs_prefix_caching_off"], ".2f"), fmt(r["vs_dense_xla"], ".2f"),
              f"{r['greedy_agreement_prefix']:.3f} / {r['greedy_agreement_identical']:.3f}"] for r in records]
