@@ -223,6 +223,11 @@ two). A larger batch gets a ``ValueError`` at plan time instead of an out-of-mem
 The largest benchmark on this backend, decode_wide_zipf, pads to 256 x 32768 = 2**23 key slots.
 """
 
+MAX_LOGITS_ELEMENTS = 2**31
+"""Most elements of the padded float32 logits ``[max_batch_size, Hq, max_qo_len, max_kv_len]`` of
+an ``"xla"`` run (8 GiB): a 2048-token prefill beside 4096-token decodes pads every decode to 2048
+query rows and would need 64 GiB; a plan past it raises before anything is allocated."""
+
 
 def check_padded_size(spec: BatchSpec, Bc: int, Lq: int, Lk: int) -> None:
     """Raise a ``ValueError`` naming the lengths when a padded array would exceed
@@ -238,12 +243,17 @@ def check_padded_size(spec: BatchSpec, Bc: int, Lq: int, Lk: int) -> None:
     ]
     if spec.custom_mask is not None:
         arrays.append(("custom_mask elements", Bc * Lq * Lk, f"max_batch_size={Bc} x max_qo_len={Lq} x max_kv_len={Lk}"))
+    # The float32 logits [Bc, Hq, Lq, Lk] are the largest array (a 2048-token prefill beside
+    # 4096-token decodes pads every decode to 2048 rows: 64 GiB).
+    arrays.append(("float32 logits", Bc * spec.num_qo_heads * Lq * Lk,
+                   f"max_batch_size={Bc} x num_qo_heads={spec.num_qo_heads} x max_qo_len={Lq} x max_kv_len={Lk}"))
     for what, n, dims in arrays:
-        if n > MAX_PADDED_ELEMENTS:
+        limit = MAX_LOGITS_ELEMENTS if what == "float32 logits" else MAX_PADDED_ELEMENTS
+        if n > limit:
             raise ValueError(
                 f"backend 'xla' pads every request of a batch to the longest one: {dims} gives {n} padded {what}, "
-                f"over its limit of {MAX_PADDED_ELEMENTS} (2**{MAX_PADDED_ELEMENTS.bit_length() - 1}, "
-                "jaxinfer.backends.xla.MAX_PADDED_ELEMENTS); use backend='pallas' (or 'fa2'/'fa3'), "
+                f"over its limit of {limit} (2**{limit.bit_length() - 1}, jaxinfer.backends.xla."
+                f"{'MAX_LOGITS_ELEMENTS' if limit == MAX_LOGITS_ELEMENTS else 'MAX_PADDED_ELEMENTS'}); use backend='pallas' (or 'fa2'/'fa3'), "
                 "or plan smaller batches"
             )
 
