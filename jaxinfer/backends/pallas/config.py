@@ -61,8 +61,8 @@ def heuristic_config(head_dim: int, page_size: int, group_size: int, avg_qo_len:
     tile over an fp8 cache (``kv_itemsize`` 1) takes twice the keys per step where its float32
     logits tile stays within the 32 x 128 of the 16-bit decode tiles: the same K/V bytes per
     step and shared memory as the 16-bit tile, and half the softmax bookkeeping per key
-    (FlashInfer's fp8 decode likewise keeps the bytes per load of its 16-bit one; not yet
-    measured on an H100). Prefill tiles, bound by the tensor cores, stay as they are.
+    (FlashInfer's fp8 decode likewise keeps the bytes per load of its 16-bit one); measured on
+    an H100 against 64-key fp8 tiles and other CTA counts (benchmarks/decisions/pallas.md). Prefill tiles, bound by the tensor cores, stay as they are.
     ``page_size`` does not change the choice: the kernel gathers keys row by row through the page
     table, so a key step may span pages of any size (it is an argument so that a measured
     dependence can be added without changing callers).
@@ -78,11 +78,15 @@ def heuristic_config(head_dim: int, page_size: int, group_size: int, avg_qo_len:
     block_m = min(MAX_BLOCK_M, max(MIN_DOT, next_pow2(int(rows + 0.999)), next_pow2(group_size)))
     if block_m <= 32:
         block_n = 128 if head_dim <= 64 else 64 if head_dim <= 128 else 32
+        ctas = 3
         if kv_itemsize == 1 and block_m * block_n * 2 <= MAX_DECODE_LOGITS:
-            block_n *= 2
+            # fp8 tiles of twice the keys hold about 255 registers a thread, so two CTAs fit an
+            # SM: 4 per SM in the plan make two even waves, where 3 left half an SM's work for a
+            # second wave (H100: 1.2-1.3x the 3-CTA plan, benchmarks/decisions/pallas.md).
+            block_n, ctas = block_n * 2, 4
         # Measured on an H100 (benchmarks/decisions/pallas.md): 3 CTAs per SM beat 2 on skewed
         # batches (decode_zipf 2.78 vs 2.65 TB/s) and tie on uniform ones.
-        return TileConfig(block_m=block_m, block_n=block_n, num_warps=4, num_stages=3, ctas_per_sm=3)
+        return TileConfig(block_m=block_m, block_n=block_n, num_warps=4, num_stages=3, ctas_per_sm=ctas)
     if block_m == 64:
         return TileConfig(block_m=64, block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=3)
     # 128-row tiles issue the next key step's q.k dot before the softmax (qk_ahead). Measured on
