@@ -22,9 +22,10 @@ How a call is matched:
    chosen. ``"auto"`` tries them (where this machine can run them and they can serve the call),
    then the built-in order.
 
-The table packaged with jaxinfer (``jaxinfer/traces/``, the traces of a full run on the devices
-it was measured on) is used until :func:`apply` installs another; this release ships none, so the
-built-in order applies until you call :func:`apply`.
+The table packaged with jaxinfer (``jaxinfer/traces/``: definitions and traces of the runner's
+bf16 decode and prefill workloads on an NVIDIA H100 80GB HBM3, benchmarks/RESULTS.md) is used
+until :func:`apply` installs another; on other devices it has no entry, so the built-in order
+applies there until you call :func:`apply` with traces of your own.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ class ApplyTable:
     @classmethod
     def from_traces(cls, traces: Iterable[Mapping], device_kind: str) -> ApplyTable:
         """Build from FlashInfer-Bench Trace records (JSON dicts). Only ``PASSED`` traces of
-        solutions ``jaxinfer_<backend>`` measured on ``device_kind`` count; per workload the
+        solutions ``jaxinfer_<backend>`` of a wrapper backend measured on ``device_kind`` count; per workload the
         fastest trace of each backend.
 
         Raises:
@@ -128,12 +129,12 @@ class ApplyTable:
             except (KeyError, TypeError) as e:
                 raise ValueError(f"trace_set: a trace lacks {e} (FlashInfer-Bench Trace schema)") from e
             evaluation, solution = t.get("evaluation") or {}, t.get("solution") or ""
-            if (evaluation.get("status") != "PASSED" or not solution.startswith(SOLUTION_PREFIX)
+            backend = solution[len(SOLUTION_PREFIX):] if solution.startswith(SOLUTION_PREFIX) else None
+            if (evaluation.get("status") != "PASSED" or backend not in backends.BACKEND_NAMES or backend == "auto"
                     or (evaluation.get("environment") or {}).get("hardware") != device_kind):
                 continue
             latency = float(evaluation["performance"]["latency_ms"])
             entry = workloads.setdefault(key, {"axes": axes, "best": {}})
-            backend = solution[len(SOLUTION_PREFIX):]
             entry["best"][backend] = min(latency, entry["best"].get(backend, math.inf))
         entries: dict[str, list[Measured]] = {}
         for (definition, _), entry in workloads.items():
@@ -194,7 +195,7 @@ def apply(trace_set=None, *, device_kind: str | None = None) -> ApplyTable:
     Args:
       trace_set: a FlashInfer-Bench trace set directory (as written by ``jaxinfer-bench
         --fib-out``), a ``flashinfer_bench.TraceSet``, or ``None`` to go back to the table
-        packaged with jaxinfer (:data:`DEFAULT_TRACES`; none ships in this release).
+        packaged with jaxinfer (:data:`DEFAULT_TRACES`, measured on an H100).
       device_kind: use the traces measured on this device (default: jax's default device's
         ``device_kind``); traces of other devices are ignored.
 

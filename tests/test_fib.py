@@ -177,7 +177,7 @@ def test_apply_picks_the_fastest_passing_backend(hand_made):
     assert backends.resolve("auto", _spec(2, 2, head_dim=128), op="decode").name == builtin
     assert backends.resolve("auto", _spec(2, 2, num_qo_heads=8), op="decode").name == builtin
     assert table(_spec(2, 2), "other") == ()
-    apply(None)  # back to the packaged table (none ships): the built-in order
+    apply(None)  # back to the packaged table (H100 traces only): here the built-in order
     assert backends.resolve("auto", _spec(2, 2), op="decode").name == builtin
 
 
@@ -207,3 +207,20 @@ def test_apply_rejects_bad_input(tmp_path):
     (tmp_path / "traces" / "bad.jsonl").write_text('{"definition": "x"}\n')
     with pytest.raises(ValueError, match="trace_set"):
         apply(tmp_path)
+
+
+def test_shipped_h100_table():
+    """The traces of the H100 run that ship with the package (jaxinfer/traces/) rank pallas first
+    for the runner's paged decode and fa3 first for its causal prefill there, and say nothing on
+    another device."""
+    from jaxinfer.apply import default_table
+
+    h100 = default_table("NVIDIA H100 80GB HBM3")
+    decode = _spec(64, 256, num_qo_heads=32, num_kv_heads=8, head_dim=128)
+    assert h100(decode, "decode")[0] == "pallas"
+    w = WORKLOADS["prefill_causal"]
+    prefill = BatchSpec.create(np.arange(5) * w.qo_len, np.arange(5) * w.qo_len, None, None,
+                               variant=AttentionVariant(causal=True), page_size=1, num_qo_heads=w.num_qo_heads,
+                               num_kv_heads=w.num_kv_heads, head_dim=w.head_dim)
+    assert h100(prefill, "prefill")[0] == "fa3"
+    assert default_table("cpu")(decode, "decode") == ()

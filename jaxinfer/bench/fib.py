@@ -9,7 +9,7 @@ correctness, latency, environment). This module writes that layout for the bench
 workloads that are FlashInfer-Bench ops: paged decode (``gqa_paged_decode_h32_kv8_d128_ps16``),
 paged prefill (``gqa_paged_prefill_causal_...``) and ragged prefill
 (``gqa_ragged_prefill_causal_...``), bf16, plain softmax attention. Each backend is a solution
-named ``jaxinfer_<backend>``; the workloads whose ops FlashInfer-Bench does not define (cascade
+named ``jaxinfer_<backend>`` (the cuDNN peer ``jax_cudnn_dense``); the workloads whose ops FlashInfer-Bench does not define (cascade
 levels, block-sparse, fused RoPE, an fp8 cache) are left out, and so are runs without a verdict
 (``unsupported``, or ``unchecked``: no reference to judge correctness by).
 
@@ -34,6 +34,14 @@ from jaxinfer.bench.workloads import DecodeWorkload, PageTable, PrefillWorkload,
 
 FIB_VERSION = "0.1.2"  # the FlashInfer-Bench schema these files follow
 SOLUTION_PREFIX = "jaxinfer_"
+PEER_SOLUTIONS = {"cudnn": "jax_cudnn_dense"}  # the runner's peers: solutions, not jaxinfer backends
+
+
+def solution_name(backend: str) -> str:
+    """FlashInfer-Bench solution name of a runner backend: ``jaxinfer_<backend>`` for jaxinfer's
+    own, ``jax_cudnn_dense`` for the cuDNN peer (``jax.nn.dot_product_attention`` on the padded
+    dense batch), so that :func:`jaxinfer.apply` never takes a peer for a backend."""
+    return PEER_SOLUTIONS.get(backend, SOLUTION_PREFIX + backend)
 
 # jaxinfer-bench record status -> FlashInfer-Bench EvaluationStatus (others: no trace).
 _STATUS = {"ok": "PASSED", "mismatch": "INCORRECT_NUMERICAL", "error": "RUNTIME_ERROR"}
@@ -261,7 +269,7 @@ def trace(record: dict, workload: dict, definition_name: str) -> dict | None:
         evaluation["performance"] = {"latency_ms": latency, "reference_latency_ms": ref or 0.0,
                                      "speedup_factor": ref / latency if ref else 0.0}
     return {"definition": definition_name, "workload": workload,
-            "solution": SOLUTION_PREFIX + record["backend"], "evaluation": evaluation}
+            "solution": solution_name(record["backend"]), "evaluation": evaluation}
 
 
 def _json(obj) -> str:
