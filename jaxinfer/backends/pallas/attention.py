@@ -369,6 +369,28 @@ def _poison_rows(acc, sees_bad):
     return jnp.where(sees_bad[:, None], jnp.nan, acc)
 
 
+def store_tile(out_refs, final_rows, partial_rows, rows_raw, row_ok, out_slot, num_slots: int):
+    """Store a tile's rows: ``final_rows = (o, lse)`` to the output rows ``rows_raw`` when the tile
+    is its query tile's only chunk (``out_slot < 0``), else ``partial_rows`` to partial slot
+    ``out_slot`` (``num_slots > 0``). ``out_refs = (o_ref, lse_ref, po_ref, plse_ref)``; rows
+    where ``row_ok`` is False are not written."""
+    o_ref, lse_ref, po_ref, plse_ref = out_refs
+    (o_final, lse_final), (o, lse) = final_rows, partial_rows
+    bm, d = o.shape
+    ok2 = jnp.broadcast_to(row_ok[:, None], (bm, d))
+    # Masked-off lanes store to an index past the end: never written on the GPU, dropped by
+    # the scatter of interpret mode (a clamped index would race with a real row there).
+    final = row_ok & (out_slot < 0)
+    o_rows = jnp.where(final, rows_raw, o_ref.shape[0])
+    pltriton.store(row_block(o_ref, o_rows, d), o_final.astype(o_ref.dtype), mask=ok2 & (out_slot < 0))
+    pltriton.store(lse_ref.at[o_rows], lse_final, mask=final)
+    if num_slots:
+        part = row_ok & (out_slot >= 0)
+        p_rows = jnp.where(part, out_slot * bm + lax.iota(jnp.int32, bm), po_ref.shape[0])
+        pltriton.store(row_block(po_ref, p_rows, d), o, mask=ok2 & (out_slot >= 0))
+        pltriton.store(plse_ref.at[p_rows], lse, mask=part)
+
+
 def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, native: bool):
     """``num_pages``: ``k.shape[0]``, pages of a paged cache or tokens of a ragged K/V."""
     buf_ref, q_ref, k_ref, v_ref = refs[:4]
@@ -382,7 +404,7 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, na
     # H100: 1.5-1.6x the fp8 decode throughput, benchmarks/decisions/pallas.md). Every fp8 value
     # is an fp16 value, and P in [0, 1] loses nothing; bf16 q is scaled into fp16's range below.
     cdt = jnp.float16 if k_ref.dtype.itemsize == 1 else q_ref.dtype
-    o_ref, lse_ref, po_ref, plse_ref = refs[-4:]
+    out_refs = refs[-4:]  # o, lse, partial o, partial lse
     bm, bn, d, g = cfg.block_m, cfg.block_n, ks.head_dim, ks.group_size
     r = lax.iota(jnp.int32, bm)
     tok, head_in_group = r // g, r % g
@@ -401,7 +423,6 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, na
         row_ok = tok < jnp.minimum(q_len, q_ref.shape[0] // ks.num_qo_heads - q_row0)
         if not ks.paged:
             kv_hi = jnp.minimum(kv_hi, num_pages - kv_base)
-        row_ok2 = jnp.broadcast_to(row_ok[:, None], (bm, d))
         qo_head = kv_head * g + head_in_group
         rows_raw = (q_row0 + tok) * ks.num_qo_heads + qo_head
         q_pos = q_pos0 + tok
@@ -493,17 +514,7 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, na
         o_final, lse_final = final_rows(o, lse, q_pos, qo_head, output_transform=kt.fn("output_transform"),
                                         sink=pltriton.load(sink_ref.at[qo_head]) if ks.sinks else None,
                                         use_softmax=ks.use_softmax)
-        # Masked-off lanes store to an index past the end: never written on the GPU, dropped by
-        # the scatter of interpret mode (a clamped index would race with a real row there).
-        final = row_ok & (out_slot < 0)
-        o_rows = jnp.where(final, rows_raw, o_ref.shape[0])
-        pltriton.store(row_block(o_ref, o_rows, d), o_final.astype(o_ref.dtype), mask=row_ok2 & (out_slot < 0))
-        pltriton.store(lse_ref.at[o_rows], lse_final, mask=final)
-        if ks.num_slots:
-            part = row_ok & (out_slot >= 0)
-            p_rows = jnp.where(part, out_slot * bm + r, po_ref.shape[0])
-            pltriton.store(row_block(po_ref, p_rows, d), o, mask=row_ok2 & (out_slot >= 0))
-            pltriton.store(plse_ref.at[p_rows], lse, mask=part)
+        store_tile(out_refs, (o_final, lse_final), (o, lse), rows_raw, row_ok, out_slot, ks.num_slots)
         return carry
 
     c = pl.program_id(0)

@@ -38,11 +38,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxinfer.backends.pallas.attention import (
-    _finite_values, _full_steps, _kv_rows, _load, _poison_rows, _visible, _widen,
+    _finite_values, _full_steps, _kv_rows, _load, _poison_rows, _visible, _widen, store_tile,
 )
 from jaxinfer.backends.pallas.backend import PallasBackend, PallasPlan, _aligned_empty
 from jaxinfer.backends.pallas.config import TileConfig
-from jaxinfer.backends.pallas.merge import NEG_INF, finish, interpret_mode, merge_partials, row_block
+from jaxinfer.backends.pallas.merge import NEG_INF, finish, interpret_mode, merge_partials
 from jaxinfer.fp8 import FP8_KV_DTYPES
 from jaxinfer.plan.batch import BatchSpec, PlanCapacity
 from jaxinfer.plan.layout import WORK_FIELDS, F, WorkLayout
@@ -183,17 +183,7 @@ def _mla_kernel(buf_ref, qn_ref, qp_ref, ckv_ref, kpe_ref, _o_in, _lse_in, o_ref
         state = lax.fori_loop(0, b, functools.partial(step, masked=False), state)
         state = lax.fori_loop(b, n_steps, functools.partial(step, masked=True), state)
         o, lse = finish(state)
-        # Masked-off lanes store past the end (never written on the GPU, dropped in interpret mode).
-        final = row_ok & (out_slot < 0)
-        o_rows = jnp.where(final, rows_raw, o_ref.shape[0])
-        ok2 = jnp.broadcast_to(row_ok[:, None], (bm, dc))
-        pltriton.store(row_block(o_ref, o_rows, dc), o.astype(o_ref.dtype), mask=ok2 & (out_slot < 0))
-        pltriton.store(lse_ref.at[o_rows], lse, mask=final)
-        if ks.num_slots:
-            part = row_ok & (out_slot >= 0)
-            p_rows = jnp.where(part, out_slot * bm + r, po_ref.shape[0])
-            pltriton.store(row_block(po_ref, p_rows, dc), o, mask=ok2 & (out_slot >= 0))
-            pltriton.store(plse_ref.at[p_rows], lse, mask=part)
+        store_tile((o_ref, lse_ref, po_ref, plse_ref), (o, lse), (o, lse), rows_raw, row_ok, out_slot, ks.num_slots)
         return carry
 
     cta = pl.program_id(0)
