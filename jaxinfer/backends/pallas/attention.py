@@ -358,6 +358,13 @@ def _poison_rows(acc, sees_bad):
     return jnp.where(sees_bad[:, None], jnp.nan, acc)
 
 
+def output_shapes(rows: int, slots: int, d: int, dtype) -> tuple:
+    """The outputs of an attention kernel: ``o [rows, d]`` in ``dtype``, ``lse [rows]``, and the
+    float32 partial ``o [slots, d]`` and ``lse [slots]`` that :func:`store_tile` writes."""
+    return (jax.ShapeDtypeStruct((rows, d), dtype), jax.ShapeDtypeStruct((rows,), jnp.float32),
+            jax.ShapeDtypeStruct((slots, d), jnp.float32), jax.ShapeDtypeStruct((slots,), jnp.float32))
+
+
 def store_tile(out_refs, final_rows, partial_rows, rows_raw, row_ok, out_slot, num_slots: int):
     """Store a tile's rows: ``final_rows = (o, lse)`` to the output rows ``rows_raw`` when the tile
     is its query tile's only chunk (``out_slot < 0``), else ``partial_rows`` to partial slot
@@ -544,12 +551,7 @@ def attention(plan_buffer, q, k, v, mask=None, scales=None, sinks=None, params=(
     extra = tuple(x for x in (mask, scales, sinks) if x is not None) + tuple(params)
     o, lse, po, plse = pl.pallas_call(
         kernel,
-        out_shape=(
-            jax.ShapeDtypeStruct((rows, d), q.dtype),
-            jax.ShapeDtypeStruct((rows,), jnp.float32),
-            jax.ShapeDtypeStruct((slots, d), jnp.float32),
-            jax.ShapeDtypeStruct((slots,), jnp.float32),
-        ),
+        out_shape=output_shapes(rows, slots, d, q.dtype),
         grid=(ks.num_ctas,),
         input_output_aliases={len(extra) + 4: 0, len(extra) + 5: 1},
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),

@@ -31,14 +31,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxinfer.backends.pallas.attention import (
-    _finite_values, _full_steps, _kv_rows, _load, _poison_rows, _visible, _widen, store_tile,
+    _finite_values, _full_steps, _kv_rows, _load, _poison_rows, _visible, _widen, output_shapes, store_tile,
 )
 from jaxinfer.backends.pallas.backend import PallasBackend, PallasPlan, _aligned_empty
 from jaxinfer.backends.pallas.config import TileConfig
@@ -211,12 +210,7 @@ def mla_attention(plan_buffer, q_nope, q_pe, ckv_cache, kpe_cache, *, ks: MLAKer
     kernel = functools.partial(_mla_kernel, ks=ks, cfg=cfg, num_pages=ckv_cache.shape[0])
     o, lse, po, plse = pl.pallas_call(
         kernel,
-        out_shape=(
-            jax.ShapeDtypeStruct((rows, dc), q_nope.dtype),
-            jax.ShapeDtypeStruct((rows,), jnp.float32),
-            jax.ShapeDtypeStruct((slots, dc), jnp.float32),
-            jax.ShapeDtypeStruct((slots,), jnp.float32),
-        ),
+        out_shape=output_shapes(rows, slots, dc, q_nope.dtype),
         grid=(ks.num_ctas,),
         input_output_aliases={5: 0, 6: 1},
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
