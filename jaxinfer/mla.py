@@ -36,8 +36,8 @@ from jaxinfer.backends import BackendUnsupportedError, device
 from jaxinfer.backends.pallas import mla as pallas_mla
 from jaxinfer.backends.pallas.backend import PallasBackend
 from jaxinfer.backends.xla import RefPlan, plan_reference
-from jaxinfer.fp8 import is_fp8, quantize
-from jaxinfer.page import _page_and_slot
+from jaxinfer.fp8 import quantize
+from jaxinfer.page import _page_and_slot, check_append_index_args, check_append_rows_dtype
 from jaxinfer.plan.batch import BatchSpec, PlanCapacity
 from jaxinfer.plan.checks import check_indptr, check_int
 from jaxinfer.variants import LOG2E, AttentionVariant
@@ -453,14 +453,5 @@ def _check_append(append_ckv, append_kpe, batch_indices, positions, ckv_cache, k
         if x.ndim != 2 or x.shape[1] != cache.shape[2] or x.shape[0] != nnz:
             raise ValueError(f"{name} must be [nnz, {cache.shape[2]}] to match the cache (nnz = append_ckv's rows), "
                              f"got {tuple(x.shape)}")
-        if is_fp8(cache.dtype) and not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"{name} must be a float array to quantize into the {cache.dtype} cache, got {x.dtype}")
-        if not is_fp8(cache.dtype) and x.dtype != cache.dtype:
-            raise ValueError(f"{name} has dtype {x.dtype} but the cache holds {cache.dtype}")
-    batch = kv_last_page_len.shape[0] if kv_last_page_len.ndim == 1 else None
-    for name, x, n in (("batch_indices", batch_indices, nnz), ("positions", positions, nnz),
-                       ("kv_indices", kv_indices, None), ("kv_indptr", kv_indptr, None if batch is None else batch + 1),
-                       ("kv_last_page_len", kv_last_page_len, batch)):
-        if x.ndim != 1 or not jnp.issubdtype(x.dtype, jnp.integer) or (n is not None and x.shape[0] != n):
-            size = "" if n is None else f" of length {n}"
-            raise ValueError(f"{name} must be a 1-D integer array{size}, got {x.dtype}{tuple(x.shape)}")
+        check_append_rows_dtype(name, x, cache.dtype)
+    check_append_index_args(nnz, batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len)

@@ -314,22 +314,17 @@ def _check_single_cache(cache, kv_layout: str) -> None:
         )
 
 
-def _check_append_args(
-    append_key, append_value, batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len, *, want, dtype
-) -> None:
-    """Trace-time shape and dtype checks of :func:`append_paged_kv_cache`'s arguments."""
-    for name, x in (("append_key", append_key), ("append_value", append_value)):
-        if x.ndim != 3 or tuple(x.shape[1:]) != want:
-            raise ValueError(f"{name} must be [nnz, {want[0]}, {want[1]}] to match the cache, got {tuple(x.shape)}")
-        if is_fp8(dtype) and not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"{name} must be a float array to quantize into the {dtype} cache, got {x.dtype}")
-        if not is_fp8(dtype) and x.dtype != dtype:
-            raise ValueError(f"{name} has dtype {x.dtype} but the cache holds {dtype}")
-    if append_value.dtype != append_key.dtype:
-        raise ValueError(f"append_value has dtype {append_value.dtype} but append_key has {append_key.dtype}")
-    nnz = append_key.shape[0]
-    if append_value.shape[0] != nnz:
-        raise ValueError(f"append_value has {append_value.shape[0]} rows but append_key has {nnz}")
+def check_append_rows_dtype(name: str, x, dtype) -> None:
+    """Rows appended to a cache of ``dtype`` must have it, or be floats quantized into an fp8 one."""
+    if is_fp8(dtype) and not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{name} must be a float array to quantize into the {dtype} cache, got {x.dtype}")
+    if not is_fp8(dtype) and x.dtype != dtype:
+        raise ValueError(f"{name} has dtype {x.dtype} but the cache holds {dtype}")
+
+
+def check_append_index_args(nnz: int, batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len) -> None:
+    """Trace-time checks of an append's ``nnz`` rows' index arrays and the page table they go
+    through (1-D integers of matching lengths), naming the argument."""
     batch_size = kv_last_page_len.shape[0] if kv_last_page_len.ndim == 1 else None
     for name, x, n in (
         ("batch_indices", batch_indices, nnz),
@@ -341,3 +336,19 @@ def _check_append_args(
         if x.ndim != 1 or not jnp.issubdtype(x.dtype, jnp.integer) or (n is not None and x.shape[0] != n):
             size = "" if n is None else f" of length {n}"
             raise ValueError(f"{name} must be a 1-D integer array{size}, got {x.dtype}{tuple(x.shape)}")
+
+
+def _check_append_args(
+    append_key, append_value, batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len, *, want, dtype
+) -> None:
+    """Trace-time shape and dtype checks of :func:`append_paged_kv_cache`'s arguments."""
+    for name, x in (("append_key", append_key), ("append_value", append_value)):
+        if x.ndim != 3 or tuple(x.shape[1:]) != want:
+            raise ValueError(f"{name} must be [nnz, {want[0]}, {want[1]}] to match the cache, got {tuple(x.shape)}")
+        check_append_rows_dtype(name, x, dtype)
+    if append_value.dtype != append_key.dtype:
+        raise ValueError(f"append_value has dtype {append_value.dtype} but append_key has {append_key.dtype}")
+    nnz = append_key.shape[0]
+    if append_value.shape[0] != nnz:
+        raise ValueError(f"append_value has {append_value.shape[0]} rows but append_key has {nnz}")
+    check_append_index_args(nnz, batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len)
