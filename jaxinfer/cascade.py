@@ -161,10 +161,8 @@ class MultiLevelCascadeAttentionWrapper(BatchWrapper):
             ``capacity`` for plans of one shape).
           backend: ``"auto"``, ``"pallas"``, ``"fa2"``, ``"fa3"`` or ``"xla"`` (keyword only).
           capacity: static maxima of each level's plan.
-          deterministic: batch invariance: a request's output bits do not depend on the batch it
-            is planned in (the KV split at a fixed size, FlashInfer's ``fixed_split_size``; see
-            :meth:`~jaxinfer.plan.batch.PlanCapacity.as_deterministic`). More work tiles on large
-            batches.
+          deterministic: batch invariance, FlashInfer's ``fixed_split_size``
+            (:meth:`~jaxinfer.plan.batch.PlanCapacity.as_deterministic`).
 
         Raises:
           ValueError: ``num_levels < 1``, a string as ``float_workspace_buffer``, a bad

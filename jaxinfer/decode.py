@@ -138,10 +138,8 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchWrapper):
           backend: ``"auto"``, ``"pallas"``, ``"fa2"``, ``"fa3"`` or ``"xla"``.
           capacity: static maxima of plans (:class:`~jaxinfer.plan.batch.PlanCapacity`); default:
             sizes rounded up to powers of two.
-          deterministic: batch invariance: a request's output bits do not depend on the batch it
-            is planned in (the KV split at a fixed size, FlashInfer's ``fixed_split_size``; see
-            :meth:`~jaxinfer.plan.batch.PlanCapacity.as_deterministic`). More work tiles on large
-            batches.
+          deterministic: batch invariance, FlashInfer's ``fixed_split_size``
+            (:meth:`~jaxinfer.plan.batch.PlanCapacity.as_deterministic`).
 
         Raises:
           ValueError: a string as ``float_workspace_buffer`` (``kv_layout`` one position early),

@@ -76,7 +76,9 @@ class PlanCapacity:
 
     def as_deterministic(self, fixed_split_size: int | None = None) -> PlanCapacity:
         """This capacity with a fixed split size: ``fixed_split_size``, else the one already set,
-        else :data:`DETERMINISTIC_SPLIT_SIZE` (the wrappers' ``deterministic=True``).
+        else :data:`DETERMINISTIC_SPLIT_SIZE` (the wrappers' ``deterministic=True``). A request's
+        output bits then do not depend on the batch it is planned in: its keys split at the same
+        points and its tile shape does not follow the batch; large batches get more work tiles.
 
         Raises:
           ValueError: ``fixed_split_size`` is not an integer ``>= 1``.
