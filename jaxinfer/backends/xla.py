@@ -230,31 +230,31 @@ query rows and would need 64 GiB; a plan past it raises before anything is alloc
 
 
 def check_padded_size(spec: BatchSpec, Bc: int, Lq: int, Lk: int) -> None:
-    """Raise a ``ValueError`` naming the lengths when a padded array would exceed
-    :data:`MAX_PADDED_ELEMENTS` (before anything of that size is allocated)."""
+    """Raise a ``ValueError`` naming the lengths when a padded index array would exceed
+    :data:`MAX_PADDED_ELEMENTS` or the padded logits :data:`MAX_LOGITS_ELEMENTS` (before anything
+    of that size is allocated)."""
     kv_args = "kv_indptr and kv_last_page_len" if spec.paged else "kv_indptr"
     longest_kv = int(spec.kv_lens.max(initial=0))
     longest_qo = int(spec.qo_lens.max(initial=0))
+    index = ("MAX_PADDED_ELEMENTS", MAX_PADDED_ELEMENTS)
     arrays = [
-        ("key slots", Bc * Lk, f"max_batch_size={Bc} x max_kv_len={Lk} (the longest request has kv_len={longest_kv}, "
-                               f"from {kv_args})"),
-        ("query slots", Bc * Lq, f"max_batch_size={Bc} x max_qo_len={Lq} (the longest request has "
-                                 f"qo_len={longest_qo}, from qo_indptr)"),
+        ("key slots", Bc * Lk, index, f"max_batch_size={Bc} x max_kv_len={Lk} (the longest request has "
+                                      f"kv_len={longest_kv}, from {kv_args})"),
+        ("query slots", Bc * Lq, index, f"max_batch_size={Bc} x max_qo_len={Lq} (the longest request has "
+                                        f"qo_len={longest_qo}, from qo_indptr)"),
+        # The float32 logits [Bc, Hq, Lq, Lk], the largest array of a run.
+        ("float32 logits", Bc * spec.num_qo_heads * Lq * Lk, ("MAX_LOGITS_ELEMENTS", MAX_LOGITS_ELEMENTS),
+         f"max_batch_size={Bc} x num_qo_heads={spec.num_qo_heads} x max_qo_len={Lq} x max_kv_len={Lk}"),
     ]
     if spec.custom_mask is not None:
-        arrays.append(("custom_mask elements", Bc * Lq * Lk, f"max_batch_size={Bc} x max_qo_len={Lq} x max_kv_len={Lk}"))
-    # The float32 logits [Bc, Hq, Lq, Lk] are the largest array (a 2048-token prefill beside
-    # 4096-token decodes pads every decode to 2048 rows: 64 GiB).
-    arrays.append(("float32 logits", Bc * spec.num_qo_heads * Lq * Lk,
-                   f"max_batch_size={Bc} x num_qo_heads={spec.num_qo_heads} x max_qo_len={Lq} x max_kv_len={Lk}"))
-    for what, n, dims in arrays:
-        limit = MAX_LOGITS_ELEMENTS if what == "float32 logits" else MAX_PADDED_ELEMENTS
+        arrays.append(("custom_mask elements", Bc * Lq * Lk, index,
+                       f"max_batch_size={Bc} x max_qo_len={Lq} x max_kv_len={Lk}"))
+    for what, n, (limit_name, limit), dims in arrays:
         if n > limit:
             raise ValueError(
                 f"backend 'xla' pads every request of a batch to the longest one: {dims} gives {n} padded {what}, "
-                f"over its limit of {limit} (2**{limit.bit_length() - 1}, jaxinfer.backends.xla."
-                f"{'MAX_LOGITS_ELEMENTS' if limit == MAX_LOGITS_ELEMENTS else 'MAX_PADDED_ELEMENTS'}); use backend='pallas' (or 'fa2'/'fa3'), "
-                "or plan smaller batches"
+                f"over its limit of {limit} (2**{limit.bit_length() - 1}, jaxinfer.backends.xla.{limit_name}); "
+                "use backend='pallas' (or 'fa2'/'fa3'), or plan smaller batches"
             )
 
 
