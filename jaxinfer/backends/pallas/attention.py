@@ -17,9 +17,11 @@ chunk load as 0, and masked steps that hide a key from some rows only zero V's n
 entries and mark the rows that do see one (:func:`_finite_values`).
 
 fp8 KV caches (``float8_e4m3fn``/``float8_e5m2``, :mod:`jaxinfer.fp8`) are read as they are
-stored, one byte per element, and widened in registers to q's dtype before the dots (exact:
-every fp8 value is a bf16 and an fp16 value), so decode, memory-bound, moves half the bytes of
-a 16-bit cache; ``P`` is rounded to q's dtype for ``P.V`` as with a 16-bit cache. With
+stored, one byte per element, and widened in registers to fp16 before the dots (exact: every
+fp8 value is an fp16 value; one conversion instruction per two values, where bf16 takes three),
+so decode, memory-bound, moves half the bytes of a 16-bit cache. The dots run in fp16: a bf16 q
+tile is scaled by a power of two into fp16's range when its largest entry needs it (the logits
+are scaled back: :func:`_to_fp16`), and ``P`` in ``[0, 1]`` is rounded to fp16 for ``P.V``. With
 :attr:`KernelSpec.kv_scales` the kernel reads a ``[2 * Hkv]`` float32 array of per-KV-head
 ``k_scale`` (multiplies the raw ``q.k``, or the keys before a key transform) and ``v_scale``
 (multiplies the tile's output, before partials are written and before the output transform).
@@ -269,6 +271,16 @@ def _load_operand(ref, rows, ok, transform, cos_sin, d: int, dtype, scale=None):
     return tuple(p.astype(dtype) for p in parts)
 
 
+def _to_fp16(parts):
+    """float32 q ``parts`` as fp16, scaled by ``2**-e`` (``e >= 0``, the least that brings the tile's
+    largest ``|q|`` to at most ``2**15``, below fp16's 65504), and the factor ``2**e`` that the raw
+    logits are multiplied by. A power of two: exact, and ``e = 0`` for any q of a real model."""
+    # Two axis reductions: a full jnp.max does not lower under shard_map's abstract mesh.
+    amax = functools.reduce(jnp.maximum, [jnp.max(jnp.max(jnp.abs(p), axis=1), axis=0) for p in parts])
+    e = jnp.maximum(jnp.ceil(jnp.log2(jnp.maximum(amax, 1.0))) - 15.0, 0.0)
+    return tuple((p * jnp.exp2(-e)).astype(jnp.float16) for p in parts), jnp.exp2(e)
+
+
 def _dot_parts(qs, kp):
     s = pltriton.dot(qs[0], kp[0], trans_b=True)
     for a, b in zip(qs[1:], kp[1:]):
@@ -395,7 +407,13 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, na
     sink_ref = refs[4 + ks.custom_mask + ks.kv_scales] if ks.sinks else None
     first_param = 4 + ks.custom_mask + ks.kv_scales + ks.sinks
     param_refs = refs[first_param : first_param + (len(ks.params.tails) if ks.params is not None else 0)]
-    cdt = q_ref.dtype  # the dots' operand dtype: fp8 K/V tiles are widened to it
+    # The dots' operand dtype. fp8 K/V tiles widen to fp16 whatever q's dtype: e4m3/e5m2 -> fp16
+    # is one cvt per two values on sm_89+, -> bf16 goes through fp16 and float32
+    # (benchmarks/decisions/pallas.md). Every fp8 value is an fp16 value, and P in [0, 1] loses
+    # nothing; a bf16 q is scaled into fp16's range below. A key transform's output (scaled
+    # keys included) has no such bound, so with one the tiles widen to q's dtype.
+    fp16_dots = k_ref.dtype.itemsize == 1 and ks.fn("key_transform") is None
+    cdt = jnp.float16 if fp16_dots else q_ref.dtype
     out_refs = refs[-4:]  # o, lse, partial o, partial lse
     bm, bn, d, g = cfg.block_m, cfg.block_n, ks.head_dim, ks.group_size
     r = lax.iota(jnp.int32, bm)
@@ -427,13 +445,17 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, na
             cells = jax.tree.map(lambda p: p if p.ndim == 0 else p[:, None], prm)
             kt = dataclasses.replace(ks, callables=ks.callables.bind(prm, cells))
         q_cs = _cos_sin(q_pos, inv_freq, native) if ks.rope else None
-        qs = _load_operand(q_ref, jnp.where(row_ok, rows_raw, 0), row_ok, kt.fn("query_transform"), q_cs, d, cdt)
+        q_load = functools.partial(_load_operand, q_ref, jnp.where(row_ok, rows_raw, 0), row_ok,
+                                   kt.fn("query_transform"), q_cs, d)
+        qs, q_unscale = (q_load(cdt), None) if cdt == q_ref.dtype else _to_fp16(q_load(jnp.float32))
         mask = (mask_ref, field("mask_base"), field("kv_len"), tok, row_ok) if ks.custom_mask else None
         k_scale, v_scale = (scale_ref[kv_head], scale_ref[ks.num_kv_heads + kv_head]) if ks.kv_scales else (None, None)
         # A key transform sees the dequantized keys (it need not be linear); otherwise the scale
         # multiplies the raw logits, one multiply per logit instead of one per key element.
         k_transform = ks.fn("key_transform")
         k_scale_rows, k_scale_logits = (k_scale, None) if k_transform is not None else (None, k_scale)
+        if q_unscale is not None:
+            k_scale_logits = q_unscale if k_scale_logits is None else k_scale_logits * q_unscale
 
         def positions(i, masked):
             """Keys ``[bn]`` of step ``i`` and their in-chunk mask (``None``: all in range)."""

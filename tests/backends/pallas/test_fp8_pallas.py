@@ -184,3 +184,20 @@ def test_scale_equals_scaled_values_pallas(rng):
     np.testing.assert_allclose(np.asarray(o, np.float32), np.asarray(o1, np.float32), rtol=2**-8, atol=2**-16)
     np.testing.assert_allclose(np.asarray(lse), np.asarray(lse1), rtol=1e-6)
 
+
+@pytest.mark.parametrize("q_max", [1e3, 3e5])
+def test_bf16_q_beyond_fp16_range_fp8(rng, q_max):
+    """fp8 tiles meet q in fp16: a bf16 q tile whose largest entry exceeds fp16's 65504 is scaled
+    by a power of two first (and its logits back), so it stays exact instead of overflowing."""
+    hq, hkv, kv_lens = 8, 2, [21, 9]
+    kv = make_paged_kv(rng, kv_lens, 4, hkv, D, jnp.float8_e4m3fn, "NHD", False)
+    w = jaxinfer.BatchDecodeWithPagedKVCacheWrapper(backend="pallas")
+    w.plan(kv.kv_indptr, kv.kv_indices, kv.kv_last_page_len, hq, hkv, D, 4, q_data_type=jnp.bfloat16,
+           kv_data_type=jnp.float8_e4m3fn, sm_scale=1.0 / q_max)  # logits of O(1) whatever q_max
+    q = rand(rng, (2, hq, D), jnp.float32) * q_max
+    q = q.at[0, 0, 0].set(q_max * 4).astype(jnp.bfloat16)  # one entry well past the others
+    o, lse = w.run(q, kv.cache, return_lse=True)
+    want_o, want_lse = ref_batch(q, dequantize(kv.k_list, None), dequantize(kv.v_list, None), indptr_of([1, 1]),
+                                 sm_scale=1.0 / q_max)
+    assert_close(o, want_o, jnp.bfloat16)
+    assert_close(lse, want_lse, jnp.bfloat16, "lse")
