@@ -41,6 +41,10 @@ class LlamaConfig:
     ``tie_word_embeddings``: the LM head is the transposed embedding (no ``lm_head`` parameter).
     ``max_position_embeddings``: the context length the model was trained for (tokens); not
     enforced by the model, a serving engine's bound for ``max_seq_len``.
+    ``tensor_parallel_axis``: the mesh axis a tensor-parallel shard of the model runs under
+    (inside ``jax.shard_map``; :mod:`jaxinfer.parallel` makes such shards): each block sums its
+    attention and its MLP outputs over it with ``jax.lax.psum``, one all-reduce each. ``None``:
+    the whole model on one device.
     """
 
     vocab_size: int = 128256
@@ -55,6 +59,7 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 8192
     dtype: Any = jnp.bfloat16
+    tensor_parallel_axis: str | None = None
 
 
 class SwiGLU(nnx.Module):
@@ -88,12 +93,18 @@ class LlamaDecoderLayer(nnx.Module):
         )
         self.post_attention_norm = nnx.RMSNorm(h, epsilon=cfg.rms_norm_eps, dtype=dt, param_dtype=dt, rngs=rngs)
         self.mlp = SwiGLU(h, cfg.intermediate_size, dtype=dt, rngs=rngs)
+        self.tensor_parallel_axis = cfg.tensor_parallel_axis
 
     def block(self, x: jax.Array, attention: Callable, kv_cache):
         """The block around ``attention(h, kv_cache) -> (a, kv_cache)``."""
         a, kv_cache = attention(self.input_norm(x), kv_cache)
-        x = x + a
-        return x + self.mlp(self.post_attention_norm(x)), kv_cache
+        x = x + self._all_reduce(a)
+        return x + self._all_reduce(self.mlp(self.post_attention_norm(x))), kv_cache
+
+    def _all_reduce(self, y: jax.Array) -> jax.Array:
+        # A tensor-parallel shard's o_proj and down_proj hold rows of the full weights, so their
+        # outputs are partial sums over the shards (Megatron-LM, Shoeybi et al. 2019, sec. 3).
+        return y if self.tensor_parallel_axis is None else jax.lax.psum(y, self.tensor_parallel_axis)
 
     def __call__(self, x: jax.Array, batch: StepBatch, kv_cache):
         """``x [T, hidden]`` float32 over the rows of ``batch`` -> ``(x, kv_cache)`` (paged cache)."""

