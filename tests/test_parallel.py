@@ -181,7 +181,20 @@ def worker(path: str) -> None:
             })
         if (name, backend) == ("llama", "xla"):
             _errors(model, out)
+    _bench(out)
     np.savez(path, **out)
+
+
+def _bench(out):
+    """The GPU benchmark's points on the tiny model (TP 1, TP 2, DP 2), one timed call each."""
+    from jaxinfer.bench import parallel as bench
+    from jaxinfer.bench.harness import Timer
+
+    points = [bench.Point("tiny", tp, dp, batch=4, context=32) for tp, dp in ((1, 1), (2, 1), (1, 2))]
+    for r in bench.run_points(points, "xla", Timer(1)):
+        for field in ("status", "latency_ms", "tokens_per_s", "max_error", "global_batch"):
+            out[f"bench__{r['point']}__{field}"] = np.asarray(r[field] if r[field] is not None else np.nan)
+        out[f"bench__{r['point']}__summary"] = np.asarray("\n".join(bench.summary_lines([r])))
 
 
 # ---------------------------------------------------------------- tests (parent process)
@@ -244,6 +257,26 @@ def test_arrays_are_sharded(runs, name, backend, case):
 def test_multi_device_errors(runs):
     assert "do not split evenly over dp=2" in str(runs["error__uneven_dp"])
     assert "structure" in str(runs["error__mixed_batches"])
+
+
+def test_bench_points_run(runs):
+    for point, global_batch in (("tiny-tp1", 4), ("tiny-tp2", 4), ("tiny-dp2", 8)):
+        assert str(runs[f"bench__{point}__status"]) == "ok", str(runs[f"bench__{point}__summary"])
+        latency = float(runs[f"bench__{point}__latency_ms"])
+        assert latency > 0 and int(runs[f"bench__{point}__global_batch"]) == global_batch
+        np.testing.assert_allclose(float(runs[f"bench__{point}__tokens_per_s"]), global_batch / (latency * 1e-3))
+    # The same random weights and cache on one device and split over two (bf16 partial sums).
+    assert float(runs["bench__tiny-tp2__max_error"]) < 3e-2
+
+
+def test_bench_point_names():
+    from jaxinfer.bench.parallel import Point
+
+    assert Point.parse("8b-tp4") == Point("8b", tp=4)
+    assert Point.parse("70b-dp2-tp4", batch=8).name == "70b-dp2-tp4"
+    for bad in ("8b-tp0", "8b-pp2", "13b-tp2"):
+        with pytest.raises(ValueError, match="points"):
+            Point.parse(bad)
 
 
 def test_config_errors():
