@@ -59,7 +59,10 @@ int64_t ceil_div(int64_t a, int64_t b) { return a >= 0 ? (a + b - 1) / b : -((-a
 struct Scratch {
   std::vector<int32_t> q_tiles;  // [n, kNumFields]: one row per query tile, every column but kv_head
   std::vector<int64_t> q_cost, nch, cost, sorted_cost;
-  std::vector<int32_t> order, cta, cta_fill, by_row;
+  std::vector<int32_t> order, cta, cta_fill, by_row, radix_tmp;
+  std::vector<uint64_t> digits;  // radix sort keys, by element
+  std::vector<int32_t> histograms;  // radix sort: [passes][4][256]
+  std::vector<uint32_t> blocks;  // chunk_size: key blocks of each query tile
   std::vector<Tile> tiles, sorted;  // split tiles in (query tile, KV head, chunk) order; all tiles sorted
   std::vector<std::pair<int64_t, int32_t>> least, least_tmp;  // (load, CTA id)
   std::vector<int64_t> bounds;
@@ -116,18 +119,22 @@ void query_tiles(int32_t batch, const int32_t* qo_indptr, const int32_t* kv_lens
 
 // Smallest chunk (multiple of block_n, >= min_chunk) whose tile count fits split_budget; 0 when
 // the unsplit tiles already fill the budget or nothing is longer than the smallest chunk.
-int64_t chunk_size(const std::vector<int32_t>& q_tiles, int64_t n, const Params& p) {
+int64_t chunk_size(const std::vector<int32_t>& q_tiles, int64_t n, const Params& p, std::vector<uint32_t>& blocks) {
   int64_t longest = 0;
   for (int64_t i = 0; i < n; ++i) longest = std::max<int64_t>(longest, q_tiles[i * kNumFields + kKvHi] - q_tiles[i * kNumFields + kKvLo]);
   const int64_t kmin = std::max<int64_t>(1, ceil_div(p.min_chunk, p.block_n));
   if (n * p.num_kv_heads >= p.split_budget || longest <= kmin * p.block_n) return 0;
-  // ceil(span / (k * block_n)) == ceil(ceil(span / block_n) / k): search on block counts.
-  auto count = [&](int64_t k) {
+  // ceil(span / (k * block_n)) == ceil(ceil(span / block_n) / k): search on block counts, each
+  // below 2**31 (as k), so that the search divides in 32 bits (64-bit divisions took ~10% of a
+  // B=64 split plan).
+  blocks.resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    blocks[i] = uint32_t(ceil_div(q_tiles[i * kNumFields + kKvHi] - q_tiles[i * kNumFields + kKvLo], p.block_n));
+  }
+  const auto count = [&blocks, n, &p](int64_t k) {
+    const uint32_t k32 = uint32_t(k);
     int64_t total = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t blocks = ceil_div(q_tiles[i * kNumFields + kKvHi] - q_tiles[i * kNumFields + kKvLo], p.block_n);
-      total += std::max<int64_t>(1, ceil_div(blocks, k));
-    }
+    for (int64_t i = 0; i < n; ++i) total += std::max<uint32_t>(1, (blocks[i] + k32 - 1) / k32);
     return total * p.num_kv_heads;
   };
   int64_t lo = kmin, hi = std::max(kmin, ceil_div(longest, p.block_n));
@@ -162,6 +169,63 @@ void merge_runs(std::vector<T>& v, std::vector<T>& tmp, std::vector<int64_t>& bo
     }
     bounds.resize(kept);
     v.swap(tmp);
+  }
+}
+
+// Sorts order, a permutation of the ids 0..n-1, stably by value(id): smallest first, or largest
+// first when descending. The permutation of std::stable_sort, by an LSD radix sort of the values
+// relative to their minimum (maximum), 8 bits a pass, as many passes as their range needs, every
+// pass's histogram counted in one read of the keys, a pass whose digits all agree skipped: a few
+// linear passes where stable_sort's merges took 5-25 us at 1-2k tiles (B=16..64 split decode
+// plans, prefill's kv_major order).
+template <typename Value>
+void radix_sort(std::vector<int32_t>& order, bool descending, const Value& value, Scratch& s) {
+  const int64_t n = int64_t(order.size());
+  if (n < 2) return;
+  s.digits.resize(n);
+  uint64_t* key = s.digits.data();
+  int64_t lo = value(0), hi = lo;
+  for (int32_t id = 0; id < n; ++id) {
+    const int64_t v = value(id);
+    lo = std::min(lo, v);
+    hi = std::max(hi, v);
+    key[id] = uint64_t(v);
+  }
+  // Unsigned differences: exact for any two int64 values.
+  const uint64_t base = uint64_t(descending ? hi : lo), range = uint64_t(hi) - uint64_t(lo);
+  int passes = 0;
+  while (passes < 8 && (range >> (8 * passes))) ++passes;
+  // Four histograms a pass, by id % 4: equal digits in a row (a request's tiles) would otherwise
+  // chain their increments through memory.
+  s.histograms.assign(size_t(passes) * 4 * 256, 0);
+  int32_t* count = s.histograms.data();  // [passes][4][256]
+  for (int64_t id = 0; id < n; ++id) {
+    key[id] = descending ? base - key[id] : key[id] - base;
+    for (int p = 0; p < passes; ++p) ++count[(p * 4 + (id & 3)) * 256 + ((key[id] >> (8 * p)) & 255)];
+  }
+  s.radix_tmp.resize(n);
+  for (int p = 0; p < passes; ++p) {
+    const int shift = 8 * p;
+    const auto digit = [key, &order, shift](int64_t i) { return (key[order[i]] >> shift) & 255; };
+    int64_t start[256], sum = 0;
+    for (int d = 0; d < 256; ++d) {
+      start[d] = sum;
+      const int32_t* c = count + p * 4 * 256 + d;
+      sum += c[0] + c[256] + c[512] + c[768];
+    }
+    const uint64_t first = digit(0);
+    if (start[first] == 0 && (first == 255 || start[first + 1] == n)) continue;  // one digit: the order stays
+    // Runs of equal digits are copied with the position in a register, for the same reason.
+    int32_t* out = s.radix_tmp.data();
+    for (int64_t i = 0; i < n;) {
+      const uint64_t d = digit(i);
+      int64_t pos = start[d];
+      do {
+        out[pos++] = order[i++];
+      } while (i < n && digit(i) == d);
+      start[d] = pos;
+    }
+    order.swap(s.radix_tmp);
   }
 }
 
@@ -204,18 +268,26 @@ void group_by_cta(int64_t num_tiles, int32_t num_ctas, int32_t* cta_indptr, Scra
 }
 
 // (Request, KV head)-major order, one tile per CTA: the sorted tiles reordered (stably) by
-// (kv_base, KV head, longest key range first); CTA c runs tile c.
+// (kv_base, KV head, longest key range first) into s.by_row (row r runs s.sorted[s.by_row[r]]):
+// radix sorts by the key range, then by (kv_base, KV head) as one number; CTA c runs row c.
 void kv_major_order(int64_t num_tiles, int32_t num_ctas, int32_t* cta_indptr, Scratch& s) {
+  const Tile* tiles = s.sorted.data();
   const int32_t* q_tiles = s.q_tiles.data();
-  std::stable_sort(s.sorted.begin(), s.sorted.end(), [q_tiles](const Tile& a, const Tile& b) {
-    const int32_t base_a = q_tiles[int64_t(a.q) * kNumFields + kKvBase], base_b = q_tiles[int64_t(b.q) * kNumFields + kKvBase];
-    if (base_a != base_b) return base_a < base_b;
-    if (a.head != b.head) return a.head < b.head;
-    return int64_t(a.lo) - a.hi < int64_t(b.lo) - b.hi;
-  });
-  for (int32_t c = 0; c <= num_ctas; ++c) cta_indptr[c] = int32_t(std::min<int64_t>(c, num_tiles));
+  const auto base = [tiles, q_tiles](int32_t i) { return q_tiles[int64_t(tiles[i].q) * kNumFields + kKvBase]; };
   s.by_row.resize(num_tiles);
   std::iota(s.by_row.begin(), s.by_row.end(), 0);
+  radix_sort(s.by_row, true, [tiles](int32_t i) { return int64_t(tiles[i].hi) - tiles[i].lo; }, s);
+  int32_t base_lo = INT32_MAX, head_lo = INT32_MAX, head_hi = 0;
+  for (int64_t i = 0; i < num_tiles; ++i) {
+    base_lo = std::min(base_lo, base(int32_t(i)));
+    head_lo = std::min(head_lo, tiles[i].head);
+    head_hi = std::max(head_hi, tiles[i].head);
+  }
+  // (kv_base - its minimum) * heads + head: below 2**32 * 2**31, in the order of the pairs.
+  const int64_t heads = int64_t(head_hi) - head_lo + 1;
+  const auto base_head = [&](int32_t i) { return (int64_t(base(i)) - base_lo) * heads + (tiles[i].head - head_lo); };
+  radix_sort(s.by_row, false, base_head, s);
+  for (int32_t c = 0; c <= num_ctas; ++c) cta_indptr[c] = int32_t(std::min<int64_t>(c, num_tiles));
 }
 
 bool in_int32(int64_t v, int64_t lo) { return v >= lo && v <= INT32_MAX; }
@@ -247,7 +319,7 @@ int prepare(int32_t batch, const int32_t* qo_indptr, const int32_t* kv_lens, con
   query_tiles(batch, qo_indptr, kv_lens, kv_base, mask_offsets, std::max<int64_t>(1, p.block_m / p.group_size), p,
               s.q_tiles);
   const int64_t nq = int64_t(s.q_tiles.size()) / kNumFields;
-  const int64_t chunk = p.fixed_chunk ? p.fixed_chunk : p.split_kv ? chunk_size(s.q_tiles, nq, p) : 0;
+  const int64_t chunk = p.fixed_chunk ? p.fixed_chunk : p.split_kv ? chunk_size(s.q_tiles, nq, p, s.blocks) : 0;
   s.q_cost.resize(nq);
   s.nch.resize(nq);
   int64_t tiles = 0, slots = 0, split_tiles = 0;
@@ -315,12 +387,13 @@ int plan(int32_t batch, const int32_t* qo_indptr, const int32_t* kv_lens, const 
   }
   // Unsplit, every head of a query tile costs the same: sorting the query tiles (stable) gives
   // the order a stable sort of all tiles would.
-  const std::vector<int64_t>& key = split ? s.cost : s.q_cost;
-  const auto longer = [&key](int32_t a, int32_t b) { return key[a] > key[b]; };
-  s.order.resize(key.size());
+  const int64_t* key = split ? s.cost.data() : s.q_cost.data();
+  s.order.resize(split ? num_tiles : nq);
   std::iota(s.order.begin(), s.order.end(), 0);
-  // Equal or descending costs (uniform batches) are sorted already: no stable_sort buffer.
-  if (!std::is_sorted(s.order.begin(), s.order.end(), longer)) std::stable_sort(s.order.begin(), s.order.end(), longer);
+  // Equal or descending costs (uniform batches) are sorted already.
+  if (!std::is_sorted(s.order.begin(), s.order.end(), [key](int32_t a, int32_t b) { return key[a] > key[b]; })) {
+    radix_sort(s.order, true, [key](int32_t i) { return key[i]; }, s);
+  }
 
   // The costs in sorted order (position i: the i-th longest tile), and the tiles themselves where
   // the kv_major order sorts them again. Otherwise a row finds its tile through the order: split,
@@ -519,25 +592,44 @@ int64_t jaxinfer_count_query_tiles(int32_t batch, const int32_t* qo_indptr, int3
 int jaxinfer_check_indptr_i32(const int32_t* indptr, int64_t n, int32_t* out) { return check_indptr(indptr, n, out); }
 int jaxinfer_check_indptr_i64(const int64_t* indptr, int64_t n, int32_t* out) { return check_indptr(indptr, n, out); }
 
+// The data pointer of a numpy array passed as its PyObject* (ctypes.py_object), read where numpy's
+// PyArray_DATA reads it: PyArrayObject_fields.data, at data_offset (the size of PyObject_HEAD) in
+// the object, an offset compiled into every numpy C extension. A Python address lookup costs ~1 us
+// an array; jaxinfer.plan.native.array_data_offset checks the offset once per process.
+const void* jaxinfer_array_data(const void* array, int64_t data_offset) {
+  const void* data;
+  std::memcpy(&data, static_cast<const char*>(array) + data_offset, sizeof data);
+  return data;
+}
+
 // One pass over a batch (the checks of BatchSpec.create: jaxinfer.plan.checks.check_indptr and
-// check_page_table): qo_indptr and kv_indptr [B+1] start at 0, never decrease and end within
-// int32; for a page table (kv_indices not null) also kv_indptr[B] <= num_indices, the used page
-// ids are >= 0, and kv_last_page_len [B] is in 1..page_size for a request with pages and 0
-// otherwise. qo_indptr, kv_indptr and kv_last_page_len are int64 where bits 0, 1, 2 of wide are
-// set, else int32; kv_indices is int32. Writes out = qo_indptr [B+1] | kv_indptr [B+1] | kv_lens
-// [B] (tokens per request) | kv_last_page_len [B] (page tables only), int32. Returns 1 when the
-// batch is valid, 0 otherwise (the caller's numpy checks then name the error).
-int jaxinfer_check_batch(int32_t batch, const void* qo_indptr, const void* kv_indptr, const int32_t* kv_indices,
-                         int64_t num_indices, const void* kv_last_page_len, int32_t page_size, int32_t wide,
-                         int32_t* out) {
-  const Ints qo{qo_indptr, bool(wide & 1)}, indptr{kv_indptr, bool(wide & 2)}, last{kv_last_page_len, bool(wide & 4)};
+// check_page_table), on C-contiguous 1-D numpy arrays passed as objects (jaxinfer_array_data):
+// qo_indptr and kv_indptr [B+1] start at 0, never decrease and end within int32; for a page table
+// (bit 3 of layout) also kv_indptr[B] <= num_indices, the used page ids of kv_indices are >= 0,
+// and kv_last_page_len [B] is in 1..page_size for a request with pages and 0 otherwise (ragged KV:
+// kv_indices and kv_last_page_len are not read). qo_indptr, kv_indptr and kv_last_page_len are
+// int64 where bits 0, 1, 2 of layout are set, else int32; kv_indices is int32. Writes out =
+// qo_indptr [B+1] | kv_indptr [B+1] | kv_lens [B] (tokens per request) | kv_last_page_len [B]
+// (page tables only), int32, and addresses = the data addresses of out and kv_indices (0: ragged).
+// Returns 1 when the batch is valid, 0 otherwise (the caller's numpy checks then name the error).
+int jaxinfer_check_batch(int32_t batch, const void* qo_indptr, const void* kv_indptr, const void* kv_indices,
+                         int64_t num_indices, const void* kv_last_page_len, int32_t page_size, int32_t layout,
+                         int64_t data_offset, const void* out_array, int64_t* addresses) {
+  const bool paged = layout & 8;
+  const auto data = [data_offset](const void* array) { return jaxinfer_array_data(array, data_offset); };
+  const Ints qo{data(qo_indptr), bool(layout & 1)}, indptr{data(kv_indptr), bool(layout & 2)};
+  int32_t* out = static_cast<int32_t*>(const_cast<void*>(data(out_array)));
+  const int32_t* ids = paged ? static_cast<const int32_t*>(data(kv_indices)) : nullptr;
+  addresses[0] = reinterpret_cast<intptr_t>(out);
+  addresses[1] = reinterpret_cast<intptr_t>(ids);
   int32_t* lens = out + 2 * (int64_t(batch) + 1);
   if (!check_row_pointers(batch, qo, indptr, out, out + batch + 1)) return 0;
-  if (!kv_indices) {
+  if (!paged) {
     for (int32_t b = 0; b < batch; ++b) lens[b] = int32_t(indptr[b + 1] - indptr[b]);
     return 1;
   }
   if (indptr[batch] > num_indices) return 0;
+  const Ints last{data(kv_last_page_len), bool(layout & 4)};
   int32_t* last_out = lens + batch;
   bool ok = true;
   for (int32_t b = 0; b < batch; ++b) {
@@ -550,14 +642,15 @@ int jaxinfer_check_batch(int32_t batch, const void* qo_indptr, const void* kv_in
   if (!ok) return 0;
   // A negative id sets the sign bit: an OR reduction vectorizes with plain SSE2 (a signed min
   // needs SSE4.1), 3x faster than the min on 85k ids. Eight lanes: two vector ORs a step keep it
-  // at memory speed (one ran 2x slower where the loop straddled a 64-byte line).
+  // at memory speed (one ran 2x slower where the loop straddled a 64-byte line). AVX2 or AVX-512
+  // clones of it gave nothing: 65k ids (256 KiB) scan at the L2 cache's speed either way.
   const int64_t used = indptr[batch];
   uint32_t bits[8] = {};
   int64_t i = 0;
   for (; i + 8 <= used; i += 8) {
-    for (int k = 0; k < 8; ++k) bits[k] |= uint32_t(kv_indices[i + k]);
+    for (int k = 0; k < 8; ++k) bits[k] |= uint32_t(ids[i + k]);
   }
-  for (; i < used; ++i) bits[0] |= uint32_t(kv_indices[i]);
+  for (; i < used; ++i) bits[0] |= uint32_t(ids[i]);
   for (int k = 1; k < 8; ++k) bits[0] |= bits[k];
   return int32_t(bits[0]) >= 0;
 }

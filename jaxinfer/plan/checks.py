@@ -9,6 +9,7 @@ pages); see :mod:`jaxinfer.page` for the device side.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import operator
 from collections.abc import Mapping
@@ -240,7 +241,8 @@ def checked_batch(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, page_size)
 
     Takes C-contiguous 1-D numpy arrays: ``qo_indptr``, ``kv_indptr`` ``[B+1]`` and
     ``kv_last_page_len`` ``[B]`` int32 or int64, ``kv_indices`` int32 (``None`` with
-    ``kv_last_page_len`` ``None``: ragged KV, ``kv_indptr`` over tokens).
+    ``kv_last_page_len`` ``None``: ragged KV, ``kv_indptr`` over tokens). The library reads the
+    arrays' data pointers itself (:func:`~jaxinfer.plan.native.array_data_offset`).
 
     Returns:
       ``(qo_indptr, kv_indptr, kv_lens, kv_last_page_len, addresses)``: int32 views of one fresh
@@ -250,10 +252,11 @@ def checked_batch(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, page_size)
       batch that fails a check, so that numpy names the error, or no C++ compiler).
     """
     lib = _native_lib()
+    offset = None if lib is None else native.array_data_offset()
     ragged = kv_indices is None
     qo, kv = _int_width(qo_indptr), _int_width(kv_indptr)
     last = 0 if ragged else _int_width(kv_last_page_len)
-    if lib is None or qo is None or kv is None or last is None:
+    if offset is None or qo is None or kv is None or last is None:
         return None
     batch = kv_indptr.size - 1
     if batch < 0 or qo_indptr.size != batch + 1 or batch >= 2**31:
@@ -264,13 +267,13 @@ def checked_batch(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, page_size)
     ):  # fmt: skip
         return None
     out = np.empty(4 * batch + 2, np.int32)
-    address, pages = native.address(out), 0 if ragged else native.address(kv_indices)
-    if not lib.jaxinfer_check_batch(batch, native.address(qo_indptr), native.address(kv_indptr), pages or None,
-                                    0 if ragged else kv_indices.size,
-                                    None if ragged else native.address(kv_last_page_len), 1 if ragged else page_size,
-                                    qo | kv << 1 | last << 2, address):
+    addresses = (ctypes.c_int64 * 2)()
+    layout = qo | kv << 1 | last << 2 | (not ragged) << 3
+    if not lib.jaxinfer_check_batch(batch, qo_indptr, kv_indptr, kv_indices, 0 if ragged else kv_indices.size,
+                                    kv_last_page_len, 1 if ragged else page_size, layout, offset, out, addresses):
         return None
     n = batch + 1
+    address, pages = addresses[0], addresses[1]  # indexed: unpacking a ctypes array takes 10x longer
     return (out[:n], out[n : 2 * n], out[2 * n : 2 * n + batch], None if ragged else out[2 * n + batch :],
             (address, address + 4 * n, address + 8 * n, pages))
 

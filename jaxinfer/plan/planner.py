@@ -34,7 +34,8 @@ The planner runs in C++ (``jaxinfer/csrc/planner.cc``, built and loaded by :mod:
 call per plan, as FlashInfer's scheduler does (its numpy form, many small numpy calls, was slower
 at B=256: benchmarks' planner decisions) and is kept as the test oracle, tests/planner_ref.py. The
 ``*_at`` functions take data addresses for callers that already hold them (a numpy address
-lookup costs ~1.5 us; :attr:`jaxinfer.plan.batch.BatchSpec.native_addresses`).
+lookup, :func:`jaxinfer.plan.native.address`, costs ~0.6 us;
+:attr:`jaxinfer.plan.batch.BatchSpec.native_addresses`).
 """
 
 from __future__ import annotations
@@ -282,7 +283,7 @@ def plan_work_packed(buffer: np.ndarray, qo_indptr, kv_lens, kv_base, *, kv_indi
 def plan_packed_at(args: PlanArgs, buffer: int, size: int, batch: int, qo_indptr: int, kv_lens: int, kv_base: int,
                    mask_offsets: int | None, kv_indices: int | None, num_pages: int, result=None) -> None:
     """:func:`plan_work_packed` on data addresses, one native call (the Pallas backend's per-step
-    path; ~1.5 us per numpy address lookup saved): ``buffer`` holds ``size`` int32 entries; the
+    path; ~0.6 us per numpy address lookup saved): ``buffer`` holds ``size`` int32 entries; the
     inputs are C-contiguous ``qo_indptr`` ``[batch + 1]``, ``kv_lens``, ``kv_base`` ``[batch]``
     int32, ``mask_offsets`` ``[batch]`` int64 or ``None``, ``kv_indices`` ``[num_pages]`` int32 or
     ``None``; ``result`` is ``None`` or a ctypes ``int64[3]`` for ``(num_tiles, num_groups,
