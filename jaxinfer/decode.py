@@ -8,12 +8,14 @@ for FlashInfer runs after changing imports and ``torch`` to ``jax.numpy``.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from jaxinfer.plan.batch import BatchSpec, PlanCapacity
 from jaxinfer.variants import AttentionVariant, make_variant
 from jaxinfer.wrapper import (
-    BatchWrapper, Plan, as_host_int, check_run_extras, fold_q_scale, plan_dtypes,
+    BatchWrapper, Plan, as_host_int, check_run_extras, fold_q_scale, plan_dtypes, plan_variant,
     run_paged_plan, run_single, single_kv,
 )
 
@@ -83,6 +85,15 @@ def single_decode_with_kv_cache(
                      k_scale=fold_q_scale(q_scale, k_scale), v_scale=v_scale, variant_params=variant_params,
                      sinks=sinks)
     return (out[0][0], out[1][0]) if return_lse else out[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _one_query_each(n: int) -> np.ndarray:
+    """``[n]`` int32 ``0..n-1``, read-only: the query row pointer of a decode batch of ``n - 1``
+    requests, made once per batch size (BatchSpec.create copies it)."""
+    indptr = np.arange(n, dtype=np.int32)
+    indptr.flags.writeable = False
+    return indptr
 
 
 # FlashInfer's names of the decode page table, for the messages of BatchSpec.create.
@@ -183,14 +194,15 @@ class BatchDecodeWithPagedKVCacheWrapper(BatchWrapper):
             (``indptr``, ``indices``, ``last_page_len``, ...).
           NotImplementedError: the wrapper's named backend cannot serve the batch.
         """
-        check_run_extras((), block_tables=block_tables, seq_lens=seq_lens)
+        if block_tables is not None or seq_lens is not None:  # (the call alone costs 0.5 us a plan)
+            check_run_extras((), block_tables=block_tables, seq_lens=seq_lens)
         q_dtype, kv_dtype, infer = plan_dtypes(q_data_type, kv_data_type, data_type)
         indptr = as_host_int("indptr", indptr)
-        variant = make_variant(variant, window_left=window_left, logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
+        variant = plan_variant(variant, window_left=window_left, logits_soft_cap=logits_soft_cap, sm_scale=sm_scale,
                                pos_encoding_mode=pos_encoding_mode, rope_scale=rope_scale, rope_theta=rope_theta)
         spec = BatchSpec.create(
             # One query per request of indptr (not of last_page_len: its length is checked against indptr's).
-            np.arange(max(np.size(indptr), 1)), indptr, as_host_int("indices", indices),
+            _one_query_each(max(np.size(indptr), 1)), indptr, as_host_int("indices", indices),
             as_host_int("last_page_len", last_page_len),
             page_size=page_size, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
             variant=variant, q_dtype=q_dtype, kv_dtype=kv_dtype, names=_PAGE_TABLE_NAMES,

@@ -156,6 +156,15 @@ def pad_batch(spec: BatchSpec, capacity: PlanCapacity) -> PaddedBatch:
     )
 
 
+def filled(cls, **fields):
+    """``cls(**fields)`` of a frozen dataclass without ``__post_init__``, given every field: its
+    generated ``__init__`` sets each field through ``object.__setattr__`` (2.4 us for BatchSpec's
+    13, on every plan); filling ``__dict__`` makes the same object in 0.6 us."""
+    obj = object.__new__(cls)
+    obj.__dict__.update(fields)
+    return obj
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class BatchSpec:
     """A validated batch on the host (numpy int32 arrays).
@@ -280,7 +289,8 @@ class BatchSpec:
                 kv_indptr, kv_indices, last, kv_lens = check_page_table_lens(kv_indptr, kv_indices, kv_last_page_len,
                                                                              page_size, names=names)
             qo_indptr = check_indptr("qo_indptr", qo_indptr, batch_size=kv_lens.size)
-        spec = cls(
+        spec = filled(
+            cls,
             qo_indptr=qo_indptr,
             kv_indptr=kv_indptr,
             kv_indices=kv_indices,
@@ -291,6 +301,7 @@ class BatchSpec:
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
             variant=variant,
+            custom_mask=None,
             q_dtype=jnp.dtype(q_dtype),
             kv_dtype=jnp.dtype(kv_dtype if kv_dtype is not None else q_dtype),
         )
@@ -303,6 +314,6 @@ class BatchSpec:
                 )
             spec = dataclasses.replace(spec, custom_mask=mask)
         if addresses is not None:
-            # The native check looked them up already (~1.5 us each): fill the cached property.
+            # The native check read them already (~0.6 us a lookup otherwise): fill the cached property.
             spec.__dict__["native_addresses"] = addresses
         return spec
