@@ -8,9 +8,9 @@ the checks happen here in the parent.
 For each model and backend, the same prompts go through :func:`jaxinfer.parallel.greedy_generate`
 on each mesh and through an independent one-device loop (a plain pool, planner and
 ``paged_logits`` over all requests at once, nothing of jaxinfer.parallel). Models: a random
-2-layer Llama with 16 query and 8 KV heads (TP 2/4/8, DP 2, DP 2 x TP 4, and TP 2 with an HND
-cache), float32 on the xla backend and bfloat16 on the Pallas kernels (interpret mode: 16-bit
-only); SmolLM2-135M (9 query, 3 KV heads: TP 3 and DP 2) in float32 on xla when installed.
+Llama with 16 query and 8 KV heads (TP 2/4/8, DP 2, DP 2 x TP 4, and TP 2 with an HND cache),
+2 layers in float32 on the xla backend and 1 layer in bfloat16 on the Pallas kernels (interpret
+mode: 16-bit only); SmolLM2-135M (9 query, 3 KV heads: DP 2 x TP 3) in float32 on xla when installed.
 
 Tokens and logits are compared request by request up to the request's first step whose
 reference top-2 logit margin is within the tolerance: past a near tie a different but equally
@@ -31,7 +31,7 @@ NUM_DEVICES = 8
 PAGE_SIZE = 4
 NEW_TOKENS = 4
 LLAMA_CASES = {"tp2": (2, 1), "tp4": (4, 1), "tp8": (8, 1), "dp2": (1, 2), "dp2_tp4": (4, 2), "tp2_hnd": (2, 1)}
-SMOLLM2_CASES = {"tp3": (3, 1), "dp2": (1, 2)}
+SMOLLM2_CASES = {"dp2_tp3": (3, 2)}  # TP 3 within each of 2 DP groups: one compile for both
 RUNS = [("llama", "xla"), ("llama", "pallas"), ("smollm2", "xla")]
 
 
@@ -55,8 +55,9 @@ def _model(name: str, backend: str):
     dtype = jnp.float32 if backend == "xla" else jnp.bfloat16
     if name == "smollm2":
         return LlamaModel.from_gguf(dtype=dtype)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_qo_heads=16,
-                      num_kv_heads=8, head_dim=16, rope_theta=1e4, dtype=dtype)
+    # One layer on Pallas (interpret mode compiles slowly); how layers chain is the xla runs' check.
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2 if backend == "xla" else 1,
+                      num_qo_heads=16, num_kv_heads=8, head_dim=16, rope_theta=1e4, dtype=dtype)
     return LlamaModel(cfg, rngs=nnx.Rngs(1))
 
 
@@ -111,11 +112,18 @@ def _num_shards(x) -> int:
 
 
 def _errors(model, out):
-    """Messages of the checks that need several devices (the parent asserts on them)."""
+    """Placement of stacked DP batches, and messages of the checks that need several devices
+    (the parent asserts on them)."""
+    import jax
+
     from jaxinfer import parallel
 
     cfg = parallel.ParallelConfig(tp=1, dp=2)
     sharded = parallel.ShardedLlama.from_model(model, parallel.make_mesh(cfg), cfg)
+    batch = sharded.shard_batches([_planned(sharded, decode=True) for _ in range(2)])
+    want = jax.sharding.NamedSharding(sharded.mesh, jax.sharding.PartitionSpec(parallel.DP_AXIS))
+    out["batch_leaves_on_dp"] = np.asarray(all(x.sharding.is_equivalent_to(want, x.ndim) and x.shape[0] == 2
+                                               for x in jax.tree.leaves(batch)))
     for name, call in (
         ("uneven_dp", lambda: parallel.greedy_generate(sharded, [[1], [2], [3]], 2)),
         ("mixed_batches", lambda: _mixed_batches(sharded)),
@@ -127,19 +135,21 @@ def _errors(model, out):
             out[f"error__{name}"] = np.asarray(str(e))
 
 
-def _mixed_batches(sharded):
-    """One group prefills while the other decodes: the batches cannot stack."""
+def _planned(sharded, decode: bool):
+    """A one-request step of a fresh group pool: a 3-token prompt, or a decode after it."""
     from jaxinfer.nn.attention import StepPlanner
 
-    batches = []
-    for g in range(2):
-        pool = sharded.make_pool(8, PAGE_SIZE)
-        planner = StepPlanner(pool, sharded.shard_config.num_qo_heads, max_seq_len=16, max_batch_size=1,
-                              max_prefill_tokens=4, backend="xla", q_data_type=sharded.model_config.dtype)
-        pool.add(0)
-        pool.extend(0, 3)
-        batches.append(planner.plan({0: 3}, []) if g == 0 else planner.plan([], [0]))
-    sharded.shard_batches(batches)
+    pool = sharded.make_pool(8, PAGE_SIZE)
+    planner = StepPlanner(pool, sharded.shard_config.num_qo_heads, max_seq_len=16, max_batch_size=1,
+                          max_prefill_tokens=4, backend="xla", q_data_type=sharded.model_config.dtype)
+    pool.add(0)
+    pool.extend(0, 3)
+    return planner.plan([], [0]) if decode else planner.plan({0: 3}, [])
+
+
+def _mixed_batches(sharded):
+    """One group prefills while the other decodes: the batches cannot stack."""
+    sharded.shard_batches([_planned(sharded, decode=False), _planned(sharded, decode=True)])
 
 
 def worker(path: str) -> None:
@@ -252,6 +262,10 @@ def test_arrays_are_sharded(runs, name, backend, case):
     tp, dp = cases_of(name, backend)[case]
     assert int(runs[f"{key}__cache_shards"]) == tp * dp, "each device should hold its own block of the caches"
     assert int(runs[f"{key}__weight_shards"]) == tp, "q_proj should be split over tp (replicated over dp)"
+
+
+def test_stacked_batches_are_placed_over_dp(runs):
+    assert bool(runs["batch_leaves_on_dp"]), "every array of the stacked step batch should be split over dp"
 
 
 def test_multi_device_errors(runs):
