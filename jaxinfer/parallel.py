@@ -39,6 +39,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxinfer import fp8
 from jaxinfer.models.llama import LlamaConfig, LlamaModel, paged_logits
 from jaxinfer.nn.attention import StepBatch, StepPlanner
 from jaxinfer.nn.kv_pool import KVCachePool
@@ -192,7 +193,7 @@ class ShardedLlama:
         if dict(mesh.shape) != {DP_AXIS: config.dp, TP_AXIS: config.tp}:
             raise ValueError(f"mesh: expected axes dp={config.dp}, tp={config.tp} (make_mesh), got {dict(mesh.shape)}")
         config.shard_config(cfg)  # refuse a tp that does not divide the heads before any work
-        graphdef, state = nnx.split(nnx.eval_shape(lambda: LlamaModel(cfg, rngs=nnx.Rngs(0))))
+        _, state = nnx.split(nnx.eval_shape(lambda: LlamaModel(cfg, rngs=nnx.Rngs(0))))
         paths, _ = zip(*jax.tree_util.tree_flatten_with_path(state)[0])
         specs = [param_spec(p) for p in paths]
         return specs, [NamedSharding(mesh, s) for s in specs]
@@ -235,14 +236,17 @@ class ShardedLlama:
           num_pages: pages per DP group (its pool's ``num_pages``).
           page_size: tokens per page.
           kv_layout: ``"NHD"`` or ``"HND"``.
-          dtype: cache dtype (default the model's; fp8 caches are not supported here).
+          dtype: cache dtype (default the model's).
 
         Raises:
-          ValueError: a size that is not a positive integer, a bad ``kv_layout``.
+          ValueError: a size that is not a positive integer, a bad ``kv_layout``, an fp8 ``dtype``
+            (its scales would need splitting over the KV heads too: not implemented).
         """
         check_int("num_pages", num_pages, minimum=1)
         check_int("page_size", page_size, minimum=1)
         cfg = self.model_config
+        if dtype is not None and fp8.is_fp8(fp8.kv_dtype(dtype)):
+            raise ValueError(f"dtype: fp8 caches are not supported by jaxinfer.parallel, got {dtype!r}")
         n = self.config.dp * num_pages
         shape = ((n, page_size, cfg.num_kv_heads, cfg.head_dim) if kv_layout == "NHD"
                  else (n, cfg.num_kv_heads, page_size, cfg.head_dim))

@@ -312,6 +312,14 @@ def test_config_errors():
         parallel.make_mesh(parallel.ParallelConfig(tp=2, dp=2), jax.devices()[:1])
     with pytest.raises(ValueError, match="kv_layout"):
         parallel.cache_spec("NDH")
+    one = parallel.ParallelConfig()
+    tiny = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=16, num_layers=1, num_qo_heads=2,
+                       num_kv_heads=1, head_dim=8)
+    sharded = parallel.ShardedLlama.random(tiny, parallel.make_mesh(one, jax.devices()[:1]), one)
+    with pytest.raises(ValueError, match="dtype: fp8"):
+        sharded.make_caches(2, PAGE_SIZE, dtype="e4m3")
+    with pytest.raises(ValueError, match="prompts"):
+        parallel.greedy_generate(sharded, [[1, 16]], 2)
 
 
 if __name__ == "__main__":
