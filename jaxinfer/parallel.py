@@ -135,17 +135,19 @@ def param_spec(path: tuple) -> P:
     return P()
 
 
-def cache_spec(kv_layout: str) -> P:
-    """``PartitionSpec`` of a layer's ``k_cache``/``v_cache``: pages over ``"dp"``, KV heads over
-    ``"tp"`` (NHD ``[pages, page_size, Hkv, D]``, HND ``[pages, Hkv, page_size, D]``).
+def cache_spec(kv_layout: str, *, split_pages: bool = True) -> P:
+    """``PartitionSpec`` of a layer's ``k_cache``/``v_cache``: pages over ``"dp"`` (unless
+    ``split_pages=False``: one DP group), KV heads over ``"tp"`` (NHD ``[pages, page_size, Hkv, D]``,
+    HND ``[pages, Hkv, page_size, D]``).
 
     Raises:
       ValueError: ``kv_layout`` not ``"NHD"`` or ``"HND"``.
     """
+    pages = DP_AXIS if split_pages else None
     if kv_layout == "NHD":
-        return P(DP_AXIS, None, TP_AXIS, None)
+        return P(pages, None, TP_AXIS, None)
     if kv_layout == "HND":
-        return P(DP_AXIS, TP_AXIS, None, None)
+        return P(pages, TP_AXIS, None, None)
     raise ValueError(f"kv_layout must be 'NHD' or 'HND', got {kv_layout!r}")
 
 
@@ -169,6 +171,8 @@ class ShardedLlama:
       params: the whole model's parameter arrays (flattened ``nnx`` state), each placed with its
         ``NamedSharding`` (:func:`param_spec`).
       param_specs: their ``PartitionSpec`` s.
+      group_spec: ``PartitionSpec`` of the per-group arrays ``[dp, ...]`` (tokens, step batch,
+        logits): ``P("dp")``, or ``P()`` (replicated) with one group.
       step: the jitted sharded step ``step(params, caches, tokens, batch) -> (logits, caches)``:
         ``tokens [dp, T]`` int32 (:meth:`shard_tokens`), ``batch`` the groups' stacked
         :class:`~jaxinfer.nn.StepBatch` (:meth:`shard_batches`), ``caches`` per layer
@@ -183,10 +187,14 @@ class ShardedLlama:
         self.shard_config = config.shard_config(cfg)
         self.model, _ = split_model(nnx.eval_shape(lambda: LlamaModel(self.shard_config, rngs=nnx.Rngs(0))))
         self.params, self.param_specs = list(params), tuple(param_specs)
+        # Per-group arrays ([dp, ...]) and the caches' pages. With one group nothing is split over
+        # "dp": a value split over a size-1 axis is typed as varying over it, which the Pallas
+        # kernels' interpret mode cannot run under check_vma (docs/multi_gpu.md).
+        self.group_spec = P(DP_AXIS) if config.dp > 1 else P()
         # One compiled program per (mesh, shapes, check_vma): the step closes over this model.
         self.step = jax.jit(self._step, donate_argnums=1)
         self._stack = jax.jit(lambda batches: jax.tree.map(lambda *x: jnp.stack(x), *batches),
-                              out_shardings=NamedSharding(mesh, P(DP_AXIS)))
+                              out_shardings=NamedSharding(mesh, self.group_spec))
 
     @staticmethod
     def _layout(cfg: LlamaConfig, mesh: Mesh, config: ParallelConfig):
@@ -227,10 +235,14 @@ class ShardedLlama:
 
     # ------------------------------------------------------------------ caches and batches
 
+    def cache_spec(self, kv_layout: str) -> P:
+        """:func:`cache_spec` of this mesh (pages split over ``"dp"`` when ``dp > 1``)."""
+        return cache_spec(kv_layout, split_pages=self.config.dp > 1)
+
     def make_caches(self, num_pages: int, page_size: int, kv_layout: str = "NHD", dtype=None):
         """Zeroed paged caches of every layer: ``(k_cache, v_cache)`` of ``dp * num_pages`` pages
         and all KV heads (NHD ``[dp * num_pages, page_size, Hkv, D]``), each device holding its
-        DP group's ``num_pages`` pages of its TP shard's KV heads (:func:`cache_spec`).
+        DP group's ``num_pages`` pages of its TP shard's KV heads (:meth:`cache_spec`).
 
         Args:
           num_pages: pages per DP group (its pool's ``num_pages``).
@@ -250,7 +262,7 @@ class ShardedLlama:
         n = self.config.dp * num_pages
         shape = ((n, page_size, cfg.num_kv_heads, cfg.head_dim) if kv_layout == "NHD"
                  else (n, cfg.num_kv_heads, page_size, cfg.head_dim))
-        sharding = NamedSharding(self.mesh, cache_spec(kv_layout))
+        sharding = NamedSharding(self.mesh, self.cache_spec(kv_layout))
         zeros = jax.jit(lambda: jnp.zeros(shape, dtype or cfg.dtype), out_shardings=sharding)
         return tuple((zeros(), zeros()) for _ in range(cfg.num_layers))
 
@@ -272,8 +284,8 @@ class ShardedLlama:
 
     def shard_batches(self, batches: Sequence[StepBatch]) -> StepBatch:
         """The DP groups' step batches as one: every array stacked on a leading ``[dp]`` axis and
-        placed with ``NamedSharding(mesh, P("dp"))`` (replicated over ``"tp"``), in one jitted
-        call.
+        placed with ``NamedSharding(mesh, group_spec)`` (``P("dp")``; ``P()`` when ``dp == 1``),
+        replicated over ``"tp"``, in one jitted call.
 
         Args:
           batches: ``dp`` batches from each group's planner, of one structure: the same
@@ -296,7 +308,7 @@ class ShardedLlama:
         return self._stack(batches)
 
     def shard_tokens(self, tokens) -> jax.Array:
-        """``[dp, T]`` int32 tokens of each group's rows, placed over ``"dp"``.
+        """``[dp, T]`` int32 tokens of each group's rows, placed with ``group_spec``.
 
         Raises:
           ValueError: naming ``tokens``: not ``[dp, T]``.
@@ -304,7 +316,7 @@ class ShardedLlama:
         tokens = np.asarray(tokens, np.int32)
         if tokens.ndim != 2 or tokens.shape[0] != self.config.dp:
             raise ValueError(f"tokens must be [dp={self.config.dp}, T], got shape {tokens.shape}")
-        return jax.device_put(tokens, NamedSharding(self.mesh, P(DP_AXIS)))
+        return jax.device_put(tokens, NamedSharding(self.mesh, self.group_spec))
 
     # ------------------------------------------------------------------ the step
 
@@ -312,15 +324,15 @@ class ShardedLlama:
         check_vma = self.config.check_vma
         if check_vma is None:
             check_vma = all(p.backend != "pallas" for p in _plans(batch))
-        caches_spec = tuple((cache_spec(batch.kv_layout),) * 2 for _ in caches)
+        caches_spec = tuple((self.cache_spec(batch.kv_layout),) * 2 for _ in caches)
 
         def local(params, caches, tokens, batch):
             batch = jax.tree.map(lambda x: x[0], batch)
             logits, caches = paged_logits(self.model.graphdef, self.model.params(params), caches, tokens[0], batch)
             return logits[None], caches
 
-        in_specs = (list(self.param_specs), caches_spec, P(DP_AXIS), P(DP_AXIS))
-        return jax.shard_map(local, mesh=self.mesh, in_specs=in_specs, out_specs=(P(DP_AXIS), caches_spec),
+        in_specs = (list(self.param_specs), caches_spec, self.group_spec, self.group_spec)
+        return jax.shard_map(local, mesh=self.mesh, in_specs=in_specs, out_specs=(self.group_spec, caches_spec),
                              check_vma=check_vma)(params, caches, tokens, batch)
 
 

@@ -43,7 +43,7 @@ from jaxinfer.bench.__main__ import CPU_REPEATS, GPU_MIN_REPEAT_S, GPU_REPEATS, 
 from jaxinfer.bench.harness import Timer, environment, on_gpu, rel_error
 from jaxinfer.models.llama import DecodeBenchmark, LlamaConfig
 from jaxinfer.nn.attention import StepPlanner
-from jaxinfer.parallel import ParallelConfig, ShardedLlama, cache_spec, make_mesh
+from jaxinfer.parallel import ParallelConfig, ShardedLlama, make_mesh
 
 RECORDS_FILE = "parallel.jsonl"
 GOAL_TP8_ITL = 0.2  # TP-8 ITL / TP-1 ITL
@@ -99,10 +99,11 @@ class Point:
 
 
 def parallel_decode_setup(point: Point, backend: str = "auto", *, page_size: int = 16, seed: int = 0,
-                          devices=None) -> DecodeBenchmark:
+                          devices=None, check_vma: bool | None = None) -> DecodeBenchmark:
     """A sharded decode step of ``point``: each of its ``dp`` groups holds ``batch`` requests of
     ``context - 1`` cached tokens (random keys and values, the pages of a group's requests
-    interleaved) plus the new one that each layer appends before attention.
+    interleaved) plus the new one that each layer appends before attention. ``check_vma``: as
+    :class:`~jaxinfer.parallel.ParallelConfig`'s.
 
     Returns:
       A :class:`~jaxinfer.models.llama.DecodeBenchmark` whose call returns the logits
@@ -111,13 +112,13 @@ def parallel_decode_setup(point: Point, backend: str = "auto", *, page_size: int
     Raises:
       ValueError: too few devices (naming ``devices``), or a ``tp`` that does not divide the heads.
     """
-    cfg, par = point.config(), ParallelConfig(tp=point.tp, dp=point.dp)
+    cfg, par = point.config(), ParallelConfig(tp=point.tp, dp=point.dp, check_vma=check_vma)
     mesh = make_mesh(par, devices)
     model = ShardedLlama.random(cfg, mesh, par, seed)
     num_pages = point.batch * -(-point.context // page_size)  # per group
     shape = (point.dp * num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
     random_kv = jax.jit(lambda key: jax.random.normal(key, shape, cfg.dtype),
-                        out_shardings=NamedSharding(mesh, cache_spec("NHD")))
+                        out_shardings=NamedSharding(mesh, model.cache_spec("NHD")))
     key = jax.random.key(seed + 1)
     caches = tuple((random_kv(jax.random.fold_in(key, 2 * i)), random_kv(jax.random.fold_in(key, 2 * i + 1)))
                    for i in range(cfg.num_layers))
@@ -138,7 +139,8 @@ def parallel_decode_setup(point: Point, backend: str = "auto", *, page_size: int
     return DecodeBenchmark(model.step, model.params, caches, (model.shard_tokens(tokens), batch))
 
 
-def run_points(points: list[Point], backend: str, timer: Timer, devices=None) -> list[dict]:
+def run_points(points: list[Point], backend: str, timer: Timer, devices=None,
+               check_vma: bool | None = None) -> list[dict]:
     """One record per point, in order; each point's weights and cache are freed before the next."""
     env = environment()
     n_devices = len(jax.devices() if devices is None else devices)
@@ -147,7 +149,8 @@ def run_points(points: list[Point], backend: str, timer: Timer, devices=None) ->
     for point in points:
         rec = {"workload": "parallel_decode", "point": point.name, **dataclasses.asdict(point),
                "num_layers": point.config().num_layers, "global_batch": point.batch * point.dp,
-               "num_devices": point.tp * point.dp, "backend": backend, "status": "ok", "reason": None,
+               "num_devices": point.tp * point.dp, "backend": backend, "check_vma": check_vma, "status": "ok",
+               "reason": None,
                "latency_ms": None, "tokens_per_s": None, "tokens_per_s_per_device": None, "max_error": None,
                "timing": timer.describe(), **env}
         if rec["num_devices"] > n_devices:
@@ -156,7 +159,7 @@ def run_points(points: list[Point], backend: str, timer: Timer, devices=None) ->
             continue
         bench = None
         try:
-            bench = parallel_decode_setup(point, backend, devices=devices)
+            bench = parallel_decode_setup(point, backend, devices=devices, check_vma=check_vma)
             latency_ms, logits = timer(bench, [()])
             logits = np.asarray(logits[0, : point.batch], np.float32)
         except NotImplementedError as e:
@@ -213,6 +216,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=None, help="requests per DP group (default 64; tiny 4)")
     p.add_argument("--context", type=int, default=None, help="tokens per request (default 4096; tiny 32)")
     p.add_argument("--backend", default="auto", help="jaxinfer attention backend (default auto)")
+    p.add_argument("--check-vma", choices=("auto", "on", "off"), default="auto",
+                   help="shard_map's varying-axes check (auto: off when the plans run on the Pallas backend)")
     p.add_argument("--repeats", type=int, default=None,
                    help=f"timed repeats (default {GPU_REPEATS} on GPU, {CPU_REPEATS} elsewhere)")
     p.add_argument("--out", type=Path, default=Path("bench_out"), help=f"directory of {RECORDS_FILE}")
@@ -241,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                   min_repeat_s=GPU_MIN_REPEAT_S if gpu else 0.0)
     print(f"parallel decode on {len(jax.devices())} x {jax.devices()[0].device_kind}; backend {args.backend}; "
           f"timing: {timer.describe()}", file=sys.stderr)
-    records = run_points(points, args.backend, timer)
+    check_vma = {"auto": None, "on": True, "off": False}[args.check_vma]
+    records = run_points(points, args.backend, timer, check_vma=check_vma)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / RECORDS_FILE
     path.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
