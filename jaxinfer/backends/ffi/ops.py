@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxinfer.backends import device
 from jaxinfer.backends.ffi import build
+from jaxinfer.backends.vma import varying_like
 
 FA2_TARGET = "jaxinfer_fa2_forward"
 FA3_TARGET = "jaxinfer_fa3_forward"
@@ -147,6 +148,8 @@ def flash_forward(
     results = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:2], jnp.float32))
     if kernel == "fa3":  # the persistent grid's work counter (scratch, zeroed by the handler)
         results += (jax.ShapeDtypeStruct((1,), jnp.int32),)
+    results = varying_like(results, q, k, v, qo_indptr, kv_indptr, kv_indices, kv_lens, tile_batch, tile_qstart,
+                           sinks_log2)
     call = jax.ffi.ffi_call(
         TARGETS[kernel],
         results,

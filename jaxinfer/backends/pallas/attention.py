@@ -67,6 +67,7 @@ from jaxinfer.backends.pallas.config import TileConfig
 from jaxinfer.backends.pallas.merge import (
     NEG_INF, ParamLayout, final_rows, finish, interpret_mode, merge_partials, row_block,
 )
+from jaxinfer.backends.vma import varying_like
 from jaxinfer.plan.layout import WORK_FIELDS, F, WorkLayout
 from jaxinfer.variants import LOG2E, AttentionVariant
 
@@ -573,7 +574,7 @@ def attention(plan_buffer, q, k, v, mask=None, scales=None, sinks=None, params=(
     extra = tuple(x for x in (mask, scales, sinks) if x is not None) + tuple(params)
     o, lse, po, plse = pl.pallas_call(
         kernel,
-        out_shape=output_shapes(rows, slots, d, q.dtype),
+        out_shape=varying_like(output_shapes(rows, slots, d, q.dtype), plan_buffer, q, k, v, extra),
         grid=(ks.num_ctas,),
         input_output_aliases={len(extra) + 4: 0, len(extra) + 5: 1},
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),

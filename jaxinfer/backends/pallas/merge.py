@@ -29,6 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from jaxinfer.backends.vma import varying_like
 from jaxinfer.plan.batch import next_pow2
 from jaxinfer.plan.layout import MERGE_FIELDS
 from jaxinfer.variants import apply_sink
@@ -226,7 +227,8 @@ def merge_partials(plan_buffer, partial_o, partial_lse, o, lse, *, off_indptr: i
     extra = ((sinks,) if sinks is not None else ()) + tuple(params)
     return pl.pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct(o.shape, o.dtype), jax.ShapeDtypeStruct(lse.shape, lse.dtype)),
+        out_shape=varying_like((jax.ShapeDtypeStruct(o.shape, o.dtype), jax.ShapeDtypeStruct(lse.shape, lse.dtype)),
+                               plan_buffer, partial_o, partial_lse, extra, o, lse),
         grid=(num_groups,),
         input_output_aliases={3 + len(extra): 0, 4 + len(extra): 1},
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
@@ -273,7 +275,8 @@ def _merge(pairs):
     kernel = functools.partial(_states_kernel, counts=counts, num_heads=H, head_dim=D, num_rows=L * H)
     v_flat, s_out = pl.pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct((L * H * D,), dtype), jax.ShapeDtypeStruct((L * H,), jnp.float32)),
+        out_shape=varying_like((jax.ShapeDtypeStruct((L * H * D,), dtype),
+                                jax.ShapeDtypeStruct((L * H,), jnp.float32)), pairs),
         grid=(pl.cdiv(L * H, MERGE_ROWS),),
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret_mode(),

@@ -42,6 +42,7 @@ from jaxinfer.backends.pallas.attention import (
 from jaxinfer.backends.pallas.backend import PallasBackend, PallasPlan, _aligned_empty
 from jaxinfer.backends.pallas.config import TileConfig
 from jaxinfer.backends.pallas.merge import NEG_INF, finish, interpret_mode, merge_partials
+from jaxinfer.backends.vma import varying_like
 from jaxinfer.fp8 import FP8_KV_DTYPES
 from jaxinfer.plan.batch import BatchSpec, PlanCapacity
 from jaxinfer.plan.layout import WORK_FIELDS, F, WorkLayout
@@ -210,7 +211,8 @@ def mla_attention(plan_buffer, q_nope, q_pe, ckv_cache, kpe_cache, *, ks: MLAKer
     kernel = functools.partial(_mla_kernel, ks=ks, cfg=cfg, num_pages=ckv_cache.shape[0])
     o, lse, po, plse = pl.pallas_call(
         kernel,
-        out_shape=output_shapes(rows, slots, dc, q_nope.dtype),
+        out_shape=varying_like(output_shapes(rows, slots, dc, q_nope.dtype), plan_buffer, q_nope, q_pe, ckv_cache,
+                               kpe_cache),
         grid=(ks.num_ctas,),
         input_output_aliases={5: 0, 6: 1},
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),

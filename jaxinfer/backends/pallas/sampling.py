@@ -48,6 +48,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxinfer.backends.pallas.merge import interpret_mode
+from jaxinfer.backends.vma import varying_like
 from jaxinfer.plan.batch import next_pow2
 from jaxinfer.sampling import RowParams, SamplerSpec
 
@@ -329,7 +330,7 @@ def threshold(x, param, *, criterion: str, logits: bool, config: SamplingConfig 
     kernel = functools.partial(_threshold_kernel, vocab=vocab, block=cfg.block, criterion=criterion, logits=logits)
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((rows,), jnp.float32),
+        out_shape=varying_like(jax.ShapeDtypeStruct((rows,), jnp.float32), x, param),
         grid=(rows,),
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
         interpret=interpret_mode(),
@@ -522,7 +523,8 @@ def sample(x, rows, key_data, params: RowParams, *, spec: SamplerSpec, config: S
     kernel = functools.partial(_sample_kernel, spec=spec, vocab=vocab, cfg=cfg)
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((rows.shape[0],), jnp.int32),
+        out_shape=varying_like(jax.ShapeDtypeStruct((rows.shape[0],), jnp.int32), rows, x, params.top_k, params.top_p,
+                               params.min_p, params.temperature, key_data),
         grid=(rows.shape[0],),
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
         interpret=interpret_mode(),

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import pytest
 from jax.experimental.pallas import triton as pltriton
 from jax.export import DisabledSafetyCheck
-from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxinfer.backends.pallas.attention import KernelSpec, attention
 from jaxinfer.backends.pallas.config import TileConfig, candidate_configs
@@ -114,6 +115,30 @@ def test_attention_variants_lower(cfg, name, fields, with_mask):
 def test_merge_kernels_lower():
     _export_cuda(merge_states, S((100, 3, 5, 96), jnp.bfloat16), S((100, 3, 5), jnp.float32))
     _export_cuda(merge_state, S((70, 4, 128), jnp.float16), S((70, 4), jnp.float32), S((70, 4, 128), jnp.float16), S((70, 4), jnp.float32))
+
+
+@pytest.mark.parametrize("plan_varies", [False, True], ids=["tp-plan-replicated", "dp-plan-per-device"])
+def test_attention_lowers_under_shard_map_check_vma(plan_varies):
+    """On a 4-GPU abstract mesh with shard_map's varying-axes check on: the kernel's outputs
+    declare the axes its operands vary over (jaxinfer/backends/vma.py); without that, pallas_call
+    rejects the out_shape. Heads split (a replicated plan) or batches split (a plan per device)."""
+    mesh = AbstractMesh((4,), ("x",), (AxisType.Explicit,), abstract_device=AbstractDevice("NVIDIA H100", 132, "cuda"))
+    cfg, d = candidate_configs()[0]
+    ks = _spec(d, "NHD", True, 2, 4)  # per device: 2 KV heads of 8 query heads
+    plan = P("x") if plan_varies else P()
+    rows, cache = (P("x"), P("x")) if plan_varies else (P(None, "x", None), P(None, None, "x", None))
+    f = jax.shard_map(lambda b, q, k, v: attention(b, q, k, v, ks=ks, cfg=cfg)[0], mesh=mesh,
+                      in_specs=(plan, rows, cache, cache), out_specs=rows, check_vma=True)
+    n = 4 if plan_varies else 1
+    hq, hkv = (8, 2) if plan_varies else (32, 8)
+    args = (S((n * ks.buffer_size,), jnp.int32, sharding=NamedSharding(mesh, plan)),
+            S((4 * 77, hq, d), jnp.bfloat16, sharding=NamedSharding(mesh, rows)),
+            *[S((4 * 300, 16, hkv, d), jnp.bfloat16, sharding=NamedSharding(mesh, cache))] * 2)
+    with force_triton_lowering(), jax.sharding.use_abstract_mesh(mesh):
+        exp = jax.export.export(jax.jit(f), platforms=["cuda"],
+                                disabled_checks=[DisabledSafetyCheck.custom_call(pltriton.CUSTOM_CALL_TARGET_NAME)])(*args)
+    assert exp.nr_devices == 4
+    assert exp.mlir_module().count(pltriton.CUSTOM_CALL_TARGET_NAME) == 2  # attention + merge
 
 
 # Every (config, head_dim) the heuristic can pick for an fp8 cache, with the fp8 dtypes, bf16/fp16
