@@ -69,6 +69,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer.hashing import hash_once
 from jaxinfer.plan.checks import check_int
 
 PARAM_CALLABLES = ("logits_transform", "logits_mask", "query_transform", "output_transform")
@@ -77,6 +78,7 @@ POS_ENCODING_MODES = ("NONE", "ROPE_LLAMA", "ALIBI")
 LOG2E = 1.4426950408889634
 
 
+@hash_once  # hashed on every plan (lru keys) and every jit dispatch (a static argument)
 @dataclasses.dataclass(frozen=True)
 class AttentionVariant:
     """Static description of an attention variant (see the module docstring for the pipeline).

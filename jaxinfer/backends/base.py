@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import jax.numpy as jnp
 
 from jaxinfer.fp8 import is_fp8
+from jaxinfer.hashing import hash_once
 from jaxinfer.page import check_kv_layout
 from jaxinfer.plan.batch import BatchSpec, PlanCapacity
 from jaxinfer.variants import POS_ENCODING_MODES, AttentionVariant
@@ -43,6 +44,7 @@ def _dtype_names(dtypes) -> str:
     return " or ".join(jnp.dtype(d).name for d in dtypes)
 
 
+@hash_once  # a key of _first_broken_rule's cache on every plan
 @dataclasses.dataclass(frozen=True)
 class Capabilities:
     """What a backend serves; ``None`` in a field means "any".

@@ -21,8 +21,9 @@ from jaxinfer.backends.pallas import merge
 from jaxinfer.backends.pallas.attention import KernelSpec, attention
 from jaxinfer.backends.pallas.config import MAX_BLOCK_M, TileConfig, heuristic_config
 from jaxinfer.fp8 import FP8_KV_DTYPES
+from jaxinfer.hashing import hash_once
 from jaxinfer.plan import native
-from jaxinfer.plan.batch import BatchSpec, PlanCapacity, next_pow2
+from jaxinfer.plan.batch import BatchSpec, PlanCapacity, filled, next_pow2
 from jaxinfer.plan.planner import PlanArgs, count_query_tiles_at, count_work_at, plan_packed_at, plan_work_in_jit
 from jaxinfer.plan.transfer import to_device
 from jaxinfer.variants import LOG2E, AttentionVariant
@@ -68,6 +69,7 @@ class PallasPlan:
 jax.tree_util.register_dataclass(PallasPlan, data_fields=["buffer", "mask"], meta_fields=["kernel", "config"])
 
 
+@hash_once  # a key of _cached_layout's cache on every plan
 @dataclasses.dataclass(frozen=True)
 class PallasBackend:
     """Pallas backend object.
@@ -201,7 +203,7 @@ class PallasBackend:
         if (not self.kv_major_grid or self.num_ctas is not None or capacity.max_work_tiles is not None
                 or capacity.deterministic or cfg.block_m < 64 or unsplit < self.grid_size(cfg)):
             return self
-        return dataclasses.replace(self, num_ctas=next_pow2(unsplit), split_factor=0, kv_major_grid=False)
+        return _kv_major_backend(self, next_pow2(unsplit))
 
     def plan(self, spec: BatchSpec, capacity: PlanCapacity) -> PallasPlan:
         """Plan ``spec`` on the host (the compiled planner) into static-capacity device buffers.
@@ -240,7 +242,7 @@ class PallasBackend:
         plan_packed_at(args, address, ks.buffer_size, batch, qo_indptr, kv_lens, kv_indptr,
                        None if mask_offsets is None else native.address(mask_offsets), kv_indices or None,
                        int(spec.kv_indptr[-1]) if spec.paged else 0)
-        return PallasPlan(buffer=to_device(host), kernel=ks, config=cfg, mask=mask)
+        return filled(PallasPlan, buffer=to_device(host), kernel=ks, config=cfg, mask=mask)
 
     def plan_in_jit(self, spec: BatchSpec, capacity: PlanCapacity, qo_indptr, kv_indptr, kv_indices, kv_last_page_len) -> PallasPlan:
         """Plan inside ``jit`` from traced index arrays (``jax.pure_callback``; one host round trip).
@@ -348,6 +350,14 @@ def _cached_layout(backend: PallasBackend, paged: bool, page_size: int, num_qo_h
     )
     return ks, backend._plan_args(num_kv_heads, num_qo_heads // num_kv_heads, v, cfg, max_tiles, kv_major, fixed_chunk,
                                   slots)
+
+
+@functools.lru_cache(maxsize=64)
+def _kv_major_backend(backend: PallasBackend, num_ctas: int) -> PallasBackend:
+    """``backend`` with a grid of ``num_ctas`` CTAs, one tile each (no split): made once per
+    grid size, so that prefill plans skip ``dataclasses.replace`` (~2 us) and find it, hashed
+    already, in :func:`_cached_layout`."""
+    return dataclasses.replace(backend, num_ctas=num_ctas, split_factor=0, kv_major_grid=False)
 
 
 def _aligned_empty(size: int, align: int = 64) -> tuple[np.ndarray, int]:

@@ -1,0 +1,49 @@
+"""Backend objects made once: the registry's ``get_backend`` returns one object per name (and
+refuses bad names with a ValueError every time), and the Pallas backend's kv-major grid backend
+of a prefill plan is one object per grid size, equal to the backend it stands for."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from ref64 import random_page_table
+
+from jaxinfer import backends
+from jaxinfer.backends.pallas.backend import PallasBackend
+from jaxinfer.backends.pallas.config import TileConfig
+from jaxinfer.plan.batch import BatchSpec, PlanCapacity
+from jaxinfer.variants import AttentionVariant
+
+
+@pytest.mark.parametrize("name", ["pallas", "xla"])
+def test_get_backend_returns_one_object_per_name(name):
+    first = backends.get_backend(name)
+    assert first.name == name and backends.get_backend(name) is first
+    assert backends.unavailable(name) is None
+
+
+@pytest.mark.parametrize("name", ["auto", "cuda", "", None, ["pallas"], 3])
+def test_get_backend_refuses_bad_names_every_time(name):
+    for _ in range(2):
+        with pytest.raises(ValueError, match="backend must be one of"):
+            backends.get_backend(name)
+
+
+def test_kv_major_grid_backend_is_made_once_per_grid(rng):
+    backend = PallasBackend(num_sms=1, split_factor=4, config=TileConfig(64, 16, 4, 1, ctas_per_sm=2))
+    qo_lens, kv_lens = np.array([40, 0, 70, 9, 33]), np.array([40, 3, 90, 9, 200])
+    kv_indptr, kv_indices, last, _ = random_page_table(rng, kv_lens, 5)
+    spec = BatchSpec.create(np.concatenate([[0], np.cumsum(qo_lens)]), kv_indptr, kv_indices, last, page_size=5,
+                            num_qo_heads=4, num_kv_heads=2, head_dim=32, variant=AttentionVariant(causal=True))
+    cfg = backend.tile_config(spec, PlanCapacity())
+    grid = backend._grid_backend(6, cfg, PlanCapacity())
+    assert grid == dataclasses.replace(backend, num_ctas=8, split_factor=0, kv_major_grid=False)
+    assert backend._grid_backend(5, cfg, PlanCapacity()) is grid  # the same power-of-2 grid
+    assert backend._grid_backend(9, cfg, PlanCapacity()).num_ctas == 16
+    assert backend._grid_backend(1, cfg, PlanCapacity()) is backend  # fewer tiles than CTAs
+    assert backend._grid_backend(6, cfg, PlanCapacity(max_work_tiles=64)) is backend
+    first, again = backend.plan(spec, PlanCapacity()), backend.plan(spec, PlanCapacity())
+    assert first.kernel is again.kernel and first.kernel.num_ctas == first.kernel.max_tiles > backend.grid_size(cfg)
+    np.testing.assert_array_equal(np.asarray(first.buffer), np.asarray(again.buffer))
