@@ -244,9 +244,13 @@ def make_variant(
     )
     if variant is None:
         return AttentionVariant(**options)
-    defaults = AttentionVariant()
-    overrides = {k: v for k, v in options.items() if v != getattr(defaults, k)}
-    return variant.replace(**overrides)
+    overrides = {k: v for k, v in options.items() if v != getattr(_DEFAULT, k)}
+    # The user's own object when nothing overrides it: its hash is kept, and the plan's caches
+    # find it by identity (a copy would be built, checked and hashed on every plan).
+    return variant.replace(**overrides) if overrides else variant
+
+
+_DEFAULT = AttentionVariant()
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:

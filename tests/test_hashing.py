@@ -17,7 +17,7 @@ from jaxinfer.backends.base import Capabilities
 from jaxinfer.backends.pallas.backend import PallasBackend
 from jaxinfer.backends.pallas.config import TileConfig
 from jaxinfer.hashing import hash_once
-from jaxinfer.variants import AttentionVariant
+from jaxinfer.variants import AttentionVariant, make_variant
 
 
 def _logits(x, qp, kp, qh, kh):
@@ -141,3 +141,16 @@ def test_hash_once_refuses_what_it_cannot_keep():
     with pytest.raises(TypeError, match="pickling"):
         hash_once(dataclasses.dataclass(frozen=True)(type("Own", (), {"__annotations__": {"x": int},
                                                                       "__reduce__": lambda self: (int, ())})))
+
+
+def test_make_variant_keeps_the_users_object_unless_an_option_overrides_it():
+    v = AttentionVariant(logits_transform=_logits, sm_scale=0.25)
+    hash(v)
+    defaults = dict(causal=False, window_left=-1, logits_soft_cap=None, sm_scale=None, pos_encoding_mode="NONE",
+                    rope_scale=None, rope_theta=None)
+    assert make_variant(v, **defaults) is v
+    causal = make_variant(v, **{**defaults, "causal": True})
+    assert causal == AttentionVariant(causal=True, logits_transform=_logits, sm_scale=0.25) != v
+    assert hash(causal) == _fields_hash(causal) != hash(v)
+    with pytest.raises(ValueError, match="window_left"):
+        make_variant(v, **{**defaults, "window_left": -2})
