@@ -33,7 +33,7 @@ measured on the user's device, that ``"auto"`` consults before :func:`auto_order
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from jaxinfer.backends import device
 from jaxinfer.backends.base import Backend
@@ -150,14 +150,28 @@ def preferred_order(spec: BatchSpec, op: str = "prefill") -> tuple[str, ...]:
     Raises:
       ValueError: unknown ``op``.
     """
+    return tuple(_candidates(spec, op))
+
+
+def _candidates(spec: BatchSpec, op: str) -> Iterator[str]:
+    """:func:`preferred_order` one name at a time: :func:`resolve` stops at the first that serves,
+    so no measured backend after it is asked whether this machine runs it (fa2/fa3 look at the
+    device and their kernel library each time)."""
     builtin = auto_order(op)
     if _preference is None:
         # The packaged default table; imported late, as jaxinfer.apply imports this module.
         from jaxinfer.apply import default_table
 
         set_preference(default_table())
-    measured = tuple(n for n in _preference(spec, op) if n in _MODULES and unavailable(n) is None)
-    return tuple(dict.fromkeys((*measured, *builtin)))
+    seen = set()
+    for n in _preference(spec, op):
+        if n in _MODULES and n not in seen and unavailable(n) is None:
+            seen.add(n)
+            yield n
+    for n in builtin:
+        if n not in seen:
+            seen.add(n)
+            yield n
 
 
 def resolve(name: str, spec: BatchSpec, *, op: str = "prefill") -> Backend:
@@ -176,7 +190,7 @@ def resolve(name: str, spec: BatchSpec, *, op: str = "prefill") -> Backend:
         if reason is not None:
             raise BackendUnsupportedError(f"backend {name!r} cannot serve this call: {reason}")
         return backend
-    for candidate in preferred_order(spec, op):
+    for candidate in _candidates(spec, op):
         try:
             backend = get_backend(candidate)
         except NotImplementedError:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from ref64 import random_page_table
@@ -47,3 +48,31 @@ def test_kv_major_grid_backend_is_made_once_per_grid(rng):
     first, again = backend.plan(spec, PlanCapacity()), backend.plan(spec, PlanCapacity())
     assert first.kernel is again.kernel and first.kernel.num_ctas == first.kernel.max_tiles > backend.grid_size(cfg)
     np.testing.assert_array_equal(np.asarray(first.buffer), np.asarray(again.buffer))
+
+
+def _spec():
+    return BatchSpec.create(np.array([0, 3]), np.array([0, 5]), None, None, page_size=1, num_qo_heads=2,
+                            num_kv_heads=1, head_dim=16, variant=AttentionVariant(), q_dtype=jnp.bfloat16)
+
+
+@pytest.mark.parametrize("op,measured,down,want,asked_want", [
+    ("decode", ("pallas", "fa3", "xla"), (), ("pallas", "fa3", "xla"), ["pallas"]),
+    # an unavailable measured backend keeps its place in auto_order
+    ("prefill", ("fa3", "pallas", "fa2"), ("fa3",), ("pallas", "fa2", "fa3", "xla"), ["fa3", "pallas"]),
+    ("prefill", ("cuda", "auto", "xla"), ("fa3", "fa2"), ("xla", "fa3", "fa2", "pallas"), ["xla"]),
+])
+def test_auto_asks_availability_only_up_to_the_backend_that_serves(monkeypatch, op, measured, down, want,
+                                                                    asked_want):
+    asked = []
+
+    def unavailable(name):
+        asked.append(name)
+        return "down" if name in down else None
+
+    monkeypatch.setattr(backends.device, "gpu_arch", lambda: 90)
+    monkeypatch.setattr(backends, "unavailable", unavailable)
+    monkeypatch.setattr(backends, "_preference", lambda spec, op: measured)
+    assert backends.preferred_order(_spec(), op) == want
+    asked.clear()
+    assert backends.resolve("auto", _spec(), op=op).name == want[0]
+    assert asked == asked_want
