@@ -168,10 +168,7 @@ def _candidates(spec: BatchSpec, op: str) -> Iterator[str]:
         if n in _MODULES and n not in seen and unavailable(n) is None:
             seen.add(n)
             yield n
-    for n in builtin:
-        if n not in seen:
-            seen.add(n)
-            yield n
+    yield from (n for n in builtin if n not in seen)
 
 
 def resolve(name: str, spec: BatchSpec, *, op: str = "prefill") -> Backend:
