@@ -49,11 +49,16 @@ SOLUTION_PREFIX = "jaxinfer_"
 MATCH_AXES = ("batch_size", "total_q", "total_kv", "num_kv_indices")
 
 
+# Made once: every plan with backend="auto" asks (two variants and a dtype were ~7 us a call).
+_PLAIN_VARIANTS = (AttentionVariant(), AttentionVariant(causal=True))
+_BF16 = jnp.dtype(jnp.bfloat16)
+
+
 def definition_name(spec: BatchSpec, op: str) -> str | None:
     """FlashInfer-Bench definition name of a call, or ``None`` when it has none (see the module
     docstring, step 1). ``op`` as in :func:`jaxinfer.backends.auto_order`."""
-    plain = spec.variant in (AttentionVariant(), AttentionVariant(causal=True)) and spec.custom_mask is None
-    bf16 = jnp.dtype(spec.q_dtype) == jnp.bfloat16 and jnp.dtype(spec.kv_dtype) == jnp.bfloat16
+    plain = spec.variant in _PLAIN_VARIANTS and spec.custom_mask is None
+    bf16 = jnp.dtype(spec.q_dtype) == _BF16 and jnp.dtype(spec.kv_dtype) == _BF16
     if not (plain and bf16) or op == "other":
         return None
     geometry = f"h{spec.num_qo_heads}_kv{spec.num_kv_heads}_d{spec.head_dim}"

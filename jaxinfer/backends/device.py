@@ -27,9 +27,11 @@ def platform() -> str | None:
     return None if dev is None else dev.platform
 
 
+@functools.cache
 def gpu_arch() -> int | None:
     """Compute capability of jax's default device as ``major*10+minor`` (H100: 90), ``None`` when it
-    is no GPU or does not report one."""
+    is no GPU or does not report one. Read once per process, as :func:`num_sms` (every
+    ``backend="auto"`` plan asks)."""
     dev = _default_device()
     cc = getattr(dev, "compute_capability", None)
     if dev is None or dev.platform != "gpu" or cc is None:
