@@ -458,58 +458,132 @@ def cascade_levels_from_prefix_tree(page_lists, kv_last_page_len, qo_lens, page_
         integers in range (checked before the int32 cast, which would wrap them).
     """
     check_int("page_size", page_size, minimum=1)
-    page_lists = [_int32_values(f"page_lists[{r}]", pages, minimum=0) for r, pages in enumerate(page_lists)]
-    B = len(page_lists)
+    arrays = [np.asarray(pages) for pages in page_lists]
+    B = len(arrays)
+    valid = all(arr.ndim == 1 and (not arr.size or arr.dtype.kind in "iu") for arr in arrays)
+    kv_indices = np.concatenate(arrays, dtype=np.int64, casting="unsafe") if B and valid else np.zeros(0, np.int64)
+    if not valid or (kv_indices.size and (kv_indices.min() < 0 or kv_indices.max() > np.iinfo(np.int32).max)):
+        for r, arr in enumerate(arrays):  # the first bad request raises, as when checked one by one
+            _int32_values(f"page_lists[{r}]", arr, minimum=0)
+    kv_indptr = np.zeros(B + 1, np.int64)
+    np.cumsum([arr.size for arr in arrays], out=kv_indptr[1:])
     last = _int32_values("kv_last_page_len", kv_last_page_len, minimum=0, maximum=page_size)
     qo_lens = _int32_values("qo_lens", qo_lens, minimum=0)
     if last.shape != (B,) or qo_lens.shape != (B,):
         raise ValueError(f"kv_last_page_len and qo_lens must be [B = {B}], got {last.shape} and {qo_lens.shape}")
-    shareable = [tuple(p[:-1]) for p in page_lists]
-
-    def segments(members: list[int], depth: int) -> dict[int, list[tuple]]:
-        """Shared segments (start, end) per request below a trie node at page ``depth``."""
-        out = {r: [] for r in members}
-        by_page: dict[int, list[int]] = {}
-        for r in members:
-            if len(shareable[r]) > depth:
-                by_page.setdefault(shareable[r][depth], []).append(r)
-        for group in by_page.values():
-            if len(group) < 2:
-                continue
-            end = depth + 1  # extend the edge while every member agrees (radix compression)
-            while all(len(shareable[r]) > end for r in group) and len({shareable[r][end] for r in group}) == 1:
-                end += 1
-            below = segments(group, end)
-            for r in group:
-                out[r] = [(depth, end)] + below[r]
-        return out
-
-    paths = segments(list(range(B)), 0)
-    num_levels = 1 + max((len(p) for p in paths.values()), default=0)
     qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
-    levels = []
-    for level in range(num_levels - 1):
-        groups = []  # (segment pages or (), query start, query end)
-        for r in range(B):
-            pages = ()
-            if level < len(paths[r]):
-                s, e = paths[r][level]
-                pages = tuple(page_lists[r][s:e])
-            if groups and pages and groups[-1][0] == pages:
-                groups[-1][2] = qo_indptr[r + 1]
-            else:
-                groups.append([pages, qo_indptr[r], qo_indptr[r + 1]])
-        levels.append((
-            np.array([0] + [g[2] for g in groups], np.int32),
-            [list(g[0]) for g in groups],
-            [page_size if g[0] else 0 for g in groups],
-        ))
-    own = [list(page_lists[r][paths[r][-1][1] if paths[r] else 0 :]) for r in range(B)]
-    levels.append((qo_indptr, own, [int(x) if own[r] else 0 for r, x in enumerate(last)]))
+    return _prefix_tree_levels(kv_indptr, kv_indices, last, qo_indptr, page_size)
+
+
+def lexicographic_order(kv_indptr: np.ndarray, kv_indices: np.ndarray, lengths: np.ndarray,
+                        width: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Order of the requests of a page table by their first ``lengths[r]`` pages, compared
+    lexicographically (a list before its extensions; equal lists keep their order), and the
+    longest common prefix of each pair of neighbours in that order.
+
+    Only the first ``width`` pages are compared while that decides every pair, then twice as
+    many: lists that differ early (requests sharing a short prefix) cost ``B * width``, not their
+    total length. Keys are big-endian ``page + 1`` (0 past the end) compared as bytes.
+
+    Args:
+      kv_indptr: ``[B+1]``, kv_indices: page ids (``0 <= id < 2**31``), lengths: ``[B]`` pages of
+        each request to compare (at most its page count).
+      width: pages compared first (>= 1).
+
+    Returns:
+      ``(order [B] int64, lcp [max(B - 1, 0)] int64)``: ``lcp[i]`` pages are common to requests
+      ``order[i]`` and ``order[i + 1]``.
+    """
+    B = len(lengths)
+    lengths = np.asarray(lengths, np.int64)
+    longest = int(lengths.max(initial=0))
+    starts = np.asarray(kv_indptr[:-1], np.int64)[:, None]
+    width = max(min(width, longest), 1)
+    while True:
+        cols = np.arange(width)
+        valid = cols < lengths[:, None]
+        keys = np.zeros((B, width), ">u4")
+        keys[valid] = kv_indices[(starts + cols)[valid]] + 1
+        order = np.argsort(keys.view(np.dtype((np.void, 4 * width))).ravel(), kind="stable")
+        rows, n = keys[order], lengths[order]
+        differ = rows[1:] != rows[:-1]
+        lcp = np.minimum(np.where(differ.any(1), differ.argmax(1), width), np.minimum(n[1:], n[:-1]))
+        if width >= longest or not (lcp >= width).any():
+            return order, lcp
+        width *= 2
+
+
+def _prefix_tree_levels(kv_indptr: np.ndarray, kv_indices: np.ndarray, kv_last_page_len: np.ndarray,
+                        qo_indptr: np.ndarray, page_size: int, max_levels: int | None = None, width: int = 32):
+    """:func:`cascade_levels_from_prefix_tree` of the page table ``(kv_indptr [B+1], kv_indices,
+    kv_last_page_len [B])`` (checked integers) and queries ``qo_indptr [B+1]``, in numpy without a
+    loop over requests or pages. ``max_levels``: at most that many levels, the shared segments
+    past level ``max_levels - 2`` read in each request's own (last) level. ``width``: pages
+    compared first (:func:`lexicographic_order`).
+
+    A request's ``d``-th page (``d`` below its page count less one, the last page is never
+    shared) is shared by the requests whose lists begin with the same ``d + 1`` pages; in
+    lexicographic order of the lists those stand together, so their number follows from the
+    longest common prefixes of neighbours. Along a request's list that number never grows, and a
+    shared segment (a trie edge with two or more requests on it, radix-compressed) is a maximal
+    run of depths with one number >= 2.
+    """
+    B = len(kv_indptr) - 1
+    kv_indptr = np.asarray(kv_indptr, np.int64)
+    kv_indices = np.asarray(kv_indices)
+    counts = np.diff(kv_indptr)
+    n = np.maximum(counts - 1, 0)
+    seg_start = seg_end = np.zeros((B, 0), np.int64)
+    num_seg = np.zeros(B, np.int64)
+    order, lcp = lexicographic_order(kv_indptr, kv_indices, n, width) if B >= 2 else (None, np.zeros(0, np.int64))
+    depth = np.arange(int(lcp.max(initial=0)))  # deeper pages have one holder each
+    if depth.size:
+        run = np.zeros((depth.size, B), np.int64)  # [d, i]: group of sorted request i among those sharing d + 1 pages
+        np.cumsum(lcp[None, :] <= depth[:, None], axis=1, out=run[:, 1:])
+        run += depth[:, None] * B
+        sharers = np.empty((B, depth.size), np.int64)
+        sharers[order] = np.bincount(run.ravel(), minlength=run.size)[run].T
+        sharers[depth[None, :] >= n[:, None]] = 0
+        shared = sharers >= 2
+        edge = np.zeros((B, 1), np.int64)
+        starts = shared & (sharers != np.concatenate([edge, sharers[:, :-1]], 1))
+        ends = shared & (sharers != np.concatenate([sharers[:, 1:], edge], 1))
+        num_seg = starts.sum(1)
+        k = np.arange(int(num_seg.sum())) - np.repeat(np.cumsum(num_seg) - num_seg, num_seg)
+        seg_start, seg_end = np.zeros((B, int(num_seg.max())), np.int64), np.zeros((B, int(num_seg.max())), np.int64)
+        r, d = np.nonzero(starts)
+        seg_start[r, k] = d
+        r, d = np.nonzero(ends)
+        seg_end[r, k] = d + 1
+    shared_levels = seg_start.shape[1] if max_levels is None else min(seg_start.shape[1], max_levels - 1)
+    first = kv_indptr[:-1]
     qo_arr, indptr_arr, indices_arr, last_arr = [], [], [], []
-    for qo, pages, lpl in levels:
-        qo_arr.append(qo)
-        indptr_arr.append(np.concatenate([[0], np.cumsum([len(p) for p in pages])]).astype(np.int32))
-        indices_arr.append(np.array([x for p in pages for x in p], np.int32))
-        last_arr.append(np.array(lpl, np.int32))
+    for level in range(shared_levels):
+        has = num_seg > level
+        s = first + seg_start[:, level]  # positions in kv_indices
+        length = np.where(has, seg_end[:, level] - seg_start[:, level], 0)
+        # A request joins its neighbour's group when their segments hold the same pages.
+        same = np.zeros(B, bool)
+        cand = np.flatnonzero(has[1:] & has[:-1] & (length[1:] == length[:-1])) + 1
+        if cand.size:
+            k = np.arange(int(length[cand].max()))
+            inside = k < length[cand, None]
+            same[cand] = ((kv_indices[np.where(inside, s[cand, None] + k, 0)]
+                           == kv_indices[np.where(inside, s[cand - 1, None] + k, 0)]) | ~inside).all(1)
+        heads = np.flatnonzero(~same)
+        tails = np.append(heads[1:] - 1, B - 1)
+        glen = length[heads]
+        local = np.arange(int(glen.sum())) - np.repeat(np.cumsum(glen) - glen, glen)
+        qo_arr.append(np.append(0, qo_indptr[tails + 1]).astype(np.int32))
+        indptr_arr.append(np.append(0, np.cumsum(glen)).astype(np.int32))
+        indices_arr.append(kv_indices[np.repeat(s[heads], glen) + local].astype(np.int32))
+        last_arr.append(np.where(glen > 0, page_size, 0).astype(np.int32))
+    kept = np.minimum(num_seg, shared_levels)
+    own_start = np.where(kept > 0, seg_end[np.arange(B), np.maximum(kept - 1, 0)] if shared_levels else 0, 0)
+    own_len = counts - own_start
+    local = np.arange(int(own_len.sum())) - np.repeat(np.cumsum(own_len) - own_len, own_len)
+    qo_arr.append(np.asarray(qo_indptr, np.int32))
+    indptr_arr.append(np.append(0, np.cumsum(own_len)).astype(np.int32))
+    indices_arr.append(kv_indices[np.repeat(first + own_start, own_len) + local].astype(np.int32))
+    last_arr.append(np.where(own_len > 0, kv_last_page_len, 0).astype(np.int32))
     return qo_arr, indptr_arr, indices_arr, last_arr

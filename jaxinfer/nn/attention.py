@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,7 @@ from flax import nnx
 
 import jaxinfer
 from jaxinfer.backends import device
+from jaxinfer.cascade import _prefix_tree_levels, lexicographic_order
 from jaxinfer.nn.kv_pool import KVCachePool
 from jaxinfer.plan.batch import PlanCapacity
 from jaxinfer.plan.checks import check_int
@@ -136,7 +138,7 @@ class StepPlanner:
       cascade_levels: levels of the decode rows' attention. 1: a decode plan over each request's
         pages. ``L >= 2``: cascade over the prefix pages the decode requests share
         (:func:`jaxinfer.cascade_levels_from_prefix_tree`, order the decode requests by their page
-        lists, e.g. ``sorted(decode, key=pool.pages)``, so that sharers stand together), always
+        lists, :meth:`sharing_order`, so that sharers stand together), always
         ``L`` levels: missing ones are empty, sharing deeper than ``L - 1`` levels is read per
         request in the last level.
 
@@ -185,6 +187,7 @@ class StepPlanner:
         self.pages_per_seq = pool.pages_for(self.max_seq_len)
         self._k_scale = None if pool.k_scale is None else jnp.asarray(pool.k_scale)
         self._v_scale = None if pool.v_scale is None else jnp.asarray(pool.v_scale)
+        self._wrappers: dict[tuple[str, int], Any] = {}
 
     @property
     def num_step_programs(self) -> int:
@@ -221,19 +224,19 @@ class StepPlanner:
         if len(rids) > self.max_batch_size:
             raise ValueError(f"{len(rids)} requests in one step, over max_batch_size={self.max_batch_size}")
         pool = self.pool
-        known = set(pool.requests)
-        for r in rids:
-            if r not in known:
-                raise ValueError(f"request {r!r} is not in the pool")
-        seq_lens = np.asarray([pool.seq_len(r) for r in rids], np.int64)
+        try:
+            seq_lens = pool.seq_lens(rids)
+        except KeyError as e:
+            raise ValueError(f"request {e.args[0]!r} is not in the pool") from None
+        num_prefill = len(pairs)
         qo_lens = np.ones(len(rids), np.int64)
         for i, (r, n) in enumerate(pairs):
             qo_lens[i] = check_int(f"prefill[{r!r}]", n, minimum=1, maximum=int(seq_lens[i]))
-        if (seq_lens[len(pairs) :] == 0).any():
+        if (seq_lens[num_prefill:] == 0).any():
             raise ValueError("every decode request needs at least one token in the pool")
         if seq_lens.max() > self.max_seq_len:
             raise ValueError(f"a request has {seq_lens.max()} tokens, over max_seq_len={self.max_seq_len}")
-        nnz_prefill = int(qo_lens[: len(pairs)].sum())
+        nnz_prefill = int(qo_lens[:num_prefill].sum())
         if nnz_prefill > self.max_prefill_tokens:
             raise ValueError(
                 f"{nnz_prefill} prefill rows in one step, over max_prefill_tokens={self.max_prefill_tokens}"
@@ -242,7 +245,7 @@ class StepPlanner:
         d_rows = bucket(len(decode), self.decode_buckets)
 
         # Rows of request i: [row_start[i], row_start[i] + qo_lens[i]); its tokens are its last qo_len.
-        row_start = np.concatenate([np.cumsum(qo_lens[: len(pairs)]) - qo_lens[: len(pairs)],
+        row_start = np.concatenate([np.cumsum(qo_lens[:num_prefill]) - qo_lens[:num_prefill],
                                     p_rows + np.arange(len(decode))]).astype(np.int64)
         req = np.repeat(np.arange(len(rids)), qo_lens)
         local = np.arange(req.size) - np.repeat(np.cumsum(qo_lens) - qo_lens, qo_lens)
@@ -252,26 +255,51 @@ class StepPlanner:
         positions[rows] = np.repeat(seq_lens - qo_lens, qo_lens) + local
         batch_indices[rows] = req
 
+        # One page table for the step; the prefill and decode plans read their slices of it.
         kv_indptr, kv_indices, last = pool.page_table(rids)
-        pad = self.max_batch_size - len(rids)
+        table_indptr = np.full(self.max_batch_size + 1, kv_indptr[-1], np.int32)
+        table_indptr[: len(kv_indptr)] = kv_indptr
+        table_indices = np.zeros(self.max_batch_size * self.pages_per_seq, np.int32)
+        table_indices[: kv_indices.size] = kv_indices
+        table_last = np.zeros(self.max_batch_size, np.int32)
+        table_last[: len(last)] = last
         last_rows = np.zeros(self.max_batch_size, np.int32)
         last_rows[: len(rids)] = row_start + qo_lens - 1
+        split = int(kv_indptr[num_prefill])
+        prefill_table = (kv_indptr[: num_prefill + 1], kv_indices[:split], last[:num_prefill])
+        decode_table = (kv_indptr[num_prefill:] - split, kv_indices[split:], last[num_prefill:])
         # to_device: an asynchronous copy at a fraction of jnp.asarray's host time (several
-        # arrays per step; the planners' own buffers go the same way).
+        # arrays per step; the planners' own buffers go the same way). None of these host
+        # arrays is written again: the copies read them after this returns.
         return StepBatch(
             positions=to_device(positions),
             batch_indices=to_device(batch_indices),
-            kv_indptr=to_device(np.pad(kv_indptr, (0, pad), mode="edge")),
-            kv_indices=to_device(np.pad(kv_indices, (0, self.max_batch_size * self.pages_per_seq - kv_indices.size))),
-            kv_last_page_len=to_device(np.pad(last, (0, pad))),
+            kv_indptr=to_device(table_indptr),
+            kv_indices=to_device(table_indices),
+            kv_last_page_len=to_device(table_last),
             last_rows=to_device(last_rows),
-            prefill_plan=self._prefill_plan(prefill_ids, qo_lens[: len(pairs)], p_rows) if pairs else None,
-            decode_plan=self._decode_plan(decode, d_rows) if decode else None,
+            prefill_plan=self._prefill_plan(qo_lens[:num_prefill], prefill_table, p_rows) if pairs else None,
+            decode_plan=self._decode_plan(decode_table, d_rows) if decode else None,
             num_prefill_rows=p_rows,
             kv_layout=pool.kv_layout,
             k_scale=self._k_scale,
             v_scale=self._v_scale,
         )
+
+    def sharing_order(self, decode: Sequence[Hashable]) -> list[Hashable]:
+        """``decode`` sorted by page lists (lexicographically, a list before its extensions),
+        ``sorted(decode, key=pool.pages)`` without building the tuples: requests that share
+        prefix pages stand together, one cascade group per shared segment.
+
+        Raises:
+          KeyError: a request not in the pool.
+        """
+        decode = list(decode)
+        if len(decode) < 2:
+            return decode
+        indptr, indices, _ = self.pool.page_table(decode)
+        order, _ = lexicographic_order(indptr, indices, np.diff(indptr))
+        return [decode[i] for i in order.tolist()]
 
     def _capacity(self, batch: int, qo_len: int, num_queries: int) -> PlanCapacity:
         """Fixed capacity of a plan of ``batch`` requests, ``qo_len`` queries each at most and
@@ -281,41 +309,44 @@ class StepPlanner:
         return PlanCapacity(max_batch_size=batch, max_qo_len=qo_len, max_kv_len=self.max_seq_len,
                             max_work_tiles=1 << (tiles - 1).bit_length())
 
+    def _wrapper(self, kind: str, rows: int):
+        """The wrapper of one kind of plan and row bucket, made once: each step only plans with it."""
+        key = (kind, rows)
+        if key not in self._wrappers:
+            options = dict(kv_layout=self.pool.kv_layout, backend=self.backend)
+            if kind == "prefill":
+                capacity = self._capacity(min(self.max_batch_size, rows), rows, rows)
+                self._wrappers[key] = jaxinfer.BatchPrefillWithPagedKVCacheWrapper(capacity=capacity, **options)
+            elif kind == "decode":
+                capacity = self._capacity(rows, 1, rows)
+                self._wrappers[key] = jaxinfer.BatchDecodeWithPagedKVCacheWrapper(capacity=capacity, **options)
+            else:
+                capacity = self._capacity(rows, rows, rows)
+                self._wrappers[key] = jaxinfer.MultiLevelCascadeAttentionWrapper(1, capacity=capacity, **options)
+        return self._wrappers[key]
+
     def _geometry(self) -> tuple:
         pool = self.pool
         return self.num_qo_heads, pool.num_kv_heads, pool.head_dim, pool.page_size
 
-    def _prefill_plan(self, prefill: Sequence[Hashable], qo_lens: np.ndarray, p_rows: int) -> Plan:
-        qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
-        capacity = self._capacity(min(self.max_batch_size, p_rows), p_rows, p_rows)
-        wrapper = jaxinfer.BatchPrefillWithPagedKVCacheWrapper(
-            kv_layout=self.pool.kv_layout, backend=self.backend, capacity=capacity
-        )
-        return wrapper.plan(
-            qo_indptr, *self.pool.page_table(prefill), *self._geometry(), causal=True,
-            q_data_type=self.q_data_type, kv_data_type=self.pool.dtype,
+    def _prefill_plan(self, qo_lens: np.ndarray, table: tuple, p_rows: int) -> Plan:
+        qo_indptr = np.zeros(len(qo_lens) + 1, np.int32)
+        np.cumsum(qo_lens, out=qo_indptr[1:])
+        return self._wrapper("prefill", p_rows).plan(
+            qo_indptr, *table, *self._geometry(), causal=True, q_data_type=self.q_data_type,
+            kv_data_type=self.pool.dtype,
         )
 
-    def _decode_plan(self, decode: Sequence[Hashable], d_rows: int) -> Plan | tuple[Plan, ...]:
-        pool = self.pool
-        wrapper = jaxinfer.BatchDecodeWithPagedKVCacheWrapper(
-            kv_layout=pool.kv_layout, backend=self.backend, capacity=self._capacity(d_rows, 1, d_rows)
-        )
+    def _decode_plan(self, table: tuple, d_rows: int) -> Plan | tuple[Plan, ...]:
+        dtypes = dict(q_data_type=self.q_data_type, kv_data_type=self.pool.dtype)
+        own = self._wrapper("decode", d_rows)
         if self.cascade_levels == 1:
-            return wrapper.plan(*pool.page_table(decode), *self._geometry(),
-                                q_data_type=self.q_data_type, kv_data_type=pool.dtype)
-        qo, indptr, indices, last = self.decode_levels(decode)
-        shared = jaxinfer.MultiLevelCascadeAttentionWrapper(
-            1, kv_layout=pool.kv_layout, backend=self.backend, capacity=self._capacity(d_rows, d_rows, d_rows)
-        )
-        plans = [
-            shared.plan([qo[lvl]], [indptr[lvl]], [indices[lvl]], [last[lvl]], *self._geometry(),
-                        q_data_type=self.q_data_type, kv_data_type=pool.dtype)[0]
-            for lvl in range(self.cascade_levels - 1)
-        ]
-        own = wrapper.plan(indptr[-1], indices[-1], last[-1], *self._geometry(),
-                           q_data_type=self.q_data_type, kv_data_type=pool.dtype)
-        return (*plans, own)
+            return own.plan(*table, *self._geometry(), **dtypes)
+        qo, indptr, indices, last = self._levels(*table)
+        shared = self._wrapper("cascade", d_rows)
+        plans = [shared.plan([qo[lvl]], [indptr[lvl]], [indices[lvl]], [last[lvl]], *self._geometry(), **dtypes)[0]
+                 for lvl in range(self.cascade_levels - 1)]
+        return (*plans, own.plan(indptr[-1], indices[-1], last[-1], *self._geometry(), **dtypes))
 
     def decode_levels(self, decode: Sequence[Hashable]) -> tuple[list, list, list, list]:
         """The ``cascade_levels`` levels of the decode requests' pages (one query each): the
@@ -326,33 +357,21 @@ class StepPlanner:
         Returns:
           ``(qo_indptr_arr, kv_indptr_arr, kv_indices_arr, kv_last_page_len_arr)``, one int32
           array per level, the most shared first (the cascade wrapper's ``plan`` arguments).
+
+        Raises:
+          KeyError: a request not in the pool.
         """
-        pool = self.pool
-        _, _, last_page = pool.page_table(decode)
-        page_lists = [list(pool.pages(r)) for r in decode]
-        n = len(decode)
-        qo, indptr, indices, last = jaxinfer.cascade_levels_from_prefix_tree(
-            page_lists, last_page, np.ones(n, np.int32), pool.page_size
-        )
-        keep = self.cascade_levels - 1
-        if len(qo) - 1 > keep:
-            depth = [sum(len(_level_pages(qo[l], indptr[l], indices[l], r)) for l in range(keep)) for r in range(n)]
-            own = [page_lists[r][depth[r] :] for r in range(n)]
-            qo, indptr, indices, last = qo[:keep], indptr[:keep], indices[:keep], last[:keep]
-            qo.append(np.arange(n + 1, dtype=np.int32))
-            indptr.append(np.concatenate([[0], np.cumsum([len(p) for p in own])]).astype(np.int32))
-            indices.append(np.asarray([p for pages in own for p in pages], np.int32))
-            last.append(np.asarray(last_page, np.int32))
-        empty = (np.array([0, n], np.int32), np.zeros(2, np.int32), np.zeros(0, np.int32), np.zeros(1, np.int32))
+        return self._levels(*self.pool.page_table(decode))
+
+    def _levels(self, kv_indptr: np.ndarray, kv_indices: np.ndarray, last: np.ndarray) -> tuple[list, list, list, list]:
+        """:meth:`decode_levels` of the decode requests' page table."""
+        n = len(last)
+        qo, indptr, indices, last = _prefix_tree_levels(kv_indptr, kv_indices, last, np.arange(n + 1, dtype=np.int32),
+                                                        self.pool.page_size, max_levels=self.cascade_levels)
         missing = self.cascade_levels - len(qo)
+        empty = (np.array([0, n], np.int32), np.zeros(2, np.int32), np.zeros(0, np.int32), np.zeros(1, np.int32))
         return ([empty[0]] * missing + qo, [empty[1]] * missing + indptr, [empty[2]] * missing + indices,
                 [empty[3]] * missing + last)
-
-
-def _level_pages(qo_indptr: np.ndarray, kv_indptr: np.ndarray, kv_indices: np.ndarray, query: int) -> np.ndarray:
-    """Pages of one cascade level that query row ``query`` reads (those of its group)."""
-    g = int(np.searchsorted(qo_indptr, query, side="right")) - 1
-    return kv_indices[kv_indptr[g] : kv_indptr[g + 1]]
 
 
 class PagedAttention(nnx.Module):

@@ -148,8 +148,15 @@ class KVCachePool:
         # Pop from the end: lowest page ids are handed out first, which keeps runs reproducible.
         self._free = list(range(num_pages - 1, -1, -1))
         self._refs = np.zeros(num_pages, np.int64)
-        self._pages: dict[Hashable, list[int]] = {}
-        self._lens: dict[Hashable, int] = {}
+        # Per request a row ("slot") of numpy tables, kept as requests come and grow, so a step's
+        # page table is a gather of rows, not a rebuild from Python lists: its page ids
+        # (_table[slot, :_counts[slot]]), its page count and its length in tokens. Slots of freed
+        # requests are reused; rows and columns grow by doubling.
+        self._slots: dict[Hashable, int] = {}  # in order of addition (``requests``)
+        self._free_slots = list(range(7, -1, -1))
+        self._table = np.zeros((8, min(num_pages, 64)), np.int32)
+        self._counts = np.zeros(8, np.int64)
+        self._lens = np.zeros(8, np.int64)
         self._root = _Node(page=-1, key=(), parent=None)
         self._nodes: dict[int, _Node] = {}  # page id -> its tree node
         self._num_cached = 0  # pages in the tree with refcount 0
@@ -177,7 +184,7 @@ class KVCachePool:
 
     @property
     def requests(self) -> tuple[Hashable, ...]:
-        return tuple(self._pages)
+        return tuple(self._slots)
 
     def refcount(self, page: int) -> int:
         """Live requests holding ``page``."""
@@ -196,10 +203,19 @@ class KVCachePool:
 
     def seq_len(self, rid: Hashable) -> int:
         """Tokens stored (or reserved by ``extend``) for request ``rid``."""
-        return self._lens[rid]
+        return int(self._lens[self._slots[rid]])
+
+    def seq_lens(self, rids: Sequence[Hashable]) -> np.ndarray:
+        """``[len(rids)]`` int64 :meth:`seq_len` of each request.
+
+        Raises:
+          KeyError: an unknown request (the first one, as the key).
+        """
+        return self._lens[self._slots_of(rids)]
 
     def pages(self, rid: Hashable) -> tuple[int, ...]:
-        return tuple(self._pages[rid])
+        slot = self._slots[rid]
+        return tuple(self._table[slot, : self._counts[slot]].tolist())
 
     # ------------------------------------------------------------------ requests
 
@@ -217,7 +233,7 @@ class KVCachePool:
         Raises:
           ValueError: ``rid`` is already in the pool.
         """
-        if rid in self._pages:
+        if rid in self._slots:
             raise ValueError(f"request {rid!r} is already in the pool")
         node, pages = self._root, []
         ps, tokens = self.page_size, [int(t) for t in prefix_tokens]
@@ -231,8 +247,11 @@ class KVCachePool:
             pages.append(node.page)
         for p in pages:
             self._hold(p)
-        self._pages[rid] = pages
-        self._lens[rid] = len(pages) * ps
+        slot = self._new_slot(rid)
+        self._reserve(len(pages))
+        self._table[slot, : len(pages)] = pages
+        self._counts[slot] = len(pages)
+        self._lens[slot] = len(pages) * ps
         self._path[rid] = (node, len(pages))
         return len(pages) * ps
 
@@ -251,9 +270,11 @@ class KVCachePool:
             request would grow past the int32 range of positions.
           OutOfPagesError: not enough free and cached pages; the pool is left unchanged.
         """
-        old = self._lens[rid]
+        slot = self._slots[rid]
+        old = int(self._lens[slot])
         num_tokens = check_int("num_tokens", num_tokens, minimum=0, maximum=np.iinfo(np.int32).max - old)
-        need = self.pages_for(old + num_tokens) - len(self._pages[rid])
+        count = int(self._counts[slot])
+        need = self.pages_for(old + num_tokens) - count
         if need > self.num_available_pages:
             raise OutOfPagesError(
                 f"request {rid!r} needs {need} more page(s) of {self.page_size} tokens for "
@@ -262,12 +283,64 @@ class KVCachePool:
             )
         if need > len(self._free):
             self._reclaim(need - len(self._free))
-        for _ in range(need):
-            page = self._free.pop()
-            self._refs[page] = 1
-            self._pages[rid].append(page)
-        self._lens[rid] = old + num_tokens
+        if need:
+            self._reserve(count + need)
+            pages = self._free[: -need - 1 : -1]  # popped from the end, as ``list.pop`` would
+            del self._free[-need:]
+            self._refs[pages] = 1
+            self._table[slot, count : count + need] = pages
+            self._counts[slot] = count + need
+        self._lens[slot] = old + num_tokens
         return np.arange(old, old + num_tokens, dtype=np.int32)
+
+    def extend_batch(self, rids: Sequence[Hashable], num_tokens: Sequence[int]) -> None:
+        """:meth:`extend` each request ``rids[i]`` by ``num_tokens[i]`` tokens, in that order (the
+        same pages as those calls), all or nothing: a serving step's growth in one call.
+
+        Raises:
+          KeyError: an unknown request.
+          ValueError: naming the argument: a request listed twice, lengths that differ, a count
+            that is not an integer ``>= 0`` or one that takes a request past the int32 range.
+          OutOfPagesError: the requests need more pages than are free and cached together; the
+            pool is left unchanged.
+        """
+        slots = self._slots_of(rids)
+        if len(set(slots.tolist())) != len(slots):
+            raise ValueError("rids: a request may appear only once")
+        n = np.asarray(num_tokens)
+        if n.shape != slots.shape or (n.size and n.dtype.kind not in "iu"):
+            raise ValueError(f"num_tokens must be {len(slots)} integers (one per request), got {n.dtype} of shape "
+                             f"{n.shape}")
+        n = n.astype(np.int64)
+        new = self._lens[slots] + n
+        if n.size and (n.min() < 0 or new.max() > np.iinfo(np.int32).max):
+            raise ValueError("num_tokens must be integers >= 0 that keep every request within the int32 range, "
+                             f"got {n.tolist()}")
+        need = -(-new // self.page_size) - self._counts[slots]
+        total = int(need.sum())
+        if total > self.num_available_pages:
+            raise OutOfPagesError(
+                f"{len(slots)} requests need {total} more page(s) of {self.page_size} tokens, but only "
+                f"{len(self._free)} free and {self._num_cached} cached of {self.num_pages} pages are available"
+            )
+        if total > len(self._free):
+            # Reclaiming interleaves with the allocations (which pages each request gets):
+            # one request at a time, as separate calls would.
+            for rid, k in zip(rids, n.tolist()):
+                self.extend(rid, k)
+            return
+        if total:
+            grow = need > 0
+            rows, counts, need = slots[grow], self._counts[slots][grow], need[grow]
+            self._reserve(int((counts + need).max()))
+            pages = np.asarray(self._free[: -total - 1 : -1], np.int32)
+            del self._free[-total:]
+            self._refs[pages] = 1
+            starts = np.cumsum(need) - need
+            local = np.arange(total) - np.repeat(starts, need)
+            self._table[np.repeat(rows, need), np.repeat(counts, need) + local] = pages
+            self._counts[rows] = counts + need
+        self._lens[slots] = new
 
     def cache_prefix(self, rid: Hashable, tokens: Sequence[int]) -> None:
         """Register the full pages of request ``rid`` that hold ``tokens`` in the prefix tree.
@@ -283,11 +356,12 @@ class KVCachePool:
           ValueError: more tokens than the request holds.
         """
         node, done = self._path[rid]
-        if len(tokens) > self._lens[rid]:
-            raise ValueError(f"request {rid!r} holds {self._lens[rid]} tokens, got {len(tokens)} to cache")
+        slot = self._slots[rid]
+        if len(tokens) > self._lens[slot]:
+            raise ValueError(f"request {rid!r} holds {self._lens[slot]} tokens, got {len(tokens)} to cache")
         if node is None:
             return
-        ps, pages = self.page_size, self._pages[rid]
+        ps, pages = self.page_size, self._table[slot, : self._counts[slot]].tolist()
         now = next(self._clock)
         for i in range(done, len(tokens) // ps):
             key = tuple(int(t) for t in tokens[i * ps : (i + 1) * ps])
@@ -311,17 +385,18 @@ class KVCachePool:
         Raises:
           KeyError: unknown ``rid``.
         """
-        pages = self._pages.pop(rid)
-        del self._lens[rid], self._path[rid]
+        slot = self._slots.pop(rid)
+        del self._path[rid]
+        self._free_slots.append(slot)
+        pages = self._table[slot, self._counts[slot] - 1 :: -1] if self._counts[slot] else self._table[slot, :0]
+        self._refs[pages] -= 1  # a request holds a page once
         now = next(self._clock)
-        for page in reversed(pages):
-            self._refs[page] -= 1
-            if self._refs[page] == 0:
-                if page in self._nodes:
-                    self._nodes[page].last_use = now
-                    self._num_cached += 1
-                else:
-                    self._free.append(page)
+        for page in pages[self._refs[pages] == 0].tolist():  # in reverse order, as before
+            if page in self._nodes:
+                self._nodes[page].last_use = now
+                self._num_cached += 1
+            else:
+                self._free.append(page)
 
     def clear_prefix_cache(self) -> None:
         """Return every cached page (in the tree, held by no request) to the free list; pages that
@@ -344,15 +419,43 @@ class KVCachePool:
         Raises:
           KeyError: unknown request.
         """
-        counts = [len(self._pages[r]) for r in rids]
-        kv_indptr = np.zeros(len(rids) + 1, np.int32)
+        slots = self._slots_of(rids)
+        counts = self._counts[slots]
+        kv_indptr = np.zeros(len(slots) + 1, np.int32)
         np.cumsum(counts, out=kv_indptr[1:])
-        kv_indices = np.asarray([p for r in rids for p in self._pages[r]], np.int32)
-        lens = np.asarray([self._lens[r] for r in rids], np.int64)
+        width = int(counts.max(initial=0))
+        rows = self._table[slots, :width]
+        kv_indices = rows[np.arange(width) < counts[:, None]]  # row-major: request by request
+        lens = self._lens[slots]
         last = np.where(lens > 0, (lens - 1) % self.page_size + 1, 0)
         return kv_indptr, kv_indices, last.astype(np.int32)
 
     # ------------------------------------------------------------------ internals
+
+    def _slots_of(self, rids: Sequence[Hashable]) -> np.ndarray:
+        slots = self._slots
+        return np.asarray([slots[r] for r in rids], np.int64)
+
+    def _new_slot(self, rid: Hashable) -> int:
+        if not self._free_slots:
+            rows = len(self._counts)
+            self._free_slots = list(range(2 * rows - 1, rows - 1, -1))
+            self._table = np.concatenate([self._table, np.zeros_like(self._table)])
+            self._counts = np.concatenate([self._counts, np.zeros_like(self._counts)])
+            self._lens = np.concatenate([self._lens, np.zeros_like(self._lens)])
+        slot = self._free_slots.pop()
+        self._slots[rid] = slot
+        return slot
+
+    def _reserve(self, num_pages: int) -> None:
+        """Room for ``num_pages`` pages in every request's row of the table."""
+        width = self._table.shape[1]
+        if num_pages > width:
+            while width < num_pages:
+                width *= 2
+            grown = np.zeros((self._table.shape[0], min(width, self.num_pages)), np.int32)
+            grown[:, : self._table.shape[1]] = self._table
+            self._table = grown
 
     def _hold(self, page: int) -> None:
         if self._refs[page] == 0:
