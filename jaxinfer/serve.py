@@ -572,15 +572,20 @@ class ServingEngine:
     def idle(self) -> bool:
         return not self.waiting and not self.running and self._flight is None
 
-    def _remaining_pages(self, req: Request) -> int:
-        return self.pool.pages_for(req.cached_tokens_at_most) - len(self.pool.pages(req.rid))
+    def _remaining_pages(self, reqs: list[Request]) -> int:
+        """Pages ``reqs`` may still allocate: their worst cases less the pages they hold (a
+        request holds the pages of its length)."""
+        ps = self.pool.page_size
+        worst = np.fromiter((r.cached_tokens_at_most for r in reqs), np.int64, len(reqs))
+        held = self.pool.seq_lens([r.rid for r in reqs])
+        return int(((worst + ps - 1) // ps - (held + ps - 1) // ps).sum())
 
     def _admit(self, req: Request) -> bool:
         """Add ``req`` to the pool (attaching its cached prefix) if every running request's worst
         case still fits; else leave the pool as it was."""
         prefix = req.prompt[:-1] if self.config.prefix_caching else ()
         req.num_computed = req.num_cached = self.pool.add(req.rid, prefix)
-        need = sum(self._remaining_pages(r) for r in self.running) + self._remaining_pages(req)
+        need = self._remaining_pages([*self.running, req])
         if need > self.pool.num_available_pages:
             self.pool.free(req.rid)
             req.num_computed = req.num_cached = 0
@@ -617,14 +622,14 @@ class ServingEngine:
                                        self.config.max_batch_size, self._admit)
         if not chunks and not decode:
             return None
-        pool = self.pool
-        for req, n in chunks.items():
-            pool.extend(req.rid, n)
-        for req in decode:
-            pool.extend(req.rid, 1)
-        if self.planner.cascade_levels > 1:
-            decode.sort(key=lambda r: pool.pages(r.rid))  # sharers stand together: one cascade group each
-        batch = self.planner.plan({r.rid: n for r, n in chunks.items()}, [r.rid for r in decode])
+        pool, planner = self.pool, self.planner
+        decode_rids = [r.rid for r in decode]
+        pool.extend_batch([*(r.rid for r in chunks), *decode_rids], [*chunks.values(), *(1 for _ in decode)])
+        if planner.cascade_levels > 1:  # sharers stand together: one cascade group each
+            by_rid = dict(zip(decode_rids, decode))
+            decode_rids = planner.sharing_order(decode_rids)
+            decode = [by_rid[rid] for rid in decode_rids]
+        batch = planner.plan({r.rid: n for r, n in chunks.items()}, decode_rids)
         t, bc, p = batch.num_rows, self.config.max_batch_size, batch.num_prefill_rows
         order = [*chunks, *decode]
         inputs = np.empty(2 * t + SamplingBatch.FIELDS * bc, np.int32)
@@ -638,7 +643,7 @@ class ServingEngine:
         src[p : p + len(decode)] = [self._prev_slot[r] for r in decode]
         slots = inputs[2 * t :].reshape(SamplingBatch.FIELDS, bc)
         slots[:] = _PAD_SAMPLING[:, None]
-        slots[:-1, : len(order)] = np.stack([self._sampling_rows[r] for r in order], 1)
+        slots[:-1, : len(order)] = np.array([self._sampling_rows[r] for r in order]).T
         slots[-1, : len(order)] = [r.num_generated for r in order]  # the draw's offset
         next_tokens, pool.caches = serve_step(self._model, self._params, pool.caches, self._prev_tokens,
                                               to_device(inputs), batch, self.config.sampling_backend)
