@@ -494,16 +494,11 @@ def lexicographic_order(kv_indptr: np.ndarray, kv_indices: np.ndarray, lengths: 
       ``(order [B] int64, lcp [max(B - 1, 0)] int64)``: ``lcp[i]`` pages are common to requests
       ``order[i]`` and ``order[i + 1]``.
     """
-    B = len(lengths)
     lengths = np.asarray(lengths, np.int64)
     longest = int(lengths.max(initial=0))
-    starts = np.asarray(kv_indptr[:-1], np.int64)[:, None]
     width = max(min(width, longest), 1)
     while True:
-        cols = np.arange(width)
-        valid = cols < lengths[:, None]
-        keys = np.zeros((B, width), ">u4")
-        keys[valid] = kv_indices[(starts + cols)[valid]] + 1
+        keys = _page_keys(kv_indptr, kv_indices, lengths, width)
         order = np.argsort(keys.view(np.dtype((np.void, 4 * width))).ravel(), kind="stable")
         rows, n = keys[order], lengths[order]
         differ = rows[1:] != rows[:-1]
@@ -513,8 +508,19 @@ def lexicographic_order(kv_indptr: np.ndarray, kv_indices: np.ndarray, lengths: 
         width *= 2
 
 
+def _page_keys(kv_indptr: np.ndarray, kv_indices: np.ndarray, lengths: np.ndarray, width: int) -> np.ndarray:
+    """``[B, width]`` big-endian uint32: ``page + 1`` of each request's first ``lengths[r]`` pages,
+    0 past them (memcmp order of the rows is the lexicographic order of the lists)."""
+    cols = np.arange(width)
+    valid = cols < lengths[:, None]
+    keys = np.zeros((len(lengths), width), ">u4")
+    keys[valid] = kv_indices[(np.asarray(kv_indptr[:-1], np.int64)[:, None] + cols)[valid]] + 1
+    return keys
+
+
 def _prefix_tree_levels(kv_indptr: np.ndarray, kv_indices: np.ndarray, kv_last_page_len: np.ndarray,
-                        qo_indptr: np.ndarray, page_size: int, max_levels: int | None = None, width: int = 32):
+                        qo_indptr: np.ndarray, page_size: int, max_levels: int | None = None, width: int = 32,
+                        cache: dict | None = None):
     """:func:`cascade_levels_from_prefix_tree` of the page table ``(kv_indptr [B+1], kv_indices,
     kv_last_page_len [B])`` (checked integers) and queries ``qo_indptr [B+1]``, in numpy without a
     loop over requests or pages. ``max_levels``: at most that many levels, the shared segments
@@ -527,12 +533,42 @@ def _prefix_tree_levels(kv_indptr: np.ndarray, kv_indices: np.ndarray, kv_last_p
     longest common prefixes of neighbours. Along a request's list that number never grows, and a
     shared segment (a trie edge with two or more requests on it, radix-compressed) is a maximal
     run of depths with one number >= 2.
+
+    ``cache``: a dict the caller keeps between calls (serving steps, whose requests mostly keep
+    their prefixes): the shared levels depend only on the first ``max(lcp) + 1`` pages of the
+    lists (every neighbour pair differs or ends within them), so when those pages, the queries,
+    ``page_size`` and ``max_levels`` are as in the cached call, its shared levels (the same array
+    objects: read them only) and segment ends are taken again; only the last level is new.
     """
     B = len(kv_indptr) - 1
     kv_indptr = np.asarray(kv_indptr, np.int64)
     kv_indices = np.asarray(kv_indices)
     counts = np.diff(kv_indptr)
     n = np.maximum(counts - 1, 0)
+    signature = (B, page_size, max_levels, np.asarray(qo_indptr).tobytes())
+    if cache and cache["signature"] == signature and np.array_equal(
+            _page_keys(kv_indptr, kv_indices, n, cache["keys"].shape[1]), cache["keys"]):
+        shared, own_start = cache["shared"], cache["own_start"]
+    else:
+        shared, own_start, deepest = _shared_levels(kv_indptr, kv_indices, n, qo_indptr, page_size, max_levels,
+                                                    width)
+        if cache is not None:
+            cache.update(signature=signature, shared=shared, own_start=own_start,
+                         keys=_page_keys(kv_indptr, kv_indices, n, deepest + 1))
+    own_len = counts - own_start
+    local = np.arange(int(own_len.sum())) - np.repeat(np.cumsum(own_len) - own_len, own_len)
+    own = (np.asarray(qo_indptr, np.int32), np.append(0, np.cumsum(own_len)).astype(np.int32),
+           kv_indices[np.repeat(kv_indptr[:-1] + own_start, own_len) + local].astype(np.int32),
+           np.where(own_len > 0, kv_last_page_len, 0).astype(np.int32))
+    return tuple([*levels, last] for levels, last in zip(shared, own))
+
+
+def _shared_levels(kv_indptr: np.ndarray, kv_indices: np.ndarray, n: np.ndarray, qo_indptr: np.ndarray,
+                   page_size: int, max_levels: int | None, width: int):
+    """The shared levels of :func:`_prefix_tree_levels` (``n``: pages each request may share) as
+    four lists of arrays, where each request's own pages start, and the longest common prefix of
+    two requests (pages)."""
+    B = len(n)
     seg_start = seg_end = np.zeros((B, 0), np.int64)
     num_seg = np.zeros(B, np.int64)
     order, lcp = lexicographic_order(kv_indptr, kv_indices, n, width) if B >= 2 else (None, np.zeros(0, np.int64))
@@ -580,10 +616,4 @@ def _prefix_tree_levels(kv_indptr: np.ndarray, kv_indices: np.ndarray, kv_last_p
         last_arr.append(np.where(glen > 0, page_size, 0).astype(np.int32))
     kept = np.minimum(num_seg, shared_levels)
     own_start = np.where(kept > 0, seg_end[np.arange(B), np.maximum(kept - 1, 0)] if shared_levels else 0, 0)
-    own_len = counts - own_start
-    local = np.arange(int(own_len.sum())) - np.repeat(np.cumsum(own_len) - own_len, own_len)
-    qo_arr.append(np.asarray(qo_indptr, np.int32))
-    indptr_arr.append(np.append(0, np.cumsum(own_len)).astype(np.int32))
-    indices_arr.append(kv_indices[np.repeat(first + own_start, own_len) + local].astype(np.int32))
-    last_arr.append(np.where(own_len > 0, kv_last_page_len, 0).astype(np.int32))
-    return qo_arr, indptr_arr, indices_arr, last_arr
+    return (qo_arr, indptr_arr, indices_arr, last_arr), own_start, depth.size

@@ -278,6 +278,38 @@ def test_cascade_levels_match_the_trie_walk(spec, sort, seed, page_size, width, 
     assert lcp.tolist() == common
 
 
+@settings(max_examples=100, deadline=None)
+@given(spec=page_lists_strategy(), seed=st.integers(0, 2**32 - 1), max_levels=st.sampled_from([None, 1, 2, 3]))
+def test_cascade_levels_cache_across_changing_batches(spec, seed, max_levels):
+    # Batches as serving steps make them: lists grow (pages appended), a request leaves and
+    # another takes its place (often the same size, so only the pages tell), neighbours swap,
+    # lists are rewritten. Each call with the kept cache must give the trie walk's levels.
+    rng = np.random.default_rng(seed)
+    lists = build_lists(spec) or [[0]]
+    cache = {}
+    for _ in range(12):
+        op = rng.integers(5)
+        r = int(rng.integers(len(lists)))
+        if op == 0:
+            lists[r] = lists[r] + rng.integers(0, 6, rng.integers(1, 3)).tolist()
+        elif op == 1:
+            other = lists[rng.integers(len(lists))]
+            lists[r] = other[: rng.integers(len(other) + 1)] + rng.integers(0, 6, 1).tolist()
+        elif op == 2 and len(lists) > 1:
+            s = int(rng.integers(len(lists) - 1))
+            lists[s], lists[s + 1] = lists[s + 1], lists[s]
+        elif op == 3:
+            lists[r] = [int(rng.integers(0, 6))] + lists[r][1:]
+        # op 4: the same batch again
+        last = rng.integers(0, 5, len(lists))
+        indptr = np.concatenate([[0], np.cumsum([len(p) for p in lists])]).astype(np.int32)
+        indices = np.asarray([x for p in lists for x in p], np.int32)
+        qo_indptr = np.arange(len(lists) + 1, dtype=np.int32)
+        got = _prefix_tree_levels(indptr, indices, last.astype(np.int32), qo_indptr, 4, max_levels, 2, cache)
+        want, paths = levels_by_trie_walk(lists, last, np.ones(len(lists), int), 4)
+        assert_levels_equal(got, want if max_levels is None else folded(want, paths, lists, last, max_levels - 1))
+
+
 @pytest.mark.parametrize("page_lists, last, qo_lens, match", [
     ([[0, -1]], [1], [1], r"page_lists\[0\] must hold integers in 0..2147483647"),
     ([[0, 1], [1.5]], [1, 1], [1, 1], r"page_lists\[1\] must be a 1-D sequence of integers, got float64"),

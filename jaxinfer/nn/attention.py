@@ -188,6 +188,7 @@ class StepPlanner:
         self._k_scale = None if pool.k_scale is None else jnp.asarray(pool.k_scale)
         self._v_scale = None if pool.v_scale is None else jnp.asarray(pool.v_scale)
         self._wrappers: dict[tuple[str, int], Any] = {}
+        self._levels_cache: dict = {}  # shared cascade levels of the last decode batch
 
     @property
     def num_step_programs(self) -> int:
@@ -367,7 +368,8 @@ class StepPlanner:
         """:meth:`decode_levels` of the decode requests' page table."""
         n = len(last)
         qo, indptr, indices, last = _prefix_tree_levels(kv_indptr, kv_indices, last, np.arange(n + 1, dtype=np.int32),
-                                                        self.pool.page_size, max_levels=self.cascade_levels)
+                                                        self.pool.page_size, max_levels=self.cascade_levels,
+                                                        cache=self._levels_cache)
         missing = self.cascade_levels - len(qo)
         empty = (np.array([0, n], np.int32), np.zeros(2, np.int32), np.zeros(0, np.int32), np.zeros(1, np.int32))
         return ([empty[0]] * missing + qo, [empty[1]] * missing + indptr, [empty[2]] * missing + indices,
