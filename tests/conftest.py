@@ -16,6 +16,9 @@ import functools
 import importlib.metadata
 import importlib.util
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -245,3 +248,18 @@ def dense_greedy(model, prompt, max_new_tokens: int, max_seq_len: int) -> list[i
             out.append(int(np.argmax(np.asarray(logits[0]))))
             seq.append(out[-1])
     return out
+
+
+def run_on_cpu_devices(script: str | Path, out: Path, num_devices: int, timeout: float) -> dict[str, np.ndarray]:
+    """Run ``script out`` in a subprocess with ``num_devices`` CPU devices (XLA's
+    ``--xla_force_host_platform_device_count``, which must be set before jax initialises, and
+    other test modules initialise it first in this process); the script saves its results to the
+    ``.npz`` at ``out``, returned as a dict."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}")
+    here = Path(__file__).resolve().parent
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(script).resolve().parent), str(here), str(here.parent),
+                                         env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, str(script), str(out)], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return dict(np.load(out))

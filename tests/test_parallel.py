@@ -19,13 +19,11 @@ valid argmax changes every later input, so later steps are not comparable.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_on_cpu_devices
 
 NUM_DEVICES = 8
 PAGE_SIZE = 4
@@ -212,13 +210,7 @@ def _bench(out):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    path = tmp_path_factory.mktemp("parallel") / "out.npz"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES}")
-    here = Path(__file__).resolve().parent
-    env["PYTHONPATH"] = os.pathsep.join([str(here), str(here.parent), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, __file__, str(path)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return dict(np.load(path))
+    return run_on_cpu_devices(__file__, tmp_path_factory.mktemp("parallel") / "out.npz", NUM_DEVICES, timeout=600)
 
 
 def _tol(backend: str, scale: float) -> dict:

@@ -16,14 +16,11 @@ Cases, each per available backend:
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BACKENDS
+from conftest import BACKENDS, run_on_cpu_devices
 
 HQ, HKV, D, PAGE = 8, 4, 16, 4
 NUM_DEVICES = 4
@@ -226,15 +223,9 @@ def worker(path: str) -> None:
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sharding") / "out.npz"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES}")
-    here = Path(__file__).resolve().parent
-    env["PYTHONPATH"] = os.pathsep.join([str(here), str(here.parent), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, __file__, str(path)], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    data = np.load(path)
+    data = run_on_cpu_devices(__file__, tmp_path_factory.mktemp("sharding") / "out.npz", NUM_DEVICES, timeout=300)
     by_case = {}
-    for key in data.files:
+    for key in data:
         backend, case, name = key.split("__")
         by_case.setdefault((backend, case), {})[name] = data[key]
     return by_case
