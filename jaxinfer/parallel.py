@@ -40,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxinfer import fp8
+from jaxinfer.backends import device
 from jaxinfer.models.llama import LlamaConfig, LlamaModel, paged_logits
 from jaxinfer.nn.attention import StepBatch, StepPlanner
 from jaxinfer.nn.kv_pool import KVCachePool
@@ -63,8 +64,8 @@ class ParallelConfig:
       tp: tensor-parallel degree: devices that split each layer's heads and MLP columns.
       dp: data-parallel degree: groups of ``tp`` devices, each serving its own requests.
       check_vma: ``jax.shard_map``'s varying-manual-axes check. ``None``: on, unless a plan of
-        the step runs on the Pallas backend, whose ``pallas_call`` outputs carry no varying axes
-        in jax 0.11.2 (docs/multi_gpu.md, "check_vma").
+        the step runs the Pallas kernels in interpret mode (no GPU) with ``dp > 1``, which jax
+        0.11.2's interpreter cannot evaluate under the check (docs/multi_gpu.md, "check_vma").
 
     Raises:
       ValueError: ``tp`` or ``dp`` not a positive integer, or ``check_vma`` not a bool or None.
@@ -323,7 +324,8 @@ class ShardedLlama:
     def _step(self, params, caches, tokens, batch: StepBatch):
         check_vma = self.config.check_vma
         if check_vma is None:
-            check_vma = all(p.backend != "pallas" for p in _plans(batch))
+            interpreted = device.platform() != "gpu" and any(p.backend == "pallas" for p in _plans(batch))
+            check_vma = not (interpreted and self.config.dp > 1)
         caches_spec = tuple((self.cache_spec(batch.kv_layout),) * 2 for _ in caches)
 
         def local(params, caches, tokens, batch):
