@@ -503,6 +503,7 @@ class ServingEngine:
         self._prev_slot: dict[Request, int] = {}
         self._flight: _Flight | None = None  # a dispatched step not yet waited for (overlap)
         self._sampling_rows: dict[Request, np.ndarray] = {}
+        self._token_ids: dict[Request, np.ndarray] = {}  # per request: prompt and output token ids
         if log is not None:
             print(self.describe(), file=log)
 
@@ -533,7 +534,8 @@ class ServingEngine:
           sampling: :class:`SamplingParams` (default: greedy).
 
         Raises:
-          ValueError: empty prompt, ``max_new_tokens < 1``, a request longer than ``max_seq_len``
+          ValueError: empty prompt, a token id outside int32, ``max_new_tokens < 1``, a request
+            longer than ``max_seq_len``
             or one that could never fit in the pool.
         """
         tokens = [int(t) for t in prompt]
@@ -549,9 +551,15 @@ class ServingEngine:
                              f"max_seq_len={self.config.max_seq_len}")
         if self.pool.pages_for(req.cached_tokens_at_most) > self.pool.num_pages:
             raise ValueError(f"request needs more than the pool's {self.pool.num_pages} pages")
+        ids = np.zeros(len(tokens) + max_new_tokens, np.int32)  # prompt, then outputs as they come
+        try:
+            ids[: len(tokens)] = tokens
+        except OverflowError:
+            raise ValueError(f"prompt token ids must fit int32, got {min(tokens)}..{max(tokens)}") from None
         self._next_rid += 1
         self.waiting.append(req)
         self._sampling_rows[req] = SamplingBatch.pack_row(sampling)
+        self._token_ids[req] = ids
         return req.rid
 
     def cancel(self, rid: int) -> bool:
@@ -583,7 +591,7 @@ class ServingEngine:
     def _admit(self, req: Request) -> bool:
         """Add ``req`` to the pool (attaching its cached prefix) if every running request's worst
         case still fits; else leave the pool as it was."""
-        prefix = req.prompt[:-1] if self.config.prefix_caching else ()
+        prefix = self._token_ids[req][: len(req.prompt) - 1] if self.config.prefix_caching else ()
         req.num_computed = req.num_cached = self.pool.add(req.rid, prefix)
         need = self._remaining_pages([*self.running, req])
         if need > self.pool.num_available_pages:
@@ -638,7 +646,7 @@ class ServingEngine:
         src[:] = -1
         row = 0
         for req, n in chunks.items():
-            tokens[row : row + n] = req.prompt[req.num_computed : req.num_computed + n]
+            tokens[row : row + n] = self._token_ids[req][req.num_computed : req.num_computed + n]
             row += n
         src[p : p + len(decode)] = [self._prev_slot[r] for r in decode]
         slots = inputs[2 * t :].reshape(SamplingBatch.FIELDS, bc)
@@ -675,10 +683,11 @@ class ServingEngine:
             self.stats["prefill_tokens" if n else "decode_tokens"] += n or 1
             if self.config.prefix_caching and computed // ps > (computed - (n or 1)) // ps:
                 # Every token up to `computed` is on the host: prompt, and outputs of earlier steps.
-                pool.cache_prefix(req.rid, (req.prompt + req.output)[:computed])
+                pool.cache_prefix(req.rid, self._token_ids[req][:computed])
             if not samples:
                 continue  # a chunk short of the prompt's end: its logits are not a next token
             req.output.append(tok)
+            self._token_ids[req][len(req.prompt) + len(req.output) - 1] = tok
             new[req.rid] = tok
             if tok in self._stop or len(req.output) == req.max_new_tokens:
                 self.running.remove(req)
@@ -691,6 +700,7 @@ class ServingEngine:
         req.finish_reason = reason
         self.finished[req.rid] = req
         self._sampling_rows.pop(req, None)
+        self._token_ids.pop(req, None)
         self._prev_slot.pop(req, None)
 
     def run(self) -> dict[int, list[int]]:

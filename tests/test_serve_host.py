@@ -68,7 +68,8 @@ def test_pool_tables_match_page_lists_kept_from_each_operation(seed, page_size, 
         live = list(pool.requests)
         if op == 0 or not live:
             seq = prompts[rng.integers(2)][: rng.integers(3 * page_size + 1)] + rng.integers(0, 2, 6).tolist()
-            attached = pool.add(rid, seq[: rng.integers(len(seq) + 1)])
+            prefix = seq[: rng.integers(len(seq) + 1)]
+            attached = pool.add(rid, np.asarray(prefix, np.int32) if rng.random() < 0.5 else prefix)  # both kinds
             lists[rid], lens[rid], tokens[rid] = list(pool.pages(rid)), attached, seq
             assert len(lists[rid]) * page_size == attached and all(pool.in_prefix_tree(p) for p in lists[rid])
         elif op in (1, 2):
@@ -101,7 +102,8 @@ def test_pool_tables_match_page_lists_kept_from_each_operation(seed, page_size, 
                 assert set(free_before) <= set(new) <= set(free_before) | cached_before and len(new) == need
         elif op == 3:
             r = live[rng.integers(len(live))]
-            pool.cache_prefix(r, tokens[r][: lens[r]] + [0] * max(0, lens[r] - len(tokens[r])))
+            ids = tokens[r][: lens[r]] + [0] * max(0, lens[r] - len(tokens[r]))
+            pool.cache_prefix(r, np.asarray(ids, np.int64) if rng.random() < 0.5 else ids)
         else:
             r = live[rng.integers(len(live))]
             free_before = list(pool._free)
@@ -439,3 +441,18 @@ def test_plan_errors_name_the_request():
         planner.plan({"a": 1}, ["a"])
     with pytest.raises(KeyError):
         planner.sharing_order(["a", "z"])
+
+
+def test_submit_rejects_token_ids_outside_int32():
+    from flax import nnx
+
+    from jaxinfer.models.llama import LlamaConfig, LlamaModel
+    from jaxinfer.serve import EngineConfig, ServingEngine
+
+    cfg = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=16, num_layers=1, num_qo_heads=2,
+                      num_kv_heads=1, head_dim=16, dtype=jnp.bfloat16)
+    engine = ServingEngine(LlamaModel(cfg, rngs=nnx.Rngs(0)), EngineConfig(num_pages=8, page_size=4, max_seq_len=16,
+                                                                           max_batch_size=2, backend="xla"), log=None)
+    with pytest.raises(ValueError, match="prompt token ids must fit int32"):
+        engine.submit([1, 2**31], 2)
+    assert not engine.waiting

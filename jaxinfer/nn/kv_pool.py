@@ -57,6 +57,13 @@ def kv_scale(name: str, scale, num_kv_heads: int) -> np.ndarray:
     return np.broadcast_to(values.astype(np.float32), (num_kv_heads,)).copy()
 
 
+def _ints(tokens: Sequence[int]) -> list[int]:
+    """Token ids as Python ints (the prefix tree's keys); an integer array converts at once."""
+    if isinstance(tokens, np.ndarray) and tokens.dtype.kind in "iu":
+        return tokens.tolist()
+    return [int(t) for t in tokens]
+
+
 class OutOfPagesError(RuntimeError):
     """The pool has fewer free and cached pages than an allocation needs (nothing was allocated)."""
 
@@ -236,7 +243,7 @@ class KVCachePool:
         if rid in self._slots:
             raise ValueError(f"request {rid!r} is already in the pool")
         node, pages = self._root, []
-        ps, tokens = self.page_size, [int(t) for t in prefix_tokens]
+        ps, tokens = self.page_size, _ints(prefix_tokens)
         now = next(self._clock)
         for start in range(0, len(tokens) - ps + 1, ps):
             child = node.children.get(tuple(tokens[start : start + ps]))
@@ -361,19 +368,21 @@ class KVCachePool:
             raise ValueError(f"request {rid!r} holds {self._lens[slot]} tokens, got {len(tokens)} to cache")
         if node is None:
             return
-        ps, pages = self.page_size, self._table[slot, : self._counts[slot]].tolist()
+        ps, first, full = self.page_size, done, len(tokens) // self.page_size
+        pages = self._table[slot, first:full].tolist()
+        ids = _ints(tokens[first * ps : full * ps])
         now = next(self._clock)
-        for i in range(done, len(tokens) // ps):
-            key = tuple(int(t) for t in tokens[i * ps : (i + 1) * ps])
+        for i in range(first, full):
+            key, page = tuple(ids[(i - first) * ps : (i - first + 1) * ps]), pages[i - first]
             child = node.children.get(key)
             if child is not None:
-                if child.page != pages[i]:
+                if child.page != page:
                     self._path[rid] = (None, i)
                     return
             else:
-                child = _Node(page=pages[i], key=key, parent=node)
+                child = _Node(page=page, key=key, parent=node)
                 node.children[key] = child
-                self._nodes[pages[i]] = child
+                self._nodes[page] = child
             child.last_use = now
             node, done = child, i + 1
         self._path[rid] = (node, done)
