@@ -443,16 +443,46 @@ def test_plan_errors_name_the_request():
         planner.sharing_order(["a", "z"])
 
 
-def test_submit_rejects_token_ids_outside_int32():
+@pytest.fixture(scope="module")
+def tiny_engine_model():
     from flax import nnx
 
     from jaxinfer.models.llama import LlamaConfig, LlamaModel
-    from jaxinfer.serve import EngineConfig, ServingEngine
 
     cfg = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=16, num_layers=1, num_qo_heads=2,
                       num_kv_heads=1, head_dim=16, dtype=jnp.bfloat16)
-    engine = ServingEngine(LlamaModel(cfg, rngs=nnx.Rngs(0)), EngineConfig(num_pages=8, page_size=4, max_seq_len=16,
-                                                                           max_batch_size=2, backend="xla"), log=None)
+    return LlamaModel(cfg, rngs=nnx.Rngs(0))
+
+
+def test_submit_rejects_token_ids_outside_int32(tiny_engine_model):
+    from jaxinfer.serve import EngineConfig, ServingEngine
+
+    engine = ServingEngine(tiny_engine_model, EngineConfig(num_pages=8, page_size=4, max_seq_len=16, max_batch_size=2,
+                                                           backend="xla"), log=None)
     with pytest.raises(ValueError, match="prompt token ids must fit int32"):
         engine.submit([1, 2**31], 2)
     assert not engine.waiting
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_pages_of_generated_tokens_are_registered_under_those_tokens(tiny_engine_model, overlap):
+    # Outputs reach the engine's token-id arrays only when a page holding them is registered:
+    # after the requests finish, a probe with each one's prompt and outputs (less the last,
+    # never fed back) must attach every full page, and one differing in an output token not the
+    # pages from there on.
+    from jaxinfer.serve import EngineConfig, ServingEngine
+
+    ps = 4
+    engine = ServingEngine(tiny_engine_model, EngineConfig(num_pages=64, page_size=ps, max_seq_len=40, max_batch_size=3,
+                                                           max_prefill_tokens=8, backend="xla", overlap=overlap),
+                           log=None)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 16, n).tolist() for n in (5, 9, 3)]
+    rids = [engine.submit(p, n) for p, n in zip(prompts, (14, 11, 17))]
+    engine.run()
+    for rid, prompt in zip(rids, prompts):
+        seq = prompt + engine.finished[rid].output[:-1]
+        assert engine.pool.add(("probe", rid), seq) == len(seq) // ps * ps
+        changed = list(seq)
+        changed[len(prompt) + 4] = (changed[len(prompt) + 4] + 1) % 16
+        assert engine.pool.add(("changed", rid), changed) == (len(prompt) + 4) // ps * ps
