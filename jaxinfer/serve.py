@@ -50,7 +50,12 @@ what a step returns lags one step (:meth:`ServingEngine.step`).
 Host cost per step: the model's graph definition is a static argument of the jitted step whose
 hash (a walk of the whole graph) is computed once (:class:`ModelDef`), not on every call; the
 step's host inputs (prompt tokens, the decode rows' gather indices, the sampling parameters) go to
-the device as one int32 array.
+the device as one int32 array. Nothing per step loops over a request's pages in Python: the pool
+keeps each request's page row in a numpy table (:meth:`~jaxinfer.nn.KVCachePool.extend_batch`
+grows the step's requests in one call), the planner gathers one page table per step, sorts the
+decode rows by byte keys (:meth:`~jaxinfer.nn.StepPlanner.sharing_order`) and keeps the shared
+cascade levels while the requests' shared prefixes stay the same, and prompt chunks and pages to
+register are slices of one int32 token array per request (benchmarks/decisions/serving.md).
 """
 
 from __future__ import annotations

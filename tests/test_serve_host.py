@@ -430,6 +430,27 @@ def test_plan_matches_per_request_rebuild(seed, cascade_levels, backend):
         assert np.array_equal(np.asarray(g), np.asarray(w))
 
 
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_sharing_order_is_sorted_by_page_lists_past_the_first_keys(seed):
+    # Pages of one token: requests share up to 90 pages, past the 32 compared first, and some
+    # hold identical lists up to their last page.
+    rng = np.random.default_rng(seed)
+    pool = KVCachePool(3000, 1, 1, 1, 16, dtype=jnp.bfloat16)
+    trunk = rng.integers(0, 4, 90).tolist()
+    for r in range(int(rng.integers(2, 20))):
+        tokens = trunk[: rng.integers(90)] + rng.integers(0, 4, rng.integers(1, 40)).tolist()
+        pool.add(r, tokens[:-1])
+        pool.extend(r, len(tokens) - pool.seq_len(r))
+        pool.cache_prefix(r, tokens)
+    rids = [r for r in rng.permutation(list(pool.requests)).tolist()]
+    planner = StepPlanner(pool, 2, max_seq_len=256, max_batch_size=32, backend="xla", cascade_levels=2)
+    assert planner.sharing_order(rids) == sorted(rids, key=pool.pages)
+    width = int(rng.integers(0, 140))
+    want = [list(pool.pages(r)[:width]) + [-1] * max(0, width - len(pool.pages(r))) for r in rids]
+    assert pool.page_rows(rids, width).tolist() == want
+
+
 def test_plan_errors_name_the_request():
     pool = KVCachePool(8, 2, 1, 1, 4)
     pool.add("a")

@@ -35,7 +35,7 @@ from flax import nnx
 
 import jaxinfer
 from jaxinfer.backends import device
-from jaxinfer.cascade import _prefix_tree_levels, lexicographic_order
+from jaxinfer.cascade import _prefix_tree_levels
 from jaxinfer.nn.kv_pool import KVCachePool
 from jaxinfer.plan.batch import PlanCapacity
 from jaxinfer.plan.checks import check_int
@@ -296,11 +296,16 @@ class StepPlanner:
           KeyError: a request not in the pool.
         """
         decode = list(decode)
-        if len(decode) < 2:
-            return decode
-        indptr, indices, _ = self.pool.page_table(decode)
-        order, _ = lexicographic_order(indptr, indices, np.diff(indptr))
-        return [decode[i] for i in order.tolist()]
+        width = 32  # lists that share a prefix differ soon after it; wider only while that leaves ties
+        while len(decode) > 1:
+            rows = self.pool.page_rows(decode, width)
+            keys = (rows.astype(np.int64) + 1).astype(">u4")  # memcmp order: a list before its extensions
+            order = np.argsort(keys.view(np.dtype((np.void, 4 * width))).ravel(), kind="stable")
+            ties = (keys[order[1:]] == keys[order[:-1]]).all(1) & (rows[order[1:], -1] >= 0)
+            if not ties.any():
+                return [decode[i] for i in order.tolist()]
+            width *= 2
+        return decode
 
     def _capacity(self, batch: int, qo_len: int, num_queries: int) -> PlanCapacity:
         """Fixed capacity of a plan of ``batch`` requests, ``qo_len`` queries each at most and

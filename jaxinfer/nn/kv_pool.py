@@ -439,6 +439,24 @@ class KVCachePool:
         last = np.where(lens > 0, (lens - 1) % self.page_size + 1, 0)
         return kv_indptr, kv_indices, last.astype(np.int32)
 
+    def page_rows(self, rids: Sequence[Hashable], width: int) -> np.ndarray:
+        """The first ``width`` page ids of each request, ``-1`` past its pages.
+
+        Returns:
+          ``[len(rids), width]`` int32.
+
+        Raises:
+          KeyError: unknown request.
+          ValueError: ``width`` is not an integer ``>= 0``.
+        """
+        width = check_int("width", width, minimum=0)
+        slots = self._slots_of(rids)
+        rows = np.full((len(slots), width), -1, np.int32)
+        have = min(width, self._table.shape[1])
+        rows[:, :have] = self._table[slots, :have]
+        rows[np.arange(width) >= self._counts[slots][:, None]] = -1
+        return rows
+
     # ------------------------------------------------------------------ internals
 
     def _slots_of(self, rids: Sequence[Hashable]) -> np.ndarray:
