@@ -508,8 +508,8 @@ class ServingEngine:
         self._prev_slot: dict[Request, int] = {}
         self._flight: _Flight | None = None  # a dispatched step not yet waited for (overlap)
         self._sampling_rows: dict[Request, np.ndarray] = {}
-        # Per request its token ids (prompt, then outputs) and how many outputs are copied there.
-        self._token_ids: dict[Request, list] = {}
+        # Per request its token ids: the prompt, then each output as it reaches the host.
+        self._token_ids: dict[Request, np.ndarray] = {}
         if log is not None:
             print(self.describe(), file=log)
 
@@ -565,7 +565,7 @@ class ServingEngine:
         self._next_rid += 1
         self.waiting.append(req)
         self._sampling_rows[req] = SamplingBatch.pack_row(sampling)
-        self._token_ids[req] = [ids, 0]
+        self._token_ids[req] = ids
         return req.rid
 
     def cancel(self, rid: int) -> bool:
@@ -597,7 +597,7 @@ class ServingEngine:
     def _admit(self, req: Request) -> bool:
         """Add ``req`` to the pool (attaching its cached prefix) if every running request's worst
         case still fits; else leave the pool as it was."""
-        prefix = self._token_ids[req][0][: len(req.prompt) - 1] if self.config.prefix_caching else ()
+        prefix = self._token_ids[req][: len(req.prompt) - 1] if self.config.prefix_caching else ()
         req.num_computed = req.num_cached = self.pool.add(req.rid, prefix)
         need = self._remaining_pages([*self.running, req])
         if need > self.pool.num_available_pages:
@@ -652,7 +652,7 @@ class ServingEngine:
         src[:] = -1
         row = 0
         for req, n in chunks.items():
-            tokens[row : row + n] = self._token_ids[req][0][req.num_computed : req.num_computed + n]
+            tokens[row : row + n] = self._token_ids[req][req.num_computed : req.num_computed + n]
             row += n
         src[p : p + len(decode)] = [self._prev_slot[r] for r in decode]
         slots = inputs[2 * t :].reshape(SamplingBatch.FIELDS, bc)
@@ -689,10 +689,11 @@ class ServingEngine:
             self.stats["prefill_tokens" if n else "decode_tokens"] += n or 1
             if self.config.prefix_caching and computed // ps > (computed - (n or 1)) // ps:
                 # Every token up to `computed` is on the host: prompt, and outputs of earlier steps.
-                pool.cache_prefix(req.rid, self._tokens_up_to(req, computed))
+                pool.cache_prefix(req.rid, self._token_ids[req][:computed])
             if not samples:
                 continue  # a chunk short of the prompt's end: its logits are not a next token
             req.output.append(tok)
+            self._token_ids[req][len(req.prompt) + len(req.output) - 1] = tok
             new[req.rid] = tok
             if tok in self._stop or len(req.output) == req.max_new_tokens:
                 self.running.remove(req)
@@ -700,16 +701,6 @@ class ServingEngine:
                 self._finish(req, "stop" if tok in self._stop else "length")
                 finished.append(req.rid)
         return StepResult(new, tuple(prefill), tuple(decode), tuple(finished))
-
-    def _tokens_up_to(self, req: Request, n: int) -> np.ndarray:
-        """``req``'s first ``n`` token ids (prompt, then outputs): a view of its array, into which
-        outputs are copied when a page that holds them is registered, not one by one."""
-        ids, copied = self._token_ids[req]
-        start = len(req.prompt) + copied
-        if n > start:
-            ids[start:n] = req.output[copied : n - len(req.prompt)]
-            self._token_ids[req][1] = n - len(req.prompt)
-        return ids[:n]
 
     def _finish(self, req: Request, reason: str) -> None:
         req.finish_reason = reason
