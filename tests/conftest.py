@@ -263,3 +263,19 @@ def run_on_cpu_devices(script: str | Path, out: Path, num_devices: int, timeout:
                           timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return dict(np.load(out))
+
+
+def kv_major_prefill(rng):
+    """A one-SM Pallas backend and a causal prefill batch (an empty request among five) with more
+    work tiles than its grid, so that it plans a kv-major grid: ``(backend, spec)``."""
+    from jaxinfer.backends.pallas.backend import PallasBackend
+    from jaxinfer.backends.pallas.config import TileConfig
+    from jaxinfer.plan.batch import BatchSpec
+    from jaxinfer.variants import AttentionVariant
+
+    backend = PallasBackend(num_sms=1, split_factor=4, config=TileConfig(64, 16, 4, 1, ctas_per_sm=2))
+    qo_lens, kv_lens = np.array([40, 0, 70, 9, 33]), np.array([40, 3, 90, 9, 200])
+    kv_indptr, kv_indices, last, _ = random_page_table(rng, kv_lens, 5)
+    spec = BatchSpec.create(np.concatenate([[0], np.cumsum(qo_lens)]), kv_indptr, kv_indices, last, page_size=5,
+                            num_qo_heads=4, num_kv_heads=2, head_dim=32, variant=AttentionVariant(causal=True))
+    return backend, spec

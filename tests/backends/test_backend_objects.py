@@ -9,11 +9,9 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from ref64 import random_page_table
+from conftest import kv_major_prefill
 
 from jaxinfer import backends
-from jaxinfer.backends.pallas.backend import PallasBackend
-from jaxinfer.backends.pallas.config import TileConfig
 from jaxinfer.plan.batch import BatchSpec, PlanCapacity
 from jaxinfer.variants import AttentionVariant
 
@@ -33,11 +31,7 @@ def test_get_backend_refuses_bad_names_every_time(name):
 
 
 def test_kv_major_grid_backend_is_made_once_per_grid(rng):
-    backend = PallasBackend(num_sms=1, split_factor=4, config=TileConfig(64, 16, 4, 1, ctas_per_sm=2))
-    qo_lens, kv_lens = np.array([40, 0, 70, 9, 33]), np.array([40, 3, 90, 9, 200])
-    kv_indptr, kv_indices, last, _ = random_page_table(rng, kv_lens, 5)
-    spec = BatchSpec.create(np.concatenate([[0], np.cumsum(qo_lens)]), kv_indptr, kv_indices, last, page_size=5,
-                            num_qo_heads=4, num_kv_heads=2, head_dim=32, variant=AttentionVariant(causal=True))
+    backend, spec = kv_major_prefill(rng)
     cfg = backend.tile_config(spec, PlanCapacity())
     grid = backend._grid_backend(6, cfg, PlanCapacity())
     assert grid == dataclasses.replace(backend, num_ctas=8, split_factor=0, kv_major_grid=False)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rand
+from conftest import kv_major_prefill, rand
 from hypothesis import given, settings
 from hypothesis import strategies as st
 import planner_ref
@@ -229,11 +229,7 @@ def test_kv_major_matches_the_post_pass(case, split_budget, kv_scale, masked, sp
 def test_backend_kv_major_grid_is_the_post_pass(rng):
     """The Pallas backend's kv_major_grid plan (prefill tiles that fill the persistent grid) is the
     LPT plan of a CTA per tile reordered by the former post-pass, bit for bit."""
-    backend = PallasBackend(num_sms=1, split_factor=4, config=TileConfig(64, 16, 4, 1, ctas_per_sm=2))
-    qo_lens, kv_lens = np.array([40, 0, 70, 9, 33]), np.array([40, 3, 90, 9, 200])
-    kv_indptr, kv_indices, last, _ = random_page_table(rng, kv_lens, 5)
-    spec = BatchSpec.create(np.concatenate([[0], np.cumsum(qo_lens)]), kv_indptr, kv_indices, last, page_size=5,
-                            num_qo_heads=4, num_kv_heads=2, head_dim=32, variant=AttentionVariant(causal=True))
+    backend, spec = kv_major_prefill(rng)
     plan = backend.plan(spec, PlanCapacity())
     got, ks = plan.unpack(), plan.kernel
     grid = dataclasses.replace(backend, num_ctas=ks.num_ctas, split_factor=0, kv_major_grid=False)
