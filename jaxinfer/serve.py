@@ -20,7 +20,15 @@ top-p and min-p with a per-request seed. The ``t``-th token of a request draws w
 
 No recompiles: every plan capacity comes from the :class:`EngineConfig` (batch size, token budget,
 sequence length) and row counts are padded to fixed buckets, so a whole run compiles at most
-:attr:`ServingEngine.num_step_programs` step programs (3 by default), printed at start.
+:attr:`ServingEngine.num_step_programs` step programs, printed at start (6 by default: three batch
+shapes, prompt chunks only, mixed and decode only, each greedy or with sampling rows; a greedy run
+compiles the three greedy ones).
+
+No device-side branch in a step: whether a step has rows that sample (temperature > 0) is known
+on the host and selects the step program (a static argument). A ``lax.cond`` on a device value
+would make XLA's GPU runtime copy its predicate to the host and block until the stream reaches it
+(``ConditionalThunk::ExecuteOnStream``), so the call that dispatches a step would return only
+after the device had run most of it: planning would no longer overlap the device.
 
 Admission control keeps the pool from running dry mid-generation: a request is admitted only when
 the pages of its worst case (prompt plus ``max_new_tokens - 1`` cached tokens, less the prefix it
@@ -154,6 +162,9 @@ class EngineConfig:
         maximum). Lower values pad less and compile more programs.
       stop_token_ids: a request finishes when it samples one of these.
       sampling_backend: :mod:`jaxinfer.sampling`'s backend (``"auto"``, ``"xla"``, ``"pallas"``).
+        The xla sampler's top-k and min-p draws are ``lax.while_loop`` s: on a GPU each iteration
+        blocks the host (see the module docstring), so steps with sampling rows stop overlapping;
+        the Pallas sampler (``"auto"`` on a GPU) runs as kernels.
       overlap: plan and dispatch each step before waiting for the previous one's tokens (see the
         module docstring); ``False``: the synchronous loop. Both give the same tokens.
 
@@ -326,24 +337,23 @@ class SamplingBatch:
 _PAD_SAMPLING = np.append(SamplingBatch.pack_row(SamplingParams()), 0).astype(np.int32)
 
 
-def sample_tokens(logits: jax.Array, s: SamplingBatch, backend: str = "auto") -> jax.Array:
+def sample_tokens(logits: jax.Array, s: SamplingBatch, backend: str = "auto", *, sampled: bool = True) -> jax.Array:
     """Next token per row of ``logits [Bc, vocab]`` -> ``[Bc]`` int32, through :mod:`jaxinfer.sampling`.
 
     Rows with ``temperature == 0`` take the (first) argmax; the others draw from
     ``softmax(logits / temperature)`` restricted by top-k, then top-p on the renormalized top-k
-    distribution, then min-p (vLLM's order), with key ``fold_in(key(seed), offset)``. When no row
-    samples, only the argmax runs (``lax.cond``). ``backend``: :mod:`jaxinfer.sampling`'s.
+    distribution, then min-p (vLLM's order), with key ``fold_in(key(seed), offset)``.
+    ``backend``: :mod:`jaxinfer.sampling`'s. ``sampled`` (static): whether any row may sample;
+    ``False`` runs only the argmax (every row is then taken as greedy).
     """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def sampled():
-        probs = sampling.softmax(logits, s.temperature)
-        probs = sampling.top_k_renorm_probs(probs, s.top_k, backend=backend)
-        probs = sampling.top_p_renorm_probs(probs, s.top_p, backend=backend)
-        tokens = sampling.min_p_sampling_from_probs(probs, s.min_p, seed=s.seed, offset=s.offset, backend=backend)
-        return jnp.where(s.temperature > 0, tokens.astype(jnp.int32), greedy)
-
-    return jax.lax.cond(jnp.any(s.temperature > 0), sampled, lambda: greedy)
+    if not sampled:
+        return greedy
+    probs = sampling.softmax(logits, s.temperature)
+    probs = sampling.top_k_renorm_probs(probs, s.top_k, backend=backend)
+    probs = sampling.top_p_renorm_probs(probs, s.top_p, backend=backend)
+    tokens = sampling.min_p_sampling_from_probs(probs, s.min_p, seed=s.seed, offset=s.offset, backend=backend)
+    return jnp.where(s.temperature > 0, tokens.astype(jnp.int32), greedy)
 
 
 class ModelDef:
@@ -386,9 +396,9 @@ def split_model(model: nnx.Module) -> tuple[ModelDef, list[jax.Array]]:
     return _intern(graphdef, treedef), leaves
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=2)
+@functools.partial(jax.jit, static_argnums=(0, 6, 7), donate_argnums=2)
 def serve_step(model: ModelDef, params, caches, prev_tokens, inputs, batch: StepBatch,
-               sampling_backend: str = "auto"):
+               sampling_backend: str = "auto", sampled: bool = True):
     """Jitted engine step: the next token ``[Bc]`` int32 of each request of ``batch`` (rows
     ``batch.last_rows``) and the new caches (``caches`` donated).
 
@@ -399,13 +409,14 @@ def serve_step(model: ModelDef, params, caches, prev_tokens, inputs, batch: Step
         slot of ``prev_tokens`` holding its input token, or ``-1`` for the host token (decode rows
         read the token their request sampled last step, prompt rows the host's); then the
         :meth:`SamplingBatch.unpack` rows.
+      sampled: whether any row samples (:func:`sample_tokens`).
     """
     t, bc = batch.num_rows, prev_tokens.shape[0]
     src = inputs[t : 2 * t]
     tokens = jnp.where(src >= 0, prev_tokens[jnp.maximum(src, 0)], inputs[:t])
     logits, caches = paged_logits(model.graphdef, model.params(params), caches, tokens, batch)
     row_sampling = SamplingBatch.unpack(inputs[2 * t :].reshape(SamplingBatch.FIELDS, bc))
-    return sample_tokens(logits, row_sampling, sampling_backend), caches
+    return sample_tokens(logits, row_sampling, sampling_backend, sampled=sampled), caches
 
 
 def schedule_step(running: list[Request], waiting: collections.deque[Request], budget: int,
@@ -515,7 +526,8 @@ class ServingEngine:
 
     @property
     def num_step_programs(self) -> int:
-        return self.planner.num_step_programs
+        """The planner's batch shapes, each greedy or with sampling rows."""
+        return 2 * self.planner.num_step_programs
 
     def describe(self) -> str:
         """One line: the step-program bound and the capacities it comes from."""
@@ -523,7 +535,8 @@ class ServingEngine:
         scales = "" if self.pool.k_scale is None else f", k_scale={c.k_scale}, v_scale={c.v_scale}"
         return (
             f"jaxinfer.serve: at most {self.num_step_programs} step program(s) "
-            f"(prefill rows {list(p.prefill_buckets)} or none x decode rows {list(p.decode_buckets)} or none); "
+            f"(prefill rows {list(p.prefill_buckets)} or none x decode rows {list(p.decode_buckets)} or none "
+            f"x greedy or sampling); "
             f"max_batch_size={c.max_batch_size}, max_prefill_tokens={c.max_prefill_tokens}, "
             f"max_seq_len={c.max_seq_len}, {c.num_pages} pages of {c.page_size} tokens "
             f"({self.pool.dtype.name}{scales}), "
@@ -659,8 +672,9 @@ class ServingEngine:
         slots[:] = _PAD_SAMPLING[:, None]
         slots[:-1, : len(order)] = np.array([self._sampling_rows[r] for r in order]).T
         slots[-1, : len(order)] = [r.num_generated for r in order]  # the draw's offset
+        sampled = any(r.sampling.temperature > 0 for r in order)
         next_tokens, pool.caches = serve_step(self._model, self._params, pool.caches, self._prev_tokens,
-                                              to_device(inputs), batch, self.config.sampling_backend)
+                                              to_device(inputs), batch, self.config.sampling_backend, sampled)
         chunk, computed, samples = [], [], []
         for req in order:
             n = chunks.get(req, 0)

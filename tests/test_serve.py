@@ -3,6 +3,7 @@ step-program bound, sampling parameters, validation."""
 
 import dataclasses
 import io
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,12 @@ import pytest
 from flax import nnx
 
 from conftest import BACKENDS, dense_greedy
+from jax.experimental.pallas import triton as pltriton
+from jax.export import DisabledSafetyCheck
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+
+import jaxinfer.serve
+from jaxinfer.backends.pallas.merge import force_triton_lowering
 from jaxinfer.models.llama import LlamaConfig, LlamaModel
 from jaxinfer.serve import EngineConfig, SamplingParams, ServingEngine, serve_step
 
@@ -48,14 +55,15 @@ def expected(model, prompts):
     return [dense_greedy(model, p, n, MAX_SEQ_LEN) for p, (_, n, _) in zip(prompts, WORKLOAD)]
 
 
-def serve(model, prompts, *, workload=WORKLOAD, log=None, **kw):
-    """Run ``workload`` with its arrivals; returns (outputs by submission order, step results, engine)."""
+def serve(model, prompts, *, workload=WORKLOAD, log=None, sampling=None, **kw):
+    """Run ``workload`` with its arrivals (every request with ``sampling``, default greedy);
+    returns (outputs by submission order, step results, engine)."""
     engine = ServingEngine(model, EngineConfig(**(ENGINE | kw)), log=log)
     rids, results, step = {}, [], 0
     while step <= max(a for _, _, a in workload) or not engine.idle:
         for i, (_, n, arrival) in enumerate(workload):
             if arrival == step:
-                rids[i] = engine.submit(prompts[i], n)
+                rids[i] = engine.submit(prompts[i], n, sampling)
         results.append(engine.step())
         step += 1
         assert step < 200, "the loop does not finish"
@@ -127,10 +135,13 @@ def test_compile_count_equals_the_printed_bound(prompts):
     log = io.StringIO()
     _, results, engine = serve(model, prompts, backend="xla", log=log)
     assert f"at most {engine.num_step_programs} step program(s)" in log.getvalue()
-    assert engine.num_step_programs == 3
-    # Every kind of step ran: prompt chunks only, mixed, decode only.
+    assert engine.num_step_programs == 6
+    # Every kind of step ran: prompt chunks only, mixed, decode only; greedy, then sampling.
     kinds = {(bool(r.prefill), bool(r.decode)) for r in results} - {(False, False)}  # overlap's first call
     assert kinds == {(True, False), (True, True), (False, True)}
+    assert serve_step._cache_size() - before == 3
+    _, results, _ = serve(model, prompts, backend="xla", sampling=SamplingParams(temperature=1.0, seed=3))
+    assert {(bool(r.prefill), bool(r.decode)) for r in results} - {(False, False)} == kinds
     assert serve_step._cache_size() - before == engine.num_step_programs
     # Another run with other requests and arrivals compiles nothing at all.
     compiles = []
@@ -153,7 +164,37 @@ def test_more_row_buckets_compile_within_the_bound(model, prompts):
     config = EngineConfig(**ENGINE, backend="xla", min_prefill_rows=4, min_decode_rows=2)
     engine = ServingEngine(model, config, log=None)
     assert engine.planner.prefill_buckets == (4, 8) and engine.planner.decode_buckets == (2, 4)
-    assert engine.num_step_programs == 8
+    assert engine.num_step_programs == 2 * 8
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampling"])
+def test_step_program_has_no_device_side_branch(model, prompts, monkeypatch, temperature):
+    # XLA's GPU runtime copies a conditional's predicate (and a while loop's, every iteration) to
+    # the host and blocks until the stream reaches it: a step holding one would return from its
+    # dispatch only after the device had run up to there, and planning would stop overlapping the
+    # device. The mixed step with cascade levels (pallas attention and sampling kernels), exported
+    # for CUDA without a device (shared/DESIGN.md sec. 6), has neither.
+    calls = []
+
+    def recording(*args):
+        calls.append(args)
+        return serve_step(*args)
+
+    monkeypatch.setattr(jaxinfer.serve, "serve_step", recording)
+    serve(model, prompts, backend="pallas", sampling_backend="pallas", sampling=SamplingParams(temperature, seed=1))
+    mixed = [a for a in calls if a[5].num_prefill_rows and a[5].num_rows > a[5].num_prefill_rows
+             and isinstance(a[5].decode_plan, tuple)]
+    assert mixed, "the workload has a mixed step with cascade levels"
+    model_def, *arrays, sampling_backend, sampled = mixed[-1]
+    assert sampled == (temperature > 0)
+    mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=AbstractDevice("NVIDIA H100", 1, "cuda"))
+    with force_triton_lowering(), jax.sharding.use_abstract_mesh(mesh):
+        step = jax.jit(lambda *a: serve_step(model_def, *a, sampling_backend, sampled))
+        exported = jax.export.export(step, platforms=["cuda"], disabled_checks=[
+            DisabledSafetyCheck.custom_call(pltriton.CUSTOM_CALL_TARGET_NAME)])(*arrays)
+    text = exported.mlir_module()
+    assert "custom_call @__gpu$xla.gpu.triton" in text
+    assert not re.findall(r"stablehlo\.(?:case|if|while)\b", text)
 
 
 def test_sampling_is_per_request_and_reproducible(model, prompts, expected):

@@ -30,5 +30,5 @@ def test_greedy_generation_streams_smollm2_text(capsys):
     assert generate.main(["The capital of France is", "--max-new-tokens", "6", "--backend", "xla"]) == 0
     out, err = capsys.readouterr()
     assert out.startswith(" Paris"), out  # SmolLM2-135M-Instruct's greedy continuation
-    assert "at most 3 step program(s)" in err and "decode" in err and "tokens/s" in err
+    assert "at most 6 step program(s)" in err and "decode" in err and "tokens/s" in err
     assert "generated 6 tokens (length)" in err
