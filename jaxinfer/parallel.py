@@ -23,7 +23,10 @@ planned with equal capacities, are stacked on a leading ``[dp]`` axis and placed
 them without resharding.
 
 :func:`greedy_generate` is a lockstep greedy loop over the sharded step (one prefill step, then
-decode steps). The serving engine (:mod:`jaxinfer.serve`) does not take a parallel config yet.
+decode steps). The serving engine (:mod:`jaxinfer.serve`) runs tensor parallel with
+``EngineConfig(tensor_parallel_size=tp)`` (:class:`TensorParallelStep`: one scheduler, one host
+pool and planner with a shard's head geometry, the caches split on their KV heads); data parallel
+serving is one engine per group.
 Across hosts and at 8+ GPUs: docs/multi_gpu.md.
 """
 
@@ -45,7 +48,7 @@ from jaxinfer.models.llama import LlamaConfig, LlamaModel, paged_logits
 from jaxinfer.nn.attention import StepBatch, StepPlanner
 from jaxinfer.nn.kv_pool import KVCachePool
 from jaxinfer.plan.checks import check_int
-from jaxinfer.serve import split_model
+from jaxinfer.models.static import ModelDef, split_model
 
 DP_AXIS = "dp"
 TP_AXIS = "tp"
@@ -168,7 +171,7 @@ class ShardedLlama:
       config: the :class:`ParallelConfig`; mesh: its mesh.
       model_config: the whole model's geometry; shard_config: one TP shard's
         (:meth:`ParallelConfig.shard_config`).
-      model: the shard's structure (:class:`~jaxinfer.serve.ModelDef`).
+      model: the shard's structure (:class:`~jaxinfer.models.static.ModelDef`).
       params: the whole model's parameter arrays (flattened ``nnx`` state), each placed with its
         ``NamedSharding`` (:func:`param_spec`).
       param_specs: their ``PartitionSpec`` s.
@@ -267,11 +270,11 @@ class ShardedLlama:
         zeros = jax.jit(lambda: jnp.zeros(shape, dtype or cfg.dtype), out_shardings=sharding)
         return tuple((zeros(), zeros()) for _ in range(cfg.num_layers))
 
-    def make_pool(self, num_pages: int, page_size: int, kv_layout: str = "NHD") -> KVCachePool:
+    def make_pool(self, num_pages: int, page_size: int, kv_layout: str = "NHD", dtype=None) -> KVCachePool:
         """A DP group's host pool: page bookkeeping and prefix tree over ``num_pages`` pages of one
         TP shard's KV heads (plan with it through a :class:`~jaxinfer.nn.StepPlanner` made with
         ``shard_config.num_qo_heads``). The cache arrays are :meth:`make_caches`' (the pool's own
-        ``caches`` is empty).
+        ``caches`` is empty). ``dtype``: the caches' (default the model's; plans read it).
 
         Raises:
           ValueError: as :class:`~jaxinfer.nn.KVCachePool`.
@@ -279,7 +282,8 @@ class ShardedLlama:
         s = self.shard_config
         # One layer's worth of zeros is allocated by the pool and dropped here: planning reads
         # only the pool's pages and geometry.
-        pool = KVCachePool(num_pages, page_size, 1, s.num_kv_heads, s.head_dim, dtype=s.dtype, kv_layout=kv_layout)
+        pool = KVCachePool(num_pages, page_size, 1, s.num_kv_heads, s.head_dim, dtype=dtype or s.dtype,
+                           kv_layout=kv_layout)
         pool.caches = ()
         return pool
 
@@ -337,6 +341,37 @@ class ShardedLlama:
         return jax.shard_map(local, mesh=self.mesh, in_specs=in_specs, out_specs=(self.group_spec, caches_spec),
                              check_vma=check_vma)(params, caches, tokens, batch)
 
+
+
+class TensorParallelStep:
+    """A one-group :class:`ShardedLlama` as the serving engine's model: the static first argument
+    of :func:`jaxinfer.serve.serve_step` (:class:`~jaxinfer.serve.ServingEngine` with
+    ``EngineConfig(tensor_parallel_size=tp)``), hashed once, like
+    :class:`~jaxinfer.models.static.ModelDef` for one device.
+
+    Raises:
+      ValueError: naming ``sharded``: its ``dp`` is not 1 (the engine schedules one group).
+    """
+
+    def __init__(self, sharded: ShardedLlama):
+        if sharded.config.dp != 1:
+            raise ValueError(f"sharded: the serving engine runs one data-parallel group, got dp={sharded.config.dp}")
+        self.sharded = sharded
+        self._key = (sharded.model, sharded.mesh, sharded.param_specs, sharded.config)
+        self._hash = hash(self._key)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return self is other or (isinstance(other, TensorParallelStep) and self._key == other._key)
+
+    def paged_logits(self, params: Sequence[jax.Array], caches, tokens: jax.Array, batch: StepBatch):
+        """The sharded paged step of one group (to trace inside a jitted step): ``tokens [T]``
+        and ``batch`` replicated over ``"tp"``; ``(logits [Bc, vocab] float32, caches)``, the
+        logits replicated."""
+        logits, caches = self.sharded._step(params, caches, tokens[None], jax.tree.map(lambda x: x[None], batch))
+        return logits[0], caches
 
 
 def _greedy(logits: jax.Array) -> jax.Array:

@@ -81,10 +81,10 @@ from typing import Any, TextIO
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from jaxinfer import fp8, sampling
-from jaxinfer.models.llama import LlamaModel, paged_logits
+from jaxinfer import fp8, parallel, sampling
+from jaxinfer.models.llama import LlamaModel
+from jaxinfer.models.static import ModelDef, split_model
 from jaxinfer.nn.attention import StepBatch, StepPlanner
 from jaxinfer.nn.kv_pool import KVCachePool
 from jaxinfer.plan.checks import check_int
@@ -167,6 +167,10 @@ class EngineConfig:
         the Pallas sampler (``"auto"`` on a GPU) runs as kernels.
       overlap: plan and dispatch each step before waiting for the previous one's tokens (see the
         module docstring); ``False``: the synchronous loop. Both give the same tokens.
+      tensor_parallel_size: devices that split every layer's heads and MLP (Megatron-style,
+        :mod:`jaxinfer.parallel`): the step runs under ``jax.shard_map`` on the first
+        ``tensor_parallel_size`` devices, each holding its KV heads' slice of every page; the host
+        plans once with one shard's head geometry. 1: one device, no mesh.
 
     Raises:
       ValueError: a size that is not a positive integer, a KV dtype the engine does not support
@@ -191,11 +195,13 @@ class EngineConfig:
     stop_token_ids: tuple[int, ...] = ()
     sampling_backend: str = "auto"
     overlap: bool = True
+    tensor_parallel_size: int = 1
 
     def __post_init__(self):
         if not isinstance(self.overlap, bool):
             raise ValueError(f"overlap must be a bool, got {self.overlap!r}")
-        for name in ("num_pages", "page_size", "max_seq_len", "max_batch_size", "max_prefill_tokens", "cascade_levels"):
+        for name in ("num_pages", "page_size", "max_seq_len", "max_batch_size", "max_prefill_tokens", "cascade_levels",
+                     "tensor_parallel_size"):
             check_int(name, getattr(self, name), minimum=1)
         for name in ("min_prefill_rows", "min_decode_rows"):
             if getattr(self, name) is not None:
@@ -356,46 +362,6 @@ def sample_tokens(logits: jax.Array, s: SamplingBatch, backend: str = "auto", *,
     return jnp.where(s.temperature > 0, tokens.astype(jnp.int32), greedy)
 
 
-class ModelDef:
-    """A model's static structure for ``jax.jit``: its nnx graph definition and the tree structure
-    of its parameters, hashed once.
-
-    A jitted function hashes its static arguments on every call; an nnx ``GraphDef`` hashes by
-    walking the whole graph (SmolLM2-135M's 30 layers: about 3 ms of host time per call). One
-    ``ModelDef`` per distinct model structure (:func:`split_model` interns them), so calls
-    compare it by identity. The parameters travel as a flat list of arrays (flattening an
-    ``nnx.State`` on every call costs more than a list).
-    """
-
-    def __init__(self, graphdef, treedef):
-        self.graphdef, self.treedef = graphdef, treedef
-        self._hash = hash((graphdef, treedef))
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other) -> bool:
-        return self is other or (isinstance(other, ModelDef) and self._hash == other._hash
-                                 and self.treedef == other.treedef and self.graphdef == other.graphdef)
-
-    def params(self, leaves: Sequence[jax.Array]):
-        """The ``nnx.State`` of ``leaves`` (as :func:`split_model` returned them)."""
-        return jax.tree.unflatten(self.treedef, leaves)
-
-
-@functools.lru_cache(maxsize=16)
-def _intern(graphdef, treedef) -> ModelDef:
-    return ModelDef(graphdef, treedef)
-
-
-def split_model(model: nnx.Module) -> tuple[ModelDef, list[jax.Array]]:
-    """``nnx.split(model)`` as ``(ModelDef, parameter arrays)``: the same ``ModelDef`` object for
-    every model of the same structure (so a jitted step finds its compiled programs by identity)."""
-    graphdef, state = nnx.split(model)
-    leaves, treedef = jax.tree.flatten(state)
-    return _intern(graphdef, treedef), leaves
-
-
 @functools.partial(jax.jit, static_argnums=(0, 6, 7), donate_argnums=2)
 def serve_step(model: ModelDef, params, caches, prev_tokens, inputs, batch: StepBatch,
                sampling_backend: str = "auto", sampled: bool = True):
@@ -414,7 +380,7 @@ def serve_step(model: ModelDef, params, caches, prev_tokens, inputs, batch: Step
     t, bc = batch.num_rows, prev_tokens.shape[0]
     src = inputs[t : 2 * t]
     tokens = jnp.where(src >= 0, prev_tokens[jnp.maximum(src, 0)], inputs[:t])
-    logits, caches = paged_logits(model.graphdef, model.params(params), caches, tokens, batch)
+    logits, caches = model.paged_logits(params, caches, tokens, batch)
     row_sampling = SamplingBatch.unpack(inputs[2 * t :].reshape(SamplingBatch.FIELDS, bc))
     return sample_tokens(logits, row_sampling, sampling_backend, sampled=sampled), caches
 
@@ -468,6 +434,8 @@ class ServingEngine:
       model: the model (its weights are captured at construction).
       config: sizes and policies.
       log: where the start-up line (step-program bound, capacities) goes; ``None``: nowhere.
+      devices: with ``config.tensor_parallel_size > 1``, the devices to split the model over
+        (default ``jax.devices()``; the first ``tensor_parallel_size`` are used).
 
     Attributes:
       pool: the KV-cache pool; planner: the step planner.
@@ -485,27 +453,37 @@ class ServingEngine:
 
     Raises:
       ValueError: ``max_seq_len`` over the model's ``max_position_embeddings`` when it has one,
-        or a bad config.
+        a bad config, a ``tensor_parallel_size`` that does not divide the model's heads or
+        exceeds the devices, or an fp8 ``kv_dtype`` with ``tensor_parallel_size > 1``.
     """
 
-    def __init__(self, model: LlamaModel, config: EngineConfig, *, log: TextIO | None = sys.stderr):
+    def __init__(self, model: LlamaModel, config: EngineConfig, *, log: TextIO | None = sys.stderr,
+                 devices: Sequence[jax.Device] | None = None):
         cfg = model.config
         trained = getattr(cfg, "max_position_embeddings", None)
         if trained is not None and config.max_seq_len > trained:
             raise ValueError(f"max_seq_len={config.max_seq_len} exceeds the model's max_position_embeddings={trained}")
         kv_dtype = check_kv_dtype(cfg.dtype if config.kv_dtype is None else config.kv_dtype)
         self.config = config
-        self.pool = KVCachePool(config.num_pages, config.page_size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                                dtype=kv_dtype, kv_layout=config.kv_layout,
-                                **(dict(k_scale=config.k_scale, v_scale=config.v_scale)
-                                   if fp8.is_fp8(kv_dtype) else {}))
+        if config.tensor_parallel_size == 1:
+            self.pool = KVCachePool(config.num_pages, config.page_size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                                    dtype=kv_dtype, kv_layout=config.kv_layout,
+                                    **(dict(k_scale=config.k_scale, v_scale=config.v_scale)
+                                       if fp8.is_fp8(kv_dtype) else {}))
+            self._model, self._params = split_model(model)
+            num_qo_heads = cfg.num_qo_heads
+        else:
+            sharded = self._tensor_parallel(model, config, kv_dtype, devices)
+            self.pool = sharded.make_pool(config.num_pages, config.page_size, config.kv_layout, dtype=kv_dtype)
+            self.pool.caches = sharded.make_caches(config.num_pages, config.page_size, config.kv_layout, kv_dtype)
+            self._model, self._params = parallel.TensorParallelStep(sharded), sharded.params
+            num_qo_heads = sharded.shard_config.num_qo_heads
         self.planner = StepPlanner(
-            self.pool, cfg.num_qo_heads, max_seq_len=config.max_seq_len, max_batch_size=config.max_batch_size,
+            self.pool, num_qo_heads, max_seq_len=config.max_seq_len, max_batch_size=config.max_batch_size,
             max_prefill_tokens=config.max_prefill_tokens, backend=config.backend, q_data_type=cfg.dtype,
             min_prefill_rows=config.min_prefill_rows, min_decode_rows=config.min_decode_rows,
             cascade_levels=config.cascade_levels if config.prefix_caching else 1,
         )
-        self._model, self._params = split_model(model)
         self._stop = frozenset(config.stop_token_ids)
         self._next_rid = 0
         self.waiting: collections.deque[Request] = collections.deque()
@@ -523,6 +501,20 @@ class ServingEngine:
         self._token_ids: dict[Request, np.ndarray] = {}
         if log is not None:
             print(self.describe(), file=log)
+
+    @staticmethod
+    def _tensor_parallel(model: LlamaModel, config: EngineConfig, kv_dtype, devices) -> parallel.ShardedLlama:
+        """``model`` split over the first ``tensor_parallel_size`` devices (one DP group)."""
+        if fp8.is_fp8(kv_dtype):
+            raise ValueError(f"kv_dtype: fp8 caches are not served with tensor_parallel_size > 1 (their per-head "
+                             f"scales would need splitting over the shards), got {config.kv_dtype!r}")
+        pc = parallel.ParallelConfig(tp=config.tensor_parallel_size)
+        try:
+            pc.shard_config(model.config)
+            mesh = parallel.make_mesh(pc, devices)
+        except ValueError as e:
+            raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size}: {e}") from None
+        return parallel.ShardedLlama.from_model(model, mesh, pc)
 
     @property
     def num_step_programs(self) -> int:
@@ -542,6 +534,7 @@ class ServingEngine:
             f"({self.pool.dtype.name}{scales}), "
             f"backend={c.backend}, prefix caching {'on' if c.prefix_caching else 'off'}, "
             f"decode attention levels={p.cascade_levels}, {'overlapped' if c.overlap else 'synchronous'} steps"
+            + (f", tensor_parallel_size={c.tensor_parallel_size}" if c.tensor_parallel_size > 1 else "")
         )
 
     def submit(self, prompt, max_new_tokens: int, sampling: SamplingParams | None = None) -> int:

@@ -25,7 +25,7 @@ What it does and does not do, against the engine (so that the benchmark compares
 cache layout, not one side's neglected host code):
 
 - the same host fixes where the code is shared: :func:`jaxinfer.serve.schedule_step`, and the
-  model passed as a :class:`jaxinfer.serve.ModelDef` (its graph hashed once, parameters as a flat
+  model passed as a :class:`jaxinfer.models.static.ModelDef` (its graph hashed once, parameters as a flat
   list) instead of an nnx ``GraphDef`` whose hash walks the graph on every jitted call (about
   3 ms per call for SmolLM2, paid here once per prompt chunk and once per decode);
 - synchronous steps: it waits for a step's tokens before it plans the next (the engine overlaps
@@ -54,7 +54,8 @@ from flax import nnx
 from jaxinfer.models.llama import LlamaModel
 from jaxinfer.nn.attention import bucket, row_buckets
 from jaxinfer.plan.checks import check_int
-from jaxinfer.serve import ModelDef, Request, SamplingParams, StepResult, schedule_step, split_model
+from jaxinfer.models.static import ModelDef, split_model
+from jaxinfer.serve import Request, SamplingParams, StepResult, schedule_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +113,7 @@ def dense_prefill_step(model: ModelDef, params, caches, tokens, start, length, s
     """Prefill a chunk of one slot; returns the greedy next token (int32 scalar) and the caches.
 
     Args:
-      model, params: :func:`jaxinfer.serve.split_model` of the model.
+      model, params: :func:`jaxinfer.models.static.split_model` of the model.
       tokens: ``[C]`` int32, the chunk's ``length`` tokens then padding.
       start: int32 position of the chunk's first token (the slot's cached tokens).
       length: int32 tokens of the chunk, ``1 <= length <= C``.
