@@ -26,7 +26,7 @@ them without resharding.
 decode steps). The serving engine (:mod:`jaxinfer.serve`) runs tensor parallel with
 ``EngineConfig(tensor_parallel_size=tp)`` (:class:`TensorParallelStep`: one scheduler, one host
 pool and planner with a shard's head geometry, the caches split on their KV heads); data parallel
-serving is one engine per group.
+serving is one engine per group (:class:`jaxinfer.serve_dp.DataParallelEngine`).
 Across hosts and at 8+ GPUs: docs/multi_gpu.md.
 """
 

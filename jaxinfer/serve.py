@@ -69,6 +69,7 @@ register are slices of one int32 token array per request (benchmarks/decisions/s
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import math
@@ -434,8 +435,9 @@ class ServingEngine:
       model: the model (its weights are captured at construction).
       config: sizes and policies.
       log: where the start-up line (step-program bound, capacities) goes; ``None``: nowhere.
-      devices: with ``config.tensor_parallel_size > 1``, the devices to split the model over
-        (default ``jax.devices()``; the first ``tensor_parallel_size`` are used).
+      devices: the devices to run on (default: jax's default device, or ``jax.devices()`` with
+        ``config.tensor_parallel_size > 1``); the first ``tensor_parallel_size`` are used. The
+        weights are placed there (copied once) and the host's step arrays go to the first.
 
     Attributes:
       pool: the KV-cache pool; planner: the step planner.
@@ -465,12 +467,17 @@ class ServingEngine:
             raise ValueError(f"max_seq_len={config.max_seq_len} exceeds the model's max_position_embeddings={trained}")
         kv_dtype = check_kv_dtype(cfg.dtype if config.kv_dtype is None else config.kv_dtype)
         self.config = config
+        # Where the host's per-step arrays go (the group's first device; None: jax's default).
+        self._device = None if devices is None else list(devices)[0]
         if config.tensor_parallel_size == 1:
-            self.pool = KVCachePool(config.num_pages, config.page_size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                                    dtype=kv_dtype, kv_layout=config.kv_layout,
-                                    **(dict(k_scale=config.k_scale, v_scale=config.v_scale)
-                                       if fp8.is_fp8(kv_dtype) else {}))
+            with self._on_device():
+                self.pool = KVCachePool(config.num_pages, config.page_size, cfg.num_layers, cfg.num_kv_heads,
+                                        cfg.head_dim, dtype=kv_dtype, kv_layout=config.kv_layout,
+                                        **(dict(k_scale=config.k_scale, v_scale=config.v_scale)
+                                           if fp8.is_fp8(kv_dtype) else {}))
             self._model, self._params = split_model(model)
+            if self._device is not None:
+                self._params = jax.device_put(self._params, self._device)
             num_qo_heads = cfg.num_qo_heads
         else:
             sharded = self._tensor_parallel(model, config, kv_dtype, devices)
@@ -493,7 +500,8 @@ class ServingEngine:
         self.step_times: list[tuple[float, float, float]] = []
         # The last dispatched step's output and each of its requests' slot in it: the next
         # step's decode rows read their input tokens there.
-        self._prev_tokens = jnp.zeros(config.max_batch_size, jnp.int32)
+        with self._on_device():
+            self._prev_tokens = jnp.zeros(config.max_batch_size, jnp.int32)
         self._prev_slot: dict[Request, int] = {}
         self._flight: _Flight | None = None  # a dispatched step not yet waited for (overlap)
         self._sampling_rows: dict[Request, np.ndarray] = {}
@@ -515,6 +523,9 @@ class ServingEngine:
         except ValueError as e:
             raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size}: {e}") from None
         return parallel.ShardedLlama.from_model(model, mesh, pc)
+
+    def _on_device(self):
+        return contextlib.nullcontext() if self._device is None else jax.default_device(self._device)
 
     @property
     def num_step_programs(self) -> int:
@@ -623,7 +634,8 @@ class ServingEngine:
         and :attr:`idle` turns true only after the last step came back.
         """
         start = time.perf_counter()
-        flight = self._dispatch()
+        with self._on_device():
+            flight = self._dispatch()
         if self.config.overlap:
             flight, self._flight = self._flight, flight
         if flight is None:

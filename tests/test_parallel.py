@@ -7,7 +7,8 @@ the checks happen here in the parent.
 
 The serving engine with ``EngineConfig(tensor_parallel_size=tp)`` (xla backend, float32, prefix
 caching and chunked prefill) gives the tokens of the same engine on one device: the random Llama at
-TP 2 and 4, SmolLM2 at TP 3.
+TP 2 and 4, SmolLM2 at TP 3; so does :class:`jaxinfer.serve_dp.DataParallelEngine` at DP 2 and
+DP 2 x TP 2 (random Llama), each group on its own devices.
 
 For each model and backend, the same prompts go through :func:`jaxinfer.parallel.greedy_generate`
 on each mesh and through an independent one-device loop (a plain pool, planner and
@@ -155,19 +156,25 @@ def _mixed_batches(sharded):
 
 
 ENGINE_CASES = [("llama", 2), ("llama", 4), ("smollm2", 3)]
+DP_ENGINE_CASES = [(2, 1), (2, 2)]  # (data_parallel_size, tensor_parallel_size), random Llama
 
 
-def _engine_tokens(model, prompts, tp: int):
+def _engine_tokens(model, prompts, tp: int, dp: int = 0):
     """Greedy tokens of the serving engine (xla backend, prefix caching, chunked prefill) on
-    ``tp`` devices, and the number of devices its first cache is split over."""
+    ``tp`` devices (``dp`` groups of them through :class:`DataParallelEngine`; 0: a plain engine),
+    and the devices of each group's first cache."""
     from jaxinfer.serve import EngineConfig, ServingEngine
+    from jaxinfer.serve_dp import DataParallelEngine
 
     config = EngineConfig(num_pages=64, page_size=PAGE_SIZE, max_seq_len=32, max_batch_size=4, max_prefill_tokens=8,
                           backend="xla", tensor_parallel_size=tp)
-    engine = ServingEngine(model, config, log=None)
+    engine = DataParallelEngine(model, config, data_parallel_size=dp, log=None) if dp else ServingEngine(
+        model, config, log=None)
     rids = [engine.submit(p, NEW_TOKENS + 1) for p in prompts]
     out = engine.run()
-    return np.asarray([out[r] for r in rids]), _num_shards(engine.pool.caches[0][0])
+    groups = engine.engines if dp else [engine]
+    devices = np.asarray([sorted(d.id for d in e.pool.caches[0][0].devices()) for e in groups])
+    return np.asarray([out[r] for r in rids]), devices
 
 
 def worker(path: str) -> None:
@@ -215,9 +222,13 @@ def worker(path: str) -> None:
             want, _ = _engine_tokens(model, shared, 1)
             for model_name, tp in ENGINE_CASES:
                 if model_name == name:
-                    got, shards = _engine_tokens(model, shared, tp)
+                    got, devices = _engine_tokens(model, shared, tp)
                     out.update({f"engine__{name}__tp{tp}__tokens": got, f"engine__{name}__tp{tp}__ref": want,
-                                f"engine__{name}__tp{tp}__cache_shards": np.asarray(shards)})
+                                f"engine__{name}__tp{tp}__devices": devices})
+            for dp, tp in DP_ENGINE_CASES if name == "llama" else ():
+                got, devices = _engine_tokens(model, shared, tp, dp)
+                out.update({f"dp_engine__dp{dp}_tp{tp}__tokens": got, f"dp_engine__dp{dp}_tp{tp}__ref": want,
+                            f"dp_engine__dp{dp}_tp{tp}__devices": devices})
     _bench(out)
     np.savez(path, **out)
 
@@ -293,7 +304,39 @@ def test_serving_engine_tensor_parallel_matches_one_device(runs, name, tp):
     # Greedy float32 on the xla backend: the shards' partial sums round differently only in the
     # last bits, far below this workload's top-2 logit gaps.
     np.testing.assert_array_equal(runs[f"{key}__tokens"], runs[f"{key}__ref"])
-    assert int(runs[f"{key}__cache_shards"]) == tp, "each device should hold its KV heads' slice of the pages"
+    assert runs[f"{key}__devices"].tolist() == [list(range(tp))], "each device should hold its KV heads' slice"
+
+
+@pytest.mark.parametrize("dp,tp", DP_ENGINE_CASES)
+def test_data_parallel_engine_matches_one_device(runs, dp, tp):
+    key = f"dp_engine__dp{dp}_tp{tp}"
+    np.testing.assert_array_equal(runs[f"{key}__tokens"], runs[f"{key}__ref"])
+    # Group g on devices [g * tp, (g + 1) * tp), its caches split over them.
+    assert runs[f"{key}__devices"].tolist() == [list(range(g * tp, (g + 1) * tp)) for g in range(dp)]
+
+
+def test_data_parallel_engine_routes_and_validates():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxinfer.models.llama import LlamaConfig, LlamaModel
+    from jaxinfer.serve import EngineConfig
+    from jaxinfer.serve_dp import DataParallelEngine
+
+    model = LlamaModel(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=16, num_layers=1, num_qo_heads=2,
+                                   num_kv_heads=1, head_dim=8, dtype=jnp.float32), rngs=nnx.Rngs(0))
+    config = EngineConfig(num_pages=8, page_size=PAGE_SIZE, max_seq_len=16, max_batch_size=2, backend="xla")
+    with pytest.raises(ValueError, match="data_parallel_size"):
+        DataParallelEngine(model, config, data_parallel_size=0, log=None)
+    with pytest.raises(ValueError, match=r"devices: data_parallel_size=2 x tensor_parallel_size=1 needs 2 devices"):
+        DataParallelEngine(model, config, data_parallel_size=2, log=None, devices=jax.devices()[:1])
+    engine = DataParallelEngine(model, config, data_parallel_size=1, log=None)
+    a, b = engine.submit([1, 2, 3], 4), engine.submit([4, 5], 3)
+    assert engine.cancel(a) and not engine.cancel(a) and not engine.cancel(99)
+    assert engine.finished[a].finish_reason == "cancelled"
+    out = engine.run()
+    assert len(out[b]) == 3 and engine.finished[b].finish_reason == "length" and engine.idle
 
 
 def test_serving_engine_tensor_parallel_errors():
