@@ -184,3 +184,15 @@ def test_kv_dtype_reaches_the_engine_and_not_the_dense_loop():
     assert WORKLOAD.engine_config("xla", prefix_caching=True).kv_dtype is None
     assert "kv_dtype" not in dataclasses.asdict(fp8.dense_config())
     assert serving.parse_args(["--kv-dtype", "e4m3"]).kv_dtype == "e4m3"
+
+
+def test_command_line_sizes_reach_every_system():
+    args = serving.parse_args(["--size", "full", "--max-batch-size", "256", "--max-prefill-tokens", "2048"])
+    workload = serving.workload_of(args, gpu=False)
+    assert (workload.max_batch_size, workload.max_prefill_tokens) == (256, 2048)
+    assert workload.engine_config("xla", prefix_caching=True).max_batch_size == 256
+    assert workload.dense_config().max_batch_size == 256 and workload.dense_config().max_prefill_tokens == 2048
+    assert serving.workload_of(serving.parse_args([]), gpu=True) == serving.FULL
+    assert serving.workload_of(serving.parse_args([]), gpu=False) == serving.TINY
+    with pytest.raises(SystemExit):
+        serving.parse_args(["--max-batch-size", "0"])

@@ -58,8 +58,9 @@ the default runs ``chat``, ``both`` runs one then the other, each with its own r
   tokens (31 full pages) in SmolLM2's template: the shape of a few-shot or long-instruction
   deployment, where every request repeats the same long system prompt.
 
-Sizes: at most 64 requests at once, 512 prompt tokens per step (chunked prefill), sequences up
-to ``max_seq_len`` = 2048 tokens, pages of 16; a workload whose longest possible request is
+Sizes: at most 64 requests at once, 512 prompt tokens per step (chunked prefill; both changed for
+every system by ``--max-batch-size`` and ``--max-prefill-tokens``: vLLM runs up to 256 sequences at
+once by default), sequences up to ``max_seq_len`` = 2048 tokens, pages of 16; a workload whose longest possible request is
 longer raises ``max_seq_len`` to hold it, rounded up to a page (``few-shot`` at full size: 2512),
 for both kinds of server. The engine's pool holds every running request's worst case; the dense
 loop's cache is ``[64, max_seq_len]`` tokens per layer; both pad a step's prompt rows to 512 (the
@@ -499,7 +500,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the engine's KV cache dtype, e.g. e4m3 (default: the model's; the dense loop keeps it)")
     p.add_argument("--system-prompt", default=None,
                    help="the chat workload's shared system prompt (default: the chat template's own)")
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="requests running at once, for every system (default: the size's, 64 at full size; "
+                        "vLLM's default max_num_seqs is 256)")
+    p.add_argument("--max-prefill-tokens", type=int, default=None,
+                   help="prompt tokens per step, for every system (default: the size's, 512 at full size)")
     args = p.parse_args(argv)
+    for name in ("max_batch_size", "max_prefill_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     keys = tuple(SYSTEM_KEYS) if args.systems == "all" else tuple(x.strip() for x in args.systems.split(","))
     for key in keys:
         if key not in SYSTEM_KEYS:
@@ -508,13 +518,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def workload_of(args: argparse.Namespace, gpu: bool) -> ServingWorkload:
+    """The :data:`SIZES` workload of ``args.size`` (default: full on a GPU, tiny elsewhere) with
+    the command line's KV dtype and sizes."""
+    size = SIZES[args.size or ("full" if gpu else "tiny")]
+    return dataclasses.replace(size, kv_dtype=args.kv_dtype, max_batch_size=args.max_batch_size or size.max_batch_size,
+                               max_prefill_tokens=args.max_prefill_tokens or size.max_prefill_tokens)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from jaxinfer.models.llama import LlamaModel  # needs gguf (the "models" extra)
     from jaxinfer.models.tokenizer import ChatTokenizer
 
     gpu = on_gpu()
-    size = dataclasses.replace(SIZES[args.size or ("full" if gpu else "tiny")], kv_dtype=args.kv_dtype)
+    size = workload_of(args, gpu)
     dtype = jnp.dtype(args.dtype or ("bfloat16" if gpu else "float32"))
     start = time.perf_counter()
     model = LlamaModel.from_gguf(dtype=dtype)
