@@ -44,11 +44,11 @@ from jax.sharding import PartitionSpec as P
 
 from jaxinfer import fp8
 from jaxinfer.backends import device
-from jaxinfer.models.llama import LlamaConfig, LlamaModel, paged_logits
+from jaxinfer.models.llama import LlamaConfig, LlamaModel
+from jaxinfer.models.static import split_model
 from jaxinfer.nn.attention import StepBatch, StepPlanner
 from jaxinfer.nn.kv_pool import KVCachePool
 from jaxinfer.plan.checks import check_int
-from jaxinfer.models.static import ModelDef, split_model
 
 DP_AXIS = "dp"
 TP_AXIS = "tp"
@@ -334,7 +334,7 @@ class ShardedLlama:
 
         def local(params, caches, tokens, batch):
             batch = jax.tree.map(lambda x: x[0], batch)
-            logits, caches = paged_logits(self.model.graphdef, self.model.params(params), caches, tokens[0], batch)
+            logits, caches = self.model.paged_logits(params, caches, tokens[0], batch)
             return logits[None], caches
 
         in_specs = (list(self.param_specs), caches_spec, self.group_spec, self.group_spec)

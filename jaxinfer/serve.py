@@ -364,13 +364,14 @@ def sample_tokens(logits: jax.Array, s: SamplingBatch, backend: str = "auto", *,
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6, 7), donate_argnums=2)
-def serve_step(model: ModelDef, params, caches, prev_tokens, inputs, batch: StepBatch,
+def serve_step(model: ModelDef | parallel.TensorParallelStep, params, caches, prev_tokens, inputs, batch: StepBatch,
                sampling_backend: str = "auto", sampled: bool = True):
     """Jitted engine step: the next token ``[Bc]`` int32 of each request of ``batch`` (rows
     ``batch.last_rows``) and the new caches (``caches`` donated).
 
     Args:
-      model, params: :func:`split_model` of the model.
+      model, params: :func:`split_model` of the model, or a
+        :class:`~jaxinfer.parallel.TensorParallelStep` and its sharded parameters.
       prev_tokens: ``[Bc]`` int32, the previous step's output.
       inputs: ``[2 T + 6 Bc]`` int32 (``T = batch.num_rows``): the rows' host tokens; per row the
         slot of ``prev_tokens`` holding its input token, or ``-1`` for the host token (decode rows

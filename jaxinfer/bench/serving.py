@@ -60,11 +60,11 @@ the default runs ``chat``, ``both`` runs one then the other, each with its own r
 
 Sizes: at most 64 requests at once, 512 prompt tokens per step (chunked prefill; both changed for
 every system by ``--max-batch-size`` and ``--max-prefill-tokens``: vLLM runs up to 256 sequences at
-once by default), sequences up to ``max_seq_len`` = 2048 tokens, pages of 16; a workload whose longest possible request is
-longer raises ``max_seq_len`` to hold it, rounded up to a page (``few-shot`` at full size: 2512),
-for both kinds of server. The engine's pool holds every running request's worst case; the dense
-loop's cache is ``[64, max_seq_len]`` tokens per layer; both pad a step's prompt rows to 512 (the
-engine per step, the dense loop per request's chunk).
+once by default), sequences up to ``max_seq_len`` = 2048 tokens, pages of 16; a workload whose
+longest possible request is longer raises ``max_seq_len`` to hold it, rounded up to a page
+(``few-shot`` at full size: 2512), for both kinds of server. The engine's pool holds every running
+request's worst case; the dense loop's cache is ``[64, max_seq_len]`` tokens per layer; both pad a
+step's prompt rows to 512 (the engine per step, the dense loop per request's chunk).
 
 Measurement: per system, a warm-up first compiles every step program on throw-away servers of
 the same configuration (the engine: a prompt-only step, a mixed step and decode-only steps; the
