@@ -86,10 +86,10 @@ import numpy as np
 from jaxinfer import fp8, parallel, sampling
 from jaxinfer.models.llama import LlamaModel
 from jaxinfer.models.static import ModelDef, split_model
-from jaxinfer.nn.attention import StepBatch, StepPlanner
+from jaxinfer.nn.attention import StepPlanner
 from jaxinfer.nn.kv_pool import KVCachePool
 from jaxinfer.plan.checks import check_int
-from jaxinfer.plan.transfer import to_device
+from jaxinfer.plan.transfer import PackedTree, pack
 
 KV_DTYPES = ("bfloat16", "float16", "float32", "float8_e4m3fn", "float8_e5m2")
 """KV-cache dtypes of the engine; the short names of :data:`jaxinfer.fp8.KV_DTYPE_NAMES`
@@ -363,22 +363,39 @@ def sample_tokens(logits: jax.Array, s: SamplingBatch, backend: str = "auto", *,
     return jnp.where(s.temperature > 0, tokens.astype(jnp.int32), greedy)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7), donate_argnums=2)
-def serve_step(model: ModelDef | parallel.TensorParallelStep, params, caches, prev_tokens, inputs, batch: StepBatch,
+# The step is ~500 small kernels (SmolLM2: ~17 a layer) and the host launches them one by one
+# unless XLA records them into CUDA graphs (command buffers). By default XLA graphs only runs of >= 5
+# compatible commands and leaves dynamic-slice fusions out, so the serving step's launch loop was
+# the host time that bound the engine; graphing every run cut the step's host time on the H100
+# (benchmarks/decisions/serving.md). Other backends ignore these options.
+STEP_COMPILER_OPTIONS = {
+    "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION",
+    "xla_gpu_graph_min_graph_size": 1,
+}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=2, compiler_options=STEP_COMPILER_OPTIONS)
+def serve_step(model: ModelDef | parallel.TensorParallelStep, params, caches, prev_tokens, step: PackedTree,
                sampling_backend: str = "auto", sampled: bool = True):
-    """Jitted engine step: the next token ``[Bc]`` int32 of each request of ``batch`` (rows
-    ``batch.last_rows``) and the new caches (``caches`` donated).
+    """Jitted engine step: the next token ``[Bc]`` int32 of each request of the step's batch
+    (rows ``batch.last_rows``) and the new caches (``caches`` donated).
 
     Args:
       model, params: :func:`split_model` of the model, or a
         :class:`~jaxinfer.parallel.TensorParallelStep` and its sharded parameters.
       prev_tokens: ``[Bc]`` int32, the previous step's output.
-      inputs: ``[2 T + 6 Bc]`` int32 (``T = batch.num_rows``): the rows' host tokens; per row the
+      step: :func:`~jaxinfer.plan.transfer.pack` of ``(batch, inputs)``: the step's
+        :class:`~jaxinfer.nn.StepBatch` (:meth:`~jaxinfer.nn.StepPlanner.plan_host`) and
+        ``inputs [2 T + 6 Bc]`` int32 (``T = batch.num_rows``): the rows' host tokens; per row the
         slot of ``prev_tokens`` holding its input token, or ``-1`` for the host token (decode rows
         read the token their request sampled last step, prompt rows the host's); then the
-        :meth:`SamplingBatch.unpack` rows.
+        :meth:`SamplingBatch.unpack` rows. One host-to-device copy for all of them.
       sampled: whether any row samples (:func:`sample_tokens`).
+
+    It carries :data:`STEP_COMPILER_OPTIONS`, which ``jax.jit`` takes only at the top level: inside
+    another jitted function call ``serve_step.__wrapped__``.
     """
+    batch, inputs = step.unpack()
     t, bc = batch.num_rows, prev_tokens.shape[0]
     src = inputs[t : 2 * t]
     tokens = jnp.where(src >= 0, prev_tokens[jnp.maximum(src, 0)], inputs[:t])
@@ -662,7 +679,7 @@ class ServingEngine:
             by_rid = dict(zip(decode_rids, decode))
             decode_rids = planner.sharing_order(decode_rids)
             decode = [by_rid[rid] for rid in decode_rids]
-        batch = planner.plan({r.rid: n for r, n in chunks.items()}, decode_rids)
+        batch = planner.plan_host({r.rid: n for r, n in chunks.items()}, decode_rids)
         t, bc, p = batch.num_rows, self.config.max_batch_size, batch.num_prefill_rows
         order = [*chunks, *decode]
         inputs = np.empty(2 * t + SamplingBatch.FIELDS * bc, np.int32)
@@ -680,7 +697,7 @@ class ServingEngine:
         slots[-1, : len(order)] = [r.num_generated for r in order]  # the draw's offset
         sampled = any(r.sampling.temperature > 0 for r in order)
         next_tokens, pool.caches = serve_step(self._model, self._params, pool.caches, self._prev_tokens,
-                                              to_device(inputs), batch, self.config.sampling_backend, sampled)
+                                              pack((batch, inputs)), self.config.sampling_backend, sampled)
         chunk, computed, samples = [], [], []
         for req in order:
             n = chunks.get(req, 0)

@@ -182,14 +182,16 @@ def test_step_program_has_no_device_side_branch(model, prompts, monkeypatch, tem
 
     monkeypatch.setattr(jaxinfer.serve, "serve_step", recording)
     serve(model, prompts, backend="pallas", sampling_backend="pallas", sampling=SamplingParams(temperature, seed=1))
-    mixed = [a for a in calls if a[5].num_prefill_rows and a[5].num_rows > a[5].num_prefill_rows
-             and isinstance(a[5].decode_plan, tuple)]
+    batches = [(a, a[4].unpack()[0]) for a in calls]
+    mixed = [a for a, b in batches if b.num_prefill_rows and b.num_rows > b.num_prefill_rows
+             and isinstance(b.decode_plan, tuple)]
     assert mixed, "the workload has a mixed step with cascade levels"
     model_def, *arrays, sampling_backend, sampled = mixed[-1]
     assert sampled == (temperature > 0)
     mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=AbstractDevice("NVIDIA H100", 1, "cuda"))
     with force_triton_lowering(), jax.sharding.use_abstract_mesh(mesh):
-        step = jax.jit(lambda *a: serve_step(model_def, *a, sampling_backend, sampled))
+        # __wrapped__: the step's compiler options belong to a top-level jit only.
+        step = jax.jit(lambda *a: serve_step.__wrapped__(model_def, *a, sampling_backend, sampled))
         exported = jax.export.export(step, platforms=["cuda"], disabled_checks=[
             DisabledSafetyCheck.custom_call(pltriton.CUSTOM_CALL_TARGET_NAME)])(*arrays)
     text = exported.mlir_module()

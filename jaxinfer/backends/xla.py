@@ -26,6 +26,7 @@ from jaxtyping import Array, Bool, Float, Int
 from jaxinfer.backends.base import Capabilities
 from jaxinfer.fp8 import is_fp8
 from jaxinfer.plan.batch import BatchSpec, PlanCapacity, pad_batch
+from jaxinfer.plan.transfer import to_device
 from jaxinfer.variants import LOG2E, AttentionVariant, alibi_slopes, apply_sink, params_at, rope_inv_freq
 
 
@@ -292,14 +293,15 @@ def plan_reference(spec: BatchSpec, capacity: PlanCapacity) -> RefPlan:
         for b in range(spec.batch_size):
             ql, kl = spec.qo_lens[b], spec.kv_lens[b]
             mask[b, :ql, :kl] = spec.custom_mask[offs[b] : offs[b + 1]].reshape(ql, kl)
-        mask = jnp.asarray(mask)
+        mask = to_device(mask)
+    index = lambda x: to_device(np.asarray(x, np.int32))  # noqa: E731
     return RefPlan(
-        qo_indptr=jnp.asarray(qo_indptr),
-        qo_lens=jnp.asarray(qo_lens),
-        kv_lens=jnp.asarray(kv_lens),
-        q_rows=jnp.asarray(q_rows),
-        kv_page=jnp.asarray(kv_page.astype(np.int32)),
-        kv_slot=jnp.asarray(kv_slot.astype(np.int32)),
+        qo_indptr=index(qo_indptr),
+        qo_lens=index(qo_lens),
+        kv_lens=index(kv_lens),
+        q_rows=index(q_rows),
+        kv_page=index(kv_page),
+        kv_slot=index(kv_slot),
         custom_mask=mask,
         variant=spec.variant,
         paged=spec.paged,

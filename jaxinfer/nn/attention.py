@@ -39,7 +39,7 @@ from jaxinfer.cascade import _prefix_tree_levels
 from jaxinfer.nn.kv_pool import KVCachePool
 from jaxinfer.plan.batch import PlanCapacity
 from jaxinfer.plan.checks import check_int
-from jaxinfer.plan.transfer import to_device
+from jaxinfer.plan.transfer import host_only, tree_to_device
 from jaxinfer.wrapper import Plan
 
 # Work tiles the Pallas planner may split long key ranges into: up to its split_factor (4) times
@@ -196,7 +196,16 @@ class StepPlanner:
 
     def plan(self, prefill: Mapping[Hashable, int] | Sequence[tuple[Hashable, int]],
              decode: Sequence[Hashable]) -> StepBatch:
-        """Plan a step after the pool was extended for it.
+        """Plan a step after the pool was extended for it: :meth:`plan_host` with its arrays
+        copied to the device (each on its own; the serving engine packs them into one copy).
+        """
+        return tree_to_device(self.plan_host(prefill, decode))
+
+    def plan_host(self, prefill: Mapping[Hashable, int] | Sequence[tuple[Hashable, int]],
+                  decode: Sequence[Hashable]) -> StepBatch:
+        """Plan a step after the pool was extended for it, its arrays left on the host (numpy;
+        the pool's fp8 scales stay device arrays): :func:`jaxinfer.plan.transfer.pack` them with
+        the step's other host arrays into one copy, or use :meth:`plan`.
 
         Args:
           prefill: ``{rid: n}`` (or ``(rid, n)`` pairs): request ``rid`` was extended by ``n >= 1``
@@ -269,18 +278,19 @@ class StepPlanner:
         split = int(kv_indptr[num_prefill])
         prefill_table = (kv_indptr[: num_prefill + 1], kv_indices[:split], last[:num_prefill])
         decode_table = (kv_indptr[num_prefill:] - split, kv_indices[split:], last[num_prefill:])
-        # to_device: an asynchronous copy at a fraction of jnp.asarray's host time (several
-        # arrays per step; the planners' own buffers go the same way). None of these host
-        # arrays is written again: the copies read them after this returns.
+        # None of these host arrays is written again: a device copy may read them after this returns.
+        with host_only():
+            prefill_plan = self._prefill_plan(qo_lens[:num_prefill], prefill_table, p_rows) if pairs else None
+            decode_plan = self._decode_plan(decode_table, d_rows) if decode else None
         return StepBatch(
-            positions=to_device(positions),
-            batch_indices=to_device(batch_indices),
-            kv_indptr=to_device(table_indptr),
-            kv_indices=to_device(table_indices),
-            kv_last_page_len=to_device(table_last),
-            last_rows=to_device(last_rows),
-            prefill_plan=self._prefill_plan(qo_lens[:num_prefill], prefill_table, p_rows) if pairs else None,
-            decode_plan=self._decode_plan(decode_table, d_rows) if decode else None,
+            positions=positions,
+            batch_indices=batch_indices,
+            kv_indptr=table_indptr,
+            kv_indices=table_indices,
+            kv_last_page_len=table_last,
+            last_rows=last_rows,
+            prefill_plan=prefill_plan,
+            decode_plan=decode_plan,
             num_prefill_rows=p_rows,
             kv_layout=pool.kv_layout,
             k_scale=self._k_scale,

@@ -15,6 +15,7 @@ import jaxinfer
 from jaxinfer.models.llama import LlamaConfig, LlamaModel, decode_step_benchmark_setup, paged_logits
 from jaxinfer.nn import KVCachePool, OutOfPagesError, StepPlanner
 from jaxinfer.plan.checks import check_page_table
+from jaxinfer.plan import transfer
 
 TINY = LlamaConfig(
     vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_qo_heads=4, num_kv_heads=2,
@@ -590,6 +591,30 @@ def test_planner_shapes_depend_only_on_buckets():
     assert sig(a) == sig(b)
     assert a.num_rows == 16 + 4
     assert planner.plan({1: 9}, []).decode_plan is None and planner.plan({}, [1]).prefill_plan is None
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_packed_host_plan_is_the_plan(backend):
+    # The engine sends plan_host's arrays as one buffer (transfer.pack): unpacked, they are
+    # plan()'s arrays, and two batches of the same buckets pack to one structure (no recompile).
+    pool = KVCachePool(32, 4, 1, 2, 16, dtype=jnp.bfloat16)
+    planner = StepPlanner(pool, 4, max_seq_len=64, max_batch_size=8, max_prefill_tokens=32, backend=backend,
+                          q_data_type=jnp.bfloat16, min_prefill_rows=16, min_decode_rows=2, cascade_levels=2)
+    for r, n in enumerate((3, 9, 17, 2, 6, 5)):
+        pool.add(r)
+        pool.extend(r, n)
+    packs = []
+    for prefill, decode in (({0: 3, 1: 9}, [2, 3, 4]), ({5: 2, 2: 1}, [0, 3, 1])):
+        want = planner.plan(prefill, decode)
+        host = planner.plan_host(prefill, decode)
+        assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(host))
+        packs.append(transfer.pack(host))
+        got = packs[-1].unpack()
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert g.dtype == w.dtype and g.shape == w.shape
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    assert jax.tree.structure(packs[0]) == jax.tree.structure(packs[1])
 
 
 def test_planner_positions_and_rows_of_chunks():
