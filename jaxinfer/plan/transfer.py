@@ -67,7 +67,7 @@ class PackedTree:
     Attributes:
       buffer: ``[N]`` int32, the packed leaves.
       arrays: the leaves that were not packed (device arrays, other dtypes), as they were.
-      treedef, layout: static; per leaf ``(offset, shape, dtype name)`` in ``buffer`` or ``(index,)``
+      treedef, layout: static; per leaf ``(offset, shape, numpy dtype)`` in ``buffer`` or ``(index,)``
         in ``arrays``.
     """
 
@@ -85,8 +85,8 @@ class PackedTree:
                 continue
             offset, shape, dtype = entry
             flat = jax.lax.slice(self.buffer, (offset,), (offset + int(np.prod(shape, dtype=np.int64)),))
-            if dtype != "int32":
-                flat = jax.lax.bitcast_convert_type(flat, np.dtype(dtype))
+            if dtype != np.int32:
+                flat = jax.lax.bitcast_convert_type(flat, dtype)
             leaves.append(flat.reshape(shape))
         return jax.tree.unflatten(self.treedef, leaves)
 
@@ -105,7 +105,7 @@ def pack(tree) -> PackedTree:
     layout, arrays, host, size = [], [], [], 0
     for leaf in leaves:
         if isinstance(leaf, np.ndarray) and leaf.dtype.itemsize == 4 and leaf.dtype.kind in "iuf":
-            layout.append((size, leaf.shape, leaf.dtype.name))
+            layout.append((size, leaf.shape, leaf.dtype))  # the dtype: its .name is a slow Python property
             host.append((size, leaf))
             size += -(-max(leaf.size, 1) // _ALIGN) * _ALIGN
         else:
