@@ -357,7 +357,7 @@ def test_plan_matches_per_request_rebuild(seed, cascade_levels, backend):
     rids = list(pool.requests)
     assert planner.sharing_order(rids) == sorted(rids, key=pool.pages)
     perm = [rids[i] for i in rng.permutation(len(rids))]
-    split = int(rng.integers(0, len(perm)))
+    split = int(rng.integers(0, len(perm) + 1))  # every request prefilling too; a pool left empty plans nothing
     prefill = {r: int(rng.integers(1, min(pool.seq_len(r), 24 // max(split, 1)) + 1)) for r in perm[:split]}
     decode = planner.sharing_order(perm[split:]) if rng.random() < 0.7 else perm[split:]
     if not prefill and not decode:
