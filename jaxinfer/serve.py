@@ -363,11 +363,11 @@ def sample_tokens(logits: jax.Array, s: SamplingBatch, backend: str = "auto", *,
     return jnp.where(s.temperature > 0, tokens.astype(jnp.int32), greedy)
 
 
-# The step is ~500 small kernels (SmolLM2: ~17 a layer) and the host launches them one by one
-# unless XLA records them into CUDA graphs (command buffers). By default XLA graphs only runs of >= 5
-# compatible commands and leaves dynamic-slice fusions out, so the serving step's launch loop was
-# the host time that bound the engine; graphing every run cut the step's host time on the H100
-# (benchmarks/decisions/serving.md). Other backends ignore these options.
+# A step is hundreds of small kernels, which the host launches one by one unless XLA records them
+# into CUDA graphs (command buffers). By default XLA graphs only runs of several compatible commands
+# and leaves dynamic-slice fusions out, and the launch loop is host time that bounds the engine;
+# graphing every run cut it on the H100 (benchmarks/decisions/serving.md). Other backends ignore
+# these options.
 STEP_COMPILER_OPTIONS = {
     "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION",
     "xla_gpu_graph_min_graph_size": 1,

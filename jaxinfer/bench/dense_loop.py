@@ -24,10 +24,12 @@ default), compiled ahead by :meth:`DenseServingLoop.compile_all`.
 What it does and does not do, against the engine (so that the benchmark compares attention and
 cache layout, not one side's neglected host code):
 
-- the same host fixes where the code is shared: :func:`jaxinfer.serve.schedule_step`, and the
+- the same host fixes where the code is shared: :func:`jaxinfer.serve.schedule_step`, the
   model passed as a :class:`jaxinfer.models.static.ModelDef` (its graph hashed once, parameters as a flat
   list) instead of an nnx ``GraphDef`` whose hash walks the graph on every jitted call (about
-  3 ms per call for SmolLM2, paid here once per prompt chunk and once per decode);
+  3 ms per call for SmolLM2, paid here once per prompt chunk and once per decode), and the
+  step's compiler options (:data:`jaxinfer.serve.STEP_COMPILER_OPTIONS`: CUDA graphs over every
+  run of kernels);
 - synchronous steps: it waits for a step's tokens before it plans the next (the engine overlaps
   them, ``EngineConfig(overlap=True)``); a plain loop written directly in JAX has no reason to
   carry its tokens on the device, and its per-step host work is small (no planner: one
@@ -55,7 +57,7 @@ from jaxinfer.models.llama import LlamaModel
 from jaxinfer.nn.attention import bucket, row_buckets
 from jaxinfer.plan.checks import check_int
 from jaxinfer.models.static import ModelDef, split_model
-from jaxinfer.serve import Request, SamplingParams, StepResult, schedule_step
+from jaxinfer.serve import STEP_COMPILER_OPTIONS, Request, SamplingParams, StepResult, schedule_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +110,7 @@ def _prefill_attention(attn, positions, write_pos, slot, implementation, h, kv_c
     return attn.o_proj(o.reshape(h.shape[0], -1).astype(h.dtype)), (kc, vc)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7), donate_argnums=2)
+@functools.partial(jax.jit, static_argnums=(0, 7), donate_argnums=2, compiler_options=STEP_COMPILER_OPTIONS)
 def dense_prefill_step(model: ModelDef, params, caches, tokens, start, length, slot, implementation=None):
     """Prefill a chunk of one slot; returns the greedy next token (int32 scalar) and the caches.
 
@@ -134,7 +136,7 @@ def dense_prefill_step(model: ModelDef, params, caches, tokens, start, length, s
     return jnp.argmax(logits).astype(jnp.int32), tuple(new)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=2)
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=2, compiler_options=STEP_COMPILER_OPTIONS)
 def dense_decode_step(model: ModelDef, params, caches, tokens, positions, implementation=None):
     """One decode token of every slot (:meth:`LlamaModel.dense_decode`); returns the greedy tokens
     ``[max_batch_size]`` int32 and the caches. A slot at position ``max_seq_len`` writes nothing."""

@@ -58,11 +58,11 @@ _ALIGN = 16
 class PackedTree:
     """A pytree whose 4-byte numpy leaves travel to the device as one int32 buffer (:func:`pack`).
 
-    A step's plans and inputs are a dozen small host arrays; each host-to-device copy costs tens
-    of microseconds of host time (the H100 host: ~40 us each through :func:`to_device`), so the
-    serving step sends them as one. Inside ``jit``, :meth:`unpack` slices the buffer back into
-    the tree (its offsets and shapes are static: a step's buffers have fixed sizes per row bucket,
-    so the packed step compiles as often as the unpacked one).
+    A step's plans and inputs are a dozen small host arrays and each host-to-device copy costs
+    host time (benchmarks/decisions/serving.md), so the serving step sends them as one. Inside
+    ``jit``, :meth:`unpack` slices the buffer back into the tree (its offsets and shapes are
+    static: a step's buffers have fixed sizes per row bucket, so the packed step compiles as often
+    as the unpacked one).
 
     Attributes:
       buffer: ``[N]`` int32, the packed leaves.
