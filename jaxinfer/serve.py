@@ -11,8 +11,12 @@ Prefix caching: the full pages of every request are registered in the pool's pre
 token ids (:class:`~jaxinfer.nn.KVCachePool`); a new request attaches the longest cached prefix
 of its prompt (a chat template's system prompt, a few-shot prefix) instead of computing it, and
 the decode rows read prefix pages that several requests share once per group of requests, through
-cascade attention (FlashInfer paper, arXiv 2501.01005, sec. 3.1). Pages no request holds stay
-cached until an allocation needs them (least recently used first).
+cascade attention (FlashInfer paper, arXiv 2501.01005, sec. 3.1), in the steps where that saves
+at least ``EngineConfig.cascade_min_saved_bytes`` of KV reads (vLLM decides per step too, from the
+common prefix's length and the request count): below that, the cascade's extra kernels and
+planning cost more host time than the bytes save, and the step reads each request's pages through
+one level. Either way the prompt tokens of a cached prefix are not computed again. Pages no
+request holds stay cached until an allocation needs them (least recently used first).
 
 Sampling per request (:class:`SamplingParams`): greedy (temperature 0), or temperature, top-k,
 top-p and min-p with a per-request seed. The ``t``-th token of a request draws with key
@@ -20,9 +24,10 @@ top-p and min-p with a per-request seed. The ``t``-th token of a request draws w
 
 No recompiles: every plan capacity comes from the :class:`EngineConfig` (batch size, token budget,
 sequence length) and row counts are padded to fixed buckets, so a whole run compiles at most
-:attr:`ServingEngine.num_step_programs` step programs, printed at start (6 by default: three batch
-shapes, prompt chunks only, mixed and decode only, each greedy or with sampling rows; a greedy run
-compiles the three greedy ones).
+:attr:`ServingEngine.num_step_programs` step programs, printed at start (10 by default: prompt
+chunks only, mixed and decode only, the latter two with one attention level or with cascade levels,
+each greedy or with sampling rows; a greedy run compiles at most the five greedy ones), and
+:meth:`ServingEngine.warm_up` compiles them all before the first request.
 
 No device-side branch in a step: whether a step has rows that sample (temperature > 0) is known
 on the host and selects the step program (a static argument). A ``lax.cond`` on a device value
@@ -159,6 +164,12 @@ class EngineConfig:
       cascade_levels: attention levels of the decode rows with prefix caching (``>= 2``: shared
         prefixes read once per group; see :class:`~jaxinfer.nn.StepPlanner`); without prefix
         caching the decode rows always use one level.
+      cascade_min_saved_bytes: a step with prefix caching reads its decode rows through the
+        cascade levels only when they save at least this many bytes of KV reads over all layers
+        (:meth:`~jaxinfer.nn.StepPlanner.saved_bytes`); else through one level. 0: always cascade
+        (fewer step programs). The default, 1 GiB, is about a third of a millisecond of an H100's
+        HBM bandwidth, what the cascade's extra launches and planning cost on the host
+        (benchmarks/decisions/serving.md).
       min_prefill_rows, min_decode_rows: smallest row buckets (``None``: one bucket, the
         maximum). Lower values pad less and compile more programs.
       stop_token_ids: a request finishes when it samples one of these.
@@ -191,6 +202,7 @@ class EngineConfig:
     kv_layout: str = "NHD"
     prefix_caching: bool = True
     cascade_levels: int = 2
+    cascade_min_saved_bytes: int = 1 << 30
     min_prefill_rows: int | None = None
     min_decode_rows: int | None = None
     stop_token_ids: tuple[int, ...] = ()
@@ -204,6 +216,7 @@ class EngineConfig:
         for name in ("num_pages", "page_size", "max_seq_len", "max_batch_size", "max_prefill_tokens", "cascade_levels",
                      "tensor_parallel_size"):
             check_int(name, getattr(self, name), minimum=1)
+        check_int("cascade_min_saved_bytes", self.cascade_min_saved_bytes, minimum=0)
         for name in ("min_prefill_rows", "min_decode_rows"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), minimum=1)
@@ -508,6 +521,7 @@ class ServingEngine:
             max_prefill_tokens=config.max_prefill_tokens, backend=config.backend, q_data_type=cfg.dtype,
             min_prefill_rows=config.min_prefill_rows, min_decode_rows=config.min_decode_rows,
             cascade_levels=config.cascade_levels if config.prefix_caching else 1,
+            cascade_min_saved_bytes=config.cascade_min_saved_bytes,
         )
         self._stop = frozenset(config.stop_token_ids)
         self._next_rid = 0
@@ -550,13 +564,67 @@ class ServingEngine:
         """The planner's batch shapes, each greedy or with sampling rows."""
         return 2 * self.planner.num_step_programs
 
+    @property
+    def _num_batch_shapes(self) -> int:
+        p = self.planner
+        return (len(p.prefill_buckets) + 1) * (len(p.decode_buckets) + 1) - 1
+
+    def warm_up(self, sampling: bool = True) -> None:
+        """Compile every step program (:attr:`num_step_programs`; without ``sampling`` only the
+        greedy ones) by running one throw-away step of each: per pair of row buckets, the fewest
+        rows that pad to them, decode rows through one level and through cascade levels. The
+        steps write only pages that are free again afterwards; the prefix cache, the counters and
+        the step times are as before.
+
+        Raises:
+          ValueError: requests are queued, running or in flight (warm up an idle engine).
+        """
+        if not self.idle:
+            raise ValueError("warm_up needs an idle engine: requests are queued, running or in flight")
+        planner, c = self.planner, self.config
+        # The fewest rows that pad to each bucket (and none).
+        prefill = [0, 1, *(b + 1 for b in planner.prefill_buckets[:-1])]
+        decode = [0, 1, *(b + 1 for b in planner.decode_buckets[:-1])]
+        cascades = [None] if planner.num_step_programs == self._num_batch_shapes else [False, True]
+        for sampled in (False, True) if sampling else (False,):
+            for n_prefill in prefill:
+                chunks = [min(c.max_seq_len, n_prefill - i) for i in range(0, n_prefill, c.max_seq_len)]
+                for n_decode in decode:
+                    if not 0 < len(chunks) + n_decode <= c.max_batch_size:
+                        continue  # no step, or one the scheduler never forms
+                    for cascade in cascades if n_decode else [None]:
+                        self._warm_up_step(chunks, n_decode, cascade, sampled)
+        self.step_times.clear()
+
+    def _warm_up_step(self, chunks: list[int], n_decode: int, cascade: bool | None, sampled: bool) -> None:
+        """One step of throw-away requests, freed again: one per prompt chunk of ``chunks``
+        tokens, and ``n_decode`` of one token decoding."""
+        pool, planner, c = self.pool, self.planner, self.config
+        rids = [("warm-up", i) for i in range(len(chunks) + n_decode)]
+        try:
+            for rid in rids:
+                pool.add(rid)
+            pool.extend_batch(rids, [*chunks, *(1 for _ in range(n_decode))])
+            batch = planner.plan_host(dict(zip(rids, chunks)), rids[len(chunks):], cascade=cascade)
+            inputs = np.zeros(2 * batch.num_rows + SamplingBatch.FIELDS * c.max_batch_size, np.int32)
+            inputs[batch.num_rows : 2 * batch.num_rows] = -1
+            with self._on_device():
+                out, pool.caches = serve_step(self._model, self._params, pool.caches, self._prev_tokens,
+                                              pack((batch, inputs)), c.sampling_backend, sampled)
+            out.block_until_ready()
+        finally:
+            for rid in rids:
+                if rid in pool.requests:
+                    pool.free(rid)
+
     def describe(self) -> str:
         """One line: the step-program bound and the capacities it comes from."""
         c, p = self.config, self.planner
         scales = "" if self.pool.k_scale is None else f", k_scale={c.k_scale}, v_scale={c.v_scale}"
+        levels = " (one level or cascade)" if p.num_step_programs > self._num_batch_shapes else ""
         return (
             f"jaxinfer.serve: at most {self.num_step_programs} step program(s) "
-            f"(prefill rows {list(p.prefill_buckets)} or none x decode rows {list(p.decode_buckets)} or none "
+            f"(prefill rows {list(p.prefill_buckets)} or none x decode rows {list(p.decode_buckets)}{levels} or none "
             f"x greedy or sampling); "
             f"max_batch_size={c.max_batch_size}, max_prefill_tokens={c.max_prefill_tokens}, "
             f"max_seq_len={c.max_seq_len}, {c.num_pages} pages of {c.page_size} tokens "

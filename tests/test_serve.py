@@ -32,9 +32,12 @@ MAX_SEQ_LEN = 32
 # (prompt length, max_new_tokens, step at which the request arrives). Prompt 3 starts with the
 # first 8 tokens of prompt 1 (two full pages of 4), and request 1 still decodes when 3 arrives:
 # 3 attaches them from the prefix cache and the two decode through a shared cascade level. With
-# 8 prompt tokens per step, prompt 1 is prefilled in two chunks.
+# 8 prompt tokens per step, prompt 1 is prefilled in two chunks. cascade_min_saved_bytes=1: the
+# decode rows go through cascade levels exactly in the steps where requests share pages, so a run
+# has steps of both kinds.
 WORKLOAD = [(5, 5, 0), (11, 7, 0), (3, 6, 2), (14, 3, 3)]
-ENGINE = dict(num_pages=32, page_size=4, max_seq_len=MAX_SEQ_LEN, max_batch_size=4, max_prefill_tokens=8)
+ENGINE = dict(num_pages=32, page_size=4, max_seq_len=MAX_SEQ_LEN, max_batch_size=4, max_prefill_tokens=8,
+              cascade_min_saved_bytes=1)
 
 
 @pytest.fixture(scope="module")
@@ -128,43 +131,82 @@ def test_run_drains_the_queue(model, prompts, expected):
     assert_pool_released(engine)
 
 
-def test_compile_count_equals_the_printed_bound(prompts):
-    # A model of its own (one layer, another vocab size) so that no other test's compilations count.
-    model = LlamaModel(dataclasses.replace(CFG, vocab_size=65, num_layers=1), rngs=nnx.Rngs(1))
-    before = serve_step._cache_size()
-    log = io.StringIO()
-    _, results, engine = serve(model, prompts, backend="xla", log=log)
-    assert f"at most {engine.num_step_programs} step program(s)" in log.getvalue()
-    assert engine.num_step_programs == 6
-    # Every kind of step ran: prompt chunks only, mixed, decode only; greedy, then sampling.
-    kinds = {(bool(r.prefill), bool(r.decode)) for r in results} - {(False, False)}  # overlap's first call
-    assert kinds == {(True, False), (True, True), (False, True)}
-    assert serve_step._cache_size() - before == 3
-    _, results, _ = serve(model, prompts, backend="xla", sampling=SamplingParams(temperature=1.0, seed=3))
-    assert {(bool(r.prefill), bool(r.decode)) for r in results} - {(False, False)} == kinds
-    assert serve_step._cache_size() - before == engine.num_step_programs
-    # Another run with other requests and arrivals compiles nothing at all.
+def count_compiles(fn):
+    """``fn()``'s XLA compilations."""
     compiles = []
 
     def listener(event, duration, **kw):
         if event == "/jax/core/compile/backend_compile_duration":
             compiles.append(event)
 
-    rng = np.random.default_rng(7)
-    other = [rng.integers(0, 65, int(n)).tolist() for n in rng.integers(1, 15, 6)]
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        serve(model, other, workload=[(len(p), 2 + i % 4, i) for i, p in enumerate(other)], backend="xla")
+        fn()
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-    assert compiles == []
+    return len(compiles)
 
 
-def test_more_row_buckets_compile_within_the_bound(model, prompts):
+def test_compile_count_equals_the_printed_bound(prompts, monkeypatch):
+    # A model of its own (one layer, another vocab size) so that no other test's compilations count.
+    model = LlamaModel(dataclasses.replace(CFG, vocab_size=65, num_layers=1), rngs=nnx.Rngs(1))
+    before = serve_step._cache_size()
+    log = io.StringIO()
+    calls = []
+
+    def recording(*args):
+        calls.append(args[4].unpack()[0])
+        return serve_step(*args)
+
+    with monkeypatch.context() as m:
+        m.setattr(jaxinfer.serve, "serve_step", recording)
+        _, results, engine = serve(model, prompts, backend="xla", log=log)
+    assert f"at most {engine.num_step_programs} step program(s)" in log.getvalue()
+    # Prompt chunks only; mixed and decode only, each with one level or cascade levels; x2 sampling.
+    assert engine.num_step_programs == 10
+    kinds = {(bool(r.prefill), bool(r.decode)) for r in results} - {(False, False)}  # overlap's first call
+    assert kinds == {(True, False), (True, True), (False, True)}
+    levels = {type(b.decode_plan).__name__ for b in calls if b.decode_plan is not None}
+    assert levels == {"Plan", "tuple"}, "the workload has decode steps with one level and with cascade levels"
+    assert 3 < serve_step._cache_size() - before <= 5
+    # warm_up compiles every program, greedy and sampling, and leaves the engine as it was.
+    engine = ServingEngine(model, EngineConfig(**ENGINE, backend="xla"), log=None)
+    engine.warm_up()
+    assert serve_step._cache_size() - before == engine.num_step_programs
+    assert engine.idle and engine.pool.requests == () and engine.step_times == []
+    assert engine.pool.num_available_pages == engine.pool.num_pages and engine.stats["steps"] == 0
+    # Other requests, arrivals and sampling compile nothing at all.
+    rng = np.random.default_rng(7)
+    other = [rng.integers(0, 65, int(n)).tolist() for n in rng.integers(1, 15, 6)]
+    workload = [(len(p), 2 + i % 4, i) for i, p in enumerate(other)]
+    assert count_compiles(lambda: serve(model, other, workload=workload, backend="xla")) == 0
+    assert count_compiles(lambda: serve(model, prompts, backend="xla",
+                                        sampling=SamplingParams(temperature=1.0, seed=3))) == 0
+
+
+def test_warm_up_compiles_every_row_bucket(model, prompts):
     config = EngineConfig(**ENGINE, backend="xla", min_prefill_rows=4, min_decode_rows=2)
     engine = ServingEngine(model, config, log=None)
     assert engine.planner.prefill_buckets == (4, 8) and engine.planner.decode_buckets == (2, 4)
-    assert engine.num_step_programs == 2 * 8
+    # (3 x 3 - 1) batch shapes, 3 x 2 of them with decode rows twice (one level, cascade); x2 sampling.
+    assert engine.num_step_programs == 2 * (8 + 6)
+    assert count_compiles(lambda: engine.warm_up(sampling=False)) <= 14
+    assert count_compiles(lambda: serve(model, prompts, backend="xla", min_prefill_rows=4, min_decode_rows=2)) == 0
+
+
+def test_warm_up_needs_an_idle_engine(model, prompts):
+    engine = ServingEngine(model, EngineConfig(**ENGINE, backend="xla"), log=None)
+    engine.submit(prompts[0], 2)
+    with pytest.raises(ValueError, match="idle"):
+        engine.warm_up()
+
+
+def test_cascade_threshold_bounds_the_programs(model):
+    # Always cascade (0) or one level (no prefix caching): one decode program per batch shape.
+    for kw in (dict(cascade_min_saved_bytes=0), dict(prefix_caching=False)):
+        assert ServingEngine(model, EngineConfig(**(ENGINE | kw), backend="xla"), log=None).num_step_programs == 6
+    with pytest.raises(ValueError, match="cascade_min_saved_bytes"):
+        EngineConfig(**(ENGINE | dict(cascade_min_saved_bytes=-1)))
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampling"])
@@ -181,7 +223,8 @@ def test_step_program_has_no_device_side_branch(model, prompts, monkeypatch, tem
         return serve_step(*args)
 
     monkeypatch.setattr(jaxinfer.serve, "serve_step", recording)
-    serve(model, prompts, backend="pallas", sampling_backend="pallas", sampling=SamplingParams(temperature, seed=1))
+    serve(model, prompts, backend="pallas", sampling_backend="pallas", sampling=SamplingParams(temperature, seed=1),
+          cascade_min_saved_bytes=0)
     batches = [(a, a[4].unpack()[0]) for a in calls]
     mixed = [a for a, b in batches if b.num_prefill_rows and b.num_rows > b.num_prefill_rows
              and isinstance(b.decode_plan, tuple)]

@@ -19,7 +19,8 @@ CFG = LlamaConfig(
     vocab_size=67, hidden_size=32, intermediate_size=48, num_layers=1, num_qo_heads=4, num_kv_heads=2,
     head_dim=8, rope_theta=1e4, dtype=jnp.float32,
 )
-ENGINE = dict(num_pages=16, page_size=4, max_seq_len=32, max_batch_size=2, max_prefill_tokens=8, backend="xla")
+ENGINE = dict(num_pages=16, page_size=4, max_seq_len=32, max_batch_size=2, max_prefill_tokens=8, backend="xla",
+              cascade_min_saved_bytes=1)  # cascade levels in the steps that share pages
 
 
 def run(engine, prompts, max_new_tokens):

@@ -17,7 +17,8 @@ from jaxinfer.serve import EngineConfig, SamplingParams, ServingEngine
 # compare exactly.
 CFG = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_layers=2, num_qo_heads=4, num_kv_heads=2,
                   head_dim=8, rope_theta=1e4, dtype=jnp.float32)
-ENGINE = dict(num_pages=40, page_size=4, max_seq_len=40, max_batch_size=4, max_prefill_tokens=8, backend="xla")
+ENGINE = dict(num_pages=40, page_size=4, max_seq_len=40, max_batch_size=4, max_prefill_tokens=8, backend="xla",
+              cascade_min_saved_bytes=1)  # cascade levels in the steps that share pages
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,8 @@ CFG = LlamaConfig(
 )
 # 20 pages of 4 tokens for requests of up to 24 cached tokens (6 pages): the pool runs short, so
 # requests queue and cached prefix pages are reclaimed; 6 prompt tokens per step chunk prompts.
-ENGINE = dict(num_pages=20, page_size=4, max_seq_len=28, max_batch_size=4, max_prefill_tokens=6, backend="xla")
+ENGINE = dict(num_pages=20, page_size=4, max_seq_len=28, max_batch_size=4, max_prefill_tokens=6, backend="xla",
+              cascade_min_saved_bytes=1)  # cascade levels in the steps that share pages
 
 
 def check_pool(engine: ServingEngine):

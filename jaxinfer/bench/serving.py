@@ -1,7 +1,7 @@
 """Serving benchmark: SmolLM2-135M-Instruct (real weights) through jaxinfer's engine and a dense loop.
 
-    python -m jaxinfer.bench.serving [--size full|tiny] [--workload chat|few-shot|both] [--backend auto]
-                                     [--systems on,off,dense,sync|all] [--out DIR]
+    python -m jaxinfer.bench.serving [--size full|tiny] [--workload chat|few-shot|long-system|both|all]
+                                     [--backend auto] [--systems on,off,dense,sync,cascade|all] [--out DIR]
 
 Issue 17's serving figures: output tokens/s, median time to first token (TTFT) and median
 inter-token latency (ITL) of
@@ -15,7 +15,11 @@ inter-token latency (ITL) of
   (:class:`jaxinfer.bench.dense_loop.DenseServingLoop`), what a plain JAX serving loop does
   (synchronous steps);
 - ``jaxinfer, prefix caching on, synchronous`` (only with ``--systems``, ``sync``): the engine with
-  ``EngineConfig(overlap=False)``, to see what overlapping gains.
+  ``EngineConfig(overlap=False)``, to see what overlapping gains;
+- ``jaxinfer, prefix caching on, always cascade`` and ``..., one level`` (only with ``--systems``,
+  ``cascade`` and ``flat``): the engine with ``EngineConfig(cascade_min_saved_bytes=0)`` (every
+  decode step through cascade levels) and with ``cascade_levels=1`` (shared pages read per
+  request, prompt tokens still skipped), to see what choosing per step gains.
 
 Each record also gives the median over steps of where a step's wall time goes (``time.perf_counter``
 stamps in :meth:`ServingEngine.step` and :meth:`DenseServingLoop.step`): ``host_before_ms``
@@ -57,6 +61,12 @@ the default runs ``chat``, ``both`` runs one then the other, each with its own r
   three labelled lines) and five worked examples, 493 tokens of text, a shared prefix of 501
   tokens (31 full pages) in SmolLM2's template: the shape of a few-shot or long-instruction
   deployment, where every request repeats the same long system prompt.
+- ``long-system``: a system prompt of ``ServingWorkload.long_system_tokens`` (2048 at full size)
+  word tokens drawn like the user messages (``numpy.random.default_rng(seed + 1)``), the system
+  prompt length of SGLang's prefix-caching benchmark (``bench_serving --dataset-name
+  generated-shared-prefix``, ``--gsp-system-prompt-len`` 2048), here shared by every request: an
+  agent's or a long-instruction deployment's shape, where prompt tokens outnumber output tokens.
+  ``both`` runs ``chat`` and ``few-shot``; ``all`` the three.
 
 Sizes: at most 64 requests at once, 512 prompt tokens per step (chunked prefill; both changed for
 every system by ``--max-batch-size`` and ``--max-prefill-tokens``: vLLM runs up to 256 sequences at
@@ -67,7 +77,7 @@ request's worst case; the dense loop's cache is ``[64, max_seq_len]`` tokens per
 step's prompt rows to 512 (the engine per step, the dense loop per request's chunk).
 
 Measurement: per system, a warm-up first compiles every step program on throw-away servers of
-the same configuration (the engine: a prompt-only step, a mixed step and decode-only steps; the
+the same configuration (the engine: :meth:`ServingEngine.warm_up` without the sampling programs; the
 dense loop: :meth:`DenseServingLoop.compile_all`), repeated until a pass compiles nothing, and a
 JAX compile listener counts compilations during the timed run (0 expected). The timed run starts
 on a fresh server (an empty prefix cache), submits all requests, then steps until idle; each
@@ -105,13 +115,15 @@ from jaxinfer.serve import EngineConfig, ServingEngine
 
 SYSTEMS = ("jaxinfer, prefix caching on", "jaxinfer, prefix caching off", "dense-xla loop")
 SYNC_SYSTEM = "jaxinfer, prefix caching on, synchronous"
-ALL_SYSTEMS = (*SYSTEMS, SYNC_SYSTEM)
-SYSTEM_KEYS = dict(zip(("on", "off", "dense", "sync"), ALL_SYSTEMS))  # --systems' short names
+CASCADE_SYSTEM = "jaxinfer, prefix caching on, always cascade"
+FLAT_SYSTEM = "jaxinfer, prefix caching on, one level"
+ALL_SYSTEMS = (*SYSTEMS, SYNC_SYSTEM, CASCADE_SYSTEM, FLAT_SYSTEM)
+SYSTEM_KEYS = dict(zip(("on", "off", "dense", "sync", "cascade", "flat"), ALL_SYSTEMS))  # --systems' short names
 RECORDS_FILE = "serving.jsonl"
 GOAL_PREFIX_CACHING = 1.3  # tokens/s of prefix caching on over off (issue 17)
 GOAL_VS_DENSE = 2.0  # tokens/s of jaxinfer over the dense-XLA loop (issue 17)
 _WORD_TOKEN = re.compile(r"Ġ[a-z]{3,}")  # byte-level BPE: "Ġ" is the leading space
-WORKLOADS = ("chat", "few-shot")
+WORKLOADS = ("chat", "few-shot", "long-system")
 
 FEW_SHOT_SYSTEM_PROMPT = "\n".join([
     "You are a support assistant for a software company. You read a customer's message, decide which team"
@@ -200,6 +212,7 @@ class ServingWorkload:
       seed: the lengths' and the user messages' generator.
       kv_dtype: the engine's KV cache dtype (``EngineConfig.kv_dtype``, e.g. ``"e4m3"``; ``None``:
         the model's dtype). The dense loop keeps the model's dtype: it is the baseline.
+      long_system_tokens: the ``long-system`` workload's system prompt, in word tokens.
     """
 
     num_requests: int
@@ -212,16 +225,21 @@ class ServingWorkload:
     dense_min_prefill_rows: int | None = None
     seed: int = 0
     kv_dtype: str | None = None
+    long_system_tokens: int = 2048
 
-    def engine_config(self, backend: str, prefix_caching: bool, overlap: bool = True) -> EngineConfig:
+    def engine_config(self, backend: str, prefix_caching: bool, overlap: bool = True,
+                      cascade: bool | None = None) -> EngineConfig:
         """The engine's configuration: a pool that holds ``max_batch_size`` requests of
         ``max_seq_len`` tokens, no stop tokens, and the xla sampler (greedy requests never run it;
-        it only compiles faster than the Pallas one)."""
+        it only compiles faster than the Pallas one). ``cascade``: with prefix caching, every decode
+        step through cascade levels (``True``: ``cascade_min_saved_bytes=0``), none (``False``:
+        ``cascade_levels=1``) or the engine's choice per step (``None``)."""
         pages = self.max_batch_size * -(-self.max_seq_len // self.page_size)
+        extra = {None: {}, True: dict(cascade_min_saved_bytes=0), False: dict(cascade_levels=1)}[cascade]
         return EngineConfig(num_pages=pages, page_size=self.page_size, max_seq_len=self.max_seq_len,
                             max_batch_size=self.max_batch_size, max_prefill_tokens=self.max_prefill_tokens,
                             backend=backend, prefix_caching=prefix_caching, sampling_backend="xla",
-                            kv_dtype=self.kv_dtype, overlap=overlap)
+                            kv_dtype=self.kv_dtype, overlap=overlap, **extra)
 
     def fitted(self, prefix_len: int, suffix_len: int) -> ServingWorkload:
         """This workload with ``max_seq_len`` raised (to a multiple of ``page_size``) so that
@@ -244,7 +262,7 @@ FULL = ServingWorkload(256, LogNormalLengths(4.6, 1.0, 4, 1000), LogNormalLength
                        max_batch_size=64, max_prefill_tokens=512, max_seq_len=2048)
 # CPU check of the whole path: a handful of short requests, a prompt budget that chunks some.
 TINY = ServingWorkload(6, LogNormalLengths(2.5, 1.0, 2, 40), LogNormalLengths(2.0, 0.9, 2, 12),
-                       max_batch_size=4, max_prefill_tokens=32, max_seq_len=96)
+                       max_batch_size=4, max_prefill_tokens=32, max_seq_len=96, long_system_tokens=40)
 SIZES = {"full": FULL, "tiny": TINY}
 
 
@@ -284,17 +302,30 @@ def chat_requests(workload: ServingWorkload, tokenizer, system_prompt: str | Non
     before, after = tokenizer.apply_chat_template(messages).split(marker)
     prefix = tokenizer.encode(before)
     suffix = tokenizer.encode(after, add_special_tokens=False)
-    vocab = tokenizer.tokenizer.get_vocab()
-    word_ids = sorted(i for tok, i in vocab.items() if _WORD_TOKEN.fullmatch(tok))
     workload = workload.fitted(len(prefix), len(suffix))
-    return make_requests(workload, prefix, suffix, word_ids), len(prefix), workload
+    return make_requests(workload, prefix, suffix, word_token_ids(tokenizer)), len(prefix), workload
+
+
+def word_token_ids(tokenizer) -> list[int]:
+    """Ids of the vocabulary's word tokens (a space and at least three lowercase letters)."""
+    vocab = tokenizer.tokenizer.get_vocab()
+    return sorted(i for tok, i in vocab.items() if _WORD_TOKEN.fullmatch(tok))
+
+
+def long_system_prompt(workload: ServingWorkload, tokenizer) -> str:
+    """The ``long-system`` workload's system prompt: ``workload.long_system_tokens`` word tokens
+    drawn with ``default_rng(workload.seed + 1)``, as text (each encodes back to its one token)."""
+    rng = np.random.default_rng(workload.seed + 1)
+    words = rng.choice(np.asarray(word_token_ids(tokenizer)), workload.long_system_tokens)
+    return tokenizer.decode(words.tolist()).strip()
 
 
 def make_server(system: str, model, workload: ServingWorkload, backend: str, log: TextIO | None):
     """A fresh engine or dense loop for one of :data:`SYSTEMS`."""
     if system == SYSTEMS[2]:
         return DenseServingLoop(model, workload.dense_config(), log=log)
-    config = workload.engine_config(backend, prefix_caching=system != SYSTEMS[1], overlap=system != SYNC_SYSTEM)
+    config = workload.engine_config(backend, prefix_caching=system != SYSTEMS[1], overlap=system != SYNC_SYSTEM,
+                                    cascade={CASCADE_SYSTEM: True, FLAT_SYSTEM: False}.get(system))
     return ServingEngine(model, config, log=log)
 
 
@@ -331,11 +362,8 @@ def warm_up(system: str, model, workload: ServingWorkload, backend: str, log: Te
         with counting_compiles() as compiles:
             if isinstance(server, DenseServingLoop):
                 server.compile_all()
-            else:  # a prompt-only step, a mixed step (decode + prompt), then decode-only steps
-                server.submit([1, 2, 3], 3)
-                server.step()
-                server.submit([4, 5], 2)
-                server.run()
+            else:  # every request is greedy: the sampling programs never run
+                server.warm_up(sampling=False)
         total += len(compiles)
         del server
         gc.collect()
@@ -474,6 +502,10 @@ def goal_lines(records: Sequence[dict]) -> list[str]:
                     x = r["vs_dense_xla"]
                     lines.append(f"{label}{r['system']} / dense-xla loop: {x:.2f}x tokens/s (goal >= {GOAL_VS_DENSE}: "
                                  f"{'met' if x >= GOAL_VS_DENSE else 'not met'})")
+        for other in (CASCADE_SYSTEM, FLAT_SYSTEM):
+            if on and by.get(other) and by[other]["output_tokens_per_s"]:
+                lines.append(f"{label}prefix caching on (cascade chosen per step) / {other.split(', ')[-1]}: "
+                             f"{on['output_tokens_per_s'] / by[other]['output_tokens_per_s']:.2f}x tokens/s")
         sync = by.get(SYNC_SYSTEM)
         if on and sync and sync["output_tokens_per_s"]:
             lines.append(f"{label}overlapped / synchronous steps (prefix caching on): "
@@ -485,9 +517,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jaxinfer.bench.serving", description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=tuple(SIZES), default=None,
                    help="full (256 requests; the GPU default) or tiny (6 short requests; the CPU default)")
-    p.add_argument("--workload", choices=(*WORKLOADS, "both"), default="chat",
+    p.add_argument("--workload", choices=(*WORKLOADS, "both", "all"), default="chat",
                    help="chat (the template's 24-token system prompt; default), few-shot (a 501-token shared "
-                        "few-shot system prompt) or both, one after the other")
+                        "few-shot system prompt), long-system (a 2048-token shared system prompt), both (chat "
+                        "then few-shot) or all")
     p.add_argument("--systems", default="on,off,dense",
                    help="comma-separated systems to time: " + ", ".join(f"{k} ({v})" for k, v in SYSTEM_KEYS.items())
                         + ", or all (default on,off,dense)")
@@ -541,8 +574,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{jax.devices()[0].device_kind}", file=sys.stderr)
     env = environment()
     records = []
-    for name in WORKLOADS if args.workload == "both" else (args.workload,):
-        system_prompt = FEW_SHOT_SYSTEM_PROMPT if name == "few-shot" else args.system_prompt
+    for name in dict(both=WORKLOADS[:2], all=WORKLOADS).get(args.workload, (args.workload,)):
+        system_prompt = {"chat": args.system_prompt, "few-shot": FEW_SHOT_SYSTEM_PROMPT}.get(name)
+        if name == "long-system":
+            system_prompt = long_system_prompt(size, tokenizer)
         requests, shared, workload = chat_requests(size, tokenizer, system_prompt)
         prompt_lens = [len(p) for p, _ in requests]
         output_lens = [n for _, n in requests]

@@ -141,11 +141,18 @@ class StepPlanner:
         lists, :meth:`sharing_order`, so that sharers stand together), always
         ``L`` levels: missing ones are empty, sharing deeper than ``L - 1`` levels is read per
         request in the last level.
+      cascade_min_saved_bytes: with ``L >= 2``, a step's decode rows go through the cascade
+        levels only when these save at least this many bytes of KV reads over all layers (each
+        shared page read once per group instead of once per request); else through one decode
+        plan over each request's pages (another step program: the cascade's extra launches and
+        planning cost host time, which bounds a small model's step). 0 (the default): always.
 
     Attributes:
       prefill_buckets, decode_buckets: the padded row counts.
       num_step_programs: the most programs a jitted step over these batches compiles: one per
-        pair of (prefill bucket or none, decode bucket or none), not both none.
+        pair of (prefill bucket or none, decode bucket or none), not both none; with ``L >= 2``
+        and ``cascade_min_saved_bytes > 0`` one more per pair with decode rows (cascade or one
+        level).
 
     Raises:
       ValueError: ``num_qo_heads`` not a multiple of the pool's ``num_kv_heads``, or a size that
@@ -165,6 +172,7 @@ class StepPlanner:
         min_prefill_rows: int | None = None,
         min_decode_rows: int | None = None,
         cascade_levels: int = 1,
+        cascade_min_saved_bytes: int = 0,
     ):
         if num_qo_heads % pool.num_kv_heads:
             raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({pool.num_kv_heads})")
@@ -176,6 +184,9 @@ class StepPlanner:
             "max_prefill_tokens", self.max_seq_len if max_prefill_tokens is None else max_prefill_tokens, minimum=1
         )
         self.cascade_levels = check_int("cascade_levels", cascade_levels, minimum=1)
+        self.cascade_min_saved_bytes = check_int("cascade_min_saved_bytes", cascade_min_saved_bytes, minimum=0)
+        # KV bytes one token holds over all layers: what a level that a group reads once saves.
+        self._token_bytes = 2 * pool.num_kv_heads * pool.head_dim * pool.dtype.itemsize * len(pool.caches)
         self.backend = backend
         self.q_data_type = jnp.dtype(q_data_type)
         self.prefill_buckets = row_buckets(
@@ -192,17 +203,19 @@ class StepPlanner:
 
     @property
     def num_step_programs(self) -> int:
-        return (len(self.prefill_buckets) + 1) * (len(self.decode_buckets) + 1) - 1
+        p, d = len(self.prefill_buckets) + 1, len(self.decode_buckets)
+        both = self.cascade_levels > 1 and self.cascade_min_saved_bytes > 0
+        return p * (d + 1) - 1 + (p * d if both else 0)
 
     def plan(self, prefill: Mapping[Hashable, int] | Sequence[tuple[Hashable, int]],
-             decode: Sequence[Hashable]) -> StepBatch:
+             decode: Sequence[Hashable], *, cascade: bool | None = None) -> StepBatch:
         """Plan a step after the pool was extended for it: :meth:`plan_host` with its arrays
         copied to the device (each on its own; the serving engine packs them into one copy).
         """
-        return tree_to_device(self.plan_host(prefill, decode))
+        return tree_to_device(self.plan_host(prefill, decode, cascade=cascade))
 
     def plan_host(self, prefill: Mapping[Hashable, int] | Sequence[tuple[Hashable, int]],
-                  decode: Sequence[Hashable]) -> StepBatch:
+                  decode: Sequence[Hashable], *, cascade: bool | None = None) -> StepBatch:
         """Plan a step after the pool was extended for it, its arrays left on the host (numpy;
         the pool's fp8 scales stay device arrays): :func:`jaxinfer.plan.transfer.pack` them with
         the step's other host arrays into one copy, or use :meth:`plan`.
@@ -212,6 +225,9 @@ class StepPlanner:
             tokens for this step (a whole prompt or a chunk of one); they are its last ``n``
             tokens and attend, causally, to everything the request holds.
           decode: requests extended by one token; the row attends to all of the request's tokens.
+          cascade: with ``cascade_levels >= 2``, ``True``/``False`` read the decode rows through
+            the cascade levels / one level whatever they save (a warm-up compiles both programs
+            this way); ``None``: by ``cascade_min_saved_bytes``.
 
         Returns:
           The step's :class:`StepBatch` (rows: prefill tokens in request order, padding, decode
@@ -221,8 +237,10 @@ class StepPlanner:
           ValueError: no request, a request listed twice or not in the pool, more than
             ``max_batch_size`` requests or ``max_prefill_tokens`` prefill rows, a prefill count
             that is not an integer in ``1..seq_len``, an empty decode request, or a request longer
-            than ``max_seq_len``.
+            than ``max_seq_len``, ``cascade=True`` with one level.
         """
+        if cascade and self.cascade_levels == 1:
+            raise ValueError("cascade=True needs a planner with cascade_levels >= 2")
         pairs = list(prefill.items()) if isinstance(prefill, Mapping) else [tuple(x) for x in prefill]
         prefill_ids = [r for r, _ in pairs]
         decode = list(decode)
@@ -281,7 +299,7 @@ class StepPlanner:
         # None of these host arrays is written again: a device copy may read them after this returns.
         with host_only():
             prefill_plan = self._prefill_plan(qo_lens[:num_prefill], prefill_table, p_rows) if pairs else None
-            decode_plan = self._decode_plan(decode_table, d_rows) if decode else None
+            decode_plan = self._decode_plan(decode_table, d_rows, cascade) if decode else None
         return StepBatch(
             positions=positions,
             batch_indices=batch_indices,
@@ -353,16 +371,30 @@ class StepPlanner:
             kv_data_type=self.pool.dtype,
         )
 
-    def _decode_plan(self, table: tuple, d_rows: int) -> Plan | tuple[Plan, ...]:
+    def _decode_plan(self, table: tuple, d_rows: int, cascade: bool | None) -> Plan | tuple[Plan, ...]:
         dtypes = dict(q_data_type=self.q_data_type, kv_data_type=self.pool.dtype)
         own = self._wrapper("decode", d_rows)
-        if self.cascade_levels == 1:
+        if self.cascade_levels == 1 or cascade is False:
             return own.plan(*table, *self._geometry(), **dtypes)
         qo, indptr, indices, last = self._levels(*table)
+        if cascade is None and self.saved_bytes(qo, indptr, last) < self.cascade_min_saved_bytes:
+            return own.plan(*table, *self._geometry(), **dtypes)
         shared = self._wrapper("cascade", d_rows)
         plans = [shared.plan([qo[lvl]], [indptr[lvl]], [indices[lvl]], [last[lvl]], *self._geometry(), **dtypes)[0]
                  for lvl in range(self.cascade_levels - 1)]
         return (*plans, own.plan(indptr[-1], indices[-1], last[-1], *self._geometry(), **dtypes))
+
+    def saved_bytes(self, qo_indptr_arr: Sequence[np.ndarray], kv_indptr_arr: Sequence[np.ndarray],
+                    kv_last_page_len_arr: Sequence[np.ndarray]) -> int:
+        """KV bytes over all layers that cascade levels (:meth:`decode_levels`) save against one
+        level: a shared level's group of ``n`` requests reads its pages once instead of ``n``
+        times. The requests' own pages (the last level) save nothing."""
+        tokens = 0
+        for qo, indptr, last in zip(qo_indptr_arr[:-1], kv_indptr_arr[:-1], kv_last_page_len_arr[:-1]):
+            pages = np.diff(indptr).astype(np.int64)
+            length = np.where(pages > 0, (pages - 1) * self.pool.page_size + last, 0)
+            tokens += int(((np.diff(qo) - 1) * length).sum())
+        return tokens * self._token_bytes
 
     def decode_levels(self, decode: Sequence[Hashable]) -> tuple[list, list, list, list]:
         """The ``cascade_levels`` levels of the decode requests' pages (one query each): the

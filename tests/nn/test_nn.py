@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from conftest import BACKENDS
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jaxinfer
 from jaxinfer.models.llama import LlamaConfig, LlamaModel, decode_step_benchmark_setup, paged_logits
@@ -591,6 +593,39 @@ def test_planner_shapes_depend_only_on_buckets():
     assert sig(a) == sig(b)
     assert a.num_rows == 16 + 4
     assert planner.plan({1: 9}, []).decode_plan is None and planner.plan({}, [1]).prefill_plan is None
+
+
+@given(seed=st.integers(0, 2**32 - 1))
+@settings(max_examples=20, deadline=None)
+def test_cascade_is_chosen_by_the_bytes_it_saves(seed):
+    # Requests sharing prefix pages: the shared levels save (sharers - 1) x shared tokens x the
+    # bytes a token holds over all layers, counted here from the page lists; the planner cascades
+    # at or above its threshold, reads one level below it, and obeys cascade=True/False.
+    rng = np.random.default_rng(seed)
+    layers, kv_heads, head_dim, page_size = 3, 2, 8, 4
+    pool = KVCachePool(256, page_size, layers, kv_heads, head_dim, dtype=jnp.bfloat16)
+    trunks = [rng.integers(0, 3, int(rng.integers(0, 30))).tolist() for _ in range(2)]
+    for r in range(int(rng.integers(1, 12))):
+        tokens = trunks[r % 2] + rng.integers(0, 3, int(rng.integers(1, 20))).tolist()
+        pool.add(r, tokens[:-1])
+        pool.extend(r, len(tokens) - pool.seq_len(r))
+        pool.cache_prefix(r, tokens)
+    planner = StepPlanner(pool, 4, max_seq_len=64, max_batch_size=16, backend="xla", cascade_levels=2)
+    decode = planner.sharing_order(list(pool.requests))
+    # One level reads every request's tokens; the cascade reads each level's segments once.
+    qo, indptr, _, last = planner.decode_levels(decode)
+    cascade_reads = sum(int(((np.diff(ip) - 1) * page_size + lp)[np.diff(ip) > 0].sum())
+                        for ip, lp in zip(indptr, last))
+    want = int(pool.seq_lens(decode).sum()) - cascade_reads
+    token_bytes = 2 * kv_heads * head_dim * 2 * layers
+    assert planner.saved_bytes(qo, indptr, last) == want * token_bytes
+    for threshold, cascade in ((want * token_bytes, bool(want)), (want * token_bytes + 1, False)):
+        planner.cascade_min_saved_bytes = threshold
+        assert isinstance(planner.plan_host({}, decode).decode_plan, tuple) == (cascade or threshold == 0)
+    assert isinstance(planner.plan_host({}, decode, cascade=True).decode_plan, tuple)
+    assert not isinstance(planner.plan_host({}, decode, cascade=False).decode_plan, tuple)
+    with pytest.raises(ValueError, match="cascade_levels >= 2"):
+        StepPlanner(pool, 4, max_seq_len=64, max_batch_size=16, backend="xla").plan_host({}, decode, cascade=True)
 
 
 @pytest.mark.parametrize("backend", ["xla", "pallas"])
