@@ -743,7 +743,7 @@ class ServingEngine:
         pool, planner = self.pool, self.planner
         decode_rids = [r.rid for r in decode]
         pool.extend_batch([*(r.rid for r in chunks), *decode_rids], [*chunks.values(), *(1 for _ in decode)])
-        if planner.cascade_levels > 1:  # sharers stand together: one cascade group each
+        if planner.may_cascade(decode_rids):  # sharers stand together: one cascade group each
             by_rid = dict(zip(decode_rids, decode))
             decode_rids = planner.sharing_order(decode_rids)
             decode = [by_rid[rid] for rid in decode_rids]

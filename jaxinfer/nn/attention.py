@@ -374,7 +374,7 @@ class StepPlanner:
     def _decode_plan(self, table: tuple, d_rows: int, cascade: bool | None) -> Plan | tuple[Plan, ...]:
         dtypes = dict(q_data_type=self.q_data_type, kv_data_type=self.pool.dtype)
         own = self._wrapper("decode", d_rows)
-        if self.cascade_levels == 1 or cascade is False:
+        if self.cascade_levels == 1 or cascade is False or (cascade is None and not self._may_save(table[1])):
             return own.plan(*table, *self._geometry(), **dtypes)
         qo, indptr, indices, last = self._levels(*table)
         if cascade is None and self.saved_bytes(qo, indptr, last) < self.cascade_min_saved_bytes:
@@ -383,6 +383,21 @@ class StepPlanner:
         plans = [shared.plan([qo[lvl]], [indptr[lvl]], [indices[lvl]], [last[lvl]], *self._geometry(), **dtypes)[0]
                  for lvl in range(self.cascade_levels - 1)]
         return (*plans, own.plan(indptr[-1], indices[-1], last[-1], *self._geometry(), **dtypes))
+
+    def may_cascade(self, decode: Sequence[Hashable]) -> bool:
+        """Whether :meth:`plan_host` may read these decode requests through cascade levels: with
+        ``cascade_levels >= 2``, unless an upper bound of what the levels save (every page that
+        several requests hold, counted once per holder) is under ``cascade_min_saved_bytes``.
+        ``False``: the step reads one level, and the requests need no :meth:`sharing_order`.
+
+        Raises:
+          KeyError: a request not in the pool.
+        """
+        return self.cascade_levels > 1 and self._may_save(self.pool.page_table(decode)[1])
+
+    def _may_save(self, kv_indices: np.ndarray) -> bool:
+        shared = int(np.count_nonzero(self.pool.refcounts(kv_indices) > 1))
+        return shared * self.pool.page_size * self._token_bytes >= self.cascade_min_saved_bytes
 
     def saved_bytes(self, qo_indptr_arr: Sequence[np.ndarray], kv_indptr_arr: Sequence[np.ndarray],
                     kv_last_page_len_arr: Sequence[np.ndarray]) -> int:

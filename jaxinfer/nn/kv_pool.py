@@ -197,6 +197,10 @@ class KVCachePool:
         """Live requests holding ``page``."""
         return int(self._refs[page])
 
+    def refcounts(self, pages: np.ndarray) -> np.ndarray:
+        """:meth:`refcount` of each of ``pages`` (int64, the shape of ``pages``)."""
+        return self._refs[pages]
+
     def in_prefix_tree(self, page: int) -> bool:
         return page in self._nodes
 

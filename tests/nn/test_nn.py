@@ -622,6 +622,9 @@ def test_cascade_is_chosen_by_the_bytes_it_saves(seed):
     for threshold, cascade in ((want * token_bytes, bool(want)), (want * token_bytes + 1, False)):
         planner.cascade_min_saved_bytes = threshold
         assert isinstance(planner.plan_host({}, decode).decode_plan, tuple) == (cascade or threshold == 0)
+        assert planner.may_cascade(decode) or not cascade  # a bound: never False where cascade pays
+    planner.cascade_min_saved_bytes = 2 * len(decode) * pool.pages_for(64) * page_size * token_bytes
+    assert not planner.may_cascade(decode)  # more than every page held twice could save
     assert isinstance(planner.plan_host({}, decode, cascade=True).decode_plan, tuple)
     assert not isinstance(planner.plan_host({}, decode, cascade=False).decode_plan, tuple)
     with pytest.raises(ValueError, match="cascade_levels >= 2"):
