@@ -167,8 +167,11 @@ class EngineConfig:
       cascade_min_saved_bytes: a step with prefix caching reads its decode rows through the
         cascade levels only when they save at least this many bytes of KV reads over all layers
         (:meth:`~jaxinfer.nn.StepPlanner.saved_bytes`); else through one level. 0: always cascade
-        (fewer step programs). The default, 1 GiB, is about a third of a millisecond of an H100's
-        HBM bandwidth, what the cascade's extra launches and planning cost on the host
+        (fewer step programs). The levels cost host time (planning, two more kernels a layer),
+        and with overlapped steps host time is the step unless the device's work is longer: they
+        pay once the shared reads alone outlast the host's step. The default, 16 GiB, is several
+        milliseconds of HBM reads on an H100 or H200; a model whose steps are device-bound (its
+        weights and KV reads outlast the host) gains from a lower value
         (benchmarks/decisions/serving.md).
       min_prefill_rows, min_decode_rows: smallest row buckets (``None``: one bucket, the
         maximum). Lower values pad less and compile more programs.
@@ -202,7 +205,7 @@ class EngineConfig:
     kv_layout: str = "NHD"
     prefix_caching: bool = True
     cascade_levels: int = 2
-    cascade_min_saved_bytes: int = 1 << 30
+    cascade_min_saved_bytes: int = 16 << 30
     min_prefill_rows: int | None = None
     min_decode_rows: int | None = None
     stop_token_ids: tuple[int, ...] = ()
@@ -216,7 +219,7 @@ class EngineConfig:
         for name in ("num_pages", "page_size", "max_seq_len", "max_batch_size", "max_prefill_tokens", "cascade_levels",
                      "tensor_parallel_size"):
             check_int(name, getattr(self, name), minimum=1)
-        check_int("cascade_min_saved_bytes", self.cascade_min_saved_bytes, minimum=0)
+        check_int("cascade_min_saved_bytes", self.cascade_min_saved_bytes, minimum=0, maximum=None)
         for name in ("min_prefill_rows", "min_decode_rows"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), minimum=1)

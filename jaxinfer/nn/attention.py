@@ -184,7 +184,8 @@ class StepPlanner:
             "max_prefill_tokens", self.max_seq_len if max_prefill_tokens is None else max_prefill_tokens, minimum=1
         )
         self.cascade_levels = check_int("cascade_levels", cascade_levels, minimum=1)
-        self.cascade_min_saved_bytes = check_int("cascade_min_saved_bytes", cascade_min_saved_bytes, minimum=0)
+        self.cascade_min_saved_bytes = check_int("cascade_min_saved_bytes", cascade_min_saved_bytes, minimum=0,
+                                                 maximum=None)
         # KV bytes one token holds over all layers: what a level that a group reads once saves.
         self._token_bytes = 2 * pool.num_kv_heads * pool.head_dim * pool.dtype.itemsize * len(pool.caches)
         self.backend = backend
