@@ -86,6 +86,15 @@ class DataParallelEngine:
     def idle(self) -> bool:
         return all(e.idle for e in self.engines)
 
+    def warm_up(self, sampling: bool = True) -> None:
+        """:meth:`ServingEngine.warm_up` of every group.
+
+        Raises:
+          ValueError: a group is not idle.
+        """
+        for engine in self.engines:
+            engine.warm_up(sampling)
+
     def step(self) -> StepResult:
         """One :meth:`ServingEngine.step` of every group, their results joined (this engine's
         request ids)."""

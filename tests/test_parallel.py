@@ -8,7 +8,8 @@ the checks happen here in the parent.
 The serving engine with ``EngineConfig(tensor_parallel_size=tp)`` (xla backend, float32, prefix
 caching and chunked prefill) gives the tokens of the same engine on one device: the random Llama at
 TP 2 and 4, SmolLM2 at TP 3; so does :class:`jaxinfer.serve_dp.DataParallelEngine` at DP 2 and
-DP 2 x TP 2 (random Llama), each group on its own devices.
+DP 2 x TP 2 (random Llama, warmed up first: :meth:`DataParallelEngine.warm_up`), each group on its
+own devices.
 
 For each model and backend, the same prompts go through :func:`jaxinfer.parallel.greedy_generate`
 on each mesh and through an independent one-device loop (a plain pool, planner and
@@ -170,6 +171,8 @@ def _engine_tokens(model, prompts, tp: int, dp: int = 0):
                           backend="xla", tensor_parallel_size=tp)
     engine = DataParallelEngine(model, config, data_parallel_size=dp, log=None) if dp else ServingEngine(
         model, config, log=None)
+    if dp and tp > 1:  # throw-away steps on every group's shards: the run's tokens must not change
+        engine.warm_up(sampling=False)
     rids = [engine.submit(p, NEW_TOKENS + 1) for p in prompts]
     out = engine.run()
     groups = engine.engines if dp else [engine]
