@@ -567,11 +567,6 @@ class ServingEngine:
         """The planner's batch shapes, each greedy or with sampling rows."""
         return 2 * self.planner.num_step_programs
 
-    @property
-    def _num_batch_shapes(self) -> int:
-        p = self.planner
-        return (len(p.prefill_buckets) + 1) * (len(p.decode_buckets) + 1) - 1
-
     def warm_up(self, sampling: bool = True) -> None:
         """Compile every step program (:attr:`num_step_programs`; without ``sampling`` only the
         greedy ones) by running one throw-away step of each: per pair of row buckets, the fewest
@@ -588,7 +583,7 @@ class ServingEngine:
         # The fewest rows that pad to each bucket (and none).
         prefill = [0, 1, *(b + 1 for b in planner.prefill_buckets[:-1])]
         decode = [0, 1, *(b + 1 for b in planner.decode_buckets[:-1])]
-        cascades = [None] if planner.num_step_programs == self._num_batch_shapes else [False, True]
+        cascades = [False, True] if planner.chooses_levels else [None]
         for sampled in (False, True) if sampling else (False,):
             for n_prefill in prefill:
                 chunks = [min(c.max_seq_len, n_prefill - i) for i in range(0, n_prefill, c.max_seq_len)]
@@ -612,9 +607,7 @@ class ServingEngine:
             inputs = np.zeros(2 * batch.num_rows + SamplingBatch.FIELDS * c.max_batch_size, np.int32)
             inputs[batch.num_rows : 2 * batch.num_rows] = -1
             with self._on_device():
-                out, pool.caches = serve_step(self._model, self._params, pool.caches, self._prev_tokens,
-                                              pack((batch, inputs)), c.sampling_backend, sampled)
-            out.block_until_ready()
+                self._launch(batch, inputs, sampled).block_until_ready()
         finally:
             for rid in rids:
                 if rid in pool.requests:
@@ -624,7 +617,7 @@ class ServingEngine:
         """One line: the step-program bound and the capacities it comes from."""
         c, p = self.config, self.planner
         scales = "" if self.pool.k_scale is None else f", k_scale={c.k_scale}, v_scale={c.v_scale}"
-        levels = " (one level or cascade)" if p.num_step_programs > self._num_batch_shapes else ""
+        levels = " (one level or cascade)" if p.chooses_levels else ""
         return (
             f"jaxinfer.serve: at most {self.num_step_programs} step program(s) "
             f"(prefill rows {list(p.prefill_buckets)} or none x decode rows {list(p.decode_buckets)}{levels} or none "
@@ -746,11 +739,13 @@ class ServingEngine:
         pool, planner = self.pool, self.planner
         decode_rids = [r.rid for r in decode]
         pool.extend_batch([*(r.rid for r in chunks), *decode_rids], [*chunks.values(), *(1 for _ in decode)])
-        if planner.may_cascade(decode_rids):  # sharers stand together: one cascade group each
+        may_cascade = planner.may_cascade(decode_rids)
+        if may_cascade:  # sharers stand together: one cascade group each
             by_rid = dict(zip(decode_rids, decode))
             decode_rids = planner.sharing_order(decode_rids)
             decode = [by_rid[rid] for rid in decode_rids]
-        batch = planner.plan_host({r.rid: n for r, n in chunks.items()}, decode_rids)
+        batch = planner.plan_host({r.rid: n for r, n in chunks.items()}, decode_rids,
+                                  cascade=None if may_cascade else False)
         t, bc, p = batch.num_rows, self.config.max_batch_size, batch.num_prefill_rows
         order = [*chunks, *decode]
         inputs = np.empty(2 * t + SamplingBatch.FIELDS * bc, np.int32)
@@ -767,8 +762,7 @@ class ServingEngine:
         slots[:-1, : len(order)] = np.array([self._sampling_rows[r] for r in order]).T
         slots[-1, : len(order)] = [r.num_generated for r in order]  # the draw's offset
         sampled = any(r.sampling.temperature > 0 for r in order)
-        next_tokens, pool.caches = serve_step(self._model, self._params, pool.caches, self._prev_tokens,
-                                              pack((batch, inputs)), self.config.sampling_backend, sampled)
+        next_tokens = self._launch(batch, inputs, sampled)
         chunk, computed, samples = [], [], []
         for req in order:
             n = chunks.get(req, 0)
@@ -781,6 +775,13 @@ class ServingEngine:
         self._prev_slot = {req: i for i, req in enumerate(order)}
         self.stats["steps"] += 1
         return _Flight(next_tokens, order, chunk, computed, samples)
+
+    def _launch(self, batch, inputs: np.ndarray, sampled: bool) -> jax.Array:
+        """Dispatch :func:`serve_step` on ``batch`` and ``inputs`` (the pool's caches replaced by
+        its output); returns the step's next tokens (not waited for)."""
+        next_tokens, self.pool.caches = serve_step(self._model, self._params, self.pool.caches, self._prev_tokens,
+                                                   pack((batch, inputs)), self.config.sampling_backend, sampled)
+        return next_tokens
 
     def _collect(self, flight: _Flight, sampled: list[int]) -> StepResult:
         """Book a step that came back: register the pages it filled in the prefix tree, append

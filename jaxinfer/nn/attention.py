@@ -149,10 +149,11 @@ class StepPlanner:
 
     Attributes:
       prefill_buckets, decode_buckets: the padded row counts.
+      chooses_levels: whether steps with decode rows come in two programs, one level or cascade
+        levels (``L >= 2`` and ``cascade_min_saved_bytes > 0``).
       num_step_programs: the most programs a jitted step over these batches compiles: one per
-        pair of (prefill bucket or none, decode bucket or none), not both none; with ``L >= 2``
-        and ``cascade_min_saved_bytes > 0`` one more per pair with decode rows (cascade or one
-        level).
+        pair of (prefill bucket or none, decode bucket or none), not both none; with
+        ``chooses_levels`` one more per pair with decode rows.
 
     Raises:
       ValueError: ``num_qo_heads`` not a multiple of the pool's ``num_kv_heads``, or a size that
@@ -203,10 +204,13 @@ class StepPlanner:
         self._levels_cache: dict = {}  # shared cascade levels of the last decode batch
 
     @property
+    def chooses_levels(self) -> bool:
+        return self.cascade_levels > 1 and self.cascade_min_saved_bytes > 0
+
+    @property
     def num_step_programs(self) -> int:
         p, d = len(self.prefill_buckets) + 1, len(self.decode_buckets)
-        both = self.cascade_levels > 1 and self.cascade_min_saved_bytes > 0
-        return p * (d + 1) - 1 + (p * d if both else 0)
+        return p * (d + 1) - 1 + (p * d if self.chooses_levels else 0)
 
     def plan(self, prefill: Mapping[Hashable, int] | Sequence[tuple[Hashable, int]],
              decode: Sequence[Hashable], *, cascade: bool | None = None) -> StepBatch:
@@ -375,15 +379,14 @@ class StepPlanner:
     def _decode_plan(self, table: tuple, d_rows: int, cascade: bool | None) -> Plan | tuple[Plan, ...]:
         dtypes = dict(q_data_type=self.q_data_type, kv_data_type=self.pool.dtype)
         own = self._wrapper("decode", d_rows)
-        if self.cascade_levels == 1 or cascade is False or (cascade is None and not self._may_save(table[1])):
-            return own.plan(*table, *self._geometry(), **dtypes)
-        qo, indptr, indices, last = self._levels(*table)
-        if cascade is None and self.saved_bytes(qo, indptr, last) < self.cascade_min_saved_bytes:
-            return own.plan(*table, *self._geometry(), **dtypes)
-        shared = self._wrapper("cascade", d_rows)
-        plans = [shared.plan([qo[lvl]], [indptr[lvl]], [indices[lvl]], [last[lvl]], *self._geometry(), **dtypes)[0]
-                 for lvl in range(self.cascade_levels - 1)]
-        return (*plans, own.plan(indptr[-1], indices[-1], last[-1], *self._geometry(), **dtypes))
+        if self.cascade_levels > 1 and cascade is not False and (cascade or self._may_save(table[1])):
+            qo, indptr, indices, last = self._levels(*table)
+            if cascade or self.saved_bytes(qo, indptr, last) >= self.cascade_min_saved_bytes:
+                shared = self._wrapper("cascade", d_rows)
+                plans = [shared.plan([qo[lvl]], [indptr[lvl]], [indices[lvl]], [last[lvl]], *self._geometry(),
+                                     **dtypes)[0] for lvl in range(self.cascade_levels - 1)]
+                return (*plans, own.plan(indptr[-1], indices[-1], last[-1], *self._geometry(), **dtypes))
+        return own.plan(*table, *self._geometry(), **dtypes)
 
     def may_cascade(self, decode: Sequence[Hashable]) -> bool:
         """Whether :meth:`plan_host` may read these decode requests through cascade levels: with
