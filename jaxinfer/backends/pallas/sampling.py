@@ -68,6 +68,10 @@ class SamplingConfig:
       max_rounds: cap on rejection rounds; a row that reaches it returns its largest entry (always
         in the kept set). The dual pivot halves the bracket each round, so it is never reached by
         float32 weights in practice.
+      prefetch: every pass issues block ``j + 1``'s load before it reduces block ``j``, so a
+        program keeps two blocks in flight: a program streams its row alone, and with one block in
+        flight each step waits a full memory latency (small batches use one program per SM).
+      num_stages: Triton's software-pipelining depth of the passes' loops.
     """
 
     # H100, V=128256 (benchmarks/decisions/pallas.md): 4096-entry blocks cut top-k + top-p from
@@ -75,10 +79,14 @@ class SamplingConfig:
     block: int = 4096
     num_warps: int = 8
     max_rounds: int = 64
+    prefetch: bool = True
+    num_stages: int = 1
 
     def __post_init__(self):
         if self.block < 16 or self.block & (self.block - 1):
             raise ValueError(f"block must be a power of 2 >= 16, got {self.block}")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
 
     def for_vocab(self, vocab: int) -> SamplingConfig:
         """Blocks no wider than the vocabulary needs (small vocabularies, tests)."""
@@ -159,26 +167,52 @@ class _Row:
     base: jax.Array  # row * vocab
     vocab: int
     block: int
+    fill: float  # the value of entries past the row's end
+    prefetch: bool
 
     @property
     def num_blocks(self) -> int:
         return pl.cdiv(self.vocab, self.block)
 
-    def load(self, j, fill: float):
+    def _cols(self, j):
+        col = j * self.block + lax.iota(jnp.int32, self.block)
+        return col, col < self.vocab
+
+    def _fetch(self, j):
+        col, ok = self._cols(j)
+        # Unclamped contiguous offsets (masked past the row's end) let Triton vectorize the load.
+        return pltriton.load(self.ref.at[self.base + col], mask=ok, other=self.fill)
+
+    def _view(self, j, raw):
+        col, ok = self._cols(j)
+        return col, ok, jnp.where(ok, raw.astype(jnp.float32), self.fill)
+
+    def load(self, j):
         """``(col, ok, x)`` of block ``j``: columns, in-row mask, entries as float32 (``fill`` past
         the row's end)."""
-        col = j * self.block + lax.iota(jnp.int32, self.block)
-        ok = col < self.vocab
-        # Unclamped contiguous offsets (masked past the row's end) let Triton vectorize the load.
-        x = pltriton.load(self.ref.at[self.base + col], mask=ok, other=fill)
-        return col, ok, jnp.where(ok, x.astype(jnp.float32), fill)
+        return self._view(j, self._fetch(j))
+
+    def fold(self, body, init, num_blocks=None):
+        """``fori_loop`` of ``acc = body(j, (col, ok, x), acc)`` over blocks ``j < num_blocks``
+        (default: all); with ``prefetch``, block ``j + 1`` is loaded before block ``j``'s body (the
+        loop carries the raw block: the input's dtype)."""
+        n = self.num_blocks if num_blocks is None else num_blocks
+        if not self.prefetch:
+            return lax.fori_loop(0, n, lambda j, acc: body(j, self.load(j), acc), init)
+
+        def step(j, carry):
+            raw, acc = carry
+            ahead = self._fetch(jnp.minimum(j + 1, self.num_blocks - 1))  # (the last step reloads its own block)
+            return ahead, body(j, self._view(j, raw), acc)
+
+        return lax.fori_loop(0, n, step, (self._fetch(0), init))[1]
 
 
-def _row(ref, r, vocab: int, block: int) -> _Row:
+def _row(ref, r, vocab: int, cfg: SamplingConfig, fill: float) -> _Row:
     """Row ``r`` of a flat ``[R * V]`` ref; the alignment hint lets Triton emit wide loads."""
     align = math.gcd(vocab, 16)
     base = r * vocab
-    return _Row(ref, pl.multiple_of(base, align) if align > 1 else base, vocab, block)
+    return _Row(ref, pl.multiple_of(base, align) if align > 1 else base, vocab, cfg.block, fill, cfg.prefetch)
 
 
 def _pick_in_block(w, u):
@@ -196,7 +230,7 @@ def _pick_in_block(w, u):
 # --------------------------------------------------------------------------------------------
 
 
-def _search(load, num_blocks: int, lo, g_lo, hi, g_hi, c, active, *, linear: bool):
+def _search(row: _Row, measure, lo, g_lo, hi, g_hi, c, active, *, linear: bool):
     """``t = min{x_i : g(x_i) < c}`` with ``g(t)`` the measure of the entries above ``t``.
 
     The bracket ``(lo, hi]`` holds ``t`` (``g(lo) >= c > g(hi)``); it lives on int32 keys
@@ -209,7 +243,8 @@ def _search(load, num_blocks: int, lo, g_lo, hi, g_hi, c, active, *, linear: boo
     4 for top-k of probabilities (key space) and for top-p masses (value space).
 
     Args:
-      load: ``j -> (ok, x float32, measure float32)`` of block ``j`` (measure 0 where not ok).
+      row: the row whose blocks are searched.
+      measure: ``(ok, x) -> float32`` measure of a block's entries (0 where not ok).
       lo, g_lo: an int32 key with ``g(lo) >= c`` and its ``g``; hi, g_hi: likewise with
         ``g(hi) < c``.
       c: the bound (> 0).
@@ -240,9 +275,10 @@ def _search(load, num_blocks: int, lo, g_lo, hi, g_hi, c, active, *, linear: boo
         pivot_x = tuple(key_float(k) for k in pivots)
         lo_x, bottom, hi_x = key_float(lo), lo < bottom_key, key_float(hi)  # (bottom: below every entry, -inf too)
 
-        def body(j, acc):
+        def body(j, blk, acc):
             gs, m_l, e_l, mh_l, eh_l = acc
-            ok, x, meas = load(j)
+            _, ok, x = blk
+            meas = measure(ok, x)
             gs = tuple(g + jnp.where(x > p, meas, 0.0) for g, p in zip(gs, pivot_x))
             # Per lane: the smallest entry above lo, the largest at or below hi, and the measure of
             # their copies.
@@ -254,8 +290,8 @@ def _search(load, num_blocks: int, lo, g_lo, hi, g_hi, c, active, *, linear: boo
             eh_l = jnp.where(new_max, meas, jnp.where(same_h, eh_l + meas, eh_l))
             return gs, jnp.where(new_min, x, m_l), e_l, jnp.where(new_max, x, mh_l), eh_l
 
-        zero = jnp.zeros((load_width,), jnp.float32)
-        gs, m_l, e_l, mh_l, eh_l = lax.fori_loop(0, num_blocks, body, ((zero,) * len(pivots), zero + jnp.inf, zero, zero - jnp.inf, zero))
+        zero = jnp.zeros((row.block,), jnp.float32)
+        gs, m_l, e_l, mh_l, eh_l = row.fold(body, ((zero,) * len(pivots), zero + jnp.inf, zero, zero - jnp.inf, zero))
         gs = tuple(jnp.sum(g) for g in gs)
         m, mh = jnp.min(m_l), jnp.max(mh_l)
         g_m = g_lo - jnp.sum(jnp.where(m_l == m, e_l, 0.0))
@@ -273,7 +309,6 @@ def _search(load, num_blocks: int, lo, g_lo, hi, g_hi, c, active, *, linear: boo
     def cond(state):
         return ~state[4] & (state[6] < SEARCH_PASSES)
 
-    load_width = load(0)[1].shape[0]
     init = (lo, g_lo, hi, g_hi, ~active, key_float(hi), jnp.int32(0))
     return lax.while_loop(cond, one_pass, init)[5]
 
@@ -283,22 +318,22 @@ def _search(load, num_blocks: int, lo, g_lo, hi, g_hi, c, active, *, linear: boo
 # --------------------------------------------------------------------------------------------
 
 
-def _threshold_kernel(x_ref, param_ref, out_ref, *, vocab: int, block: int, criterion: str, logits: bool):
+def _threshold_kernel(x_ref, param_ref, out_ref, *, vocab: int, cfg: SamplingConfig, criterion: str, logits: bool):
     r = pl.program_id(0)
-    row = _row(x_ref, r, vocab, block)
     fill = -jnp.inf if logits else 0.0
+    row = _row(x_ref, r, vocab, cfg, fill)
+    block = cfg.block
 
-    def load(j):
-        _, ok, x = row.load(j, fill)
-        return ok, x, (jnp.where(ok, 1.0, 0.0) if criterion == "top_k" else jnp.where(ok, x, 0.0))
+    def measure(ok, x):
+        return jnp.where(ok, 1.0, 0.0) if criterion == "top_k" else jnp.where(ok, x, 0.0)
 
-    def stats(j, acc):
+    def stats(j, blk, acc):
         xmin, xmax, total = acc
-        ok, x, meas = load(j)
-        return jnp.minimum(xmin, jnp.where(ok, x, jnp.inf)), jnp.maximum(xmax, x), total + meas
+        _, ok, x = blk
+        return jnp.minimum(xmin, jnp.where(ok, x, jnp.inf)), jnp.maximum(xmax, x), total + measure(ok, x)
 
     init = (jnp.full((block,), jnp.inf, jnp.float32), jnp.full((block,), fill, jnp.float32), jnp.zeros((block,), jnp.float32))
-    xmin, xmax, total = lax.fori_loop(0, row.num_blocks, stats, init)
+    xmin, xmax, total = row.fold(stats, init)
     total = jnp.sum(total)
     param = param_ref[r]
     if criterion == "top_k":
@@ -308,7 +343,7 @@ def _threshold_kernel(x_ref, param_ref, out_ref, *, vocab: int, block: int, crit
         off = param >= 1.0
         c = jnp.maximum(param * total, jnp.float32(1e-30))
     # Counts of probabilities interpolate best in log scale (keys); logits and masses linearly.
-    t = _search(load, row.num_blocks, float_key(jnp.min(xmin)) - 1, total, float_key(jnp.max(xmax)), jnp.float32(0.0), c, ~off,
+    t = _search(row, measure, float_key(jnp.min(xmin)) - 1, total, float_key(jnp.max(xmax)), jnp.float32(0.0), c, ~off,
                 linear=logits or criterion == "top_p")
     out_ref[r] = jnp.where(off, -jnp.inf, t)
 
@@ -327,12 +362,12 @@ def threshold(x, param, *, criterion: str, logits: bool, config: SamplingConfig 
     """
     rows, vocab = x.shape
     cfg = config.for_vocab(vocab)
-    kernel = functools.partial(_threshold_kernel, vocab=vocab, block=cfg.block, criterion=criterion, logits=logits)
+    kernel = functools.partial(_threshold_kernel, vocab=vocab, cfg=cfg, criterion=criterion, logits=logits)
     return pl.pallas_call(
         kernel,
         out_shape=varying_like(jax.ShapeDtypeStruct((rows,), jnp.float32), x, param),
         grid=(rows,),
-        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
+        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret_mode(),
     )(x.reshape(-1), param)
 
@@ -346,10 +381,9 @@ def _sample_kernel(rows_ref, x_ref, top_k_ref, top_p_ref, min_p_ref, temp_ref, k
                    vocab: int, cfg: SamplingConfig):
     b = pl.program_id(0)
     r = rows_ref[b]
-    row = _row(x_ref, r, vocab, cfg.block)
-    nblk = row.num_blocks
-    k0, k1 = key_ref[2 * b], key_ref[2 * b + 1]
     fill = -jnp.inf if spec.from_logits else 0.0
+    row = _row(x_ref, r, vocab, cfg, fill)
+    k0, k1 = key_ref[2 * b], key_ref[2 * b + 1]
     scale = LOG2E / jnp.where(temp_ref[r] > 0, temp_ref[r], 1.0) if spec.from_logits else None
     top_k = top_k_ref[r]
     top_k = jnp.where((top_k <= 0) | (top_k >= vocab), vocab, top_k)
@@ -367,7 +401,7 @@ def _sample_kernel(rows_ref, x_ref, top_k_ref, top_p_ref, min_p_ref, temp_ref, k
     def pick(blk, u, m, low, floor):
         """``(token, w, x)`` of the inverse-CDF pick inside block ``blk`` of ``{w > low, x >= floor}``
         (token ``V - 1`` when no block was picked: a row with no mass)."""
-        col, _, x = row.load(jnp.maximum(blk, 0), fill)
+        col, _, x = row.load(jnp.maximum(blk, 0))
         w = weights(x, m)
         w = jnp.where((w > low) & (x >= floor), w, 0.0)
         sel = lax.iota(jnp.int32, cfg.block) == _pick_in_block(w, u)
@@ -384,9 +418,9 @@ def _sample_kernel(rows_ref, x_ref, top_k_ref, top_p_ref, min_p_ref, temp_ref, k
         that set's total mass, and the count (top-k) and mass (top-p) of entries above each pivot."""
         seed, u_in = threefry2x32(k0, k1, pass_idx, 0)
 
-        def body(j, acc):
+        def body(j, blk, acc):
             tot, sel, aggs = acc
-            _, _, x = row.load(j, fill)
+            _, _, x = blk
             w = weights(x, m)
             s = jnp.sum(jnp.where(in_set(w, x, low, floor), w, 0.0))  # the pass's one reduction per block
             tot = tot + s
@@ -397,7 +431,7 @@ def _sample_kernel(rows_ref, x_ref, top_k_ref, top_p_ref, min_p_ref, temp_ref, k
             return tot, sel, aggs
 
         zero = jnp.zeros((cfg.block,), jnp.float32)
-        tot, sel, aggs = lax.fori_loop(0, nblk, body, (jnp.float32(0.0), jnp.int32(-1), ((zero, zero),) * len(pivots)))
+        tot, sel, aggs = row.fold(body, (jnp.float32(0.0), jnp.int32(-1), ((zero, zero),) * len(pivots)))
         aggs = tuple((jnp.sum(c), jnp.sum(g)) for c, g in aggs)
         return tot, pick(sel, _uniform(u_in), m, low, floor), aggs
 
@@ -405,9 +439,9 @@ def _sample_kernel(rows_ref, x_ref, top_k_ref, top_p_ref, min_p_ref, temp_ref, k
     # the range of the entries.
     seed0, in0 = threefry2x32(k0, k1, 0, 0)
 
-    def first(j, acc):
+    def first(j, blk, acc):
         m, z, sel, xmin, xmax = acc
-        _, ok, x = row.load(j, fill)
+        _, ok, x = blk
         if spec.from_logits:
             m_new = jnp.maximum(m, jnp.max(x))
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -425,7 +459,7 @@ def _sample_kernel(rows_ref, x_ref, top_k_ref, top_p_ref, min_p_ref, temp_ref, k
 
     m0 = jnp.float32(-jnp.inf) if spec.from_logits else jnp.zeros((cfg.block,), jnp.float32)
     lanes = (jnp.full((cfg.block,), jnp.inf, jnp.float32), jnp.full((cfg.block,), fill, jnp.float32))
-    m, z, sel, xmin, xmax = lax.fori_loop(0, nblk, first, (m0, jnp.float32(0.0), jnp.int32(-1), *lanes))
+    m, z, sel, xmin, xmax = row.fold(first, (m0, jnp.float32(0.0), jnp.int32(-1), *lanes))
     # Weights are exp2((x - m) * scale) <= 1 for logits, the entries themselves for probabilities.
     m, w_max = (jnp.where(m == -jnp.inf, 0.0, m), jnp.float32(1.0)) if spec.from_logits else (jnp.float32(0.0), jnp.max(m))
     tok, cw, cx = pick(sel, _uniform(in0), m, jnp.float32(-1.0), jnp.float32(-jnp.inf))
@@ -448,11 +482,7 @@ def _sample_kernel(rows_ref, x_ref, top_k_ref, top_p_ref, min_p_ref, temp_ref, k
     if search:
         active = (top_k < vocab) & (top_p < 1.0) & ~settled
 
-        def load_count(j):
-            _, ok, x = row.load(j, fill)
-            return ok, x, jnp.where(ok, 1.0, 0.0)
-
-        t_k = _search(load_count, nblk, float_key(jnp.min(xmin)) - 1, jnp.float32(vocab), float_key(jnp.max(xmax)),
+        t_k = _search(row, lambda ok, x: jnp.where(ok, 1.0, 0.0), float_key(jnp.min(xmin)) - 1, jnp.float32(vocab), float_key(jnp.max(xmax)),
                       jnp.float32(0.0), top_k.astype(jnp.float32), active, linear=spec.from_logits)
         floor = jnp.where(active, t_k, -jnp.inf)
         k_test = jnp.where(active, vocab, top_k)
@@ -483,15 +513,15 @@ def _sample_kernel(rows_ref, x_ref, top_k_ref, top_p_ref, min_p_ref, temp_ref, k
     state = (jnp.int32(0), jnp.float32(-1.0), w_max, tok, cw, cx, jnp.bool_(True), settled, zref)
     state = lax.while_loop(cond, round_, state)
     # Past max_rounds: the row's largest entry, which every filter keeps.
-    out_ref[b] = jnp.where(state[7], state[3], _argmax(row, fill, ~state[7]))
+    out_ref[b] = jnp.where(state[7], state[3], _argmax(row, ~state[7]))
 
 
-def _argmax(row: _Row, fill: float, needed):
+def _argmax(row: _Row, needed):
     """First index of the row's largest entry (no pass when ``needed`` is false)."""
 
-    def body(j, acc):
+    def body(j, blk, acc):
         best, idx = acc
-        col, ok, x = row.load(j, fill)
+        col, ok, x = blk
         bm = jnp.max(x)
         bi = jnp.min(jnp.where(x == bm, col, row.vocab))
         return jnp.where(bm > best, bm, best), jnp.where(bm > best, bi, idx)
@@ -499,7 +529,7 @@ def _argmax(row: _Row, fill: float, needed):
     # The trip count as int32 arithmetic: jnp.where(needed, n, 0) of two literals lowers to an i1
     # bound, which Triton's scf.for rejects on the device (tests/backends/pallas/conftest.py).
     num_blocks = needed.astype(jnp.int32) * row.num_blocks
-    return lax.fori_loop(0, num_blocks, body, (jnp.float32(-jnp.inf), jnp.int32(0)))[1]
+    return row.fold(body, (jnp.float32(-jnp.inf), jnp.int32(0)), num_blocks)[1]
 
 
 def sample(x, rows, key_data, params: RowParams, *, spec: SamplerSpec, config: SamplingConfig = DEFAULT_CONFIG):
@@ -526,6 +556,6 @@ def sample(x, rows, key_data, params: RowParams, *, spec: SamplerSpec, config: S
         out_shape=varying_like(jax.ShapeDtypeStruct((rows.shape[0],), jnp.int32), rows, x, params.top_k, params.top_p,
                                params.min_p, params.temperature, key_data),
         grid=(rows.shape[0],),
-        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
+        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret_mode(),
     )(rows, x.reshape(-1), params.top_k, params.top_p, params.min_p, params.temperature, key_data.reshape(-1))
