@@ -54,6 +54,7 @@ from jaxinfer.sampling import RowParams, SamplerSpec
 
 LOG2E = math.log2(math.e)
 INT32_MAX = 2**31 - 1
+Z_BOUND = 1.0 + 2.0**-6  # above a normalized row's sum with float32 or bf16 rounding (early_exit)
 SEARCH_PASSES = 40  # > 32: the midpoint pivot halves a bracket of int32 keys every pass
 _ROT = ((13, 15, 26, 6), (17, 29, 16, 24))
 
@@ -72,6 +73,9 @@ class SamplingConfig:
         program keeps two blocks in flight: a program streams its row alone, and with one block in
         flight each step waits a full memory latency (small batches use one program per SM).
       num_stages: Triton's software-pipelining depth of the passes' loops.
+      early_exit: probabilities with a top-k or top-p test draw their first candidate by inverse
+        CDF against the bound ``Z_BOUND`` on the row's sum, reading the row only up to the drawn
+        entry (the sampler's first pass; see the module docstring).
     """
 
     # H100, V=128256 (benchmarks/decisions/pallas.md): 4096-entry blocks cut top-k + top-p from
@@ -81,6 +85,7 @@ class SamplingConfig:
     max_rounds: int = 64
     prefetch: bool = True
     num_stages: int = 1
+    early_exit: bool = True
 
     def __post_init__(self):
         if self.block < 16 or self.block & (self.block - 1):
@@ -200,12 +205,27 @@ class _Row:
         if not self.prefetch:
             return lax.fori_loop(0, n, lambda j, acc: body(j, self.load(j), acc), init)
 
-        def step(j, carry):
-            raw, acc = carry
-            ahead = self._fetch(jnp.minimum(j + 1, self.num_blocks - 1))  # (the last step reloads its own block)
-            return ahead, body(j, self._view(j, raw), acc)
+        return lax.fori_loop(0, n, lambda j, carry: self._prefetched(body, j, *carry), (self._fetch(0), init))[1]
 
-        return lax.fori_loop(0, n, step, (self._fetch(0), init))[1]
+    def fold_while(self, body, init, stop):
+        """:meth:`fold` over all blocks that ends after the first block whose result satisfies
+        ``stop(acc)``."""
+        n = self.num_blocks
+        if not self.prefetch:
+            def step(c):
+                return c[0] + 1, body(c[0], self.load(c[0]), c[1])
+
+            return lax.while_loop(lambda c: (c[0] < n) & ~stop(c[1]), step, (jnp.int32(0), init))[1]
+
+        def step_ahead(c):
+            return c[0] + 1, *self._prefetched(body, *c)
+
+        return lax.while_loop(lambda c: (c[0] < n) & ~stop(c[2]), step_ahead, (jnp.int32(0), self._fetch(0), init))[2]
+
+    def _prefetched(self, body, j, raw, acc):
+        """``(block j + 1 raw, body's result on block j)``; the last block reloads itself."""
+        ahead = self._fetch(jnp.minimum(j + 1, self.num_blocks - 1))
+        return ahead, body(j, self._view(j, raw), acc)
 
 
 def _row(ref, r, vocab: int, cfg: SamplingConfig, fill: float) -> _Row:
@@ -459,10 +479,39 @@ def _sample_kernel(rows_ref, x_ref, top_k_ref, top_p_ref, min_p_ref, temp_ref, k
 
     m0 = jnp.float32(-jnp.inf) if spec.from_logits else jnp.zeros((cfg.block,), jnp.float32)
     lanes = (jnp.full((cfg.block,), jnp.inf, jnp.float32), jnp.full((cfg.block,), fill, jnp.float32))
-    m, z, sel, xmin, xmax = row.fold(first, (m0, jnp.float32(0.0), jnp.int32(-1), *lanes))
-    # Weights are exp2((x - m) * scale) <= 1 for logits, the entries themselves for probabilities.
-    m, w_max = (jnp.where(m == -jnp.inf, 0.0, m), jnp.float32(1.0)) if spec.from_logits else (jnp.float32(0.0), jnp.max(m))
-    tok, cw, cx = pick(sel, _uniform(in0), m, jnp.float32(-1.0), jnp.float32(-jnp.inf))
+    early = cfg.early_exit and counts and not (spec.from_logits or search)
+    z_bound = jnp.float32(jnp.inf)  # the largest row sum for which the current candidate is exact
+    if early:
+        # Inverse CDF at u * Z_BOUND, ending at the block where the running sum crosses it. When
+        # the row's sum z <= Z_BOUND, token i is drawn with probability p_i / Z_BOUND and none
+        # with 1 - z / Z_BOUND; the pass has then read the whole row and draws by its reservoir
+        # instead: p_i / z overall, exact. The first round's pass sums the row and discards the
+        # candidate when z > Z_BOUND (round_), so rows of any scale stay exact.
+        target = _uniform(in0) * Z_BOUND
+
+        def first_early(j, blk, acc):
+            w_lane, z, sel, _, _ = acc
+            w = weights(blk[2], 0.0)
+            s = jnp.sum(w)
+            sel = jnp.where(block_uniform(seed0, j) * (z + s) < s, j, sel)
+            return jnp.maximum(w_lane, w), z + s, sel, j, z
+
+        w_lane, z, sel, last, before = row.fold_while(first_early, (m0, jnp.float32(0.0), jnp.int32(-1), jnp.int32(0), jnp.float32(0.0)),
+                                                      lambda acc: acc[1] > target)
+        crossed = z > target
+        m, w_max = jnp.float32(0.0), jnp.where(crossed, Z_BOUND, jnp.max(w_lane))
+        u = jnp.where(crossed, (target - before) / jnp.maximum(z - before, 1e-30), _uniform(_hash32(in0)))
+        tok, cw, cx = pick(jnp.where(crossed, last, sel), u, m, jnp.float32(-1.0), jnp.float32(-jnp.inf))
+        z_bound = jnp.where(crossed, Z_BOUND, z_bound)
+        no_mass = ~crossed & (z <= 0.0)
+        z = jnp.where(crossed, -1.0, z)  # (the row's sum is then the first round's)
+    else:
+        init = (m0, jnp.float32(0.0), jnp.int32(-1), *lanes)
+        m, z, sel, xmin, xmax = row.fold(first, init)
+        # Weights are exp2((x - m) * scale) <= 1 for logits, the entries themselves for probabilities.
+        m, w_max = (jnp.where(m == -jnp.inf, 0.0, m), jnp.float32(1.0)) if spec.from_logits else (jnp.float32(0.0), jnp.max(m))
+        tok, cw, cx = pick(sel, _uniform(in0), m, jnp.float32(-1.0), jnp.float32(-jnp.inf))
+        no_mass = z <= 0.0
     if not (spec.top_k or spec.top_p or spec.min_p):
         out_ref[b] = tok
         return
@@ -472,7 +521,7 @@ def _sample_kernel(rows_ref, x_ref, top_k_ref, top_p_ref, min_p_ref, temp_ref, k
         return
 
     # Rows with no mass keep token V - 1; greedy rows (temperature 0) are the caller's.
-    settled = z <= 0.0
+    settled = no_mass
     if spec.from_logits:
         settled = settled | (temp_ref[r] == 0.0)
     # Top-k first with top-p: the exact top-k threshold (x-space) is a floor, and the top-p test
@@ -495,22 +544,23 @@ def _sample_kernel(rows_ref, x_ref, top_k_ref, top_p_ref, min_p_ref, temp_ref, k
         return ok
 
     def round_(state):
-        it, low, high, tok, cw, cx, has, done, zref = state
+        it, low, high, tok, cw, cx, has, done, zref, z_bound = state
         p1 = 0.5 * (cw + high)
         tot, (ntok, nw, nx), ((c0, s0), (c1, s1)) = draw(it + 1, m, low, floor, (cw, p1))
         zref = jnp.where(zref < 0, tot, zref)  # (low = -1 in the first round)
+        has = has & (zref <= z_bound)  # (an early-exit candidate of a row that sums above Z_BOUND)
         accept = has & passes(c0, s0, zref) & (cx >= floor)
         mid_ok = passes(c1, s1, zref)
         new_low = jnp.where(has, jnp.where(mid_ok, cw, p1), low)
         new_high = jnp.where(has & mid_ok, p1, high)
         nhas = nw > new_low
         return (it + 1, new_low, new_high, jnp.where(accept, tok, ntok), jnp.where(accept, cw, nw), jnp.where(accept, cx, nx),
-                accept | nhas, accept, zref)
+                accept | nhas, accept, zref, jnp.maximum(z_bound, jnp.inf))  # (an op: a literal is no loop value in Triton)
 
     def cond(state):
         return ~state[7] & (state[0] < cfg.max_rounds)
 
-    state = (jnp.int32(0), jnp.float32(-1.0), w_max, tok, cw, cx, jnp.bool_(True), settled, zref)
+    state = (jnp.int32(0), jnp.float32(-1.0), w_max, tok, cw, cx, jnp.bool_(True), settled, zref, z_bound)
     state = lax.while_loop(cond, round_, state)
     # Past max_rounds: the row's largest entry, which every filter keeps.
     out_ref[b] = jnp.where(state[7], state[3], _argmax(row, ~state[7]))

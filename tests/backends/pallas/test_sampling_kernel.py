@@ -156,6 +156,23 @@ def test_sample_probs_distribution(name, spec, kw, ties):
     assert chi2_pvalue(tokens, target) > P_MIN
 
 
+@pytest.mark.parametrize("scale", [1.0, 1.6, 0.3])
+@pytest.mark.parametrize("name,spec,kw", [c for c in CASES if c[0] in ("top_p", "top_k", "joint")])
+def test_sample_probs_any_scale(name, spec, kw, scale):
+    """Rows summing to 1 (the early-exit draw ends inside the row), above ``Z_BOUND`` (its
+    candidate is discarded by the first round) and far below it (it falls back to the reservoir
+    draw most of the time): the same distribution."""
+    rng = np.random.default_rng(30)
+    vocab = 100
+    probs = llm_like_probs(rng, vocab) * np.float32(scale)
+    kw = dict(kw)
+    if kw.get("top_p") == "safe":
+        kw["top_p"] = safe_top_p(probs.astype(np.float64), rng)
+    target = ref_dist(probs, joint=spec.joint, **kw)
+    tokens = _sample(probs[None], spec, _params(1, **kw), np.zeros(N), jax.random.key(int(scale * 10) + len(name)))
+    assert chi2_pvalue(tokens, target) > P_MIN
+
+
 @pytest.mark.parametrize("order", ["top_k_first", "joint"])
 def test_sample_logits_distribution(order):
     """Logits rising across the row (the online maximum changes block after block), masked -inf
