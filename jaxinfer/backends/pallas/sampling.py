@@ -17,7 +17,11 @@ steps (so any vocabulary, up to 256k and beyond, runs in registers):
   ``s_j / (s_1 + ... + s_j)``, then one reload of the picked block finds the token by inverse CDF),
   which needs no normalizer in advance and yields the set's total on the way; and the pass that
   tests candidate ``c`` already draws the next candidate from ``{w > low}`` with the *old* ``low``
-  (kept only if it lies above the new one -- a rejection step, so still exact). The first pass also
+  (kept only if it lies above the new one -- a rejection step, so still exact). For probabilities
+  the first candidate is drawn by inverse CDF against ``Z_BOUND`` (a bound on a normalized row's
+  sum), so the first pass ends at the drawn entry's block, as FlashInfer's sampling pass does;
+  rows that sum above the bound are caught by the first round, which sums the row, and drawn
+  again (``SamplingConfig.early_exit``). The first pass also
   finds the row's maximum (online softmax for logits: Milakov & Gimelshein 2018, arXiv
   1805.02867), its sum and, for min-p, the floor ``min_p * max``. Filters that have nothing to test
   (plain sampling) end after that pass. Counts and masses above the pivots accumulate per lane
@@ -72,7 +76,6 @@ class SamplingConfig:
       prefetch: every pass issues block ``j + 1``'s load before it reduces block ``j``, so a
         program keeps two blocks in flight: a program streams its row alone, and with one block in
         flight each step waits a full memory latency (small batches use one program per SM).
-      num_stages: Triton's software-pipelining depth of the passes' loops.
       early_exit: probabilities with a top-k or top-p test draw their first candidate by inverse
         CDF against the bound ``Z_BOUND`` on the row's sum, reading the row only up to the drawn
         entry (the sampler's first pass; see the module docstring).
@@ -84,14 +87,11 @@ class SamplingConfig:
     num_warps: int = 8
     max_rounds: int = 64
     prefetch: bool = True
-    num_stages: int = 1
     early_exit: bool = True
 
     def __post_init__(self):
         if self.block < 16 or self.block & (self.block - 1):
             raise ValueError(f"block must be a power of 2 >= 16, got {self.block}")
-        if self.num_stages < 1:
-            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
 
     def for_vocab(self, vocab: int) -> SamplingConfig:
         """Blocks no wider than the vocabulary needs (small vocabularies, tests)."""
@@ -387,7 +387,7 @@ def threshold(x, param, *, criterion: str, logits: bool, config: SamplingConfig 
         kernel,
         out_shape=varying_like(jax.ShapeDtypeStruct((rows,), jnp.float32), x, param),
         grid=(rows,),
-        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
         interpret=interpret_mode(),
     )(x.reshape(-1), param)
 
@@ -606,6 +606,6 @@ def sample(x, rows, key_data, params: RowParams, *, spec: SamplerSpec, config: S
         out_shape=varying_like(jax.ShapeDtypeStruct((rows.shape[0],), jnp.int32), rows, x, params.top_k, params.top_p,
                                params.min_p, params.temperature, key_data),
         grid=(rows.shape[0],),
-        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
         interpret=interpret_mode(),
     )(rows, x.reshape(-1), params.top_k, params.top_p, params.min_p, params.temperature, key_data.reshape(-1))
