@@ -16,7 +16,9 @@ Implementations, timed in one process on the same inputs:
 
 Timing: :class:`jaxinfer.bench.harness.Timer` (median of repeats after warm-up; on the GPU
 back-to-back calls per repeat) and the same method for torch (``torch.cuda.synchronize`` in
-place of ``block_until_ready``); inputs are rotated through copies when they would sit in L2.
+place of ``block_until_ready``); inputs are rotated through copies when they would sit in L2,
+each copy with its own key (a call's time depends on its draw's rejection rounds; FlashInfer's
+generator advances every call).
 Every implementation's tokens are checked against the float32 reference's kept set
 (``frac_outside``, the fraction of rows whose token lies outside it; a token exactly at a top-p
 edge may differ by float rounding; the table shows pallas').
@@ -201,6 +203,9 @@ def run(cases, impls, timer: harness.Timer, seed: int = 0, progress: bool = True
                 else:
                     fn = _jax_fn(case, impl)
                     args = harness.input_copies((x, top_k, top_p, key), x.size * x.dtype.itemsize)
+                    # A key per copy: FlashInfer's generator advances every call, so both average
+                    # the rejection rounds over draws instead of replaying one draw's rounds.
+                    args = [(*a[:3], jax.random.fold_in(key, i)) for i, a in enumerate(args)]
                     rec["ms"], tokens = timer(fn, args)
                     rec["frac_outside"] = _outside(case, logits, probs, top_k, top_p, tokens)
             except Exception as e:  # one failing case must not end the run: it is reported

@@ -21,7 +21,7 @@ steps (so any vocabulary, up to 256k and beyond, runs in registers):
   the first candidate is drawn by inverse CDF against ``Z_BOUND`` (a bound on a normalized row's
   sum), so the first pass ends at the drawn entry's block, as FlashInfer's sampling pass does;
   rows that sum above the bound are caught by the first round, which sums the row, and drawn
-  again (``SamplingConfig.early_exit``). The first pass also
+  again. The first pass also
   finds the row's maximum (online softmax for logits: Milakov & Gimelshein 2018, arXiv
   1805.02867), its sum and, for min-p, the floor ``min_p * max``. Filters that have nothing to test
   (plain sampling) end after that pass. Counts and masses above the pivots accumulate per lane
@@ -58,7 +58,7 @@ from jaxinfer.sampling import RowParams, SamplerSpec
 
 LOG2E = math.log2(math.e)
 INT32_MAX = 2**31 - 1
-Z_BOUND = 1.0 + 2.0**-6  # above a normalized row's sum with float32 or bf16 rounding (early_exit)
+Z_BOUND = 1.0 + 2.0**-6  # above a normalized row's sum with float32 or bf16 rounding (the early-exit draw)
 SEARCH_PASSES = 40  # > 32: the midpoint pivot halves a bracket of int32 keys every pass
 _ROT = ((13, 15, 26, 6), (17, 29, 16, 24))
 
@@ -73,12 +73,6 @@ class SamplingConfig:
       max_rounds: cap on rejection rounds; a row that reaches it returns its largest entry (always
         in the kept set). The dual pivot halves the bracket each round, so it is never reached by
         float32 weights in practice.
-      prefetch: every pass issues block ``j + 1``'s load before it reduces block ``j``, so a
-        program keeps two blocks in flight: a program streams its row alone, and with one block in
-        flight each step waits a full memory latency (small batches use one program per SM).
-      early_exit: probabilities with a top-k or top-p test draw their first candidate by inverse
-        CDF against the bound ``Z_BOUND`` on the row's sum, reading the row only up to the drawn
-        entry (the sampler's first pass; see the module docstring).
     """
 
     # H100, V=128256 (benchmarks/decisions/pallas.md): 4096-entry blocks cut top-k + top-p from
@@ -86,8 +80,6 @@ class SamplingConfig:
     block: int = 4096
     num_warps: int = 8
     max_rounds: int = 64
-    prefetch: bool = True
-    early_exit: bool = True
 
     def __post_init__(self):
         if self.block < 16 or self.block & (self.block - 1):
@@ -173,7 +165,6 @@ class _Row:
     vocab: int
     block: int
     fill: float  # the value of entries past the row's end
-    prefetch: bool
 
     @property
     def num_blocks(self) -> int:
@@ -199,28 +190,23 @@ class _Row:
 
     def fold(self, body, init, num_blocks=None):
         """``fori_loop`` of ``acc = body(j, (col, ok, x), acc)`` over blocks ``j < num_blocks``
-        (default: all); with ``prefetch``, block ``j + 1`` is loaded before block ``j``'s body (the
-        loop carries the raw block: the input's dtype)."""
-        n = self.num_blocks if num_blocks is None else num_blocks
-        if not self.prefetch:
-            return lax.fori_loop(0, n, lambda j, acc: body(j, self.load(j), acc), init)
+        (default: all).
 
+        Block ``j + 1``'s load is issued before block ``j``'s body (the loop carries the raw
+        block, in the input's dtype), so a program keeps two blocks in flight: it streams its row
+        alone, and with one block in flight every step waits a full memory latency (a small batch
+        runs one program per SM)."""
+        n = self.num_blocks if num_blocks is None else num_blocks
         return lax.fori_loop(0, n, lambda j, carry: self._prefetched(body, j, *carry), (self._fetch(0), init))[1]
 
     def fold_while(self, body, init, stop):
         """:meth:`fold` over all blocks that ends after the first block whose result satisfies
         ``stop(acc)``."""
-        n = self.num_blocks
-        if not self.prefetch:
-            def step(c):
-                return c[0] + 1, body(c[0], self.load(c[0]), c[1])
 
-            return lax.while_loop(lambda c: (c[0] < n) & ~stop(c[1]), step, (jnp.int32(0), init))[1]
-
-        def step_ahead(c):
+        def step(c):
             return c[0] + 1, *self._prefetched(body, *c)
 
-        return lax.while_loop(lambda c: (c[0] < n) & ~stop(c[2]), step_ahead, (jnp.int32(0), self._fetch(0), init))[2]
+        return lax.while_loop(lambda c: (c[0] < self.num_blocks) & ~stop(c[2]), step, (jnp.int32(0), self._fetch(0), init))[2]
 
     def _prefetched(self, body, j, raw, acc):
         """``(block j + 1 raw, body's result on block j)``; the last block reloads itself."""
@@ -232,7 +218,7 @@ def _row(ref, r, vocab: int, cfg: SamplingConfig, fill: float) -> _Row:
     """Row ``r`` of a flat ``[R * V]`` ref; the alignment hint lets Triton emit wide loads."""
     align = math.gcd(vocab, 16)
     base = r * vocab
-    return _Row(ref, pl.multiple_of(base, align) if align > 1 else base, vocab, cfg.block, fill, cfg.prefetch)
+    return _Row(ref, pl.multiple_of(base, align) if align > 1 else base, vocab, cfg.block, fill)
 
 
 def _pick_in_block(w, u):
@@ -479,7 +465,7 @@ def _sample_kernel(rows_ref, x_ref, top_k_ref, top_p_ref, min_p_ref, temp_ref, k
 
     m0 = jnp.float32(-jnp.inf) if spec.from_logits else jnp.zeros((cfg.block,), jnp.float32)
     lanes = (jnp.full((cfg.block,), jnp.inf, jnp.float32), jnp.full((cfg.block,), fill, jnp.float32))
-    early = cfg.early_exit and counts and not (spec.from_logits or search)
+    early = counts and not (spec.from_logits or search)
     z_bound = jnp.float32(jnp.inf)  # the largest row sum for which the current candidate is exact
     if early:
         # Inverse CDF at u * Z_BOUND, ending at the block where the running sum crosses it. When
