@@ -75,8 +75,7 @@ class SamplingConfig:
         float32 weights in practice.
     """
 
-    # H100, V=128256 (benchmarks/decisions/pallas.md): 4096-entry blocks cut top-k + top-p from
-    # logits by 10-18 % at B=16/64 against 2048; 8192 x 16 warps tied, 16384 was 3-4x slower.
+    # The fastest block over the benchmark's batches on an H100 (benchmarks/decisions/pallas.md).
     block: int = 4096
     num_warps: int = 8
     max_rounds: int = 64
