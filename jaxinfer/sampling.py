@@ -385,7 +385,10 @@ def sampling_from_probs(probs: Float[Array, "R V"], indices: Int[Array, " B"] | 
     """Sample one token per output row in proportion to ``probs`` (FlashInfer's category sampling).
 
     Args:
-      probs: ``[R, V]`` nonnegative rows (normalized or not; float32, bfloat16 or float16).
+      probs: ``[R, V]`` nonnegative rows (normalized or not; float32, bfloat16 or float16). With a
+        top-k or top-p filter, the pallas kernel's first draw reads a row only up to the drawn
+        entry when the row sums to at most ``1 + 2**-6`` (normalized rows, as FlashInfer expects);
+        a row summing to more costs it one more pass over the row, with the same result.
       indices: optional ``[B]`` integers, output ``b`` samples row ``indices[b]`` (default: ``B = R``,
         output ``b`` samples row ``b``).
       deterministic: accepted for FlashInfer compatibility; every backend here is deterministic.
