@@ -205,7 +205,10 @@ class _Row:
         def step(c):
             return c[0] + 1, *self._prefetched(body, *c)
 
-        return lax.while_loop(lambda c: (c[0] < self.num_blocks) & ~stop(c[2]), step, (jnp.int32(0), self._fetch(0), init))[2]
+        def more(c):
+            return (c[0] < self.num_blocks) & ~stop(c[2])
+
+        return lax.while_loop(more, step, (jnp.int32(0), self._fetch(0), init))[2]
 
     def _prefetched(self, body, j, raw, acc):
         """``(block j + 1 raw, body's result on block j)``; the last block reloads itself."""
@@ -481,8 +484,8 @@ def _sample_kernel(rows_ref, x_ref, top_k_ref, top_p_ref, min_p_ref, temp_ref, k
             sel = jnp.where(block_uniform(seed0, j) * (z + s) < s, j, sel)
             return jnp.maximum(w_lane, w), z + s, sel, j, z
 
-        w_lane, z, sel, last, before = row.fold_while(first_early, (m0, jnp.float32(0.0), jnp.int32(-1), jnp.int32(0), jnp.float32(0.0)),
-                                                      lambda acc: acc[1] > target)
+        init = (m0, jnp.float32(0.0), jnp.int32(-1), jnp.int32(0), jnp.float32(0.0))
+        w_lane, z, sel, last, before = row.fold_while(first_early, init, lambda acc: acc[1] > target)
         crossed = z > target
         m, w_max = jnp.float32(0.0), jnp.where(crossed, Z_BOUND, jnp.max(w_lane))
         u = jnp.where(crossed, (target - before) / jnp.maximum(z - before, 1e-30), _uniform(_hash32(in0)))
@@ -516,8 +519,8 @@ def _sample_kernel(rows_ref, x_ref, top_k_ref, top_p_ref, min_p_ref, temp_ref, k
     if search:
         active = (top_k < vocab) & (top_p < 1.0) & ~settled
 
-        t_k = _search(row, lambda ok, x: jnp.where(ok, 1.0, 0.0), float_key(jnp.min(xmin)) - 1, jnp.float32(vocab), float_key(jnp.max(xmax)),
-                      jnp.float32(0.0), top_k.astype(jnp.float32), active, linear=spec.from_logits)
+        t_k = _search(row, lambda ok, x: jnp.where(ok, 1.0, 0.0), float_key(jnp.min(xmin)) - 1, jnp.float32(vocab),
+                      float_key(jnp.max(xmax)), jnp.float32(0.0), top_k.astype(jnp.float32), active, linear=spec.from_logits)
         floor = jnp.where(active, t_k, -jnp.inf)
         k_test = jnp.where(active, vocab, top_k)
         zref = jnp.where(active, -1.0, z)
