@@ -232,7 +232,9 @@ class StepPlanner:
           decode: requests extended by one token; the row attends to all of the request's tokens.
           cascade: with ``cascade_levels >= 2``, ``True``/``False`` read the decode rows through
             the cascade levels / one level whatever they save (a warm-up compiles both programs
-            this way); ``None``: by ``cascade_min_saved_bytes``.
+            this way); ``None``: by ``cascade_min_saved_bytes``, from the levels' exact
+            :meth:`saved_bytes` (pass ``False`` where :meth:`may_cascade`'s cheaper bound says no:
+            the levels are then not built).
 
         Returns:
           The step's :class:`StepBatch` (rows: prefill tokens in request order, padding, decode
@@ -379,7 +381,7 @@ class StepPlanner:
     def _decode_plan(self, table: tuple, d_rows: int, cascade: bool | None) -> Plan | tuple[Plan, ...]:
         dtypes = dict(q_data_type=self.q_data_type, kv_data_type=self.pool.dtype)
         own = self._wrapper("decode", d_rows)
-        if self.cascade_levels > 1 and cascade is not False and (cascade or self._may_save(table[1])):
+        if self.cascade_levels > 1 and cascade is not False:
             qo, indptr, indices, last = self._levels(*table)
             if cascade or self.saved_bytes(qo, indptr, last) >= self.cascade_min_saved_bytes:
                 shared = self._wrapper("cascade", d_rows)
@@ -397,10 +399,9 @@ class StepPlanner:
         Raises:
           KeyError: a request not in the pool.
         """
-        return self.cascade_levels > 1 and self._may_save(self.pool.page_table(decode)[1])
-
-    def _may_save(self, kv_indices: np.ndarray) -> bool:
-        shared = int(np.count_nonzero(self.pool.refcounts(kv_indices) > 1))
+        if self.cascade_levels == 1:
+            return False
+        shared = int(np.count_nonzero(self.pool.refcounts(self.pool.page_table(decode)[1]) > 1))
         return shared * self.pool.page_size * self._token_bytes >= self.cascade_min_saved_bytes
 
     def saved_bytes(self, qo_indptr_arr: Sequence[np.ndarray], kv_indptr_arr: Sequence[np.ndarray],
