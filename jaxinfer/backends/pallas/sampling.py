@@ -253,8 +253,9 @@ def _search(row: _Row, measure, lo, g_lo, hi, g_hi, c, active, *, linear: bool):
     Args:
       row: the row whose blocks are searched.
       measure: ``(ok, x) -> float32`` measure of a block's entries (0 where not ok).
-      lo, g_lo: an int32 key with ``g(lo) >= c`` and its ``g``; hi, g_hi: likewise with
-        ``g(hi) < c``.
+      lo, g_lo: an int32 key with ``g(lo) >= c`` and an estimate of its ``g`` (each pass counts
+        it; the estimate only places the first pass's pivots); hi, g_hi: a key with
+        ``g(hi) < c`` and its ``g``.
       c: the bound (> 0).
       active: bool; when false no pass runs (the result is then meaningless).
       linear: interpolate in value rather than in key.
@@ -284,25 +285,26 @@ def _search(row: _Row, measure, lo, g_lo, hi, g_hi, c, active, *, linear: bool):
         lo_x, bottom, hi_x = key_float(lo), lo < bottom_key, key_float(hi)  # (bottom: below every entry, -inf too)
 
         def body(j, blk, acc):
-            gs, m_l, e_l, mh_l, eh_l = acc
+            gs, g_l, m_l, e_l, mh_l, eh_l = acc
             _, ok, x = blk
             meas = measure(ok, x)
             gs = tuple(g + jnp.where(x > p, meas, 0.0) for g, p in zip(gs, pivot_x))
-            # Per lane: the smallest entry above lo, the largest at or below hi, and the measure of
-            # their copies.
+            # Per lane: the measure above lo, the smallest entry above lo, the largest at or below
+            # hi, and the measure of their copies.
             gt = ok & ((x > lo_x) | bottom)
+            g_l = g_l + jnp.where(gt, meas, 0.0)
             new_min, same = gt & (x < m_l), gt & (x == m_l)
             e_l = jnp.where(new_min, meas, jnp.where(same, e_l + meas, e_l))
             le = ok & (x <= hi_x)
             new_max, same_h = le & (x > mh_l), le & (x == mh_l)
             eh_l = jnp.where(new_max, meas, jnp.where(same_h, eh_l + meas, eh_l))
-            return gs, jnp.where(new_min, x, m_l), e_l, jnp.where(new_max, x, mh_l), eh_l
+            return gs, g_l, jnp.where(new_min, x, m_l), e_l, jnp.where(new_max, x, mh_l), eh_l
 
         zero = jnp.zeros((row.block,), jnp.float32)
-        gs, m_l, e_l, mh_l, eh_l = row.fold(body, ((zero,) * len(pivots), zero + jnp.inf, zero, zero - jnp.inf, zero))
+        gs, g_l, m_l, e_l, mh_l, eh_l = row.fold(body, ((zero,) * len(pivots), zero, zero + jnp.inf, zero, zero - jnp.inf, zero))
         gs = tuple(jnp.sum(g) for g in gs)
         m, mh = jnp.min(m_l), jnp.max(mh_l)
-        g_m = g_lo - jnp.sum(jnp.where(m_l == m, e_l, 0.0))
+        g_m = jnp.sum(g_l) - jnp.sum(jnp.where(m_l == m, e_l, 0.0))
         g_below_mh = g_hi + jnp.sum(jnp.where(mh_l == mh, eh_l, 0.0))
         found_lo, found_hi = g_m < c, g_below_mh >= c
         found, t = found_lo | found_hi, jnp.where(found_lo, m, mh)
@@ -319,6 +321,25 @@ def _search(row: _Row, measure, lo, g_lo, hi, g_hi, c, active, *, linear: bool):
 
     init = (lo, g_lo, hi, g_hi, ~active, key_float(hi), jnp.int32(0))
     return lax.while_loop(cond, one_pass, init)[5]
+
+
+def _top_k_floor(lanes, k, lo):
+    """A key below the row's ``k``-th largest entry, from ``lanes`` (``[block]``, each lane's
+    largest entry over the row's blocks; ``k`` float32): the ``k``-th largest lane maximum is an
+    entry with at least ``k`` entries at or above it, and when the row's top ``k`` sit in distinct
+    lanes (the usual case for ``k`` far below the lanes) it is the ``k``-th largest entry itself,
+    which the search's first pass then finds. ``lo`` (another such key) when there are fewer
+    lanes than ``k``. Bisection on the lanes' int32 keys, in registers (no pass over the row)."""
+    keys = float_key(lanes)
+
+    def step(_, bracket):
+        a, b = bracket  # count(keys >= a) >= k; the answer is in [a, b]
+        mid = _midpoint(jnp.minimum(a + 1, b), b)
+        enough = jnp.sum(jnp.where(keys >= mid, 1.0, 0.0)) >= k
+        return jnp.where(enough, mid, a), jnp.where(enough, b, mid - 1)
+
+    kth = lax.fori_loop(0, 32, step, (jnp.min(keys), jnp.max(keys)))[0]
+    return jnp.where(k <= lanes.shape[0], jnp.maximum(lo, kth - 1), lo)
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,7 +372,10 @@ def _threshold_kernel(x_ref, param_ref, out_ref, *, vocab: int, cfg: SamplingCon
         off = param >= 1.0
         c = jnp.maximum(param * total, jnp.float32(1e-30))
     # Counts of probabilities interpolate best in log scale (keys); logits and masses linearly.
-    t = _search(row, measure, float_key(jnp.min(xmin)) - 1, total, float_key(jnp.max(xmax)), jnp.float32(0.0), c, ~off,
+    lo = float_key(jnp.min(xmin)) - 1
+    if criterion == "top_k":
+        lo = _top_k_floor(xmax, c, lo)
+    t = _search(row, measure, lo, c if criterion == "top_k" else total, float_key(jnp.max(xmax)), jnp.float32(0.0), c, ~off,
                 linear=logits or criterion == "top_p")
     out_ref[r] = jnp.where(off, -jnp.inf, t)
 
@@ -519,8 +543,10 @@ def _sample_kernel(rows_ref, x_ref, top_k_ref, top_p_ref, min_p_ref, temp_ref, k
     if search:
         active = (top_k < vocab) & (top_p < 1.0) & ~settled
 
-        t_k = _search(row, lambda ok, x: jnp.where(ok, 1.0, 0.0), float_key(jnp.min(xmin)) - 1, jnp.float32(vocab),
-                      float_key(jnp.max(xmax)), jnp.float32(0.0), top_k.astype(jnp.float32), active, linear=spec.from_logits)
+        k = top_k.astype(jnp.float32)
+        lo = _top_k_floor(xmax, k, float_key(jnp.min(xmin)) - 1)
+        t_k = _search(row, lambda ok, x: jnp.where(ok, 1.0, 0.0), lo, k, float_key(jnp.max(xmax)), jnp.float32(0.0), k,
+                      active, linear=spec.from_logits)
         floor = jnp.where(active, t_k, -jnp.inf)
         k_test = jnp.where(active, vocab, top_k)
         zref = jnp.where(active, -1.0, z)
