@@ -189,6 +189,14 @@ def test_mla_pallas_splits_kv(rng):
     assert np.diff(merge_indptr).max() >= 3
 
 
+@pytest.mark.parametrize("option", [dict(qk_ahead=True), dict(small_block_m=16)])
+def test_mla_pallas_declines_tile_options_it_lacks(rng, option):
+    case = make_case(rng, [1, 2], [40, 9], 16, 16)
+    pallas = PallasBackend(num_ctas=4, config=TileConfig(64, 16, 4, 1, **option))
+    with pytest.raises(ValueError, match="one plain tile body"):
+        jaxinfer.BatchMLAPagedAttentionWrapper(backend="pallas", pallas=pallas).plan(*case.plan_args(False))
+
+
 @pytest.mark.parametrize("backend", ["xla", "pallas"])
 def test_mla_fp8_latent_cache(rng, backend):
     """An e4m3 latent cache with bf16 queries: attention reads the stored fp8 values (exactly widened)."""

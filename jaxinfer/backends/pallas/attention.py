@@ -9,7 +9,10 @@ keys are gathered ``block_n`` at a time through the page table (page ids loaded 
 of the ragged KV. Online softmax in float32 with ``exp2`` on logits scaled by
 ``sm_scale * log2(e)`` (FlashAttention-2); with ``TileConfig.qk_ahead`` each key step issues the
 next step's ``q.k`` before its softmax (FlashAttention-3's intra-warpgroup overlap, sec. 3.2, as
-software pipelining of the loop). The result goes to the final rows when the tile is its query
+software pipelining of the loop). With :attr:`TileConfig.small_block_m` one launch has two tile
+bodies: tiles whose rows fit it (a mixed batch's decodes) run that many rows, the others
+``block_m`` (POD-Attention, Kamath et al., arXiv 2410.18038, runs a batch's prefill and decode
+work in one launch the same way). The result goes to the final rows when the tile is its query
 tile's only chunk, else to a partial ``(o, lse)`` slot that
 :func:`jaxinfer.backends.pallas.merge.merge_partials` folds afterwards. Keys a row cannot see
 contribute nothing to it even when they hold inf or NaN (shared/DESIGN.md sec. 5): keys past the
@@ -378,14 +381,17 @@ def output_shapes(rows: int, slots: int, d: int, dtype) -> tuple:
             jax.ShapeDtypeStruct((slots, d), jnp.float32), jax.ShapeDtypeStruct((slots,), jnp.float32))
 
 
-def store_tile(out_refs, final_rows, partial_rows, rows_raw, row_ok, out_slot, num_slots: int):
+def store_tile(out_refs, final_rows, partial_rows, rows_raw, row_ok, out_slot, num_slots: int,
+               slot_rows: int | None = None):
     """Store a tile's rows: ``final_rows = (o, lse)`` to the output rows ``rows_raw`` when the tile
     is its query tile's only chunk (``out_slot < 0``), else ``partial_rows`` to partial slot
-    ``out_slot`` (``num_slots > 0``). ``out_refs = (o_ref, lse_ref, po_ref, plse_ref)``; rows
-    where ``row_ok`` is False are not written."""
+    ``out_slot`` (``num_slots > 0``; a slot holds ``slot_rows`` rows, by default the tile's).
+    ``out_refs = (o_ref, lse_ref, po_ref, plse_ref)``; rows where ``row_ok`` is False are not
+    written."""
     o_ref, lse_ref, po_ref, plse_ref = out_refs
     (o_final, lse_final), (o, lse) = final_rows, partial_rows
     bm, d = o.shape
+    slot_rows = bm if slot_rows is None else slot_rows
     ok2 = jnp.broadcast_to(row_ok[:, None], (bm, d))
     # Masked-off lanes store to an index past the end: never written on the GPU, dropped by
     # the scatter of interpret mode (a clamped index would race with a real row there).
@@ -395,7 +401,7 @@ def store_tile(out_refs, final_rows, partial_rows, rows_raw, row_ok, out_slot, n
     pltriton.store(lse_ref.at[o_rows], lse_final, mask=final)
     if num_slots:
         part = row_ok & (out_slot >= 0)
-        p_rows = jnp.where(part, out_slot * bm + lax.iota(jnp.int32, bm), po_ref.shape[0])
+        p_rows = jnp.where(part, out_slot * slot_rows + lax.iota(jnp.int32, bm), po_ref.shape[0])
         pltriton.store(row_block(po_ref, p_rows, d), o, mask=ok2 & (out_slot >= 0))
         pltriton.store(plse_ref.at[p_rows], lse, mask=part)
 
@@ -416,18 +422,20 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, na
     fp16_dots = k_ref.dtype.itemsize == 1 and ks.fn("key_transform") is None
     cdt = jnp.float16 if fp16_dots else q_ref.dtype
     out_refs = refs[-4:]  # o, lse, partial o, partial lse
-    bm, bn, d, g = cfg.block_m, cfg.block_n, ks.head_dim, ks.group_size
-    r = lax.iota(jnp.int32, bm)
-    tok, head_in_group = r // g, r % g
+    bn, d, g = cfg.block_n, ks.head_dim, ks.group_size
     nf = len(WORK_FIELDS)
     inv_freq = _inv_freq(ks) if ks.rope else None
 
-    def tile(t, carry):
-        def field(name):
-            return buf_ref[t * nf + F[name]]
+    def field(t, name):
+        return buf_ref[t * nf + F[name]]
 
-        kv_head, q_row0, q_len, q_pos0 = field("kv_head"), field("q_row0"), field("q_len"), field("q_pos0")
-        kv_lo, kv_hi, kv_base, out_slot = field("kv_lo"), field("kv_hi"), field("kv_base"), field("out_slot")
+    def tile(t, bm: int, qk_ahead: bool):
+        """Work tile ``t`` with ``bm`` rows (static; its rows must fit)."""
+        r = lax.iota(jnp.int32, bm)
+        tok, head_in_group = r // g, r % g
+        field_t = functools.partial(field, t)
+        kv_head, q_row0, q_len, q_pos0 = field_t("kv_head"), field_t("q_row0"), field_t("q_len"), field_t("q_pos0")
+        kv_lo, kv_hi, kv_base, out_slot = field_t("kv_lo"), field_t("kv_hi"), field_t("kv_base"), field_t("out_slot")
         # A module-level run may pass q, or a ragged K/V, with fewer rows than the traced plan
         # covers (shapes are static, the plan's row counts are not): the tile keeps to the rows
         # that exist. Scalar clamps, so that the per-key code is the same as without them.
@@ -449,7 +457,7 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, na
         q_load = functools.partial(_load_operand, q_ref, jnp.where(row_ok, rows_raw, 0), row_ok,
                                    kt.fn("query_transform"), q_cs, d)
         qs, q_unscale = (q_load(cdt), None) if cdt == q_ref.dtype else _to_fp16(q_load(jnp.float32))
-        mask = (mask_ref, field("mask_base"), field("kv_len"), tok, row_ok) if ks.custom_mask else None
+        mask = (mask_ref, field_t("mask_base"), field_t("kv_len"), tok, row_ok) if ks.custom_mask else None
         k_scale, v_scale = (scale_ref[kv_head], scale_ref[ks.num_kv_heads + kv_head]) if ks.kv_scales else (None, None)
         # A key transform sees the dequantized keys (it need not be linear); otherwise the scale
         # multiplies the raw logits, one multiply per logit instead of one per key element.
@@ -474,7 +482,7 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, na
         def step(i, state, masked):
             m, l, acc = state[:3]
             pos, ok = positions(i, masked)
-            if cfg.qk_ahead:
+            if qk_ahead:
                 # Step i+1's logits dot is issued before this step's softmax, so that the tensor
                 # cores run it while the softmax waits on the SFU (FlashAttention-3, sec. 3.2).
                 (raw, kv_rows), nxt = state[3:], qk(i + 1, True)
@@ -505,7 +513,7 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, na
             return (m_new, l * alpha + jnp.sum(p, axis=1), acc) + nxt
 
         state = (jnp.full((bm,), NEG_INF, jnp.float32), jnp.zeros((bm,), jnp.float32), jnp.zeros((bm, d), jnp.float32))
-        if cfg.qk_ahead:
+        if qk_ahead:
             state += qk(0, True)
         n_steps = pl.cdiv(kv_hi - kv_lo, bn)
         masked, full = functools.partial(step, masked=True), functools.partial(step, masked=False)
@@ -525,11 +533,21 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, na
         o_final, lse_final = final_rows(o, lse, q_pos, qo_head, output_transform=kt.fn("output_transform"),
                                         sink=pltriton.load(sink_ref.at[qo_head]) if ks.sinks else None,
                                         use_softmax=ks.use_softmax)
-        store_tile(out_refs, (o_final, lse_final), (o, lse), rows_raw, row_ok, out_slot, ks.num_slots)
+        store_tile(out_refs, (o_final, lse_final), (o, lse), rows_raw, row_ok, out_slot, ks.num_slots, cfg.block_m)
+
+    def run_tile(t, carry):
+        big = functools.partial(tile, t, cfg.block_m, cfg.qk_ahead)
+        if not cfg.small_block_m:
+            big()
+        else:
+            # A mixed batch's decode tiles take the small body: the big one would run its dots
+            # on 8x-32x the rows they have.
+            small = functools.partial(tile, t, cfg.small_block_m, False)
+            lax.cond(field(t, "q_len") * g <= cfg.small_block_m, small, big)
         return carry
 
     c = pl.program_id(0)
-    lax.fori_loop(buf_ref[ks.off_cta + c], buf_ref[ks.off_cta + c + 1], tile, 0)
+    lax.fori_loop(buf_ref[ks.off_cta + c], buf_ref[ks.off_cta + c + 1], run_tile, 0)
 
 
 def attention(plan_buffer, q, k, v, mask=None, scales=None, sinks=None, params=(), *, ks: KernelSpec, cfg: TileConfig):

@@ -30,6 +30,9 @@ class TileConfig:
       qk_ahead: each key step issues the next step's ``q.k`` dot before its own softmax
         (software pipelining across steps, one ``[block_m, block_n]`` float32 tile more in
         registers), so that the tensor cores overlap the softmax.
+      small_block_m: ``0``, or a smaller row count (power of 2 >= 16, below ``block_m``): work
+        tiles whose rows fit it (a mixed batch's decodes) run a body of that many rows, without
+        ``qk_ahead``, in the same launch; the other tiles run ``block_m`` rows.
     """
 
     block_m: int
@@ -38,12 +41,17 @@ class TileConfig:
     num_stages: int
     ctas_per_sm: int = 2
     qk_ahead: bool = False
+    small_block_m: int = 0
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
             val = getattr(self, name)
             if val < MIN_DOT or val & (val - 1):
                 raise ValueError(f"{name} must be a power of 2 >= {MIN_DOT}, got {val}")
+        small = self.small_block_m
+        if small and (small < MIN_DOT or small & (small - 1) or small >= self.block_m):
+            raise ValueError(f"small_block_m must be 0 or a power of 2 >= {MIN_DOT} below block_m={self.block_m}, "
+                             f"got {small}")
 
     def tokens_per_tile(self, group_size: int) -> int:
         """Query tokens per work tile when the ``group_size`` heads of a KV head are its rows."""
@@ -63,6 +71,8 @@ def heuristic_config(head_dim: int, page_size: int, group_size: int, avg_qo_len:
     step and shared memory as the 16-bit tile, and half the softmax bookkeeping per key
     (FlashInfer's fp8 decode likewise keeps the bytes per load of its 16-bit one); measured on
     an H100 against 64-key fp8 tiles and other CTA counts (benchmarks/decisions/pallas.md). Prefill tiles, bound by the tensor cores, stay as they are.
+    128-row configs carry a decode-sized body (``small_block_m``, the group's rows rounded up to
+    16) for the tiles of a mixed batch whose rows fit it.
     ``page_size`` does not change the choice: the kernel gathers keys row by row through the page
     table, so a key step may span pages of any size (it is an argument so that a measured
     dependence can be added without changing callers).
@@ -89,6 +99,10 @@ def heuristic_config(head_dim: int, page_size: int, group_size: int, avg_qo_len:
         return TileConfig(block_m=block_m, block_n=block_n, num_warps=4, num_stages=3, ctas_per_sm=ctas)
     if block_m == 64:
         return TileConfig(block_m=64, block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=3)
+    # A batch of long prefills beside decodes (POD's shape) runs its decode tiles on a body of the
+    # group's rows rounded up to 16 in the same launch (TileConfig.small_block_m): 128-row dots on
+    # a 4-row decode tile are 32x its MMA work (measured: benchmarks/decisions/pallas.md).
+    small = max(MIN_DOT, next_pow2(group_size))
     # 128-row tiles issue the next key step's q.k dot before the softmax (qk_ahead). Measured on
     # an H100 (benchmarks/decisions/pallas.md, pallas-2 run 2): prefill_causal 128x64, 8 warps,
     # 3 stages went 285 -> 307-311 TFLOP/s with it (4 stages: 299). 64-row tiles with it gave
@@ -102,6 +116,7 @@ def heuristic_config(head_dim: int, page_size: int, group_size: int, avg_qo_len:
         num_warps=8 if head_dim >= 64 else 4,
         num_stages=3 if head_dim <= 128 else 2,
         qk_ahead=head_dim in (64, 128),
+        small_block_m=small if small < MAX_BLOCK_M else 0,
     )
 
 

@@ -248,8 +248,9 @@ def plan(spec: BatchSpec, capacity: PlanCapacity, backend: PallasBackend, *, hea
         is not ``head_group``'s for the config.
     """
     cfg = backend.config or DEFAULT_CONFIG
-    if cfg.qk_ahead:
-        raise ValueError("the pallas MLA kernel has no qk_ahead loop; use a TileConfig with qk_ahead=False")
+    if cfg.qk_ahead or cfg.small_block_m:
+        raise ValueError("the pallas MLA kernel has one plain tile body (no qk_ahead, no small_block_m); use a "
+                         "TileConfig with qk_ahead=False and small_block_m=0")
     g = spec.group_size
     if g != head_group(spec.num_qo_heads, cfg.block_m):
         raise ValueError(f"the MLA plan groups {g} heads per tile, the config's block_m={cfg.block_m} needs "

@@ -23,6 +23,9 @@ SPLIT = PallasBackend(num_ctas=4, split_factor=16, config=TileConfig(16, 16, 4, 
 NO_SPLIT = PallasBackend(num_ctas=3, split_factor=0)
 # The prefill tile's software pipelining across key steps (the next step's q.k before the softmax).
 AHEAD = PallasBackend(num_ctas=4, split_factor=16, config=TileConfig(32, 16, 4, 1, qk_ahead=True), min_chunk=16)
+# Two tile bodies in one launch: tiles whose rows fit 16 (a mixed batch's decodes) run 16 rows.
+MIXED = PallasBackend(num_ctas=4, split_factor=16, config=TileConfig(64, 16, 4, 1, qk_ahead=True, small_block_m=16),
+                      min_chunk=16)
 
 
 def _run_case(rng, qo_lens, kv_lens, *, backend, page_size=None, hq=4, hkv=2, d=32, dtype=jnp.bfloat16, layout="NHD",
@@ -132,6 +135,19 @@ def test_qk_ahead_split(rng, page_size, options):
     kv_lens = np.array([40, 7, 17, 5])
     plan = _run_case(rng, qo_lens, kv_lens, backend=AHEAD, page_size=page_size, hq=4, hkv=2, dtype=jnp.float16, **options)
     assert plan.config.qk_ahead and _chunks_per_group(plan) >= 2
+
+
+@pytest.mark.parametrize("page_size,hq,hkv", [(16, 8, 2), (5, 4, 4), (None, 8, 1)])
+def test_mixed_tile_bodies(rng, page_size, hq, hkv):
+    # A prefill (64-row tiles, qk_ahead) beside decodes and short appends that fit the 16-row
+    # body, split into chunks whose partial slots the merge folds; an empty request.
+    qo_lens = np.array([37, 1, 1, 0, 2, 1])
+    kv_lens = np.array([37, 70, 9, 12, 45, 33])
+    plan = _run_case(rng, qo_lens, kv_lens, backend=MIXED, page_size=page_size, hq=hq, hkv=hkv, causal=True)
+    work = plan.unpack()["work"]
+    rows = work[:, F["q_len"]] * (hq // hkv)
+    real = work[:, F["valid"]] == 1
+    assert (real & (rows <= 16)).any() and (real & (rows > 16)).any() and _chunks_per_group(plan) >= 2
 
 
 def test_run_rejects_mismatched_arrays(rng):

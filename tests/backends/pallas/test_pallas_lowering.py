@@ -55,7 +55,7 @@ def _spec(d, mode, masks, hkv, group, **extra):
 CASES = [(cfg, d, ("NHD", "HND", "ragged")[i % 3], i % 2 == 0) for i, (cfg, d) in enumerate(candidate_configs())]
 
 
-@pytest.mark.parametrize("cfg,d,mode,masks", CASES, ids=[f"{c.block_m}x{c.block_n}-d{d}-{m}{'-ahead' if c.qk_ahead else ''}" for c, d, m, _ in CASES])
+@pytest.mark.parametrize("cfg,d,mode,masks", CASES, ids=[f"{c.block_m}x{c.block_n}-d{d}-{m}{'-ahead' if c.qk_ahead else ''}{f'-small{c.small_block_m}' if c.small_block_m else ''}" for c, d, m, _ in CASES])
 def test_attention_lowers(cfg, d, mode, masks):
     hkv, group = 2, max(1, min(cfg.block_m // 2, 8))
     ks = _spec(d, mode, masks, hkv, group)
