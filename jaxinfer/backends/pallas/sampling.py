@@ -365,17 +365,17 @@ def _threshold_kernel(x_ref, param_ref, out_ref, *, vocab: int, cfg: SamplingCon
     xmin, xmax, total = row.fold(stats, init)
     total = jnp.sum(total)
     param = param_ref[r]
+    lo = float_key(jnp.min(xmin)) - 1  # below every entry
     if criterion == "top_k":
         off = (param <= 0) | (param >= vocab)
         c = param.astype(jnp.float32)
+        lo, g_lo = _top_k_floor(xmax, c, lo), c
     else:
         off = param >= 1.0
         c = jnp.maximum(param * total, jnp.float32(1e-30))
+        g_lo = total
     # Counts of probabilities interpolate best in log scale (keys); logits and masses linearly.
-    lo = float_key(jnp.min(xmin)) - 1
-    if criterion == "top_k":
-        lo = _top_k_floor(xmax, c, lo)
-    t = _search(row, measure, lo, c if criterion == "top_k" else total, float_key(jnp.max(xmax)), jnp.float32(0.0), c, ~off,
+    t = _search(row, measure, lo, g_lo, float_key(jnp.max(xmax)), jnp.float32(0.0), c, ~off,
                 linear=logits or criterion == "top_p")
     out_ref[r] = jnp.where(off, -jnp.inf, t)
 
