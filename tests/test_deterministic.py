@@ -125,12 +125,19 @@ def test_plan_capacity_fixed_split_size():
 
 
 def test_config_qo_len_does_not_follow_the_batch():
-    """The tile config's query length: the batch's mean by default, fixed when deterministic."""
+    """The tile config's query lengths: the batch's mean and median by default, fixed when
+    deterministic or when max_qo_len is set."""
     spec = BatchSpec.create(np.array([0, 1, 101]), np.array([0, 200, 300]), None, None, page_size=1,
                             num_qo_heads=4, num_kv_heads=2, head_dim=32, variant=AttentionVariant())
     assert PlanCapacity().config_qo_len(spec) == 50.5
     assert PlanCapacity().as_deterministic().config_qo_len(spec) == DETERMINISTIC_QO_LEN
     assert PlanCapacity(max_qo_len=1).as_deterministic().config_qo_len(spec) == 1.0
+    assert PlanCapacity().config_median_qo_len(spec) == 50.5
+    assert PlanCapacity().as_deterministic().config_median_qo_len(spec) == DETERMINISTIC_QO_LEN
+    assert PlanCapacity(max_qo_len=7).config_median_qo_len(spec) == 7.0
+    mixed = BatchSpec.create(np.array([0, 0, 9, 10, 11]), np.array([0, 5, 20, 30, 40]), None, None, page_size=1,
+                             num_qo_heads=4, num_kv_heads=2, head_dim=32, variant=AttentionVariant())
+    assert PlanCapacity().config_median_qo_len(mixed) == 1.0  # the empty request is not counted
 
 
 # --- Output bits on the Pallas backend -------------------------------------------------------

@@ -98,6 +98,17 @@ class PlanCapacity:
             return float(DETERMINISTIC_QO_LEN)
         return int(spec.qo_indptr[-1]) / max(spec.batch_size, 1)
 
+    def config_median_qo_len(self, spec: BatchSpec) -> float:
+        """The median query length of ``spec``'s non-empty requests, by which a backend tells a
+        batch of mostly decodes beside a prefill (POD's shape) from a batch of prefills; or
+        :meth:`config_qo_len` where that is fixed (the config must not follow the batch's mix
+        either)."""
+        if self.max_qo_len is not None or self.fixed_split_size is not None:
+            return self.config_qo_len(spec)
+        qo_lens = np.diff(spec.qo_indptr)
+        qo_lens = qo_lens[qo_lens > 0]
+        return float(np.median(qo_lens)) if qo_lens.size else 1.0
+
     def resolve(self, field: str, actual: int) -> int:
         """The capacity of ``field`` for a batch whose actual maximum is ``actual``.
 

@@ -116,14 +116,15 @@ class PallasBackend:
         return merge.merge_states
 
     def tile_config(self, spec: BatchSpec, capacity: PlanCapacity) -> TileConfig:
-        """The tile config of ``spec``: by the query length of
+        """The tile config of ``spec``: by the query lengths of
         :meth:`~jaxinfer.plan.batch.PlanCapacity.config_qo_len` (the batch's mean, or
         ``capacity.max_qo_len`` when that is fixed, or a fixed one for a deterministic capacity)
+        and :meth:`~jaxinfer.plan.batch.PlanCapacity.config_median_qo_len` (its median request),
         and by the bytes of a KV element."""
         if self.config is not None:
             return self.config
         return _cached_heuristic_config(spec.head_dim, spec.page_size, spec.group_size, capacity.config_qo_len(spec),
-                                        jnp.dtype(spec.kv_dtype).itemsize)
+                                        jnp.dtype(spec.kv_dtype).itemsize, capacity.config_median_qo_len(spec))
 
     def grid_size(self, cfg: TileConfig) -> int:
         """Persistent CTAs of the attention kernel for tile config ``cfg``."""

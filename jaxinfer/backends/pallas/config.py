@@ -59,7 +59,7 @@ class TileConfig:
 
 
 def heuristic_config(head_dim: int, page_size: int, group_size: int, avg_qo_len: float,
-                     kv_itemsize: int = 2) -> TileConfig:
+                     kv_itemsize: int = 2, median_qo_len: float | None = None) -> TileConfig:
     """Pick the tile config for a batch (FlashInfer paper sec. 3.2.2: tile size by query length).
 
     Decode-like batches (few rows per KV head: ``group_size * avg_qo_len <= 32``) take the
@@ -72,7 +72,13 @@ def heuristic_config(head_dim: int, page_size: int, group_size: int, avg_qo_len:
     (FlashInfer's fp8 decode likewise keeps the bytes per load of its 16-bit one); measured on
     an H100 against 64-key fp8 tiles and other CTA counts (benchmarks/decisions/pallas.md). Prefill tiles, bound by the tensor cores, stay as they are.
     128-row configs carry a decode-sized body (``small_block_m``, the group's rows rounded up to
-    16) for the tiles of a mixed batch whose rows fit it.
+    16) for the tiles of a mixed batch whose rows fit it. A batch that would take 128-row tiles
+    but whose median request fits that body (``median_qo_len``; mostly decodes beside a prefill,
+    POD-Attention's shape) takes 64-row tiles with the body instead, for head_dim <= 128:
+    4 warps hold two CTAs an SM where the 8-warp 128-row tile holds one, so one CTA's decode
+    tiles stream K/V while the other's prefill tiles run their dots (POD-Attention, Kamath et
+    al., arXiv 2410.18038, sec. 4: co-running the two on an SM; measured on an H100 against the
+    128-row config and against separate prefill and decode launches, benchmarks/decisions/pallas.md).
     ``page_size`` does not change the choice: the kernel gathers keys row by row through the page
     table, so a key step may span pages of any size (it is an argument so that a measured
     dependence can be added without changing callers).
@@ -97,12 +103,14 @@ def heuristic_config(head_dim: int, page_size: int, group_size: int, avg_qo_len:
         # Measured on an H100 (benchmarks/decisions/pallas.md): 3 CTAs per SM beat 2 on skewed
         # batches (decode_zipf 2.78 vs 2.65 TB/s) and tie on uniform ones.
         return TileConfig(block_m=block_m, block_n=block_n, num_warps=4, num_stages=3, ctas_per_sm=ctas)
+    row64 = TileConfig(block_m=64, block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=3)
     if block_m == 64:
-        return TileConfig(block_m=64, block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=3)
-    # A batch of long prefills beside decodes (POD's shape) runs its decode tiles on a body of the
-    # group's rows rounded up to 16 in the same launch (TileConfig.small_block_m): 128-row dots on
-    # a 4-row decode tile are 32x its MMA work (measured: benchmarks/decisions/pallas.md).
+        return row64
+    # Decode tiles run on a body of the group's rows rounded up to 16 in the same launch
+    # (TileConfig.small_block_m): 128-row dots on a 4-row decode tile are 32x its MMA work.
     small = max(MIN_DOT, next_pow2(group_size))
+    if median_qo_len is not None and median_qo_len * group_size <= small < row64.block_m and head_dim <= 128:
+        return dataclasses.replace(row64, small_block_m=small)
     # 128-row tiles issue the next key step's q.k dot before the softmax (qk_ahead). Measured on
     # an H100 (benchmarks/decisions/pallas.md, pallas-2 run 2): prefill_causal 128x64, 8 warps,
     # 3 stages went 285 -> 307-311 TFLOP/s with it (4 stages: 299). 64-row tiles with it gave
@@ -128,6 +136,7 @@ def candidate_configs(kv_itemsize: int = 2) -> list[tuple[TileConfig, int]]:
         for page_size in (1, 16, 64, 128):
             for group_size in (1, 2, 4, 8, 16, 32, 64, 128):
                 for qo in (1, 2, 4, 16, 64, 512):
-                    cfg = heuristic_config(head_dim, page_size, group_size, qo, kv_itemsize)
-                    seen.setdefault((cfg, head_dim), None)
+                    for median_qo in (None, 1):
+                        cfg = heuristic_config(head_dim, page_size, group_size, qo, kv_itemsize, median_qo)
+                        seen.setdefault((cfg, head_dim), None)
     return sorted(seen, key=lambda c: (c[1], c[0].block_m, c[0].block_n))

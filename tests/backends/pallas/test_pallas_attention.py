@@ -150,6 +150,36 @@ def test_mixed_tile_bodies(rng, page_size, hq, hkv):
     assert (real & (rows <= 16)).any() and (real & (rows > 16)).any() and _chunks_per_group(plan) >= 2
 
 
+def test_heuristic_gives_mostly_decode_batches_64_row_tiles_with_the_decode_body():
+    # POD's shape (a prefill beside decodes) by the batch's median request; prefill batches, a
+    # fixed max_qo_len and head_dim 256 keep the 128-row tiles.
+    def config(qo_lens, head_dim=128, capacity=PlanCapacity()):
+        qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)])
+        kv_indptr = np.concatenate([[0], np.cumsum(np.maximum(qo_lens, 1) + 64)])
+        spec = BatchSpec.create(qo_indptr, kv_indptr, None, None, page_size=1, num_qo_heads=32, num_kv_heads=8,
+                                head_dim=head_dim, variant=AttentionVariant(), q_dtype=jnp.bfloat16)
+        return get_backend("pallas").tile_config(spec, capacity)
+
+    pod = [2048] + [1] * 63
+    assert config(pod) == TileConfig(64, 64, 4, 3, ctas_per_sm=2, small_block_m=16)
+    assert config([0, 0] + pod) == config(pod)  # empty requests run no tiles
+    for qo_lens, kw in (([2048, 2048, 2048, 1], {}), ([2048, 1], {}), (pod, {"head_dim": 256}),
+                        (pod, {"capacity": PlanCapacity(max_qo_len=2048)})):
+        cfg = config(qo_lens, **kw)
+        assert (cfg.block_m, cfg.small_block_m) == (128, 16), (qo_lens[:3], kw)
+
+
+def test_pod_shaped_batch_on_the_heuristic_config(rng):
+    # A causal prefill beside decodes, split into chunks: the heuristic's 64-row tiles with the
+    # 16-row body (no forced config).
+    qo_lens = np.array([200] + [1] * 7)
+    kv_lens = np.concatenate([[200], rng.integers(20, 300, 7)])
+    backend = PallasBackend(num_ctas=4, split_factor=16, min_chunk=16)
+    plan = _run_case(rng, qo_lens, kv_lens, backend=backend, page_size=16, hq=8, hkv=2, d=64, causal=True)
+    assert plan.config == TileConfig(64, 64, 4, 3, ctas_per_sm=2, small_block_m=16)
+    assert _chunks_per_group(plan) >= 2
+
+
 def test_run_rejects_mismatched_arrays(rng):
     spec = BatchSpec.create(np.array([0, 1]), np.array([0, 2]), np.array([0, 1]), np.array([3]), page_size=4,
                             num_qo_heads=4, num_kv_heads=2, head_dim=16, variant=AttentionVariant(), q_dtype=jnp.bfloat16)
