@@ -77,8 +77,8 @@ def heuristic_config(head_dim: int, page_size: int, group_size: int, avg_qo_len:
     POD-Attention's shape) takes 64-row tiles with the body instead, for head_dim <= 128:
     4 warps hold two CTAs an SM where the 8-warp 128-row tile holds one, so one CTA's decode
     tiles stream K/V while the other's prefill tiles run their dots (POD-Attention, Kamath et
-    al., arXiv 2410.18038, sec. 4: co-running the two on an SM; measured on an H100 against the
-    128-row config and against separate prefill and decode launches, benchmarks/decisions/pallas.md).
+    al., arXiv 2410.18038: co-running the two on an SM; measured on an H100 against the 128-row
+    config and against separate prefill and decode launches, benchmarks/decisions/pallas.md).
     ``page_size`` does not change the choice: the kernel gathers keys row by row through the page
     table, so a key step may span pages of any size (it is an argument so that a measured
     dependence can be added without changing callers).
