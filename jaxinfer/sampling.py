@@ -318,15 +318,22 @@ def _sample(x, rows, keys, params: RowParams, *, spec: SamplerSpec, backend: str
     if backend == "pallas":
         from jaxinfer.backends.pallas import sampling as pallas_sampling
 
-        # Two uint32 words per row seed the kernel's Threefry streams (any key implementation).
-        words = jax.vmap(lambda k: jax.random.bits(k, (2,), jnp.uint32))(keys)
-        tok = pallas_sampling.sample(x, rows, words, params, spec=spec)
+        tok = pallas_sampling.sample(x, rows, _key_words(keys), params, spec=spec)
     else:
-        tok = _xla_sample(spec, x, rows, keys, params)
+        tok = _xla_sample(spec, x, jnp.arange(x.shape[0], dtype=jnp.int32) if rows is None else rows, keys, params)
     if spec.from_logits:
+        of_output = (lambda a: a) if rows is None else (lambda a: a[rows])  # each output's row of a [R] array
         greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
-        tok = jnp.where(params.temperature[rows] == 0, greedy[rows], tok)
+        tok = jnp.where(of_output(params.temperature) == 0, of_output(greedy), tok)
     return tok
+
+
+def _key_words(keys):
+    """``[B, 2]`` uint32 words seeding the kernel's Threefry streams, one pair per row key: a
+    Threefry-2x32 key's own words (no computation), else two words drawn from the key."""
+    if str(jax.random.key_impl(keys)) == "threefry2x32":
+        return jax.random.key_data(keys)
+    return jax.vmap(lambda k: jax.random.bits(k, (2,), jnp.uint32))(keys)
 
 
 def _run_sampler(spec: SamplerSpec, x, name: str, indices, key, seed, offset, check_nan, backend, **params):
@@ -335,11 +342,13 @@ def _run_sampler(spec: SamplerSpec, x, name: str, indices, key, seed, offset, ch
     _check_nan(x, name, check_nan)
     rows_in = x.shape[0]
     idx = _check_indices(indices, rows_in)
-    rows = jnp.arange(rows_in, dtype=jnp.int32) if idx is None else jnp.clip(idx, 0, max(rows_in - 1, 0)).astype(jnp.int32)
-    keys = row_keys(rows.shape[0], key, seed, offset)
+    # Without indices output b draws from row b: no row array (one XLA op fewer a call).
+    rows = None if idx is None else jnp.clip(idx, 0, max(rows_in - 1, 0)).astype(jnp.int32)
+    batch = rows_in if rows is None else rows.shape[0]
+    keys = row_keys(batch, key, seed, offset)
     p = _params(rows_in, **params)
     backend = _resolve_backend(backend)
-    if rows.shape[0] == 0:
+    if batch == 0:
         return jnp.zeros((0,), jnp.int32 if idx is None else idx.dtype)
     tok = _sample(x, rows, keys, p, spec=spec, backend=backend)
     return tok if idx is None else tok.astype(idx.dtype)

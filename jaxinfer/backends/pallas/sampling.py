@@ -33,7 +33,8 @@ steps (so any vocabulary, up to 256k and beyond, runs in registers):
   order-preserving int32 keys, three interpolated pivots and the midpoint per pass, at most 32
   passes, about 3-4 in practice). The top-k-first sampler runs it to find its floor.
 
-Randomness: each output row carries a ``jax.random`` key's two uint32 words; pass ``r`` derives
+Randomness: each output row carries two uint32 words (its Threefry ``jax.random`` key's own data,
+or two words drawn from a key of another implementation); pass ``r`` derives
 two words by Threefry-2x32 (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3";
 the 20-round function of ``jax.random``), one for the in-block uniform and one seeding the
 per-block reservoir uniforms (a ``lowbias32`` integer hash of seed + block * golden ratio).
@@ -409,10 +410,10 @@ def threshold(x, param, *, criterion: str, logits: bool, config: SamplingConfig 
 # --------------------------------------------------------------------------------------------
 
 
-def _sample_kernel(rows_ref, x_ref, top_k_ref, top_p_ref, min_p_ref, temp_ref, key_ref, out_ref, *, spec: SamplerSpec,
-                   vocab: int, cfg: SamplingConfig):
+def _sample_kernel(*refs, spec: SamplerSpec, vocab: int, cfg: SamplingConfig, has_rows: bool):
+    rows_ref, (x_ref, top_k_ref, top_p_ref, min_p_ref, temp_ref, key_ref, out_ref) = (refs[0], refs[1:]) if has_rows else (None, refs)
     b = pl.program_id(0)
-    r = rows_ref[b]
+    r = rows_ref[b] if has_rows else b
     fill = -jnp.inf if spec.from_logits else 0.0
     row = _row(x_ref, r, vocab, cfg, fill)
     k0, k1 = key_ref[2 * b], key_ref[2 * b + 1]
@@ -601,7 +602,8 @@ def sample(x, rows, key_data, params: RowParams, *, spec: SamplerSpec, config: S
 
     Args:
       x: ``[R, V]`` probabilities (``spec.from_logits=False``, nonnegative, any scale) or logits.
-      rows: ``[B]`` int32 row of each output, in ``[0, R)``.
+      rows: ``[B]`` int32 row of each output, in ``[0, R)``; ``None``: output ``b`` draws from row
+        ``b`` (``B = R``).
       key_data: ``[B, 2]`` uint32 key words of each output row.
       params: per-row ``[R]`` parameters (top_k <= 0 or >= V off; top_p, min_p in [0, 1];
         temperature > 0 -- rows at 0 are the caller's to replace by the argmax).
@@ -614,12 +616,14 @@ def sample(x, rows, key_data, params: RowParams, *, spec: SamplerSpec, config: S
     if rows_in * vocab >= 2**31:
         raise ValueError(f"the pallas sampler indexes [R * V] in int32: R * V = {rows_in * vocab} is too large")
     cfg = config.for_vocab(vocab)
-    kernel = functools.partial(_sample_kernel, spec=spec, vocab=vocab, cfg=cfg)
+    batch = rows_in if rows is None else rows.shape[0]
+    kernel = functools.partial(_sample_kernel, spec=spec, vocab=vocab, cfg=cfg, has_rows=rows is not None)
+    inputs = (x.reshape(-1), params.top_k, params.top_p, params.min_p, params.temperature, key_data.reshape(-1))
+    inputs = inputs if rows is None else (rows, *inputs)
     return pl.pallas_call(
         kernel,
-        out_shape=varying_like(jax.ShapeDtypeStruct((rows.shape[0],), jnp.int32), rows, x, params.top_k, params.top_p,
-                               params.min_p, params.temperature, key_data),
-        grid=(rows.shape[0],),
+        out_shape=varying_like(jax.ShapeDtypeStruct((batch,), jnp.int32), *inputs),
+        grid=(batch,),
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
         interpret=interpret_mode(),
-    )(rows, x.reshape(-1), params.top_k, params.top_p, params.min_p, params.temperature, key_data.reshape(-1))
+    )(*inputs)

@@ -15,7 +15,7 @@ import pytest
 from jax.experimental.pallas import triton as pltriton
 from jax.export import DisabledSafetyCheck
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
-from test_sampling import chi2_pvalue, llm_like_probs, ref_dist, ref_softmax, ref_top_k_keep, safe_top_p
+from test_sampling import chi2_pvalue, llm_like_probs, ref_dist, ref_softmax, ref_top_k_keep, ref_top_p_keep, safe_top_p
 
 from jaxinfer import sampling
 from jaxinfer.backends.pallas import sampling as ps
@@ -258,6 +258,28 @@ def test_public_api_on_pallas():
     assert (np.asarray(out)[:, 1] >= 0).all()
 
 
+def test_public_rows_and_key_kinds_on_pallas():
+    # Without indices output b draws from row b (no row array reaches the kernel): the same tokens
+    # as indices = arange(R). Threefry keys seed the kernel with their own words (typed or raw
+    # data alike); other key implementations with two words drawn from the key.
+    rng = np.random.default_rng(51)
+    probs = np.stack([llm_like_probs(rng, 300) for _ in range(6)])
+    top_p = np.array([safe_top_p(p, rng) for p in probs], np.float32)
+    key = jax.random.key(3)
+
+    def draw(key, **kw):
+        return np.asarray(sampling.top_p_sampling_from_probs(probs, top_p, key=key, backend="pallas", **kw))
+
+    plain = draw(key)
+    np.testing.assert_array_equal(plain, draw(key, indices=jnp.arange(6)))
+    np.testing.assert_array_equal(plain, draw(jax.random.key_data(key)))
+    rbg = draw(jax.random.key(3, impl="rbg"))
+    np.testing.assert_array_equal(rbg, draw(jax.random.key(3, impl="rbg")))
+    for r in range(6):
+        keep = ref_top_p_keep(probs[r].astype(np.float64), float(top_p[r]))
+        assert keep[plain[r]] and keep[rbg[r]]
+
+
 # ------------------------------------------------------------------------------------------------
 # Deviceless Triton lowering under an abstract H100
 # ------------------------------------------------------------------------------------------------
@@ -282,12 +304,16 @@ LOWER_SPECS = [SamplerSpec(), SamplerSpec(top_p=True), SamplerSpec(top_k=True), 
 
 
 @pytest.mark.parametrize("spec", LOWER_SPECS, ids=lambda s: "-".join(f.name for f in __import__("dataclasses").fields(s) if getattr(s, f.name)) or "plain")
-@pytest.mark.parametrize("vocab,batch,dtype", [(32000, 1, jnp.float32), (151936, 512, jnp.bfloat16), (262144, 64, jnp.float16)])
-def test_sample_lowers(spec, vocab, batch, dtype):
-    rows = max(1, batch // 2)
+@pytest.mark.parametrize("vocab,batch,dtype,indexed", [(32000, 1, jnp.float32, False), (151936, 512, jnp.bfloat16, True),
+                                                        (262144, 64, jnp.float16, True)])
+def test_sample_lowers(spec, vocab, batch, dtype, indexed):
+    rows = max(1, batch // 2) if indexed else batch
     params = RowParams(S((rows,), jnp.int32), S((rows,), jnp.float32), S((rows,), jnp.float32), S((rows,), jnp.float32))
-    _export_cuda(lambda x, r, k, p: ps.sample(x, r, k, p, spec=spec), S((rows, vocab), dtype), S((batch,), jnp.int32),
-                 S((batch, 2), jnp.uint32), params)
+    if indexed:
+        _export_cuda(lambda x, r, k, p: ps.sample(x, r, k, p, spec=spec), S((rows, vocab), dtype), S((batch,), jnp.int32),
+                     S((batch, 2), jnp.uint32), params)
+    else:
+        _export_cuda(lambda x, k, p: ps.sample(x, None, k, p, spec=spec), S((rows, vocab), dtype), S((batch, 2), jnp.uint32), params)
 
 
 @pytest.mark.parametrize("criterion,param_dtype,logits", [("top_k", jnp.int32, True), ("top_k", jnp.int32, False),
