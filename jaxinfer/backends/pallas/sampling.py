@@ -34,10 +34,10 @@ steps (so any vocabulary, up to 256k and beyond, runs in registers):
   passes, about 3-4 in practice). The top-k-first sampler runs it to find its floor.
 
 Randomness: each output row carries two uint32 words (its Threefry ``jax.random`` key's own data,
-or two words drawn from a key of another implementation); pass ``r`` derives
-two words by Threefry-2x32 (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3";
-the 20-round function of ``jax.random``), one for the in-block uniform and one seeding the
-per-block reservoir uniforms (a ``lowbias32`` integer hash of seed + block * golden ratio).
+or two words drawn from a key of another implementation); pass ``r`` derives two words by
+Threefry-2x32 (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3"; the 20-round
+function of ``jax.random``), one for the in-block uniform and one seeding the per-block reservoir
+uniforms (a ``lowbias32`` integer hash of seed + block * golden ratio).
 """
 
 from __future__ import annotations
