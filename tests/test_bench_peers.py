@@ -96,24 +96,40 @@ def test_unknown_peer_is_rejected():
         peers.load(["vllm"])
 
 
-def test_timer_makes_back_to_back_calls_and_syncs_once_per_repeat():
-    calls, syncs = [], []
-    timer = harness.Timer(repeats=3, warmup=2, min_repeat_s=1e-3)
+def test_timer_makes_back_to_back_calls_and_syncs_once_per_burst(monkeypatch):
+    # A fake clock: a call costs 1 ms, a wait for the device 7 ms (a burst's fixed cost).
+    clock, calls, syncs = [0.0], [], []
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: clock[0])
+    timer = harness.Timer(repeats=3, warmup=2, min_repeat_s=5e-3)
 
     def fn(x):
         calls.append(x)
+        clock[0] += 1e-3
         return x
 
     def sync(out):
         syncs.append(len(calls))
+        clock[0] += 7e-3
         return out
 
     ms, first = timer(fn, [(1,), (2,)], sync)
-    assert first == 1 and ms > 0
-    per_repeat = (len(calls) - 3) // 3  # after 2 warm-up calls and the one that sizes a repeat
-    assert per_repeat >= 1 and len(calls) == 3 + 3 * per_repeat
-    assert syncs == [1, 2, 3] + [3 + per_repeat * i for i in (1, 2, 3)]
-    assert calls[3:3 + per_repeat] == [(1, 2)[i % 2] for i in range(per_repeat)]  # inputs rotate in a repeat
+    assert first == 1
+    # The sizing burst (1 call: 8 ms) gives C = 1; each repeat then times C and 2C calls and the
+    # fixed 7 ms cancels: 1 ms a call, where the burst's mean would read 1 + 7 / C.
+    assert ms == pytest.approx(1.0)
+    assert len(calls) == 2 + 1 + 3 * 3 and calls[3:6] == [1, 2, 1]
+    assert syncs == [1, 2, 3] + [3 + 3 * i + j for i in range(3) for j in (2, 3)]
+
+
+def test_timer_without_min_repeat_times_one_call_per_repeat(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: clock[0])
+
+    def fn():
+        clock[0] += 2e-3
+
+    ms, _ = harness.Timer(repeats=4)(fn, [()], lambda out: out)
+    assert ms == pytest.approx(2.0)
 
 
 def test_pod_mixed_is_a_prefill_beside_decodes_and_matches_float64(tmp_path, capsys):

@@ -12,7 +12,7 @@ from jaxinfer.bench.workloads import E2E, GROUPS, SIZE_FACTORS, WORKLOADS, expan
 
 GPU_REPEATS, CPU_REPEATS = 20, 3
 GPU_WARMUP = 3  # calls before timing on GPU (the first compiles); 1 on CPU
-GPU_MIN_REPEAT_S = 5e-3  # back-to-back calls per timed repeat on GPU (amortizes dispatch)
+GPU_MIN_REPEAT_S = 5e-3  # a timed repeat's shorter burst of back-to-back calls on GPU (harness.Timer)
 GPU_PLAN_REPEATS, CPU_PLAN_REPEATS = 20, 2  # timed plan() calls per (workload, backend), after one warm-up
 
 
@@ -35,9 +35,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ceilings", action=argparse.BooleanOptionalAction, default=None,
                    help="measure copy bandwidth and bf16 matmul rate and report each workload's floor "
                    "(default on GPU)")
-    p.add_argument("--min-repeat-ms", type=float, help="on GPU, back-to-back calls per timed repeat until it lasts "
-                   f"this long (default {GPU_MIN_REPEAT_S * 1e3:g}); longer repeats amortize dispatch and the final "
-                   "sync over more calls")
+    p.add_argument("--min-repeat-ms", type=float, help="on GPU, a timed repeat's shorter burst: C back-to-back "
+                   f"calls lasting at least this long (default {GPU_MIN_REPEAT_S * 1e3:g}); the other burst has 2C "
+                   "calls and the latency is their difference over C")
     p.add_argument("--plan-repeats", type=int, help="timed plan() calls per workload and backend, after one "
                    f"warm-up (default {GPU_PLAN_REPEATS} on GPU, {CPU_PLAN_REPEATS} on CPU)")
     p.add_argument("--kv-dtype", choices=("bf16", "e4m3", "e5m2"), default="bf16",

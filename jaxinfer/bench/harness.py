@@ -98,9 +98,13 @@ def environment() -> dict:
 class Timer:
     """Median wall time of ``repeats`` timed repeats after ``warmup`` calls (the first compiles).
 
-    With ``min_repeat_s > 0`` a repeat makes back-to-back calls until it lasts that long and then
-    waits once for the device, so asynchronous dispatch overlaps and the per-call latency is the
-    kernel time plus amortized launch cost; latency = repeat time / calls. The same method times
+    With ``min_repeat_s > 0`` a repeat times two bursts of back-to-back calls, each ended by one
+    wait for the device: ``C`` calls (as many as last ``min_repeat_s``) and ``2C``; its sample is
+    ``(t(2C) - t(C)) / C``, the steady cost of one more call in a stream of calls (kernels plus
+    their launch gaps, dispatch where it does not overlap them). A burst's fixed cost, the first
+    call's dispatch onto an idle device and the final wait, cancels: it differs by framework
+    (measured in benchmarks/README.md) and a serving loop pays it once per step, not once per
+    attention call. With ``min_repeat_s = 0`` (the CPU runs) a repeat is one call. The same method times
     jaxinfer and its peers: the wait is ``sync`` (``jax.block_until_ready``; a torch peer passes
     one that calls ``torch.cuda.synchronize``).
     """
@@ -112,8 +116,9 @@ class Timer:
     def describe(self) -> str:
         """The timing method in words (printed with the table and stored in every record)."""
         sync = "one device sync (jax.block_until_ready; torch.cuda.synchronize for a torch peer)"
-        burst = (f"back-to-back calls for at least {self.min_repeat_s * 1e3:g} ms, then {sync}; latency = repeat "
-                 "time / calls" if self.min_repeat_s > 0 else f"one call ended by {sync}")
+        burst = (f"a burst of C back-to-back calls (C calls last at least {self.min_repeat_s * 1e3:g} ms) and one "
+                 f"of 2C, each ended by {sync}; latency = (t(2C) - t(C)) / C, so a burst's fixed cost (first "
+                 "dispatch, final sync) cancels" if self.min_repeat_s > 0 else f"one call ended by {sync}")
         return (f"median of {self.repeats} timed repeats after {self.warmup} warm-up call(s) (the first "
                 f"compiles); a repeat is {burst}")
 
@@ -126,18 +131,19 @@ class Timer:
         first = sync(fn(*args_list[0]))
         for i in range(1, self.warmup):
             sync(fn(*args_list[i % len(args_list)]))
-        calls = 1
-        if self.min_repeat_s > 0:
-            start = time.perf_counter()
-            sync(fn(*args_list[0]))
-            calls = max(1, math.ceil(self.min_repeat_s / max(time.perf_counter() - start, 1e-9)))
-        samples = []
-        for _ in range(self.repeats):
+
+        def burst(calls: int) -> float:
             start = time.perf_counter()
             for c in range(calls):
                 out = fn(*args_list[c % len(args_list)])
             sync(out)
-            samples.append((time.perf_counter() - start) / calls)
+            return time.perf_counter() - start
+
+        if self.min_repeat_s > 0:
+            calls = max(1, math.ceil(self.min_repeat_s / max(burst(1), 1e-9)))
+            samples = [(burst(2 * calls) - burst(calls)) / calls for _ in range(self.repeats)]
+        else:
+            samples = [burst(1) for _ in range(self.repeats)]
         return statistics.median(samples) * 1e3, first
 
 

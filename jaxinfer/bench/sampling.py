@@ -32,10 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -135,27 +132,14 @@ def _outside(case: Case, logits, probs, top_k, top_p, tokens) -> float:
     return float(np.mean(~kept[np.arange(case.batch), tokens]))
 
 
-def _torch_time(fn: Callable, timer: harness.Timer, torch) -> float:
-    """Median ms of ``fn()`` by the Timer's method, synchronizing the torch CUDA stream."""
-    fn()
-    torch.cuda.synchronize()
-    for _ in range(1, timer.warmup):
-        fn()
-    torch.cuda.synchronize()
-    calls = 1
-    if timer.min_repeat_s > 0:
-        start = time.perf_counter()
-        fn()
+def _torch_sync(torch) -> Callable:
+    """The Timer's wait for a torch peer: the CUDA stream, then the output unchanged."""
+
+    def sync(out):
         torch.cuda.synchronize()
-        calls = max(1, math.ceil(timer.min_repeat_s / max(time.perf_counter() - start, 1e-9)))
-    samples = []
-    for _ in range(timer.repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        samples.append((time.perf_counter() - start) / calls)
-    return statistics.median(samples) * 1e3
+        return out
+
+    return sync
 
 
 def _flashinfer_fn(case: Case, logits, probs, top_k, top_p, torch, flashinfer) -> Callable:
@@ -198,7 +182,7 @@ def run(cases, impls, timer: harness.Timer, seed: int = 0, progress: bool = True
                         rec["status"] = f"skipped: {peer_reason}"
                     else:
                         fn = _flashinfer_fn(case, logits, probs, top_k, top_p, *peer)
-                        rec["ms"] = _torch_time(fn, timer, peer[0])
+                        rec["ms"], _ = timer(fn, [()], _torch_sync(peer[0]))
                         rec["frac_outside"] = _outside(case, logits, probs, top_k, top_p, fn().cpu().numpy())
                 else:
                     fn = _jax_fn(case, impl)
