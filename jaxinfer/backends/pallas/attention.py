@@ -22,9 +22,13 @@ entries and mark the rows that do see one (:func:`_finite_values`).
 fp8 KV caches (``float8_e4m3fn``/``float8_e5m2``, :mod:`jaxinfer.fp8`) are read as they are
 stored, one byte per element, and widened in registers to fp16 before the dots (exact: every
 fp8 value is an fp16 value; one conversion instruction per two values, where bf16 takes three),
-so decode, memory-bound, moves half the bytes of a 16-bit cache. The dots run in fp16: a bf16 q
-tile is scaled by a power of two into fp16's range when its largest entry needs it (the logits
-are scaled back: :func:`_to_fp16`), and ``P`` in ``[0, 1]`` is rounded to fp16 for ``P.V``. With
+so decode, memory-bound, moves half the bytes of a 16-bit cache. On the GPU an fp8 V comes in as
+uint16 pairs of adjacent columns (a bitcast in :func:`attention`), so that the ``P.V`` dot's
+operand loads from shared memory like a 16-bit one and splits into its even and odd columns
+(:func:`_fp8_pairs_to_f16`); the two halves of the output are interleaved once per tile. The
+dots run in fp16: a bf16 q tile is scaled by a power of two into fp16's range when its largest
+entry needs it (the logits are scaled back: :func:`_to_fp16`), and ``P`` in ``[0, 1]`` is
+rounded to fp16 for ``P.V``. With
 :attr:`KernelSpec.kv_scales` the kernel reads a ``[2 * Hkv]`` float32 array of per-KV-head
 ``k_scale`` (multiplies the raw ``q.k``, or the keys before a key transform) and ``v_scale``
 (multiplies the tile's output, before partials are written and before the output transform).
@@ -66,6 +70,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from jaxinfer.backends import device
 from jaxinfer.backends.pallas.config import TileConfig
 from jaxinfer.backends.pallas.merge import (
     NEG_INF, ParamLayout, final_rows, finish, interpret_mode, merge_partials, row_block,
@@ -245,12 +250,63 @@ def _load(ref, rows, ok, width: int, col0: int = 0):
     blk = row_block(ref, rows, width, col0)
     if ok is None:
         return pltriton.load(blk)
-    return pltriton.load(blk, mask=jnp.broadcast_to(ok[:, None], (rows.shape[0], width)), other=0.0)
+    # An integer ``other`` for the uint16 pairs of an fp8 V: a float one would promote them.
+    other = 0 if jnp.issubdtype(ref.dtype, jnp.integer) else 0.0
+    return pltriton.load(blk, mask=jnp.broadcast_to(ok[:, None], (rows.shape[0], width)), other=other)
 
 
 def _widen(x, dtype):
     """``x`` in ``dtype`` (an fp8 tile widened to q's dtype; no op when it has it already)."""
     return x if x.dtype == dtype else x.astype(dtype)
+
+
+def _fp8_pairs_to_f16(x, fp8_dtype, native: bool):
+    """A ``[rows, D/2]`` uint16 tile of fp8 pairs (element ``2j`` in the low byte, ``2j+1`` in the
+    high byte: a ``[rows, D]`` fp8 tile bitcast) as its two fp16 ``[rows, D/2]`` halves, the
+    even and the odd columns (exact: every fp8 value is an fp16 value).
+
+    The P.V dot takes V ``[keys, D]`` as its B operand, which the MMA wants with the keys (its K
+    dimension) paired in a register; fp8 V is stored D-major, and Triton gathers such an 8-bit
+    operand from shared memory byte by byte (one ``LDS.U8`` per value, an ``IMAD`` per pair,
+    then the ``cvt``). As 16-bit pairs the tile takes ``ldmatrix.trans`` like a bf16 one, and
+    each half is one ``PRMT`` (the two keys' bytes of a column) and one ``cvt.rn.f16x2`` per two
+    values (offline SASS: benchmarks/decisions/pallas.md). On the GPU through inline asm (Triton
+    has no packed byte ops: its integer ops here run one element per instruction); elsewhere
+    (interpret mode) the bitcast and ``astype``.
+    """
+    if not native:
+        b = lax.bitcast_convert_type(x, fp8_dtype)  # [rows, D/2, 2]
+        return b[..., 0].astype(jnp.float16), b[..., 1].astype(jnp.float16)
+    kind = "e5m2x2" if fp8_dtype == jnp.float8_e5m2 else "e4m3x2"
+
+    def half(sel):
+        # $1 holds two uint16 elements (two keys of one column pair); prmt gathers the low (0x20)
+        # or high (0x31) bytes, cvt widens them to an f16x2 (the low element in the low half).
+        [y] = pltriton.elementwise_inline_asm(
+            f"{{ .reg .b32 t; .reg .b16 l, h; prmt.b32 t, $1, 0, {sel}; mov.b32 {{l, h}}, t; "
+            f"cvt.rn.f16x2.{kind} $0, l; }}",
+            args=[x], constraints="=r,r", pack=2,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float16)])
+        return y
+
+    return half("0x0020"), half("0x0031")
+
+
+def _interleave(parts):
+    """``[rows, D]`` from its even and odd columns (``parts``, two ``[rows, D/2]``), or the one
+    part."""
+    if len(parts) == 1:
+        return parts[0]
+    even, odd = parts
+    return jnp.stack([even, odd], axis=-1).reshape(even.shape[0], 2 * even.shape[1])
+
+
+def _fp8_v_pairs(kv_dtype, ks: KernelSpec) -> bool:
+    """Whether V reaches the kernel as uint16 pairs of fp8 values (:func:`_fp8_pairs_to_f16`): an
+    fp8 cache whose tiles widen to fp16 for the dots (no key transform), unless a GPU older than
+    sm_89 runs it (PTX's fp8 ``cvt`` needs sm_89; its V takes the plain fp8 path)."""
+    arch = device.gpu_arch()
+    return jnp.dtype(kv_dtype).itemsize == 1 and ks.fn("key_transform") is None and (arch is None or arch >= 89)
 
 
 def _load_operand(ref, rows, ok, transform, cos_sin, d: int, dtype, scale=None):
@@ -350,7 +406,7 @@ def _visible(ok, pos, rows, kv_head, mask, ks: KernelSpec):
     return visible
 
 
-def _finite_values(v, visible):
+def _finite_values(vs, visible):
     """V ``[bn, D]`` of a masked step with its non-finite entries zeroed, and the ``[bm]`` rows
     that see a key holding one.
 
@@ -361,12 +417,13 @@ def _finite_values(v, visible):
     would make them. Elementwise work and two max-reductions (over D per key, over the step's
     keys per row), on masked steps of kernels whose rows can see different keys
     (:attr:`KernelSpec.rows_see_different_keys`) only: mask-free steps (every key visible to
-    every row) keep the plain product, and keys past the chunk already load as 0.
+    every row) keep the plain product, and keys past the chunk already load as 0. ``vs``: V's
+    column parts (the tile, or the even and odd columns of an fp8 one), checked together.
     """
-    finite = jnp.abs(v.astype(jnp.float32)) < jnp.inf  # False for inf and NaN
-    bad_key = jnp.max(jnp.where(finite, 0.0, 1.0), axis=1)  # [bn]
+    finite = [jnp.abs(v.astype(jnp.float32)) < jnp.inf for v in vs]  # False for inf and NaN
+    bad_key = functools.reduce(jnp.maximum, [jnp.max(jnp.where(f, 0.0, 1.0), axis=1) for f in finite])  # [bn]
     sees_bad = jnp.max(jnp.where(visible, bad_key[None, :], 0.0), axis=1) > 0.0  # [bm]
-    return jnp.where(finite, v, jnp.zeros((), v.dtype)), sees_bad
+    return tuple(jnp.where(f, v, jnp.zeros((), v.dtype)) for f, v in zip(finite, vs)), sees_bad
 
 
 def _poison_rows(acc, sees_bad):
@@ -421,6 +478,9 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, na
     # keys included) has no such bound, so with one the tiles widen to q's dtype.
     fp16_dots = k_ref.dtype.itemsize == 1 and ks.fn("key_transform") is None
     cdt = jnp.float16 if fp16_dots else q_ref.dtype
+    # An fp8 V arrives as uint16 pairs (attention()); its tiles are the even and odd columns.
+    pairs = v_ref.dtype == jnp.uint16
+    n_parts = 2 if pairs else 1
     out_refs = refs[-4:]  # o, lse, partial o, partial lse
     bn, d, g = cfg.block_n, ks.head_dim, ks.group_size
     nf = len(WORK_FIELDS)
@@ -488,18 +548,21 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, na
                 (raw, kv_rows), nxt = state[3:], qk(i + 1, True)
             else:
                 (raw, kv_rows), nxt = qk(i, masked), ()
-            v = _widen(_load(v_ref, kv_rows, ok, d), cdt)
+            if pairs:
+                vs = _fp8_pairs_to_f16(_load(v_ref, kv_rows, ok, d // 2), k_ref.dtype, native)
+            else:
+                vs = (_widen(_load(v_ref, kv_rows, ok, d), cdt),)
             s, scale = _logits(raw, rows, pos, kv_head, kt, k_scale_logits)
             guard = masked and ks.rows_see_different_keys
             if masked:
                 visible = _visible(ok, pos, rows, kv_head, mask, kt)
             if guard:
-                v, sees_bad = _finite_values(v, visible)
+                vs, sees_bad = _finite_values(vs, visible)
             if not ks.use_softmax:
                 if masked:
                     s = jnp.where(visible, s, 0.0)
-                acc = acc + pltriton.dot(s, v.astype(jnp.float32))
-                return (m, l, _poison_rows(acc, sees_bad) if guard else acc) + nxt
+                acc = tuple(a + pltriton.dot(s, v.astype(jnp.float32)) for a, v in zip(acc, vs))
+                return (m, l, tuple(_poison_rows(a, sees_bad) for a in acc) if guard else acc) + nxt
             if masked:
                 s = jnp.where(visible, s, NEG_INF)
             m_new = jnp.maximum(m, jnp.max(s, axis=1) * scale)
@@ -507,12 +570,14 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, na
             m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new) if masked else m_new
             p = jnp.exp2(s * scale - m_safe[:, None])
             alpha = jnp.exp2(m - m_safe)
-            acc = acc * alpha[:, None] + pltriton.dot(p.astype(v.dtype), v)
+            pv = p.astype(vs[0].dtype)
+            acc = tuple(a * alpha[:, None] + pltriton.dot(pv, v) for a, v in zip(acc, vs))
             if guard:
-                acc = _poison_rows(acc, sees_bad)
+                acc = tuple(_poison_rows(a, sees_bad) for a in acc)
             return (m_new, l * alpha + jnp.sum(p, axis=1), acc) + nxt
 
-        state = (jnp.full((bm,), NEG_INF, jnp.float32), jnp.zeros((bm,), jnp.float32), jnp.zeros((bm, d), jnp.float32))
+        acc0 = tuple(jnp.zeros((bm, d // n_parts), jnp.float32) for _ in range(n_parts))
+        state = (jnp.full((bm,), NEG_INF, jnp.float32), jnp.zeros((bm,), jnp.float32), acc0)
         if qk_ahead:
             state += qk(0, True)
         n_steps = pl.cdiv(kv_hi - kv_lo, bn)
@@ -525,7 +590,7 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, na
                 state = lax.fori_loop(0, a, masked, state)
             state = lax.fori_loop(a, b, full, state)
             state = lax.fori_loop(b, n_steps, masked, state)
-        state = state[:3]
+        state = (*state[:2], _interleave(state[2]))
         # Without softmax, o is the plain sum and the lse rows (unused) hold zeros.
         o, lse = finish(state) if ks.use_softmax else (state[2], state[1])
         if ks.kv_scales:
@@ -588,6 +653,9 @@ def attention(plan_buffer, q, k, v, mask=None, scales=None, sinks=None, params=(
     slots = max(ks.num_slots, 1) * cfg.block_m
     num_pages = k.shape[0]
     interpret = interpret_mode()
+    if _fp8_v_pairs(v.dtype, ks):
+        # [rows, D/2] uint16 pairs of the fp8 V (a bitcast, no copy): _fp8_pairs_to_f16.
+        v = lax.bitcast_convert_type(v.reshape(-1, d // 2, 2), jnp.uint16)
     kernel = functools.partial(_attention_kernel, ks=ks, cfg=cfg, num_pages=num_pages, native=not interpret)
     extra = tuple(x for x in (mask, scales, sinks) if x is not None) + tuple(params)
     o, lse, po, plse = pl.pallas_call(
@@ -601,7 +669,7 @@ def attention(plan_buffer, q, k, v, mask=None, scales=None, sinks=None, params=(
         plan_buffer,
         q.reshape(rows, d),
         k.reshape(-1, d),  # [rows, D] view of a paged cache (NHD/HND) or a ragged KV tensor
-        v.reshape(-1, d),
+        v.reshape(-1, v.shape[-1]),
         *extra,
         jnp.zeros((rows, d), q.dtype),
         jnp.full((rows,), NEG_INF, jnp.float32),

@@ -96,10 +96,11 @@ def heuristic_config(head_dim: int, page_size: int, group_size: int, avg_qo_len:
         block_n = 128 if head_dim <= 64 else 64 if head_dim <= 128 else 32
         ctas = 3
         if kv_itemsize == 1 and block_m * block_n * 2 <= MAX_DECODE_LOGITS:
-            # fp8 tiles of twice the keys hold about 255 registers a thread, so two CTAs fit an
-            # SM: 4 per SM in the plan make two even waves, where 3 left half an SM's work for a
-            # second wave (H100: 1.2-1.3x the 3-CTA plan, benchmarks/decisions/pallas.md).
-            block_n, ctas = block_n * 2, 4
+            # fp8 tiles take twice the keys per step (the bytes of a 16-bit step). With V loaded
+            # as 16-bit pairs (attention._fp8_pairs_to_f16) they hold about 168 registers a
+            # thread, so three CTAs fit an SM as for bf16 (H100: 1.15-1.2x the 4-CTA plan, which
+            # suited the 255-register kernel before it; benchmarks/decisions/pallas.md).
+            block_n = block_n * 2
         # Measured on an H100 (benchmarks/decisions/pallas.md): 3 CTAs per SM beat 2 on skewed
         # batches (decode_zipf 2.78 vs 2.65 TB/s) and tie on uniform ones.
         return TileConfig(block_m=block_m, block_n=block_n, num_warps=4, num_stages=3, ctas_per_sm=ctas)
