@@ -117,7 +117,15 @@ def test_scales_on_16bit_caches_every_backend(rng, backend):
     w.plan(indptr_of(qo_lens), kv.kv_indptr, kv.kv_indices, kv.kv_last_page_len, hq, hkv, d, ps, causal=True)
     q = rand(rng, (sum(qo_lens), hq, d), jnp.bfloat16)
     o, lse = w.run(q, kv.cache, return_lse=True, k_scale=k_scale, v_scale=v_scale)
-    want_o, want_lse = ref_batch(q, dequantize(kv.k_list, k_scale), dequantize(kv.v_list, v_scale),
+    q_want, k_want_scale = q, k_scale
+    if backend in ("fa2", "fa3"):
+        # These multiply q by k_scale and round it to bf16 before their kernels (documented in
+        # jaxinfer/backends/ffi/backend.py): one more rounding of q, which the sharp softmax of
+        # scales up to 4 carries past bf16's tolerance on some seeds (9 elements of 339968 on
+        # an H100 run, reproduced by the reference alone). Their reference takes that q.
+        per_head = np.repeat(k_scale, hq // hkv)[None, :, None]
+        q_want, k_want_scale = jnp.asarray(np.asarray(q, np.float32) * per_head, jnp.bfloat16), np.ones_like(k_scale)
+    want_o, want_lse = ref_batch(q_want, dequantize(kv.k_list, k_want_scale), dequantize(kv.v_list, v_scale),
                                  indptr_of(qo_lens), causal=True)
     assert_close(o, want_o, jnp.bfloat16)
     assert_close(lse, want_lse, jnp.bfloat16, "lse")
