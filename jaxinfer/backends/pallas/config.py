@@ -98,8 +98,9 @@ def heuristic_config(head_dim: int, page_size: int, group_size: int, avg_qo_len:
         if kv_itemsize == 1 and block_m * block_n * 2 <= MAX_DECODE_LOGITS:
             # fp8 tiles take twice the keys per step (the bytes of a 16-bit step). With V loaded
             # as 16-bit pairs (attention._fp8_pairs_to_f16) they hold about 168 registers a
-            # thread, so three CTAs fit an SM as for bf16 (H100: 1.15-1.2x the 4-CTA plan, which
-            # suited the 255-register kernel before it; benchmarks/decisions/pallas.md).
+            # thread, so three CTAs fit an SM as for bf16 (the 4-CTA plan suited the
+            # 255-register kernel before it: two resident, two even waves; measured on an H100,
+            # benchmarks/decisions/pallas.md).
             block_n = block_n * 2
         # Measured on an H100 (benchmarks/decisions/pallas.md): 3 CTAs per SM beat 2 on skewed
         # batches (decode_zipf 2.78 vs 2.65 TB/s) and tie on uniform ones.
