@@ -167,7 +167,7 @@ def _mla_kernel(buf_ref, qn_ref, qp_ref, ckv_ref, kpe_ref, _o_in, _lse_in, o_ref
                 visible = _visible(ok, pos, rows, 0, None, ks)
                 s = jnp.where(visible, s, NEG_INF)
             if guard:
-                ckv, sees_bad = _finite_values(ckv, visible)
+                (ckv,), sees_bad = _finite_values((ckv,), visible)
             m_new = jnp.maximum(m, jnp.max(s, axis=1) * c)
             m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new) if masked else m_new
             p = jnp.exp2(s * c - m_safe[:, None])
