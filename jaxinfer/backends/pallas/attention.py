@@ -301,12 +301,17 @@ def _interleave(parts):
     return jnp.stack([even, odd], axis=-1).reshape(even.shape[0], 2 * even.shape[1])
 
 
+def _fp16_dots(kv_dtype, ks: KernelSpec) -> bool:
+    """Whether the dots run in fp16: an fp8 cache without a key transform (_attention_kernel)."""
+    return jnp.dtype(kv_dtype).itemsize == 1 and ks.fn("key_transform") is None
+
+
 def _fp8_v_pairs(kv_dtype, ks: KernelSpec) -> bool:
     """Whether V reaches the kernel as uint16 pairs of fp8 values (:func:`_fp8_pairs_to_f16`): an
-    fp8 cache whose tiles widen to fp16 for the dots (no key transform), unless a GPU older than
-    sm_89 runs it (PTX's fp8 ``cvt`` needs sm_89; its V takes the plain fp8 path)."""
+    fp8 cache whose tiles widen to fp16 for the dots, unless a GPU older than sm_89 runs it
+    (PTX's fp8 ``cvt`` needs sm_89; its V takes the plain fp8 path)."""
     arch = device.gpu_arch()
-    return jnp.dtype(kv_dtype).itemsize == 1 and ks.fn("key_transform") is None and (arch is None or arch >= 89)
+    return _fp16_dots(kv_dtype, ks) and (arch is None or arch >= 89)
 
 
 def _load_operand(ref, rows, ok, transform, cos_sin, d: int, dtype, scale=None):
@@ -476,8 +481,7 @@ def _attention_kernel(*refs, ks: KernelSpec, cfg: TileConfig, num_pages: int, na
     # (benchmarks/decisions/pallas.md). Every fp8 value is an fp16 value, and P in [0, 1] loses
     # nothing; a bf16 q is scaled into fp16's range below. A key transform's output (scaled
     # keys included) has no such bound, so with one the tiles widen to q's dtype.
-    fp16_dots = k_ref.dtype.itemsize == 1 and ks.fn("key_transform") is None
-    cdt = jnp.float16 if fp16_dots else q_ref.dtype
+    cdt = jnp.float16 if _fp16_dots(k_ref.dtype, ks) else q_ref.dtype
     # An fp8 V arrives as uint16 pairs (attention()); its tiles are the even and odd columns.
     pairs = v_ref.dtype == jnp.uint16
     n_parts = 2 if pairs else 1
