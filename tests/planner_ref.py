@@ -66,26 +66,40 @@ def _query_tiles(qo_indptr, kv_lens, kv_base, mask_offsets, tokens_per_tile, cau
     return tiles
 
 
-def _chunk_size(kv_span, num_kv_heads, block_n, split_budget, min_chunk):
-    """Smallest chunk (multiple of block_n, >= min_chunk) whose tile count fits split_budget."""
+# The chunk choice's weight of the most loaded CTA (planner.cc's kTailEighths).
+TAIL_EIGHTHS = 3
+
+
+def _chunk_makespan(blocks, k, num_kv_heads, num_ctas, tile_startup):
+    """The model's time (x 8 num_ctas) of chunks of ``k`` steps, from every tile's cost."""
+    nch = np.maximum(1, _ceil_div(blocks, k))
+    steps = np.concatenate([[k] * (n - 1) + [b - (n - 1) * k] for b, n in zip(blocks.tolist(), nch.tolist())])
+    costs = np.sort(np.repeat(steps, num_kv_heads) + tile_startup)[::-1]
+    total = int(costs.sum())
+    ranks = np.arange(0, costs.size, num_ctas)
+    most = max(int(((ranks // num_ctas + 1) * costs[ranks]).max()) * num_ctas, total)
+    return (8 - TAIL_EIGHTHS) * total + TAIL_EIGHTHS * most
+
+
+def _chunk_size(kv_span, num_kv_heads, block_n, split_budget, min_chunk, num_ctas, tile_startup):
+    """The chunk (multiple of block_n, >= min_chunk) of least makespan whose tiles fit split_budget."""
     longest = int(kv_span.max(initial=0))
     kmin = max(1, _ceil_div(min_chunk, block_n))
     if kv_span.size * num_kv_heads >= split_budget or longest <= kmin * block_n:
         return 0
     # ceil(span / (k * block_n)) == ceil(ceil(span / block_n) / k): search on block counts.
-    blocks = _ceil_div(kv_span, block_n)
+    blocks = _ceil_div(kv_span, block_n).astype(np.int64)
 
     def count(k):
         return num_kv_heads * int(np.maximum(1, _ceil_div(blocks, k)).sum())
 
-    lo, hi = kmin, max(kmin, _ceil_div(longest, block_n))
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if count(mid) <= split_budget:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo * block_n
+    longest_blocks = _ceil_div(longest, block_n)
+    smallest = next(k for k in range(kmin, max(kmin, longest_blocks) + 1) if count(k) <= split_budget)
+    # Chunk counts of the longest range from 1 up; the first of equal times (fewest tiles) wins.
+    candidates = dict.fromkeys(max(smallest, _ceil_div(longest_blocks, m))
+                               for m in range(1, _ceil_div(longest_blocks, smallest) + 1))
+    best = min(candidates, key=lambda k: _chunk_makespan(blocks, k, num_kv_heads, num_ctas, tile_startup))
+    return 0 if best >= longest_blocks else best * block_n
 
 
 def _assign_lpt(sorted_cost, num_ctas):
@@ -146,6 +160,7 @@ def plan_work_ref(
     min_chunk: int = 256,
     kv_major: bool = False,
     row_cost: int = 2,
+    tile_startup: int = 2,
     mask_offsets=None,
 ) -> WorkBuffers:
     """:func:`jaxinfer.plan.planner.plan_work` in numpy (same arguments but ``out``, same result).
@@ -158,7 +173,7 @@ def plan_work_ref(
     q_tiles = _query_tiles(np.asarray(qo_indptr), np.asarray(kv_lens), np.asarray(kv_base), mask_offsets, tpt, causal, window_left)
     lo, hi = q_tiles[:, F["kv_lo"]], q_tiles[:, F["kv_hi"]]
     span = hi - lo
-    chunk = _chunk_size(span, num_kv_heads, block_n, split_budget, min_chunk) if split_kv else 0
+    chunk = _chunk_size(span, num_kv_heads, block_n, split_budget, min_chunk, num_ctas, tile_startup) if split_kv else 0
     max_groups = split_budget // 2
     shapes = ((max_work_tiles, len(WORK_FIELDS)), (num_ctas + 1,), (max_groups + 1,), (max_groups, len(MERGE_FIELDS)))
     work, cta_indptr, merge_indptr, merge_dest = (np.empty(s, np.int32) for s in shapes)

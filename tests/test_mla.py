@@ -33,8 +33,8 @@ from jaxinfer.plan.batch import PlanCapacity
 
 BF16 = jnp.bfloat16
 # Small grids that split every long request (16-key chunks) so the merge path runs.
-SPLIT16 = PallasBackend(num_ctas=4, split_factor=16, min_chunk=16, config=TileConfig(16, 16, 4, 1))
-SPLIT64 = PallasBackend(num_ctas=4, split_factor=16, min_chunk=16, config=TileConfig(64, 16, 4, 1))
+SPLIT16 = PallasBackend(num_ctas=64, split_factor=16, min_chunk=16, config=TileConfig(16, 16, 4, 1))
+SPLIT64 = PallasBackend(num_ctas=64, split_factor=16, min_chunk=16, config=TileConfig(64, 16, 4, 1))
 POISON = (np.nan, np.inf, -np.inf)
 
 

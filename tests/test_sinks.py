@@ -36,7 +36,7 @@ BF16, F16 = jnp.bfloat16, jnp.float16
 LN2 = math.log(2.0)
 ENGINES = ["xla", "pallas"]
 # Small tiles, few CTAs, short chunks: split-KV plans on small batches (the merge kernel runs).
-SPLIT = PallasBackend(num_ctas=4, split_factor=16, config=TileConfig(16, 16, 4, 1), min_chunk=16)
+SPLIT = PallasBackend(num_ctas=64, split_factor=16, config=TileConfig(16, 16, 4, 1), min_chunk=16)
 WINDOW_CAP = dict(window_left=9, logits_soft_cap=6.0)
 
 

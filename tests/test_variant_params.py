@@ -24,7 +24,7 @@ from jaxinfer.variants import AttentionVariant
 
 F16 = jnp.float16
 HQ, HKV, D = 4, 2, 32
-SPLIT = PallasBackend(num_ctas=4, split_factor=16, config=TileConfig(16, 16, 4, 1), min_chunk=16)
+SPLIT = PallasBackend(num_ctas=64, split_factor=16, config=TileConfig(16, 16, 4, 1), min_chunk=16)
 
 
 def _xp(x):

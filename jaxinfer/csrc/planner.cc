@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <numeric>
 #include <vector>
 
@@ -25,12 +26,13 @@ enum Status { kOk = 0, kCapacity = 1, kBadArgument = 2 };
 
 // The static arguments of a plan, int64 each, in the order of jaxinfer.plan.planner.PlanArgs.
 // fixed_chunk > 0 splits every query tile's key range at multiples of it, whatever the batch
-// (batch invariance, FlashInfer's fixed_split_size); 0 lets chunk_size pick the chunk per batch.
+// (batch invariance, FlashInfer's fixed_split_size); 0 lets chunk_size pick the chunk per batch,
+// by a makespan model in which a tile costs tile_startup key steps more than its keys.
 struct Params {
   int64_t num_kv_heads, group_size, block_m, block_n, causal, window_left, num_ctas, split_budget, max_work_tiles,
-      split_kv, min_chunk, kv_major, row_cost, fixed_chunk;
+      split_kv, min_chunk, kv_major, row_cost, fixed_chunk, tile_startup;
 };
-static_assert(sizeof(Params) == 14 * sizeof(int64_t), "Params is read from an int64 array");
+static_assert(sizeof(Params) == 15 * sizeof(int64_t), "Params is read from an int64 array");
 
 struct Outputs {
   int32_t* work;          // [max_work_tiles, kNumFields]
@@ -63,6 +65,7 @@ struct Scratch {
   std::vector<uint64_t> digits;  // radix sort keys, by element
   std::vector<int32_t> histograms;  // radix sort: [passes][4][256]
   std::vector<uint32_t> blocks;  // chunk_size: key blocks of each query tile
+  std::vector<int64_t> remainders;  // chunk_makespan: key blocks of each range's last chunk
   std::vector<Tile> tiles, sorted;  // split tiles in (query tile, KV head, chunk) order; all tiles sorted
   std::vector<std::pair<int64_t, int32_t>> least, least_tmp;  // (load, CTA id)
   std::vector<int64_t> bounds;
@@ -117,9 +120,49 @@ void query_tiles(int32_t batch, const int32_t* qo_indptr, const int32_t* kv_lens
   }
 }
 
-// Smallest chunk (multiple of block_n, >= min_chunk) whose tile count fits split_budget; 0 when
-// the unsplit tiles already fill the budget or nothing is longer than the smallest chunk.
-int64_t chunk_size(const std::vector<int32_t>& q_tiles, int64_t n, const Params& p, std::vector<uint32_t>& blocks) {
+// The makespan model of the chunk choice, in key steps (block_n keys each): a work tile costs its
+// steps plus tile_startup (the key pipeline's fill, the partial row's write), and a plan takes
+// its mean CTA load plus kTailEighths / 8 of its most loaded CTA's excess over that mean (the
+// CTAs left at the end stream faster than their share of the memory bandwidth). Fitted to the
+// H100 split-factor sweep of benchmarks/decisions/pallas.md (Pallas decode, bf16 and e4m3).
+constexpr int64_t kTailEighths = 3;
+
+// The model's time (times 8 * num_ctas) of splitting key ranges of blocks[i] steps into chunks
+// of k steps. The most loaded CTA is estimated by the LPT lower bound (r + 1) * t[r * num_ctas]
+// over the tile costs t sorted descending (some CTA runs r + 1 of the r * num_ctas + 1 costliest
+// tiles), and at least the mean. Every tile of a key range but its last costs k + tile_startup,
+// the most of any; the last ones' steps are sorted into rem.
+int64_t chunk_makespan(const std::vector<uint32_t>& blocks, int64_t n, int64_t k, const Params& p,
+                       std::vector<int64_t>& rem) {
+  int64_t tiles = 0, full = 0, steps = 0;
+  rem.resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t nch = std::max<int64_t>(1, (blocks[i] + k - 1) / k);
+    tiles += nch;
+    full += nch - 1;
+    steps += blocks[i];
+    rem[i] = blocks[i] - (nch - 1) * k;
+  }
+  std::sort(rem.begin(), rem.end(), std::greater<int64_t>());
+  const int64_t hkv = p.num_kv_heads, ctas = p.num_ctas;
+  tiles *= hkv;
+  full *= hkv;
+  const int64_t total = hkv * steps + p.tile_startup * tiles;
+  int64_t most = 0;  // the LPT bound, times num_ctas
+  for (int64_t r = 0; r * ctas < tiles; ++r) {
+    const int64_t pos = r * ctas;
+    const int64_t t = (pos < full ? k : rem[(pos - full) / hkv]) + p.tile_startup;
+    most = std::max(most, (r + 1) * t * ctas);
+  }
+  most = std::max(most, total);
+  return (8 - kTailEighths) * total + kTailEighths * most;
+}
+
+// The chunk (multiple of block_n, >= min_chunk) of least chunk_makespan among those whose tiles
+// fit split_budget, trying for the longest key range each count of chunks from 1 up (ties: fewer
+// tiles); 0 when that is no split, when the unsplit tiles already fill the budget or when nothing
+// is longer than the smallest chunk.
+int64_t chunk_size(const std::vector<int32_t>& q_tiles, int64_t n, const Params& p, Scratch& s) {
   int64_t longest = 0;
   for (int64_t i = 0; i < n; ++i) longest = std::max<int64_t>(longest, q_tiles[i * kNumFields + kKvHi] - q_tiles[i * kNumFields + kKvLo]);
   const int64_t kmin = std::max<int64_t>(1, ceil_div(p.min_chunk, p.block_n));
@@ -127,6 +170,7 @@ int64_t chunk_size(const std::vector<int32_t>& q_tiles, int64_t n, const Params&
   // ceil(span / (k * block_n)) == ceil(ceil(span / block_n) / k): search on block counts, each
   // below 2**31 (as k), so that the search divides in 32 bits (64-bit divisions took ~10% of a
   // B=64 split plan).
+  std::vector<uint32_t>& blocks = s.blocks;
   blocks.resize(n);
   for (int64_t i = 0; i < n; ++i) {
     blocks[i] = uint32_t(ceil_div(q_tiles[i * kNumFields + kKvHi] - q_tiles[i * kNumFields + kKvLo], p.block_n));
@@ -137,7 +181,8 @@ int64_t chunk_size(const std::vector<int32_t>& q_tiles, int64_t n, const Params&
     for (int64_t i = 0; i < n; ++i) total += std::max<uint32_t>(1, (blocks[i] + k32 - 1) / k32);
     return total * p.num_kv_heads;
   };
-  int64_t lo = kmin, hi = std::max(kmin, ceil_div(longest, p.block_n));
+  const int64_t longest_blocks = ceil_div(longest, p.block_n);
+  int64_t lo = kmin, hi = std::max(kmin, longest_blocks);
   while (lo < hi) {
     const int64_t mid = (lo + hi) / 2;
     if (count(mid) <= p.split_budget) {
@@ -146,7 +191,19 @@ int64_t chunk_size(const std::vector<int32_t>& q_tiles, int64_t n, const Params&
       lo = mid + 1;
     }
   }
-  return lo * p.block_n;
+  // lo: the smallest chunk within the budget, whose count of chunks of the longest range is the most.
+  int64_t best = 0, best_time = 0, prev = 0;
+  for (int64_t m = 1, most = ceil_div(longest_blocks, lo); m <= most; ++m) {
+    const int64_t k = std::max(lo, ceil_div(longest_blocks, m));
+    if (k == prev) continue;
+    prev = k;
+    const int64_t time = chunk_makespan(blocks, n, k, p, s.remainders);
+    if (!best || time < best_time) {
+      best = k;
+      best_time = time;
+    }
+  }
+  return best >= longest_blocks ? 0 : best * p.block_n;
 }
 
 // Sorts v, a concatenation of ascending runs, by merging adjacent runs (bottom-up merge sort
@@ -305,10 +362,10 @@ int prepare(int32_t batch, const int32_t* qo_indptr, const int32_t* kv_lens, con
   if (batch < 0 || !in_int32(p.num_kv_heads, 1) || !in_int32(p.group_size, 1) || !in_int32(p.block_m, 1) ||
       !in_int32(p.block_n, 1) || !in_int32(p.num_ctas, 1) || !in_int32(p.split_budget, 2) ||
       !in_int32(p.max_work_tiles, 0) || !in_int32(p.min_chunk, 0) || !in_int32(p.window_left, -1) ||
-      !in_int32(p.row_cost, 0) || !in_int32(p.fixed_chunk, 0)) {
+      !in_int32(p.row_cost, 0) || !in_int32(p.fixed_chunk, 0) || !in_int32(p.tile_startup, 0)) {
     return fail(kBadArgument,
                 "plan_work needs batch >= 0, num_kv_heads, group_size, block_m, block_n, num_ctas >= 1, "
-                "split_budget >= 2, max_work_tiles, min_chunk, row_cost, fixed_chunk >= 0, window_left >= -1, "
+                "split_budget >= 2, max_work_tiles, min_chunk, row_cost, fixed_chunk, tile_startup >= 0, window_left >= -1, "
                 "all < 2**31 (got batch=%lld, split_budget=%lld)",
                 batch, p.split_budget);
   }
@@ -319,7 +376,7 @@ int prepare(int32_t batch, const int32_t* qo_indptr, const int32_t* kv_lens, con
   query_tiles(batch, qo_indptr, kv_lens, kv_base, mask_offsets, std::max<int64_t>(1, p.block_m / p.group_size), p,
               s.q_tiles);
   const int64_t nq = int64_t(s.q_tiles.size()) / kNumFields;
-  const int64_t chunk = p.fixed_chunk ? p.fixed_chunk : p.split_kv ? chunk_size(s.q_tiles, nq, p, s.blocks) : 0;
+  const int64_t chunk = p.fixed_chunk ? p.fixed_chunk : p.split_kv ? chunk_size(s.q_tiles, nq, p, s) : 0;
   s.q_cost.resize(nq);
   s.nch.resize(nq);
   int64_t tiles = 0, slots = 0, split_tiles = 0;

@@ -7,9 +7,15 @@ After the dynamism-aware scheduler of the FlashInfer paper (arXiv 2501.01005, se
    one tile reads each key once for the whole group.
 2. The KV range of a query tile is trimmed to the keys some row of it can see (causal and
    sliding-window bounds, bottom-right aligned), then split into chunks of ``chunk`` tokens
-   (split-KV). ``chunk`` is the smallest multiple of ``block_n`` (and at least ``min_chunk``)
-   whose total tile count fits ``split_budget``; when the unsplit tiles already fill it, no
-   request is split.
+   (split-KV). ``chunk`` is a multiple of ``block_n`` (and at least ``min_chunk``) whose total
+   tile count fits ``split_budget``: of the chunks that cut the longest key range into 1, 2, ...
+   parts, the one of least estimated time (the fewest tiles among equals). The estimate counts
+   a tile's key steps plus ``tile_startup`` (a tile's fixed cost), and is the mean CTA load plus
+   3/8 of the most loaded CTA's excess over it, that load taken as the LPT lower bound
+   ``max_r (r + 1) * cost[r * num_ctas]`` over the costs sorted descending (some CTA runs r + 1
+   of the ``r * num_ctas + 1`` costliest tiles): whole waves of tiles and few tile starts win
+   (fitted on an H100, benchmarks/decisions/pallas.md). When the unsplit tiles already fill
+   ``split_budget``, no request is split.
    With ``fixed_chunk`` (FlashInfer's ``fixed_split_size``) the chunk is that size for every
    batch instead, and every key range longer than it is split: a request's tiles, split points
    and merge order then depend on the request alone, so its output is bit-identical in any batch
@@ -95,6 +101,7 @@ class PlanArgs:
     kv_major: bool = False
     row_cost: int = 2
     fixed_chunk: int = 0
+    tile_startup: int = 2
 
     @functools.cached_property
     def native(self) -> ctypes.Array:
@@ -218,6 +225,9 @@ def plan_work(qo_indptr, kv_lens, kv_base, *, mask_offsets=None, out: tuple[np.n
         that request alone (batch invariance); ``split_budget`` then bounds the partial slots
         rather than choosing the chunk, and ``min_chunk`` is unused. ``0`` (default): the chunk
         of step 2 of the module doc, which depends on the batch. Needs ``split_kv``.
+      tile_startup: the fixed cost of a work tile in key steps (``block_n`` keys) in the chunk
+        choice's time estimate (step 2 of the module doc; default 2, the Pallas decode kernel's
+        on an H100). ``0`` splits as finely as the budget lowers the estimate.
       mask_offsets: ``[B]`` offset of each request's row-major ``[qo_len, kv_len]`` custom mask in
         the flat mask (``None``: no custom mask; ``mask_base`` is then 0).
       out: ``(work, cta_indptr, merge_indptr, merge_dest)`` C-contiguous int32 arrays of the

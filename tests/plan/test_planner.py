@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import kv_major_prefill, rand
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 import planner_ref
 from ref64 import random_page_table
@@ -59,6 +59,7 @@ def batches(draw, max_batch=6):
         split_budget=draw(st.integers(2, 80)),
         min_chunk=draw(st.sampled_from([16, 48])),
         row_cost=draw(st.sampled_from([0, 2, 5])),
+        tile_startup=draw(st.sampled_from([0, 2, 5])),
     )
 
 
@@ -205,9 +206,16 @@ def test_kv_major_matches_the_post_pass(case, split_budget, kv_scale, masked, sp
     kw |= dict(split_kv=split_kv, max_work_tiles=4096,
                mask_offsets=np.concatenate([[0], np.cumsum(qo * kv)])[:-1] + 3 if masked else None)
     base = (np.arange(kv.size) // 2 if shared_base else np.arange(kv.size)) * 1000 + 17
-    tiles = plan_work_ref(qo_indptr, kv, base, num_ctas=4096, **kw).num_tiles
-    num_ctas = max(1, tiles + extra_ctas)
+    # The chunk depends on the CTAs (the planner's makespan model): a grid of extra_ctas more than
+    # the tiles of its own plan, iterated from 4096 CTAs.
+    num_ctas = 4096
+    for _ in range(8):
+        tiles = plan_work_ref(qo_indptr, kv, base, num_ctas=num_ctas, **kw).num_tiles
+        num_ctas, last = max(1, tiles + extra_ctas), num_ctas
+        if num_ctas == last:
+            break
     lpt = plan_work_ref(qo_indptr, kv, base, num_ctas=num_ctas, **kw)
+    assume(lpt.num_tiles <= num_ctas)
     want_work, want_cta = _kv_major_post_pass(lpt, num_ctas)
     out, packed = _poisoned_out(4096, num_ctas, split_budget)
     for got in (plan_work_ref(qo_indptr, kv, base, num_ctas=num_ctas, kv_major=True, **kw),
@@ -218,11 +226,12 @@ def test_kv_major_matches_the_post_pass(case, split_budget, kv_scale, masked, sp
         np.testing.assert_array_equal(got.merge_dest, lpt.merge_dest)
         assert (got.num_tiles, got.num_groups, got.chunk) == (lpt.num_tiles, lpt.num_groups, lpt.chunk)
     assert not np.any(packed == -12345)
-    if tiles >= 2:
+    fewer = num_ctas - 1
+    if fewer >= 1 and plan_work_ref(qo_indptr, kv, base, num_ctas=fewer, **kw).num_tiles > fewer:
         with pytest.raises(ValueError, match="kv_major runs one tile per CTA") as want:
-            plan_work_ref(qo_indptr, kv, base, num_ctas=tiles - 1, kv_major=True, **kw)
+            plan_work_ref(qo_indptr, kv, base, num_ctas=fewer, kv_major=True, **kw)
         with pytest.raises(ValueError) as got:
-            plan_work(qo_indptr, kv, base, num_ctas=tiles - 1, kv_major=True, **kw)
+            plan_work(qo_indptr, kv, base, num_ctas=fewer, kv_major=True, **kw)
         assert str(got.value) == str(want.value)
 
 
@@ -255,6 +264,20 @@ def test_native_matches_oracle_on_b256_decode(rng):
             for name in ("work", "cta_indptr", "merge_indptr", "merge_dest"):
                 np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
             assert (got.num_tiles, got.num_groups, got.chunk) == (want.num_tiles, want.num_groups, want.chunk)
+
+
+@pytest.mark.parametrize("tile_startup", [0, 2])
+def test_chunk_choice_runs_one_wave_of_long_chunks(tile_startup):
+    """The chunk of least estimated time (module doc, step 2), not the smallest the budget allows:
+    two key ranges of 64 steps on 8 CTAs take 4 chunks each, one tile a CTA (mean and most loaded
+    CTA 16 + tile_startup steps), where the budget of 32 tiles would allow 16 chunks of 4 steps
+    (four waves, 4 tile starts a CTA); 5 chunks a range would leave 2 CTAs a second tile."""
+    kw = dict(num_kv_heads=1, group_size=1, block_m=16, block_n=16, causal=False, window_left=-1, num_ctas=8,
+              split_budget=32, max_work_tiles=64, min_chunk=16, tile_startup=tile_startup)
+    for plan in (plan_work(np.arange(3), [1024, 1024], [0, 0], **kw),
+                 plan_work_ref(np.arange(3), np.array([1024, 1024]), np.array([0, 0]), **kw)):
+        assert (plan.chunk, plan.num_tiles) == (256, 8)
+        np.testing.assert_array_equal(np.diff(plan.cta_indptr), np.ones(8))
 
 
 def test_inputs_of_wrong_length_raise():

@@ -84,6 +84,10 @@ class PallasBackend:
         partial-slot capacity); ``0`` disables split-KV.
       config: a fixed :class:`TileConfig`, or ``None`` for :func:`heuristic_config`.
       min_chunk: smallest KV chunk of a split (tokens).
+      tile_startup: a work tile's fixed cost in key steps, by which the planner weighs fewer,
+        longer chunks against more, shorter ones (``tile_startup`` of
+        :func:`jaxinfer.plan.planner.plan_work`; ``0`` splits as finely as that shortens the
+        estimated makespan).
       kv_major_grid: prefill-class plans (``config.block_m >= 64``) whose unsplit tiles fill the
         persistent grid run one tile per CTA instead, in (request, KV head)-major order, longest
         first within: CTAs the hardware runs together then share a few requests' KV in L2,
@@ -98,6 +102,7 @@ class PallasBackend:
     split_factor: int = 4
     config: TileConfig | None = None
     min_chunk: int = 256
+    tile_startup: int = 2
     kv_major_grid: bool = True
 
     capabilities = CAPABILITIES
@@ -171,6 +176,7 @@ class PallasBackend:
             min_chunk=self.min_chunk,
             kv_major=kv_major,
             fixed_chunk=fixed_chunk,
+            tile_startup=self.tile_startup,
         )
 
     def _plan_kwargs(self, spec: BatchSpec, cfg: TileConfig, max_work_tiles: int, fixed_chunk: int = 0,

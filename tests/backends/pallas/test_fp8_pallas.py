@@ -25,7 +25,7 @@ from jaxinfer.variants import AttentionVariant
 
 D = 32
 # A small persistent grid (interpret mode runs every program) that splits requests into chunks.
-SPLIT = PallasBackend(num_ctas=4, split_factor=16, config=TileConfig(16, 16, 4, 1), min_chunk=16)
+SPLIT = PallasBackend(num_ctas=64, split_factor=16, config=TileConfig(16, 16, 4, 1), min_chunk=16)
 
 
 def _scales(kind, hkv):

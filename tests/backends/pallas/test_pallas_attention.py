@@ -19,12 +19,14 @@ from jaxinfer.backends.pallas.config import TileConfig
 from jaxinfer.plan.layout import F
 from jaxinfer.variants import AttentionVariant
 
-SPLIT = PallasBackend(num_ctas=4, split_factor=16, config=TileConfig(16, 16, 4, 1), min_chunk=16)
+# 64 CTAs: the planner splits a key range where that shortens the estimated makespan; on a few
+# CTAs these short, many requests would already balance unsplit.
+SPLIT = PallasBackend(num_ctas=64, split_factor=16, config=TileConfig(16, 16, 4, 1), min_chunk=16)
 NO_SPLIT = PallasBackend(num_ctas=3, split_factor=0)
 # The prefill tile's software pipelining across key steps (the next step's q.k before the softmax).
-AHEAD = PallasBackend(num_ctas=4, split_factor=16, config=TileConfig(32, 16, 4, 1, qk_ahead=True), min_chunk=16)
+AHEAD = PallasBackend(num_ctas=64, split_factor=16, config=TileConfig(32, 16, 4, 1, qk_ahead=True), min_chunk=16)
 # Two tile bodies in one launch: tiles whose rows fit 16 (a mixed batch's decodes) run 16 rows.
-MIXED = PallasBackend(num_ctas=4, split_factor=16, config=TileConfig(64, 16, 4, 1, qk_ahead=True, small_block_m=16),
+MIXED = PallasBackend(num_ctas=64, split_factor=16, config=TileConfig(64, 16, 4, 1, qk_ahead=True, small_block_m=16),
                       min_chunk=16)
 
 
@@ -174,7 +176,7 @@ def test_pod_shaped_batch_on_the_heuristic_config(rng):
     # 16-row body (no forced config).
     qo_lens = np.array([200] + [1] * 7)
     kv_lens = np.concatenate([[200], rng.integers(20, 300, 7)])
-    backend = PallasBackend(num_ctas=4, split_factor=16, min_chunk=16)
+    backend = PallasBackend(num_ctas=64, split_factor=16, min_chunk=16)
     plan = _run_case(rng, qo_lens, kv_lens, backend=backend, page_size=16, hq=8, hkv=2, d=64, causal=True)
     assert plan.config == TileConfig(64, 64, 4, 3, ctas_per_sm=2, small_block_m=16)
     assert _chunks_per_group(plan) >= 2
