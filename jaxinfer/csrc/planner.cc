@@ -131,8 +131,9 @@ constexpr int64_t kTailEighths = 3;
 // of k steps. The most loaded CTA is estimated by the LPT lower bound (r + 1) * t[r * num_ctas]
 // over the tile costs t sorted descending (some CTA runs r + 1 of the r * num_ctas + 1 costliest
 // tiles), and at least the mean. Every tile of a key range but its last costs k + tile_startup,
-// the most of any; the last ones' steps are sorted into rem.
-int64_t chunk_makespan(const std::vector<uint32_t>& blocks, int64_t n, int64_t k, const Params& p,
+// the most of any; the last ones' steps are sorted into rem. 128-bit: at the limits of the int32
+// arguments the products pass 2**63.
+__int128 chunk_makespan(const std::vector<uint32_t>& blocks, int64_t n, int64_t k, const Params& p,
                        std::vector<int64_t>& rem) {
   int64_t tiles = 0, full = 0, steps = 0;
   rem.resize(n);
@@ -147,12 +148,12 @@ int64_t chunk_makespan(const std::vector<uint32_t>& blocks, int64_t n, int64_t k
   const int64_t hkv = p.num_kv_heads, ctas = p.num_ctas;
   tiles *= hkv;
   full *= hkv;
-  const int64_t total = hkv * steps + p.tile_startup * tiles;
-  int64_t most = 0;  // the LPT bound, times num_ctas
+  const __int128 total = __int128(hkv) * steps + __int128(p.tile_startup) * tiles;
+  __int128 most = 0;  // the LPT bound, times num_ctas
   for (int64_t r = 0; r * ctas < tiles; ++r) {
     const int64_t pos = r * ctas;
     const int64_t t = (pos < full ? k : rem[(pos - full) / hkv]) + p.tile_startup;
-    most = std::max(most, (r + 1) * t * ctas);
+    most = std::max(most, __int128(r + 1) * t * ctas);
   }
   most = std::max(most, total);
   return (8 - kTailEighths) * total + kTailEighths * most;
@@ -192,12 +193,13 @@ int64_t chunk_size(const std::vector<int32_t>& q_tiles, int64_t n, const Params&
     }
   }
   // lo: the smallest chunk within the budget, whose count of chunks of the longest range is the most.
-  int64_t best = 0, best_time = 0, prev = 0;
+  int64_t best = 0, prev = 0;
+  __int128 best_time = 0;
   for (int64_t m = 1, most = ceil_div(longest_blocks, lo); m <= most; ++m) {
     const int64_t k = std::max(lo, ceil_div(longest_blocks, m));
     if (k == prev) continue;
     prev = k;
-    const int64_t time = chunk_makespan(blocks, n, k, p, s.remainders);
+    const __int128 time = chunk_makespan(blocks, n, k, p, s.remainders);
     if (!best || time < best_time) {
       best = k;
       best_time = time;
