@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import types
 
 import jax
 import numpy as np
@@ -179,3 +180,10 @@ def test_jax_pallas_peer_matches_the_reference_in_interpret_mode(kv_dtype):
     prep = peers.prepare_jax_paged(problem, 2, functools.partial(pa.paged_attention, interpret=True))
     err = harness.rel_error(prep.rows(prep.fn(*prep.args)), ref[prep.q_rows])
     assert 0 < err < 1e-2, err
+
+
+def test_torch_sync_waits_for_the_stream_and_returns_the_output():
+    waits = []
+    fake_torch = types.SimpleNamespace(cuda=types.SimpleNamespace(synchronize=lambda: waits.append(1)))
+    out = object()
+    assert harness.torch_sync(fake_torch)(out) is out and waits == [1]

@@ -94,6 +94,17 @@ def environment() -> dict:
     }
 
 
+def torch_sync(torch) -> Callable:
+    """The :class:`Timer`'s wait for a torch peer: ``torch.cuda.synchronize``, then the output
+    unchanged (``torch``: the imported module, which jaxinfer does not depend on)."""
+
+    def sync(out):
+        torch.cuda.synchronize()
+        return out
+
+    return sync
+
+
 @dataclasses.dataclass(frozen=True)
 class Timer:
     """Median wall time of ``repeats`` timed repeats after ``warmup`` calls (the first compiles).

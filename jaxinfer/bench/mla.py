@@ -123,12 +123,7 @@ def _flashinfer_peer(plan_args, arrays, timer: harness.Timer):
         qo, kv_indptr, kv_indices, kv_lens = (torch.from_numpy(np.asarray(a)).cuda() for a in plan_args[:4])
         w = flashinfer.mla.BatchMLAPagedAttentionWrapper(torch.empty(128 * 2**20, dtype=torch.int8, device="cuda"))
         w.plan(qo, kv_indptr, kv_indices, kv_lens, *plan_args[4:10], torch.bfloat16, torch.bfloat16)
-
-        def sync(out):
-            torch.cuda.synchronize()
-            return out
-
-        ms, o = timer(lambda: w.run(q_nope, q_pe, ckv, kpe), [()], sync)
+        ms, o = timer(lambda: w.run(q_nope, q_pe, ckv, kpe), [()], harness.torch_sync(torch))
         return ms, np.asarray(o.float().cpu())
     except Exception as e:  # noqa: BLE001 - a peer failure is reported, not fatal
         return None, f"error: {type(e).__name__}: {e}"

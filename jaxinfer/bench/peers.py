@@ -122,11 +122,8 @@ class FlashInferCases:
 
     def __init__(self, torch, flashinfer):
         self.torch, self.fi = torch, flashinfer
+        self.sync = harness.torch_sync(torch)
         self.workspace = torch.empty(FLASHINFER_WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
-
-    def sync(self, out):
-        self.torch.cuda.synchronize()
-        return out
 
     def copy(self, x):
         return x.clone() if isinstance(x, self.torch.Tensor) else x

@@ -132,16 +132,6 @@ def _outside(case: Case, logits, probs, top_k, top_p, tokens) -> float:
     return float(np.mean(~kept[np.arange(case.batch), tokens]))
 
 
-def _torch_sync(torch) -> Callable:
-    """The Timer's wait for a torch peer: the CUDA stream, then the output unchanged."""
-
-    def sync(out):
-        torch.cuda.synchronize()
-        return out
-
-    return sync
-
-
 def _flashinfer_fn(case: Case, logits, probs, top_k, top_p, torch, flashinfer) -> Callable:
     def to_torch(a, dtype):
         return torch.from_numpy(np.asarray(a, np.float32)).to(device="cuda", dtype=dtype)
@@ -182,7 +172,7 @@ def run(cases, impls, timer: harness.Timer, seed: int = 0, progress: bool = True
                         rec["status"] = f"skipped: {peer_reason}"
                     else:
                         fn = _flashinfer_fn(case, logits, probs, top_k, top_p, *peer)
-                        rec["ms"], _ = timer(fn, [()], _torch_sync(peer[0]))
+                        rec["ms"], _ = timer(fn, [()], harness.torch_sync(peer[0]))
                         rec["frac_outside"] = _outside(case, logits, probs, top_k, top_p, fn().cpu().numpy())
                 else:
                     fn = _jax_fn(case, impl)
