@@ -1,5 +1,5 @@
-"""The offline SASS tool (jaxinfer/bench/sass.py): the dump stage captures the decode kernel's
-Triton module on this CPU, and the SASS counting finds the key-step loops of a listing."""
+"""The offline SASS tool (jaxinfer/bench/sass.py): the dump stage captures the decode and MLA
+kernels' Triton modules on this CPU, and the SASS counting finds the key-step loops of a listing."""
 
 from __future__ import annotations
 
@@ -37,10 +37,19 @@ def test_sass_counting_finds_the_key_step_loop_and_classes():
 def test_dump_writes_the_decode_kernels_triton_module(tmp_path):
     sass.dump(str(tmp_path), ["bf16", "e4m3"], {"block_n": None, "num_warps": None, "num_stages": None})
     meta = json.loads((tmp_path / "meta.json").read_text())
-    assert meta["bf16"]["kv_itemsize"] == 2 and meta["e4m3"]["kv_itemsize"] == 1
+    assert meta["bf16"]["kv_bytes_per_key"] == 2 * 128 * 2 and meta["e4m3"]["kv_bytes_per_key"] == 2 * 128
     assert meta["e4m3"]["block_n"] == 2 * meta["bf16"]["block_n"]  # the heuristic's fp8 tiles
     for case in ("bf16", "e4m3"):
         text = (tmp_path / f"{case}.ttir").read_text()
         assert "tt.func" in text and "tt.dot" in text
     fp8 = (tmp_path / "e4m3.ttir").read_text()
     assert "cvt.rn.f16x2.e4m3x2" in fp8 and "cvt.rn.f16x2" not in (tmp_path / "bf16.ttir").read_text()
+
+
+def test_dump_writes_the_mla_kernels_triton_module(tmp_path):
+    sass.dump(str(tmp_path), ["mla"], {"block_n": 32, "num_warps": None, "num_stages": None})
+    meta = json.loads((tmp_path / "meta.json").read_text())["mla"]
+    assert "mla" in meta["kernel"] and meta["kv_bytes_per_key"] == 2 * (512 + 64)
+    assert meta["block_n"] == 32 and meta["block_m"] == 64  # the override, the default's rows
+    text = (tmp_path / "mla.ttir").read_text()
+    assert text.count("tt.dot") == 6  # q_nope.ckv, q_pe.kpe, P.ckv in the mask-free and the masked loop

@@ -1,13 +1,15 @@
-"""Offline SASS of the Pallas decode kernel: registers, spills and the key-step loop's instructions
-without a GPU, to compare kernel variants before spending device time.
+"""Offline SASS of the Pallas decode and MLA kernels: registers, spills and the key-step loop's
+instructions without a GPU, to compare kernel variants before spending device time.
 
 Two halves in two interpreters (jaxlib's Triton and Python's ``triton`` are separate builds):
 
 - ``dump`` (jaxinfer's environment): plans decode_uniform's geometry (Hq 32, Hkv 8, D 128, page
   size 16, NHD, bf16 q; batch 4: the kernel depends only on the static kernel spec and tile
-  config) through :class:`jaxinfer.BatchDecodeWithPagedKVCacheWrapper` for each KV dtype, exports
-  the attention for an abstract H100 with the Triton lowering forced, and writes the Triton module
-  that Pallas hands to XLA as text (``<out>/<case>.ttir``, ``meta.json``).
+  config) through :class:`jaxinfer.BatchDecodeWithPagedKVCacheWrapper` for each KV dtype, and
+  case ``mla`` DeepSeek-V3's MLA decode (128 heads, ``Dc`` 512, ``Dp`` 64, page size 64, bf16)
+  through :class:`jaxinfer.BatchMLAPagedAttentionWrapper`; exports the kernel for an abstract H100
+  with the Triton lowering forced, and writes the Triton module that Pallas hands to XLA as text
+  (``<out>/<case>.ttir``, ``meta.json``).
 - ``compile`` (an interpreter with ``triton==3.6.0``, the GPU machine's, given by
   ``--triton-python``): runs Triton's TTIR passes (XLA runs the same pipeline; ``triton.compile``
   skips them for an IR file), compiles for sm_90a with the config's warps and stages, and writes
@@ -35,8 +37,10 @@ import re
 import subprocess
 import sys
 
-CASES = {"bf16": "bfloat16", "e4m3": "float8_e4m3fn", "e5m2": "float8_e5m2"}
+CASES = {"bf16": "bfloat16", "e4m3": "float8_e4m3fn", "e5m2": "float8_e5m2", "mla": None}
 GEOMETRY = dict(num_qo_heads=32, num_kv_heads=8, head_dim=128, page_size=16, batch=4, kv_len=4096)
+# The MLA case: DeepSeek-V3's decode (jaxinfer.bench.mla's full-size cases), bf16.
+MLA_GEOMETRY = dict(num_heads=128, head_dim_ckv=512, head_dim_kpe=64, page_size=64, batch=4, kv_len=4096)
 # SASS opcode classes, first match wins.
 CLASSES = [
     ("LDGSTS", r"LDGSTS"), ("LDG", r"LDG"), ("LDS.U8", r"LDS\.U8"), ("LDSM", r"LDSM"), ("LDS", r"LDS"),
@@ -49,17 +53,14 @@ CLASSES = [
 
 
 def dump(out: str, cases: list[str], overrides: dict) -> None:
-    """Write ``<out>/<case>.ttir`` and ``meta.json`` (the tile config of each case)."""
+    """Write ``<out>/<case>.ttir`` and ``meta.json`` (the tile config of each case, its KV bytes a
+    key); ``overrides``: tile config fields to replace (``None``: keep)."""
     import jax
-    import jax.numpy as jnp
-    import numpy as np
     from jax._src.pallas.triton import pallas_call_registration as registration
     from jax.experimental.pallas import triton as pltriton
     from jax.export import DisabledSafetyCheck
     from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
-    import jaxinfer
-    from jaxinfer.backends.pallas.attention import attention
     from jaxinfer.backends.pallas.merge import force_triton_lowering
 
     captured = []
@@ -70,44 +71,95 @@ def dump(out: str, cases: list[str], overrides: dict) -> None:
         captured.append((jaxpr.debug_info.func_name, result.module.operation.get_asm(enable_debug_info=False)))
         return result
 
-    g = GEOMETRY
-    hq, hkv, d, ps, batch = g["num_qo_heads"], g["num_kv_heads"], g["head_dim"], g["page_size"], g["batch"]
-    pages = g["kv_len"] // ps
-    indptr = np.arange(batch + 1, dtype=np.int32) * pages
-    indices = np.random.default_rng(0).permutation(batch * pages).astype(np.int32)
-    last = np.full(batch, ps, np.int32)
     mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=AbstractDevice("NVIDIA H100", 1, "cuda"))
     os.makedirs(out, exist_ok=True)
     meta = {}
     registration.lowering.lower_jaxpr_to_triton_module = capture
     try:
         for case in cases:
-            kv_dtype = jnp.dtype(CASES[case])
-            plan = jaxinfer.BatchDecodeWithPagedKVCacheWrapper(kv_layout="NHD", backend="pallas").plan(
-                indptr, indices, last, hq, hkv, d, ps, q_data_type=jnp.bfloat16, kv_data_type=kv_dtype)
-            scales = kv_dtype.itemsize == 1
-            ks = dataclasses.replace(plan.inner.kernel, kv_layout="NHD", kv_scales=scales)
-            cfg = dataclasses.replace(plan.inner.config, **{k: v for k, v in overrides.items() if v is not None})
-            spec = jax.ShapeDtypeStruct
-            kv = spec((batch * pages, ps, hkv, d), kv_dtype)
-            args = [spec((ks.buffer_size,), jnp.int32), spec((batch, hq, d), jnp.bfloat16), kv, kv]
-            args += [spec((2 * hkv,), jnp.float32)] if scales else []
-
-            def run(buf, q, k, v, *scale):
-                return attention(buf, q, k, v, None, *scale, ks=ks, cfg=cfg)
-
+            run, args, cfg, kernel, key_bytes = (_mla_case if case == "mla" else _decode_case)(case, overrides)
             captured.clear()
             with force_triton_lowering(), jax.sharding.use_abstract_mesh(mesh):
                 jax.export.export(jax.jit(run), platforms=["cuda"], disabled_checks=[
                     DisabledSafetyCheck.custom_call(pltriton.CUSTOM_CALL_TARGET_NAME)])(*args)
-            name, text = next((n, t) for n, t in captured if "attention" in n)
+            name, text = next((n, t) for n, t in captured if kernel in n)
             with open(os.path.join(out, f"{case}.ttir"), "w") as f:
                 f.write(text)
-            meta[case] = dict(kernel=name, kv_itemsize=kv_dtype.itemsize, **dataclasses.asdict(cfg))
+            meta[case] = dict(kernel=name, kv_bytes_per_key=key_bytes, **dataclasses.asdict(cfg))
     finally:
         registration.lowering.lower_jaxpr_to_triton_module = lower
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
+
+
+def _overridden(cfg, overrides: dict):
+    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _decode_case(case: str, overrides: dict):
+    """``(run, abstract args, tile config, kernel name part, KV bytes a key)`` of the decode kernel
+    at :data:`GEOMETRY` with a ``CASES[case]`` cache (K and V: ``2 D`` values a key)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jaxinfer
+    from jaxinfer.backends.pallas.attention import attention
+
+    g = GEOMETRY
+    hq, hkv, d, ps, batch = g["num_qo_heads"], g["num_kv_heads"], g["head_dim"], g["page_size"], g["batch"]
+    pages = g["kv_len"] // ps
+    indptr = np.arange(batch + 1, dtype=np.int32) * pages
+    indices = np.random.default_rng(0).permutation(batch * pages).astype(np.int32)
+    last = np.full(batch, ps, np.int32)
+    kv_dtype = jnp.dtype(CASES[case])
+    plan = jaxinfer.BatchDecodeWithPagedKVCacheWrapper(kv_layout="NHD", backend="pallas").plan(
+        indptr, indices, last, hq, hkv, d, ps, q_data_type=jnp.bfloat16, kv_data_type=kv_dtype)
+    scales = kv_dtype.itemsize == 1
+    ks = dataclasses.replace(plan.inner.kernel, kv_layout="NHD", kv_scales=scales)
+    cfg = _overridden(plan.inner.config, overrides)
+    spec = jax.ShapeDtypeStruct
+    kv = spec((batch * pages, ps, hkv, d), kv_dtype)
+    args = [spec((ks.buffer_size,), jnp.int32), spec((batch, hq, d), jnp.bfloat16), kv, kv]
+    args += [spec((2 * hkv,), jnp.float32)] if scales else []
+
+    def run(buf, q, k, v, *scale):
+        return attention(buf, q, k, v, None, *scale, ks=ks, cfg=cfg)
+
+    return run, args, cfg, "attention", 2 * d * kv_dtype.itemsize
+
+
+def _mla_case(case: str, overrides: dict):
+    """The same for the MLA decode kernel at :data:`MLA_GEOMETRY` (bf16; ``Dc + Dp`` values a key,
+    the ``ckv`` row read once as key and value)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jaxinfer
+    from jaxinfer.backends.pallas import mla
+    from jaxinfer.backends.pallas.backend import PallasBackend
+    from jaxinfer.bench.mla import SM_SCALE
+
+    g = MLA_GEOMETRY
+    h, dc, dp, ps, batch = g["num_heads"], g["head_dim_ckv"], g["head_dim_kpe"], g["page_size"], g["batch"]
+    pages = g["kv_len"] // ps
+    indptr = np.arange(batch + 1, dtype=np.int32) * pages
+    indices = np.random.default_rng(0).permutation(batch * pages).astype(np.int32)
+    lens = np.full(batch, g["kv_len"], np.int32)
+    cfg = _overridden(mla.DEFAULT_CONFIG, overrides)
+    wrapper = jaxinfer.BatchMLAPagedAttentionWrapper(backend="pallas", pallas=PallasBackend(config=cfg))
+    plan = wrapper.plan(np.arange(batch + 1, dtype=np.int32), indptr, indices, lens, h, dc, dp, ps, False, SM_SCALE,
+                        jnp.bfloat16, jnp.bfloat16)
+    ks = plan.inner.kernel
+    spec = jax.ShapeDtypeStruct
+    args = [spec((ks.buffer_size,), jnp.int32), spec((batch, h, dc), jnp.bfloat16), spec((batch, h, dp), jnp.bfloat16),
+            spec((batch * pages, ps, dc), jnp.bfloat16), spec((batch * pages, ps, dp), jnp.bfloat16)]
+
+    def run(buf, q_nope, q_pe, ckv, kpe):
+        return mla.mla_attention(buf, q_nope, q_pe, ckv, kpe, ks=ks, cfg=cfg)
+
+    return run, args, cfg, "mla", 2 * (dc + dp)
 
 
 def compile_ttir(out: str) -> None:
@@ -202,7 +254,7 @@ def report(out: str) -> str:
             counts = classify(sass, first, last)
             n = sum(counts.values())
             per_key = n * m["num_warps"] / m["block_n"]
-            per_byte = per_key / (2 * GEOMETRY["head_dim"] * m["kv_itemsize"])
+            per_byte = per_key / m["kv_bytes_per_key"]
             lines.append(f"  loop {first:#x}-{last:#x}: {n} a thread, {per_key:.1f} warp instructions a key, "
                          f"{per_byte:.3f} a KV byte; {dict(counts.most_common())}")
     return "\n".join(lines)
@@ -212,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jaxinfer.bench.sass", description=__doc__.split("\n\n")[0])
     p.add_argument("stage", nargs="?", choices=("all", "dump", "compile", "report"), default="all")
     p.add_argument("--out", default="build/sass", help="directory of the IR, SASS and counts")
-    p.add_argument("--cases", default="bf16,e4m3", help=f"KV dtypes, from {','.join(CASES)}")
+    p.add_argument("--cases", default="bf16,e4m3", help=f"decode KV dtypes or mla, from {','.join(CASES)}")
     p.add_argument("--triton-python", default=os.environ.get("TRITON_PYTHON"),
                    help="an interpreter with triton==3.6.0 for the compile stage (or $TRITON_PYTHON)")
     p.add_argument("--block-n", type=int)
