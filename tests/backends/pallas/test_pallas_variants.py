@@ -188,17 +188,7 @@ def test_ragged_prefill_sigmoid_alibi(rng):
         w.run(q, k, v, return_lse=True)
 
 
-# Cascade levels on the pallas backend: the (non-float32) cases of tests/test_cascade.py, 2 and 3
-# levels against flat attention over each request's concatenated KV.
-from test_cascade import CASES as _CASCADE_CASES  # noqa: E402
-from test_cascade import test_cascade as _cascade_case  # noqa: E402
-
-CASCADE = [c for c in _CASCADE_CASES if c[8] != jnp.float32]
-
-
-@pytest.mark.parametrize("case", CASCADE, ids=[f"L{c[0]}-causal{c[1]}-p{c[2]}" for c in CASCADE])
-def test_cascade_levels(rng, case):
-    _cascade_case(rng, "pallas", *case)
+# The cascade wrapper on pallas: tests/test_cascade.py (parametrized over every backend).
 
 
 def _random_bsr(rng, mb, nb, density):
