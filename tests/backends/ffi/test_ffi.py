@@ -52,8 +52,10 @@ def ragged_spec(qo_lens, kv_lens, hq, hkv, d, variant, dtype=jnp.bfloat16):
 BACKENDS = ["fa2", "fa3"]
 
 
+# fa2 once, for sm_80: its sources (fa2/, common/) have no arch-dependent code (no __CUDA_ARCH__
+# branch), so another arch only changes ptxas's target; fa3 is the sm_90a build.
 @needs_toolchain
-@pytest.mark.parametrize("kernel,arch", [("fa2", "sm_80"), ("fa2", "sm_90a"), ("fa3", "sm_90a")])
+@pytest.mark.parametrize("kernel,arch", [("fa2", "sm_80"), ("fa3", "sm_90a")])
 def test_sources_compile(kernel, arch, tmp_path):
     lib = build.build(kernel, arch, output=tmp_path / "lib.so")
     assert lib.stat().st_size > 0
