@@ -51,9 +51,10 @@ from jaxinfer.plan.transfer import to_device
 from jaxinfer.variants import LOG2E
 
 # 64 heads x 64 keys, 8 warps: the [64, 512] float32 accumulator is 128 registers a thread; one
-# CTA per SM (the registers of a second one do not fit). The fastest or within 7 % of it of the
-# candidates on DeepSeek-V3 decode on an H100 (benchmarks/decisions/pallas.md, MLA).
-DEFAULT_CONFIG = TileConfig(block_m=64, block_n=64, num_warps=8, num_stages=2, ctas_per_sm=1)
+# CTA per SM (the registers of a second one do not fit). Three stages: the next latent tiles load
+# while a step's dots run. The fastest or within 8 % of it of the candidates on DeepSeek-V3
+# decode on an H100 (benchmarks/decisions/pallas.md, MLA).
+DEFAULT_CONFIG = TileConfig(block_m=64, block_n=64, num_warps=8, num_stages=3, ctas_per_sm=1)
 
 # The configs the lowering test checks and the benchmark's --configs A/B starts from.
 CANDIDATE_CONFIGS = (
