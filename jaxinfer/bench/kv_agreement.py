@@ -72,19 +72,19 @@ FP8_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One cache's greedy run: ``outputs`` by prompt index, the reference's per-head scales
-    (``amax``, from its cache; ``None`` unless asked for)."""
+    """One cache's greedy run: ``outputs`` by prompt index, its wall time, and ``amax``, the
+    per-KV-head ``(max |K|, max |V|)`` of its cache (``None`` unless asked for)."""
 
     outputs: dict[int, list[int]]
     seconds: float
     amax: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
 
-def engine_config(prompts: list[list[int]], tokens: int, backend: str, kv_dtype, scales=None,
-                  batch: int | None = None) -> EngineConfig:
-    """An engine of ``batch`` slots (default: every prompt at once) of the longest request."""
+def engine_config(prompts: list[list[int]], tokens: int, backend: str, kv_dtype, scales=None) -> EngineConfig:
+    """An engine that runs every prompt at once: a slot for each, of the longest request;
+    ``scales``: ``(k_scale, v_scale)`` of an fp8 cache (``None``: 1.0)."""
     page = 16
-    batch = batch or len(prompts)
+    batch = len(prompts)
     max_seq_len = -(-(max(map(len, prompts)) + tokens) // page) * page
     extra = dict(k_scale=scales[0], v_scale=scales[1]) if scales is not None else {}
     return EngineConfig(num_pages=batch * max_seq_len // page, page_size=page, max_seq_len=max_seq_len,
@@ -105,6 +105,7 @@ def cache_amax(engine: ServingEngine) -> tuple[tuple[float, ...], tuple[float, .
 
 def greedy(model, prompts: list[list[int]], tokens: int, backend: str, kv_dtype, scales=None,
            want_amax: bool = False) -> Run:
+    """Every prompt's ``tokens`` greedy tokens, all prompts in one batch on a ``kv_dtype`` cache."""
     engine = ServingEngine(model, engine_config(prompts, tokens, backend, kv_dtype, scales), log=None)
     t0 = time.perf_counter()
     rids = [engine.submit(p, tokens) for p in prompts]
