@@ -25,6 +25,7 @@ valid argmax changes every later input, so later steps are not comparable.
 
 from __future__ import annotations
 
+import fcntl
 import sys
 
 import numpy as np
@@ -252,8 +253,23 @@ def _bench(out):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return run_on_cpu_devices(__file__, tmp_path_factory.mktemp("parallel") / "out.npz", NUM_DEVICES, timeout=600)
+def runs(tmp_path_factory, request):
+    """The subprocess's results, computed once per pytest session: under pytest-xdist each worker
+    that gets a test of this module sets this fixture up, so the workers share one run through a
+    file lock in the session's temporary root (the first runs it, the others wait and read its
+    ``.npz``; a failed run leaves no ``ok`` marker, so the next worker runs it again and fails too)."""
+    if not hasattr(request.config, "workerinput"):  # no xdist: nothing to share
+        return run_on_cpu_devices(__file__, tmp_path_factory.mktemp("parallel") / "out.npz", NUM_DEVICES, timeout=600)
+    root = tmp_path_factory.getbasetemp().parent / "test_parallel"
+    root.mkdir(exist_ok=True)
+    out, ok = root / "out.npz", root / "ok"
+    with open(root / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if ok.is_file():
+            return dict(np.load(out))
+        result = run_on_cpu_devices(__file__, out, NUM_DEVICES, timeout=600)
+        ok.touch()
+        return result
 
 
 def _tol(backend: str, scale: float) -> dict:
