@@ -112,6 +112,12 @@ def test_synchronous_engine_gives_the_overlapped_tokens(model, requests):
         serving.parse_args(["--systems", "on,cudnn"])
 
 
+def test_first_divergence_is_the_first_differing_index():
+    ref = {0: [1, 2, 3], 1: [4, 5, 6], 2: [7, 8, 9], 3: [1, 2]}
+    got = serving.first_divergence({0: [1, 2, 3], 1: [4, 0, 6], 2: [0, 8, 9], 3: [1, 2, 5]}, ref)
+    assert got == [3, 1, 0, 2]  # the last: equal up to the shorter output
+
+
 def test_greedy_agreement_counts_tokens_before_the_first_difference():
     got = serving.greedy_agreement({0: [1, 2, 3], 1: [4, 5]}, {0: [1, 9, 3], 1: [4, 5]})
     assert got == {"prefix": 3 / 5, "identical": 0.5}

@@ -37,7 +37,7 @@ import numpy as np
 
 from jaxinfer.bench.harness import environment, on_gpu
 from jaxinfer.bench.report import RECORDS_FILE
-from jaxinfer.bench.serving import greedy_agreement
+from jaxinfer.bench.serving import first_divergence, greedy_agreement
 from jaxinfer.serve import EngineConfig, ServingEngine, check_kv_dtype
 
 PROMPTS = (
@@ -72,9 +72,12 @@ FP8_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One cache's greedy run: ``outputs`` by prompt index, its wall time, and ``amax``, the
-    per-KV-head ``(max |K|, max |V|)`` of its cache (``None`` unless asked for)."""
+    """One cache's greedy run: the cache's ``kv_dtype`` and ``scales`` (``(k_scale, v_scale)``,
+    ``None``: 1.0), ``outputs`` by prompt index, its wall time, and ``amax``, the per-KV-head
+    ``(max |K|, max |V|)`` of its cache (``None`` unless asked for)."""
 
+    kv_dtype: str
+    scales: tuple | None
     outputs: dict[int, list[int]]
     seconds: float
     amax: tuple[tuple[float, ...], tuple[float, ...]] | None = None
@@ -111,7 +114,8 @@ def greedy(model, prompts: list[list[int]], tokens: int, backend: str, kv_dtype,
     rids = [engine.submit(p, tokens) for p in prompts]
     out = engine.run()
     seconds = time.perf_counter() - t0
-    return Run({i: out[r] for i, r in enumerate(rids)}, seconds, cache_amax(engine) if want_amax else None)
+    return Run(kv_dtype, scales, {i: out[r] for i, r in enumerate(rids)}, seconds,
+               cache_amax(engine) if want_amax else None)
 
 
 def teacher_forced(model, prompts: list[list[int]], reference: dict[int, list[int]], backend: str, kv_dtype,
@@ -132,12 +136,6 @@ def teacher_forced(model, prompts: list[list[int]], reference: dict[int, list[in
         out = engine.run()
         agree += [out[r][0] == reference[i][j] for i, r in wave]
     return float(np.mean(agree))
-
-
-def first_divergence(outputs: dict[int, list[int]], reference: dict[int, list[int]]) -> list[int]:
-    """Per prompt, the index of the first generated token that differs (its length if none)."""
-    return [next((i for i, (a, b) in enumerate(zip(outputs[k], ref)) if a != b), len(ref))
-            for k, ref in reference.items()]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -184,7 +182,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name in args.kv_dtypes:
         if name not in runs:
             runs[name] = greedy(model, prompts, args.tokens, args.backend, name)
-    scales = None
     if args.amax_scales:
         scales = tuple(tuple(max(a, 1e-6) / FP8_MAX for a in m) for m in reference.amax)
         runs[AMAX_NAME] = greedy(model, prompts, args.tokens, args.backend, "e4m3", scales)
@@ -198,10 +195,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             model_dtype=dtype.name, backend=args.backend, prompts=len(prompts), tokens=args.tokens,
             greedy_agreement_prefix=agree["prefix"], greedy_agreement_identical=agree["identical"],
             first_divergence=diverge, seconds=run.seconds,
-            teacher_forced_agreement=teacher_forced(model, prompts, reference.outputs, args.backend,
-                                                    "e4m3" if name == AMAX_NAME else name,
-                                                    scales if name == AMAX_NAME else None),
-            k_v_scales=[list(s) for s in scales] if name == AMAX_NAME else None,
+            teacher_forced_agreement=teacher_forced(model, prompts, reference.outputs, args.backend, run.kv_dtype,
+                                                    run.scales),
+            k_v_scales=[list(s) for s in run.scales] if run.scales else None,
             k_v_amax=[list(m) for m in reference.amax] if name == args.reference and reference.amax else None,
             **env,
         ))

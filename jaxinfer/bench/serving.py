@@ -425,15 +425,20 @@ def latency_metrics(run: RunResult) -> dict:
     }
 
 
+def first_divergence(outputs: dict[int, list[int]], reference: dict[int, list[int]]) -> list[int]:
+    """Per reference request, the index of its first generated token that differs (the shorter
+    output's length if none does)."""
+    return [next((i for i, (a, b) in enumerate(zip(outputs[k], ref)) if a != b), min(len(outputs[k]), len(ref)))
+            for k, ref in reference.items()]
+
+
 def greedy_agreement(outputs: dict[int, list[int]], reference: dict[int, list[int]]) -> dict:
     """How far two runs' greedy tokens agree: ``prefix``: the fraction of reference tokens before a
     request's first differing token; ``identical``: the fraction of requests with equal outputs."""
-    common = total = same = 0
-    for rid, ref in reference.items():
-        out = outputs[rid]
-        n = next((i for i, (a, b) in enumerate(zip(out, ref)) if a != b), min(len(out), len(ref)))
-        common, total, same = common + n, total + len(ref), same + (out == ref)
-    return {"prefix": common / total if total else 1.0, "identical": same / len(reference) if reference else 1.0}
+    total = sum(map(len, reference.values()))
+    same = sum(outputs[k] == ref for k, ref in reference.items())
+    return {"prefix": sum(first_divergence(outputs, reference)) / total if total else 1.0,
+            "identical": same / len(reference) if reference else 1.0}
 
 
 def run_serving(model, requests, workload: ServingWorkload, backend: str = "auto", *,
