@@ -1,8 +1,9 @@
 // XLA FFI handler of the FlashAttention-3 forward kernel (fa3/kernel.cuh), sm90a only: custom
 // call "jaxinfer_fa3_forward", operands and checks in common/ffi_forward.cuh, plus one more result: the
 // work counter of the persistent grid (int32 [1], zeroed here on the stream before the launch).
-// It also encodes the TMA descriptors of q, of k and v with ragged KV, and of o with two Q
-// buffers (host work, no synchronisation).
+// It also encodes the TMA descriptors of q, of k and v unless the gather producer loads them
+// (ragged KV, or pages of a power-of-2 size of at least JAXINFER_FA3_TMA_MIN_PAGE rows), and of o
+// with two Q buffers (host work, no synchronisation).
 #include <algorithm>
 #include <climits>
 #include <string>
@@ -36,19 +37,15 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
-// The tensor map of a dense [rows, heads, head_dim] tensor read in boxes of 64 columns x 1 head x
-// box_rows rows, 128-byte swizzled (fa3/config.cuh, Params); rows past `rows` read as zeros.
-ffi::Error encode_tensor_map(CUtensorMap* map, const void* data, bool bf16, int64_t rows, int64_t heads,
-                             int64_t head_dim, int box_rows) {
+// A tensor map of `rank` dimensions (dims innermost first, strides in bytes of dims 1..rank-1)
+// read in boxes of `box`, 128-byte swizzled; coordinates past dims read as zeros.
+ffi::Error encode_tensor_map(CUtensorMap* map, const void* data, bool bf16, int rank, const cuuint64_t* dims,
+                             const cuuint64_t* strides, const cuuint32_t* box) {
   const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
   if (encode == nullptr)
     return ffi::Error::Internal("jaxinfer_fa3_forward: the CUDA driver has no cuTensorMapEncodeTiled (driver < 12.0)");
-  if (rows == 0) return ffi::Error::Success();  // nothing is ever read through it
-  const cuuint64_t dims[3] = {cuuint64_t(head_dim), cuuint64_t(heads), cuuint64_t(rows)};
-  const cuuint64_t strides[2] = {cuuint64_t(head_dim * 2), cuuint64_t(heads * head_dim * 2)};  // bytes
-  const cuuint32_t box[3] = {64, 1, cuuint32_t(box_rows)};
-  const cuuint32_t elem_strides[3] = {1, 1, 1};
-  const CUresult r = encode(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 3,
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  const CUresult r = encode(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, rank,
                             const_cast<void*>(data), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
                             CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
@@ -58,23 +55,58 @@ ffi::Error encode_tensor_map(CUtensorMap* map, const void* data, bool bf16, int6
   return ffi::Error::Success();
 }
 
-template <typename T, int D, bool kPaged>
+// The tensor map of a dense [rows, heads, head_dim] tensor read in boxes of 64 columns x 1 head x
+// box_rows rows (fa3/config.cuh, Params).
+ffi::Error encode_dense_map(CUtensorMap* map, const void* data, bool bf16, int64_t rows, int64_t heads,
+                            int64_t head_dim, int box_rows) {
+  if (rows == 0) return ffi::Error::Success();  // nothing is ever read through it
+  const cuuint64_t dims[3] = {cuuint64_t(head_dim), cuuint64_t(heads), cuuint64_t(rows)};
+  const cuuint64_t strides[2] = {cuuint64_t(head_dim * 2), cuuint64_t(heads * head_dim * 2)};
+  const cuuint32_t box[3] = {64, 1, cuuint32_t(box_rows)};
+  return encode_tensor_map(map, data, bf16, 3, dims, strides, box);
+}
+
+// The tensor map of a paged cache [P, page_size, Hkv, D] (NHD) or [P, Hkv, page_size, D] (HND),
+// read in boxes of 64 columns x 1 head x box_rows rows of one page (Params).
+ffi::Error encode_paged_map(CUtensorMap* map, const void* data, bool bf16, int64_t pages, int64_t page_size,
+                            int64_t heads, int64_t head_dim, bool hnd, int box_rows) {
+  if (pages == 0) return ffi::Error::Success();
+  const int64_t row = head_dim * 2;  // bytes
+  const cuuint64_t mid[2] = {cuuint64_t(hnd ? page_size : heads), cuuint64_t(hnd ? heads : page_size)};
+  const cuuint64_t dims[4] = {cuuint64_t(head_dim), mid[0], mid[1], cuuint64_t(pages)};
+  const cuuint64_t strides[3] = {cuuint64_t(row), cuuint64_t(row * mid[0]), cuuint64_t(row * page_size * heads)};
+  const cuuint32_t box[4] = {64, hnd ? cuuint32_t(box_rows) : 1u, hnd ? 1u : cuuint32_t(box_rows), 1};
+  return encode_tensor_map(map, data, bf16, 4, dims, strides, box);
+}
+
+// Whether paged KV of this page_size goes through the TMA producer (Params::kv_box_rows).
+bool tma_pages(int page_size) {
+  return page_size >= JAXINFER_FA3_TMA_MIN_PAGE && (page_size & (page_size - 1)) == 0;
+}
+
+// kKv: how the producer loads K/V (fa3/config.cuh, KvLoad).
+template <typename T, int D, int kKv>
 ffi::Error launch(cudaStream_t stream, Params& p, int num_tiles, int num_batch, int64_t num_rows, int64_t num_kv_rows,
-                  int64_t num_kv_heads) {
+                  int64_t num_kv_heads, bool kv_hnd) {
   using C = Config<T, D>;
   constexpr int kSmem = smem_bytes<T, D>();  // SharedStorage (fa3/smem_layout.cuh)
   constexpr bool kBf16 = std::is_same_v<T, cutlass::bfloat16_t>;
-  if (ffi::Error e = encode_tensor_map(&p.tma_q, p.q, kBf16, num_rows, p.num_qo_heads, D, kBM); e.failure()) return e;
+  if (ffi::Error e = encode_dense_map(&p.tma_q, p.q, kBf16, num_rows, p.num_qo_heads, D, kBM); e.failure()) return e;
   if constexpr (C::kStagesQ > 1) {  // O goes out in boxes of 64 rows, one per consumer warpgroup
-    if (ffi::Error e = encode_tensor_map(&p.tma_o, p.o, kBf16, num_rows, p.num_qo_heads, D, kBM / 2); e.failure())
+    if (ffi::Error e = encode_dense_map(&p.tma_o, p.o, kBf16, num_rows, p.num_qo_heads, D, kBM / 2); e.failure())
       return e;
   }
-  if constexpr (!kPaged) {
-    for (auto [map, data] : {std::pair{&p.tma_k, p.k}, std::pair{&p.tma_v, p.v}})
-      if (ffi::Error e = encode_tensor_map(map, data, kBf16, num_kv_rows, num_kv_heads, D, C::kBN); e.failure())
-        return e;
+  if constexpr (kKv != kKvGather) {
+    p.kv_box_rows = kKv == kKvTmaPages ? std::min(p.page_size, C::kBN) : 0;
+    p.kv_hnd = kv_hnd;
+    for (auto [map, data] : {std::pair{&p.tma_k, p.k}, std::pair{&p.tma_v, p.v}}) {
+      ffi::Error e = kKv == kKvTmaPages ? encode_paged_map(map, data, kBf16, num_kv_rows, p.page_size, num_kv_heads,
+                                                           D, kv_hnd, p.kv_box_rows)
+                                        : encode_dense_map(map, data, kBf16, num_kv_rows, num_kv_heads, D, C::kBN);
+      if (e.failure()) return e;
+    }
   }
-  auto kernel = fa3_forward_kernel<T, D, kPaged>;
+  auto kernel = fa3_forward_kernel<T, D, kKv>;
   // Needed above 48 KiB of dynamic shared memory; idempotent, no stream work.
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) != cudaSuccess)
     return cuda_error(kCall, "cudaFuncSetAttribute");
@@ -100,15 +132,21 @@ ffi::Error launch(cudaStream_t stream, Params& p, int num_tiles, int num_batch, 
   return ffi::Error::Success();
 }
 
+template <typename T, int D, typename... Args>
+ffi::Error dispatch_kv(int kv, Args&&... args) {
+  switch (kv) {
+    case kKvTmaRagged: return launch<T, D, kKvTmaRagged>(args...);
+    case kKvTmaPages: return launch<T, D, kKvTmaPages>(args...);
+    default: return launch<T, D, kKvGather>(args...);
+  }
+}
+
 template <typename T, typename... Args>
-ffi::Error dispatch(int head_dim, bool paged, Args&&... args) {
-  switch (head_dim * 2 + int(paged)) {
-    case 128: return launch<T, 64, false>(args...);
-    case 129: return launch<T, 64, true>(args...);
-    case 256: return launch<T, 128, false>(args...);
-    case 257: return launch<T, 128, true>(args...);
-    case 512: return launch<T, 256, false>(args...);
-    case 513: return launch<T, 256, true>(args...);
+ffi::Error dispatch(int head_dim, int kv, Args&&... args) {
+  switch (head_dim) {
+    case 64: return dispatch_kv<T, 64>(kv, args...);
+    case 128: return dispatch_kv<T, 128>(kv, args...);
+    case 256: return dispatch_kv<T, 256>(kv, args...);
     default: return ffi::Error::InvalidArgument("jaxinfer_fa3_forward: head_dim must be 64, 128 or 256");
   }
 }
@@ -133,13 +171,14 @@ ffi::Error Fa3ForwardImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
     return e;
   const int head_dim = int(sh.head_dim), num_tiles = sh.num_tiles, num_batch = sh.num_batch;
   const int64_t num_rows = sh.num_rows, num_kv_rows = sh.num_kv_rows, num_kv_heads = sh.num_kv_heads;
+  const int kv = !paged ? kKvTmaRagged : tma_pages(page_size) ? kKvTmaPages : kKvGather;
   switch (q.element_type()) {
     case ffi::DataType::BF16:
-      return dispatch<cutlass::bfloat16_t>(int(head_dim), paged, stream, p, num_tiles, num_batch, num_rows,
-                                           num_kv_rows, num_kv_heads);
+      return dispatch<cutlass::bfloat16_t>(head_dim, kv, stream, p, num_tiles, num_batch, num_rows, num_kv_rows,
+                                           num_kv_heads, kv_layout_hnd);
     case ffi::DataType::F16:
-      return dispatch<cutlass::half_t>(int(head_dim), paged, stream, p, num_tiles, num_batch, num_rows, num_kv_rows,
-                                       num_kv_heads);
+      return dispatch<cutlass::half_t>(head_dim, kv, stream, p, num_tiles, num_batch, num_rows, num_kv_rows,
+                                       num_kv_heads, kv_layout_hnd);
     default: return ffi::Error::InvalidArgument("jaxinfer_fa3_forward: dtype must be bfloat16 or float16");
   }
 }

@@ -20,15 +20,35 @@ namespace fa3 {
 namespace GMMA = cute::SM90::GMMA;
 
 // Everything the kernel reads (common/ffi_params.cuh), and the tensor maps (TMA descriptors,
-// encoded on the host per call) of q [nnz_q, Hq, D], for ragged KV of k and v [nnz_kv, Hkv, D], and
-// with two Q buffers of o [nnz_q, Hq, D] (written in boxes of 64 rows, one per consumer
-// warpgroup), as 3-d tensors (D, heads, rows) in boxes of 64 columns (128 bytes, the swizzle
-// width) x 1 head x a tile of rows, 128-byte swizzled.
+// encoded on the host per call) of q [nnz_q, Hq, D], of k and v unless a gather producer loads
+// them, and with two Q buffers of o [nnz_q, Hq, D] (written in boxes of 64 rows, one per consumer
+// warpgroup), each box 64 columns (128 bytes, the swizzle width) x 1 head x rows, 128-byte
+// swizzled. q, o and ragged k, v [nnz_kv, Hkv, D] are 3-d tensors (D, heads, rows) in boxes of a
+// tile of rows; paged caches are 4-d tensors (D, heads, page rows, pages) for NHD and (D, page
+// rows, heads, pages) for HND (each dimension's stride above the previous one's, as the encoder
+// asks), in boxes of kv_box_rows rows of one page.
 struct Params : ForwardParams {
   CUtensorMap tma_q, tma_k, tma_v, tma_o;
   int num_tiles;       // entries of tile_batch / tile_qstart, the planned tiles first, then padding
   int* work_counter;   // work items handed out past the grid's first ones; zero at launch
+  int kv_box_rows;     // kKvTmaPages: rows of a box, min(page_size, kBN)
+  bool kv_hnd;         // kKvTmaPages: the cache is HND (the box's head and row coordinates swap)
 };
+
+// How the producer loads K/V tiles, a template parameter of the kernel (fa3/producer.cuh): TMA
+// boxes of a tile of ragged K/V, TMA boxes of the pages of a tile, or rows gathered with cp.async
+// through the page table. Each is its own instance so that one's code never costs another
+// registers.
+enum KvLoad : int { kKvTmaRagged = 0, kKvTmaPages = 1, kKvGather = 2 };
+
+// Paged KV goes through TMA (kKvTmaPages), one box per page of a tile, when page_size is a power
+// of 2 of at least this many rows; smaller or other pages are gathered (kKvGather). A box's rows
+// fill whole 1 KiB periods of the 128-byte swizzle only from 8 rows up (8 x 128 bytes), so 8 is
+// the smallest valid value.
+#ifndef JAXINFER_FA3_TMA_MIN_PAGE
+#define JAXINFER_FA3_TMA_MIN_PAGE 8
+#endif
+static_assert(JAXINFER_FA3_TMA_MIN_PAGE >= 8, "a TMA box of fewer than 8 rows breaks the 128-byte swizzle's period");
 
 // Keys per KV tile and depths of the K and V rings per head_dim. V gets the deeper ring where it
 // fits: a V slot is freed one iteration later than a K slot (after P V, not Q K^T). Shared memory
@@ -90,13 +110,13 @@ struct Params : ForwardParams {
 // Registers per thread of the producer and the consumers after setmaxnreg (ptxas allocates each
 // role's code within its count), multiples of 8. setmaxnreg moves registers within the CTA's
 // launch allocation, 168 per thread (__launch_bounds__(384, 1)), so 128 * producer + 256 *
-// consumer <= 384 * 168; above it setmaxnreg.inc waits forever (the kernel hangs). Ragged KV,
-// then paged KV (whose producer is 128 threads). D=64 and paged D=128: the fewest producer
-// registers with no spill in either role (ptxas -v). Ragged D=128: 232 consumer registers, with
-// which ptxas waits for P V after the first row's max instead of before it (with 224 it reuses
-// P's registers for the max); the producer warp then spills a few bytes, stored and loaded once
-// per work item. Paged KV was slower with that split, so it keeps 56/224. D=256: the split that
-// spills least.
+// consumer <= 384 * 168; above it setmaxnreg.inc waits forever (the kernel hangs). TMA KV (ragged,
+// and paged with pages TMA loads), then gathered paged KV (whose producer is 128 threads). D=64
+// and gathered D=128: the fewest producer registers with no spill in either role (ptxas -v). TMA
+// D=128: 232 consumer registers, with which ptxas waits for P V after the first row's max instead
+// of before it (with 224 it reuses P's registers for the max); the producer warp then spills a
+// few bytes, stored and loaded once per work item. The gather producer was slower with that
+// split, so it keeps 56/224. D=256: the split that spills least.
 #ifndef JAXINFER_FA3_PRODUCER_REGS_D64
 #define JAXINFER_FA3_PRODUCER_REGS_D64 56
 #endif
@@ -115,23 +135,23 @@ struct Params : ForwardParams {
 #ifndef JAXINFER_FA3_CONSUMER_REGS_D256
 #define JAXINFER_FA3_CONSUMER_REGS_D256 240
 #endif
-#ifndef JAXINFER_FA3_PAGED_PRODUCER_REGS_D64
-#define JAXINFER_FA3_PAGED_PRODUCER_REGS_D64 56
+#ifndef JAXINFER_FA3_GATHER_PRODUCER_REGS_D64
+#define JAXINFER_FA3_GATHER_PRODUCER_REGS_D64 56
 #endif
-#ifndef JAXINFER_FA3_PAGED_CONSUMER_REGS_D64
-#define JAXINFER_FA3_PAGED_CONSUMER_REGS_D64 224
+#ifndef JAXINFER_FA3_GATHER_CONSUMER_REGS_D64
+#define JAXINFER_FA3_GATHER_CONSUMER_REGS_D64 224
 #endif
-#ifndef JAXINFER_FA3_PAGED_PRODUCER_REGS_D128
-#define JAXINFER_FA3_PAGED_PRODUCER_REGS_D128 56
+#ifndef JAXINFER_FA3_GATHER_PRODUCER_REGS_D128
+#define JAXINFER_FA3_GATHER_PRODUCER_REGS_D128 56
 #endif
-#ifndef JAXINFER_FA3_PAGED_CONSUMER_REGS_D128
-#define JAXINFER_FA3_PAGED_CONSUMER_REGS_D128 224
+#ifndef JAXINFER_FA3_GATHER_CONSUMER_REGS_D128
+#define JAXINFER_FA3_GATHER_CONSUMER_REGS_D128 224
 #endif
-#ifndef JAXINFER_FA3_PAGED_PRODUCER_REGS_D256
-#define JAXINFER_FA3_PAGED_PRODUCER_REGS_D256 24
+#ifndef JAXINFER_FA3_GATHER_PRODUCER_REGS_D256
+#define JAXINFER_FA3_GATHER_PRODUCER_REGS_D256 24
 #endif
-#ifndef JAXINFER_FA3_PAGED_CONSUMER_REGS_D256
-#define JAXINFER_FA3_PAGED_CONSUMER_REGS_D256 240
+#ifndef JAXINFER_FA3_GATHER_CONSUMER_REGS_D256
+#define JAXINFER_FA3_GATHER_CONSUMER_REGS_D256 240
 #endif
 
 constexpr int kThreads = 384;
@@ -141,11 +161,11 @@ template <int D> struct Shape;
   template <> struct Shape<D> {                                                                   \
     static constexpr int kBN = JAXINFER_FA3_BN_D##D, kStagesQ = JAXINFER_FA3_QSTAGES_D##D,         \
                          kStagesK = JAXINFER_FA3_KSTAGES_D##D, kStagesV = JAXINFER_FA3_VSTAGES_D##D;   \
-    /* [paged]: ragged KV, paged KV */                                                           \
+    /* [gather]: KV by TMA, KV by the gather producer */                                        \
     static constexpr int kProducerRegs[2] = {JAXINFER_FA3_PRODUCER_REGS_D##D,                      \
-                                             JAXINFER_FA3_PAGED_PRODUCER_REGS_D##D},               \
+                                             JAXINFER_FA3_GATHER_PRODUCER_REGS_D##D},               \
                          kConsumerRegs[2] = {JAXINFER_FA3_CONSUMER_REGS_D##D,                      \
-                                             JAXINFER_FA3_PAGED_CONSUMER_REGS_D##D};               \
+                                             JAXINFER_FA3_GATHER_CONSUMER_REGS_D##D};               \
     static constexpr bool kPersistent = JAXINFER_FA3_PERSISTENT_D##D;                              \
     static constexpr bool kLateConvert = D != 256; /* see the software pipeline in consumers() */  \
     static_assert(128 * kProducerRegs[0] + 256 * kConsumerRegs[0] <= kThreads * kLaunchRegs &&    \

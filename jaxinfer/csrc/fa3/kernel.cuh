@@ -9,8 +9,9 @@
 // - warpgroup 0, the producer (setmaxnreg down), loads an item's Q (TMA; two Q buffers at
 //   head_dim 64 and 128, so the next item's Q is in place before the consumers start it) and then
 //   its K/V tiles of kBN keys into shared-memory rings (kStagesK / kStagesV deep), running ahead
-//   into the next item while the consumers finish one. Ragged KV: TMA, paged KV: cp.async
-//   through the page table. K and V of a tile have their own mbarriers.
+//   into the next item while the consumers finish one. Ragged KV and pages of >= 8 rows: TMA
+//   (one warp); other paged KV: cp.async through the page table (128 threads, the gather
+//   producer). K and V of a tile have their own mbarriers.
 // - warpgroups 1 and 2, the consumers (setmaxnreg up), own 64 query rows each: S = Q K^T, online
 //   softmax, O += P V on wgmma, ping-ponging between the two warpgroups and overlapping the
 //   softmax of one tile with P V of the previous one; the pipeline does not drain between work
@@ -22,7 +23,7 @@
 //   fa3/tile_scheduler.cuh  work items: order, persistent grid, the producer -> consumer hand-off
 //   fa3/pipeline.cuh        mbarriers, ring positions, TMA loads and cp.async arrivals
 //   fa3/smem_layout.cuh     SharedStorage: where each buffer lives in shared memory
-//   fa3/producer.cuh        the producer: K/V tiles by TMA (ragged) or cp.async (paged)
+//   fa3/producer.cuh        the producer: K/V tiles by TMA (ragged, pages) or cp.async (small pages)
 //   fa3/mainloop.cuh        the consumers: Q K^T, online softmax, P V, the work-item loop
 //   fa3/epilogue.cuh        o = O / l and lse, TMA store of O
 // and from csrc/common/ (shared with fa2): parameters and work order, SFU math and pack2,
@@ -61,9 +62,10 @@ namespace fa3 {
 // is left, fa3/tile_scheduler.cuh). Across items the producer runs ahead: K of the next item's
 // first tile, then its Q once the consumers released Q (after their last Q K^T), load while the
 // consumers finish the last P V and write O.
-template <typename T, int D, bool kPaged>
+template <typename T, int D, int kKv>
 __global__ void __launch_bounds__(kThreads, 1) fa3_forward_kernel(const __grid_constant__ Params p) {
   using C = Config<T, D>;
+  constexpr bool kGather = kKv == kKvGather;
   using Bar = cutlass::arch::ClusterBarrier;
   extern __shared__ unsigned char smem_raw[];
   SharedStorage<T, D>& smem = smem_storage<T, D>(smem_raw);
@@ -77,17 +79,17 @@ __global__ void __launch_bounds__(kThreads, 1) fa3_forward_kernel(const __grid_c
   if (threadIdx.x == 0) {
     cute::prefetch_tma_descriptor(&p.tma_q);
     if constexpr (C::kStagesQ > 1) cute::prefetch_tma_descriptor(&p.tma_o);
-    if constexpr (!kPaged) {
+    if constexpr (!kGather) {
       cute::prefetch_tma_descriptor(&p.tma_k);
       cute::prefetch_tma_descriptor(&p.tma_v);
     }
-    bars.init(kPaged ? 128 : 1);
+    bars.init(kGather ? 128 : 1);
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
   if (threadIdx.x < 128) {
-    cutlass::arch::warpgroup_reg_dealloc<Shape<D>::kProducerRegs[kPaged]>();
-    if (!kPaged && threadIdx.x >= 32) return;  // ragged KV: one producer warp
+    cutlass::arch::warpgroup_reg_dealloc<Shape<D>::kProducerRegs[kGather]>();
+    if (!kGather && threadIdx.x >= 32) return;  // TMA: one producer warp
     const int tiles = planned_tiles(p);
     int item = first_work_item(), table_pos = 0;
     RingPos<C::kStagesK> kw;
@@ -113,13 +115,13 @@ __global__ void __launch_bounds__(kThreads, 1) fa3_forward_kernel(const __grid_c
       };
       if (it.head < 0 || it.w.num_kv_tiles == 0) {
         q_step();
-      } else if constexpr (kPaged) {
-        producer_paged<T, D>(p, it, kw, vw, table_pos, q_step, sK, sV, row_offsets, bars);
+      } else if constexpr (kGather) {
+        producer_gather<T, D>(p, it, kw, vw, table_pos, q_step, sK, sV, row_offsets, bars);
       } else {
-        producer_ragged<T, D>(p, it, kw, vw, q_step, sK, sV, bars);
+        producer_tma<T, D, kKv == kKvTmaPages>(p, it, kw, vw, q_step, sK, sV, bars);
       }
       if (it.head < 0 || !Shape<D>::kPersistent) break;
-      if constexpr (kPaged) {
+      if constexpr (kGather) {
         if (threadIdx.x == 0) handoff->next[j & 1] = next;
         asm volatile("bar.sync 3, 128;\n" ::: "memory");
         item = handoff->next[j & 1];
@@ -128,12 +130,12 @@ __global__ void __launch_bounds__(kThreads, 1) fa3_forward_kernel(const __grid_c
       }
     }
     // Keep the thread alive until its copies landed (a CTA must not exit with copies in flight).
-    if constexpr (kPaged) cp_async_wait_all();
+    if constexpr (kGather) cp_async_wait_all();
   } else {
-    cutlass::arch::warpgroup_reg_alloc<Shape<D>::kConsumerRegs[kPaged]>();
+    cutlass::arch::warpgroup_reg_alloc<Shape<D>::kConsumerRegs[kGather]>();
     const PingPong sched{int(threadIdx.x - 128) / 128};
     if (sched.wg == 1) sched.pass_turn();  // warpgroup 0 issues first
-    consumers<T, D, kPaged>(p, handoff, sched, sQ, sK, sV, bars);
+    consumers<T, D, kGather>(p, handoff, sched, sQ, sK, sV, bars);
     if (sched.wg == 0) sched.wait_turn();  // matches warpgroup 1's pass after its last turn
     // The last TMA stores of O are complete before the CTA exits (their threads waited only for
     // the reads of shared memory).

@@ -92,7 +92,7 @@ template <int kBN> __device__ __forceinline__ int2 plain_tiles(const Params& p, 
 // runs ahead), and the epilogue runs while that Q K^T does. Otherwise the tensor cores wait at
 // every item for the epilogue and then for the first tile's softmax (it matters on batches of
 // short requests, with many items per CTA).
-template <typename T, int D, bool kPaged>
+template <typename T, int D, bool kGather>
 __device__ __forceinline__ void consumers(const Params& p, const Handoff<Config<T, D>::kStagesQ>* handoff,
                                           const PingPong& sched, T* sQ, T* sK, T* sV, BarriersOf<T, D> bars) {
   using namespace cute;
@@ -137,9 +137,9 @@ __device__ __forceinline__ void consumers(const Params& p, const Handoff<Config<
     Bar::wait(bar, phase);
     if (copied) cutlass::arch::fence_view_async_shared();
   };
-  // Whether tile i of item w came through cp.async: paged KV, or (ragged) the tile crossing
-  // kv_len, only ever an item's last (producer_ragged).
-  auto copied = [&](const TileWork& w, int i) { return kPaged || w.t_first + (i + 1) * kBN > w.kv_len; };
+  // Whether tile i of item w came through cp.async: all tiles of the gather producer, else the
+  // tile crossing kv_len, only ever an item's last (producer_tma).
+  auto copied = [&](const TileWork& w, int i) { return kGather || w.t_first + (i + 1) * kBN > w.kv_len; };
   // Online softmax of tile i of item w (base 2) on S in registers, leaving P there; sets the factor
   // O must be multiplied by in `rescale`, and returns whether any row of this warp has one (else O
   // is left alone). Without soft cap the max is taken on raw q.k (sm_scale > 0 keeps the order)
@@ -275,8 +275,8 @@ __device__ __forceinline__ void consumers(const Params& p, const Handoff<Config<
   };
   auto iteration = [&](auto general, const TileWork& w, int i, int q_buffer) {
     // A plain tile ends at or below kv_len; V is of tile i - 1, not an item's last.
-    wait_loaded(bars.k_full(kr.slot), kr.phase, decltype(general)::value ? copied(w, i) : kPaged);
-    wait_loaded(bars.v_full(vr.slot), vr.phase, kPaged);
+    wait_loaded(bars.k_full(kr.slot), kr.phase, decltype(general)::value ? copied(w, i) : kGather);
+    wait_loaded(bars.v_full(vr.slot), vr.phase, kGather);
     sched.wait_turn();
     before_issue(i >= 2);
     issue_qk(q_buffer);

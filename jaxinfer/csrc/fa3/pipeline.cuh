@@ -17,7 +17,7 @@ namespace fa3 {
 // The CTA's mbarriers: per Q buffer, Q loaded (one arrival, with the TMA byte count when the item
 // has KV tiles) and Q free (8 arrivals: one per consumer warp after its last Q K^T, or, where a
 // warpgroup stages O in the buffer, 4 from the thread whose TMA store has read it); per ring slot, K loaded /
-// V loaded (paged: 128 producer arrivals, one per thread, when its copies land; ragged: one
+// V loaded (gather producer: 128 arrivals, one per thread, when its copies land; TMA producer: one
 // arrival, with the TMA byte count or after the edge tile's copies landed) and K free / V free
 // (one arrival per consumer warp). K and V have their own barriers so that K of a slot is
 // refilled as soon as Q K^T has read it, while V of the slot is still waiting for P V.
@@ -77,6 +77,17 @@ __device__ __forceinline__ void tma_load(const CUtensorMap& map, uint64_t* bar, 
       "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n"
       ::"r"(cute::cast_smem_ptr_to_uint(dst)), "l"(reinterpret_cast<uint64_t>(&map)), "r"(col), "r"(head), "r"(row),
       "r"(cute::cast_smem_ptr_to_uint(bar))
+      : "memory");
+}
+
+// TMA load of one box of a 4-d tensor map (coordinates: column, then the map's two middle
+// dimensions, page), as tma_load.
+__device__ __forceinline__ void tma_load_4d(const CUtensorMap& map, uint64_t* bar, const void* dst, int col, int c1,
+                                            int c2, int page) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+      "[%6];\n" ::"r"(cute::cast_smem_ptr_to_uint(dst)),
+      "l"(reinterpret_cast<uint64_t>(&map)), "r"(col), "r"(c1), "r"(c2), "r"(page), "r"(cute::cast_smem_ptr_to_uint(bar))
       : "memory");
 }
 

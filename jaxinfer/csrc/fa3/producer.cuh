@@ -1,11 +1,12 @@
 // fa3 producer (warpgroup 0, setmaxnreg down): an item's K/V tiles of kBN keys into the
 // shared-memory rings, K of tile i + 1 before V of tile i, the order the consumers need them in.
-// Ragged KV: one warp issues a TMA load per 64 columns of a tile (tensor maps encoded per call by
-// the FFI handler); only the tile crossing kv_len is gathered with cp.async and zero-fill. Paged
-// KV (any page_size and layout): 128 threads gather rows with cp.async through the page table (16
-// bytes per thread and row chunk), published by cp.async.mbarrier.arrive (the producer never
-// waits for its copies, only for free slots). The item's Q load (q_step, fa3/kernel.cuh) goes out
-// between the K loads.
+// TMA producer (one warp): ragged KV by one TMA load per 64 columns of a tile, paged KV whose
+// page_size is a power of 2 of at least JAXINFER_FA3_TMA_MIN_PAGE by one per 64 columns of each
+// page of a tile (tensor maps encoded per call by the FFI handler); only the tile crossing kv_len
+// is gathered with cp.async and zero-fill. Gather producer (other paged KV): 128 threads gather
+// rows with cp.async through the page table (16 bytes per thread and row chunk), published by
+// cp.async.mbarrier.arrive (the producer never waits for its copies, only for free slots). The
+// item's Q load (q_step, fa3/kernel.cuh) goes out between the K loads.
 #pragma once
 
 #include <cstdint>
@@ -21,17 +22,21 @@
 namespace jaxinfer {
 namespace fa3 {
 
-// Ragged KV producer, one warp. A full tile is D / 64 TMA loads issued by lane 0 (FA3 paper sec.
-// 3.1: the producer costs the consumers almost no issue slots). The tile crossing kv_len goes
-// through cp.async with zero-fill instead: the rows past the request (the next request's keys, or
-// padding that may hold anything) must not reach P V, where 0 * NaN would poison O. It is one tile
-// per work item at most, so its copies are awaited before the (single) arrival. kw / vw: where
-// the next K / V tile goes; q_step (the item's Q) runs after the first K load.
-template <typename T, int D, class QStep>
-__device__ __forceinline__ void producer_ragged(const Params& p, const WorkItem& it,
-                                                RingPos<Config<T, D>::kStagesK>& kw,
-                                                RingPos<Config<T, D>::kStagesV>& vw, QStep&& q_step, T* sK, T* sV,
-                                                BarriersOf<T, D> bars) {
+// TMA producer, one warp. A full tile is D / 64 TMA loads (ragged), or D / 64 per page of the tile
+// (kPages: kBN / kv_box_rows pages, lane j loading page j), issued without waiting (FA3 paper sec.
+// 3.1: the producer costs the consumers almost no issue slots); lane 0 arrives with the tile's
+// byte count. A lane reads its page id before waiting for the free slot, so the read's latency
+// hides behind that wait (reading the ids a tile earlier, and V reusing K's, measured no faster).
+// The tile crossing kv_len goes through cp.async with zero-fill instead:
+// the rows past the request (the next request's keys, unused rows of its last page, or padding
+// that may hold anything) must not reach P V, where 0 * NaN would poison O. It is one tile per
+// work item at most, so its copies are awaited before the (single) arrival. kw / vw: where the
+// next K / V tile goes; q_step (the item's Q) runs after the first K load.
+template <typename T, int D, bool kPages, class QStep>
+__device__ __forceinline__ void producer_tma(const Params& p, const WorkItem& it,
+                                             RingPos<Config<T, D>::kStagesK>& kw,
+                                             RingPos<Config<T, D>::kStagesV>& vw, QStep&& q_step, T* sK, T* sV,
+                                             BarriersOf<T, D> bars) {
   using C = Config<T, D>;
   constexpr int kBN = C::kBN;
   using Bar = cutlass::arch::ClusterBarrier;
@@ -42,13 +47,32 @@ __device__ __forceinline__ void producer_ragged(const Params& p, const WorkItem&
     constexpr bool kV = decltype(is_v)::value;
     const int slot = pos.slot;
     uint64_t* full = kV ? bars.v_full(slot) : bars.k_full(slot);
+    const int t0 = w.t_first + i * kBN;
+    [[maybe_unused]] int page = 0, in_page = 0;
+    if constexpr (kPages) {
+      if (lane * p.kv_box_rows < kBN && t0 + kBN <= w.kv_len) {
+        const int t = t0 + lane * p.kv_box_rows;
+        page = __ldg(p.kv_indices + w.kv_start + (t >> p.page_shift));
+        in_page = t & (p.page_size - 1);
+      }
+    }
     // The previous tile of the slot has been read by every consumer warp.
     Bar::wait(kV ? bars.v_empty(slot) : bars.k_empty(slot), pos.phase ^ 1);
     pos.advance();
-    const int t0 = w.t_first + i * kBN;
     if (t0 + kBN <= w.kv_len) {
-      if (lane == 0) tma_tile<kBN, D>(kV ? p.tma_v : p.tma_k, full, (kV ? sV : sK) + slot * kBN * D, kv_head,
-                                      int(w.kv_start) + t0);
+      if constexpr (kPages) {
+        if (lane == 0) cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(full, kBN * D * sizeof(T));
+        if (lane * p.kv_box_rows < kBN) {
+          const int c1 = p.kv_hnd ? in_page : kv_head, c2 = p.kv_hnd ? kv_head : in_page;
+          T* dst = (kV ? sV : sK) + slot * kBN * D + lane * p.kv_box_rows * 64;
+          CUTE_UNROLL
+          for (int c = 0; c < D / 64; ++c)
+            tma_load_4d(kV ? p.tma_v : p.tma_k, full, dst + c * kBN * 64, c * 64, c1, c2, page);
+        }
+      } else {
+        if (lane == 0) tma_tile<kBN, D>(kV ? p.tma_v : p.tma_k, full, (kV ? sV : sK) + slot * kBN * D, kv_head,
+                                        int(w.kv_start) + t0);
+      }
       return;
     }
     const T* src = static_cast<const T*>(kV ? p.v : p.k) + kv_head * p.kv_head_stride;
@@ -56,7 +80,11 @@ __device__ __forceinline__ void producer_ragged(const Params& p, const WorkItem&
       const int r = idx / (D / 8), col = idx % (D / 8) * 8;
       const bool ok = t0 + r < w.kv_len;
       T* dst = kV ? smem_at<typename C::LayoutVt>(sV, col, r, slot) : smem_at<typename C::LayoutK>(sK, r, col, slot);
-      cp_async_16(ok ? src + (w.kv_start + t0 + r) * p.kv_tok_stride + col : src, dst, ok);
+      if constexpr (kPages) {
+        cp_async_16(ok ? src + paged_row_offset(p, w.kv_start, t0 + r) + col : src, dst, ok);
+      } else {
+        cp_async_16(ok ? src + (w.kv_start + t0 + r) * p.kv_tok_stride + col : src, dst, ok);
+      }
     }
     cp_async_wait_all();
     __syncwarp();
@@ -73,10 +101,10 @@ __device__ __forceinline__ void producer_ragged(const Params& p, const WorkItem&
   }
 }
 
-// Paged KV producer: rows of a tile are split over the 128 threads, kThreadsPerRow threads per row (16
-// bytes each, coalesced), kRowStep rows apart. kRowStep is a multiple of 8, the period of the
-// 128-byte swizzle, so a thread's shared-memory addresses in a tile are its first row's address
-// plus multiples of one compile-time stride.
+// Gather producer (paged KV that TMA does not load): rows of a tile are split over the 128
+// threads, kThreadsPerRow threads per row (16 bytes each, coalesced), kRowStep rows apart.
+// kRowStep is a multiple of 8, the period of the 128-byte swizzle, so a thread's shared-memory
+// addresses in a tile are its first row's address plus multiples of one compile-time stride.
 template <int D> struct ProducerMap {
   static constexpr int kThreadsPerRow = D / 8 < 16 ? D / 8 : 16;
   static constexpr int kChunks = D / 8 / kThreadsPerRow;  // 16-byte chunks per thread and row
@@ -86,7 +114,7 @@ template <int D> struct ProducerMap {
 };
 
 template <typename T, int D, class QStep>
-__device__ __forceinline__ void producer_paged(const Params& p, const WorkItem& it,
+__device__ __forceinline__ void producer_gather(const Params& p, const WorkItem& it,
                                                RingPos<Config<T, D>::kStagesK>& kw,
                                                RingPos<Config<T, D>::kStagesV>& vw, int& table_pos, QStep&& q_step,
                                                T* sK, T* sV, int64_t* row_offsets, BarriersOf<T, D> bars) {
@@ -153,7 +181,7 @@ __device__ __forceinline__ void producer_paged(const Params& p, const WorkItem& 
     cp_async_arrive(bars.k_full(slot));
   };
   int t_cur = table_pos;  // the table of tile i
-  if constexpr (C::kStagesQ > 1) q_step();  // as in producer_ragged
+  if constexpr (C::kStagesQ > 1) q_step();  // as in producer_tma
   fill_offsets(0, t_cur);
   asm volatile("bar.sync 3, 128;\n" ::: "memory");
   load_k(t_cur);

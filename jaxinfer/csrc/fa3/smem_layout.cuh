@@ -16,11 +16,11 @@ namespace fa3 {
 // layouts and smem_at assume each tile starts on that period.
 constexpr int kSmemAlign = 1024;
 
-// Row-offset tables of the paged producer (producer_paged: at most three tiles' tables in use).
+// Row-offset tables of the gather producer (producer_gather: at most three tiles' tables in use).
 constexpr int kOffsetTables = 3;
 
 // The CTA's dynamic shared memory, in this order: the tiles (Q buffers, K ring, V ring; 1 KiB
-// aligned, the layouts of Config), the mbarriers, the paged producer's row-offset tables (int64
+// aligned, the layouts of Config), the mbarriers, the gather producer's row-offset tables (int64
 // per KV row of a tile), the work hand-off.
 template <typename T, int D> struct SharedStorage {
   using C = Config<T, D>;

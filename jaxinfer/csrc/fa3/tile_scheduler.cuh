@@ -58,7 +58,7 @@ struct WorkItem {
 // has it and published by the Q barrier of item j; the consumers read it there while they run
 // the item. With kStagesQ Q buffers the producer writes item j only after the consumers released
 // Q of item j - 1 - kStagesQ, so after all of them finished item j - 2 - kStagesQ, the slot's
-// previous user (kSlots = kStagesQ + 2). And the paged producer's broadcast of its next item
+// previous user (kSlots = kStagesQ + 2). And the gather producer's broadcast of its next item
 // index, by item parity (its threads are at most one item apart).
 template <int kStagesQ> struct Handoff {
   static constexpr int kSlots = kStagesQ + 2;

@@ -319,10 +319,14 @@ def test_gpu_window_noncausal(gpu_backend, rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("page_size,kv_layout", [(1, "NHD"), (16, "NHD"), (16, "HND"), (5, "HND")])
-@pytest.mark.parametrize("d", [64, 128])
+# fa3 loads pages of a power-of-2 size >= 8 by TMA, a box per page of a KV tile (8, 16, 64), or
+# several tiles per page (256: each tile's box starts inside its page); other pages by cp.async.
+@pytest.mark.parametrize("page_size,kv_layout", [(1, "NHD"), (5, "HND"), (8, "NHD"), (16, "NHD"), (16, "HND"),
+                                                 (64, "HND"), (256, "NHD")])
+@pytest.mark.parametrize("d", [64, 128, 256])
 def test_gpu_paged(gpu_backend, rng, page_size, kv_layout, d):
-    qo_lens, kv_lens, hq, hkv, dtype = [17, 0, 150, 1], [200, 33, 150, 96], 8, 2, jnp.bfloat16
+    # kv_len 300: whole tiles past the first of a 256-row page, then one crossing kv_len.
+    qo_lens, kv_lens, hq, hkv, dtype = [17, 0, 150, 1], [200, 33, 150, 300], 8, 2, jnp.bfloat16
     kv = make_paged_kv(rng, kv_lens, page_size, hkv, d, dtype, kv_layout)
     q = rand(rng, (sum(qo_lens) + 3, hq, d), dtype)  # 3 rows past the batch: o = 0, lse = -inf
     backend = gpu_backend
