@@ -167,6 +167,16 @@ def assert_close(got, want, dtype, what: str = "o") -> None:
     np.testing.assert_allclose(got, want, err_msg=what, **tol(dtype))
 
 
+def assert_between(got, lo, hi, what: str) -> None:
+    """``lo <= got <= hi`` elementwise, NaN exactly where ``lo`` is NaN (ref64.quantized_bounds)."""
+    got = np.asarray(got, np.float32)
+    nan = np.isnan(lo)
+    np.testing.assert_array_equal(np.isnan(got), nan, err_msg=f"{what}: NaN positions")
+    bad = ~nan & ((got < lo) | (got > hi))
+    assert not bad.any(), (f"{what}: {int(bad.sum())} values outside [lo, hi], first at "
+                           f"{np.argwhere(bad)[0].tolist()}: {got[bad][0]} not in [{lo[bad][0]}, {hi[bad][0]}]")
+
+
 @dataclasses.dataclass
 class PagedKV:
     """A random paged KV cache with its page table and the per-request KV it holds (float64)."""

@@ -290,6 +290,23 @@ def dequantize(x_list, scale):
     return [f64(x) * per_head[None, :, None] for x in x_list]
 
 
+def quantized_bounds(x, scale, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """What quantizing ``x [..., Hkv, D]`` into the fp8 ``dtype`` as ``x / scale`` may store, as
+    float32 ``(lo, hi)``: the float32 quotient (``scale``: ``None``, a number or ``[Hkv]``), one
+    float32 ulp below and above, clipped to the finite range and rounded to nearest even.
+    Rounding is monotone, so the correctly rounded value of any quotient within an ulp of the
+    exact one lies in ``[lo, hi]``; XLA's float32 division on the CPU is not always correctly
+    rounded in its last bit, which moves a quotient at an fp8 rounding midpoint to the
+    neighbouring fp8 value. Without a scale there is no division: ``lo == hi``. NaN stays NaN."""
+    x = np.asarray(x, np.float32)
+    lo = hi = x
+    if scale is not None:
+        q = x / np.broadcast_to(np.asarray(scale, np.float32).reshape(-1), (x.shape[-2],))[:, None]
+        lo, hi = np.nextafter(q, np.float32(-np.inf)), np.nextafter(q, np.float32(np.inf))
+    limit = float(np.finfo(dtype).max)
+    return tuple(np.clip(y, -limit, limit).astype(dtype).astype(np.float32) for y in (lo, hi))
+
+
 def ref_merge(v_list, s_list):
     """Merge attention states (FlashInfer paper sec. 2.2, "attention state" composition).
 

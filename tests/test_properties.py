@@ -14,10 +14,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import BACKENDS, assert_close, indptr_of, make_paged_kv, rand
+from conftest import BACKENDS, assert_between, assert_close, indptr_of, make_paged_kv, rand
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ref64 import dequantize, ref_batch
+from ref64 import dequantize, quantized_bounds, ref_batch
 
 import jaxinfer
 from jaxinfer import backends
@@ -133,8 +133,9 @@ def test_decode_poison_stays_in_its_own_rows(backend, kv_lens, geom, page_size, 
 def test_fp8_append_quantizes_into_own_slots_only(lens, page_size, kv_dtype, row_dtype, scales, layout, single, pad,
                                                   seed):
     """append_paged_kv_cache into an fp8 cache: each request's new tokens land in its own slots as
-    K / k_scale rounded to nearest even and saturated at the fp8 limits (rows reach past them);
-    padding rows write nothing and every other slot keeps its bits."""
+    K / k_scale rounded to nearest even and saturated at the fp8 limits (rows reach past them; the
+    quotient within a float32 ulp, ref64.quantized_bounds); padding rows write nothing and every
+    other slot keeps its bits."""
     rng = np.random.default_rng(seed)
     old_lens, app_lens = (np.array(x, np.int64) for x in zip(*lens))
     hkv = 2
@@ -158,21 +159,21 @@ def test_fp8_append_quantizes_into_own_slots_only(lens, page_size, kv_dtype, row
     out = jaxinfer.append_paged_kv_cache(keys, values, batch_indices, positions, cache, kv_indices, kv_indptr, last,
                                          kv_layout=layout, k_scale=k_scale, v_scale=v_scale)
     got = [np.asarray(x, np.float32) for x in jaxinfer.page.unpack_paged_kv_cache(out, layout)]
-    want = [np.array(x, np.float32) for x in (k0, v0)]
+    # [lo, hi] per slot: the old bits in both where nothing is written.
+    lo, hi = ([np.array(x, np.float32) for x in (k0, v0)] for _ in range(2))
     if layout == "HND":
-        got, want = [x.transpose(0, 2, 1, 3) for x in got], [x.transpose(0, 2, 1, 3) for x in want]
+        got, lo, hi = ([x.transpose(0, 2, 1, 3) for x in xs] for xs in (got, lo, hi))
+    bounds = [quantized_bounds(np.asarray(x, np.float32)[: nnz - pad], scale, kv_dtype)
+              for x, scale in ((keys, k_scale), (values, v_scale))]
     row = 0
     for b in range(len(old_lens)):
         for pos in range(old_lens[b], new_lens[b]):
             page, slot = kv_indices[kv_indptr[b] + pos // page_size], pos % page_size
-            for w, x, scale in ((want[0], keys, k_scale), (want[1], values, v_scale)):
-                x = np.asarray(x[row], np.float32)
-                if scale is not None:
-                    x = x / np.broadcast_to(np.asarray(scale, np.float32), (hkv,))[:, None]
-                w[page, slot] = np.clip(x, -limit, limit).astype(kv_dtype).astype(np.float32)
+            for i in range(2):
+                lo[i][page, slot], hi[i][page, slot] = bounds[i][0][row], bounds[i][1][row]
             row += 1
-    np.testing.assert_array_equal(got[0], want[0])
-    np.testing.assert_array_equal(got[1], want[1])
+    for i, what in enumerate(("k", "v")):
+        assert_between(got[i], lo[i], hi[i], what)
 
 
 # ------------------------------------------------------------------ invalid arguments
