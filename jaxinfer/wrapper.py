@@ -295,7 +295,7 @@ class BatchWrapper:
             self._capacity = self._capacity.as_deterministic()
         if self._op == "decode":
             # One query per request: the decode tiles in every batch (deterministic plans), and
-            # plan() skips the median query length it would pick them by (5 us at B=256).
+            # plan() skips the median query length it would pick them by.
             self._capacity = dataclasses.replace(self._capacity, max_qo_len=self._capacity.max_qo_len or 1)
         # (specs, plans, infer, replans) of the last plan() call, replaced in one assignment:
         # plan() may run in several threads, each gets its own plan back and run() always sees a

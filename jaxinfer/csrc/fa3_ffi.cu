@@ -79,11 +79,6 @@ ffi::Error encode_paged_map(CUtensorMap* map, const void* data, bool bf16, int64
   return encode_tensor_map(map, data, bf16, 4, dims, strides, box);
 }
 
-// Whether paged KV of this page_size goes through the TMA producer (Params::kv_box_rows).
-bool tma_pages(int page_size) {
-  return page_size >= JAXINFER_FA3_TMA_MIN_PAGE && (page_size & (page_size - 1)) == 0;
-}
-
 // kKv: how the producer loads K/V (fa3/config.cuh, KvLoad).
 template <typename T, int D, int kKv>
 ffi::Error launch(cudaStream_t stream, Params& p, int num_tiles, int num_batch, int64_t num_rows, int64_t num_kv_rows,
@@ -171,7 +166,10 @@ ffi::Error Fa3ForwardImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
     return e;
   const int head_dim = int(sh.head_dim), num_tiles = sh.num_tiles, num_batch = sh.num_batch;
   const int64_t num_rows = sh.num_rows, num_kv_rows = sh.num_kv_rows, num_kv_heads = sh.num_kv_heads;
-  const int kv = !paged ? kKvTmaRagged : tma_pages(page_size) ? kKvTmaPages : kKvGather;
+  // Paged KV goes through TMA where its page_size is a power of 2 (page_shift set) of at least
+  // JAXINFER_FA3_TMA_MIN_PAGE rows (Params::kv_box_rows).
+  const bool tma_pages = p.page_shift >= 0 && p.page_size >= JAXINFER_FA3_TMA_MIN_PAGE;
+  const int kv = !paged ? kKvTmaRagged : tma_pages ? kKvTmaPages : kKvGather;
   switch (q.element_type()) {
     case ffi::DataType::BF16:
       return dispatch<cutlass::bfloat16_t>(head_dim, kv, stream, p, num_tiles, num_batch, num_rows, num_kv_rows,

@@ -52,7 +52,7 @@ __device__ __forceinline__ void producer_tma(const Params& p, const WorkItem& it
     if constexpr (kPages) {
       if (lane * p.kv_box_rows < kBN && t0 + kBN <= w.kv_len) {
         const int t = t0 + lane * p.kv_box_rows;
-        page = __ldg(p.kv_indices + w.kv_start + (t >> p.page_shift));
+        page = __ldg(p.kv_indices + w.kv_start + page_index<kKvPagedPow2>(p, t));
         in_page = t & (p.page_size - 1);
       }
     }
