@@ -443,10 +443,17 @@ def test_jit_every_entry_point():
         lambda p, k: sampling.top_k_mask_logits(jnp.log(p), jnp.full((3,), 4), backend="xla"),
         lambda p, k: sampling.softmax(jnp.log(p), jnp.full((3,), 0.9)),
     ]
-    # One jitted program for all (compiles once); each output equals the eager call's.
+    # One jitted program for all (compiles once); each output equals the eager call's: tokens
+    # exactly, probabilities to float32 rounding (XLA may fuse the caller's log into the softmax
+    # and round differently: jax 0.12.1 on the CPU, 9 ulp after exp).
     jitted = jax.jit(lambda p, k: [f(p, k) for f in calls])(probs, key)
     for f, got in zip(calls, jitted):
-        np.testing.assert_array_equal(got, f(probs, key))
+        want = f(probs, key)
+        assert got.dtype == want.dtype
+        if jnp.issubdtype(want.dtype, jnp.integer):
+            np.testing.assert_array_equal(got, want)
+        else:
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=0)
 
 
 def test_empty_batch():

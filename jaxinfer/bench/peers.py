@@ -20,11 +20,11 @@ names); a workload a peer has no kernel for gets no record of it:
 - ``tokamax`` (0.0.17): ``tokamax.dot_product_attention`` with ``implementation="mosaic"`` and
   ``"triton"`` on the padded dense equivalent of the prefill workloads, as the cuDNN peer
   (:func:`jaxinfer.bench.harness.prepare_dense_peer`).
-- ``jax-pallas``: JAX's ``jax.experimental.pallas.ops.gpu.paged_attention`` on the batch decode
-  workloads without RoPE, ``k_splits`` 8 and 16 (``jax-pallas-ks8``, ``-ks16``), the cache
-  transposed to its ``[Hkv, pages, page_size, D]`` layout and q scaled by ``1/sqrt(D)`` (the
-  kernel applies no softmax scale) outside the timing (an fp8 cache with its per-token scale
-  pages).
+- ``jax-pallas``: JAX's ``jax.experimental.pallas.ops.gpu.paged_attention`` (shipped through jax
+  0.11; with a later JAX the peer reports that it cannot run) on the batch decode workloads
+  without RoPE, ``k_splits`` 8 and 16 (``jax-pallas-ks8``, ``-ks16``), the cache transposed to its
+  ``[Hkv, pages, page_size, D]`` layout and q scaled by ``1/sqrt(D)`` (the kernel applies no
+  softmax scale) outside the timing (an fp8 cache with its per-token scale pages).
 
 ``python -m jaxinfer.bench.peers --stage DIR`` downloads the peers' packages here (pip);
 ``python -m jaxinfer.bench.peers --install DIR --target SITE`` installs them on a machine without a
@@ -259,11 +259,16 @@ def prepare_jax_paged(problem: Problem, k_splits: int, paged_attention: Callable
 
 
 def load_jax_pallas() -> Peer:
-    """Raises ImportError (JAX without its Pallas GPU ops) or NotImplementedError (no GPU)."""
-    with warnings.catch_warnings():  # deprecated in JAX, still shipped: the peer the issue measured
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from jax.experimental.pallas.ops.gpu import paged_attention
-
+    """Raises NotImplementedError: no GPU, or a JAX that no longer ships the kernel."""
+    try:
+        with warnings.catch_warnings():  # deprecated in JAX (shipped through 0.11): the peer the issue measured
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from jax.experimental.pallas.ops.gpu import paged_attention
+    except ImportError as e:
+        # Nothing to install: JAX dropped its Triton ops (pointing to tokamax) after deprecating them.
+        raise NotImplementedError(f"jax {jax.__version__} no longer ships jax.experimental.pallas.ops.gpu."
+                                  f"paged_attention (JAX's Triton ops were deprecated for tokamax; the peer needs "
+                                  f"jax <= 0.11) ({type(e).__name__}: {e})") from e
     if not harness.on_gpu():
         raise NotImplementedError("JAX's Pallas paged_attention (Triton) needs a GPU")
 

@@ -135,7 +135,7 @@ def direct_device_put() -> Callable[[np.ndarray], jax.Array] | None:
         from jax._src.lib import guard_lib, xla_client
 
         aval = functools.lru_cache(maxsize=64)(core.ShapedArray)
-        sharding = functools.lru_cache(maxsize=64)(jax.sharding.SingleDeviceSharding)
+        sharding = functools.lru_cache(maxsize=64)(jax.sharding.make_single_device_sharding)
 
         def put(host: np.ndarray) -> jax.Array:
             device = pxla.get_default_device()  # jax.default_device's, as jax.device_put
