@@ -115,9 +115,9 @@ template <int D> struct ProducerMap {
 
 template <typename T, int D, class QStep>
 __device__ __forceinline__ void producer_gather(const Params& p, const WorkItem& it,
-                                               RingPos<Config<T, D>::kStagesK>& kw,
-                                               RingPos<Config<T, D>::kStagesV>& vw, int& table_pos, QStep&& q_step,
-                                               T* sK, T* sV, int64_t* row_offsets, BarriersOf<T, D> bars) {
+                                                RingPos<Config<T, D>::kStagesK>& kw,
+                                                RingPos<Config<T, D>::kStagesV>& vw, int& table_pos, QStep&& q_step,
+                                                T* sK, T* sV, int64_t* row_offsets, BarriersOf<T, D> bars) {
   using C = Config<T, D>;
   using M = ProducerMap<D>;
   constexpr int kBN = C::kBN, kRowStep = M::kRowStep, kColStep = M::kColStep;
