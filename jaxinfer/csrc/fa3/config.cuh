@@ -8,16 +8,10 @@
 #include <cstdint>
 
 #include "../common/ffi_params.cuh"
-
-#include <cute/tensor.hpp>
-#include <cute/arch/mma_sm90.hpp>
-#include <cute/atom/mma_atom.hpp>
-#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include "../common/sm90.cuh"
 
 namespace jaxinfer {
 namespace fa3 {
-
-namespace GMMA = cute::SM90::GMMA;
 
 // Everything the kernel reads (common/ffi_params.cuh), and the tensor maps (TMA descriptors,
 // encoded on the host per call) of q [nnz_q, Hq, D], of k and v unless a gather producer loads
@@ -206,15 +200,6 @@ template <typename T, int D> struct Config {
   // Elements of one Q buffer, of the K ring and of the V ring.
   static constexpr int kQElems = kBM * D, kKElems = kBN * D * kStagesK, kVElems = kBN * D * kStagesV;
 };
-
-// Address of element `coords` of a tile laid out by a GMMA smem layout (Swizzle o Layout). CuTe
-// applies the swizzle to the byte address, not to the element index; tiles start 1 KiB-aligned,
-// so applying it to the byte offset from the tile base is the same.
-template <class Layout, typename T, class... Cs>
-__device__ __forceinline__ T* smem_at(T* base, Cs... coords) {
-  const int byte = int(Layout{}.layout_b()(coords...)) * int(sizeof(T));
-  return reinterpret_cast<T*>(reinterpret_cast<char*>(base) + Layout{}.layout_a()(byte));
-}
 
 // What a consumer thread (ctid 0..255 of the two consumer warpgroups) holds of a 64xN wgmma
 // accumulator: warpgroup 0 owns rows 0-63, warpgroup 1 rows 64-127; accumulator register i of S

@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include "../common/math.cuh"
+#include "../common/sm90.cuh"
 #include "config.cuh"
 #include "epilogue.cuh"
 #include "pipeline.cuh"
@@ -24,32 +25,6 @@
 
 namespace jaxinfer {
 namespace fa3 {
-
-// The accumulator of a 64xN wgmma, ((2, 2, N/8), M, N'), regrouped as the A operand of the next
-// wgmma, ((2, 2, 2), M, (N/16, N')): the register order of both is (column pair, row + 8,
-// column + 8) per k16 slice, so P needs no shuffle between the two GEMMs.
-template <class L> __device__ __forceinline__ auto acc_to_a_layout(L acc) {
-  using X = cute::Underscore;
-  auto l = cute::logical_divide(cute::get<0>(acc), cute::Shape<X, X, cute::_2>{});
-  return cute::make_layout(cute::make_layout(cute::get<0>(l), cute::get<1>(l), cute::get<2, 0>(l)), cute::get<1>(acc),
-                           cute::make_layout(cute::get<2, 1>(l), cute::get<2>(acc)));
-}
-
-// One warpgroup GEMM over all k slices of a, c = a b when `zero`, else c += a b (the wgmma's
-// scale-d predicate); returns after the issue.
-template <class Mma, class TA, class TB, class TC>
-__device__ __forceinline__ void wgmma_gemm(Mma& mma, TA const& a, TB const& b, TC& c, bool zero) {
-  cute::warpgroup_fence_operand(c);
-  cute::warpgroup_arrive();
-  mma.accumulate_ = zero ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
-  CUTE_UNROLL
-  for (int k = 0; k < cute::size<2>(a); ++k) {
-    cute::gemm(mma, a(cute::_, cute::_, k), b(cute::_, cute::_, k), c);
-    mma.accumulate_ = GMMA::ScaleOut::One;
-  }
-  cute::warpgroup_commit_batch();
-  cute::warpgroup_fence_operand(c);
-}
 
 // Ping-pong between the two consumer warpgroups (FA3 paper sec. 3.1): each issues its GEMMs
 // only after the other has issued its own, so one warpgroup's softmax runs while the tensor
