@@ -17,7 +17,8 @@ page_size, Dp]``; request ``b`` owns pages ``kv_indices[kv_indptr[b]:kv_indptr[b
 ``kv_len_arr[b]`` tokens (FlashInfer's MLA page table: lengths instead of ``last_page_len``).
 Decode (one query per request), prefill and append (``qo_len <= kv_len``, causal aligned
 bottom-right) are one plan/run path, on the planner and split-KV merge of every other op
-(:mod:`jaxinfer.backends.pallas.mla`); ``"xla"`` is the float32 reference.
+(:mod:`jaxinfer.backends.pallas.mla`), whose tiles run on the Pallas kernel (``"pallas"``) or on
+the sm90a CUDA kernel (``"fa3"``, ``jaxinfer/csrc/mla/``); ``"xla"`` is the float32 reference.
 
 :func:`append_paged_mla_kv_cache` writes new tokens' ``ckv``/``kpe`` into the caches.
 """
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.backends import BackendUnsupportedError, device
+from jaxinfer.backends.ffi import ops as ffi_ops
 from jaxinfer.backends.pallas import mla as pallas_mla
 from jaxinfer.backends.pallas.backend import PallasBackend
 from jaxinfer.backends.xla import RefPlan, plan_reference
@@ -43,7 +45,7 @@ from jaxinfer.plan.checks import check_indptr, check_int
 from jaxinfer.variants import LOG2E, AttentionVariant
 from jaxinfer.wrapper import as_host_int, check_run_extras, check_workspace
 
-MLA_BACKENDS = ("auto", "pallas", "xla")
+MLA_BACKENDS = ("auto", "fa3", "pallas", "xla")
 
 
 @jax.tree_util.register_dataclass
@@ -99,17 +101,22 @@ def _last_page_len(kv_indptr: np.ndarray, kv_len_arr, page_size: int) -> np.ndar
 
 
 def _resolve_backend(name: str, head_dim_ckv: int, head_dim_kpe: int, q_dtype, kv_dtype) -> str:
-    """The backend that runs a plan: ``"auto"`` is ``"pallas"`` on a GPU when it serves the call,
-    else ``"xla"``.
+    """The backend that runs a plan: ``"auto"`` is the first of ``"fa3"`` (the sm90a CUDA kernel),
+    ``"pallas"`` (on a GPU) and ``"xla"`` that serves the call.
 
     Raises:
-      BackendUnsupportedError: ``"pallas"`` named for dims or dtypes it cannot serve.
+      BackendUnsupportedError: ``"fa3"`` or ``"pallas"`` named for dims, dtypes or a device it
+        cannot serve (the message says why).
     """
-    reason = pallas_mla.unsupported(head_dim_ckv, head_dim_kpe, q_dtype, kv_dtype)
+    reasons = {"fa3": lambda: ffi_ops.mla_unsupported(head_dim_ckv, head_dim_kpe, q_dtype, kv_dtype),
+               "pallas": lambda: pallas_mla.unsupported(head_dim_ckv, head_dim_kpe, q_dtype, kv_dtype),
+               "xla": lambda: None}
     if name == "auto":
-        return "pallas" if device.platform() == "gpu" and reason is None else "xla"
-    if name == "pallas" and reason is not None:
-        raise BackendUnsupportedError(f"backend 'pallas' cannot serve this MLA batch: {reason}")
+        on_gpu = device.platform() == "gpu"
+        return next(n for n in ("fa3", "pallas", "xla") if (on_gpu or n == "xla") and reasons[n]() is None)
+    reason = reasons[name]()
+    if reason is not None:
+        raise BackendUnsupportedError(f"backend {name!r} cannot serve this MLA batch: {reason}")
     return name
 
 
@@ -149,22 +156,25 @@ class BatchMLAPagedAttentionWrapper:
           use_cuda_graph, qo_indptr, kv_indptr, kv_indices, kv_len_arr: FlashInfer's CUDA-graph
             flag and buffers; accepted and unused (a jitted step is one captured program; for
             plans of one fixed shape pass ``capacity``).
-          backend: ``"auto"`` (``"pallas"`` on a GPU, else ``"xla"``), ``"pallas"`` or ``"xla"``.
-            FlashInfer's ``"fa2"``, ``"fa3"`` and ``"cutlass"`` name CUDA kernels jaxinfer does
-            not have for MLA: ``NotImplementedError``.
+          backend: ``"auto"`` (``"fa3"`` where it serves the plan, else ``"pallas"`` on a GPU, else
+            ``"xla"``), ``"fa3"`` (jaxinfer's sm90a CUDA kernel, FlashInfer's name for its Hopper
+            MLA kernel: H100/H200, Dc = 512, Dp = 64, a 16-bit cache), ``"pallas"`` or ``"xla"``.
+            FlashInfer's ``"fa2"`` and ``"cutlass"`` name CUDA kernels jaxinfer does not have for
+            MLA: ``NotImplementedError``.
           capacity: static maxima of plans (:class:`~jaxinfer.plan.batch.PlanCapacity`).
           pallas: the Pallas backend's grid, split-KV and tile settings
             (:class:`~jaxinfer.backends.pallas.backend.PallasBackend`; its ``config`` is the MLA
-            tile, default :data:`jaxinfer.backends.pallas.mla.DEFAULT_CONFIG`).
+            tile, default :data:`jaxinfer.backends.pallas.mla.DEFAULT_CONFIG`); ``"fa3"`` plans
+            with the same planner and settings (its tiles are 64 rows: ``block_m`` 64).
 
         Raises:
           ValueError: a string as ``float_workspace_buffer``, or an unknown ``backend``.
-          NotImplementedError: ``backend`` is ``"fa2"``, ``"fa3"`` or ``"cutlass"``.
+          NotImplementedError: ``backend`` is ``"fa2"`` or ``"cutlass"``.
         """
         check_workspace(float_workspace_buffer)
-        if backend in ("fa2", "fa3", "cutlass"):
-            raise BackendUnsupportedError(f"backend {backend!r} has no MLA kernel in jaxinfer; use 'pallas', "
-                                          "'xla' or 'auto'")
+        if backend in ("fa2", "cutlass"):
+            raise BackendUnsupportedError(f"backend {backend!r} has no MLA kernel in jaxinfer; use 'fa3', "
+                                          "'pallas', 'xla' or 'auto'")
         if backend not in MLA_BACKENDS:
             raise ValueError(f"backend must be one of {MLA_BACKENDS}, got {backend!r}")
         self._backend = backend
@@ -198,7 +208,8 @@ class BatchMLAPagedAttentionWrapper:
         Raises:
           ValueError: an invalid page table, ``kv_len_arr`` that disagrees with it, a bad
             geometry, ``sm_scale`` or ``use_profiler``; the message names the argument.
-          NotImplementedError: ``backend="pallas"`` for dims or dtypes it cannot serve.
+          NotImplementedError: ``backend="fa3"`` or ``"pallas"`` for dims, dtypes or a device it
+            cannot serve.
         """
         if use_profiler:
             raise ValueError("use_profiler=True is not supported by jaxinfer (no intra-kernel profiler)")
@@ -212,7 +223,7 @@ class BatchMLAPagedAttentionWrapper:
         kv_dtype = jnp.dtype(kv_data_type if kv_data_type is not None else q_dtype)
         backend = _resolve_backend(self._backend, head_dim_ckv, head_dim_kpe, q_dtype, kv_dtype)
         cfg = self._pallas.config or pallas_mla.DEFAULT_CONFIG
-        group = pallas_mla.head_group(num_heads, cfg.block_m) if backend == "pallas" else num_heads
+        group = pallas_mla.head_group(num_heads, cfg.block_m) if backend != "xla" else num_heads
         kv_indptr = check_indptr("kv_indptr", as_host_int("kv_indptr", kv_indptr))
         last = _last_page_len(kv_indptr, kv_len_arr, page_size)
         spec = BatchSpec.create(
@@ -221,8 +232,8 @@ class BatchMLAPagedAttentionWrapper:
             variant=AttentionVariant(causal=bool(causal), sm_scale=sm_scale), q_dtype=q_dtype, kv_dtype=kv_dtype,
             names={"kv_last_page_len": "kv_len_arr"},
         )
-        if backend == "pallas":
-            inner = pallas_mla.plan(spec, self._capacity, self._pallas, head_dim_kpe=head_dim_kpe)
+        if backend != "xla":
+            inner = pallas_mla.plan(spec, self._capacity, self._pallas, head_dim_kpe=head_dim_kpe, kernel=backend)
         else:
             inner = plan_reference(spec, self._capacity)
         plan = MLAPlan(inner=inner, backend=backend, page_size=page_size, num_heads=num_heads,
@@ -332,7 +343,7 @@ def batch_mla(q_nope, q_pe, ckv_cache, kpe_cache, plan: MLAPlan, *, return_lse: 
             # No pages at all: one page to gather from (nothing is visible: o = 0, lse = -inf).
             ckv_cache = jnp.zeros((1, *ckv_cache.shape[1:]), ckv_cache.dtype)
             kpe_cache = jnp.zeros((1, *kpe_cache.shape[1:]), kpe_cache.dtype)
-        run = pallas_mla.run if plan.backend == "pallas" else mla_reference
+        run = pallas_mla.run if plan.backend != "xla" else mla_reference
         o, lse = run(plan.inner, q_nope, q_pe, ckv_cache, kpe_cache)
     return (o, lse) if return_lse else o
 

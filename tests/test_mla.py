@@ -7,7 +7,8 @@ into keys ``[ckv W_UK_h^T, kpe]`` and values ``ckv W_UV_h^T`` with random ``W_UK
 and its latent output is projected with ``W_UV_h`` afterwards (ibid., appendix C). Caches hold
 NaN/inf wherever no row may look (unused pages, slots past a request's last token), so a stray
 read shows. Pallas runs in interpret mode here, with plans forced to split the KV; the real Triton
-lowering is checked deviceless (shared/DESIGN.md sec. 6); GPU cases are marked ``gpu``.
+lowering is checked deviceless (shared/DESIGN.md sec. 6); GPU cases are marked ``gpu``. The sm90a
+CUDA kernel (``backend="fa3"``) lowers here as its custom call and runs in the GPU cases.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 from ref64 import random_page_table
 
 import jaxinfer
+from jaxinfer.backends import device
+from jaxinfer.backends.ffi import ops as ffi_ops
 from jaxinfer.backends.pallas import mla as pallas_mla
 from jaxinfer.backends.pallas.backend import PallasBackend
 from jaxinfer.backends.pallas.config import TileConfig
 from jaxinfer.backends.pallas.merge import force_triton_lowering
-from jaxinfer.plan.batch import PlanCapacity
+from jaxinfer.plan.batch import BatchSpec, PlanCapacity
 
 BF16 = jnp.bfloat16
 # Small grids that split every long request (16-key chunks) so the merge path runs.
@@ -296,6 +299,29 @@ def test_mla_errors(rng, what, match):
         w.run(q_nope, q_pe, ckv, kpe, **kw)
 
 
+def test_mla_fa3_declines_with_reasons():
+    """The CUDA kernel serves Dc = 512, Dp = 64 and a 16-bit cache of q's dtype on sm_90; a
+    wrapper that names it elsewhere raises with the reason, 'auto' passes over it."""
+    assert "head_dim_ckv = 512" in ffi_ops.mla_unsupported(64, 16, BF16, BF16)
+    assert "serves fp8" in ffi_ops.mla_unsupported(512, 64, BF16, jnp.float8_e4m3fn)
+    assert "bfloat16 or float16" in ffi_ops.mla_unsupported(512, 64, jnp.float32, jnp.float32)
+    args = ([0, 1], [0, 1], [0], [1], 16, 512, 64, 1, False, 0.1, BF16, BF16)
+    if device.gpu_arch() is None:
+        assert "needs an NVIDIA GPU" in ffi_ops.mla_unsupported(512, 64, BF16, BF16)
+        with pytest.raises(NotImplementedError, match="backend 'fa3' cannot serve this MLA batch: .*GPU"):
+            jaxinfer.BatchMLAPagedAttentionWrapper(backend="fa3").plan(*args)
+        w = jaxinfer.BatchMLAPagedAttentionWrapper(backend="auto")
+        w.plan(*args)
+        assert w.backend == "xla"
+    # The plan's tiles must be the kernel's 64 rows.
+    spec = BatchSpec.create(np.array([0, 1]), np.array([0, 1]), np.array([0]), np.array([1]), page_size=1,
+                            num_qo_heads=16, num_kv_heads=1, head_dim=512,
+                            variant=jaxinfer.AttentionVariant(sm_scale=0.1))
+    pallas = PallasBackend(num_ctas=4, config=TileConfig(32, 16, 4, 1))
+    with pytest.raises(ValueError, match="runs tiles of 64 query rows"):
+        pallas_mla.plan(spec, PlanCapacity(), pallas, head_dim_kpe=64, kernel="fa3")
+
+
 def test_mla_backend_and_order_errors():
     with pytest.raises(NotImplementedError, match="'fa2' has no MLA kernel"):
         jaxinfer.BatchMLAPagedAttentionWrapper(None, backend="fa2")
@@ -349,12 +375,78 @@ def test_mla_lowers(cfg, masks, page_size, kv_dtype):
     assert text.count(pltriton.CUSTOM_CALL_TARGET_NAME) == (2 if masks else 1)
 
 
-# GPU: the DeepSeek-V3 shape with the default tile config against the xla reference path.
+@pytest.mark.parametrize("causal,split", [(False, False), (True, True)])
+def test_mla_fa3_lowers(causal, split):
+    """The fa3 MLA path is one custom call of the CUDA kernel, then the Triton merge kernel when the
+    plan splits the KV; the call takes the plan's geometry as attributes."""
+    h, dc, dp, page_size = 128, 512, 64, 16
+    ks = pallas_mla.MLAKernelSpec(num_ctas=132, num_groups=264, max_tiles=1024, page_capacity=4096,
+                                  page_size=page_size, num_heads=h, group_size=64, head_dim_ckv=dc, head_dim_kpe=dp,
+                                  sm_scale=0.07, causal=causal, num_slots=528 if split else 0, kernel="fa3")
+    args = (S((ks.buffer_size,), jnp.int32), S((33, h, dc), BF16), S((33, h, dp), BF16),
+            S((300, page_size, dc), BF16), S((300, page_size, dp), BF16))
+    mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=AbstractDevice("NVIDIA H100", 1, "cuda"))
+    checks = [DisabledSafetyCheck.custom_call(pltriton.CUSTOM_CALL_TARGET_NAME),
+              DisabledSafetyCheck.custom_call(ffi_ops.MLA_TARGET)]
+    with force_triton_lowering(), jax.sharding.use_abstract_mesh(mesh):
+        exported = jax.export.export(
+            jax.jit(lambda *a: pallas_mla.mla_attention(*a, ks=ks, cfg=pallas_mla.DEFAULT_CONFIG)),
+            platforms=["cuda"], disabled_checks=checks)(*args)
+    text = exported.mlir_module()
+    assert text.count(f"@{ffi_ops.MLA_TARGET}") == 1
+    assert text.count(pltriton.CUSTOM_CALL_TARGET_NAME) == (1 if split else 0)
+    assert f"causal = {'true' if causal else 'false'}" in text and "group_size = 64 : i32" in text
+    assert f"off_kv_indices = {ks.off_kv_indices} : i32" in text
+    assert [o.shape for o in exported.out_avals] == [(33, h, dc), (33, h)]
+
+
+# GPU: the DeepSeek-V3 shape with the default tile config against the xla reference path, on both
+# kernels, then the fa3 kernel on the CPU cases above at DeepSeek-V3's dims (its only dims).
+def _gpu_backend(name):
+    if name == "fa3" and (reason := ffi_ops.mla_unsupported(512, 64, BF16, BF16)) is not None:
+        pytest.skip(reason)
+    return name
+
+
+DSV3 = dict(dc=512, dp=64, dn=128, dv=128)
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["pallas", "fa3"])
 @pytest.mark.parametrize("page_size,causal,qo", [(64, False, 1), (1, False, 1), (16, True, 7)])
-def test_mla_gpu_deepseek_shape(rng, page_size, causal, qo):
+def test_mla_gpu_deepseek_shape(rng, backend, page_size, causal, qo):
     kv = [1000, 0, 4097, 31, 2048, 777]
-    case = make_case(rng, [min(qo, k) if causal else qo for k in kv], kv, page_size, 128,
-                     dc=512, dp=64, dn=128, dv=128)
-    o, lse = run_wrapper(case, "pallas", causal)
+    case = make_case(rng, [min(qo, k) if causal else qo for k in kv], kv, page_size, 128, **DSV3)
+    o, lse = run_wrapper(case, _gpu_backend(backend), causal)
     check(case, o, lse, causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,qo,kv,page_size,h,dims,causal,pallas", CASES, ids=[c[0] for c in CASES])
+def test_mla_gpu_fa3_cases(rng, name, qo, kv, page_size, h, dims, causal, pallas):
+    """The forced-split settings of the CPU cases (a 64-row config: the kernel's tile), so the fa3
+    kernel writes partial rows that the merge folds; fp16 on one case."""
+    cfg = dataclasses.replace(pallas, config=TileConfig(64, 16, 4, 1))
+    dtype = jnp.float16 if name.startswith("prefill") else BF16
+    case = make_case(rng, qo, kv, page_size, h, dtype=dtype, **DSV3)
+    o, lse = run_wrapper(case, _gpu_backend("fa3"), causal, cfg)
+    check(case, o, lse, causal, dtype)
+
+
+@pytest.mark.gpu
+def test_mla_gpu_fa3_causal_hidden_poison(rng):
+    case = make_case(rng, [4, 6, 70], [20, 37, 130], 16, 16, **DSV3)
+    ckv = np.array(case.ckv_cache, np.float32)
+    seen_by_last = []
+    for b, n in enumerate(case.kv_lens):
+        pages = case.kv_indices[case.kv_indptr[b] : case.kv_indptr[b + 1]]
+        ckv[pages[(n - 1) // 16], (n - 1) % 16, :3] = POISON
+        seen_by_last.append(case.qo_indptr[b + 1] - 1)
+    poisoned = dataclasses.replace(case, ckv_cache=jnp.asarray(ckv, BF16))
+    o, lse = run_wrapper(poisoned, _gpu_backend("fa3"), True)
+    clean = np.setdiff1d(np.arange(case.qo_indptr[-1]), seen_by_last)
+    o_ref, lse_ref = ref_mla(case, True)
+    o_proj = np.einsum("thc,hvc->thv", np.asarray(o.astype(jnp.float32), np.float64), case.w_uv)
+    assert_close(o_proj[clean], o_ref[clean], BF16, "o (rows that cannot see the poison)")
+    assert_close(np.asarray(lse)[clean], lse_ref[clean], BF16, "lse")
+    assert np.isnan(np.asarray(o.astype(jnp.float32))[seen_by_last]).any(axis=-1).all(), "rows that see it: NaN"

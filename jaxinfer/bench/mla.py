@@ -11,7 +11,8 @@ interpret mode), for the test suite.
 
 Each case runs :func:`jaxinfer.batch_mla` under ``jax.jit`` for each Pallas tile config
 (:data:`jaxinfer.backends.pallas.mla.DEFAULT_CONFIG`, or ``--configs`` such as
-``64x32x8x2,32x64x4x2``: ``block_m x block_n x num_warps x num_stages``) and for the ``"xla"``
+``64x32x8x2,32x64x4x2``: ``block_m x block_n x num_warps x num_stages``), for the sm90a CUDA
+kernel (``"fa3"``; on a GPU that it serves, else a row saying why not) and for the ``"xla"``
 float32 reference path (on the GPU only with ``--with-xla``: it pads to the longest request).
 Timing: :class:`jaxinfer.bench.harness.Timer`. Bytes moved per call: the latent cache rows the
 batch reads (``sum(kv_len) * (Dc + Dp)`` elements) plus q and o; TB/s is bytes / latency, the
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxinfer
+from jaxinfer.backends.ffi import ops as ffi_ops
 from jaxinfer.backends.pallas import mla as pallas_mla
 from jaxinfer.backends.pallas.backend import PallasBackend
 from jaxinfer.backends.pallas.config import TileConfig
@@ -138,6 +140,12 @@ def run_case(case: Case, configs: list[TileConfig], timer: harness.Timer, with_x
     nbytes = bytes_moved(case)
     rows = []
     impls = [(f"pallas {c.block_m}x{c.block_n}x{c.num_warps}x{c.num_stages}", "pallas", c) for c in configs]
+    if harness.on_gpu():
+        reason = ffi_ops.mla_unsupported(case.head_dim_ckv, case.head_dim_kpe, jnp.bfloat16, jnp.bfloat16)
+        if reason is None:
+            impls.append(("fa3", "fa3", None))
+        else:
+            rows.append(dict(case=case.name, impl="fa3", status=f"cannot run here: {reason}"))
     if with_xla:
         impls.append(("xla", "xla", None))
     for label, backend, cfg in impls:
@@ -156,7 +164,8 @@ def run_case(case: Case, configs: list[TileConfig], timer: harness.Timer, with_x
             rows.append(dict(case=case.name, impl="flashinfer", latency_ms=ms, tb_per_s=nbytes / (ms * 1e-3) / 1e12,
                              rel_error=err, status="ok" if err <= TOLERANCE else "mismatch"))
             for r in rows[:-1]:
-                r["vs_flashinfer"] = ms / r["latency_ms"]
+                if "latency_ms" in r:
+                    r["vs_flashinfer"] = ms / r["latency_ms"]
         else:
             rows.append(dict(case=case.name, impl="flashinfer", status=o))
     return rows
@@ -166,13 +175,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m jaxinfer.bench.mla", description=__doc__.split("\n")[0])
     p.add_argument("--size", choices=("tiny", "full"), default="full" if harness.on_gpu() else "tiny")
     p.add_argument("--configs", help="comma-separated block_m x block_n x num_warps x num_stages tile configs "
-                   "(default: the kernel's default); 'candidates' for the lowering-tested set")
+                   "(default: the kernel's default); 'candidates' for the lowering-tested set, 'none' for no Pallas row")
     p.add_argument("--with-xla", action="store_true", help="also time the xla reference path (always on CPU)")
     p.add_argument("--repeats", type=int, default=20 if harness.on_gpu() else 2)
     p.add_argument("--out", type=Path, help="write a JSON record here")
     args = p.parse_args(argv)
     if args.configs == "candidates":
         configs = list(pallas_mla.CANDIDATE_CONFIGS)
+    elif args.configs == "none":
+        configs = []
     elif args.configs:
         configs = [parse_config(c) for c in args.configs.split(",") if c.strip()]
     else:

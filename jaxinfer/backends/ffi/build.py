@@ -6,6 +6,7 @@ reused afterwards. Build ahead of time with::
 
     python -m jaxinfer.backends.ffi.build --kernel fa2 --arch sm_90
     python -m jaxinfer.backends.ffi.build --kernel fa3 --arch sm_90a
+    python -m jaxinfer.backends.ffi.build --kernel mla --arch sm_90a
 
 The headers are jaxlib's XLA FFI API (``jax.ffi.include_dir()``; build against the oldest
 supported jaxlib, 0.11.2: a library built on newer headers breaks backend start-up on older
@@ -27,10 +28,10 @@ from jaxinfer.buildcache import cache_dir, cached_library, compile_library
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
 # Translation unit of each kernel family. FA2 runs on any sm80+ GPU, compiled for the device's
-# own arch (SASS of sm_80 does not run on sm_90); FA3 needs sm_90a (wgmma, setmaxnreg) and runs
-# on sm_90 devices only (sm_90a code runs on no other arch).
-KERNELS = {"fa2": "fa2_ffi.cu", "fa3": "fa3_ffi.cu"}
-KERNEL_ARCHS = {"fa3": ("sm_90a",)}
+# own arch (SASS of sm_80 does not run on sm_90); FA3 and MLA need sm_90a (wgmma, setmaxnreg) and
+# run on sm_90 devices only (sm_90a code runs on no other arch).
+KERNELS = {"fa2": "fa2_ffi.cu", "fa3": "fa3_ffi.cu", "mla": "mla_ffi.cu"}
+KERNEL_ARCHS = {"fa3": ("sm_90a",), "mla": ("sm_90a",)}
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a", "sm_100", "sm_120")
 
 NVCC_FLAGS = (
@@ -197,8 +198,8 @@ def build(kernel: str = "fa2", arch: str = "sm_80", *, output: Path | None = Non
     """Compile ``kernel`` for ``arch`` (cached) and return the library's path.
 
     Args:
-      kernel: ``"fa2"`` or ``"fa3"``.
-      arch: target such as ``"sm_80"``, ``"sm_90"``, ``"sm_90a"`` (fa3: ``"sm_90a"`` only).
+      kernel: ``"fa2"``, ``"fa3"`` or ``"mla"``.
+      arch: target such as ``"sm_80"``, ``"sm_90"``, ``"sm_90a"`` (fa3, mla: ``"sm_90a"`` only).
       output: build here instead of the cache (no reuse).
       defines: extra preprocessor defines (``NAME=VALUE``), e.g. tile-shape overrides for tuning.
       force: rebuild even if the cached library exists.
@@ -222,9 +223,9 @@ def kernel_arch(kernel: str, cc: int) -> str:
     Raises:
       ValueError: the kernel cannot run there (fa3 needs cc 9.0).
     """
-    if kernel == "fa3":
+    if kernel in ("fa3", "mla"):
         if cc != 90:
-            raise ValueError(f"fa3 runs on sm_90 (H100/H200) only, got compute capability {cc / 10:.1f}")
+            raise ValueError(f"{kernel} runs on sm_90 (H100/H200) only, got compute capability {cc / 10:.1f}")
         return "sm_90a"
     return f"sm_{cc}"
 

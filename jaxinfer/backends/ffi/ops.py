@@ -21,9 +21,10 @@ from jaxinfer.backends.vma import varying_like
 
 FA2_TARGET = "jaxinfer_fa2_forward"
 FA3_TARGET = "jaxinfer_fa3_forward"
+MLA_TARGET = "jaxinfer_mla_forward"
 # Custom-call target and handler symbol of each kernel family (jaxinfer/csrc/<kernel>_ffi.cu).
-TARGETS = {"fa2": FA2_TARGET, "fa3": FA3_TARGET}
-SYMBOLS = {"fa2": "JaxinferFa2Forward", "fa3": "JaxinferFa3Forward"}
+TARGETS = {"fa2": FA2_TARGET, "fa3": FA3_TARGET, "mla": MLA_TARGET}
+SYMBOLS = {"fa2": "JaxinferFa2Forward", "fa3": "JaxinferFa3Forward", "mla": "JaxinferMlaForward"}
 HEAD_DIMS = (64, 128, 256)
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -121,7 +122,7 @@ def flash_forward(
     _check(jnp.dtype(q.dtype) in DTYPES, f"q must be bfloat16 or float16, got {q.dtype}")
     _check(k.shape == v.shape and k.dtype == v.dtype == q.dtype, f"k, v must match each other and q's dtype {q.dtype}, got {k.shape}{k.dtype}, {v.shape}{v.dtype}")
     _check(kv_layout in ("NHD", "HND"), f"kv_layout must be 'NHD' or 'HND', got {kv_layout!r}")
-    _check(kernel in TARGETS, f"kernel must be one of {tuple(TARGETS)}, got {kernel!r}")
+    _check(kernel in ("fa2", "fa3"), f"kernel must be 'fa2' or 'fa3', got {kernel!r}")
     head_dim, hq = q.shape[2], q.shape[1]
     if paged:
         _check(k.ndim == 4, f"paged k must be [P, page_size, Hkv, D] or [P, Hkv, page_size, D], got {k.shape}")
@@ -172,3 +173,81 @@ def flash_forward(
 
 fa2_forward = functools.partial(flash_forward, kernel="fa2")
 fa3_forward = functools.partial(flash_forward, kernel="fa3")
+
+
+# The latent and RoPE widths the MLA kernel is built for (jaxinfer/csrc/mla/kernel.cuh: DeepSeek-V2/V3,
+# Kimi-K2), and the query rows of its work tiles.
+MLA_DIMS = (512, 64)
+MLA_BLOCK_M = 64
+
+
+def mla_unsupported(head_dim_ckv: int, head_dim_kpe: int, q_dtype, kv_dtype) -> str | None:
+    """Why the sm90a MLA kernel cannot serve these dims and dtypes here (``None`` if it can); never
+    raises. It is built for ``Dc = 512``, ``Dp = 64`` and a 16-bit latent cache of q's dtype (an fp8
+    cache goes to the Pallas kernel, which widens it on load), and runs on sm_90 GPUs; on one, the
+    first call builds the library (cached on disk) so that a failing build is the reason."""
+    if (head_dim_ckv, head_dim_kpe) != MLA_DIMS:
+        return (f"the fa3 MLA kernel is built for head_dim_ckv = {MLA_DIMS[0]}, head_dim_kpe = {MLA_DIMS[1]} "
+                f"(DeepSeek-V2/V3, Kimi-K2), got {head_dim_ckv}, {head_dim_kpe}")
+    if jnp.dtype(q_dtype) not in DTYPES or jnp.dtype(kv_dtype) != jnp.dtype(q_dtype):
+        return (f"the fa3 MLA kernel takes bfloat16 or float16 queries and a latent cache of q's dtype, got "
+                f"{jnp.dtype(q_dtype).name} and {jnp.dtype(kv_dtype).name}; backend 'pallas' serves fp8 caches")
+    cc = device.gpu_arch()
+    if cc is None:
+        return "the fa3 MLA kernel needs an NVIDIA GPU (sm_90), and this machine has none"
+    try:
+        build.kernel_arch("mla", cc)
+        ensure_registered("mla")
+    except Exception as e:  # noqa: BLE001 - any arch, build or load failure is a reason, never an error here
+        return f"the fa3 MLA kernel is unavailable: {e}"
+    return None
+
+
+def mla_forward(plan_buffer: jax.Array, q_nope: jax.Array, q_pe: jax.Array, ckv_cache: jax.Array,
+                kpe_cache: jax.Array, *, num_ctas: int, off_cta: int, off_kv_indices: int, group_size: int,
+                num_slots: int, causal: bool, sm_scale: float):
+    """The sm90a MLA kernel (``jaxinfer/csrc/mla/``) over the work tiles of a Pallas MLA plan
+    (:func:`jaxinfer.backends.pallas.mla.plan`); the split-KV partial rows are left for the merge.
+
+    Multi-head latent attention in the absorbed form (DeepSeek-V2, arXiv 2405.04434, appendix C):
+    ``logits = (q_nope . ckv + q_pe . kpe) * sm_scale``, ``o = softmax(logits) . ckv``, with two
+    consumer warpgroups splitting the 512 output columns over one P (FlashMLA's layout).
+
+    Args:
+      plan_buffer: ``[buffer_size]`` int32, the plan's packed buffers (WorkLayout).
+      q_nope: ``[nnz_q, H, 512]`` bfloat16/float16; q_pe: ``[nnz_q, H, 64]``.
+      ckv_cache: ``[P, page_size, 512]``; kpe_cache: ``[P, page_size, 64]``; q's dtype, ``P >= 1``.
+      num_ctas, off_cta, off_kv_indices: the plan's CTA count and buffer offsets.
+      group_size: query heads of a tile's rows (64 / tokens per tile); num_slots: partial slots
+        (0: no split); causal, sm_scale: the variant.
+
+    Returns:
+      ``(o [nnz_q, H, 512] q.dtype, lse [nnz_q, H] float32 base 2, po [max(num_slots, 1) * 64, 512],
+      plse [max(num_slots, 1) * 64] float32)``: final rows written, rows no tile covers ``(0, -inf)``,
+      partial rows of split tiles in ``po``/``plse``.
+
+    Raises:
+      ValueError: shapes or dtypes the kernel is not built for (checked at trace time).
+    """
+    nnz_q, h = q_nope.shape[:2]
+    _check(q_nope.ndim == 3 and q_nope.shape[2] == MLA_DIMS[0] and q_pe.shape == (nnz_q, h, MLA_DIMS[1]),
+           f"q_nope, q_pe must be [nnz_q, H, {MLA_DIMS[0]}] and [nnz_q, H, {MLA_DIMS[1]}], got {q_nope.shape}, "
+           f"{q_pe.shape}")
+    _check(jnp.dtype(q_nope.dtype) in DTYPES and q_pe.dtype == ckv_cache.dtype == kpe_cache.dtype == q_nope.dtype,
+           f"q_nope, q_pe, ckv_cache, kpe_cache must share one of {DTYPES}, got {q_nope.dtype}, {q_pe.dtype}, "
+           f"{ckv_cache.dtype}, {kpe_cache.dtype}")
+    _check(ckv_cache.ndim == 3 and ckv_cache.shape[2] == MLA_DIMS[0] and ckv_cache.shape[0] >= 1
+           and kpe_cache.shape == (*ckv_cache.shape[:2], MLA_DIMS[1]),
+           f"ckv_cache, kpe_cache must be [P >= 1, page_size, {MLA_DIMS[0]}] and [P, page_size, {MLA_DIMS[1]}], "
+           f"got {ckv_cache.shape}, {kpe_cache.shape}")
+    _check(plan_buffer.ndim == 1 and plan_buffer.dtype == jnp.int32, "plan_buffer must be 1-D int32")
+    if device.gpu_arch() is not None:
+        ensure_registered("mla")
+    slots = max(num_slots, 1) * MLA_BLOCK_M
+    results = (jax.ShapeDtypeStruct(q_nope.shape, q_nope.dtype), jax.ShapeDtypeStruct((nnz_q, h), jnp.float32),
+               jax.ShapeDtypeStruct((slots, MLA_DIMS[0]), jnp.float32), jax.ShapeDtypeStruct((slots,), jnp.float32))
+    results = varying_like(results, plan_buffer, q_nope, q_pe, ckv_cache, kpe_cache)
+    call = jax.ffi.ffi_call(MLA_TARGET, results, vmap_method="sequential")
+    return call(plan_buffer, q_nope, q_pe, ckv_cache, kpe_cache, num_ctas=np.int32(num_ctas),
+                off_cta=np.int32(off_cta), off_kv_indices=np.int32(off_kv_indices), group_size=np.int32(group_size),
+                page_size=np.int32(ckv_cache.shape[1]), causal=bool(causal), sm_scale=np.float32(sm_scale))

@@ -36,6 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from jaxinfer.backends.ffi import ops as ffi_ops
 from jaxinfer.backends.pallas.attention import (
     _finite_values, _full_steps, _kv_rows, _load, _poison_rows, _visible, _widen, output_shapes, store_tile,
 )
@@ -101,6 +102,10 @@ class MLAKernelSpec(WorkLayout):
       causal: bottom-right aligned causal mask (the planner put ``kv_len - qo_len`` into
         ``q_pos0``).
       num_slots: split-KV partial slots (0: no split).
+      kernel: the attention kernel that runs the plan's tiles: ``"pallas"`` (:func:`_mla_kernel`) or
+        ``"fa3"``, the sm90a CUDA kernel of ``jaxinfer/csrc/mla/`` (64-row tiles, Dc = 512, Dp =
+        64, 16-bit caches; :func:`jaxinfer.backends.ffi.ops.mla_forward`). Both write the same
+        final and partial rows, which the same merge kernel folds.
 
     The class attributes below make the spec readable by the attention kernel's helpers
     (``_kv_rows``, ``_full_steps``, ``_visible``): a paged NHD cache of one KV head (the latent
@@ -115,6 +120,7 @@ class MLAKernelSpec(WorkLayout):
     sm_scale: float
     causal: bool
     num_slots: int
+    kernel: str = "pallas"
 
     paged = True
     kv_layout = "NHD"
@@ -192,13 +198,14 @@ def _mla_kernel(buf_ref, qn_ref, qp_ref, ckv_ref, kpe_ref, _o_in, _lse_in, o_ref
 
 
 def mla_attention(plan_buffer, q_nope, q_pe, ckv_cache, kpe_cache, *, ks: MLAKernelSpec, cfg: TileConfig):
-    """Run an MLA plan: the attention kernel, then the merge kernel when split-KV is on.
+    """Run an MLA plan: the attention kernel (``ks.kernel``: the Pallas one, or the sm90a CUDA one
+    through the FFI), then the merge kernel when split-KV is on.
 
     Args:
       plan_buffer: ``[ks.buffer_size]`` int32, the plan's packed buffers.
       q_nope: ``[nnz_q, H, Dc]`` bf16/fp16 (the absorbed no-RoPE query); q_pe: ``[nnz_q, H, Dp]``.
       ckv_cache: ``[num_pages, page_size, Dc]``; kpe_cache: ``[num_pages, page_size, Dp]``; q's
-        dtype or fp8 (widened on load); at least one page.
+        dtype or fp8 (widened on load; Pallas only); at least one page.
 
     Returns:
       ``(o [nnz_q, H, Dc] q.dtype, lse [nnz_q, H] float32 base 2)``; rows no tile covers are
@@ -207,26 +214,32 @@ def mla_attention(plan_buffer, q_nope, q_pe, ckv_cache, kpe_cache, *, ks: MLAKer
     nnz_q, h = q_nope.shape[:2]
     rows = nnz_q * h
     dc, dp = ks.head_dim_ckv, ks.head_dim_kpe
-    slots = max(ks.num_slots, 1) * cfg.block_m
-    interpret = interpret_mode()
-    kernel = functools.partial(_mla_kernel, ks=ks, cfg=cfg, num_pages=ckv_cache.shape[0])
-    o, lse, po, plse = pl.pallas_call(
-        kernel,
-        out_shape=varying_like(output_shapes(rows, slots, dc, q_nope.dtype), plan_buffer, q_nope, q_pe, ckv_cache,
-                               kpe_cache),
-        grid=(ks.num_ctas,),
-        input_output_aliases={5: 0, 6: 1},
-        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-        interpret=interpret,
-    )(
-        plan_buffer,
-        q_nope.reshape(rows, dc),
-        q_pe.reshape(rows, dp),
-        ckv_cache.reshape(-1, dc),  # [tokens, Dc]: row = page * page_size + slot
-        kpe_cache.reshape(-1, dp),
-        jnp.zeros((rows, dc), q_nope.dtype),
-        jnp.full((rows,), NEG_INF, jnp.float32),
-    )
+    if ks.kernel == "fa3":
+        o, lse, po, plse = ffi_ops.mla_forward(
+            plan_buffer, q_nope, q_pe, ckv_cache, kpe_cache, num_ctas=ks.num_ctas, off_cta=ks.off_cta,
+            off_kv_indices=ks.off_kv_indices, group_size=ks.group_size, num_slots=ks.num_slots, causal=ks.causal,
+            sm_scale=ks.sm_scale)
+        o, lse = o.reshape(rows, dc), lse.reshape(rows)
+    else:
+        slots = max(ks.num_slots, 1) * cfg.block_m
+        kernel = functools.partial(_mla_kernel, ks=ks, cfg=cfg, num_pages=ckv_cache.shape[0])
+        o, lse, po, plse = pl.pallas_call(
+            kernel,
+            out_shape=varying_like(output_shapes(rows, slots, dc, q_nope.dtype), plan_buffer, q_nope, q_pe,
+                                   ckv_cache, kpe_cache),
+            grid=(ks.num_ctas,),
+            input_output_aliases={5: 0, 6: 1},
+            compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+            interpret=interpret_mode(),
+        )(
+            plan_buffer,
+            q_nope.reshape(rows, dc),
+            q_pe.reshape(rows, dp),
+            ckv_cache.reshape(-1, dc),  # [tokens, Dc]: row = page * page_size + slot
+            kpe_cache.reshape(-1, dp),
+            jnp.zeros((rows, dc), q_nope.dtype),
+            jnp.full((rows,), NEG_INF, jnp.float32),
+        )
     if ks.num_slots:
         o, lse = merge_partials(
             plan_buffer, po, plse, o, lse,
@@ -236,19 +249,26 @@ def mla_attention(plan_buffer, q_nope, q_pe, ckv_cache, kpe_cache, *, ks: MLAKer
     return o.reshape(nnz_q, h, dc), lse.reshape(nnz_q, h)
 
 
-def plan(spec: BatchSpec, capacity: PlanCapacity, backend: PallasBackend, *, head_dim_kpe: int) -> PallasPlan:
+def plan(spec: BatchSpec, capacity: PlanCapacity, backend: PallasBackend, *, head_dim_kpe: int,
+         kernel: str = "pallas") -> PallasPlan:
     """Plan an MLA batch on the host (the compiled planner) into static-capacity device buffers.
 
     ``spec`` is the batch as the planner sees it: ``num_kv_heads = H / G`` virtual KV heads of
     ``G = head_group(H, block_m)`` query heads each and ``head_dim = Dc``; ``backend`` gives the
     CTA grid, the split-KV budget and the tile config (``backend.config``, else
-    :data:`DEFAULT_CONFIG`).
+    :data:`DEFAULT_CONFIG`). ``kernel`` (``"pallas"`` or ``"fa3"``) is the attention kernel that
+    will run the tiles (:class:`MLAKernelSpec`); ``"fa3"``'s tiles are 64 rows, so its config
+    must have ``block_m = 64``.
 
     Raises:
-      ValueError: the batch exceeds a fixed field of ``capacity``, or ``spec``'s head grouping
-        is not ``head_group``'s for the config.
+      ValueError: the batch exceeds a fixed field of ``capacity``, ``spec``'s head grouping is not
+        ``head_group``'s for the config, or ``kernel`` is ``"fa3"`` and the config's
+        ``block_m`` is not 64.
     """
     cfg = backend.config or DEFAULT_CONFIG
+    if kernel == "fa3" and cfg.block_m != ffi_ops.MLA_BLOCK_M:
+        raise ValueError(f"the fa3 MLA kernel runs tiles of {ffi_ops.MLA_BLOCK_M} query rows, the pallas config "
+                         f"has block_m={cfg.block_m}")
     if cfg.qk_ahead or cfg.small_block_m:
         raise ValueError("the pallas MLA kernel has one plain tile body (no qk_ahead, no small_block_m); use a "
                          "TileConfig with qk_ahead=False and small_block_m=0")
@@ -264,7 +284,7 @@ def plan(spec: BatchSpec, capacity: PlanCapacity, backend: PallasBackend, *, hea
     ks = _cached_spec(args.num_ctas, args.split_budget // 2, max_tiles, backend._page_capacity(spec, capacity),
                       spec.page_size, spec.num_qo_heads, g, spec.head_dim, head_dim_kpe,
                       float(spec.variant.scale(spec.head_dim)), spec.variant.causal,
-                      args.split_budget if args.split_kv else 0)
+                      args.split_budget if args.split_kv else 0, kernel)
     host, address = _aligned_empty(ks.buffer_size)
     plan_packed_at(args, address, ks.buffer_size, batch, qo_indptr, kv_lens, spec.native_addresses[1], None,
                    kv_indices or None, int(spec.kv_indptr[-1]))
@@ -274,10 +294,11 @@ def plan(spec: BatchSpec, capacity: PlanCapacity, backend: PallasBackend, *, hea
 # plan() runs per serving step: the spec, a few microseconds to build, once per geometry.
 @functools.lru_cache(maxsize=256)
 def _cached_spec(num_ctas, num_groups, max_tiles, page_capacity, page_size, num_heads, group_size, head_dim_ckv,
-                 head_dim_kpe, sm_scale, causal, num_slots) -> MLAKernelSpec:
+                 head_dim_kpe, sm_scale, causal, num_slots, kernel) -> MLAKernelSpec:
     return MLAKernelSpec(num_ctas=num_ctas, num_groups=num_groups, max_tiles=max_tiles, page_capacity=page_capacity,
                          page_size=page_size, num_heads=num_heads, group_size=group_size, head_dim_ckv=head_dim_ckv,
-                         head_dim_kpe=head_dim_kpe, sm_scale=sm_scale, causal=causal, num_slots=num_slots)
+                         head_dim_kpe=head_dim_kpe, sm_scale=sm_scale, causal=causal, num_slots=num_slots,
+                         kernel=kernel)
 
 
 def run(plan: PallasPlan, q_nope, q_pe, ckv_cache, kpe_cache):

@@ -1,8 +1,9 @@
 """Tests of the CUDA FFI backends ("fa2", "fa3").
 
-On CPU (CI): the CUDA sources compile with nvcc (fa2 for sm_80 and sm_90a, fa3 for sm_90a;
-compile only), the fa2 kernel's KV addressing is checked on the host, the ffi_call wiring of both
-backends lowers for the cuda platform, and the host planner and the ``unsupported`` reasons
+On CPU (CI): the CUDA sources compile with nvcc (fa2 for sm_80, fa3 and the MLA kernel for sm_90a;
+compile only; the MLA kernel's wiring and GPU cases are in tests/test_mla.py), the fa2 kernel's
+KV addressing is checked on the host, the ffi_call wiring of both backends lowers for the cuda
+platform, and the host planner and the ``unsupported`` reasons
 behave. On a GPU (``-m gpu``): each backend the device supports (fa3: sm_90 only) against the
 float64 reference of ``ref64`` on fresh random inputs; each case first runs on NaN inputs so that
 XLA's reused output buffers hold NaN (best effort: XLA chooses the buffers), and rows past the
@@ -53,18 +54,19 @@ BACKENDS = ["fa2", "fa3"]
 
 
 # fa2 once, for sm_80: its sources (fa2/, common/) have no arch-dependent code (no __CUDA_ARCH__
-# branch), so another arch only changes ptxas's target; fa3 is the sm_90a build.
+# branch), so another arch only changes ptxas's target; fa3 and mla are sm_90a builds.
 @needs_toolchain
-@pytest.mark.parametrize("kernel,arch", [("fa2", "sm_80"), ("fa3", "sm_90a")])
+@pytest.mark.parametrize("kernel,arch", [("fa2", "sm_80"), ("fa3", "sm_90a"), ("mla", "sm_90a")])
 def test_sources_compile(kernel, arch, tmp_path):
     lib = build.build(kernel, arch, output=tmp_path / "lib.so")
     assert lib.stat().st_size > 0
 
 
 def test_fa3_targets_sm90a_only():
-    with pytest.raises(ValueError, match="sm_90a"):
-        build.nvcc_command("fa3", "sm_90", build.CSRC / "x.so")
-    assert build.kernel_arch("fa3", 90) == "sm_90a"
+    for kernel in ("fa3", "mla"):
+        with pytest.raises(ValueError, match="sm_90a"):
+            build.nvcc_command(kernel, "sm_90", build.CSRC / "x.so")
+        assert build.kernel_arch(kernel, 90) == "sm_90a"
     assert build.kernel_arch("fa2", 90) == "sm_90"
     with pytest.raises(ValueError, match="sm_90"):
         build.kernel_arch("fa3", 100)
