@@ -8,8 +8,9 @@
 // warpgroups split its columns (FlashMLA's layout, github.com/deepseek-ai/FlashMLA, 2025): warpgroup
 // 0 computes S, the online softmax and P, hands P and the rescale factors to warpgroup 1 through
 // shared memory, and both run O[:, 256 w : 256 w + 256] += P V on the tensor cores. Warpgroup 1
-// loads the KV tiles with cp.async (a 16-byte chunk per copy, any page size) into a double buffer:
-// tile i + 1 is in flight while tile i is computed. One read of a latent tile serves the 64 rows;
+// loads the KV tiles with cp.async (a 16-byte chunk per copy, any page size) into a ring of kStages
+// slots (two by default: tile i + 1 is in flight while tile i is computed); one CTA barrier a step
+// publishes a tile and frees a slot. One read of a latent tile serves the 64 rows;
 // the two head groups of a 128-head model are adjacent tiles of the plan's longest-first order,
 // which its LPT assignment hands to different CTAs at the same time, so the second read of each
 // latent tile comes from L2.
@@ -31,7 +32,8 @@ namespace mla {
 
 constexpr int kDc = 512, kDp = 64, kD = kDc + kDp;  // latent and RoPE widths (DeepSeek-V2/V3)
 // Keys per step and depth of the latent tile ring (overridable with -D for tuning runs). Shared
-// memory holds Q (64 x 576) and the ring, kStages x kBN x 576, 16-bit: 64 x 2 or 32 x 4 fill it.
+// memory holds Q (64 x 576) and the ring, kStages x kBN x 576, 16-bit: 64 x 2 or 32 x 4 fill it
+// (the deeper 32-key rings ran slower on an H100: benchmarks/decisions/ffi.md, "MLA kernel").
 #ifndef JAXINFER_MLA_BN
 #define JAXINFER_MLA_BN 64
 #endif
