@@ -164,11 +164,10 @@ def test_mla_vs_unabsorbed_reference(rng, backend, name, qo, kv, page_size, h, d
     check(case, o, lse, causal)
 
 
-@pytest.mark.parametrize("backend", ["xla", "pallas"])
-def test_mla_causal_hidden_poison(rng, backend):
-    """A NaN/inf latent that causal hides from some rows of a tile (each request's last key, seen by
-    its last query only) never reaches the rows that cannot see it, although ckv is also V."""
-    case = make_case(rng, [4, 6], [20, 37], 16, 4)  # 4 query tokens x 4 heads per 16-row tile
+def check_hidden_poison(case: Case, backend: str, pallas=None):
+    """Puts NaN/inf into each request's last key (seen by its last query only), runs ``case``
+    causal and checks the other rows against the clean reference; returns ``(o, rows that see
+    the poison)``."""
     ckv = np.array(case.ckv_cache, np.float32)
     seen_by_last = []
     for b, n in enumerate(case.kv_lens):
@@ -176,12 +175,20 @@ def test_mla_causal_hidden_poison(rng, backend):
         ckv[pages[(n - 1) // 16], (n - 1) % 16, :3] = POISON
         seen_by_last.append(case.qo_indptr[b + 1] - 1)
     poisoned = dataclasses.replace(case, ckv_cache=jnp.asarray(ckv, BF16))
-    o, lse = run_wrapper(poisoned, backend, True, SPLIT16)
+    o, lse = run_wrapper(poisoned, backend, True, pallas)
     clean = np.setdiff1d(np.arange(case.qo_indptr[-1]), seen_by_last)
     o_ref, lse_ref = ref_mla(case, True)
     o_proj = np.einsum("thc,hvc->thv", np.asarray(o.astype(jnp.float32), np.float64), case.w_uv)
     assert_close(o_proj[clean], o_ref[clean], BF16, "o (rows that cannot see the poison)")
     assert_close(np.asarray(lse)[clean], lse_ref[clean], BF16, "lse")
+    return o, seen_by_last
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_mla_causal_hidden_poison(rng, backend):
+    """A NaN/inf latent that causal hides from some rows of a tile (each request's last key, seen by
+    its last query only) never reaches the rows that cannot see it, although ckv is also V."""
+    check_hidden_poison(make_case(rng, [4, 6], [20, 37], 16, 4), backend, SPLIT16)  # 4 tokens x 4 heads a tile
 
 
 def test_mla_pallas_splits_kv(rng):
@@ -436,17 +443,5 @@ def test_mla_gpu_fa3_cases(rng, name, qo, kv, page_size, h, dims, causal, pallas
 @pytest.mark.gpu
 def test_mla_gpu_fa3_causal_hidden_poison(rng):
     case = make_case(rng, [4, 6, 70], [20, 37, 130], 16, 16, **DSV3)
-    ckv = np.array(case.ckv_cache, np.float32)
-    seen_by_last = []
-    for b, n in enumerate(case.kv_lens):
-        pages = case.kv_indices[case.kv_indptr[b] : case.kv_indptr[b + 1]]
-        ckv[pages[(n - 1) // 16], (n - 1) % 16, :3] = POISON
-        seen_by_last.append(case.qo_indptr[b + 1] - 1)
-    poisoned = dataclasses.replace(case, ckv_cache=jnp.asarray(ckv, BF16))
-    o, lse = run_wrapper(poisoned, _gpu_backend("fa3"), True)
-    clean = np.setdiff1d(np.arange(case.qo_indptr[-1]), seen_by_last)
-    o_ref, lse_ref = ref_mla(case, True)
-    o_proj = np.einsum("thc,hvc->thv", np.asarray(o.astype(jnp.float32), np.float64), case.w_uv)
-    assert_close(o_proj[clean], o_ref[clean], BF16, "o (rows that cannot see the poison)")
-    assert_close(np.asarray(lse)[clean], lse_ref[clean], BF16, "lse")
+    o, seen_by_last = check_hidden_poison(case, _gpu_backend("fa3"))
     assert np.isnan(np.asarray(o.astype(jnp.float32))[seen_by_last]).any(axis=-1).all(), "rows that see it: NaN"
