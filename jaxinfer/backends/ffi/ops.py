@@ -218,8 +218,9 @@ def mla_forward(plan_buffer: jax.Array, q_nope: jax.Array, q_pe: jax.Array, ckv_
       q_nope: ``[nnz_q, H, 512]`` bfloat16/float16; q_pe: ``[nnz_q, H, 64]``.
       ckv_cache: ``[P, page_size, 512]``; kpe_cache: ``[P, page_size, 64]``; q's dtype, ``P >= 1``.
       num_ctas, off_cta, off_kv_indices: the plan's CTA count and buffer offsets.
-      group_size: query heads of a tile's rows (64 / tokens per tile); num_slots: partial slots
-        (0: no split); causal, sm_scale: the variant.
+      group_size: query heads of one query token in a tile (a tile's 64 rows are ``64 //
+        group_size`` tokens of ``group_size`` heads); num_slots: partial slots (0: no split);
+        causal, sm_scale: the variant.
 
     Returns:
       ``(o [nnz_q, H, 512] q.dtype, lse [nnz_q, H] float32 base 2, po [max(num_slots, 1) * 64, 512],

@@ -19,7 +19,9 @@ partial rows fold in :func:`jaxinfer.backends.pallas.merge.merge_partials` uncha
 the attention kernel's (jaxinfer/backends/pallas/attention.py, whose page-table gather, masks and
 non-finite guards it imports): online softmax in float32 with ``exp2``, two ``q . k`` dots of
 ``K = Dc`` and ``K = Dp`` (no concatenation), one ``P . ckv`` dot, causal bottom-right aligned.
-fp8 latent caches are widened to q's dtype on load (exact), as in the attention kernel.
+fp8 latent caches are widened to q's dtype on load (exact), as in the attention kernel. The same
+plans and merge also drive the sm90a CUDA MLA kernel (``MLAKernelSpec.kernel == "fa3"``,
+``jaxinfer/csrc/mla/``), which takes these tiles in place of :func:`_mla_kernel`.
 
 A 64-head tile's float32 accumulator is ``[64, 512]``: 128 registers a thread over 8 warps, so
 the tile config (a :class:`~jaxinfer.backends.pallas.config.TileConfig`, :data:`DEFAULT_CONFIG`)
