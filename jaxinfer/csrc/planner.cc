@@ -16,11 +16,11 @@
 #include <numeric>
 #include <vector>
 
+#include "common/work_layout.h"
+
 namespace {
 
-// Columns of a work row (jaxinfer.plan.layout.WORK_FIELDS).
-enum Field { kKvHead, kQRow0, kQLen, kQPos0, kKvLo, kKvHi, kKvBase, kOutSlot, kValid, kKvLen, kMaskBase, kNumFields };
-constexpr int kMergeFields = 4;  // MERGE_FIELDS: kv_head, q_row0, q_len, q_pos0
+using namespace jaxinfer;  // the work-row columns (common/work_layout.h)
 
 enum Status { kOk = 0, kCapacity = 1, kBadArgument = 2 };
 

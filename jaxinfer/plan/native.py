@@ -25,6 +25,9 @@ import numpy as np
 from jaxinfer.buildcache import cache_dir, cached_library
 
 SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "planner.cc"
+# The header the source includes (the work-row columns it shares with the CUDA MLA kernel): part of
+# the cache key.
+HEADERS = (SOURCE.parent / "common" / "work_layout.h",)
 # -O3: GCC vectorizes the page-id scans only there (3x faster than -O2 on 16k ids).
 CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
 COMPILERS = ("c++", "g++", "clang++")
@@ -60,6 +63,8 @@ def library_path() -> Path:
     if not SOURCE.is_file():
         raise NativeBuildError(f"{SOURCE} not found: install jaxinfer from a source checkout (pip install -e .)")
     h = hashlib.sha256(SOURCE.read_bytes())
+    for header in HEADERS:
+        h.update(header.read_bytes())
     h.update(" ".join((platform.machine(), *CXX_FLAGS)).encode())
     return cache_dir() / "native" / f"planner-{h.hexdigest()[:16]}" / "libjaxinfer_planner.so"
 

@@ -24,6 +24,7 @@
 #include "../common/cp_async.cuh"
 #include "../common/math.cuh"
 #include "../common/sm90.cuh"
+#include "../common/work_layout.h"
 
 #include <cutlass/arch/barrier.h>
 
@@ -43,8 +44,6 @@ constexpr int kDc = 512, kDp = 64, kD = kDc + kDp;  // latent and RoPE widths (D
 constexpr int kBM = 64, kBN = JAXINFER_MLA_BN, kStages = JAXINFER_MLA_STAGES;  // query rows, keys, ring slots
 static_assert(kBN % 32 == 0 && kBN <= 64 && kStages >= 2, "kBN in {32, 64}, two stages or more");
 constexpr int kThreads = 256;                        // two warpgroups
-constexpr int kNumFields = 11;                       // WORK_FIELDS of jaxinfer/plan/layout.py
-enum Field : int { kKvHead, kQRow0, kQLen, kQPos0, kKvLo, kKvHi, kKvBase, kOutSlot };
 
 // Everything the kernel reads: the packed plan (jaxinfer/plan/layout.py, WorkLayout) and the
 // arrays, flattened to rows: q_nope [nnz_q * H, Dc], q_pe [nnz_q * H, Dp], ckv [pages * page_size,
