@@ -167,11 +167,18 @@ def test_pod_mixed_is_a_prefill_beside_decodes_and_matches_float64(tmp_path, cap
     assert record["definition"] == "gqa_paged_mixed_prefill_decode_h32_kv8_d128_ps16"
 
 
+def test_extra_requirements_reads_the_installed_metadata():
+    assert peers.extra_requirements("cuda") == ["nvidia-cutlass==4.2.0.0"]
+    with pytest.raises(ValueError, match="extra must name"):
+        peers.extra_requirements("no-such-extra")
+
+
 def test_stage_downloads_flashinfer_source_and_linux_wheels(tmp_path):
     sdist, wheels = peers.stage_commands(tmp_path, python="python3")
     assert sdist[-1] == "flashinfer-python==0.3.1" and "--no-binary" in sdist
     assert "tokamax==0.0.17" in wheels and "--only-binary" in wheels and "manylinux2014_x86_64" in wheels
     assert wheels[wheels.index("--python-version") + 1] == "3.12" and str(tmp_path) in wheels
+    assert "nvidia-cutlass==4.2.0.0" in wheels  # the 'cuda' extra: the FFI kernels build on the GPU machine
     with pytest.raises(FileNotFoundError, match="run --stage first"):
         peers.install(tmp_path, tmp_path / "site")
 

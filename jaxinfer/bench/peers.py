@@ -28,7 +28,8 @@ names); a workload a peer has no kernel for gets no record of it:
 
 ``python -m jaxinfer.bench.peers --stage DIR`` downloads the peers' packages here (pip);
 ``python -m jaxinfer.bench.peers --install DIR --target SITE`` installs them on a machine without a
-package index (benchmarks/README.md, "Same-run peers").
+package index (benchmarks/README.md, "Same-run peers"), with the CUTLASS headers of jaxinfer's
+``cuda`` extra: with ``SITE`` on ``PYTHONPATH`` the fa2/fa3/MLA kernels build there too.
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ FLASHINFER_SDIST = "flashinfer-python==0.3.1"
 PEER_WHEELS = ("einops", "click", "tabulate", "nvidia-ml-py", "tokamax==0.0.17", "absl-py", "jaxtyping",
                "wadler-lindig", "pydantic", "pydantic-core", "annotated-types", "typing-inspection",
                "typing-extensions", "immutabledict", "qwix", "einshape")
+# jaxinfer's own 'cuda' extra (CUTLASS/CuTe headers) travels with the peers, so that an FFI library
+# missing from a carried build cache (its sources edited after the build) compiles there instead of
+# being declined.
+BUILD_EXTRA = "cuda"
 WHEEL_PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_27_x86_64", "manylinux_2_28_x86_64")
 
 
@@ -310,15 +315,36 @@ def load(names: Sequence[str]) -> tuple[list[Peer], list[str]]:
     return peers, lines
 
 
+def extra_requirements(extra: str) -> list[str]:
+    """The requirements of jaxinfer's optional dependency group ``extra`` (pyproject.toml), without
+    their markers, e.g. ``["nvidia-cutlass==4.2.0.0"]`` for ``"cuda"``.
+
+    Raises:
+      ValueError: jaxinfer is not installed (no package metadata), or has no such extra.
+    """
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        found = requires("jaxinfer") or []
+    except PackageNotFoundError as e:
+        raise ValueError(f"extra {extra!r}: jaxinfer is not installed (pip install -e .)") from e
+    marker = f'extra == "{extra}"'
+    reqs = [r.split(";")[0].strip() for r in found if marker in r]
+    if not reqs:
+        raise ValueError(f"extra must name an optional dependency group of jaxinfer, got {extra!r}")
+    return reqs
+
+
 def stage_commands(directory: Path, python: str = sys.executable) -> list[list[str]]:
     """The pip commands that download the peers into ``directory``: FlashInfer's source archive,
-    then the wheels for CPython 3.12 on x86-64 Linux (the GPU machine)."""
+    then the wheels for CPython 3.12 on x86-64 Linux (the GPU machine), with jaxinfer's CUTLASS
+    headers (:data:`BUILD_EXTRA`)."""
     platforms = [a for p in WHEEL_PLATFORMS for a in ("--platform", p)]
     return [
         [python, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", "flashinfer-python", "-d", str(directory),
          FLASHINFER_SDIST],
         [python, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:", "--python-version", "3.12",
-         "--implementation", "cp", *platforms, "-d", str(directory), *PEER_WHEELS],
+         "--implementation", "cp", *platforms, "-d", str(directory), *PEER_WHEELS, *extra_requirements(BUILD_EXTRA)],
     ]
 
 
