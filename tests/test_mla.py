@@ -306,6 +306,14 @@ def test_mla_errors(rng, what, match):
         w.run(q_nope, q_pe, ckv, kpe, **kw)
 
 
+def test_mla_fa3_declines_a_gpu_other_than_sm90(monkeypatch):
+    """On an sm_80 GPU the reason is the arch, found before any build is tried."""
+    monkeypatch.setattr(ffi_ops, "_REGISTERED", {})
+    monkeypatch.setattr(ffi_ops.device, "gpu_arch", lambda: 80)
+    reason = ffi_ops.mla_unsupported(512, 64, BF16, BF16)
+    assert reason is not None and "mla runs on sm_90 (H100/H200) only, got compute capability 8.0" in reason
+
+
 def test_mla_fa3_declines_with_reasons():
     """The CUDA kernel serves Dc = 512, Dp = 64 and a 16-bit cache of q's dtype on sm_90; a
     wrapper that names it elsewhere raises with the reason, 'auto' passes over it."""

@@ -196,8 +196,7 @@ def mla_unsupported(head_dim_ckv: int, head_dim_kpe: int, q_dtype, kv_dtype) -> 
     if cc is None:
         return "the fa3 MLA kernel needs an NVIDIA GPU (sm_90), and this machine has none"
     try:
-        build.kernel_arch("mla", cc)
-        ensure_registered("mla")
+        ensure_registered("mla")  # also declines a GPU other than sm_90 (build.kernel_arch)
     except Exception as e:  # noqa: BLE001 - any arch, build or load failure is a reason, never an error here
         return f"the fa3 MLA kernel is unavailable: {e}"
     return None
